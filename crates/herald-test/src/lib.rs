@@ -1,0 +1,302 @@
+//! Test support for herald's own test suites: access to the real Kafka broker
+//! and PostgreSQL server that `scripts/services.sh up` starts, with a random
+//! topic and a fresh database per test so tests run in parallel and leave
+//! nothing behind.
+//!
+//! A test that needs a service asks for it first:
+//!
+//! ```no_run
+//! # async fn t() {
+//! let Some(kafka) = herald_test::kafka() else { return };
+//! let topic = kafka.topic("smoke", 3).await;
+//! # }
+//! ```
+//!
+//! When the service is unreachable the test is skipped with a loud message,
+//! unless `CI` is set: then it fails, because CI must never skip silently.
+//!
+//! This crate reads `KAFKA_BROKERS`, `DATABASE_URL` and `CI`: it is test
+//! support, never a dependency of the libraries themselves.
+//!
+//! # Layout
+//! - [`kafka`] / [`Kafka`]: brokers, random topics ([`TestTopic`]), client configs.
+//! - [`postgres`] / [`Postgres`]: fresh databases ([`TestDatabase`]).
+
+use std::net::{TcpStream, ToSocketAddrs};
+use std::str::FromStr;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::ClientConfig;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgPool};
+
+/// Default broker address, as printed by `scripts/services.sh up`.
+pub const DEFAULT_KAFKA_BROKERS: &str = "127.0.0.1:9092";
+/// Default database URL, as printed by `scripts/services.sh up`.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://herald:herald@127.0.0.1:5432/herald";
+
+/// A name unique to this test run: `<prefix>-<random>`.
+pub fn unique_name(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+fn reachable(addresses: &str) -> bool {
+    addresses.split(',').any(|address| {
+        address
+            .trim()
+            .to_socket_addrs()
+            .map(|mut addrs| {
+                addrs.any(|a| TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok())
+            })
+            .unwrap_or(false)
+    })
+}
+
+fn unavailable(service: &str, variable: &str, value: &str) {
+    let message = format!(
+        "{service} is not reachable at {variable}={value}; start it with `scripts/services.sh up`"
+    );
+    if std::env::var_os("CI").is_some() {
+        panic!("CI is set, so tests never skip: {message}");
+    }
+    eprintln!("\n*** SKIPPED: {message} ***\n");
+}
+
+/// The real Kafka broker, or `None` (after a loud message) when it is not
+/// running and `CI` is not set.
+pub fn kafka() -> Option<Kafka> {
+    let brokers =
+        std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| DEFAULT_KAFKA_BROKERS.to_owned());
+    if reachable(&brokers) {
+        Some(Kafka { brokers })
+    } else {
+        unavailable("Kafka", "KAFKA_BROKERS", &brokers);
+        None
+    }
+}
+
+/// The real PostgreSQL server, or `None` (after a loud message) when it is
+/// not running and `CI` is not set.
+pub fn postgres() -> Option<Postgres> {
+    let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned());
+    let options = PgConnectOptions::from_str(&url)
+        .unwrap_or_else(|e| panic!("DATABASE_URL={url:?} is not a PostgreSQL URL: {e}"));
+    let address = format!("{}:{}", options.get_host(), options.get_port());
+    if reachable(&address) {
+        Some(Postgres { options, url })
+    } else {
+        unavailable("PostgreSQL", "DATABASE_URL", &url);
+        None
+    }
+}
+
+/// Handle on the test Kafka cluster.
+#[derive(Debug, Clone)]
+pub struct Kafka {
+    brokers: String,
+}
+
+impl Kafka {
+    /// The bootstrap servers.
+    pub fn brokers(&self) -> &str {
+        &self.brokers
+    }
+
+    /// A client config pointing at the brokers, for producers, consumers and admins.
+    pub fn config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers);
+        config
+    }
+
+    /// Creates a topic with a random name and `partitions` partitions; it is
+    /// deleted when the returned value is dropped.
+    pub async fn topic(&self, prefix: &str, partitions: i32) -> TestTopic {
+        let name = unique_name(prefix);
+        create_topic(&self.config(), &name, partitions).await;
+        TestTopic {
+            name,
+            config: self.config(),
+        }
+    }
+}
+
+/// Creates `name` with `partitions` partitions, replication factor 1.
+pub async fn create_topic(config: &ClientConfig, name: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = config.create().expect("admin client");
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+        )
+        .await
+        .expect("create_topics request");
+    for result in results {
+        if let Err((topic, code)) = result {
+            panic!("cannot create topic {topic}: {code}");
+        }
+    }
+}
+
+/// A topic that exists for one test.
+#[derive(Debug)]
+pub struct TestTopic {
+    name: String,
+    config: ClientConfig,
+}
+
+impl TestTopic {
+    /// The topic's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for TestTopic {
+    fn drop(&mut self) {
+        let config = self.config.clone();
+        let names = [self.name.clone(), format!("{}.dlq", self.name)];
+        // Drop may run inside a runtime: do the async clean-up on a thread of its own.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async move {
+                let Ok(admin) = config.create::<AdminClient<DefaultClientContext>>() else {
+                    return;
+                };
+                let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+                let _ = admin.delete_topics(&refs, &AdminOptions::new()).await;
+            });
+        })
+        .join();
+    }
+}
+
+/// Handle on the test PostgreSQL server.
+#[derive(Debug, Clone)]
+pub struct Postgres {
+    options: PgConnectOptions,
+    url: String,
+}
+
+impl Postgres {
+    /// Creates an empty database with a random name; it is dropped (with any
+    /// connections still open to it) when the returned value is dropped.
+    pub async fn database(&self) -> TestDatabase {
+        let name = unique_name("herald_test").replace('-', "_");
+        let mut admin = self
+            .options
+            .connect()
+            .await
+            .expect("connect to the admin database");
+        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+            .execute(&mut admin)
+            .await
+            .expect("CREATE DATABASE");
+        admin.close().await.ok();
+        TestDatabase {
+            admin: self.options.clone(),
+            options: self.options.clone().database(&name),
+            url: with_database(&self.url, &name),
+            name,
+        }
+    }
+}
+
+/// A database that exists for one test.
+#[derive(Debug)]
+pub struct TestDatabase {
+    admin: PgConnectOptions,
+    options: PgConnectOptions,
+    url: String,
+    name: String,
+}
+
+/// `url` with its database (the path) replaced by `database`.
+fn with_database(url: &str, database: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let authority_start = base.find("://").map_or(0, |i| i + 3);
+    let root = match base[authority_start..].find('/') {
+        Some(i) => &base[..authority_start + i],
+        None => base,
+    };
+    match query {
+        Some(query) => format!("{root}/{database}?{query}"),
+        None => format!("{root}/{database}"),
+    }
+}
+
+impl TestDatabase {
+    /// The database's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Connection options for this database.
+    pub fn options(&self) -> PgConnectOptions {
+        self.options.clone()
+    }
+
+    /// A URL for this database, for child processes.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// A pool on this database. Tests relax durability
+    /// (`synchronous_commit=off`): a crash of the server is not what they test.
+    pub async fn pool(&self) -> PgPool {
+        PgPoolOptions::new()
+            .max_connections(16)
+            .connect_with(
+                self.options
+                    .clone()
+                    .options([("synchronous_commit", "off")]),
+            )
+            .await
+            .expect("connect to the test database")
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let admin = self.admin.clone();
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async move {
+                if let Ok(mut conn) = admin.connect().await {
+                    let _ =
+                        sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                            .execute(&mut conn)
+                            .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn replaces_the_database_of_a_url() {
+        assert_eq!(
+            super::with_database("postgres://u:p@h:5432/herald?sslmode=disable", "t1"),
+            "postgres://u:p@h:5432/t1?sslmode=disable"
+        );
+        assert_eq!(
+            super::with_database("postgres://h", "t2"),
+            "postgres://h/t2"
+        );
+    }
+}

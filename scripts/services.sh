@@ -1,0 +1,301 @@
+#!/usr/bin/env bash
+# Real Apache Kafka (KRaft, single combined node) and PostgreSQL on 127.0.0.1
+# for herald's tests, benchmarks and CI.
+#
+#   scripts/services.sh up       install (first time) and start both; idempotent
+#   scripts/services.sh down     stop what `up` started
+#   scripts/services.sh status   say what runs
+#   scripts/services.sh env      print the environment to use
+#
+# Kafka comes from the jars on Maven Central (scripts/kafka/pom.xml, fetched
+# with the machine's Maven) and runs on the machine's Java 17. PostgreSQL comes
+# from Debian's packages. Settings (environment, all optional):
+#   HERALD_CACHE_DIR     where jars, Kafka data and logs live (default: <repo>/.cache)
+#   HERALD_KAFKA_VERSION Kafka release to fetch (default: the pom's)
+#   HERALD_PGDATA        PostgreSQL data directory (default: /var/lib/herald/postgresql)
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CACHE=${HERALD_CACHE_DIR:-$ROOT/.cache}
+KAFKA_HOME=$CACHE/kafka
+KAFKA_VERSION=${HERALD_KAFKA_VERSION:-$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$ROOT/scripts/kafka/pom.xml")}
+KAFKA_LIBS=$KAFKA_HOME/libs-$KAFKA_VERSION
+KAFKA_DATA=$KAFKA_HOME/data
+KAFKA_LOGS=$KAFKA_HOME/logs
+KAFKA_PID=$KAFKA_HOME/kafka.pid
+KAFKA_PORT=9092
+KAFKA_CONTROLLER_PORT=9093
+KAFKA_BROKERS=127.0.0.1:$KAFKA_PORT
+
+PG_PORT=5432
+PG_DATA=${HERALD_PGDATA:-/var/lib/herald/postgresql}
+PG_LOG=$(dirname "$PG_DATA")/postgresql.log
+PG_SOCKET_DIR=/var/run/postgresql
+PG_MARKER=$CACHE/postgres.started
+PG_USER=herald
+PG_PASSWORD=herald
+PG_DB=herald
+DATABASE_URL="postgres://$PG_USER:$PG_PASSWORD@127.0.0.1:$PG_PORT/$PG_DB"
+
+log() { printf '[services] %s\n' "$*" >&2; }
+fail() {
+  # $1 = step, $2 = log file to read
+  log "FAILED: $1"
+  if [[ -n "${2:-}" ]]; then
+    log "log: $2"
+    if [[ -f "$2" ]]; then tail -n 30 "$2" | sed 's/^/[services]   | /' >&2; fi
+  fi
+  exit 1
+}
+
+# True when something accepts TCP connections on 127.0.0.1:$1.
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+pg_bindir() {
+  local ctl
+  ctl=$(ls -d /usr/lib/postgresql/*/bin/pg_ctl 2>/dev/null | sort -V | tail -n 1 || true)
+  [[ -n "$ctl" ]] && dirname "$ctl"
+}
+
+as_postgres() { runuser -u postgres -- "$@"; }
+
+# ---------------------------------------------------------------- Kafka
+
+# A short-lived Kafka tool run with its own quiet logging configuration.
+kafka_tool() {
+  java -Xmx256m -Dlog4j2.configurationFile="$ROOT/scripts/kafka/tools-log4j2.properties" \
+    -cp "$KAFKA_LIBS/*" "$@"
+}
+
+kafka_install() {
+  if [[ -f "$KAFKA_LIBS/.complete" ]]; then return 0; fi
+  command -v java >/dev/null || fail "kafka install: java not found (Java 17 is required)"
+  command -v mvn >/dev/null || fail "kafka install: mvn not found"
+  mkdir -p "$KAFKA_HOME"
+  log "kafka: fetching Apache Kafka $KAFKA_VERSION from Maven Central (first time only)"
+  rm -rf "$KAFKA_LIBS"
+  (cd "$ROOT/scripts/kafka" && mvn -B -q dependency:copy-dependencies \
+      -Dkafka.version="$KAFKA_VERSION" -DincludeScope=runtime \
+      -DoutputDirectory="$KAFKA_LIBS") >"$KAFKA_HOME/install.log" 2>&1 \
+    || fail "kafka install: mvn dependency:copy-dependencies" "$KAFKA_HOME/install.log"
+  ls "$KAFKA_LIBS"/kafka_2.13-*.jar >/dev/null 2>&1 \
+    || fail "kafka install: kafka_2.13 jar missing after fetch" "$KAFKA_HOME/install.log"
+  touch "$KAFKA_LIBS/.complete"
+}
+
+kafka_configure() {
+  mkdir -p "$KAFKA_HOME/config" "$KAFKA_LOGS" "$KAFKA_DATA"
+  sed "s:@KAFKA_LOGS@:$KAFKA_LOGS:g" "$ROOT/scripts/kafka/log4j2.properties" >"$KAFKA_HOME/config/log4j2.properties"
+  sed -e "s:@KAFKA_DATA@:$KAFKA_DATA:g" \
+      -e "s:@KAFKA_PORT@:$KAFKA_PORT:g" \
+      -e "s:@KAFKA_CONTROLLER_PORT@:$KAFKA_CONTROLLER_PORT:g" \
+      "$ROOT/scripts/kafka/server.properties" >"$KAFKA_HOME/config/server.properties"
+}
+
+kafka_running_pid() {
+  [[ -f "$KAFKA_PID" ]] || return 1
+  local pid
+  pid=$(cat "$KAFKA_PID")
+  kill -0 "$pid" 2>/dev/null && echo "$pid"
+}
+
+kafka_metadata_ok() {
+  kafka_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$KAFKA_BROKERS" --list >/dev/null 2>&1
+}
+
+kafka_up() {
+  if kafka_running_pid >/dev/null; then
+    log "kafka: already running (pid $(cat "$KAFKA_PID"))"
+    return 0
+  fi
+  if port_open "$KAFKA_PORT"; then
+    # Not ours, but usable if it speaks Kafka: use it instead of fighting for the port.
+    kafka_install
+    kafka_metadata_ok || fail "kafka: port $KAFKA_PORT is taken by something that does not answer a Kafka metadata request"
+    log "kafka: a broker not started by this script already answers on $KAFKA_BROKERS; using it"
+    return 0
+  fi
+  kafka_install
+  kafka_configure
+  if [[ ! -f "$KAFKA_DATA/meta.properties" ]]; then
+    local cluster_id
+    cluster_id=$(kafka_tool kafka.tools.StorageTool random-uuid 2>"$KAFKA_LOGS/format.log") \
+      || fail "kafka: StorageTool random-uuid" "$KAFKA_LOGS/format.log"
+    kafka_tool kafka.tools.StorageTool format --standalone -t "$cluster_id" \
+      -c "$KAFKA_HOME/config/server.properties" >>"$KAFKA_LOGS/format.log" 2>&1 \
+      || fail "kafka: StorageTool format --standalone" "$KAFKA_LOGS/format.log"
+  fi
+  log "kafka: starting $KAFKA_VERSION (KRaft, broker+controller) on $KAFKA_BROKERS"
+  : >"$KAFKA_LOGS/stdout.log"
+  nohup bash -c 'exec "$@"' _ java -Xms512m -Xmx1g -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+    -Djava.awt.headless=true -Dkafka.logs.dir="$KAFKA_LOGS" \
+    -Dlog4j2.configurationFile="$KAFKA_HOME/config/log4j2.properties" \
+    -cp "$KAFKA_LIBS/*" kafka.Kafka "$KAFKA_HOME/config/server.properties" \
+    >"$KAFKA_LOGS/stdout.log" 2>&1 </dev/null &
+  echo $! >"$KAFKA_PID"
+  local deadline=$((SECONDS + 120))
+  until grep -q "Kafka Server started" "$KAFKA_LOGS/server.log" 2>/dev/null; do
+    kafka_running_pid >/dev/null || fail "kafka: broker process exited during start-up" "$KAFKA_LOGS/server.log"
+    ((SECONDS < deadline)) || fail "kafka: not started within 120 s" "$KAFKA_LOGS/server.log"
+    sleep 0.5
+  done
+  until kafka_metadata_ok; do
+    ((SECONDS < deadline)) || fail "kafka: no answer to a metadata request within 120 s" "$KAFKA_LOGS/server.log"
+    sleep 1
+  done
+  log "kafka: up (log: $KAFKA_LOGS/server.log)"
+}
+
+kafka_down() {
+  local pid
+  if ! pid=$(kafka_running_pid); then
+    log "kafka: not running (not started by this script)"
+    rm -f "$KAFKA_PID"
+    return 0
+  fi
+  log "kafka: stopping pid $pid"
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+  if kill -0 "$pid" 2>/dev/null; then
+    log "kafka: still running after 30 s, killing"
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  rm -f "$KAFKA_PID"
+}
+
+# ---------------------------------------------------------------- PostgreSQL
+
+pg_ready() { "${1:-pg_isready}" -h 127.0.0.1 -p "$PG_PORT" -q 2>/dev/null; }
+
+pg_install() {
+  if [[ -n "$(pg_bindir)" ]]; then return 0; fi
+  log "postgres: installing from Debian's packages (first time only)"
+  mkdir -p "$CACHE"
+  { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql postgresql-contrib; } \
+    >"$CACHE/postgres-install.log" 2>&1 \
+    || fail "postgres install: apt-get install postgresql" "$CACHE/postgres-install.log"
+  [[ -n "$(pg_bindir)" ]] || fail "postgres install: no pg_ctl after install" "$CACHE/postgres-install.log"
+}
+
+pg_start_own() {
+  local bin
+  bin=$(pg_bindir)
+  mkdir -p "$PG_SOCKET_DIR" "$(dirname "$PG_DATA")"
+  chown postgres:postgres "$PG_SOCKET_DIR" "$(dirname "$PG_DATA")"
+  if [[ ! -f "$PG_DATA/PG_VERSION" ]]; then
+    log "postgres: initdb $PG_DATA"
+    # initdb refuses to run as root.
+    as_postgres "$bin/initdb" -D "$PG_DATA" -U postgres -E UTF8 --no-locale \
+      --auth-local=peer --auth-host=scram-sha-256 >"$PG_DATA.initdb.log" 2>&1 \
+      || fail "postgres: initdb" "$PG_DATA.initdb.log"
+  fi
+  touch "$PG_LOG" && chown postgres:postgres "$PG_LOG"
+  log "postgres: starting $("$bin/postgres" --version | awk '{print $3}') on 127.0.0.1:$PG_PORT"
+  # Durable defaults (fsync, synchronous_commit on): tests relax durability
+  # per session themselves; benchmarks never do.
+  as_postgres "$bin/pg_ctl" -D "$PG_DATA" -l "$PG_LOG" -w -t 60 start \
+    -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -c unix_socket_directories=$PG_SOCKET_DIR -c max_connections=400 -c shared_buffers=256MB" \
+    >/dev/null 2>&1 || fail "postgres: pg_ctl start" "$PG_LOG"
+  mkdir -p "$CACHE"
+  echo "$PG_DATA" >"$PG_MARKER"
+}
+
+pg_provision() {
+  if PGPASSWORD=$PG_PASSWORD psql "$DATABASE_URL" -Atqc 'select 1' >/dev/null 2>&1; then return 0; fi
+  log "postgres: creating role $PG_USER and database $PG_DB"
+  local sql="DO \$\$ BEGIN
+      IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$PG_USER') THEN
+        CREATE ROLE $PG_USER LOGIN CREATEDB PASSWORD '$PG_PASSWORD';
+      ELSE
+        ALTER ROLE $PG_USER LOGIN CREATEDB PASSWORD '$PG_PASSWORD';
+      END IF;
+    END \$\$;"
+  as_postgres psql -h "$PG_SOCKET_DIR" -p "$PG_PORT" -v ON_ERROR_STOP=1 -Atqc "$sql" >"$CACHE/postgres-provision.log" 2>&1 \
+    || fail "postgres: create role $PG_USER (as the postgres user over $PG_SOCKET_DIR)" "$CACHE/postgres-provision.log"
+  if ! as_postgres psql -h "$PG_SOCKET_DIR" -p "$PG_PORT" -Atqc "SELECT 1 FROM pg_database WHERE datname = '$PG_DB'" | grep -q 1; then
+    as_postgres psql -h "$PG_SOCKET_DIR" -p "$PG_PORT" -v ON_ERROR_STOP=1 -qc "CREATE DATABASE $PG_DB OWNER $PG_USER" \
+      >>"$CACHE/postgres-provision.log" 2>&1 || fail "postgres: create database $PG_DB" "$CACHE/postgres-provision.log"
+  fi
+  PGPASSWORD=$PG_PASSWORD psql "$DATABASE_URL" -Atqc 'select 1' >/dev/null 2>&1 \
+    || fail "postgres: cannot connect as $DATABASE_URL" "$PG_LOG"
+}
+
+pg_up() {
+  mkdir -p "$CACHE"
+  pg_install
+  if pg_ready "$(pg_bindir)/pg_isready"; then
+    log "postgres: already accepting connections on 127.0.0.1:$PG_PORT"
+  else
+    pg_start_own
+  fi
+  local deadline=$((SECONDS + 60))
+  until pg_ready "$(pg_bindir)/pg_isready"; do
+    ((SECONDS < deadline)) || fail "postgres: not accepting connections within 60 s" "$PG_LOG"
+    sleep 0.5
+  done
+  pg_provision
+  log "postgres: up (log: $PG_LOG)"
+}
+
+pg_down() {
+  if [[ ! -f "$PG_MARKER" ]]; then
+    log "postgres: not started by this script; leaving it alone"
+    return 0
+  fi
+  local data bin
+  data=$(cat "$PG_MARKER")
+  bin=$(pg_bindir)
+  log "postgres: stopping ($data)"
+  as_postgres "$bin/pg_ctl" -D "$data" -m fast -w stop >/dev/null 2>&1 || log "postgres: was not running"
+  rm -f "$PG_MARKER"
+}
+
+# ---------------------------------------------------------------- commands
+
+print_env() {
+  echo "KAFKA_BROKERS=$KAFKA_BROKERS"
+  echo "DATABASE_URL=$DATABASE_URL"
+}
+
+status() {
+  local rc=0 pid
+  if pid=$(kafka_running_pid); then
+    echo "kafka:    running (pid $pid, $KAFKA_BROKERS, version $KAFKA_VERSION, log $KAFKA_LOGS/server.log)"
+  elif port_open "$KAFKA_PORT"; then
+    echo "kafka:    something not started by this script listens on $KAFKA_BROKERS"
+  else
+    echo "kafka:    stopped"; rc=1
+  fi
+  local bin
+  bin=$(pg_bindir || true)
+  if [[ -n "$bin" ]] && pg_ready "$bin/pg_isready"; then
+    if [[ -f "$PG_MARKER" ]]; then
+      echo "postgres: running (127.0.0.1:$PG_PORT, data $(cat "$PG_MARKER"), log $PG_LOG)"
+    else
+      echo "postgres: running (127.0.0.1:$PG_PORT, not started by this script)"
+    fi
+  else
+    echo "postgres: stopped${bin:+}"; rc=1
+  fi
+  return $rc
+}
+
+case "${1:-}" in
+  up)
+    started=$SECONDS
+    pg_up
+    kafka_up
+    log "ready in $((SECONDS - started)) s; use:"
+    print_env
+    ;;
+  down)
+    kafka_down
+    pg_down
+    ;;
+  status) status ;;
+  env) print_env ;;
+  *)
+    echo "usage: $0 up|down|status|env" >&2
+    exit 2
+    ;;
+esac
