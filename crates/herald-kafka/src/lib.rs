@@ -1,5 +1,21 @@
 //! herald on Apache Kafka, through rdkafka (librdkafka built from the crate's
-//! bundled source).
+//! bundled source): the typed [`Publisher`] and the [`Consumer`] runtime with
+//! retries, dead letters, per-key ordering and safe commits.
 //!
 //! # Layout
-//! - `tests/kafka_smoke.rs`: rdkafka against the real broker.
+//! - [`publisher`]: [`Publisher`] and [`PublisherConfig`] (production defaults,
+//!   Java-compatible partitioning, batched publishing), [`OutgoingRecord`].
+//! - [`consumer`]: [`Consumer`], [`ConsumerConfig`], the [`Router`] of typed
+//!   handlers; `consumer/runtime.rs` is the poll thread, `offsets.rs` the
+//!   commit tracker, `process.rs` one record's retries and dead letter.
+//! - [`dlq`]: the dead-letter record format (`dlq.*` headers).
+//! - [`error`]: error types and the retriable/fatal classification.
+
+pub mod consumer;
+pub mod dlq;
+pub mod error;
+pub mod publisher;
+
+pub use consumer::{Consumer, ConsumerConfig, ConsumerStats, Handler, RecordInfo, Router};
+pub use error::{is_retriable, ClientError, PublishError};
+pub use publisher::{Delivered, OutgoingRecord, Publisher, PublisherConfig};

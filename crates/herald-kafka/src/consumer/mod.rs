@@ -1,0 +1,313 @@
+//! The consumer runtime: at-least-once delivery to typed handlers, in order
+//! per key, in parallel across keys, with retries, dead letters and commits
+//! that never pass an unfinished record.
+//!
+//! ```no_run
+//! # use herald_kafka::consumer::{Consumer, ConsumerConfig, Router};
+//! # async fn run(router: Router) -> Result<(), herald_kafka::ClientError> {
+//! let config = ConsumerConfig::new("127.0.0.1:9092", "projection", ["order-events"])
+//!     .concurrency(32);
+//! let consumer = Consumer::new(config, router)?;
+//! consumer.run(async { tokio::signal::ctrl_c().await.ok(); }).await
+//! # }
+//! ```
+//!
+//! How it works: one dedicated thread owns the librdkafka consumer. It polls,
+//! queues each record behind the earlier records of its key, starts at most
+//! `concurrency` keys at a time as tokio tasks, and collects their
+//! completions. Per partition it commits the lowest offset not yet done.
+//! When `max_in_flight` records are buffered it pauses fetching (memory stays
+//! bounded) and resumes as records finish. On revoke it drops the revoked
+//! partitions' queued records, waits (bounded) for their running ones,
+//! commits them, and forgets them: nothing is ever committed for a partition
+//! this instance no longer owns. On shutdown it stops fetching, waits for the
+//! running records within a deadline, commits, and closes (leaving the group).
+
+mod offsets;
+mod process;
+pub mod router;
+mod runtime;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use herald::RetryPolicy;
+use rdkafka::ClientConfig;
+
+use crate::error::ClientError;
+use crate::publisher::PRODUCER_DEFAULTS;
+pub use router::{Handler, RecordInfo, Router};
+
+/// librdkafka consumer settings the runtime uses unless overridden.
+pub const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
+    ("auto.offset.reset", "earliest"),
+    ("enable.partition.eof", "false"),
+    ("session.timeout.ms", "10000"),
+    ("max.poll.interval.ms", "300000"),
+    ("isolation.level", "read_committed"),
+    ("partition.assignment.strategy", "cooperative-sticky"),
+];
+
+/// Settings the runtime owns: overriding them would break its guarantees.
+const CONSUMER_FIXED: &[(&str, &str)] = &[
+    // Offsets are committed by the runtime, only for finished records.
+    ("enable.auto.commit", "false"),
+    ("enable.auto.offset.store", "false"),
+];
+
+/// Configuration of a [`Consumer`].
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    pub(crate) brokers: String,
+    pub(crate) group_id: String,
+    pub(crate) topics: Vec<String>,
+    pub(crate) concurrency: usize,
+    pub(crate) max_in_flight: usize,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) dead_letter_unknown: bool,
+    pub(crate) dlq_suffix: String,
+    pub(crate) commit_interval: Duration,
+    pub(crate) shutdown_timeout: Duration,
+    pub(crate) revoke_timeout: Duration,
+    pub(crate) settings: BTreeMap<String, String>,
+    pub(crate) producer_settings: BTreeMap<String, String>,
+}
+
+impl ConsumerConfig {
+    /// A consumer of `topics` in group `group_id` with production defaults:
+    /// 64 keys in parallel, 1,000 records in flight, [`RetryPolicy::default`],
+    /// unknown event types skipped, dead letters to `<topic>.dlq`, commits
+    /// every second.
+    pub fn new<T: Into<String>>(
+        brokers: impl Into<String>,
+        group_id: impl Into<String>,
+        topics: impl IntoIterator<Item = T>,
+    ) -> Self {
+        Self {
+            brokers: brokers.into(),
+            group_id: group_id.into(),
+            topics: topics.into_iter().map(Into::into).collect(),
+            concurrency: 64,
+            max_in_flight: 1000,
+            retry: RetryPolicy::default(),
+            dead_letter_unknown: false,
+            dlq_suffix: ".dlq".to_owned(),
+            commit_interval: Duration::from_secs(1),
+            shutdown_timeout: Duration::from_secs(30),
+            revoke_timeout: Duration::from_secs(10),
+            settings: BTreeMap::new(),
+            producer_settings: BTreeMap::new(),
+        }
+    }
+
+    /// How many keys are handled at the same time (records of one key always
+    /// run one after another).
+    pub fn concurrency(mut self, keys: usize) -> Self {
+        self.concurrency = keys;
+        self
+    }
+
+    /// How many records may be received but not finished before fetching
+    /// pauses (bounds memory when handlers are slow).
+    pub fn max_in_flight(mut self, records: usize) -> Self {
+        self.max_in_flight = records;
+        self
+    }
+
+    /// How transient handler failures are retried before dead-lettering.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// Dead-letter records whose `event_type` no handler knows, instead of
+    /// skipping (and counting) them.
+    pub fn dead_letter_unknown(mut self, enabled: bool) -> Self {
+        self.dead_letter_unknown = enabled;
+        self
+    }
+
+    /// The dead-letter topic is the record's topic plus this suffix (`.dlq`).
+    pub fn dlq_suffix(mut self, suffix: impl Into<String>) -> Self {
+        self.dlq_suffix = suffix.into();
+        self
+    }
+
+    /// How often finished offsets are committed.
+    pub fn commit_interval(mut self, interval: Duration) -> Self {
+        self.commit_interval = interval;
+        self
+    }
+
+    /// How long shutdown waits for running handlers before committing what
+    /// finished and leaving.
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.shutdown_timeout = timeout;
+        self
+    }
+
+    /// How long a revoke waits for the revoked partitions' running handlers.
+    pub fn revoke_timeout(mut self, timeout: Duration) -> Self {
+        self.revoke_timeout = timeout;
+        self
+    }
+
+    /// Overrides or adds a librdkafka consumer setting (SASL, TLS, timeouts…).
+    /// `enable.auto.commit` and `enable.auto.offset.store` are the runtime's own.
+    pub fn set(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.settings.insert(key.into(), value.into());
+        self
+    }
+
+    /// Overrides or adds a librdkafka setting of the dead-letter producer.
+    pub fn set_producer(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.producer_settings.insert(key.into(), value.into());
+        self
+    }
+
+    fn validate(&self) -> Result<(), ClientError> {
+        let bad = |setting, reason: &str| {
+            Err(ClientError::Setting {
+                setting,
+                reason: reason.to_owned(),
+            })
+        };
+        if self.group_id.is_empty() {
+            return bad("group_id", "must not be empty");
+        }
+        if self.topics.is_empty() || self.topics.iter().any(String::is_empty) {
+            return bad("topics", "need at least one non-empty topic name");
+        }
+        if self.concurrency == 0 {
+            return bad("concurrency", "must be at least 1");
+        }
+        if self.max_in_flight < self.concurrency {
+            return bad("max_in_flight", "must be at least `concurrency`");
+        }
+        if self.retry.max_attempts == 0 {
+            return bad("retry.max_attempts", "must be at least 1");
+        }
+        if self.dlq_suffix.is_empty() {
+            return bad(
+                "dlq_suffix",
+                "must not be empty (the DLQ would be the topic itself)",
+            );
+        }
+        for (key, _) in CONSUMER_FIXED {
+            if self.settings.contains_key(*key) {
+                return bad("settings", &format!("{key} is managed by the runtime"));
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn consumer_client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers);
+        config.set("group.id", &self.group_id);
+        for (k, v) in CONSUMER_DEFAULTS {
+            config.set(*k, *v);
+        }
+        for (k, v) in &self.settings {
+            config.set(k, v);
+        }
+        for (k, v) in CONSUMER_FIXED {
+            config.set(*k, *v);
+        }
+        config
+    }
+
+    pub(crate) fn producer_client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers);
+        for (k, v) in PRODUCER_DEFAULTS {
+            config.set(*k, *v);
+        }
+        // The DLQ producer shares the security settings of the consumer.
+        for (k, v) in &self.settings {
+            if k.starts_with("security.") || k.starts_with("sasl.") || k.starts_with("ssl.") {
+                config.set(k, v);
+            }
+        }
+        for (k, v) in &self.producer_settings {
+            config.set(k, v);
+        }
+        config
+    }
+}
+
+/// Counters of what a consumer did, readable while it runs.
+#[derive(Debug, Default)]
+pub struct ConsumerStats {
+    /// Records received from Kafka.
+    pub consumed: AtomicU64,
+    /// Records all of whose handlers succeeded.
+    pub handled: AtomicU64,
+    /// Handler retries after a transient failure.
+    pub retried: AtomicU64,
+    /// Records written to a dead-letter topic.
+    pub dead_lettered: AtomicU64,
+    /// Records skipped because no handler knows their type.
+    pub skipped_unknown: AtomicU64,
+    /// Offset commits that failed (they are retried).
+    pub commit_failures: AtomicU64,
+    /// Records received but not finished, right now.
+    pub in_flight: AtomicU64,
+}
+
+impl ConsumerStats {
+    /// Reads one counter.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// A consumer group member that runs a [`Router`] over its topics.
+pub struct Consumer {
+    config: ConsumerConfig,
+    router: Router,
+    stats: Arc<ConsumerStats>,
+}
+
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer")
+            .field("group_id", &self.config.group_id)
+            .field("topics", &self.config.topics)
+            .field("router", &self.router)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Consumer {
+    /// Validates the configuration. Nothing connects until [`Consumer::run`].
+    pub fn new(config: ConsumerConfig, router: Router) -> Result<Self, ClientError> {
+        config.validate()?;
+        if router.handlers.is_empty() {
+            return Err(ClientError::Setting {
+                setting: "router",
+                reason: "no handler registered".to_owned(),
+            });
+        }
+        Ok(Self {
+            config,
+            router,
+            stats: Arc::default(),
+        })
+    }
+
+    /// Live counters of this consumer.
+    pub fn stats(&self) -> Arc<ConsumerStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// Joins the group and handles records until `shutdown` completes, then
+    /// drains, commits and leaves the group. Must be called inside a tokio
+    /// runtime (handlers run on it).
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ClientError> {
+        runtime::run(self.config, self.router, self.stats, shutdown).await
+    }
+}

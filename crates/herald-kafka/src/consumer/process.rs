@@ -1,0 +1,248 @@
+//! Handling one record: decode, route to handlers, retry transient failures
+//! with backoff, dead-letter what cannot be handled.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use futures::FutureExt;
+use herald::{Envelope, ErrorClass, RetryPolicy};
+use rdkafka::message::{Headers, OwnedMessage};
+use rdkafka::Message;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::router::{RecordInfo, RouteFailure, Router};
+use super::ConsumerStats;
+use crate::dlq::{dead_letter, Failure, OriginalRecord};
+use crate::publisher::Publisher;
+
+/// What the runtime shares with every record task.
+pub(crate) struct Shared {
+    pub router: Router,
+    pub group_id: Arc<str>,
+    pub retry: RetryPolicy,
+    pub dead_letter_unknown: bool,
+    pub dlq_suffix: String,
+    pub dlq: Publisher,
+    pub stats: Arc<ConsumerStats>,
+    /// Fires at shutdown: retries and dead-letter attempts stop waiting.
+    pub stopping: CancellationToken,
+}
+
+/// How a record ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Every handler succeeded.
+    Handled,
+    /// Written to the dead-letter topic (acknowledged).
+    DeadLettered,
+    /// No handler knows its type; skipped by configuration.
+    Skipped,
+    /// Given up at shutdown before it was handled or dead-lettered: not done,
+    /// so its offset is not committed and it will be delivered again.
+    Abandoned,
+}
+
+impl Outcome {
+    /// Whether the record's offset may be committed.
+    pub fn is_done(self) -> bool {
+        !matches!(self, Outcome::Abandoned)
+    }
+}
+
+fn original(message: &OwnedMessage) -> OriginalRecord {
+    OriginalRecord {
+        topic: message.topic().to_owned(),
+        partition: message.partition(),
+        offset: message.offset(),
+        key: message.key().map(<[u8]>::to_vec),
+        payload: message.payload().map(<[u8]>::to_vec),
+        headers: message
+            .headers()
+            .map(|headers| {
+                headers
+                    .iter()
+                    .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }
+}
+
+/// Handles one record to its end.
+pub(crate) async fn process(shared: Arc<Shared>, message: OwnedMessage) -> Outcome {
+    let span = tracing::info_span!(
+        "consume",
+        otel.name = %format_args!("{} process", message.topic()),
+        otel.kind = "consumer",
+        messaging.system = "kafka",
+        messaging.operation.type = "process",
+        messaging.destination.name = %message.topic(),
+        messaging.destination.partition.id = message.partition(),
+        messaging.kafka.offset = message.offset(),
+        messaging.consumer.group.name = %shared.group_id,
+        messaging.message.id = tracing::field::Empty,
+        event_type = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+    );
+    let outcome = process_in_span(&shared, &message)
+        .instrument(span.clone())
+        .await;
+    span.record("outcome", tracing::field::debug(outcome));
+    outcome
+}
+
+async fn process_in_span(shared: &Shared, message: &OwnedMessage) -> Outcome {
+    let headers = message.headers();
+    let envelope = Envelope::from_record(
+        message.key(),
+        message.payload(),
+        headers
+            .iter()
+            .flat_map(|h| h.iter())
+            .map(|h| (h.key, h.value)),
+    );
+    let envelope = match envelope {
+        Ok(envelope) => Arc::new(envelope),
+        Err(error) => {
+            tracing::warn!(%error, "undecodable record");
+            let now = Utc::now();
+            let failure = Failure {
+                error: error.to_string(),
+                class: error.class(),
+                handler: None,
+                attempts: 1,
+                first_failed_at: now,
+                last_failed_at: now,
+            };
+            return write_dead_letter(shared, message, failure).await;
+        }
+    };
+    let span = tracing::Span::current();
+    span.record(
+        "messaging.message.id",
+        tracing::field::display(envelope.event_id),
+    );
+    span.record("event_type", envelope.event_type.as_str());
+    if let Some(trace) = &envelope.trace {
+        span.record("trace_id", trace.trace_id());
+    }
+
+    let handlers: Vec<_> = shared
+        .router
+        .handlers_for(&envelope.event_type)
+        .cloned()
+        .collect();
+    if handlers.is_empty() {
+        if shared.dead_letter_unknown {
+            let now = Utc::now();
+            let failure = Failure {
+                error: format!("no handler for event type {:?}", envelope.event_type),
+                class: ErrorClass::UnknownType,
+                handler: None,
+                attempts: 1,
+                first_failed_at: now,
+                last_failed_at: now,
+            };
+            return write_dead_letter(shared, message, failure).await;
+        }
+        tracing::debug!(event_type = %envelope.event_type, "skipping unknown event type");
+        shared.stats.skipped_unknown.fetch_add(1, Ordering::Relaxed);
+        return Outcome::Skipped;
+    }
+
+    for handler in handlers {
+        let mut attempt = 1;
+        let mut first_failure: Option<(chrono::DateTime<Utc>, Instant)> = None;
+        loop {
+            let info = RecordInfo {
+                topic: message.topic().to_owned(),
+                partition: message.partition(),
+                offset: message.offset(),
+                group_id: Arc::clone(&shared.group_id),
+                envelope: Arc::clone(&envelope),
+                attempt,
+            };
+            let result = AssertUnwindSafe(handler.call(info)).catch_unwind().await;
+            let (error, class) = match result {
+                Ok(Ok(())) => break,
+                Ok(Err(RouteFailure::Decode(e))) => (e.to_string(), e.class()),
+                Ok(Err(RouteFailure::Handler(e))) => (e.to_string(), e.class()),
+                Err(panic) => {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic".to_owned());
+                    (format!("handler panicked: {what}"), ErrorClass::Permanent)
+                }
+            };
+            let now = Utc::now();
+            let (first_at, first_instant) = *first_failure.get_or_insert((now, Instant::now()));
+            let retry_in = (class == ErrorClass::Transient)
+                .then(|| shared.retry.next_delay(attempt, first_instant.elapsed()))
+                .flatten();
+            match retry_in {
+                Some(delay) => {
+                    tracing::info!(handler = handler.name(), attempt, %error, ?delay, "transient failure, retrying");
+                    shared.stats.retried.fetch_add(1, Ordering::Relaxed);
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shared.stopping.cancelled() => return Outcome::Abandoned,
+                    }
+                    attempt += 1;
+                }
+                None => {
+                    tracing::warn!(handler = handler.name(), attempt, %class, %error, "giving up on record");
+                    let failure = Failure {
+                        error,
+                        class,
+                        handler: Some(handler.name().to_owned()),
+                        attempts: attempt,
+                        first_failed_at: first_at,
+                        last_failed_at: now,
+                    };
+                    return write_dead_letter(shared, message, failure).await;
+                }
+            }
+        }
+    }
+    shared.stats.handled.fetch_add(1, Ordering::Relaxed);
+    Outcome::Handled
+}
+
+/// Writes the dead letter and waits for its acknowledgement, trying again
+/// until it succeeds or the consumer stops: a record whose dead letter was
+/// not written is never marked done, so it is not committed.
+async fn write_dead_letter(shared: &Shared, message: &OwnedMessage, failure: Failure) -> Outcome {
+    let dlq_topic = format!("{}{}", message.topic(), shared.dlq_suffix);
+    let record = dead_letter(&dlq_topic, &shared.group_id, &original(message), &failure);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let span = tracing::info_span!(
+            "dead_letter",
+            messaging.system = "kafka",
+            messaging.operation.type = "send",
+            messaging.destination.name = %dlq_topic,
+            error.type = %failure.class,
+        );
+        match shared.dlq.publish_record(&record).instrument(span).await {
+            Ok(_) => {
+                shared.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                return Outcome::DeadLettered;
+            }
+            Err(error) => {
+                tracing::error!(%error, dlq = %dlq_topic, "dead-letter write failed; the record stays uncommitted and is retried");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shared.stopping.cancelled() => return Outcome::Abandoned,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}

@@ -1,0 +1,496 @@
+//! The poll thread: owns the librdkafka consumer, schedules records per key,
+//! tracks offsets, commits, pauses for backpressure and handles rebalances.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance};
+use rdkafka::message::OwnedMessage;
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+use super::offsets::PartitionOffsets;
+use super::process::{process, Outcome, Shared};
+use super::router::Router;
+use super::{ConsumerConfig, ConsumerStats};
+use crate::error::ClientError;
+use crate::publisher::Publisher;
+
+/// A topic-partition.
+type Tp = (Arc<str>, i32);
+/// Records of one key run in sequence; `None` keys are sequenced per partition.
+type KeySlot = (Tp, Option<Vec<u8>>);
+
+/// A record task's report to the poll thread.
+struct Completion {
+    slot: KeySlot,
+    offset: i64,
+    outcome: Outcome,
+}
+
+/// Everything the poll loop and the rebalance callback both touch. They run
+/// on the same thread; the mutex only makes the context `Sync`.
+struct Dispatch {
+    shared: Arc<Shared>,
+    tokio: tokio::runtime::Handle,
+    done_tx: Sender<Completion>,
+    done_rx: Receiver<Completion>,
+    topics: Vec<Arc<str>>,
+    /// Owned partitions and their offsets.
+    partitions: HashMap<Tp, PartitionOffsets>,
+    /// Active keys: a running record, and the ones queued behind it.
+    keys: HashMap<KeySlot, VecDeque<OwnedMessage>>,
+    /// Keys waiting for a concurrency slot.
+    ready: VecDeque<KeySlot>,
+    running: usize,
+    running_by_partition: HashMap<Tp, usize>,
+    /// Records received and not finished (queued + running).
+    buffered: usize,
+    paused: bool,
+    concurrency: usize,
+    max_in_flight: usize,
+    revoke_timeout: Duration,
+}
+
+impl Dispatch {
+    fn topic(&mut self, name: &str) -> Arc<str> {
+        if let Some(t) = self.topics.iter().find(|t| &***t == name) {
+            return Arc::clone(t);
+        }
+        let t: Arc<str> = Arc::from(name);
+        self.topics.push(Arc::clone(&t));
+        t
+    }
+
+    fn set_in_flight(&self) {
+        self.shared
+            .stats
+            .in_flight
+            .store(self.buffered as u64, Ordering::Relaxed);
+    }
+
+    /// A record arrived from Kafka.
+    fn accept(&mut self, message: OwnedMessage) {
+        self.shared.stats.consumed.fetch_add(1, Ordering::Relaxed);
+        let tp: Tp = (self.topic(message.topic()), message.partition());
+        self.partitions
+            .entry(tp.clone())
+            .or_default()
+            .received(message.offset());
+        self.buffered += 1;
+        self.set_in_flight();
+        let slot: KeySlot = (tp, message.key().map(<[u8]>::to_vec));
+        match self.keys.get_mut(&slot) {
+            Some(queue) => queue.push_back(message),
+            None => {
+                self.keys.insert(slot.clone(), VecDeque::from([message]));
+                self.ready.push_back(slot);
+                self.start_ready();
+            }
+        }
+    }
+
+    /// Starts queued keys while concurrency slots are free.
+    fn start_ready(&mut self) {
+        while self.running < self.concurrency {
+            let Some(slot) = self.ready.pop_front() else {
+                return;
+            };
+            let Some(message) = self.keys.get_mut(&slot).and_then(VecDeque::pop_front) else {
+                continue;
+            };
+            self.running += 1;
+            *self.running_by_partition.entry(slot.0.clone()).or_default() += 1;
+            let shared = Arc::clone(&self.shared);
+            let done = self.done_tx.clone();
+            let offset = message.offset();
+            self.tokio.spawn(async move {
+                let outcome = process(shared, message).await;
+                // The poll thread may be gone at the very end of shutdown.
+                let _ = done.send(Completion {
+                    slot,
+                    offset,
+                    outcome,
+                });
+            });
+        }
+    }
+
+    fn complete(&mut self, completion: Completion) {
+        let Completion {
+            slot,
+            offset,
+            outcome,
+        } = completion;
+        self.running -= 1;
+        if let Some(n) = self.running_by_partition.get_mut(&slot.0) {
+            *n -= 1;
+        }
+        self.buffered -= 1;
+        let owned = self.partitions.get_mut(&slot.0);
+        if let (true, Some(offsets)) = (outcome.is_done(), owned) {
+            offsets.done(offset);
+        }
+        let queued = self.keys.get(&slot).map_or(0, VecDeque::len);
+        if !outcome.is_done() && queued > 0 {
+            // Later records of this key must not overtake the abandoned one;
+            // they stay uncommitted and come back after a restart.
+            self.buffered -= queued;
+            self.keys.remove(&slot);
+        } else if queued > 0 {
+            self.ready.push_back(slot);
+        } else {
+            self.keys.remove(&slot);
+        }
+        self.set_in_flight();
+        self.start_ready();
+    }
+
+    /// Applies completions, waiting up to `timeout` for the first one.
+    fn wait_completions(&mut self, timeout: Duration) {
+        match self.done_rx.recv_timeout(timeout) {
+            Ok(c) => self.complete(c),
+            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return,
+        }
+        self.drain_completions();
+    }
+
+    fn drain_completions(&mut self) {
+        while let Ok(c) = self.done_rx.try_recv() {
+            self.complete(c);
+        }
+    }
+
+    /// Commits the finished offsets of `which` partitions (all when `None`).
+    fn commit(
+        &mut self,
+        consumer: &BaseConsumer<RuntimeContext>,
+        which: Option<&HashSet<Tp>>,
+        mode: CommitMode,
+        force: bool,
+    ) {
+        let mut tpl = TopicPartitionList::new();
+        let mut included = Vec::new();
+        for (tp, offsets) in &mut self.partitions {
+            if which.is_some_and(|w| !w.contains(tp)) {
+                continue;
+            }
+            if force {
+                offsets.commit_failed();
+            }
+            if let Some(offset) = offsets.take_commit() {
+                if tpl
+                    .add_partition_offset(&tp.0, tp.1, Offset::Offset(offset))
+                    .is_ok()
+                {
+                    included.push(tp.clone());
+                }
+            }
+        }
+        if included.is_empty() {
+            return;
+        }
+        if let Err(error) = consumer.commit(&tpl, mode) {
+            tracing::warn!(%error, "offset commit failed; it is retried");
+            self.shared
+                .stats
+                .commit_failures
+                .fetch_add(1, Ordering::Relaxed);
+            for tp in included {
+                if let Some(offsets) = self.partitions.get_mut(&tp) {
+                    offsets.commit_failed();
+                }
+            }
+        }
+    }
+
+    /// Pauses or resumes fetching to keep at most `max_in_flight` records.
+    fn apply_backpressure(&mut self, consumer: &BaseConsumer<RuntimeContext>) {
+        let want_paused = self.buffered >= self.max_in_flight;
+        if want_paused == self.paused {
+            return;
+        }
+        let Ok(assignment) = consumer.assignment() else {
+            return;
+        };
+        let result = if want_paused {
+            consumer.pause(&assignment)
+        } else {
+            consumer.resume(&assignment)
+        };
+        match result {
+            Ok(()) => self.paused = want_paused,
+            Err(error) => tracing::warn!(%error, want_paused, "pause/resume failed"),
+        }
+    }
+
+    /// The revoked partitions stop here: queued records are dropped (not
+    /// committed, so the next owner gets them), running ones get
+    /// `revoke_timeout` to finish, finished offsets are committed while the
+    /// partitions are still ours, and then they are forgotten.
+    fn revoke(&mut self, consumer: &BaseConsumer<RuntimeContext>, tpl: &TopicPartitionList) {
+        let revoked: HashSet<Tp> = tpl
+            .elements()
+            .iter()
+            .map(|e| (self.topic(e.topic()), e.partition()))
+            .collect();
+        tracing::info!(partitions = revoked.len(), "partitions revoked");
+        let mut dropped = 0;
+        self.keys.retain(|slot, queue| {
+            if !revoked.contains(&slot.0) {
+                return true;
+            }
+            dropped += queue.len();
+            queue.clear();
+            // Keep the entry while its record runs, so that a re-assigned
+            // partition's records of this key still queue behind it.
+            self.running_by_partition.get(&slot.0).copied().unwrap_or(0) > 0
+        });
+        self.ready.retain(|slot| !revoked.contains(&slot.0));
+        self.buffered -= dropped;
+        self.set_in_flight();
+
+        let deadline = Instant::now() + self.revoke_timeout;
+        loop {
+            let running: usize = revoked
+                .iter()
+                .map(|tp| self.running_by_partition.get(tp).copied().unwrap_or(0))
+                .sum();
+            let now = Instant::now();
+            if running == 0 || now >= deadline {
+                if running > 0 {
+                    tracing::warn!(
+                        running,
+                        "revoke timeout: leaving running records uncommitted"
+                    );
+                }
+                break;
+            }
+            self.wait_completions((deadline - now).min(Duration::from_millis(50)));
+        }
+        self.commit(consumer, Some(&revoked), CommitMode::Sync, true);
+        for tp in &revoked {
+            self.partitions.remove(tp);
+        }
+    }
+
+    fn assign(&mut self, tpl: &TopicPartitionList) {
+        for e in tpl.elements() {
+            let tp = (self.topic(e.topic()), e.partition());
+            self.partitions.entry(tp).or_default();
+        }
+        tracing::info!(partitions = tpl.count(), "partitions assigned");
+    }
+}
+
+/// The consumer's context: routes rebalance callbacks to the dispatch state.
+pub(crate) struct RuntimeContext {
+    dispatch: Arc<Mutex<Dispatch>>,
+    stats: Arc<ConsumerStats>,
+}
+
+impl RuntimeContext {
+    fn lock(&self) -> MutexGuard<'_, Dispatch> {
+        lock(&self.dispatch)
+    }
+}
+
+fn lock(dispatch: &Mutex<Dispatch>) -> MutexGuard<'_, Dispatch> {
+    // A panic elsewhere never leaves the state half-updated in a way that
+    // matters more than stopping the consumer would.
+    dispatch
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl ClientContext for RuntimeContext {}
+
+impl ConsumerContext for RuntimeContext {
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        offsets: &TopicPartitionList,
+    ) {
+        if let Err(error) = result {
+            tracing::warn!(%error, partitions = offsets.count(), "offset commit rejected");
+            // No lock here: this may run while the poll thread holds it.
+            self.stats.commit_failures.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => self.lock().revoke(consumer, tpl),
+            Rebalance::Assign(tpl) => self.lock().assign(tpl),
+            Rebalance::Error(error) => tracing::error!(%error, "rebalance error"),
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(_) = rebalance {
+            let mut dispatch = self.lock();
+            if dispatch.paused {
+                // Newly assigned partitions start unpaused: pause them too.
+                dispatch.paused = false;
+                dispatch.apply_backpressure(consumer);
+            }
+        }
+    }
+}
+
+pub(crate) async fn run(
+    config: ConsumerConfig,
+    router: Router,
+    stats: Arc<ConsumerStats>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ClientError> {
+    let dlq = Publisher::from_client_config(config.producer_client_config(), "")?;
+    let stopping = CancellationToken::new();
+    let shared = Arc::new(Shared {
+        router,
+        group_id: Arc::from(config.group_id.as_str()),
+        retry: config.retry.clone(),
+        dead_letter_unknown: config.dead_letter_unknown,
+        dlq_suffix: config.dlq_suffix.clone(),
+        dlq: dlq.clone(),
+        stats: Arc::clone(&stats),
+        stopping: stopping.clone(),
+    });
+    let (done_tx, done_rx) = channel();
+    let dispatch = Arc::new(Mutex::new(Dispatch {
+        shared,
+        tokio: tokio::runtime::Handle::current(),
+        done_tx,
+        done_rx,
+        topics: Vec::new(),
+        partitions: HashMap::new(),
+        keys: HashMap::new(),
+        ready: VecDeque::new(),
+        running: 0,
+        running_by_partition: HashMap::new(),
+        buffered: 0,
+        paused: false,
+        concurrency: config.concurrency,
+        max_in_flight: config.max_in_flight,
+        revoke_timeout: config.revoke_timeout,
+    }));
+    let consumer: BaseConsumer<RuntimeContext> = config
+        .consumer_client_config()
+        .create_with_context(RuntimeContext {
+            dispatch: Arc::clone(&dispatch),
+            stats: Arc::clone(&stats),
+        })
+        .map_err(ClientError::Config)?;
+    let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&topics)
+        .map_err(|source| ClientError::Kafka {
+            operation: "subscribing",
+            source,
+        })?;
+    tracing::info!(group = %config.group_id, topics = ?config.topics, "consumer started");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (finished_tx, finished_rx) = tokio::sync::oneshot::channel();
+    let loop_stop = Arc::clone(&stop);
+    let commit_interval = config.commit_interval;
+    let shutdown_timeout = config.shutdown_timeout;
+    std::thread::Builder::new()
+        .name(format!("herald-consumer-{}", config.group_id))
+        .spawn(move || {
+            poll_loop(&consumer, &dispatch, &loop_stop, commit_interval);
+            drain_and_close(consumer, &dispatch, shutdown_timeout);
+            let _ = finished_tx.send(());
+        })
+        .map_err(|e| ClientError::Setting {
+            setting: "thread",
+            reason: format!("cannot start the poll thread: {e}"),
+        })?;
+
+    shutdown.await;
+    tracing::info!(group = %config.group_id, "consumer stopping");
+    stop.store(true, Ordering::SeqCst);
+    // Retries in backoff stop now; running handlers get the shutdown deadline.
+    stopping.cancel();
+    let _ = finished_rx.await;
+    let _ = dlq.flush(Duration::from_secs(5));
+    tracing::info!(group = %config.group_id, "consumer stopped");
+    Ok(())
+}
+
+fn poll_loop(
+    consumer: &BaseConsumer<RuntimeContext>,
+    dispatch: &Mutex<Dispatch>,
+    stop: &AtomicBool,
+    commit_interval: Duration,
+) {
+    let mut last_commit = Instant::now();
+    while !stop.load(Ordering::SeqCst) {
+        let busy = {
+            let mut d = lock(dispatch);
+            d.drain_completions();
+            d.apply_backpressure(consumer);
+            if last_commit.elapsed() >= commit_interval {
+                d.commit(consumer, None, CommitMode::Async, false);
+                last_commit = Instant::now();
+            }
+            d.running > 0
+        };
+        // Never hold the lock across poll: rebalance callbacks run inside it.
+        let timeout = if busy {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(100)
+        };
+        match consumer.poll(timeout) {
+            Some(Ok(message)) => lock(dispatch).accept(message.detach()),
+            Some(Err(error)) => {
+                tracing::warn!(%error, "consumer error");
+            }
+            None if busy => lock(dispatch).wait_completions(Duration::from_millis(2)),
+            None => {}
+        }
+    }
+}
+
+/// Stops fetching, gives running records `timeout` to finish, commits what
+/// finished, and closes the consumer (leaving the group).
+fn drain_and_close(
+    consumer: BaseConsumer<RuntimeContext>,
+    dispatch: &Mutex<Dispatch>,
+    timeout: Duration,
+) {
+    {
+        let mut d = lock(dispatch);
+        if let Ok(assignment) = consumer.assignment() {
+            let _ = consumer.pause(&assignment);
+        }
+        // Queued records never started: they stay uncommitted.
+        let queued: usize = d.keys.values().map(VecDeque::len).sum();
+        d.buffered -= queued;
+        d.keys.retain(|_, queue| {
+            queue.clear();
+            false
+        });
+        d.ready.clear();
+        let deadline = Instant::now() + timeout;
+        while d.running > 0 && Instant::now() < deadline {
+            d.wait_completions(Duration::from_millis(50));
+        }
+        if d.running > 0 {
+            tracing::warn!(
+                running = d.running,
+                "shutdown deadline passed; unfinished records stay uncommitted"
+            );
+        }
+        d.commit(&consumer, None, CommitMode::Sync, true);
+    }
+    consumer.unsubscribe();
+    // Dropping the consumer closes it: it leaves the group (the revoke
+    // callback runs and commits nothing new).
+    drop(consumer);
+}

@@ -1,0 +1,310 @@
+//! The typed publisher: events in, acknowledged records out.
+//!
+//! Production defaults: `acks=all` with idempotence (no duplicates or
+//! reordering from producer retries), lz4 compression, a short linger for
+//! batching, and the Java-compatible `murmur2_random` partitioner so a key
+//! lands on the partition a Java client would choose. Every default can be
+//! overridden through the pass-through librdkafka settings.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures::future::join_all;
+use herald::{Envelope, Event};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::ClientConfig;
+use uuid::Uuid;
+
+use crate::error::{is_retriable, ClientError, PublishError};
+
+/// librdkafka settings the publisher uses unless overridden.
+pub const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
+    ("acks", "all"),
+    ("enable.idempotence", "true"),
+    ("compression.type", "lz4"),
+    ("linger.ms", "5"),
+    ("batch.num.messages", "10000"),
+    ("batch.size", "1000000"),
+    ("queue.buffering.max.messages", "500000"),
+    ("queue.buffering.max.kbytes", "1048576"),
+    ("message.timeout.ms", "30000"),
+    // Java's default partitioner: murmur2 of the key, random for null keys.
+    ("partitioner", "murmur2_random"),
+];
+
+/// Configuration of a [`Publisher`]; build it with [`PublisherConfig::new`].
+#[derive(Debug, Clone)]
+pub struct PublisherConfig {
+    brokers: String,
+    source: String,
+    settings: BTreeMap<String, String>,
+}
+
+impl PublisherConfig {
+    /// A configuration for `brokers` (`host:port,...`) with production defaults.
+    /// `source` becomes the CloudEvents `ce_source` of every event, e.g. `/orders`.
+    pub fn new(brokers: impl Into<String>, source: impl Into<String>) -> Self {
+        Self {
+            brokers: brokers.into(),
+            source: source.into(),
+            settings: BTreeMap::new(),
+        }
+    }
+
+    /// Overrides or adds one librdkafka setting (e.g. `linger.ms`, or the
+    /// `security.protocol` / `sasl.*` / `ssl.*` settings of a secured cluster).
+    pub fn set(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.settings.insert(key.into(), value.into());
+        self
+    }
+
+    /// Overrides or adds many librdkafka settings.
+    pub fn set_all<K: Into<String>, V: Into<String>>(
+        mut self,
+        settings: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        for (k, v) in settings {
+            self.settings.insert(k.into(), v.into());
+        }
+        self
+    }
+
+    /// The librdkafka configuration: defaults, then the overrides.
+    pub fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers);
+        for (k, v) in PRODUCER_DEFAULTS {
+            config.set(*k, *v);
+        }
+        for (k, v) in &self.settings {
+            config.set(k, v);
+        }
+        config
+    }
+}
+
+/// Where a record was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivered {
+    /// The partition.
+    pub partition: i32,
+    /// The offset within the partition.
+    pub offset: i64,
+}
+
+/// A record ready for the wire: what the publisher, the outbox relay and the
+/// dead-letter writer all send.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutgoingRecord {
+    /// Target topic.
+    pub topic: String,
+    /// Record key (`None` for no key).
+    pub key: Option<Vec<u8>>,
+    /// Record payload.
+    pub payload: Vec<u8>,
+    /// Headers in order; a `None` value is a null header.
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+    /// The event id, for error messages (nil when the record has none).
+    pub event_id: Uuid,
+}
+
+impl OutgoingRecord {
+    /// The record for `envelope` on `topic`: key = aggregate id, envelope headers.
+    pub fn from_envelope(topic: impl Into<String>, envelope: &Envelope) -> Self {
+        Self {
+            topic: topic.into(),
+            key: Some(envelope.key.clone().into_bytes()),
+            payload: envelope.payload.clone(),
+            headers: envelope
+                .headers()
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), Some(v.into_bytes())))
+                .collect(),
+            event_id: envelope.event_id,
+        }
+    }
+
+    fn owned_headers(&self) -> OwnedHeaders {
+        self.headers.iter().fold(
+            OwnedHeaders::new_with_capacity(self.headers.len()),
+            |headers, (key, value)| {
+                headers.insert(Header {
+                    key,
+                    value: value.as_deref(),
+                })
+            },
+        )
+    }
+}
+
+/// Publishes typed events (and raw records) to Kafka.
+///
+/// Cheap to clone; clones share one producer.
+#[derive(Clone)]
+pub struct Publisher {
+    producer: FutureProducer,
+    source: String,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher")
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Publisher {
+    /// Creates the producer. Fails when librdkafka rejects a setting.
+    pub fn new(config: &PublisherConfig) -> Result<Self, ClientError> {
+        Self::from_client_config(config.client_config(), &config.source)
+    }
+
+    /// A publisher on an explicit librdkafka configuration (no defaults added).
+    pub(crate) fn from_client_config(
+        config: ClientConfig,
+        source: &str,
+    ) -> Result<Self, ClientError> {
+        let producer: FutureProducer = config.create().map_err(ClientError::Config)?;
+        Ok(Self {
+            producer,
+            source: source.to_owned(),
+        })
+    }
+
+    /// The `ce_source` stamped on events.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// The underlying producer, for what herald does not wrap.
+    pub fn producer(&self) -> &FutureProducer {
+        &self.producer
+    }
+
+    /// Publishes one event to `topic`, keyed by its aggregate id, and waits
+    /// for the broker's acknowledgement.
+    pub async fn publish<E: Event>(
+        &self,
+        topic: &str,
+        event: &E,
+    ) -> Result<Delivered, PublishError> {
+        let envelope = Envelope::encode(event, &self.source)?;
+        self.publish_envelope(topic, &envelope).await
+    }
+
+    /// Publishes an already encoded envelope.
+    pub async fn publish_envelope(
+        &self,
+        topic: &str,
+        envelope: &Envelope,
+    ) -> Result<Delivered, PublishError> {
+        self.publish_record(&OutgoingRecord::from_envelope(topic, envelope))
+            .await
+    }
+
+    /// Publishes many events with all of them in flight at once; one result
+    /// per event, in input order.
+    pub async fn publish_batch<E: Event>(
+        &self,
+        topic: &str,
+        events: &[E],
+    ) -> Vec<Result<Delivered, PublishError>> {
+        let mut records = Vec::with_capacity(events.len());
+        let mut encode_errors = BTreeMap::new();
+        for (i, event) in events.iter().enumerate() {
+            match Envelope::encode(event, &self.source) {
+                Ok(envelope) => records.push(OutgoingRecord::from_envelope(topic, &envelope)),
+                Err(e) => {
+                    encode_errors.insert(i, e);
+                }
+            }
+        }
+        let mut delivered = self.publish_records(&records).await.into_iter();
+        (0..events.len())
+            .map(|i| match encode_errors.remove(&i) {
+                Some(e) => Err(PublishError::Encode(e)),
+                None => delivered.next().expect("one result per record"),
+            })
+            .collect()
+    }
+
+    /// Publishes one raw record and waits for its acknowledgement.
+    pub async fn publish_record(&self, record: &OutgoingRecord) -> Result<Delivered, PublishError> {
+        let pending = self.enqueue(record).await?;
+        Self::await_delivery(record, pending).await
+    }
+
+    /// Publishes raw records with all of them in flight at once; one result
+    /// per record, in input order. Records of one key keep their order.
+    pub async fn publish_records(
+        &self,
+        records: &[OutgoingRecord],
+    ) -> Vec<Result<Delivered, PublishError>> {
+        let mut pending = Vec::with_capacity(records.len());
+        for record in records {
+            pending.push(self.enqueue(record).await);
+        }
+        join_all(records.iter().zip(pending).map(|(record, enqueued)| async move {
+            Self::await_delivery(record, enqueued?).await
+        }))
+        .await
+    }
+
+    /// Flushes every queued record (call before dropping at shutdown).
+    pub fn flush(&self, timeout: Duration) -> Result<(), ClientError> {
+        self.producer
+            .flush(timeout)
+            .map_err(|source| ClientError::Kafka {
+                operation: "flushing the producer",
+                source,
+            })
+    }
+
+    /// Puts a record on librdkafka's queue, waiting while the queue is full.
+    async fn enqueue(&self, record: &OutgoingRecord) -> Result<DeliveryFuture, PublishError> {
+        let mut backoff = Duration::from_millis(1);
+        loop {
+            let mut future_record = FutureRecord::to(&record.topic)
+                .payload(&record.payload)
+                .headers(record.owned_headers());
+            if let Some(key) = &record.key {
+                future_record = future_record.key(key);
+            }
+            match self.producer.send_result(future_record) {
+                Ok(pending) => return Ok(pending),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    // Backpressure: librdkafka's queue drains as deliveries complete.
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(50));
+                }
+                Err((source, _)) => return Err(Self::error(record, source)),
+            }
+        }
+    }
+
+    async fn await_delivery(
+        record: &OutgoingRecord,
+        pending: DeliveryFuture,
+    ) -> Result<Delivered, PublishError> {
+        match pending.await {
+            Ok(Ok(delivery)) => Ok(Delivered {
+                partition: delivery.partition,
+                offset: delivery.offset,
+            }),
+            Ok(Err((source, _))) => Err(Self::error(record, source)),
+            Err(_canceled) => Err(Self::error(record, KafkaError::Canceled)),
+        }
+    }
+
+    fn error(record: &OutgoingRecord, source: KafkaError) -> PublishError {
+        PublishError::Kafka {
+            topic: record.topic.clone(),
+            event_id: record.event_id,
+            retriable: is_retriable(&source),
+            source,
+        }
+    }
+}

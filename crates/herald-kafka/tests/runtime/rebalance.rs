@@ -1,0 +1,107 @@
+//! Rebalances: members join and leave mid-stream; every record is handled,
+//! each key stays in order, and no commit is rejected (a member never commits
+//! for a partition it no longer owns).
+
+use std::time::Duration;
+
+use herald_kafka::{Consumer, ConsumerConfig, ConsumerStats, RecordInfo, Router};
+use tokio_util::sync::CancellationToken;
+
+use crate::support::*;
+
+const KEYS: usize = 90;
+const PER_KEY: u64 = 40;
+
+fn member(
+    kafka: &herald_test::Kafka,
+    group: &str,
+    topic: &str,
+    seen: &Seen,
+) -> (Consumer, std::sync::Arc<ConsumerStats>) {
+    let router = Router::new().handle::<TestEvent, _>("recorder", {
+        let seen = seen.clone();
+        move |TestEvent::Step(step): TestEvent, record: RecordInfo| {
+            let seen = seen.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                seen.record(&step, record.partition, record.offset);
+                Ok(())
+            }
+        }
+    });
+    let config = ConsumerConfig::new(kafka.brokers(), group, [topic])
+        .concurrency(8)
+        .commit_interval(Duration::from_millis(200));
+    let consumer = Consumer::new(config, router).expect("consumer");
+    let stats = consumer.stats();
+    (consumer, stats)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_join_and_leave_mid_stream_without_loss() {
+    let Some(kafka) = herald_test::kafka() else {
+        return;
+    };
+    let topic = kafka.topic("rebalance", 6).await;
+    publish_all(&publisher(&kafka), topic.name(), &steps(KEYS, PER_KEY)).await;
+    let total = KEYS * PER_KEY as usize;
+    let group = herald_test::unique_name("rebalance");
+    let seen = Seen::default();
+
+    let mut members = Vec::new();
+    for _ in 0..2 {
+        let (consumer, stats) = member(&kafka, &group, topic.name(), &seen);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(consumer.run(stop.clone().cancelled_owned()));
+        members.push((stop, task, stats));
+    }
+    wait_until("a third of the stream", Duration::from_secs(120), || {
+        seen.len() >= total / 3
+    })
+    .await;
+    let (consumer, stats) = member(&kafka, &group, topic.name(), &seen);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(consumer.run(stop.clone().cancelled_owned()));
+    members.push((stop, task, stats));
+
+    wait_until("two thirds of the stream", Duration::from_secs(120), || {
+        seen.len() >= 2 * total / 3
+    })
+    .await;
+    let (stop, task, first_stats) = members.remove(0);
+    stop.cancel();
+    task.await.expect("task").expect("member left");
+
+    wait_until("every key complete", Duration::from_secs(180), || {
+        seen.by_key()
+            .values()
+            .map(|seqs| seqs.iter().copied().max().map_or(0, |m| m + 1))
+            .sum::<u64>()
+            >= total as u64
+    })
+    .await;
+    let mut all_stats = vec![first_stats];
+    for (stop, task, stats) in members {
+        stop.cancel();
+        task.await.expect("task").expect("member left");
+        all_stats.push(stats);
+    }
+
+    assert_complete_and_ordered(&seen, KEYS, PER_KEY);
+    for stats in &all_stats {
+        assert!(
+            ConsumerStats::get(&stats.consumed) > 0,
+            "every member took part"
+        );
+        assert_eq!(
+            ConsumerStats::get(&stats.commit_failures),
+            0,
+            "no commit was rejected"
+        );
+    }
+    assert_eq!(
+        committed(&kafka, &group, topic.name(), 6),
+        end_offsets(&kafka, topic.name(), 6),
+        "the group's commits reach the end of every partition"
+    );
+}
