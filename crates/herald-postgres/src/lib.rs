@@ -1,5 +1,5 @@
-//! herald on PostgreSQL: the transactional outbox, its relay's storage side,
-//! and the inbox that makes consumers' effects happen exactly once.
+//! herald on PostgreSQL: the transactional outbox and its store for the
+//! relay, and the inbox that makes consumers' effects happen exactly once.
 //!
 //! The schema is owned by this crate and applied with [`migrate`]; a service
 //! with migrations of its own runs both migrators against one database (each
@@ -7,11 +7,23 @@
 //!
 //! # Layout
 //! - `migrations/`: the outbox and inbox tables, timestamped.
-//! - [`migrate`] / [`MIGRATOR`]: applies them.
-//! - [`StoreError`]: this crate's error type.
+//! - [`outbox`]: [`enqueue`](outbox::enqueue) in the caller's transaction,
+//!   [`PgOutbox`] (the relay's store: claim with `FOR UPDATE SKIP LOCKED`,
+//!   mark or delete, LISTEN/NOTIFY), status and retention. The claim query
+//!   and its ordering argument are in `src/sql/relay_claim.sql`.
+//! - [`inbox`]: [`Inbox`] — effects and the inbox row in one transaction,
+//!   one per event or batched with savepoints; retention.
+//! - [`classify`]: database errors as transient or permanent handler errors.
 
+pub mod inbox;
+pub mod outbox;
+
+use herald::HandlerError;
 use sqlx::migrate::Migrator;
 use sqlx::PgPool;
+
+pub use inbox::{Applied, Inbox};
+pub use outbox::{AfterPublish, OutboxRecord, OutboxStatus, PgOutbox};
 
 /// The migrations of herald's own tables (`herald_outbox`, `herald_inbox`).
 pub static MIGRATOR: Migrator = {
@@ -37,10 +49,73 @@ pub enum StoreError {
         #[source]
         source: sqlx::Error,
     },
+    /// Another transaction wrote an event of the same aggregate concurrently:
+    /// their order would be ambiguous, so this one is refused. Transient:
+    /// retry the whole transaction (or serialize writers with a row lock).
+    #[error("another transaction wrote an event of the same aggregate concurrently: {source}")]
+    AggregateConflict {
+        /// The unique violation.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// A value could not be encoded for storage.
+    #[error("cannot encode outbox headers: {0}")]
+    Encode(String),
+}
+
+impl StoreError {
+    /// A `map_err` adapter naming the operation that failed.
+    pub fn db(operation: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+        move |source| StoreError::Database { operation, source }
+    }
+
+    /// Whether trying again may succeed (lost connection, deadlock,
+    /// serialization failure, server shutting down).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Database { source, .. } => is_transient(source),
+            StoreError::AggregateConflict { .. } => true,
+            _ => false,
+        }
+    }
 }
 
 /// Applies herald's migrations (idempotent).
 pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
     MIGRATOR.run(pool).await?;
     Ok(())
+}
+
+/// Whether a database error may go away if the work is tried again.
+pub fn is_transient(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // 40: serialization failure / deadlock; 08: connection; 53:
+            // resources; 57P: operator intervention (shutdown, restart);
+            // 55P03: lock not available.
+            code.starts_with("40")
+                || code.starts_with("08")
+                || code.starts_with("53")
+                || code.starts_with("57P")
+                || code == "55P03"
+        }),
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_) => true,
+        _ => false,
+    }
+}
+
+/// A database error as a handler error: transient when it may go away on
+/// retry, permanent otherwise (constraint violations, bad data). The message
+/// keeps the database's text for logs and dead letters, never for API users.
+pub fn classify(error: sqlx::Error) -> HandlerError {
+    if is_transient(&error) {
+        HandlerError::transient(error)
+    } else {
+        HandlerError::permanent(error)
+    }
 }

@@ -300,3 +300,102 @@ mod tests {
         );
     }
 }
+
+/// A TCP proxy on 127.0.0.1 in front of a real server, for fault tests: it
+/// can cut every connection and refuse new ones (the server "goes away"),
+/// then let traffic through again, without disturbing other tests that use
+/// the server directly.
+#[derive(Debug, Clone)]
+pub struct FaultProxy {
+    address: std::net::SocketAddr,
+    state: std::sync::Arc<ProxyState>,
+}
+
+#[derive(Debug)]
+struct ProxyState {
+    /// Bumped on every cut: connections of an older generation close.
+    generation: std::sync::atomic::AtomicU64,
+    refusing: std::sync::atomic::AtomicBool,
+    cut: tokio::sync::watch::Sender<u64>,
+}
+
+impl FaultProxy {
+    /// Starts a proxy to `target` (`host:port`) on a free local port.
+    pub async fn start(target: &str) -> FaultProxy {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let address = listener.local_addr().expect("proxy address");
+        let (cut, _) = tokio::sync::watch::channel(0);
+        let state = std::sync::Arc::new(ProxyState {
+            generation: std::sync::atomic::AtomicU64::new(0),
+            refusing: std::sync::atomic::AtomicBool::new(false),
+            cut,
+        });
+        let target = target.to_owned();
+        let accept_state = std::sync::Arc::clone(&state);
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if accept_state.refusing.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let generation = accept_state.generation.load(Ordering::SeqCst);
+                let mut cut = accept_state.cut.subscribe();
+                let target = target.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.wait_for(|g| *g > generation) => {}
+                    }
+                });
+            }
+        });
+        FaultProxy { address, state }
+    }
+
+    /// `host:port` of the proxy.
+    pub fn address(&self) -> std::net::SocketAddr {
+        self.address
+    }
+
+    /// Closes every open connection and refuses new ones.
+    pub fn cut(&self) {
+        use std::sync::atomic::Ordering;
+        self.state.refusing.store(true, Ordering::SeqCst);
+        let generation = self.state.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        self.state.cut.send_replace(generation);
+    }
+
+    /// Accepts connections again.
+    pub fn restore(&self) {
+        self.state
+            .refusing
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl TestDatabase {
+    /// This database's URL with the host and port replaced by `address`
+    /// (e.g. a [`FaultProxy`]).
+    pub fn url_via(&self, address: std::net::SocketAddr) -> String {
+        let url = self.url();
+        let scheme_end = url.find("://").map_or(0, |i| i + 3);
+        let rest = &url[scheme_end..];
+        let host_start = rest.find('@').map_or(0, |i| i + 1);
+        let host_end = rest[host_start..]
+            .find('/')
+            .map_or(rest.len(), |i| host_start + i);
+        format!(
+            "{}{}{}{}",
+            &url[..scheme_end],
+            &rest[..host_start],
+            address,
+            &rest[host_end..]
+        )
+    }
+}

@@ -39,16 +39,20 @@
 //! - [`trace`]: the W3C trace context carried in `traceparent`/`tracestate`.
 //! - [`retry`]: [`RetryPolicy`], exponential backoff with jitter and a cap.
 //! - [`handler`]: [`HandlerError`], how a handler says transient or permanent.
+//! - [`outbox`]: the [`OutboxStore`] contract between an outbox store and
+//!   the relay.
 
 pub mod envelope;
 pub mod event;
 pub mod handler;
+pub mod outbox;
 pub mod retry;
 pub mod trace;
 
 pub use envelope::{headers, DecodeError, EncodeError, Envelope};
 pub use event::{Event, EventPayload};
 pub use handler::{ErrorClass, HandlerError};
+pub use outbox::{OutboxBatch, OutboxStore, PendingRecord};
 pub use retry::RetryPolicy;
 pub use trace::TraceContext;
 

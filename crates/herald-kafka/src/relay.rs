@@ -1,0 +1,292 @@
+//! The outbox relay: claims committed outbox rows from a store, publishes
+//! them with the idempotent producer, waits for every acknowledgement, and
+//! marks what was published — in the transaction that claimed it.
+//!
+//! A crash between publish and mark re-publishes the same event ids on the
+//! next pass (consumers deduplicate with the inbox); nothing committed is
+//! ever lost. A failed delivery leaves its row, and every later row of the
+//! same aggregate in the batch, unpublished for the next pass (after a
+//! backoff), so an aggregate's events never overtake each other.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use herald::{OutboxBatch, OutboxStore, PendingRecord};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::error::PublishError;
+use crate::publisher::{OutgoingRecord, Publisher};
+
+/// Relay settings.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Rows claimed per batch (default 500).
+    pub batch_size: usize,
+    /// How long an idle relay waits for a notification before polling again
+    /// (default 1 s). Notifications make the usual wake-up immediate.
+    pub poll_interval: Duration,
+    /// The longest pause after failures (default 10 s).
+    pub max_backoff: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 500,
+            poll_interval: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Counters of a relay, readable while it runs.
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    /// Records published and marked.
+    pub published: AtomicU64,
+    /// Batches that published at least one record.
+    pub batches: AtomicU64,
+    /// Deliveries that failed (their rows stay for the next pass).
+    pub publish_failures: AtomicU64,
+    /// Store errors (claim or commit failed).
+    pub store_failures: AtomicU64,
+    /// Duration of the last non-empty batch, claim to commit, in microseconds.
+    pub last_batch_micros: AtomicU64,
+    /// Sum of non-empty batch durations, in microseconds.
+    pub batch_micros_total: AtomicU64,
+}
+
+/// Why a relay pass failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RelayError<E: std::error::Error + 'static> {
+    /// The store failed to claim or to mark.
+    #[error("outbox store: {0}")]
+    Store(#[source] E),
+    /// Some deliveries failed; `published` records of the batch made it.
+    #[error("{failed} of the batch's records were not published ({published} were): {source}")]
+    Publish {
+        /// Records published and marked.
+        published: usize,
+        /// Records left for the next pass.
+        failed: usize,
+        /// The first delivery error.
+        #[source]
+        source: PublishError,
+    },
+}
+
+/// What one pass did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pass {
+    /// Rows claimed.
+    pub claimed: usize,
+    /// Rows published and marked.
+    pub published: usize,
+}
+
+/// Drains an [`OutboxStore`] into Kafka.
+pub struct Relay<S: OutboxStore> {
+    store: S,
+    publisher: Publisher,
+    config: RelayConfig,
+    stats: Arc<RelayStats>,
+}
+
+impl<S: OutboxStore> std::fmt::Debug for Relay<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+fn outgoing(record: &PendingRecord) -> OutgoingRecord {
+    OutgoingRecord {
+        topic: record.topic.clone(),
+        key: Some(record.key.clone().into_bytes()),
+        payload: record.payload.clone(),
+        headers: record
+            .headers
+            .iter()
+            .map(|(k, v)| (k.clone(), Some(v.clone().into_bytes())))
+            .collect(),
+        event_id: record.event_id,
+    }
+}
+
+impl<S: OutboxStore> Relay<S> {
+    /// A relay from `store` to Kafka through `publisher` (keep its
+    /// idempotence on: it is what keeps a batch's order under retries).
+    pub fn new(store: S, publisher: Publisher, config: RelayConfig) -> Self {
+        Self {
+            store,
+            publisher,
+            config,
+            stats: Arc::default(),
+        }
+    }
+
+    /// Live counters.
+    pub fn stats(&self) -> Arc<RelayStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// The store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// One pass: claim a batch, publish it, mark what was acknowledged.
+    pub async fn run_once(&self) -> Result<Pass, RelayError<S::Error>> {
+        let started = Instant::now();
+        let batch = self
+            .store
+            .claim(self.config.batch_size)
+            .await
+            .map_err(|e| self.store_error(e))?;
+        let claimed = batch.records().len();
+        if claimed == 0 {
+            batch.commit(&[]).await.map_err(|e| self.store_error(e))?;
+            return Ok(Pass {
+                claimed: 0,
+                published: 0,
+            });
+        }
+        let span = tracing::info_span!(
+            "relay_batch",
+            otel.name = "outbox relay publish",
+            messaging.system = "kafka",
+            messaging.operation.type = "send",
+            messaging.batch.message_count = claimed,
+            published = tracing::field::Empty,
+        );
+        let records: Vec<OutgoingRecord> = batch.records().iter().map(outgoing).collect();
+        let results = self
+            .publisher
+            .publish_records(&records)
+            .instrument(span.clone())
+            .await;
+
+        // Per aggregate, only the acknowledged prefix counts as published.
+        let mut blocked: HashSet<(&str, &str)> = HashSet::new();
+        let mut published = Vec::with_capacity(claimed);
+        let mut first_error = None;
+        let mut failed = 0;
+        for (record, result) in batch.records().iter().zip(results) {
+            let aggregate = (record.topic.as_str(), record.key.as_str());
+            match result {
+                Ok(_) if !blocked.contains(&aggregate) => published.push(record.id),
+                Ok(_) => failed += 1,
+                Err(error) => {
+                    failed += 1;
+                    blocked.insert(aggregate);
+                    first_error.get_or_insert(error);
+                }
+            }
+        }
+        let published_count = published.len();
+        batch
+            .commit(&published)
+            .await
+            .map_err(|e| self.store_error(e))?;
+        span.record("published", published_count);
+
+        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.stats
+            .published
+            .fetch_add(published_count as u64, Ordering::Relaxed);
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .last_batch_micros
+            .store(micros, Ordering::Relaxed);
+        self.stats
+            .batch_micros_total
+            .fetch_add(micros, Ordering::Relaxed);
+        match first_error {
+            Some(source) => {
+                self.stats
+                    .publish_failures
+                    .fetch_add(failed as u64, Ordering::Relaxed);
+                Err(RelayError::Publish {
+                    published: published_count,
+                    failed,
+                    source,
+                })
+            }
+            None => Ok(Pass {
+                claimed,
+                published: published_count,
+            }),
+        }
+    }
+
+    /// Passes until one claims nothing; returns how many records were
+    /// published. Tests use it to drive the relay until the outbox is idle.
+    pub async fn drain(&self) -> Result<usize, RelayError<S::Error>> {
+        let mut total = 0;
+        loop {
+            let pass = self.run_once().await?;
+            total += pass.published;
+            if pass.claimed == 0 {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Relays until `shutdown` completes. A batch in progress always
+    /// finishes (claim → publish → mark) before the relay stops.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) {
+        let stop = CancellationToken::new();
+        let trigger = stop.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            trigger.cancel();
+        });
+        tracing::info!(batch_size = self.config.batch_size, "outbox relay started");
+        let mut failures: u32 = 0;
+        while !stop.is_cancelled() {
+            let pause = match self.run_once().await {
+                Ok(pass) => {
+                    failures = 0;
+                    if pass.claimed > 0 {
+                        continue;
+                    }
+                    tokio::select! {
+                        _ = self.store.wait_for_work(self.config.poll_interval) => {}
+                        _ = stop.cancelled() => {}
+                    }
+                    continue;
+                }
+                Err(error) => {
+                    failures = failures.saturating_add(1);
+                    let pause = self.backoff(failures);
+                    tracing::warn!(%error, ?pause, "outbox relay pass failed; retrying");
+                    pause
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = stop.cancelled() => {}
+            }
+        }
+        let _ = self.publisher.flush(Duration::from_secs(5));
+        tracing::info!("outbox relay stopped");
+    }
+
+    fn backoff(&self, failures: u32) -> Duration {
+        let exp = Duration::from_millis(100).saturating_mul(1 << failures.min(10));
+        let bound = exp.min(self.config.max_backoff);
+        // Jitter so several relays do not hammer a recovering server together.
+        bound.mul_f64(rand::Rng::gen_range(&mut rand::thread_rng(), 0.5..=1.0))
+    }
+
+    fn store_error(&self, error: S::Error) -> RelayError<S::Error> {
+        self.stats.store_failures.fetch_add(1, Ordering::Relaxed);
+        RelayError::Store(error)
+    }
+}

@@ -1,0 +1,290 @@
+//! The inbox: exactly-once effects for an at-least-once consumer.
+//!
+//! A handler's database effects and the inbox row `(consumer group, event id)`
+//! commit in one transaction. A redelivered event finds its row and is
+//! skipped; two consumers handling the same event at once serialize on the
+//! row's primary key, and the second one skips.
+//!
+//! ```no_run
+//! # async fn f(inbox: herald_postgres::Inbox, event_id: uuid::Uuid) -> Result<(), herald::HandlerError> {
+//! inbox
+//!     .apply(event_id, |conn| Box::pin(async move {
+//!         sqlx::query("UPDATE stock SET n = n - 1 WHERE sku = 'A'")
+//!             .execute(&mut *conn)
+//!             .await
+//!             .map_err(herald_postgres::classify)?;
+//!         Ok(())
+//!     }))
+//!     .await?;
+//! # Ok(()) }
+//! ```
+//!
+//! [`Inbox::batched`] groups concurrent calls (different keys, handled in
+//! parallel by the consumer runtime) into one transaction — one commit for
+//! many events — with a savepoint per event so one failure does not undo the
+//! others. Per-key order is unaffected: the runtime starts a key's next record
+//! only after the call for the previous one returned, i.e. after its commit.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use herald::HandlerError;
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use crate::{classify, StoreError};
+
+/// A future borrowing the connection the effects run on.
+pub type EffectsFuture<'c> = Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send + 'c>>;
+
+/// A handler's database effects, run inside the inbox transaction.
+pub type Effects = Box<dyn for<'c> FnOnce(&'c mut PgConnection) -> EffectsFuture<'c> + Send>;
+
+/// What happened to an event offered to the inbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// The effects ran and committed now.
+    Now,
+    /// This group had already processed the event: nothing ran.
+    AlreadyProcessed,
+}
+
+struct Job {
+    event_id: Uuid,
+    effects: Effects,
+    reply: oneshot::Sender<Result<Applied, HandlerError>>,
+}
+
+/// The inbox of one consumer group.
+#[derive(Clone)]
+pub struct Inbox {
+    pool: PgPool,
+    group: Arc<str>,
+    batcher: Option<mpsc::Sender<Job>>,
+}
+
+impl std::fmt::Debug for Inbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbox")
+            .field("group", &self.group)
+            .field("batched", &self.batcher.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+const INSERT: &str =
+    "INSERT INTO herald_inbox (consumer_group, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING";
+
+impl Inbox {
+    /// An inbox that runs each event in its own transaction.
+    pub fn new(pool: PgPool, group: impl Into<String>) -> Self {
+        Self {
+            pool,
+            group: Arc::from(group.into()),
+            batcher: None,
+        }
+    }
+
+    /// An inbox that commits up to `max_events` concurrent events together,
+    /// waiting at most `max_wait` for a batch to fill. Spawns its batching
+    /// task on the current tokio runtime; it ends when the last clone drops.
+    pub fn batched(
+        pool: PgPool,
+        group: impl Into<String>,
+        max_events: usize,
+        max_wait: Duration,
+    ) -> Self {
+        let group: Arc<str> = Arc::from(group.into());
+        let (tx, rx) = mpsc::channel(max_events.max(1) * 4);
+        tokio::spawn(run_batches(
+            pool.clone(),
+            Arc::clone(&group),
+            rx,
+            max_events.max(1),
+            max_wait,
+        ));
+        Self {
+            pool,
+            group,
+            batcher: Some(tx),
+        }
+    }
+
+    /// The consumer group.
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+
+    /// Runs `effects` for `event_id` exactly once for this group.
+    ///
+    /// Errors: the effects' own error, or a classified database error
+    /// (transient for lost connections, deadlocks and serialization
+    /// failures; permanent otherwise).
+    pub async fn apply<F>(&self, event_id: Uuid, effects: F) -> Result<Applied, HandlerError>
+    where
+        F: for<'c> FnOnce(&'c mut PgConnection) -> EffectsFuture<'c> + Send + 'static,
+    {
+        let effects: Effects = Box::new(effects);
+        match &self.batcher {
+            None => self.apply_alone(event_id, effects).await,
+            Some(batcher) => {
+                let (reply, answer) = oneshot::channel();
+                batcher
+                    .send(Job {
+                        event_id,
+                        effects,
+                        reply,
+                    })
+                    .await
+                    .map_err(|_| HandlerError::transient("inbox batcher stopped"))?;
+                answer
+                    .await
+                    .map_err(|_| HandlerError::transient("inbox batch dropped"))?
+            }
+        }
+    }
+
+    async fn apply_alone(&self, event_id: Uuid, effects: Effects) -> Result<Applied, HandlerError> {
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        let inserted = sqlx::query(INSERT)
+            .bind(&*self.group)
+            .bind(event_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        if inserted.rows_affected() == 0 {
+            tx.rollback().await.map_err(classify)?;
+            return Ok(Applied::AlreadyProcessed);
+        }
+        effects(&mut tx).await?;
+        tx.commit().await.map_err(classify)?;
+        Ok(Applied::Now)
+    }
+
+    /// Whether this group has processed `event_id`.
+    pub async fn contains(&self, event_id: Uuid) -> Result<bool, StoreError> {
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM herald_inbox WHERE consumer_group = $1 AND event_id = $2)",
+        )
+        .bind(&*self.group)
+        .bind(event_id)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(StoreError::db("reading the inbox"))
+    }
+}
+
+/// Deletes inbox rows of every group older than `retention`, at most `limit`
+/// per call. Keep `retention` longer than any redelivery window (the longest
+/// a record can wait uncommitted, plus DLQ replays you may still run).
+pub async fn purge_processed(
+    pool: &PgPool,
+    retention: Duration,
+    limit: i64,
+) -> Result<u64, StoreError> {
+    let done = sqlx::query(
+        "DELETE FROM herald_inbox WHERE ctid IN (
+             SELECT ctid FROM herald_inbox WHERE processed_at < now() - $1::interval LIMIT $2)",
+    )
+    .bind(crate::outbox::pg_interval(retention))
+    .bind(limit)
+    .execute(pool)
+    .await
+    .map_err(StoreError::db("purging inbox rows"))?;
+    Ok(done.rows_affected())
+}
+
+async fn run_batches(
+    pool: PgPool,
+    group: Arc<str>,
+    mut jobs: mpsc::Receiver<Job>,
+    max_events: usize,
+    max_wait: Duration,
+) {
+    while let Some(first) = jobs.recv().await {
+        let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + max_wait;
+        while batch.len() < max_events {
+            match tokio::time::timeout_at(deadline, jobs.recv()).await {
+                Ok(Some(job)) => batch.push(job),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        run_batch(&pool, &group, batch).await;
+    }
+}
+
+async fn run_batch(pool: &PgPool, group: &str, batch: Vec<Job>) {
+    let mut tx = match pool.begin().await {
+        Ok(tx) => tx,
+        Err(e) => {
+            let error = classify(e);
+            for job in batch {
+                let _ = job
+                    .reply
+                    .send(Err(HandlerError::transient(error.to_string())));
+            }
+            return;
+        }
+    };
+    let mut results = Vec::with_capacity(batch.len());
+    let mut replies = Vec::with_capacity(batch.len());
+    for job in batch {
+        replies.push(job.reply);
+        results.push(apply_in_savepoint(&mut tx, group, job.event_id, job.effects).await);
+    }
+    if let Err(e) = tx.commit().await {
+        let error = classify(e);
+        for (result, reply) in results.into_iter().zip(replies) {
+            let outcome = match result {
+                Ok(_) => Err(HandlerError::transient(format!(
+                    "inbox batch commit failed: {error}"
+                ))),
+                other => other,
+            };
+            let _ = reply.send(outcome);
+        }
+        return;
+    }
+    for (result, reply) in results.into_iter().zip(replies) {
+        let _ = reply.send(result);
+    }
+}
+
+async fn apply_in_savepoint(
+    conn: &mut PgConnection,
+    group: &str,
+    event_id: Uuid,
+    effects: Effects,
+) -> Result<Applied, HandlerError> {
+    let mut savepoint = conn.begin().await.map_err(classify)?;
+    let inserted = sqlx::query(INSERT)
+        .bind(group)
+        .bind(event_id)
+        .execute(&mut *savepoint)
+        .await;
+    match inserted {
+        Ok(done) if done.rows_affected() == 0 => {
+            savepoint.rollback().await.map_err(classify)?;
+            return Ok(Applied::AlreadyProcessed);
+        }
+        Ok(_) => {}
+        Err(e) => {
+            let _ = savepoint.rollback().await;
+            return Err(classify(e));
+        }
+    }
+    match effects(&mut savepoint).await {
+        Ok(()) => {
+            savepoint.commit().await.map_err(classify)?;
+            Ok(Applied::Now)
+        }
+        Err(e) => {
+            savepoint.rollback().await.map_err(classify)?;
+            Err(e)
+        }
+    }
+}

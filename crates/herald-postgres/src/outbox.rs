@@ -1,0 +1,387 @@
+//! The transactional outbox: events are inserted in the caller's transaction,
+//! so they exist if and only if the business change committed.
+//!
+//! ```no_run
+//! # async fn f(pool: sqlx::PgPool, record: herald_postgres::OutboxRecord) -> Result<(), herald_postgres::StoreError> {
+//! let mut tx = pool.begin().await.map_err(herald_postgres::StoreError::db("begin"))?;
+//! // ... business writes on &mut *tx ...
+//! herald_postgres::outbox::enqueue(&mut tx, &record).await?;
+//! tx.commit().await.map_err(herald_postgres::StoreError::db("commit"))?;
+//! # Ok(()) }
+//! ```
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use herald::{EncodeError, Envelope, Event, TraceContext};
+use sqlx::{PgPool, Postgres, Row, Transaction};
+
+use crate::StoreError;
+
+/// The LISTEN/NOTIFY channel an enqueue notifies (at commit) so that an idle
+/// relay wakes at once.
+pub const NOTIFY_CHANNEL: &str = "herald_outbox";
+
+/// One event bound for a topic, ready to be enqueued.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxRecord {
+    /// The Kafka topic.
+    pub topic: String,
+    /// The aggregate type, e.g. `order`.
+    pub aggregate_type: String,
+    /// The encoded event; its `key` is the aggregate id.
+    pub envelope: Envelope,
+}
+
+impl OutboxRecord {
+    /// Encodes `event` for `topic`, stamped by `source` (the CloudEvents
+    /// `ce_source`, e.g. `/orders`) and carrying `trace` — the trace context
+    /// of the operation that produced it, so the trace continues through Kafka.
+    pub fn new<E: Event>(
+        topic: impl Into<String>,
+        event: &E,
+        source: &str,
+        trace: Option<TraceContext>,
+    ) -> Result<Self, EncodeError> {
+        Ok(Self {
+            topic: topic.into(),
+            aggregate_type: E::AGGREGATE_TYPE.to_owned(),
+            envelope: Envelope::encode(event, source)?.with_trace(trace),
+        })
+    }
+}
+
+/// Inserts `record` in the caller's transaction and notifies the relay (the
+/// notification is delivered only if the transaction commits).
+pub async fn enqueue(
+    tx: &mut Transaction<'_, Postgres>,
+    record: &OutboxRecord,
+) -> Result<(), StoreError> {
+    enqueue_all(tx, std::slice::from_ref(record)).await
+}
+
+/// Inserts many records in the caller's transaction, in order: they are
+/// published in this order.
+pub async fn enqueue_all(
+    tx: &mut Transaction<'_, Postgres>,
+    records: &[OutboxRecord],
+) -> Result<(), StoreError> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    let mut event_ids = Vec::with_capacity(records.len());
+    let mut aggregate_types = Vec::with_capacity(records.len());
+    let mut aggregate_ids = Vec::with_capacity(records.len());
+    let mut event_types = Vec::with_capacity(records.len());
+    let mut topics = Vec::with_capacity(records.len());
+    let mut payloads = Vec::with_capacity(records.len());
+    let mut headers = Vec::with_capacity(records.len());
+    let mut occurred = Vec::with_capacity(records.len());
+    for r in records {
+        let e = &r.envelope;
+        event_ids.push(e.event_id);
+        aggregate_types.push(r.aggregate_type.clone());
+        aggregate_ids.push(e.key.clone());
+        event_types.push(e.event_type.clone());
+        topics.push(r.topic.clone());
+        payloads.push(e.payload.clone());
+        let map: BTreeMap<&str, String> = e.headers().into_iter().collect();
+        headers.push(serde_json::to_value(map).map_err(|e| StoreError::Encode(e.to_string()))?);
+        occurred.push(e.occurred_at);
+    }
+    sqlx::query(include_str!("sql/outbox_enqueue.sql"))
+        .bind(&event_ids)
+        .bind(&aggregate_types)
+        .bind(&aggregate_ids)
+        .bind(&event_types)
+        .bind(&topics)
+        .bind(&payloads)
+        .bind(&headers)
+        .bind(&occurred)
+        .execute(&mut **tx)
+        .await
+        .map_err(|source| {
+            let conflict = source
+                .as_database_error()
+                .and_then(|d| d.constraint())
+                .is_some_and(|c| c == "herald_outbox_aggregate_seq");
+            if conflict {
+                StoreError::AggregateConflict { source }
+            } else {
+                StoreError::Database {
+                    operation: "inserting outbox rows",
+                    source,
+                }
+            }
+        })?;
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(NOTIFY_CHANNEL)
+        .execute(&mut **tx)
+        .await
+        .map_err(StoreError::db("notifying the relay"))?;
+    Ok(())
+}
+
+/// How far behind the relay is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxStatus {
+    /// Rows not yet published.
+    pub backlog: i64,
+    /// When the oldest unpublished row was created.
+    pub oldest_unpublished_at: Option<DateTime<Utc>>,
+    /// Published rows still kept (until retention removes them).
+    pub published_retained: i64,
+}
+
+impl OutboxStatus {
+    /// Age of the oldest unpublished row, zero when there is none.
+    pub fn oldest_unpublished_age(&self) -> Duration {
+        self.oldest_unpublished_at
+            .map(|t| (Utc::now() - t).to_std().unwrap_or_default())
+            .unwrap_or_default()
+    }
+}
+
+/// Reads the backlog figures.
+pub async fn status(pool: &PgPool) -> Result<OutboxStatus, StoreError> {
+    let row = sqlx::query(
+        "SELECT count(*) FILTER (WHERE published_at IS NULL) AS backlog,
+                min(created_at) FILTER (WHERE published_at IS NULL) AS oldest,
+                count(*) FILTER (WHERE published_at IS NOT NULL) AS retained
+         FROM herald_outbox",
+    )
+    .fetch_one(pool)
+    .await
+    .map_err(StoreError::db("reading outbox status"))?;
+    Ok(OutboxStatus {
+        backlog: row.get("backlog"),
+        oldest_unpublished_at: row.get("oldest"),
+        published_retained: row.get("retained"),
+    })
+}
+
+/// Deletes published rows older than `retention`, at most `limit` per call;
+/// returns how many were deleted.
+pub async fn purge_published(
+    pool: &PgPool,
+    retention: Duration,
+    limit: i64,
+) -> Result<u64, StoreError> {
+    let done = sqlx::query(
+        "DELETE FROM herald_outbox WHERE id IN (
+             SELECT id FROM herald_outbox
+             WHERE published_at IS NOT NULL AND published_at < now() - $1::interval
+             LIMIT $2)",
+    )
+    .bind(pg_interval(retention))
+    .bind(limit)
+    .execute(pool)
+    .await
+    .map_err(StoreError::db("purging published outbox rows"))?;
+    Ok(done.rows_affected())
+}
+
+/// A duration as a PostgreSQL interval literal.
+pub(crate) fn pg_interval(d: Duration) -> String {
+    format!("{} milliseconds", d.as_millis())
+}
+
+/// What the relay does with a published row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AfterPublish {
+    /// Set `published_at` and keep the row until retention removes it (an
+    /// audit trail, and `outbox status` can show recent traffic).
+    #[default]
+    MarkPublished,
+    /// Delete the row in the claiming transaction.
+    Delete,
+}
+
+/// The PostgreSQL outbox as the relay sees it ([`herald::OutboxStore`]).
+///
+/// Ordering (see `sql/relay_claim.sql`): every row takes the next sequence
+/// number of its aggregate at insert, and a relay publishes an aggregate's
+/// rows in that order, claiming the whole aggregate through its earliest
+/// unpublished row. A late commit is simply found on a later pass: nothing
+/// reads past a cursor.
+///
+/// Long transactions: a transaction that stays open delays only its own
+/// events. Unlike a relay that waits for the oldest running transaction
+/// (an xmin horizon), this one is not held back by unrelated transactions
+/// on the server. Two transactions that write events of the same aggregate
+/// without serializing on the aggregate (a row lock) make the second one
+/// fail with [`StoreError::AggregateConflict`], a transient error: retry it.
+pub struct PgOutbox {
+    pool: PgPool,
+    after_publish: AfterPublish,
+    listen: bool,
+    listener: tokio::sync::Mutex<Option<sqlx::postgres::PgListener>>,
+}
+
+impl std::fmt::Debug for PgOutbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgOutbox")
+            .field("after_publish", &self.after_publish)
+            .field("listen", &self.listen)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgOutbox {
+    /// The outbox on `pool`, marking published rows and listening for
+    /// notifications.
+    pub fn new(pool: PgPool) -> Self {
+        Self {
+            pool,
+            after_publish: AfterPublish::default(),
+            listen: true,
+            listener: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// What to do with published rows.
+    pub fn after_publish(mut self, after_publish: AfterPublish) -> Self {
+        self.after_publish = after_publish;
+        self
+    }
+
+    /// Whether to wake on LISTEN/NOTIFY (on by default); without it the relay
+    /// polls at its interval.
+    pub fn listen(mut self, listen: bool) -> Self {
+        self.listen = listen;
+        self
+    }
+
+    async fn wait_for_notification(&self, timeout: Duration) -> Result<(), sqlx::Error> {
+        let mut guard = self.listener.lock().await;
+        if guard.is_none() {
+            let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+            listener.listen(NOTIFY_CHANNEL).await?;
+            *guard = Some(listener);
+        }
+        let listener = guard.as_mut().expect("listener just set");
+        match tokio::time::timeout(timeout, listener.recv()).await {
+            Ok(Ok(_)) => {
+                // Collapse a burst of notifications into one wake-up.
+                while let Ok(Some(_)) = listener.try_recv().await {}
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                *guard = None;
+                Err(e)
+            }
+            Err(_elapsed) => Ok(()),
+        }
+    }
+
+    /// Whether unpublished rows exist (claimable or not yet).
+    async fn has_backlog(&self) -> Result<bool, sqlx::Error> {
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM herald_outbox WHERE published_at IS NULL)")
+            .fetch_one(&self.pool)
+            .await
+    }
+}
+
+/// A claimed batch, holding its transaction (and so its row locks).
+pub struct PgOutboxBatch {
+    tx: Transaction<'static, Postgres>,
+    records: Vec<herald::PendingRecord>,
+    after_publish: AfterPublish,
+}
+
+impl std::fmt::Debug for PgOutboxBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgOutboxBatch")
+            .field("records", &self.records.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl herald::OutboxStore for PgOutbox {
+    type Batch = PgOutboxBatch;
+    type Error = StoreError;
+
+    async fn claim(&self, max: usize) -> Result<PgOutboxBatch, StoreError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(StoreError::db("starting a relay transaction"))?;
+        let limit = i64::try_from(max).unwrap_or(i64::MAX);
+        let rows = sqlx::query(include_str!("sql/relay_claim.sql"))
+            .bind(limit)
+            .bind(limit)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(StoreError::db("claiming outbox rows"))?;
+        let mut records = Vec::with_capacity(rows.len());
+        for row in rows {
+            let headers: sqlx::types::Json<BTreeMap<String, String>> = row.get("headers");
+            records.push(herald::PendingRecord {
+                id: row.get("id"),
+                event_id: row.get("event_id"),
+                topic: row.get("topic"),
+                key: row.get("record_key"),
+                payload: row.get("payload"),
+                headers: headers.0.into_iter().collect(),
+            });
+        }
+        Ok(PgOutboxBatch {
+            tx,
+            records,
+            after_publish: self.after_publish,
+        })
+    }
+
+    async fn wait_for_work(&self, timeout: Duration) {
+        // Rows that exist but could not be claimed (their transaction is not
+        // settled yet, or another relay holds their aggregate) are worth a
+        // quick second look rather than a full poll interval.
+        if let Ok(true) = self.has_backlog().await {
+            tokio::time::sleep(timeout.min(Duration::from_millis(10))).await;
+            return;
+        }
+        if !self.listen {
+            tokio::time::sleep(timeout).await;
+            return;
+        }
+        if let Err(error) = self.wait_for_notification(timeout).await {
+            tracing::warn!(%error, "outbox LISTEN failed; polling until it is back");
+            tokio::time::sleep(timeout.min(Duration::from_secs(1))).await;
+        }
+    }
+}
+
+impl herald::OutboxBatch for PgOutboxBatch {
+    type Error = StoreError;
+
+    fn records(&self) -> &[herald::PendingRecord] {
+        &self.records
+    }
+
+    async fn commit(mut self, published: &[i64]) -> Result<(), StoreError> {
+        if published.is_empty() {
+            self.tx
+                .rollback()
+                .await
+                .map_err(StoreError::db("releasing outbox rows"))?;
+            return Ok(());
+        }
+        let sql = match self.after_publish {
+            AfterPublish::MarkPublished => {
+                "UPDATE herald_outbox SET published_at = clock_timestamp() WHERE id = ANY($1)"
+            }
+            AfterPublish::Delete => "DELETE FROM herald_outbox WHERE id = ANY($1)",
+        };
+        sqlx::query(sql)
+            .bind(published)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(StoreError::db("marking outbox rows published"))?;
+        self.tx
+            .commit()
+            .await
+            .map_err(StoreError::db("committing the relay transaction"))
+    }
+}

@@ -1,0 +1,150 @@
+//! Guarantee 2: the same event delivered twice — one after the other, or to
+//! two consumers of the group at once — has one effect.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use herald::HandlerError;
+use herald_postgres::{Applied, Inbox};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::support::*;
+
+async fn counter_table(pool: &PgPool) {
+    sqlx::query("CREATE TABLE effects (event_id UUID NOT NULL, applied_by TEXT NOT NULL)")
+        .execute(pool)
+        .await
+        .expect("effects table");
+}
+
+async fn apply(inbox: &Inbox, event_id: Uuid, by: &'static str) -> Result<Applied, HandlerError> {
+    inbox
+        .apply(event_id, move |conn| {
+            Box::pin(async move {
+                sqlx::query("INSERT INTO effects VALUES ($1, $2)")
+                    .bind(event_id)
+                    .bind(by)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(herald_postgres::classify)?;
+                // Hold the transaction open a little so that concurrent
+                // deliveries really overlap.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                Ok(())
+            })
+        })
+        .await
+}
+
+async fn effects_of(pool: &PgPool, event_id: Uuid) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM effects WHERE event_id = $1")
+        .bind(event_id)
+        .fetch_one(pool)
+        .await
+        .expect("count")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_event_has_one_effect() {
+    let Some(env) = env(1).await else {
+        return;
+    };
+    counter_table(&env.pool).await;
+    let inbox = Inbox::new(env.pool.clone(), "projection");
+    let event_id = Uuid::new_v4();
+    assert_eq!(
+        apply(&inbox, event_id, "first").await.expect("first"),
+        Applied::Now
+    );
+    assert_eq!(
+        apply(&inbox, event_id, "again").await.expect("again"),
+        Applied::AlreadyProcessed
+    );
+    assert_eq!(effects_of(&env.pool, event_id).await, 1);
+    assert!(inbox.contains(event_id).await.expect("contains"));
+
+    // Another group applies it once too.
+    let other = Inbox::new(env.pool.clone(), "notifications");
+    assert_eq!(
+        apply(&other, event_id, "other").await.expect("other"),
+        Applied::Now
+    );
+    assert_eq!(effects_of(&env.pool, event_id).await, 2);
+
+    // A failed effect rolls back the inbox row too: the retry applies it.
+    let failing = Uuid::new_v4();
+    let err = inbox
+        .apply(failing, |_conn| {
+            Box::pin(async { Err(HandlerError::transient("boom")) })
+        })
+        .await
+        .expect_err("fails");
+    assert!(err.is_transient());
+    assert!(!inbox.contains(failing).await.expect("contains"));
+    assert_eq!(
+        apply(&inbox, failing, "retry").await.expect("retry"),
+        Applied::Now
+    );
+
+    // Retention: everything older than zero seconds goes.
+    let purged = herald_postgres::inbox::purge_processed(&env.pool, Duration::ZERO, 1000)
+        .await
+        .expect("purge");
+    assert_eq!(purged, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_deliveries_to_two_consumers_have_one_effect() {
+    let Some(env) = env(1).await else {
+        return;
+    };
+    counter_table(&env.pool).await;
+    // Two consumers of one group: one unbatched, one batched.
+    let a = Arc::new(Inbox::new(env.pool.clone(), "projection"));
+    let b = Arc::new(Inbox::batched(
+        env.pool.clone(),
+        "projection",
+        16,
+        Duration::from_millis(5),
+    ));
+    let events: Vec<Uuid> = (0..200).map(|_| Uuid::new_v4()).collect();
+    let mut tasks = Vec::new();
+    for id in &events {
+        for (inbox, by) in [(Arc::clone(&a), "a"), (Arc::clone(&b), "b")] {
+            let id = *id;
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    match apply(&inbox, id, by).await {
+                        Ok(applied) => return applied,
+                        // Deadlocks between the two transactions are possible
+                        // and transient: the runtime would retry, so do we.
+                        Err(e) if e.is_transient() => continue,
+                        Err(e) => panic!("permanent failure: {e}"),
+                    }
+                }
+            }));
+        }
+    }
+    let mut now = 0;
+    for t in tasks {
+        if t.await.expect("task") == Applied::Now {
+            now += 1;
+        }
+    }
+    assert_eq!(
+        now,
+        events.len(),
+        "exactly one delivery of each event applied"
+    );
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM effects")
+        .fetch_one(&env.pool)
+        .await
+        .expect("count");
+    assert_eq!(total, events.len() as i64, "one effect per event");
+    let distinct: i64 = sqlx::query_scalar("SELECT count(DISTINCT event_id) FROM effects")
+        .fetch_one(&env.pool)
+        .await
+        .expect("count");
+    assert_eq!(distinct, events.len() as i64);
+}

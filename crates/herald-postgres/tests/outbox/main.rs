@@ -1,0 +1,10 @@
+//! The outbox, the relay and the inbox against real PostgreSQL and Kafka.
+//! Each test has its own database and topic.
+
+mod connection_loss;
+mod crash;
+mod inbox;
+mod late_commit;
+mod ordering;
+mod publish_iff_commit;
+mod support;

@@ -1,0 +1,60 @@
+//! The storage side of the transactional outbox, as a contract: a store
+//! (PostgreSQL in production, SQLite in the embedded mode) hands the relay
+//! batches of committed, unpublished records in publish order, and marks what
+//! the relay published in the same transaction that claimed it.
+//!
+//! The relay itself (claim → publish → mark) lives with the publisher in
+//! `herald-kafka`; a store implements [`OutboxStore`].
+
+use std::future::Future;
+use std::time::Duration;
+
+use uuid::Uuid;
+
+/// A committed outbox row waiting to be published.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingRecord {
+    /// The store's id of the row.
+    pub id: i64,
+    /// The event id (the same on every re-publish).
+    pub event_id: Uuid,
+    /// Target topic.
+    pub topic: String,
+    /// Record key: the aggregate id.
+    pub key: String,
+    /// Payload bytes.
+    pub payload: Vec<u8>,
+    /// Headers to write, trace context included.
+    pub headers: Vec<(String, String)>,
+}
+
+/// A store the relay can drain.
+pub trait OutboxStore: Send + Sync + 'static {
+    /// A claimed batch: holds the rows (and their locks) until committed.
+    type Batch: OutboxBatch<Error = Self::Error>;
+    /// The store's error.
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// Claims up to `max` records, in publish order: per aggregate, creation
+    /// order, and never a record while an earlier one of its aggregate is
+    /// unpublished and not in this batch. Several relays may claim at once;
+    /// they get disjoint batches.
+    fn claim(&self, max: usize) -> impl Future<Output = Result<Self::Batch, Self::Error>> + Send;
+
+    /// Resolves when new records may be there (a notification), or after
+    /// `timeout` at the latest.
+    fn wait_for_work(&self, timeout: Duration) -> impl Future<Output = ()> + Send;
+}
+
+/// A batch of claimed records.
+pub trait OutboxBatch: Send {
+    /// The store's error.
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// The claimed records, in publish order.
+    fn records(&self) -> &[PendingRecord];
+
+    /// Marks the records with these ids published (or deletes them) and
+    /// releases the rest for a later pass, atomically.
+    fn commit(self, published: &[i64]) -> impl Future<Output = Result<(), Self::Error>> + Send;
+}
