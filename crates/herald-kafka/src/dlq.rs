@@ -117,3 +117,140 @@ pub fn dead_letter(
         event_id,
     }
 }
+
+/// A dead letter read back from a dead-letter topic.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// Partition in the dead-letter topic.
+    pub partition: i32,
+    /// Offset in the dead-letter topic.
+    pub offset: i64,
+    /// The original key.
+    pub key: Option<Vec<u8>>,
+    /// The original payload bytes.
+    pub payload: Vec<u8>,
+    /// Every header, the original ones and the `dlq.*` ones, in order.
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl DeadLetter {
+    /// The value of header `name` as text (the last one wins).
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| v.as_deref())
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+
+    /// The event id, when the original record had one.
+    pub fn event_id(&self) -> Option<uuid::Uuid> {
+        self.header(herald::headers::EVENT_ID)
+            .and_then(|v| uuid::Uuid::parse_str(&v).ok())
+    }
+
+    /// The record that re-publishes this letter to its original topic: the
+    /// original key, payload and headers, without the `dlq.*` headers, plus
+    /// `dlq.replayed_from` = `<dlq topic>/<partition>/<offset>` for the trail.
+    pub fn replay_record(&self, dlq_topic: &str) -> Option<OutgoingRecord> {
+        let topic = self.header(headers::ORIGINAL_TOPIC)?;
+        let mut record_headers: Vec<(String, Option<Vec<u8>>)> = self
+            .headers
+            .iter()
+            .filter(|(name, _)| !name.starts_with("dlq."))
+            .cloned()
+            .collect();
+        record_headers.push((
+            "dlq.replayed_from".to_owned(),
+            Some(format!("{dlq_topic}/{}/{}", self.partition, self.offset).into_bytes()),
+        ));
+        Some(OutgoingRecord {
+            topic,
+            key: self.key.clone(),
+            payload: self.payload.clone(),
+            headers: record_headers,
+            event_id: self.event_id().unwrap_or_default(),
+        })
+    }
+}
+
+/// Reads up to `limit` dead letters of `dlq_topic`, oldest first per
+/// partition, with a throw-away reader (no group commits). `config` must hold
+/// `bootstrap.servers` (and any security settings).
+///
+/// Blocking: call it from `spawn_blocking` in async code.
+pub fn read_dead_letters(
+    config: &rdkafka::ClientConfig,
+    dlq_topic: &str,
+    limit: usize,
+) -> Result<Vec<DeadLetter>, crate::ClientError> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Headers;
+    use rdkafka::Message;
+    use std::time::Duration;
+
+    let kafka = |operation| move |source| crate::ClientError::Kafka { operation, source };
+    let mut config = config.clone();
+    config
+        .set(
+            "group.id",
+            format!("herald-dlq-reader-{}", uuid::Uuid::new_v4()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed");
+    let consumer: BaseConsumer = config.create().map_err(crate::ClientError::Config)?;
+    let metadata = consumer
+        .fetch_metadata(Some(dlq_topic), Duration::from_secs(10))
+        .map_err(kafka("reading the dead-letter topic's metadata"))?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    let mut remaining = 0;
+    for p in &partitions {
+        let (low, high) = consumer
+            .fetch_watermarks(dlq_topic, *p, Duration::from_secs(10))
+            .map_err(kafka("reading the dead-letter topic's offsets"))?;
+        if high > low {
+            remaining += high - low;
+            tpl.add_partition_offset(dlq_topic, *p, rdkafka::Offset::Offset(low))
+                .map_err(kafka("assigning the dead-letter topic"))?;
+        }
+    }
+    let mut letters = Vec::new();
+    if remaining == 0 {
+        return Ok(letters);
+    }
+    consumer
+        .assign(&tpl)
+        .map_err(kafka("assigning the dead-letter topic"))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    // read_committed readers skip transaction markers, so stop at the
+    // deadline rather than waiting for exact counts.
+    while remaining > 0 && letters.len() < limit && std::time::Instant::now() < deadline {
+        let Some(message) = consumer.poll(Duration::from_millis(500)) else {
+            continue;
+        };
+        let message = message.map_err(kafka("reading dead letters"))?;
+        remaining -= 1;
+        letters.push(DeadLetter {
+            partition: message.partition(),
+            offset: message.offset(),
+            key: message.key().map(<[u8]>::to_vec),
+            payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+            headers: message
+                .headers()
+                .map(|hs| {
+                    hs.iter()
+                        .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        });
+    }
+    letters.sort_by_key(|l| (l.partition, l.offset));
+    Ok(letters)
+}

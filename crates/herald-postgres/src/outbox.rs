@@ -262,11 +262,10 @@ impl PgOutbox {
         }
         let listener = guard.as_mut().expect("listener just set");
         match tokio::time::timeout(timeout, listener.recv()).await {
-            Ok(Ok(_)) => {
-                // Collapse a burst of notifications into one wake-up.
-                while let Ok(Some(_)) = listener.try_recv().await {}
-                Ok(())
-            }
+            // One wake-up per notification: a burst costs a few empty
+            // passes, never a wait (PgListener::try_recv blocks for the next
+            // message, so there is no cheap way to drain the rest).
+            Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => {
                 *guard = None;
                 Err(e)

@@ -56,6 +56,30 @@ impl TraceContext {
         })
     }
 
+    /// A new trace (sampled), for an operation that arrived without one.
+    pub fn new_root() -> Self {
+        let trace_id: u128 = rand::random::<u128>().max(1);
+        Self::with_ids(trace_id, None)
+    }
+
+    /// A context for a new span inside this trace: same trace id and flags,
+    /// a fresh span id.
+    pub fn child(&self) -> Self {
+        let trace_id = u128::from_str_radix(self.trace_id(), 16).unwrap_or(1);
+        let flags = &self.traceparent[53..55];
+        let mut child = Self::with_ids(trace_id, self.tracestate.clone());
+        child.traceparent.replace_range(53..55, flags);
+        child
+    }
+
+    fn with_ids(trace_id: u128, tracestate: Option<String>) -> Self {
+        let span_id: u64 = rand::random::<u64>().max(1);
+        Self {
+            traceparent: format!("00-{trace_id:032x}-{span_id:016x}-01"),
+            tracestate,
+        }
+    }
+
     /// The `traceparent` header value.
     pub fn traceparent(&self) -> &str {
         &self.traceparent
@@ -97,6 +121,16 @@ mod tests {
         assert_eq!(ctx.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(ctx.parent_span_id(), "00f067aa0ba902b7");
         assert_eq!(ctx.tracestate(), Some("congo=t61rcWkgMzE"));
+    }
+
+    #[test]
+    fn children_share_the_trace_and_get_new_span_ids() {
+        let root = TraceContext::new_root();
+        assert!(TraceContext::new(root.traceparent(), None).is_ok(), "valid");
+        let child = root.child();
+        assert_eq!(child.trace_id(), root.trace_id());
+        assert_ne!(child.parent_span_id(), root.parent_span_id());
+        assert!(TraceContext::new(child.traceparent(), None).is_ok());
     }
 
     #[test]

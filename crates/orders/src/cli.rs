@@ -1,30 +1,253 @@
 //! The `orders` command line. Every flag is also an environment variable, and
-//! a bad value fails at start-up naming the setting.
+//! a bad value fails at start-up with a message naming the setting.
 
-use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// The order pipeline of the herald reference service.
 #[derive(Debug, Parser)]
 #[command(name = "orders", version, about)]
 pub struct Cli {
-    /// What to run.
+    /// What to run (default: `run`, everything in one process).
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
+    /// Settings shared by every subcommand.
+    #[command(flatten)]
+    pub settings: SettingsArgs,
 }
 
 /// The `orders` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// API + relay + consumers in one process (the default).
+    Run,
+    /// Only the HTTP API.
+    Api,
+    /// Only the outbox relay.
+    Relay,
+    /// Only the consumers (projection and notifications).
+    Worker {
+        /// Run one consumer only.
+        #[arg(long, value_enum)]
+        only: Option<WorkerKind>,
+    },
     /// Apply herald's and the service's database migrations.
-    Migrate(DatabaseArgs),
+    Migrate,
+    /// Inspect and replay dead letters.
+    Dlq {
+        /// What to do.
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+    /// Inspect the outbox.
+    Outbox {
+        /// What to do.
+        #[command(subcommand)]
+        command: OutboxCommand,
+    },
+    /// Post orders to the API and measure until the read model has them all.
+    Load(LoadArgs),
 }
 
-/// Where the database is.
-#[derive(Debug, clap::Args)]
-pub struct DatabaseArgs {
-    /// PostgreSQL URL, e.g. postgres://herald:herald@127.0.0.1:5432/herald.
-    #[arg(long = "database-url", env = "DATABASE_URL", hide_env_values = true)]
-    pub database_url: String,
+/// The consumers of `orders worker`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum WorkerKind {
+    /// Keeps the order read model.
+    Projection,
+    /// Writes the notification log.
+    Notifications,
+}
+
+/// `orders dlq …`
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List dead letters: key, error, class, attempts, original position.
+    List {
+        /// The dead-letter topic (default: the events topic's).
+        #[arg(long)]
+        topic: Option<String>,
+        /// At most this many, oldest first.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Re-publish dead letters to their original topic and record the replay.
+    Replay {
+        /// The dead-letter topic (default: the events topic's).
+        #[arg(long)]
+        topic: Option<String>,
+        /// Replay these event ids.
+        #[arg(long = "event-id", required_unless_present = "all")]
+        event_ids: Vec<uuid::Uuid>,
+        /// Replay every dead letter not replayed yet.
+        #[arg(long, conflicts_with = "event_ids")]
+        all: bool,
+    },
+}
+
+/// `orders outbox …`
+#[derive(Debug, Subcommand)]
+pub enum OutboxCommand {
+    /// Backlog, age of the oldest unpublished row, retained rows.
+    Status,
+}
+
+/// `orders load`
+#[derive(Debug, Args)]
+pub struct LoadArgs {
+    /// How many orders.
+    #[arg(long, default_value_t = 1000)]
+    pub orders: usize,
+    /// Target orders per second (0: as fast as possible).
+    #[arg(long, default_value_t = 0)]
+    pub rate: u32,
+    /// Requests in flight.
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+    /// The API's base URL (default: the local one, from --http-addr).
+    #[arg(long)]
+    pub api: Option<String>,
+    /// Give up waiting for the read model after this many seconds.
+    #[arg(long, default_value_t = 300)]
+    pub timeout_secs: u64,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Settings shared by the subcommands.
+#[derive(Debug, Args)]
+pub struct SettingsArgs {
+    /// Kafka bootstrap servers (`host:port,…`). Unset together with
+    /// DATABASE_URL: the embedded development mode.
+    #[arg(long, env = "KAFKA_BROKERS", global = true)]
+    pub kafka_brokers: Option<String>,
+    /// PostgreSQL URL. Never logged.
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Where the API listens.
+    #[arg(
+        long,
+        env = "HTTP_ADDR",
+        default_value = "127.0.0.1:8080",
+        global = true
+    )]
+    pub http_addr: SocketAddr,
+    /// Where relay and worker processes serve /metrics, /healthz and /readyz
+    /// (default: HTTP_ADDR's port + 1; 0 picks a free port).
+    #[arg(long, env = "METRICS_ADDR", global = true)]
+    pub metrics_addr: Option<SocketAddr>,
+    /// A librdkafka setting passed through to every client, `key=value`
+    /// (repeatable; e.g. security.protocol=SASL_SSL). Values are never logged.
+    #[arg(long = "kafka-setting", env = "KAFKA_SETTINGS", value_delimiter = ',', value_parser = parse_key_value, global = true, hide_env_values = true)]
+    pub kafka_settings: Vec<(String, String)>,
+    /// The order events topic.
+    #[arg(
+        long,
+        env = "ORDERS_EVENTS_TOPIC",
+        default_value = "order-events",
+        global = true
+    )]
+    pub events_topic: String,
+    /// The fulfillment output topic.
+    #[arg(
+        long,
+        env = "ORDERS_FULFILLMENT_TOPIC",
+        default_value = "fulfillment-events",
+        global = true
+    )]
+    pub fulfillment_topic: String,
+    /// Prefix of the consumer group ids (`<prefix>-projection`, …).
+    #[arg(
+        long,
+        env = "ORDERS_GROUP_PREFIX",
+        default_value = "orders",
+        global = true
+    )]
+    pub group_prefix: String,
+    /// Partitions of topics this service creates.
+    #[arg(long, env = "ORDERS_TOPIC_PARTITIONS", default_value_t = 6, value_parser = clap::value_parser!(i32).range(1..=1000), global = true)]
+    pub topic_partitions: i32,
+    /// Keys handled in parallel per consumer.
+    #[arg(long, env = "ORDERS_CONCURRENCY", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=10_000), global = true)]
+    pub concurrency: u32,
+    /// Attempts per record before dead-lettering (transient failures).
+    #[arg(long, env = "ORDERS_RETRY_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000), global = true)]
+    pub retry_attempts: u32,
+    /// First retry delay bound, in milliseconds (doubles per attempt).
+    #[arg(
+        long,
+        env = "ORDERS_RETRY_INITIAL_MS",
+        default_value_t = 100,
+        global = true
+    )]
+    pub retry_initial_ms: u64,
+    /// Largest retry delay, in milliseconds.
+    #[arg(
+        long,
+        env = "ORDERS_RETRY_MAX_MS",
+        default_value_t = 10_000,
+        global = true
+    )]
+    pub retry_max_ms: u64,
+    /// Outbox rows per relay batch.
+    #[arg(long, env = "ORDERS_RELAY_BATCH", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=100_000), global = true)]
+    pub relay_batch: u32,
+    /// Keep published outbox rows this many hours (then purge).
+    #[arg(
+        long,
+        env = "ORDERS_OUTBOX_RETENTION_HOURS",
+        default_value_t = 24,
+        global = true
+    )]
+    pub outbox_retention_hours: u64,
+    /// Keep inbox rows this many hours (longer than any redelivery window).
+    #[arg(
+        long,
+        env = "ORDERS_INBOX_RETENTION_HOURS",
+        default_value_t = 168,
+        global = true
+    )]
+    pub inbox_retention_hours: u64,
+    /// Database connections per process.
+    #[arg(long, env = "ORDERS_DB_POOL", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000), global = true)]
+    pub db_pool: u32,
+    /// Folder of the embedded mode's files.
+    #[arg(long, env = "ORDERS_DATA_DIR", default_value = "data", global = true)]
+    pub data_dir: std::path::PathBuf,
+    /// Log format (level from RUST_LOG).
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| "expected key=value (e.g. security.protocol=SASL_SSL)".to_owned())?;
+    if k.trim().is_empty() {
+        return Err("the key is empty".to_owned());
+    }
+    Ok((k.trim().to_owned(), v.to_owned()))
+}
+
+impl SettingsArgs {
+    /// The retry policy of the consumers.
+    pub fn retry(&self) -> herald::RetryPolicy {
+        herald::RetryPolicy {
+            max_attempts: self.retry_attempts,
+            initial_delay: Duration::from_millis(self.retry_initial_ms),
+            max_delay: Duration::from_millis(self.retry_max_ms.max(self.retry_initial_ms)),
+            multiplier: 2.0,
+            deadline: None,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -32,16 +255,52 @@ mod tests {
     use super::*;
 
     #[test]
-    fn migrate_takes_the_database_url_flag() {
-        let cli = Cli::try_parse_from(["orders", "migrate", "--database-url", "postgres://x/y"])
-            .expect("parses");
-        let Command::Migrate(args) = cli.command;
-        assert_eq!(args.database_url, "postgres://x/y");
-    }
-
-    #[test]
     fn the_command_line_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_is_the_default_and_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "orders",
+            "--kafka-brokers",
+            "k:9092",
+            "--kafka-setting",
+            "security.protocol=SASL_SSL",
+            "--http-addr",
+            "127.0.0.1:0",
+        ])
+        .expect("parses");
+        assert!(cli.command.is_none());
+        assert_eq!(cli.settings.kafka_brokers.as_deref(), Some("k:9092"));
+        assert_eq!(
+            cli.settings.kafka_settings,
+            [("security.protocol".into(), "SASL_SSL".into())]
+        );
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        let err = Cli::try_parse_from(["orders", "--http-addr", "nowhere"]).expect_err("bad addr");
+        assert!(err.to_string().contains("--http-addr"), "{err}");
+        let err =
+            Cli::try_parse_from(["orders", "--kafka-setting", "novalue"]).expect_err("bad kv");
+        assert!(err.to_string().contains("--kafka-setting"), "{err}");
+        let err =
+            Cli::try_parse_from(["orders", "--concurrency", "0"]).expect_err("bad concurrency");
+        assert!(err.to_string().contains("--concurrency"), "{err}");
+    }
+
+    #[test]
+    fn worker_takes_only() {
+        let cli =
+            Cli::try_parse_from(["orders", "worker", "--only", "projection"]).expect("parses");
+        assert!(matches!(
+            cli.command,
+            Some(Command::Worker {
+                only: Some(WorkerKind::Projection)
+            })
+        ));
     }
 }

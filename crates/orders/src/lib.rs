@@ -1,8 +1,25 @@
 //! The herald reference service: an order pipeline (HTTP API → PostgreSQL
-//! with a transactional outbox → relay → Kafka → consumers).
+//! with a transactional outbox → relay → Kafka → consumers keeping a read
+//! model and a notification log).
 //!
 //! # Layout
-//! - [`cli`]: the `orders` command line; every flag is also an env var.
-//! - `main.rs`: parses the command line, installs logging, dispatches.
+//! - [`domain`]: order events, the state machine, validated inputs.
+//! - [`db`]: the service's SQL (write model + outbox in one transaction,
+//!   idempotency keys, read model, notifications) and migrations.
+//! - [`api`]: the axum routes, the error shape, the strict JSON extractor,
+//!   health/readiness/metrics, OpenAPI.
+//! - [`app`]: typed config and [`app::Application`], which runs the parts of
+//!   one process (API, relay, consumers) under one shutdown signal.
+//! - [`dlq`]: `orders dlq list|replay`.
+//! - [`load`]: `orders load`, the load generator.
+//! - [`metrics`]: `/metrics` from the components' live counters.
+//! - [`cli`]: the command line; `main.rs` dispatches it.
 
+pub mod api;
+pub mod app;
 pub mod cli;
+pub mod db;
+pub mod dlq;
+pub mod domain;
+pub mod load;
+pub mod metrics;

@@ -1,26 +1,119 @@
-//! `orders`: the herald reference service binary.
+//! `orders`: the herald reference service binary. Parses the command line,
+//! installs logging, and runs the chosen part of the pipeline until SIGINT or
+//! SIGTERM.
 
 use anyhow::Context;
 use clap::Parser;
-use orders::cli::{Cli, Command};
+use orders::app::{Application, Components, Config};
+use orders::cli::{Cli, Command, LogFormat, WorkerKind};
+use tokio_util::sync::CancellationToken;
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,rdkafka=warn,sqlx=warn".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// Cancels the token on SIGINT or SIGTERM.
+fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let trigger = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let term = std::future::pending::<()>();
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term => {}
+        }
+        tracing::info!("shutdown signal received");
+        trigger.cancel();
+    });
+    token
+}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
     let cli = Cli::parse();
-    match cli.command {
-        Command::Migrate(args) => {
-            let pool = sqlx::PgPool::connect(&args.database_url)
-                .await
-                .context("connecting to DATABASE_URL")?;
-            herald_postgres::migrate(&pool)
+    init_logging(cli.settings.log_format);
+    let command = cli.command.unwrap_or(Command::Run);
+    let components = match &command {
+        Command::Run => Some(Components::ALL),
+        Command::Api => Some(Components {
+            api: true,
+            ..Components::NONE
+        }),
+        Command::Relay => Some(Components {
+            relay: true,
+            ..Components::NONE
+        }),
+        Command::Worker { only } => Some(Components {
+            projection: only.is_none_or(|k| k == WorkerKind::Projection),
+            notifications: only.is_none_or(|k| k == WorkerKind::Notifications),
+            ..Components::NONE
+        }),
+        _ => None,
+    };
+    if let Some(components) = components {
+        let config = Config::from_args(&cli.settings)?;
+        tracing::info!(?config, ?components, "starting");
+        let app = Application::build(config, components).await?;
+        tracing::info!(port = app.port(), "listening");
+        return app.run_until_stopped(shutdown_on_signals()).await;
+    }
+    match command {
+        Command::Migrate => {
+            let config = Config::from_args(&cli.settings)?;
+            let pool = config.pool().await?;
+            orders::db::migrate(&pool)
                 .await
                 .context("applying migrations")?;
-            tracing::info!("migrations applied");
+            println!("migrations applied");
+        }
+        Command::Outbox {
+            command: orders::cli::OutboxCommand::Status,
+        } => {
+            let config = Config::from_args(&cli.settings)?;
+            let pool = config.pool().await?;
+            let status = herald_postgres::outbox::status(&pool).await?;
+            println!("backlog: {}", status.backlog);
+            println!(
+                "oldest unpublished: {}",
+                status
+                    .oldest_unpublished_at
+                    .map_or("-".to_owned(), |t| format!(
+                        "{t} ({:.1} s ago)",
+                        status.oldest_unpublished_age().as_secs_f64()
+                    ))
+            );
+            println!("published rows retained: {}", status.published_retained);
+        }
+        Command::Dlq { command } => {
+            let config = Config::from_args(&cli.settings)?;
+            orders::dlq::run(&config, command).await?;
+        }
+        Command::Load(args) => {
+            let api = args
+                .api
+                .clone()
+                .unwrap_or_else(|| format!("http://{}", cli.settings.http_addr));
+            orders::load::run(&api, &args).await?;
+        }
+        Command::Run | Command::Api | Command::Relay | Command::Worker { .. } => {
+            unreachable!("handled above")
         }
     }
     Ok(())

@@ -5,6 +5,7 @@ mod connection_loss;
 mod crash;
 mod inbox;
 mod late_commit;
+mod notify;
 mod ordering;
 mod publish_iff_commit;
 mod support;

@@ -1,0 +1,130 @@
+//! The API's one error shape:
+//! `{"error": {"code": "...", "message": "...", "details": [{"field", "message"}]}}`.
+//!
+//! Every 4xx says what was wrong in a stable, machine-readable `code`; a 5xx
+//! says only that something failed — the cause goes to the log, never to
+//! the client.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+
+use crate::domain::FieldError;
+
+/// An API failure.
+#[derive(Debug)]
+pub enum ApiError {
+    /// A 4xx with a code and a message.
+    Client {
+        /// HTTP status.
+        status: StatusCode,
+        /// Stable machine-readable code.
+        code: &'static str,
+        /// Human-readable explanation.
+        message: String,
+        /// Per-field problems.
+        details: Vec<FieldError>,
+    },
+    /// Something failed on our side: logged, shown as a bare 500.
+    Internal(anyhow::Error),
+    /// A dependency is down: 503.
+    Unavailable(String),
+}
+
+impl ApiError {
+    /// A 4xx without field details.
+    pub fn client(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError::Client {
+            status,
+            code,
+            message: message.into(),
+            details: Vec::new(),
+        }
+    }
+
+    /// A 422 listing every invalid field.
+    pub fn validation(details: Vec<FieldError>) -> Self {
+        ApiError::Client {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            code: "validation_failed",
+            message: "the request has invalid fields".to_owned(),
+            details,
+        }
+    }
+
+    /// A 404 for an order that does not exist.
+    pub fn order_not_found() -> Self {
+        ApiError::client(StatusCode::NOT_FOUND, "order_not_found", "no such order")
+    }
+}
+
+impl<E: Into<anyhow::Error>> From<E> for ApiError {
+    fn from(error: E) -> Self {
+        ApiError::Internal(error.into())
+    }
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: Inner<'a>,
+}
+
+#[derive(Serialize)]
+struct Inner<'a> {
+    code: &'a str,
+    message: &'a str,
+    #[serde(skip_serializing_if = "<[FieldError]>::is_empty")]
+    details: &'a [FieldError],
+}
+
+/// Renders the error shape.
+pub fn error_response(
+    status: StatusCode,
+    code: &str,
+    message: &str,
+    details: &[FieldError],
+) -> Response {
+    (
+        status,
+        Json(Body {
+            error: Inner {
+                code,
+                message,
+                details,
+            },
+        }),
+    )
+        .into_response()
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        match self {
+            ApiError::Client {
+                status,
+                code,
+                message,
+                details,
+            } => error_response(status, code, &message, &details),
+            ApiError::Internal(error) => {
+                tracing::error!(error = format!("{error:#}"), "request failed");
+                error_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal_error",
+                    "something went wrong on our side; it has been logged",
+                    &[],
+                )
+            }
+            ApiError::Unavailable(what) => {
+                tracing::warn!(%what, "dependency unavailable");
+                error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "the service is temporarily unavailable; retry later",
+                    &[],
+                )
+            }
+        }
+    }
+}

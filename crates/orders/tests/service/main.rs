@@ -1,0 +1,7 @@
+//! The order service: API rules through `oneshot` (no socket) on a fresh
+//! database, and the whole pipeline against real Kafka and PostgreSQL.
+
+mod api;
+mod pipeline;
+mod scale_out;
+mod support;

@@ -1,0 +1,196 @@
+//! Fresh databases, random topics, and request helpers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use orders::api::{router, AppState};
+use orders::app::{Application, Components, Config};
+use orders::db::Topics;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+/// The API on a fresh, migrated database (no Kafka needed).
+pub struct Api {
+    pub router: axum::Router,
+    pub pool: PgPool,
+    pub _db: herald_test::TestDatabase,
+}
+
+pub async fn api() -> Option<Api> {
+    let postgres = herald_test::postgres()?;
+    let db = postgres.database().await;
+    let pool = db.pool().await;
+    orders::db::migrate(&pool).await.expect("migrate");
+    let state = AppState {
+        pool: pool.clone(),
+        topics: Topics {
+            events: "order-events-api-tests".into(),
+        },
+        kafka: None,
+        metrics: Arc::default(),
+    };
+    Some(Api {
+        router: router(state),
+        pool,
+        _db: db,
+    })
+}
+
+/// A raw request; returns status and JSON body (Null when not JSON).
+pub async fn send(router: &axum::Router, request: Request<Body>) -> (StatusCode, Value) {
+    let response = router.clone().oneshot(request).await.expect("response");
+    let status = response.status();
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .expect("body");
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+pub fn post_json(uri: &str, body: impl Into<Body>) -> Request<Body> {
+    Request::post(uri)
+        .header("content-type", "application/json")
+        .body(body.into())
+        .expect("request")
+}
+
+pub fn valid_order() -> Value {
+    json!({
+        "customer_id": uuid::Uuid::new_v4(),
+        "currency": "EUR",
+        "items": [
+            { "sku": "BOOK-1", "quantity": 2, "unit_price": "12.50" },
+            { "sku": "PEN-2", "quantity": 1, "unit_price": "0.99" }
+        ]
+    })
+}
+
+/// Asserts the error shape and returns the error object.
+pub fn assert_error(status: StatusCode, body: &Value, expected: StatusCode, code: &str) -> Value {
+    assert_eq!(status, expected, "{body}");
+    let error = &body["error"];
+    assert_eq!(error["code"], code, "{body}");
+    assert!(
+        error["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    error.clone()
+}
+
+/// The whole pipeline in this process on port 0: fresh database, random
+/// topics and groups.
+pub struct Pipeline {
+    pub base: String,
+    pub pool: PgPool,
+    pub config: Config,
+    pub stop: CancellationToken,
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    pub _db: herald_test::TestDatabase,
+    pub kafka: herald_test::Kafka,
+}
+
+pub fn config(kafka: &herald_test::Kafka, db: &herald_test::TestDatabase, topic: &str) -> Config {
+    Config {
+        brokers: kafka.brokers().to_owned(),
+        database: db.options(),
+        http_addr: "127.0.0.1:0".parse().expect("addr"),
+        metrics_addr: Some("127.0.0.1:0".parse().expect("addr")),
+        kafka_settings: Vec::new(),
+        topics: Topics {
+            events: topic.to_owned(),
+        },
+        group_prefix: herald_test::unique_name("orders"),
+        partitions: 3,
+        concurrency: 16,
+        retry: herald::RetryPolicy {
+            max_attempts: 3,
+            initial_delay: Duration::from_millis(20),
+            max_delay: Duration::from_millis(100),
+            multiplier: 2.0,
+            deadline: None,
+        },
+        relay_batch: 200,
+        outbox_retention: Duration::from_secs(3600),
+        inbox_retention: Duration::from_secs(3600),
+        db_pool: 10,
+        migrate: true,
+    }
+}
+
+pub async fn pipeline() -> Option<Pipeline> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+    let kafka = herald_test::kafka()?;
+    let postgres = herald_test::postgres()?;
+    let db = postgres.database().await;
+    let topic = herald_test::unique_name("order-events");
+    let config = config(&kafka, &db, &topic);
+    let app = Application::build(config.clone(), Components::ALL)
+        .await
+        .expect("build");
+    let base = format!("http://127.0.0.1:{}", app.port());
+    let pool = app.pool().clone();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(app.run_until_stopped(stop.clone()));
+    Some(Pipeline {
+        base,
+        pool,
+        config,
+        stop,
+        task,
+        _db: db,
+        kafka,
+    })
+}
+
+impl Pipeline {
+    pub async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.expect("task").expect("pipeline ran");
+        // Topics are random per test: remove them.
+        let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+            self.kafka.config().create().expect("admin");
+        let names = [
+            self.config.topics.events.clone(),
+            format!("{}.dlq", self.config.topics.events),
+        ];
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let _ = admin
+            .delete_topics(&refs, &rdkafka::admin::AdminOptions::new())
+            .await;
+    }
+}
+
+/// Polls `GET url` until `done(body)` holds (bounded).
+pub async fn eventually(
+    client: &reqwest::Client,
+    url: &str,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(response) = client.get(url).send().await {
+            if let Ok(body) = response.json::<Value>().await {
+                if done(&body) {
+                    return body;
+                }
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what} at {url}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
