@@ -212,29 +212,45 @@ impl Publisher {
         topic: &str,
         events: &[E],
     ) -> Vec<Result<Delivered, PublishError>> {
-        let mut records = Vec::with_capacity(events.len());
-        let mut encode_errors = BTreeMap::new();
-        for (i, event) in events.iter().enumerate() {
-            match Envelope::encode(event, &self.source) {
-                Ok(envelope) => records.push(OutgoingRecord::from_envelope(topic, &envelope)),
-                Err(e) => {
-                    encode_errors.insert(i, e);
+        // Everything is enqueued before anything is awaited, so the whole
+        // batch is in flight at once; the envelope's bytes are borrowed, not
+        // copied into an intermediate record.
+        let mut pending = Vec::with_capacity(events.len());
+        for event in events {
+            let enqueued = match Envelope::encode(event, &self.source) {
+                Ok(envelope) => {
+                    let headers = envelope.headers().into_iter().fold(
+                        OwnedHeaders::new_with_capacity(12),
+                        |headers, (key, value)| {
+                            headers.insert(Header {
+                                key,
+                                value: Some(value.as_bytes()),
+                            })
+                        },
+                    );
+                    let record = FutureRecord::to(topic)
+                        .key(envelope.key.as_bytes())
+                        .payload(envelope.payload.as_slice())
+                        .headers(headers);
+                    self.send(record, topic, envelope.event_id)
+                        .await
+                        .map(|future| (future, envelope.event_id))
                 }
-            }
+                Err(e) => Err(PublishError::Encode(e)),
+            };
+            pending.push(enqueued);
         }
-        let mut delivered = self.publish_records(&records).await.into_iter();
-        (0..events.len())
-            .map(|i| match encode_errors.remove(&i) {
-                Some(e) => Err(PublishError::Encode(e)),
-                None => delivered.next().expect("one result per record"),
-            })
-            .collect()
+        join_all(pending.into_iter().map(|enqueued| async move {
+            let (future, event_id) = enqueued?;
+            Self::await_delivery(topic, event_id, future).await
+        }))
+        .await
     }
 
     /// Publishes one raw record and waits for its acknowledgement.
     pub async fn publish_record(&self, record: &OutgoingRecord) -> Result<Delivered, PublishError> {
         let pending = self.enqueue(record).await?;
-        Self::await_delivery(record, pending).await
+        Self::await_delivery(&record.topic, record.event_id, pending).await
     }
 
     /// Publishes raw records with all of them in flight at once; one result
@@ -247,9 +263,14 @@ impl Publisher {
         for record in records {
             pending.push(self.enqueue(record).await);
         }
-        join_all(records.iter().zip(pending).map(|(record, enqueued)| async move {
-            Self::await_delivery(record, enqueued?).await
-        }))
+        join_all(
+            records
+                .iter()
+                .zip(pending)
+                .map(|(record, enqueued)| async move {
+                    Self::await_delivery(&record.topic, record.event_id, enqueued?).await
+                }),
+        )
         .await
     }
 
@@ -265,28 +286,41 @@ impl Publisher {
 
     /// Puts a record on librdkafka's queue, waiting while the queue is full.
     async fn enqueue(&self, record: &OutgoingRecord) -> Result<DeliveryFuture, PublishError> {
+        let mut future_record = FutureRecord::to(&record.topic)
+            .payload(record.payload.as_slice())
+            .headers(record.owned_headers());
+        if let Some(key) = &record.key {
+            future_record = future_record.key(key.as_slice());
+        }
+        self.send(future_record, &record.topic, record.event_id)
+            .await
+    }
+
+    /// Enqueues `record`, waiting (with backoff) while librdkafka's queue is
+    /// full: that is the producer's backpressure.
+    async fn send(
+        &self,
+        mut record: FutureRecord<'_, [u8], [u8]>,
+        topic: &str,
+        event_id: Uuid,
+    ) -> Result<DeliveryFuture, PublishError> {
         let mut backoff = Duration::from_millis(1);
         loop {
-            let mut future_record = FutureRecord::to(&record.topic)
-                .payload(&record.payload)
-                .headers(record.owned_headers());
-            if let Some(key) = &record.key {
-                future_record = future_record.key(key);
-            }
-            match self.producer.send_result(future_record) {
+            match self.producer.send_result(record) {
                 Ok(pending) => return Ok(pending),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    // Backpressure: librdkafka's queue drains as deliveries complete.
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                    record = returned;
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_millis(50));
                 }
-                Err((source, _)) => return Err(Self::error(record, source)),
+                Err((source, _)) => return Err(Self::error(topic, event_id, source)),
             }
         }
     }
 
     async fn await_delivery(
-        record: &OutgoingRecord,
+        topic: &str,
+        event_id: Uuid,
         pending: DeliveryFuture,
     ) -> Result<Delivered, PublishError> {
         match pending.await {
@@ -294,15 +328,15 @@ impl Publisher {
                 partition: delivery.partition,
                 offset: delivery.offset,
             }),
-            Ok(Err((source, _))) => Err(Self::error(record, source)),
-            Err(_canceled) => Err(Self::error(record, KafkaError::Canceled)),
+            Ok(Err((source, _))) => Err(Self::error(topic, event_id, source)),
+            Err(_canceled) => Err(Self::error(topic, event_id, KafkaError::Canceled)),
         }
     }
 
-    fn error(record: &OutgoingRecord, source: KafkaError) -> PublishError {
+    fn error(topic: &str, event_id: Uuid, source: KafkaError) -> PublishError {
         PublishError::Kafka {
-            topic: record.topic.clone(),
-            event_id: record.event_id,
+            topic: topic.to_owned(),
+            event_id,
             retriable: is_retriable(&source),
             source,
         }

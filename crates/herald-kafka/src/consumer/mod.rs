@@ -78,7 +78,7 @@ pub struct ConsumerConfig {
 
 impl ConsumerConfig {
     /// A consumer of `topics` in group `group_id` with production defaults:
-    /// 64 keys in parallel, 1,000 records in flight, [`RetryPolicy::default`],
+    /// 64 keys in parallel, 10,000 records in flight, [`RetryPolicy::default`],
     /// unknown event types skipped, dead letters to `<topic>.dlq`, commits
     /// every second.
     pub fn new<T: Into<String>>(
@@ -91,7 +91,7 @@ impl ConsumerConfig {
             group_id: group_id.into(),
             topics: topics.into_iter().map(Into::into).collect(),
             concurrency: 64,
-            max_in_flight: 1000,
+            max_in_flight: 10_000,
             retry: RetryPolicy::default(),
             dead_letter_unknown: false,
             dlq_suffix: ".dlq".to_owned(),
@@ -111,7 +111,9 @@ impl ConsumerConfig {
     }
 
     /// How many records may be received but not finished before fetching
-    /// pauses (bounds memory when handlers are slow).
+    /// pauses (bounds memory when handlers are slow). Fetching resumes below
+    /// half of it: librdkafka drops what it prefetched for a paused
+    /// partition, so pausing often would fetch the same data again and again.
     pub fn max_in_flight(mut self, records: usize) -> Self {
         self.max_in_flight = records;
         self

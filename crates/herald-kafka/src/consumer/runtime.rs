@@ -22,6 +22,34 @@ use crate::publisher::Publisher;
 
 /// A topic-partition.
 type Tp = (Arc<str>, i32);
+
+/// FNV-1a: the maps below are hashed once or twice per record, and keys are
+/// not attacker-chosen in a way that matters here (a consumer reads its own
+/// topics), so SipHash's cost buys nothing.
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl std::hash::Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = self.0;
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        self.0 = h;
+    }
+}
+
+type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<Fnv>>;
 /// Records of one key run in sequence; `None` keys are sequenced per partition.
 type KeySlot = (Tp, Option<Vec<u8>>);
 
@@ -41,16 +69,21 @@ struct Dispatch {
     done_rx: Receiver<Completion>,
     topics: Vec<Arc<str>>,
     /// Owned partitions and their offsets.
-    partitions: HashMap<Tp, PartitionOffsets>,
+    partitions: FastMap<Tp, PartitionOffsets>,
     /// Active keys: a running record, and the ones queued behind it.
-    keys: HashMap<KeySlot, VecDeque<OwnedMessage>>,
+    keys: FastMap<KeySlot, VecDeque<OwnedMessage>>,
     /// Keys waiting for a concurrency slot.
     ready: VecDeque<KeySlot>,
     running: usize,
-    running_by_partition: HashMap<Tp, usize>,
+    running_by_partition: FastMap<Tp, usize>,
+    /// Records to start, spawned together by [`Dispatch::flush_starts`]:
+    /// one task per batch instead of one per record.
+    starting: Vec<(KeySlot, OwnedMessage)>,
     /// Records received and not finished (queued + running).
     buffered: usize,
     paused: bool,
+    /// Since when the in-flight limit has been reached (not paused yet).
+    full_since: Option<Instant>,
     concurrency: usize,
     max_in_flight: usize,
     revoke_timeout: Duration,
@@ -77,10 +110,12 @@ impl Dispatch {
     fn accept(&mut self, message: OwnedMessage) {
         self.shared.stats.consumed.fetch_add(1, Ordering::Relaxed);
         let tp: Tp = (self.topic(message.topic()), message.partition());
-        self.partitions
-            .entry(tp.clone())
-            .or_default()
-            .received(message.offset());
+        let Some(offsets) = self.partitions.get_mut(&tp) else {
+            // Polled just before its partition was revoked: not ours any
+            // more, so neither handled nor committed here.
+            return;
+        };
+        offsets.received(message.offset());
         self.buffered += 1;
         self.set_in_flight();
         let slot: KeySlot = (tp, message.key().map(<[u8]>::to_vec));
@@ -105,19 +140,40 @@ impl Dispatch {
             };
             self.running += 1;
             *self.running_by_partition.entry(slot.0.clone()).or_default() += 1;
-            let shared = Arc::clone(&self.shared);
-            let done = self.done_tx.clone();
-            let offset = message.offset();
-            self.tokio.spawn(async move {
-                let outcome = process(shared, message).await;
-                // The poll thread may be gone at the very end of shutdown.
-                let _ = done.send(Completion {
-                    slot,
-                    offset,
-                    outcome,
-                });
-            });
+            self.starting.push((slot, message));
         }
+    }
+
+    /// Spawns the records started since the last flush as one task that runs
+    /// them concurrently; each reports its own completion as it finishes.
+    fn flush_starts(&mut self) {
+        if self.starting.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.starting);
+        let shared = Arc::clone(&self.shared);
+        let done = self.done_tx.clone();
+        self.tokio.spawn(async move {
+            let mut running: futures::stream::FuturesUnordered<_> = batch
+                .into_iter()
+                .map(|(slot, message)| {
+                    let shared = Arc::clone(&shared);
+                    async move {
+                        let offset = message.offset();
+                        let outcome = process(shared, message).await;
+                        Completion {
+                            slot,
+                            offset,
+                            outcome,
+                        }
+                    }
+                })
+                .collect();
+            while let Some(completion) = futures::StreamExt::next(&mut running).await {
+                // The poll thread may be gone at the very end of shutdown.
+                let _ = done.send(completion);
+            }
+        });
     }
 
     fn complete(&mut self, completion: Completion) {
@@ -159,10 +215,12 @@ impl Dispatch {
         self.drain_completions();
     }
 
+    /// Applies every completion already reported and starts what they freed.
     fn drain_completions(&mut self) {
         while let Ok(c) = self.done_rx.try_recv() {
             self.complete(c);
         }
+        self.flush_starts();
     }
 
     /// Commits the finished offsets of `which` partitions (all when `None`).
@@ -208,23 +266,51 @@ impl Dispatch {
         }
     }
 
-    /// Pauses or resumes fetching to keep at most `max_in_flight` records.
-    fn apply_backpressure(&mut self, consumer: &BaseConsumer<RuntimeContext>) {
-        let want_paused = self.buffered >= self.max_in_flight;
-        if want_paused == self.paused {
-            return;
+    /// Backpressure at `max_in_flight` records. Returns whether the poll
+    /// loop should hold off polling.
+    ///
+    /// A short burst is absorbed by simply not polling: librdkafka keeps
+    /// prefetching into its own bounded queue (`queued.max.messages.kbytes`)
+    /// and nothing is lost. Only when the limit holds for
+    /// [`PAUSE_AFTER`] (slow handlers) are the partitions paused, so that
+    /// rebalance callbacks keep being served; fetching resumes below half of
+    /// the limit. Pausing is the expensive path: librdkafka drops what it
+    /// prefetched for a paused partition and fetches it again on resume.
+    fn apply_backpressure(&mut self, consumer: &BaseConsumer<RuntimeContext>) -> bool {
+        let full = self.buffered >= self.max_in_flight;
+        if self.paused {
+            if self.buffered <= self.max_in_flight / 2 {
+                self.set_paused(consumer, false);
+            }
+            return false;
         }
+        if !full {
+            self.full_since = None;
+            return false;
+        }
+        let since = *self.full_since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= PAUSE_AFTER {
+            self.set_paused(consumer, true);
+            return false;
+        }
+        true
+    }
+
+    fn set_paused(&mut self, consumer: &BaseConsumer<RuntimeContext>, paused: bool) {
         let Ok(assignment) = consumer.assignment() else {
             return;
         };
-        let result = if want_paused {
+        let result = if paused {
             consumer.pause(&assignment)
         } else {
             consumer.resume(&assignment)
         };
         match result {
-            Ok(()) => self.paused = want_paused,
-            Err(error) => tracing::warn!(%error, want_paused, "pause/resume failed"),
+            Ok(()) => {
+                self.paused = paused;
+                self.full_since = None;
+            }
+            Err(error) => tracing::warn!(%error, paused, "pause/resume failed"),
         }
     }
 
@@ -335,8 +421,7 @@ impl ConsumerContext for RuntimeContext {
             let mut dispatch = self.lock();
             if dispatch.paused {
                 // Newly assigned partitions start unpaused: pause them too.
-                dispatch.paused = false;
-                dispatch.apply_backpressure(consumer);
+                dispatch.set_paused(consumer, true);
             }
         }
     }
@@ -367,13 +452,15 @@ pub(crate) async fn run(
         done_tx,
         done_rx,
         topics: Vec::new(),
-        partitions: HashMap::new(),
-        keys: HashMap::new(),
+        partitions: FastMap::default(),
+        keys: FastMap::default(),
         ready: VecDeque::new(),
         running: 0,
-        running_by_partition: HashMap::new(),
+        running_by_partition: FastMap::default(),
+        starting: Vec::new(),
         buffered: 0,
         paused: false,
+        full_since: None,
         concurrency: config.concurrency,
         max_in_flight: config.max_in_flight,
         revoke_timeout: config.revoke_timeout,
@@ -422,6 +509,12 @@ pub(crate) async fn run(
     Ok(())
 }
 
+/// Records taken from librdkafka per lock of the dispatch state.
+const POLL_BATCH: usize = 512;
+
+/// How long the in-flight limit may hold before partitions are paused.
+const PAUSE_AFTER: Duration = Duration::from_secs(1);
+
 fn poll_loop(
     consumer: &BaseConsumer<RuntimeContext>,
     dispatch: &Mutex<Dispatch>,
@@ -430,15 +523,25 @@ fn poll_loop(
 ) {
     let mut last_commit = Instant::now();
     while !stop.load(Ordering::SeqCst) {
-        let busy = {
+        let (busy, room) = {
             let mut d = lock(dispatch);
             d.drain_completions();
-            d.apply_backpressure(consumer);
             if last_commit.elapsed() >= commit_interval {
                 d.commit(consumer, None, CommitMode::Async, false);
                 last_commit = Instant::now();
             }
-            d.running > 0
+            if d.apply_backpressure(consumer) {
+                // At the limit: let handlers finish before taking more.
+                d.wait_completions(Duration::from_millis(2));
+                continue;
+            }
+            // Take no more than fits under the in-flight limit (at least one:
+            // poll must run to serve rebalances even when paused).
+            let room = d
+                .max_in_flight
+                .saturating_sub(d.buffered)
+                .clamp(1, POLL_BATCH);
+            (d.running > 0, room)
         };
         // Never hold the lock across poll: rebalance callbacks run inside it.
         let timeout = if busy {
@@ -446,14 +549,29 @@ fn poll_loop(
         } else {
             Duration::from_millis(100)
         };
-        match consumer.poll(timeout) {
-            Some(Ok(message)) => lock(dispatch).accept(message.detach()),
-            Some(Err(error)) => {
-                tracing::warn!(%error, "consumer error");
+        let mut polled = Vec::new();
+        let mut next = consumer.poll(timeout);
+        while let Some(result) = next {
+            match result {
+                Ok(message) => polled.push(message.detach()),
+                Err(error) => tracing::warn!(%error, "consumer error"),
             }
-            None if busy => lock(dispatch).wait_completions(Duration::from_millis(2)),
-            None => {}
+            if polled.len() >= room {
+                break;
+            }
+            next = consumer.poll(Duration::ZERO);
         }
+        let mut d = lock(dispatch);
+        if polled.is_empty() {
+            if busy {
+                d.wait_completions(Duration::from_millis(2));
+            }
+            continue;
+        }
+        for message in polled {
+            d.accept(message);
+        }
+        d.flush_starts();
     }
 }
 

@@ -162,3 +162,42 @@ async fn slow_handlers_pause_fetching_instead_of_buffering() {
     // the poll in progress may overshoot it by one record.
     assert!(peak <= 21, "in-flight records stayed bounded, peak {peak}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_keys_through_a_small_in_flight_limit_all_arrive() {
+    let Some(kafka) = herald_test::kafka() else {
+        return;
+    };
+    let topic = kafka.topic("many-keys", 12).await;
+    let events = steps(5000, 8);
+    publish_all(&publisher(&kafka), topic.name(), &events).await;
+    let handled = Arc::new(AtomicUsize::new(0));
+    let router = Router::new().handle::<TestEvent, _>("count", {
+        let handled = handled.clone();
+        move |_event: TestEvent, _record: RecordInfo| {
+            let handled = handled.clone();
+            async move {
+                handled.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+        }
+    });
+    let config = ConsumerConfig::new(
+        kafka.brokers(),
+        herald_test::unique_name("many"),
+        [topic.name()],
+    )
+    .concurrency(64)
+    .max_in_flight(1000);
+    let consumer = Consumer::new(config, router).expect("consumer");
+    let stats = consumer.stats();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(consumer.run(stop.clone().cancelled_owned()));
+    wait_until("every record handled", Duration::from_secs(120), || {
+        handled.load(Ordering::Relaxed) >= events.len()
+    })
+    .await;
+    stop.cancel();
+    task.await.expect("task").expect("consumer ran");
+    assert_eq!(ConsumerStats::get(&stats.handled), events.len() as u64);
+}
