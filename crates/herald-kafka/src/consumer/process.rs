@@ -72,8 +72,35 @@ fn original(message: &OwnedMessage) -> OriginalRecord {
     }
 }
 
+/// The OpenTelemetry context of a record's producer, from its
+/// `traceparent`/`tracestate`, as a remote parent.
+pub(crate) fn remote_parent(trace: &herald::TraceContext) -> Option<opentelemetry::Context> {
+    use opentelemetry::trace::{
+        SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
+    };
+    let trace_id = TraceId::from_hex(trace.trace_id()).ok()?;
+    let span_id = SpanId::from_hex(trace.parent_span_id()).ok()?;
+    let flags = u8::from_str_radix(&trace.traceparent()[53..55], 16).ok()?;
+    let state = trace
+        .tracestate()
+        .and_then(|s| s.parse::<TraceState>().ok())
+        .unwrap_or_default();
+    let context = SpanContext::new(trace_id, span_id, TraceFlags::new(flags), true, state);
+    Some(opentelemetry::Context::new().with_remote_span_context(context))
+}
+
 /// Handles one record to its end.
 pub(crate) async fn process(shared: Arc<Shared>, message: OwnedMessage) -> Outcome {
+    let headers = message.headers();
+    let envelope = Envelope::from_record(
+        message.key(),
+        message.payload(),
+        headers
+            .iter()
+            .flat_map(|h| h.iter())
+            .map(|h| (h.key, h.value)),
+    )
+    .map(Arc::new);
     let span = tracing::info_span!(
         "consume",
         otel.name = %format_args!("{} process", message.topic()),
@@ -89,25 +116,37 @@ pub(crate) async fn process(shared: Arc<Shared>, message: OwnedMessage) -> Outco
         trace_id = tracing::field::Empty,
         outcome = tracing::field::Empty,
     );
-    let outcome = process_in_span(&shared, &message)
+    if let Ok(envelope) = &envelope {
+        span.record(
+            "messaging.message.id",
+            tracing::field::display(envelope.event_id),
+        );
+        span.record("event_type", envelope.event_type.as_str());
+        if let Some(trace) = &envelope.trace {
+            span.record("trace_id", trace.trace_id());
+            // The producer's span becomes this span's parent: one trace
+            // from the request that produced the event to its handlers.
+            if let Some(parent) = remote_parent(trace) {
+                // Fails only when no OpenTelemetry layer is installed, and
+                // then there is no trace to join.
+                let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(&span, parent);
+            }
+        }
+    }
+    let outcome = process_in_span(&shared, &message, envelope)
         .instrument(span.clone())
         .await;
     span.record("outcome", tracing::field::debug(outcome));
     outcome
 }
 
-async fn process_in_span(shared: &Shared, message: &OwnedMessage) -> Outcome {
-    let headers = message.headers();
-    let envelope = Envelope::from_record(
-        message.key(),
-        message.payload(),
-        headers
-            .iter()
-            .flat_map(|h| h.iter())
-            .map(|h| (h.key, h.value)),
-    );
+async fn process_in_span(
+    shared: &Shared,
+    message: &OwnedMessage,
+    envelope: Result<Arc<Envelope>, herald::DecodeError>,
+) -> Outcome {
     let envelope = match envelope {
-        Ok(envelope) => Arc::new(envelope),
+        Ok(envelope) => envelope,
         Err(error) => {
             tracing::warn!(%error, "undecodable record");
             let now = Utc::now();
@@ -122,15 +161,6 @@ async fn process_in_span(shared: &Shared, message: &OwnedMessage) -> Outcome {
             return write_dead_letter(shared, message, failure).await;
         }
     };
-    let span = tracing::Span::current();
-    span.record(
-        "messaging.message.id",
-        tracing::field::display(envelope.event_id),
-    );
-    span.record("event_type", envelope.event_type.as_str());
-    if let Some(trace) = &envelope.trace {
-        span.record("trace_id", trace.trace_id());
-    }
 
     let handlers: Vec<_> = shared
         .router

@@ -8,3 +8,4 @@ mod publisher;
 mod rebalance;
 mod shutdown;
 mod support;
+mod trace_context;
