@@ -9,16 +9,19 @@
 //!   handlers; `consumer/runtime.rs` is the poll thread, `offsets.rs` the
 //!   commit tracker, `process.rs` one record's retries and dead letter.
 //! - [`dlq`]: the dead-letter record format (`dlq.*` headers).
+//! - [`processor`]: exactly-once consume → transform → produce in Kafka transactions ([`Processor`], [`Transform`], changelog state).
 //! - [`relay`]: [`Relay`], the outbox relay over any [`herald::OutboxStore`].
 //! - [`error`]: error types and the retriable/fatal classification.
 
 pub mod consumer;
 pub mod dlq;
 pub mod error;
+pub mod processor;
 pub mod publisher;
 pub mod relay;
 
 pub use consumer::{Consumer, ConsumerConfig, ConsumerStats, Handler, RecordInfo, Router};
 pub use error::{is_retriable, ClientError, PublishError};
+pub use processor::{Processor, ProcessorConfig, ProcessorError, Transform};
 pub use publisher::{Delivered, OutgoingRecord, Publisher, PublisherConfig};
 pub use relay::{Relay, RelayConfig, RelayStats};

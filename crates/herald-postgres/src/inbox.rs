@@ -43,14 +43,10 @@ pub type EffectsFuture<'c> = Pin<Box<dyn Future<Output = Result<(), HandlerError
 /// A handler's database effects, run inside the inbox transaction.
 pub type Effects = Box<dyn for<'c> FnOnce(&'c mut PgConnection) -> EffectsFuture<'c> + Send>;
 
-/// What happened to an event offered to the inbox.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Applied {
-    /// The effects ran and committed now.
-    Now,
-    /// This group had already processed the event: nothing ran.
-    AlreadyProcessed,
-}
+/// What happened to an event offered to the inbox: the core's type, shared
+/// by every store so that code generic over [`herald::InboxStore`] and code
+/// written against this crate see one `Applied`.
+pub use herald::inbox::Applied;
 
 struct Job {
     event_id: Uuid,
@@ -174,6 +170,28 @@ impl Inbox {
         .fetch_one(&self.pool)
         .await
         .map_err(StoreError::db("reading the inbox"))
+    }
+}
+
+/// The PostgreSQL inbox under the store-independent contract; the inherent
+/// methods of [`Inbox`] do the work (batched or not, as configured).
+impl herald::InboxStore for Inbox {
+    type Connection = PgConnection;
+    type Error = StoreError;
+
+    fn group(&self) -> &str {
+        Inbox::group(self)
+    }
+
+    async fn apply<F>(&self, event_id: Uuid, effects: F) -> Result<Applied, HandlerError>
+    where
+        F: for<'c> FnOnce(&'c mut PgConnection) -> EffectsFuture<'c> + Send + 'static,
+    {
+        Inbox::apply(self, event_id, effects).await
+    }
+
+    async fn contains(&self, event_id: Uuid) -> Result<bool, StoreError> {
+        Inbox::contains(self, event_id).await
     }
 }
 

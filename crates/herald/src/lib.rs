@@ -41,10 +41,13 @@
 //! - [`handler`]: [`HandlerError`], how a handler says transient or permanent.
 //! - [`outbox`]: the [`OutboxStore`] contract between an outbox store and
 //!   the relay.
+//! - [`inbox`]: the [`InboxStore`] contract of an inbox: effects and the
+//!   inbox row in one transaction, [`Applied`] once per group.
 
 pub mod envelope;
 pub mod event;
 pub mod handler;
+pub mod inbox;
 pub mod outbox;
 pub mod retry;
 pub mod trace;
@@ -52,6 +55,7 @@ pub mod trace;
 pub use envelope::{headers, DecodeError, EncodeError, Envelope};
 pub use event::{Event, EventPayload};
 pub use handler::{ErrorClass, HandlerError};
+pub use inbox::{Applied, EffectsFuture, InboxStore};
 pub use outbox::{OutboxBatch, OutboxStore, PendingRecord};
 pub use retry::RetryPolicy;
 pub use trace::TraceContext;

@@ -41,6 +41,14 @@ pub struct Config {
     pub kafka_settings: Vec<(String, String)>,
     /// Topic names.
     pub topics: Topics,
+    /// The fulfillment output topic.
+    pub fulfillment_topic: String,
+    /// The fulfillment processor's instance id.
+    pub instance_id: String,
+    /// Fulfillment stock settings.
+    pub stock: crate::fulfillment::Stock,
+    /// Inputs per fulfillment transaction.
+    pub processor_batch: usize,
     /// Consumer group prefix.
     pub group_prefix: String,
     /// Partitions of created topics.
@@ -107,6 +115,12 @@ impl Config {
         if args.events_topic.trim().is_empty() {
             bail!("ORDERS_EVENTS_TOPIC (--events-topic) must not be empty");
         }
+        if args.instance_id.trim().is_empty() {
+            bail!("ORDERS_INSTANCE_ID (--instance-id) must not be empty");
+        }
+        if args.fulfillment_topic.trim().is_empty() {
+            bail!("ORDERS_FULFILLMENT_TOPIC (--fulfillment-topic) must not be empty");
+        }
         if args.retry_initial_ms == 0 {
             bail!("ORDERS_RETRY_INITIAL_MS (--retry-initial-ms) must be at least 1");
         }
@@ -119,6 +133,18 @@ impl Config {
             topics: Topics {
                 events: args.events_topic.clone(),
             },
+            fulfillment_topic: args.fulfillment_topic.clone(),
+            instance_id: args.instance_id.clone(),
+            stock: crate::fulfillment::Stock {
+                out_of_stock: args
+                    .out_of_stock
+                    .iter()
+                    .map(|s| s.trim().to_owned())
+                    .filter(|s| !s.is_empty())
+                    .collect(),
+                initial: args.initial_stock,
+            },
+            processor_batch: args.processor_batch as usize,
             group_prefix: args.group_prefix.clone(),
             partitions: args.topic_partitions,
             concurrency: args.concurrency as usize,
@@ -181,6 +207,35 @@ impl Config {
     }
 }
 
+impl Config {
+    /// The exactly-once fulfillment processor of this configuration.
+    pub fn fulfillment_processor(
+        &self,
+    ) -> anyhow::Result<herald_kafka::Processor<OrderEvent, crate::fulfillment::Fulfillment>> {
+        let mut config = herald_kafka::ProcessorConfig::new(
+            &self.brokers,
+            self.group("fulfillment"),
+            [self.topics.events.clone()],
+            &self.instance_id,
+        )
+        .source("/orders/fulfillment")
+        .batch_size(self.processor_batch)
+        .retry(self.retry.clone());
+        for topic in crate::fulfillment::changelog_topics(&self.fulfillment_topic) {
+            config = config.changelog(topic);
+        }
+        for (k, v) in &self.kafka_settings {
+            config = config
+                .set(k.clone(), v.clone())
+                .set_producer(k.clone(), v.clone());
+        }
+        let transform =
+            crate::fulfillment::Fulfillment::new(&self.fulfillment_topic, self.stock.clone());
+        herald_kafka::Processor::new(config, transform)
+            .context("configuring the fulfillment processor")
+    }
+}
+
 /// Creates the service's topics if they do not exist.
 pub async fn ensure_topics(config: &Config) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = config
@@ -190,11 +245,17 @@ pub async fn ensure_topics(config: &Config) -> anyhow::Result<()> {
     let names = [
         config.topics.events.clone(),
         format!("{}.dlq", config.topics.events),
+        config.fulfillment_topic.clone(),
     ];
-    let topics: Vec<NewTopic> = names
+    let changelogs = crate::fulfillment::changelog_topics(&config.fulfillment_topic);
+    let mut topics: Vec<NewTopic> = names
         .iter()
         .map(|n| NewTopic::new(n, config.partitions, TopicReplication::Fixed(-1)))
         .collect();
+    // The processor's state: compacted, so the latest value per key stays.
+    topics.extend(changelogs.iter().map(|n| {
+        NewTopic::new(n, 1, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact")
+    }));
     let results = admin
         .create_topics(
             &topics,
@@ -222,6 +283,8 @@ pub struct Components {
     pub projection: bool,
     /// The notifications consumer.
     pub notifications: bool,
+    /// The exactly-once fulfillment processor.
+    pub processor: bool,
 }
 
 impl Components {
@@ -231,6 +294,7 @@ impl Components {
         relay: true,
         projection: true,
         notifications: true,
+        processor: true,
     };
     /// Nothing (add what you need).
     pub const NONE: Components = Components {
@@ -238,6 +302,7 @@ impl Components {
         relay: false,
         projection: false,
         notifications: false,
+        processor: false,
     };
 }
 
@@ -298,7 +363,11 @@ impl Application {
                 .context("applying database migrations")?;
         }
         let publisher = config.publisher()?;
-        if components.relay || components.projection || components.notifications {
+        if components.relay
+            || components.projection
+            || components.notifications
+            || components.processor
+        {
             ensure_topics(&config).await?;
         }
         let addr = if components.api {
@@ -405,6 +474,17 @@ impl Application {
                     .run(stop.cancelled_owned())
                     .await
                     .with_context(|| format!("the {kind} consumer"))
+            });
+        }
+        if components.processor {
+            let processor = config.fulfillment_processor()?;
+            metrics.register_processor(processor.stats());
+            let stop = shutdown.clone();
+            tasks.spawn(async move {
+                processor
+                    .run(stop.cancelled_owned())
+                    .await
+                    .context("the fulfillment processor")
             });
         }
         if components.projection || components.notifications {

@@ -27,6 +27,9 @@ pub enum Command {
     Api,
     /// Only the outbox relay.
     Relay,
+    /// Only the exactly-once fulfillment processor (order-events →
+    /// fulfillment-events in Kafka transactions).
+    Processor,
     /// Only the consumers (projection and notifications).
     Worker {
         /// Run one consumer only.
@@ -172,6 +175,25 @@ pub struct SettingsArgs {
         global = true
     )]
     pub group_prefix: String,
+    /// This fulfillment processor instance's stable id: its Kafka
+    /// transactional id is `<group>-<instance id>`, so a restart under the
+    /// same id fences the previous incarnation.
+    #[arg(long, env = "ORDERS_INSTANCE_ID", default_value = "0", global = true)]
+    pub instance_id: String,
+    /// SKUs the fulfillment processor treats as out of stock (comma list).
+    #[arg(
+        long,
+        env = "ORDERS_OUT_OF_STOCK",
+        value_delimiter = ',',
+        global = true
+    )]
+    pub out_of_stock: Vec<String>,
+    /// Units of a SKU in stock the first time the processor sees it.
+    #[arg(long, env = "ORDERS_INITIAL_STOCK", default_value_t = 1000, value_parser = clap::value_parser!(i64).range(0..), global = true)]
+    pub initial_stock: i64,
+    /// Inputs per fulfillment transaction (at most).
+    #[arg(long, env = "ORDERS_PROCESSOR_BATCH", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=100_000), global = true)]
+    pub processor_batch: u32,
     /// Partitions of topics this service creates.
     #[arg(long, env = "ORDERS_TOPIC_PARTITIONS", default_value_t = 6, value_parser = clap::value_parser!(i32).range(1..=1000), global = true)]
     pub topic_partitions: i32,

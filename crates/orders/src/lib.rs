@@ -11,6 +11,7 @@
 //! - [`app`]: typed config and [`app::Application`], which runs the parts of
 //!   one process (API, relay, consumers) under one shutdown signal.
 //! - [`dlq`]: `orders dlq list|replay`.
+//! - [`fulfillment`]: the exactly-once fulfillment processor and its state.
 //! - [`load`]: `orders load`, the load generator.
 //! - [`metrics`]: `/metrics` from the components' live counters.
 //! - [`cli`]: the command line; `main.rs` dispatches it.
@@ -21,5 +22,6 @@ pub mod cli;
 pub mod db;
 pub mod dlq;
 pub mod domain;
+pub mod fulfillment;
 pub mod load;
 pub mod metrics;

@@ -60,6 +60,10 @@ async fn main() -> anyhow::Result<()> {
             relay: true,
             ..Components::NONE
         }),
+        Command::Processor => Some(Components {
+            processor: true,
+            ..Components::NONE
+        }),
         Command::Worker { only } => Some(Components {
             projection: only.is_none_or(|k| k == WorkerKind::Projection),
             notifications: only.is_none_or(|k| k == WorkerKind::Notifications),
@@ -112,9 +116,11 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|| format!("http://{}", cli.settings.http_addr));
             orders::load::run(&api, &args).await?;
         }
-        Command::Run | Command::Api | Command::Relay | Command::Worker { .. } => {
-            unreachable!("handled above")
-        }
+        Command::Run
+        | Command::Api
+        | Command::Relay
+        | Command::Processor
+        | Command::Worker { .. } => unreachable!("handled above"),
     }
     Ok(())
 }

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use herald_kafka::processor::ProcessorStats;
 use herald_kafka::{ConsumerStats, RelayStats};
 use herald_postgres::OutboxStatus;
 
@@ -60,6 +61,7 @@ impl Histogram {
 pub struct Metrics {
     consumers: Mutex<Vec<(String, Arc<ConsumerStats>)>>,
     relays: Mutex<Vec<Arc<RelayStats>>>,
+    processors: Mutex<Vec<Arc<ProcessorStats>>>,
     post_commit: Histogram,
 }
 
@@ -75,6 +77,14 @@ impl Metrics {
     /// Adds a relay's counters.
     pub fn register_relay(&self, stats: Arc<RelayStats>) {
         self.relays
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(stats);
+    }
+
+    /// Adds an exactly-once processor's counters.
+    pub fn register_processor(&self, stats: Arc<ProcessorStats>) {
+        self.processors
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(stats);
@@ -177,6 +187,41 @@ impl Metrics {
             );
         }
         drop(relays);
+        let processors = self.processors.lock().unwrap_or_else(|p| p.into_inner());
+        let total = |pick: fn(&ProcessorStats) -> &AtomicU64| -> u64 {
+            processors
+                .iter()
+                .map(|p| pick(p).load(Ordering::Relaxed))
+                .sum()
+        };
+        for (name, help, value) in [
+            (
+                "herald_processor_transactions_committed_total",
+                "Committed processor transactions.",
+                total(|p| &p.committed),
+            ),
+            (
+                "herald_processor_transactions_aborted_total",
+                "Aborted processor transactions.",
+                total(|p| &p.aborted),
+            ),
+            (
+                "herald_processor_inputs_committed_total",
+                "Inputs whose offsets were committed with their outputs.",
+                total(|p| &p.committed_inputs),
+            ),
+            (
+                "herald_processor_dead_lettered_total",
+                "Poison inputs dead-lettered inside a transaction.",
+                total(|p| &p.dead_lettered),
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            );
+        }
+        drop(processors);
         if let Some(status) = outbox {
             let _ = writeln!(
                 out,

@@ -105,6 +105,13 @@ pub fn config(kafka: &herald_test::Kafka, db: &herald_test::TestDatabase, topic:
         topics: Topics {
             events: topic.to_owned(),
         },
+        fulfillment_topic: format!("{topic}-fulfillment"),
+        instance_id: "0".to_owned(),
+        stock: orders::fulfillment::Stock {
+            out_of_stock: ["GONE-1".to_owned()].into_iter().collect(),
+            initial: 5,
+        },
+        processor_batch: 50,
         group_prefix: herald_test::unique_name("orders"),
         partitions: 3,
         concurrency: 16,
@@ -124,6 +131,11 @@ pub fn config(kafka: &herald_test::Kafka, db: &herald_test::TestDatabase, topic:
 }
 
 pub async fn pipeline() -> Option<Pipeline> {
+    pipeline_of(Components::ALL).await
+}
+
+/// The pipeline with only `components` running in it.
+pub async fn pipeline_of(components: Components) -> Option<Pipeline> {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
@@ -135,7 +147,7 @@ pub async fn pipeline() -> Option<Pipeline> {
     let db = postgres.database().await;
     let topic = herald_test::unique_name("order-events");
     let config = config(&kafka, &db, &topic);
-    let app = Application::build(config.clone(), Components::ALL)
+    let app = Application::build(config.clone(), components)
         .await
         .expect("build");
     let base = format!("http://127.0.0.1:{}", app.port());
@@ -160,9 +172,14 @@ impl Pipeline {
         // Topics are random per test: remove them.
         let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
             self.kafka.config().create().expect("admin");
+        let [stock, reservations] =
+            orders::fulfillment::changelog_topics(&self.config.fulfillment_topic);
         let names = [
             self.config.topics.events.clone(),
             format!("{}.dlq", self.config.topics.events),
+            self.config.fulfillment_topic.clone(),
+            stock,
+            reservations,
         ];
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         let _ = admin

@@ -1,0 +1,378 @@
+//! The processor's configuration: a typed builder with production defaults and
+//! librdkafka pass-through settings for its consumer and its producer.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use herald::RetryPolicy;
+use rdkafka::ClientConfig;
+
+use crate::consumer::CONSUMER_DEFAULTS;
+use crate::error::ClientError;
+use crate::publisher::PRODUCER_DEFAULTS;
+
+/// Consumer settings the processor owns: overriding them would break
+/// exactly-once.
+const CONSUMER_FIXED: &[(&str, &str)] = &[
+    // Aborted outputs of an upstream processor must never be read as input.
+    ("isolation.level", "read_committed"),
+    // Offsets are committed only through the producer's transaction.
+    ("enable.auto.commit", "false"),
+    ("enable.auto.offset.store", "false"),
+];
+
+/// Producer settings the processor owns.
+const PRODUCER_FIXED: &[&str] = &["transactional.id", "enable.idempotence"];
+
+/// Configuration of a [`Processor`](super::Processor).
+///
+/// ```
+/// # use std::time::Duration;
+/// use herald_kafka::processor::ProcessorConfig;
+/// let config = ProcessorConfig::new("127.0.0.1:9092", "fulfillment", ["order-events"], "worker-1")
+///     .source("/fulfillment")
+///     .batch_size(1000)
+///     .batch_time(Duration::from_millis(200));
+/// assert_eq!(config.transactional_id(), "fulfillment-worker-1");
+/// ```
+#[derive(Debug, Clone)]
+pub struct ProcessorConfig {
+    pub(crate) brokers: String,
+    pub(crate) group_id: String,
+    pub(crate) topics: Vec<String>,
+    pub(crate) instance_id: String,
+    pub(crate) source: String,
+    pub(crate) batch_size: usize,
+    pub(crate) batch_time: Duration,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) dead_letter_unknown: bool,
+    pub(crate) dlq_suffix: String,
+    pub(crate) changelogs: Vec<String>,
+    pub(crate) transaction_timeout: Duration,
+    pub(crate) operation_timeout: Duration,
+    pub(crate) restore_timeout: Duration,
+    pub(crate) shutdown_timeout: Duration,
+    pub(crate) settings: BTreeMap<String, String>,
+    pub(crate) producer_settings: BTreeMap<String, String>,
+}
+
+impl ProcessorConfig {
+    /// A processor of `topics` in consumer group `group_id`.
+    ///
+    /// `instance_id` names this instance for good: its `transactional.id` is
+    /// `<group_id>-<instance_id>`, so an instance restarted under the same id
+    /// fences its previous incarnation (a zombie that still runs can no longer
+    /// commit). Give every concurrently running instance its own id (e.g. the
+    /// pod's ordinal), and reuse it across restarts.
+    ///
+    /// Defaults: transactions of up to 500 inputs or 100 ms, whichever comes
+    /// first; [`RetryPolicy::default`]; unknown event types skipped; dead
+    /// letters to `<topic>.dlq`; a 60 s transaction timeout.
+    pub fn new<T: Into<String>>(
+        brokers: impl Into<String>,
+        group_id: impl Into<String>,
+        topics: impl IntoIterator<Item = T>,
+        instance_id: impl Into<String>,
+    ) -> Self {
+        Self {
+            brokers: brokers.into(),
+            group_id: group_id.into(),
+            topics: topics.into_iter().map(Into::into).collect(),
+            instance_id: instance_id.into(),
+            source: String::new(),
+            batch_size: 500,
+            batch_time: Duration::from_millis(100),
+            retry: RetryPolicy::default(),
+            dead_letter_unknown: false,
+            dlq_suffix: ".dlq".to_owned(),
+            changelogs: Vec::new(),
+            transaction_timeout: Duration::from_secs(60),
+            operation_timeout: Duration::from_secs(30),
+            restore_timeout: Duration::from_secs(300),
+            shutdown_timeout: Duration::from_secs(30),
+            settings: BTreeMap::new(),
+            producer_settings: BTreeMap::new(),
+        }
+    }
+
+    /// The CloudEvents `ce_source` of outputs built with
+    /// [`Input::output`](super::Input::output), e.g. `/fulfillment`.
+    pub fn source(mut self, source: impl Into<String>) -> Self {
+        self.source = source.into();
+        self
+    }
+
+    /// The most inputs one transaction holds. Bigger batches amortize the
+    /// commit (two round trips to the coordinator); smaller ones redo less
+    /// work after an abort.
+    pub fn batch_size(mut self, inputs: usize) -> Self {
+        self.batch_size = inputs;
+        self
+    }
+
+    /// The longest a transaction stays open before it is committed, which
+    /// bounds the added latency seen by `read_committed` readers.
+    pub fn batch_time(mut self, time: Duration) -> Self {
+        self.batch_time = time;
+        self
+    }
+
+    /// How transient transform failures are retried before the input is
+    /// dead-lettered; its backoff also paces retries after Kafka errors.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// Dead-letter inputs whose `event_type` the family does not know, instead
+    /// of skipping them (their offsets are committed either way).
+    pub fn dead_letter_unknown(mut self, enabled: bool) -> Self {
+        self.dead_letter_unknown = enabled;
+        self
+    }
+
+    /// The dead-letter topic is the input's topic plus this suffix (`.dlq`).
+    pub fn dlq_suffix(mut self, suffix: impl Into<String>) -> Self {
+        self.dlq_suffix = suffix.into();
+        self
+    }
+
+    /// A compacted changelog topic to read, `read_committed`, from its start
+    /// to its end into [`Transform::restore`](super::Transform::restore) after
+    /// this instance fenced its predecessor and before the first input.
+    pub fn changelog(mut self, topic: impl Into<String>) -> Self {
+        self.changelogs.push(topic.into());
+        self
+    }
+
+    /// librdkafka's `transaction.timeout.ms`: the broker aborts a transaction
+    /// left open longer (e.g. by a crashed instance that never restarts).
+    pub fn transaction_timeout(mut self, timeout: Duration) -> Self {
+        self.transaction_timeout = timeout;
+        self
+    }
+
+    /// How long one blocking transactional call (init, send offsets, commit,
+    /// abort) may take before it is treated as failed.
+    pub fn operation_timeout(mut self, timeout: Duration) -> Self {
+        self.operation_timeout = timeout;
+        self
+    }
+
+    /// How long restoring the changelogs may take before start-up fails.
+    pub fn restore_timeout(mut self, timeout: Duration) -> Self {
+        self.restore_timeout = timeout;
+        self
+    }
+
+    /// How long shutdown waits for a running transform before aborting the
+    /// open transaction (its inputs are then processed again by the next
+    /// owner of their partitions).
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.shutdown_timeout = timeout;
+        self
+    }
+
+    /// Overrides or adds a librdkafka consumer setting (SASL, TLS, timeouts,
+    /// `group.instance.id`…). Security settings (`security.*`, `sasl.*`,
+    /// `ssl.*`) also apply to the producer. `isolation.level`,
+    /// `enable.auto.commit` and `enable.auto.offset.store` are the
+    /// processor's own.
+    pub fn set(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.settings.insert(key.into(), value.into());
+        self
+    }
+
+    /// Overrides or adds a librdkafka setting of the transactional producer.
+    /// `transactional.id` and `enable.idempotence` are the processor's own.
+    pub fn set_producer(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.producer_settings.insert(key.into(), value.into());
+        self
+    }
+
+    /// The producer's `transactional.id`: `<group_id>-<instance_id>`.
+    pub fn transactional_id(&self) -> String {
+        format!("{}-{}", self.group_id, self.instance_id)
+    }
+
+    /// The consumer group.
+    pub fn group_id(&self) -> &str {
+        &self.group_id
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), ClientError> {
+        let bad = |setting, reason: &str| {
+            Err(ClientError::Setting {
+                setting,
+                reason: reason.to_owned(),
+            })
+        };
+        if self.brokers.trim().is_empty() {
+            return bad("brokers", "must not be empty");
+        }
+        if self.group_id.is_empty() {
+            return bad("group_id", "must not be empty");
+        }
+        if self.instance_id.is_empty() {
+            return bad(
+                "instance_id",
+                "must not be empty (it makes the transactional.id that fences zombies)",
+            );
+        }
+        if self.topics.is_empty() || self.topics.iter().any(String::is_empty) {
+            return bad("topics", "need at least one non-empty topic name");
+        }
+        if self.batch_size == 0 {
+            return bad("batch_size", "must be at least 1");
+        }
+        if self.batch_time.is_zero() {
+            return bad("batch_time", "must be positive");
+        }
+        if self.retry.max_attempts == 0 {
+            return bad("retry.max_attempts", "must be at least 1");
+        }
+        if self.dlq_suffix.is_empty() {
+            return bad(
+                "dlq_suffix",
+                "must not be empty (the DLQ would be the topic itself)",
+            );
+        }
+        if self.transaction_timeout < Duration::from_secs(1) {
+            return bad("transaction_timeout", "must be at least one second");
+        }
+        if self.batch_time >= self.transaction_timeout {
+            return bad(
+                "batch_time",
+                "must be shorter than transaction_timeout, or the broker aborts open batches",
+            );
+        }
+        if self.operation_timeout.is_zero() {
+            return bad("operation_timeout", "must be positive");
+        }
+        if self.changelogs.iter().any(String::is_empty) {
+            return bad("changelog", "topic names must not be empty");
+        }
+        for (key, _) in CONSUMER_FIXED {
+            if self.settings.contains_key(*key) {
+                return bad("settings", &format!("{key} is managed by the processor"));
+            }
+        }
+        if self.settings.contains_key("group.id") {
+            return bad("settings", "group.id is set through ProcessorConfig::new");
+        }
+        for key in PRODUCER_FIXED {
+            if self.producer_settings.contains_key(*key) {
+                return bad(
+                    "producer_settings",
+                    &format!("{key} is managed by the processor"),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn security_settings(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.settings.iter().filter(|(k, _)| {
+            k.starts_with("security.") || k.starts_with("sasl.") || k.starts_with("ssl.")
+        })
+    }
+
+    pub(crate) fn consumer_client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers);
+        config.set("group.id", &self.group_id);
+        for (k, v) in CONSUMER_DEFAULTS {
+            config.set(*k, *v);
+        }
+        // After an abort the consumer seeks back; the new fetch waits for the
+        // long poll in flight at the end of the log, so keep it short.
+        config.set("fetch.wait.max.ms", "100");
+        for (k, v) in &self.settings {
+            config.set(k, v);
+        }
+        for (k, v) in CONSUMER_FIXED {
+            config.set(*k, *v);
+        }
+        config
+    }
+
+    pub(crate) fn producer_client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers);
+        for (k, v) in PRODUCER_DEFAULTS {
+            config.set(*k, *v);
+        }
+        let txn_ms = self.transaction_timeout.as_millis().min(i32::MAX as u128);
+        config.set("transaction.timeout.ms", txn_ms.to_string());
+        // librdkafka rejects a message timeout longer than the transaction's.
+        config.set("message.timeout.ms", txn_ms.min(30_000).to_string());
+        for (k, v) in self.security_settings() {
+            config.set(k, v);
+        }
+        for (k, v) in &self.producer_settings {
+            config.set(k, v);
+        }
+        config.set("transactional.id", self.transactional_id());
+        config.set("enable.idempotence", "true");
+        config
+    }
+
+    /// A group-less `read_committed` consumer for restoring changelogs.
+    pub(crate) fn restore_client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers);
+        for (k, v) in self.security_settings() {
+            config.set(k, v);
+        }
+        config
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> ProcessorConfig {
+        ProcessorConfig::new("127.0.0.1:9092", "g", ["in"], "i1")
+    }
+
+    #[test]
+    fn rejects_bad_settings_by_name() {
+        let setting = |c: ProcessorConfig| match c.validate() {
+            Err(ClientError::Setting { setting, .. }) => setting,
+            other => panic!("expected a setting error, got {other:?}"),
+        };
+        assert!(config().validate().is_ok());
+        assert_eq!(
+            setting(ProcessorConfig::new("b", "g", ["in"], "")),
+            "instance_id"
+        );
+        assert_eq!(setting(config().batch_size(0)), "batch_size");
+        assert_eq!(
+            setting(config().set("isolation.level", "read_uncommitted")),
+            "settings"
+        );
+        assert_eq!(
+            setting(config().set_producer("transactional.id", "x")),
+            "producer_settings"
+        );
+        assert_eq!(
+            setting(config().batch_time(Duration::from_secs(120))),
+            "batch_time"
+        );
+    }
+
+    #[test]
+    fn fixed_settings_win_over_pass_through() {
+        let producer = config()
+            .set("sasl.username", "u")
+            .set_producer("linger.ms", "20")
+            .producer_client_config();
+        assert_eq!(producer.get("transactional.id"), Some("g-i1"));
+        assert_eq!(producer.get("sasl.username"), Some("u"));
+        assert_eq!(producer.get("linger.ms"), Some("20"));
+        let consumer = config().consumer_client_config();
+        assert_eq!(consumer.get("isolation.level"), Some("read_committed"));
+        assert_eq!(consumer.get("enable.auto.commit"), Some("false"));
+    }
+}

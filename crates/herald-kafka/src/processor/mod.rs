@@ -1,0 +1,348 @@
+//! Exactly-once consume → transform → produce with Kafka transactions
+//! (DESIGN.md guarantee 6).
+//!
+//! A [`Transform`] turns one typed input event into zero or more output
+//! records for any topics. The [`Processor`] runs it: the outputs of a batch
+//! of inputs, the dead letters of poison inputs, and the consumer offsets of
+//! those inputs are committed in **one Kafka transaction**, so a
+//! `read_committed` reader of the outputs sees the effect of every input
+//! exactly once, whatever crashes, restarts or rebalances happen.
+//!
+//! ```no_run
+//! use herald::HandlerError;
+//! use herald_kafka::processor::{Input, Processor, ProcessorConfig};
+//! # #[derive(serde::Serialize, serde::Deserialize)] #[serde(tag = "event_type")] enum OrderEvent {}
+//! # impl herald::Event for OrderEvent { const AGGREGATE_TYPE: &'static str = "order"; const EVENT_TYPES: &'static [&'static str] = &[];
+//! #   fn event_type(&self) -> &'static str { match *self {} } fn event_id(&self) -> uuid::Uuid { match *self {} }
+//! #   fn aggregate_id(&self) -> String { match *self {} } fn occurred_at(&self) -> chrono::DateTime<chrono::Utc> { match *self {} } }
+//! # fn fulfil(e: &OrderEvent) -> OrderEvent { match *e {} }
+//! # async fn run() -> Result<(), herald_kafka::processor::ProcessorError> {
+//! let config = ProcessorConfig::new("127.0.0.1:9092", "fulfillment", ["order-events"], "worker-1")
+//!     .source("/fulfillment");
+//! let processor = Processor::new(config, |event: OrderEvent, input: Input| async move {
+//!     // Key = aggregate id, envelope headers, and the input's trace context.
+//!     Ok::<_, HandlerError>(vec![input.output("fulfillment-events", &fulfil(&event))?])
+//! })?;
+//! processor.run(async { tokio::signal::ctrl_c().await.ok(); }).await
+//! # }
+//! ```
+//!
+//! # How it works
+//!
+//! One dedicated thread owns the `read_committed` consumer (auto-commit off)
+//! and the transactional producer (`transactional.id` =
+//! `<group_id>-<instance_id>`, see [`ProcessorConfig::new`]). At start it
+//! calls `init_transactions`, which fences any earlier instance with the same
+//! id and aborts its open transaction. Then it polls and, per input in
+//! partition order: begins a transaction if none is open, runs the transform
+//! (on the caller's tokio runtime), and produces its outputs. When the batch
+//! is full or old enough it sends the inputs' next offsets with the
+//! consumer's group metadata (`send_offsets_to_transaction`, so a member
+//! fenced by a rebalance cannot commit) and commits.
+//!
+//! - **Transient failure** (a transform's [`HandlerError::transient`], or an
+//!   abortable Kafka error): the transaction is aborted, every partition in
+//!   it is rewound (seek) to the first offset it had in the transaction —
+//!   the last committed offset — and processing resumes after a backoff from
+//!   the [`RetryPolicy`](herald::RetryPolicy) (the failing input's partition
+//!   is paused meanwhile; the others continue).
+//! - **Poison input** (undecodable, a permanent error, a panic, retries
+//!   exhausted, or an output Kafka refuses for good): the transaction is
+//!   aborted and rewound likewise, and when the input comes round again it is
+//!   dead-lettered *inside* the transaction — the record built by
+//!   [`dead_letter`](crate::dlq::dead_letter) is one of the outputs — so the
+//!   partition keeps flowing and the dead letter is written exactly once.
+//!   (When the failing input is the first of its transaction nothing is
+//!   redone: it is dead-lettered at once.)
+//! - **Fatal producer error** (fenced by a newer instance, or librdkafka's
+//!   fatal state): the instance stops at once, logs why, and
+//!   [`Processor::run`] returns [`ProcessorError::Fenced`] or
+//!   [`ProcessorError::Fatal`]. Nothing of the open transaction is committed.
+//! - **Rebalance**: before partitions are revoked (in the consumer context's
+//!   pre-rebalance callback, while they are still ours) the open transaction
+//!   is committed — or aborted if that fails or the assignment was lost — so
+//!   the next owner starts exactly where this instance's outputs end.
+//! - **Shutdown**: when the `shutdown` future completes, the running
+//!   transform gets `shutdown_timeout` to finish, the open transaction is
+//!   committed, and the consumer leaves the group.
+//!
+//! Inputs are transformed one at a time, in order: per-key order holds
+//! trivially, and scale comes from partitions spread over instances.
+//!
+//! # State
+//!
+//! A transform that keeps state (a stock count per SKU, say) emits every
+//! change as a record to a compacted changelog topic — just another output,
+//! so it commits or aborts with the rest. [`changelog::ChangelogTable`] keeps
+//! such a table in memory with uncommitted changes apart, and
+//! [`ProcessorConfig::changelog`] makes the processor restore it at start
+//! (`read_committed`, to the end, after fencing the previous incarnation so
+//! no zombie commits behind its back) through [`Transform::restore`]. The
+//! processor calls [`Transform::commit`] / [`Transform::rollback`] after each
+//! transaction so the table follows what Kafka kept. See
+//! [`changelog`] for the limits (state is restored once, at start).
+//!
+//! # librdkafka's mock cluster
+//!
+//! The in-process mock cluster (`test.mock.num.brokers`, used by the
+//! embedded development mode) accepts the transactional calls but does not
+//! implement transaction semantics faithfully (fencing, aborted records
+//! hidden from `read_committed` readers). There the processor runs but
+//! **exactly-once is not in force**; the embedded mode says so in its log.
+//! herald's exactly-once tests all run on the real broker.
+
+pub mod changelog;
+mod config;
+mod runtime;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use herald::{Envelope, Event, HandlerError, TraceContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+use crate::error::ClientError;
+use crate::publisher::OutgoingRecord;
+pub use changelog::{ChangelogRecord, ChangelogTable};
+pub use config::ProcessorConfig;
+
+/// What a transform knows about the input it handles.
+#[derive(Debug, Clone)]
+pub struct Input {
+    /// The topic the input came from.
+    pub topic: String,
+    /// Its partition.
+    pub partition: i32,
+    /// Its offset.
+    pub offset: i64,
+    /// The processor's consumer group.
+    pub group_id: Arc<str>,
+    /// The decoded envelope (event id, key, times, trace context).
+    pub envelope: Arc<Envelope>,
+    /// 1 on the first try, 2 on the first retry, and so on.
+    pub attempt: u32,
+    pub(crate) source: Arc<str>,
+}
+
+impl Input {
+    /// The trace context of the input, carried into its outputs.
+    pub fn trace(&self) -> Option<&TraceContext> {
+        self.envelope.trace.as_ref()
+    }
+
+    /// The output record for `event` on `topic`: key = the event's aggregate
+    /// id, the envelope headers (`ce_source` = [`ProcessorConfig::source`]),
+    /// and the input's trace context. An event that cannot be serialized is a
+    /// bug no retry fixes, so it is a permanent error (the input is
+    /// dead-lettered).
+    pub fn output<O: Event>(&self, topic: &str, event: &O) -> Result<OutgoingRecord, HandlerError> {
+        let envelope = Envelope::encode(event, &self.source).map_err(HandlerError::permanent)?;
+        Ok(self.output_envelope(topic, envelope))
+    }
+
+    /// The output record for an already encoded envelope; it gets the
+    /// input's trace context unless it has one of its own.
+    pub fn output_envelope(&self, topic: &str, mut envelope: Envelope) -> OutgoingRecord {
+        if envelope.trace.is_none() {
+            envelope.trace = self.envelope.trace.clone();
+        }
+        OutgoingRecord::from_envelope(topic, &envelope)
+    }
+}
+
+/// Turns one input event of family `E` into output records.
+///
+/// Implemented for every
+/// `FnMut(E, Input) -> impl Future<Output = Result<Vec<OutgoingRecord>, HandlerError>>`;
+/// implement it on a struct for a stateful transform (see
+/// [`changelog::ChangelogTable`]).
+///
+/// The processor calls the methods from one thread, one at a time.
+pub trait Transform<E: Event>: Send + 'static {
+    /// The outputs of `event`, to any topics (build them with
+    /// [`Input::output`]). They are committed together with the input's
+    /// offset, or not at all. Return [`HandlerError::transient`] to have the
+    /// input retried with backoff, [`HandlerError::permanent`] to dead-letter
+    /// it. A call whose transaction aborts is made again later: any in-memory
+    /// change it made must be undone by [`Transform::rollback`].
+    fn process(
+        &mut self,
+        event: E,
+        input: Input,
+    ) -> impl Future<Output = Result<Vec<OutgoingRecord>, HandlerError>> + Send;
+
+    /// One record of a changelog topic ([`ProcessorConfig::changelog`]),
+    /// during the restore at start, in offset order per partition. An error
+    /// stops the start-up. The default ignores changelogs.
+    fn restore(&mut self, record: &ChangelogRecord) -> Result<(), HandlerError> {
+        let _ = record;
+        Ok(())
+    }
+
+    /// Everything [`Transform::process`] returned since the last commit or
+    /// rollback is now committed in Kafka: make in-memory changes permanent.
+    fn commit(&mut self) {}
+
+    /// Everything since the last commit was discarded (aborted transaction,
+    /// or a failed call): undo in-memory changes; the inputs come again.
+    fn rollback(&mut self) {}
+}
+
+impl<E, F, Fut> Transform<E> for F
+where
+    E: Event,
+    F: FnMut(E, Input) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<Vec<OutgoingRecord>, HandlerError>> + Send,
+{
+    fn process(
+        &mut self,
+        event: E,
+        input: Input,
+    ) -> impl Future<Output = Result<Vec<OutgoingRecord>, HandlerError>> + Send {
+        self(event, input)
+    }
+}
+
+/// Why a processor stopped or could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProcessorError {
+    /// Bad configuration, or a client that could not be created.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// Another instance with the same `transactional.id` started: this one is
+    /// a zombie and stopped without committing its open transaction.
+    #[error("processor fenced: another instance took over transactional.id {transactional_id:?} ({code:?}: {reason}); this instance stopped and committed nothing further")]
+    Fenced {
+        /// The contested transactional id.
+        transactional_id: String,
+        /// librdkafka's error code.
+        code: RDKafkaErrorCode,
+        /// librdkafka's explanation.
+        reason: String,
+    },
+    /// The producer or consumer hit an error librdkafka calls fatal.
+    #[error("fatal Kafka error in processor {transactional_id:?} while {operation} ({code:?}): {reason}")]
+    Fatal {
+        /// The producer's transactional id.
+        transactional_id: String,
+        /// What the processor was doing.
+        operation: &'static str,
+        /// librdkafka's error code.
+        code: RDKafkaErrorCode,
+        /// librdkafka's explanation.
+        reason: String,
+    },
+    /// A Kafka operation failed in a way the processor cannot recover from
+    /// safely (it stops rather than risk skipping inputs).
+    #[error("processor {transactional_id:?}: {operation} failed: {source}")]
+    Kafka {
+        /// The producer's transactional id.
+        transactional_id: String,
+        /// What the processor was doing.
+        operation: &'static str,
+        /// librdkafka's error.
+        #[source]
+        source: KafkaError,
+    },
+    /// A changelog could not be read to its end at start-up.
+    #[error("restoring state from changelog {topic:?} failed: {reason}")]
+    Restore {
+        /// The changelog topic.
+        topic: String,
+        /// What went wrong.
+        reason: String,
+        /// The underlying error, when there is one.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    },
+    /// The processor thread panicked or could not start.
+    #[error("processor thread failed: {0}")]
+    Thread(String),
+}
+
+impl ProcessorError {
+    /// Whether this instance was fenced by a newer one with its id.
+    pub fn is_fenced(&self) -> bool {
+        matches!(self, ProcessorError::Fenced { .. })
+    }
+}
+
+/// Counters of what a processor did, readable while it runs.
+#[derive(Debug, Default)]
+pub struct ProcessorStats {
+    /// Inputs received from Kafka (redeliveries after a rewind count again).
+    pub consumed: AtomicU64,
+    /// Successful transform calls.
+    pub processed: AtomicU64,
+    /// Output records produced (into transactions that may still abort).
+    pub produced: AtomicU64,
+    /// Dead letters produced (into transactions that may still abort).
+    pub dead_lettered: AtomicU64,
+    /// Inputs skipped because their type is unknown to the family.
+    pub skipped_unknown: AtomicU64,
+    /// Transient transform failures that will be retried.
+    pub retried: AtomicU64,
+    /// Committed transactions.
+    pub committed: AtomicU64,
+    /// Inputs whose offsets were committed.
+    pub committed_inputs: AtomicU64,
+    /// Aborted transactions.
+    pub aborted: AtomicU64,
+}
+
+impl ProcessorStats {
+    /// Reads one counter.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// An exactly-once processor: a consumer group member that runs a
+/// [`Transform`] over its input topics inside Kafka transactions.
+pub struct Processor<E, T> {
+    config: ProcessorConfig,
+    transform: T,
+    stats: Arc<ProcessorStats>,
+    _family: std::marker::PhantomData<fn() -> E>,
+}
+
+impl<E, T> std::fmt::Debug for Processor<E, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Processor")
+            .field("group_id", &self.config.group_id)
+            .field("transactional_id", &self.config.transactional_id())
+            .field("topics", &self.config.topics)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<E: Event, T: Transform<E>> Processor<E, T> {
+    /// Validates the configuration. Nothing connects until [`Processor::run`].
+    pub fn new(config: ProcessorConfig, transform: T) -> Result<Self, ProcessorError> {
+        config.validate()?;
+        Ok(Self {
+            config,
+            transform,
+            stats: Arc::default(),
+            _family: std::marker::PhantomData,
+        })
+    }
+
+    /// Live counters of this processor.
+    pub fn stats(&self) -> Arc<ProcessorStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// Fences earlier incarnations, restores the changelogs, joins the group
+    /// and processes inputs until `shutdown` completes (then commits and
+    /// leaves) or a fatal error stops it. Must be called inside a tokio
+    /// runtime: the transform runs on it.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), ProcessorError> {
+        runtime::run(self.config, self.transform, self.stats, shutdown).await
+    }
+}

@@ -1,0 +1,144 @@
+//! State that survives restarts: a count per key kept in a
+//! `ChangelogTable`, changed inside the transactions (with aborts that must
+//! roll it back), and restored from its changelog by the next instance.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use herald::{HandlerError, RetryPolicy};
+use herald_kafka::processor::{ChangelogRecord, ChangelogTable, Input, Processor, Transform};
+use herald_kafka::OutgoingRecord;
+use tokio_util::sync::CancellationToken;
+
+use crate::support::*;
+
+const KEYS: usize = 10;
+const PER_KEY: u64 = 60;
+
+struct Counter {
+    counts: ChangelogTable<u64>,
+    out: String,
+}
+
+impl Transform<TestEvent> for Counter {
+    async fn process(
+        &mut self,
+        TestEvent::Step(step): TestEvent,
+        input: Input,
+    ) -> Result<Vec<OutgoingRecord>, HandlerError> {
+        let n = self.counts.get(&step.key).copied().unwrap_or(0) + 1;
+        let change = self.counts.put(step.key.clone(), n)?;
+        if input.attempt == 1 && step.seq % 10 == 3 {
+            // The change above is in memory only: rollback must undo it.
+            return Err(HandlerError::transient("flaky"));
+        }
+        Ok(vec![
+            change,
+            done_output(&self.out, &n.to_string(), &step, &input)?,
+        ])
+    }
+
+    fn restore(&mut self, record: &ChangelogRecord) -> Result<(), HandlerError> {
+        self.counts.restore(record)
+    }
+
+    fn commit(&mut self) {
+        self.counts.commit();
+    }
+
+    fn rollback(&mut self) {
+        self.counts.rollback();
+    }
+}
+
+async fn run_until_committed(
+    kafka: &herald_test::Kafka,
+    group: &str,
+    input: &str,
+    output: &str,
+    changelog: &str,
+) {
+    let config = config(kafka, group, input, "stateful-1")
+        .changelog(changelog)
+        .retry(RetryPolicy {
+            max_attempts: 5,
+            initial_delay: Duration::from_millis(5),
+            max_delay: Duration::from_millis(20),
+            multiplier: 2.0,
+            deadline: None,
+        });
+    let counter = Counter {
+        counts: ChangelogTable::new(changelog),
+        out: output.to_owned(),
+    };
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(
+        Processor::new(config, counter)
+            .expect("processor")
+            .run(stop.clone().cancelled_owned()),
+    );
+    wait_all_committed(kafka, group, input, 1, Duration::from_secs(120)).await;
+    stop.cancel();
+    task.await.expect("task").expect("processor stops cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_is_restored_from_its_changelog_after_a_restart() {
+    let Some(kafka) = herald_test::kafka() else {
+        return;
+    };
+    let input = kafka.topic("proc-state-in", 1).await;
+    let output = kafka.topic("proc-state-out", 1).await;
+    let changelog = kafka.topic("proc-state-changelog", 3).await;
+    let group = herald_test::unique_name("proc-state");
+    let inputs = steps(KEYS, PER_KEY);
+    let (first, second) = inputs.split_at(inputs.len() / 2);
+    let publisher = publisher(&kafka);
+
+    publish_all(&publisher, input.name(), first).await;
+    run_until_committed(
+        &kafka,
+        &group,
+        input.name(),
+        output.name(),
+        changelog.name(),
+    )
+    .await;
+    // A new instance (empty memory) must continue the counts.
+    publish_all(&publisher, input.name(), second).await;
+    run_until_committed(
+        &kafka,
+        &group,
+        input.name(),
+        output.name(),
+        changelog.name(),
+    )
+    .await;
+
+    let dones: Vec<Done> = read_all(&kafka, output.name(), 1, "read_committed")
+        .iter()
+        .map(Collected::done)
+        .collect();
+    assert_exactly_once_in_order(&dones, &inputs);
+    for d in &dones {
+        assert_eq!(
+            d.instance,
+            (d.seq + 1).to_string(),
+            "count of {} at step {}",
+            d.key,
+            d.seq
+        );
+    }
+    let mut latest: BTreeMap<String, u64> = BTreeMap::new();
+    for r in read_all(&kafka, changelog.name(), 3, "read_committed") {
+        let key = String::from_utf8(r.key.clone().expect("key")).expect("utf-8");
+        let value: u64 =
+            serde_json::from_slice(r.payload.as_deref().expect("value")).expect("json");
+        latest.insert(key, value);
+    }
+    assert_eq!(latest.len(), KEYS);
+    assert!(
+        latest.values().all(|v| *v == PER_KEY),
+        "final counts: {latest:?}"
+    );
+}

@@ -1,0 +1,420 @@
+//! Events, the test transform, output readers and assertions shared by the
+//! processor tests. (Small helpers are copied from `tests/runtime/support.rs`
+//! so the two test binaries stay independent.)
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use herald::{Envelope, Event, HandlerError};
+use herald_kafka::processor::{Input, ProcessorConfig};
+use herald_kafka::{OutgoingRecord, Publisher, PublisherConfig};
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::message::Headers;
+use rdkafka::{Message, Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// One step of a keyed sequence: `seq` counts up from 0 per key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Step {
+    pub event_id: Uuid,
+    pub key: String,
+    pub seq: u64,
+    pub at: DateTime<Utc>,
+}
+herald::event_payload!(Step, id = event_id, key = key, time = at);
+
+/// The input family.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event_type")]
+pub enum TestEvent {
+    Step(Step),
+}
+herald::event_family!(TestEvent, aggregate = "test", [Step]);
+
+/// The output of one step: which input it came from, and who made it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Done {
+    pub event_id: Uuid,
+    pub input_id: Uuid,
+    pub key: String,
+    pub seq: u64,
+    pub instance: String,
+    pub at: DateTime<Utc>,
+}
+herald::event_payload!(Done, id = event_id, key = key, time = at);
+
+/// The output family.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event_type")]
+pub enum OutEvent {
+    Done(Done),
+}
+herald::event_family!(OutEvent, aggregate = "test", [Done]);
+
+/// Logs to the test's output when `RUST_LOG` is set (e.g. `herald_kafka=debug`).
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// `keys` × `per_key` steps, interleaved so each key's steps are in order.
+pub fn steps(keys: usize, per_key: u64) -> Vec<TestEvent> {
+    let mut out = Vec::new();
+    for seq in 0..per_key {
+        for k in 0..keys {
+            out.push(TestEvent::Step(Step {
+                event_id: Uuid::new_v4(),
+                key: format!("key-{k}"),
+                seq,
+                at: Utc::now(),
+            }));
+        }
+    }
+    out
+}
+
+pub fn publisher(kafka: &herald_test::Kafka) -> Publisher {
+    Publisher::new(&PublisherConfig::new(kafka.brokers(), "/herald-tests")).expect("publisher")
+}
+
+/// Publishes every event and asserts each was acknowledged.
+pub async fn publish_all(publisher: &Publisher, topic: &str, events: &[TestEvent]) {
+    for chunk in events.chunks(10_000) {
+        for result in publisher.publish_batch(topic, chunk).await {
+            result.expect("published");
+        }
+    }
+}
+
+/// The `Done` output of a step, made by `instance`.
+pub fn done_output(
+    out_topic: &str,
+    instance: &str,
+    step: &Step,
+    input: &Input,
+) -> Result<OutgoingRecord, HandlerError> {
+    input.output(
+        out_topic,
+        &OutEvent::Done(Done {
+            event_id: Uuid::new_v4(),
+            input_id: step.event_id,
+            key: step.key.clone(),
+            seq: step.seq,
+            instance: instance.to_owned(),
+            at: Utc::now(),
+        }),
+    )
+}
+
+/// A processor configuration for the tests: small batches by default, quick
+/// group membership, and a short retry policy.
+pub fn config(
+    kafka: &herald_test::Kafka,
+    group: &str,
+    topic: &str,
+    instance: &str,
+) -> ProcessorConfig {
+    init_tracing();
+    ProcessorConfig::new(kafka.brokers(), group, [topic], instance)
+        .source("/herald-tests/processor")
+        .batch_size(200)
+        .batch_time(Duration::from_millis(200))
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "500")
+}
+
+/// Waits until `done()` holds, checking every 20 ms; panics after `limit`
+/// with `what` so a stuck processor fails loudly instead of hanging.
+pub async fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One record read back from a topic.
+#[derive(Debug, Clone)]
+pub struct Collected {
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl Collected {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| v.as_deref())
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+
+    pub fn envelope(&self) -> Envelope {
+        Envelope::from_record(
+            self.key.as_deref(),
+            self.payload.as_deref(),
+            self.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())),
+        )
+        .expect("an output envelope")
+    }
+
+    pub fn done(&self) -> Done {
+        match self.envelope().decode::<OutEvent>().expect("an OutEvent") {
+            OutEvent::Done(done) => done,
+        }
+    }
+}
+
+/// Reads every partition of a topic from the beginning, in the background,
+/// with the given isolation level, until dropped.
+pub struct Collector {
+    records: Arc<Mutex<Vec<Collected>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Collector {
+    pub fn start(
+        kafka: &herald_test::Kafka,
+        topic: &str,
+        partitions: i32,
+        isolation: &str,
+    ) -> Self {
+        let consumer: BaseConsumer = kafka
+            .config()
+            .set("isolation.level", isolation)
+            // librdkafka wants a group for assign(); nothing is committed.
+            .set("group.id", herald_test::unique_name("reader"))
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "50")
+            .create()
+            .expect("collector consumer");
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)
+                .expect("partition");
+        }
+        consumer.assign(&tpl).expect("assign");
+        let records = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = std::thread::spawn({
+            let records = Arc::clone(&records);
+            let stop = Arc::clone(&stop);
+            move || {
+                while !stop.load(Ordering::SeqCst) {
+                    match consumer.poll(Duration::from_millis(50)) {
+                        Some(Ok(m)) => {
+                            let collected = Collected {
+                                key: m.key().map(<[u8]>::to_vec),
+                                payload: m.payload().map(<[u8]>::to_vec),
+                                headers: m
+                                    .headers()
+                                    .map(|h| {
+                                        h.iter()
+                                            .map(|h| {
+                                                (h.key.to_owned(), h.value.map(<[u8]>::to_vec))
+                                            })
+                                            .collect()
+                                    })
+                                    .unwrap_or_default(),
+                            };
+                            records.lock().expect("lock").push(collected);
+                        }
+                        Some(Err(error)) => eprintln!("collector: {error}"),
+                        None => {}
+                    }
+                }
+            }
+        });
+        Self {
+            records,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.records.lock().expect("lock").len()
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Distinct input ids among `dones`.
+pub fn distinct_inputs(dones: &[Done]) -> usize {
+    dones
+        .iter()
+        .map(|d| d.input_id)
+        .collect::<std::collections::HashSet<_>>()
+        .len()
+}
+
+/// Asserts exactly one output per input (by input event id) and, per key,
+/// the outputs in input order.
+pub fn assert_exactly_once_in_order(dones: &[Done], inputs: &[TestEvent]) {
+    let mut count: HashMap<Uuid, usize> = HashMap::new();
+    for d in dones {
+        *count.entry(d.input_id).or_default() += 1;
+    }
+    let duplicates: Vec<_> = count.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        duplicates.is_empty(),
+        "{} inputs have more than one committed output, e.g. {:?}",
+        duplicates.len(),
+        duplicates.iter().take(5).collect::<Vec<_>>()
+    );
+    let missing = inputs
+        .iter()
+        .filter(|e| !count.contains_key(&e.event_id()))
+        .count();
+    assert_eq!(missing, 0, "{missing} inputs have no committed output");
+    assert_eq!(dones.len(), inputs.len(), "exactly one output per input");
+
+    let mut by_key: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+    for d in dones {
+        by_key.entry(&d.key).or_default().push(d.seq);
+    }
+    for (key, seqs) in by_key {
+        let expected: Vec<u64> = (0..seqs.len() as u64).collect();
+        assert_eq!(seqs, expected, "{key}: outputs out of input order");
+    }
+}
+
+/// Everything in `topic` right now, read with `isolation` to the end of every
+/// partition (the last stable offset for `read_committed`).
+pub fn read_all(
+    kafka: &herald_test::Kafka,
+    topic: &str,
+    partitions: i32,
+    isolation: &str,
+) -> Vec<Collected> {
+    let consumer: BaseConsumer = kafka
+        .config()
+        .set("isolation.level", isolation)
+        // librdkafka wants a group for assign(); nothing is committed.
+        .set("group.id", herald_test::unique_name("reader"))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create()
+        .expect("reader consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .expect("partition");
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut at_end = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    let start = Instant::now();
+    while at_end.len() < partitions as usize {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "reading {topic} to its end took too long"
+        );
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => out.push(Collected {
+                key: m.key().map(<[u8]>::to_vec),
+                payload: m.payload().map(<[u8]>::to_vec),
+                headers: m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            }),
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                at_end.insert(p);
+            }
+            Some(Err(error)) => eprintln!("reader: {error}"),
+            None => {}
+        }
+    }
+    out
+}
+
+/// The group's committed offset per partition of `topic` (partitions with
+/// no commit are absent).
+pub fn committed(
+    kafka: &herald_test::Kafka,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+) -> BTreeMap<i32, i64> {
+    let consumer: BaseConsumer = kafka
+        .config()
+        .set("group.id", group)
+        .set("isolation.level", "read_committed")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let committed = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .expect("committed offsets");
+    committed
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some((e.partition(), o)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The end offset of every partition of `topic`.
+pub fn end_offsets(kafka: &herald_test::Kafka, topic: &str, partitions: i32) -> BTreeMap<i32, i64> {
+    let consumer: BaseConsumer = kafka.config().create().expect("consumer");
+    (0..partitions)
+        .map(|p| {
+            let (_, high) = consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .expect("watermarks");
+            (p, high)
+        })
+        .collect()
+}
+
+/// Waits until the group has committed every input of `topic`.
+pub async fn wait_all_committed(
+    kafka: &herald_test::Kafka,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+    limit: Duration,
+) {
+    let end = end_offsets(kafka, topic, partitions);
+    let start = Instant::now();
+    loop {
+        let now = committed(kafka, group, topic, partitions);
+        if now == end {
+            return;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for the group to commit every input: committed {now:?}, end {end:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
