@@ -25,14 +25,19 @@ use crate::cli::SettingsArgs;
 use crate::db::{self, Topics};
 use crate::domain::OrderEvent;
 use crate::metrics::Metrics;
+use crate::store::Store;
 
 /// The typed configuration of a process, checked at start-up.
 #[derive(Clone)]
 pub struct Config {
     /// Kafka bootstrap servers.
     pub brokers: String,
-    /// PostgreSQL connection (the URL itself is never kept or logged).
-    pub database: PgConnectOptions,
+    /// The database (a PostgreSQL URL is never kept as text or logged).
+    pub database: Database,
+    /// The embedded development mode: SQLite and librdkafka's in-process
+    /// mock cluster, started by [`Application::build`] (which fills in
+    /// `brokers`).
+    pub embedded: bool,
     /// Where the API (or the ops endpoints) listen.
     pub http_addr: SocketAddr,
     /// Where relay/worker processes serve /metrics, if not `http_addr`.
@@ -81,12 +86,15 @@ impl std::fmt::Debug for Config {
             .field("brokers", &self.brokers)
             .field(
                 "database",
-                &format_args!(
-                    "{}:{}/{}",
-                    self.database.get_host(),
-                    self.database.get_port(),
-                    self.database.get_database().unwrap_or("")
-                ),
+                &match &self.database {
+                    Database::Postgres(o) => format!(
+                        "postgres {}:{}/{}",
+                        o.get_host(),
+                        o.get_port(),
+                        o.get_database().unwrap_or("")
+                    ),
+                    Database::Sqlite(path) => format!("sqlite {}", path.display()),
+                },
             )
             .field("http_addr", &self.http_addr)
             .field("kafka_settings", &keys)
@@ -95,23 +103,44 @@ impl std::fmt::Debug for Config {
     }
 }
 
+/// Which database a process uses.
+#[derive(Clone)]
+pub enum Database {
+    /// PostgreSQL (production).
+    Postgres(Box<PgConnectOptions>),
+    /// A SQLite file (the embedded development mode).
+    Sqlite(std::path::PathBuf),
+}
+
 impl Config {
-    /// Checks the command line; errors name the setting.
+    /// Checks the command line; errors name the setting. With neither
+    /// KAFKA_BROKERS nor DATABASE_URL set, the embedded development mode.
     pub fn from_args(args: &SettingsArgs) -> anyhow::Result<Self> {
-        let Some(brokers) = args.kafka_brokers.clone().filter(|b| !b.trim().is_empty()) else {
-            bail!("KAFKA_BROKERS (--kafka-brokers) is not set");
-        };
-        let Some(url) = args
+        let brokers = args.kafka_brokers.clone().filter(|b| !b.trim().is_empty());
+        let url = args
             .database_url
             .as_deref()
-            .filter(|u| !u.trim().is_empty())
-        else {
-            bail!("DATABASE_URL (--database-url) is not set");
+            .filter(|u| !u.trim().is_empty());
+        let (brokers, database, embedded) = match (brokers, url) {
+            (None, None) => (
+                String::new(),
+                Database::Sqlite(args.data_dir.join("orders.sqlite")),
+                true,
+            ),
+            (Some(brokers), Some(url)) => {
+                // The parse error may quote the URL, password included: not shown.
+                let options: PgConnectOptions = url.parse().map_err(|_| {
+                    anyhow::anyhow!("DATABASE_URL (--database-url) is not a valid postgres:// URL")
+                })?;
+                (brokers, Database::Postgres(Box::new(options)), false)
+            }
+            (Some(_), None) => bail!(
+                "KAFKA_BROKERS is set but DATABASE_URL (--database-url) is not: set both, or neither for the embedded development mode"
+            ),
+            (None, Some(_)) => bail!(
+                "DATABASE_URL is set but KAFKA_BROKERS (--kafka-brokers) is not: set both, or neither for the embedded development mode"
+            ),
         };
-        // The parse error may quote the URL, password included: not shown.
-        let database: PgConnectOptions = url.parse().map_err(|_| {
-            anyhow::anyhow!("DATABASE_URL (--database-url) is not a valid postgres:// URL")
-        })?;
         if args.events_topic.trim().is_empty() {
             bail!("ORDERS_EVENTS_TOPIC (--events-topic) must not be empty");
         }
@@ -127,6 +156,7 @@ impl Config {
         Ok(Self {
             brokers,
             database,
+            embedded,
             http_addr: args.http_addr,
             metrics_addr: args.metrics_addr,
             kafka_settings: args.kafka_settings.clone(),
@@ -165,14 +195,56 @@ impl Config {
         .context("creating the Kafka producer (check --kafka-setting / KAFKA_SETTINGS)")
     }
 
-    /// A database pool (connects lazily).
+    /// A PostgreSQL pool; an error in the embedded mode (this command needs
+    /// DATABASE_URL).
     pub async fn pool(&self) -> anyhow::Result<PgPool> {
+        let Database::Postgres(options) = &self.database else {
+            bail!("this command needs DATABASE_URL and KAFKA_BROKERS (the embedded mode keeps no shared database)");
+        };
         PgPoolOptions::new()
             .max_connections(self.db_pool)
             .acquire_timeout(Duration::from_secs(10))
-            .connect_with(self.database.clone())
+            .connect_with((**options).clone())
             .await
             .context("connecting to DATABASE_URL")
+    }
+
+    /// The store: PostgreSQL, or the embedded mode's SQLite file (created
+    /// with its folder when missing). Migrations run when `migrate` is set.
+    pub async fn store(&self) -> anyhow::Result<Store> {
+        match &self.database {
+            Database::Postgres(_) => {
+                let pool = self.pool().await?;
+                if self.migrate {
+                    db::migrate(&pool)
+                        .await
+                        .context("applying database migrations")?;
+                }
+                Ok(Store::Postgres(pool))
+            }
+            Database::Sqlite(path) => {
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir).with_context(|| {
+                        format!(
+                            "creating the data folder {} (ORDERS_DATA_DIR / --data-dir)",
+                            dir.display()
+                        )
+                    })?;
+                }
+                let database = herald_sqlite::SqliteConfig::new(path)
+                    .open()
+                    .await
+                    .with_context(|| {
+                        format!("opening {} (ORDERS_DATA_DIR / --data-dir)", path.display())
+                    })?;
+                if self.migrate {
+                    crate::db_sqlite::migrate(database.pool())
+                        .await
+                        .context("applying the SQLite migrations")?;
+                }
+                Ok(Store::Sqlite(database))
+            }
+        }
     }
 
     /// The consumer group of a worker kind.
@@ -236,26 +308,39 @@ impl Config {
     }
 }
 
+/// The service's topics with their partitions; the changelogs (last two)
+/// are compacted.
+fn topic_plan(config: &Config) -> Vec<(String, i32)> {
+    let [stock, reservations] = crate::fulfillment::changelog_topics(&config.fulfillment_topic);
+    vec![
+        (config.topics.events.clone(), config.partitions),
+        (format!("{}.dlq", config.topics.events), config.partitions),
+        (config.fulfillment_topic.clone(), config.partitions),
+        (stock, 1),
+        (reservations, 1),
+    ]
+}
+
 /// Creates the service's topics if they do not exist.
 pub async fn ensure_topics(config: &Config) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = config
         .admin_config()
         .create()
         .context("creating the Kafka admin client (check --kafka-setting)")?;
-    let names = [
-        config.topics.events.clone(),
-        format!("{}.dlq", config.topics.events),
-        config.fulfillment_topic.clone(),
-    ];
+    let plan = topic_plan(config);
     let changelogs = crate::fulfillment::changelog_topics(&config.fulfillment_topic);
-    let mut topics: Vec<NewTopic> = names
+    let topics: Vec<NewTopic> = plan
         .iter()
-        .map(|n| NewTopic::new(n, config.partitions, TopicReplication::Fixed(-1)))
+        .map(|(name, partitions)| {
+            let topic = NewTopic::new(name, *partitions, TopicReplication::Fixed(-1));
+            // The processor's state: compacted, so the latest value per key stays.
+            if changelogs.contains(name) {
+                topic.set("cleanup.policy", "compact")
+            } else {
+                topic
+            }
+        })
         .collect();
-    // The processor's state: compacted, so the latest value per key stays.
-    topics.extend(changelogs.iter().map(|n| {
-        NewTopic::new(n, 1, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact")
-    }));
     let results = admin
         .create_topics(
             &topics,
@@ -311,63 +396,189 @@ pub struct Application {
     listener: TcpListener,
     config: Config,
     components: Components,
-    pool: PgPool,
+    store: Store,
     publisher: Publisher,
     metrics: Arc<Metrics>,
+    /// The embedded mode's in-process Kafka; dropped after everything else.
+    mock_cluster: Option<EmbeddedKafka>,
 }
 
-fn projection_router(inbox: Inbox) -> Router {
-    Router::new().handle::<OrderEvent, _>(
-        "projection",
-        move |event: OrderEvent, record: RecordInfo| {
-            let inbox = inbox.clone();
-            async move {
-                let id = record.envelope.event_id;
-                inbox
-                    .apply(id, move |conn| {
-                        Box::pin(async move { db::project(conn, &event).await })
-                    })
-                    .await
-                    .map(|_| ())
-            }
-        },
-    )
+/// librdkafka's in-process mock cluster, kept on a thread of its own (the
+/// handle is not `Send`); it stops when this value drops.
+pub struct EmbeddedKafka {
+    bootstrap_servers: String,
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
-fn notifications_router(inbox: Inbox) -> Router {
-    Router::new().handle::<OrderEvent, _>(
-        "notifications",
-        move |event: OrderEvent, record: RecordInfo| {
-            let inbox = inbox.clone();
-            async move {
-                let id = record.envelope.event_id;
-                inbox
-                    .apply(id, move |conn| {
-                        Box::pin(async move { db::notify(conn, &event).await })
-                    })
-                    .await
-                    .map(|_| ())
-            }
-        },
+impl EmbeddedKafka {
+    /// Starts a one-broker mock cluster with `topics` (name, partitions).
+    pub fn start(topics: Vec<(String, i32)>) -> anyhow::Result<Self> {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("embedded-kafka".to_owned())
+            .spawn(move || {
+                match rdkafka::mocking::MockCluster::new(1) {
+                    Ok(cluster) => {
+                        // The mock has no admin API worth the name: create
+                        // the topics on the cluster itself.
+                        for (topic, partitions) in &topics {
+                            if let Err(e) = cluster.create_topic(topic, *partitions, 1) {
+                                let _ = ready_tx.send(Err(e));
+                                return;
+                            }
+                        }
+                        let _ = ready_tx.send(Ok(cluster.bootstrap_servers()));
+                        // Until the application drops its handle.
+                        let _ = stopped.recv();
+                        drop(cluster);
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                }
+            })
+            .context("starting the embedded Kafka thread")?;
+        let bootstrap_servers = ready_rx
+            .recv()
+            .context("the embedded Kafka thread died")?
+            .context("starting librdkafka's in-process mock cluster")?;
+        Ok(Self {
+            bootstrap_servers,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// Where clients connect.
+    pub fn bootstrap_servers(&self) -> &str {
+        &self.bootstrap_servers
+    }
+}
+
+impl Drop for EmbeddedKafka {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The two consumers of `order-events`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConsumerKind {
+    Projection,
+    Notifications,
+}
+
+impl ConsumerKind {
+    fn name(self) -> &'static str {
+        match self {
+            ConsumerKind::Projection => "projection",
+            ConsumerKind::Notifications => "notifications",
+        }
+    }
+}
+
+/// The consumer's handler: its effects and the inbox row in one transaction.
+fn consumer_router(kind: ConsumerKind, store: &Store, group: String, batch: usize) -> Router {
+    match store {
+        Store::Postgres(pool) => {
+            let inbox = Inbox::batched(pool.clone(), group, batch, Duration::from_millis(2));
+            Router::new().handle::<OrderEvent, _>(
+                kind.name(),
+                move |event: OrderEvent, record: RecordInfo| {
+                    let inbox = inbox.clone();
+                    async move {
+                        inbox
+                            .apply(record.envelope.event_id, move |conn| {
+                                Box::pin(async move {
+                                    match kind {
+                                        ConsumerKind::Projection => db::project(conn, &event).await,
+                                        ConsumerKind::Notifications => {
+                                            db::notify(conn, &event).await
+                                        }
+                                    }
+                                })
+                            })
+                            .await
+                            .map(|_| ())
+                    }
+                },
+            )
+        }
+        Store::Sqlite(database) => {
+            let inbox = database.inbox(group);
+            Router::new().handle::<OrderEvent, _>(
+                kind.name(),
+                move |event: OrderEvent, record: RecordInfo| {
+                    let inbox = inbox.clone();
+                    async move {
+                        inbox
+                            .apply(record.envelope.event_id, move |conn| {
+                                Box::pin(async move {
+                                    match kind {
+                                        ConsumerKind::Projection => {
+                                            crate::db_sqlite::project(conn, &event).await
+                                        }
+                                        ConsumerKind::Notifications => {
+                                            crate::db_sqlite::notify(conn, &event).await
+                                        }
+                                    }
+                                })
+                            })
+                            .await
+                            .map(|_| ())
+                    }
+                },
+            )
+        }
+    }
+}
+
+/// The development-mode banner: what runs where, and that it is not for
+/// production.
+fn banner(config: &Config, port: u16) -> String {
+    let database = match &config.database {
+        Database::Sqlite(path) => path.display().to_string(),
+        Database::Postgres(_) => "PostgreSQL".to_owned(),
+    };
+    format!(
+        "\n  ================================================================\n  \
+         orders: DEVELOPMENT MODE (embedded, nothing configured)\n  \
+         database  SQLite file {database}\n  \
+         kafka     librdkafka's in-process mock cluster at {brokers}\n  \
+         api       http://{ip}:{port}  (try POST /orders, then GET /orders/{{id}})\n  \
+         Not for production: Kafka lives and dies with this process, and\n  \
+         the fulfillment step's exactly-once guarantee is NOT in force.\n  \
+         Set KAFKA_BROKERS and DATABASE_URL to run on real services.\n  \
+         ================================================================\n",
+        brokers = config.brokers,
+        ip = config.http_addr.ip(),
     )
 }
 
 impl Application {
-    /// Connects, migrates (if configured), creates topics, and binds the
+    /// Connects (or, in the embedded mode, starts SQLite and the mock
+    /// cluster), migrates (if configured), creates topics, and binds the
     /// listening socket (port 0 picks a free one: see [`Application::port`]).
-    pub async fn build(config: Config, components: Components) -> anyhow::Result<Self> {
-        let pool = config.pool().await?;
-        if config.migrate {
-            db::migrate(&pool)
-                .await
-                .context("applying database migrations")?;
-        }
+    pub async fn build(mut config: Config, components: Components) -> anyhow::Result<Self> {
+        let mock_cluster = if config.embedded {
+            let kafka = EmbeddedKafka::start(topic_plan(&config))?;
+            config.brokers = kafka.bootstrap_servers().to_owned();
+            Some(kafka)
+        } else {
+            None
+        };
+        let store = config.store().await?;
         let publisher = config.publisher()?;
-        if components.relay
+        let needs_topics = components.relay
             || components.projection
             || components.notifications
-            || components.processor
-        {
+            || components.processor;
+        if needs_topics && !config.embedded {
             ensure_topics(&config).await?;
         }
         let addr = if components.api {
@@ -383,13 +594,19 @@ impl Application {
         let listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding {addr} (HTTP_ADDR / METRICS_ADDR)"))?;
+        if config.embedded {
+            let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
+            println!("{}", banner(&config, port));
+            tracing::warn!("embedded development mode: not for production");
+        }
         Ok(Self {
             listener,
             config,
             components,
-            pool,
+            store,
             publisher,
             metrics: Arc::default(),
+            mock_cluster,
         })
     }
 
@@ -401,9 +618,15 @@ impl Application {
             .unwrap_or_default()
     }
 
-    /// The database pool.
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The Kafka bootstrap servers in use (the mock cluster's in the
+    /// embedded mode).
+    pub fn brokers(&self) -> &str {
+        &self.config.brokers
     }
 
     /// Runs until `shutdown` is cancelled, then stops the parts in order:
@@ -414,69 +637,75 @@ impl Application {
             listener,
             config,
             components,
-            pool,
+            store,
             publisher,
             metrics,
+            mock_cluster,
         } = self;
         let mut tasks = tokio::task::JoinSet::new();
+        let relay_config = RelayConfig {
+            batch_size: config.relay_batch,
+            ..RelayConfig::default()
+        };
 
         if components.relay {
-            let relay = Relay::new(
-                PgOutbox::new(pool.clone()),
-                publisher.clone(),
-                RelayConfig {
-                    batch_size: config.relay_batch,
-                    ..RelayConfig::default()
-                },
-            );
-            metrics.register_relay(relay.stats());
-            let stop = shutdown.clone();
-            tasks.spawn(async move {
-                relay.run(stop.cancelled_owned()).await;
-                Ok(())
-            });
-            let (pool, stop, retention) = (pool.clone(), shutdown.clone(), config.outbox_retention);
-            tasks.spawn(async move {
-                retention_loop(stop, || {
-                    herald_postgres::outbox::purge_published(&pool, retention, 10_000)
-                })
-                .await;
-                Ok(())
-            });
+            match &store {
+                Store::Postgres(pool) => {
+                    let relay =
+                        Relay::new(PgOutbox::new(pool.clone()), publisher.clone(), relay_config);
+                    metrics.register_relay(relay.stats());
+                    let stop = shutdown.clone();
+                    tasks.spawn(async move {
+                        relay.run(stop.cancelled_owned()).await;
+                        Ok(())
+                    });
+                    let (pool, stop, retention) =
+                        (pool.clone(), shutdown.clone(), config.outbox_retention);
+                    tasks.spawn(async move {
+                        retention_loop(stop, || {
+                            herald_postgres::outbox::purge_published(&pool, retention, 10_000)
+                        })
+                        .await;
+                        Ok(())
+                    });
+                }
+                Store::Sqlite(database) => {
+                    let relay = Relay::new(database.outbox(), publisher.clone(), relay_config);
+                    metrics.register_relay(relay.stats());
+                    let stop = shutdown.clone();
+                    tasks.spawn(async move {
+                        relay.run(stop.cancelled_owned()).await;
+                        Ok(())
+                    });
+                }
+            }
         }
-        let consumers = [
-            (
-                components.projection,
-                "projection",
-                projection_router as fn(Inbox) -> Router,
-            ),
-            (
-                components.notifications,
-                "notifications",
-                notifications_router,
-            ),
-        ];
-        for (enabled, kind, router) in consumers {
+        for (enabled, kind) in [
+            (components.projection, ConsumerKind::Projection),
+            (components.notifications, ConsumerKind::Notifications),
+        ] {
             if !enabled {
                 continue;
             }
-            let inbox = Inbox::batched(
-                pool.clone(),
-                config.group(kind),
-                config.concurrency,
-                Duration::from_millis(2),
-            );
-            let consumer = config.consumer(kind, router(inbox))?;
-            metrics.register_consumer(kind, consumer.stats());
+            let router =
+                consumer_router(kind, &store, config.group(kind.name()), config.concurrency);
+            let consumer = config.consumer(kind.name(), router)?;
+            metrics.register_consumer(kind.name(), consumer.stats());
             let stop = shutdown.clone();
             tasks.spawn(async move {
                 consumer
                     .run(stop.cancelled_owned())
                     .await
-                    .with_context(|| format!("the {kind} consumer"))
+                    .with_context(|| format!("the {} consumer", kind.name()))
             });
         }
         if components.processor {
+            if config.embedded {
+                tracing::warn!(
+                    "fulfillment processor on librdkafka's mock cluster: exactly-once is NOT in force \
+                     (the mock accepts transactions without their semantics)"
+                );
+            }
             let processor = config.fulfillment_processor()?;
             metrics.register_processor(processor.stats());
             let stop = shutdown.clone();
@@ -487,7 +716,9 @@ impl Application {
                     .context("the fulfillment processor")
             });
         }
-        if components.projection || components.notifications {
+        if let (true, Store::Postgres(pool)) =
+            (components.projection || components.notifications, &store)
+        {
             let (pool, stop, retention) = (pool.clone(), shutdown.clone(), config.inbox_retention);
             tasks.spawn(async move {
                 retention_loop(stop, || {
@@ -499,7 +730,7 @@ impl Application {
         }
 
         let state = AppState {
-            pool: pool.clone(),
+            store: store.clone(),
             topics: config.topics.clone(),
             kafka: Some(publisher.clone()),
             metrics,
@@ -530,7 +761,8 @@ impl Application {
             }
         }
         let _ = publisher.flush(Duration::from_secs(5));
-        pool.close().await;
+        store.close().await;
+        drop(mock_cluster);
         match first_error {
             Some(error) => Err(error),
             None => Ok(()),

@@ -119,6 +119,9 @@ pub enum DbError {
     /// An event could not be encoded.
     #[error(transparent)]
     Encode(#[from] herald::EncodeError),
+    /// The embedded store failed.
+    #[error("store: {0}")]
+    Store(String),
     /// A stored value is not what the schema promises.
     #[error("corrupt row: {0}")]
     Corrupt(String),
@@ -166,11 +169,7 @@ pub async fn create_order(
     idempotency_key: Option<&str>,
     trace: Option<TraceContext>,
 ) -> Result<CreateOutcome, DbError> {
-    let fingerprint = serde_json::json!({
-        "customer_id": order.customer_id,
-        "currency": order.currency,
-        "items": order.items,
-    });
+    let fingerprint = fingerprint(order);
     let mut tx = pool.begin().await.map_err(query("begin"))?;
     if let Some(key) = idempotency_key {
         // Claim the key first: a concurrent request with the same key waits
@@ -204,51 +203,25 @@ pub async fn create_order(
         }
     }
 
-    let now = Utc::now();
-    let order_id = Uuid::now_v7();
+    let (view, event) = new_order(order, Utc::now());
     sqlx::query(
         "INSERT INTO orders (id, customer_id, currency, total, items, status, version, created_at, updated_at)
          VALUES ($1, $2, $3, $4, $5, 'created', 1, $6, $6)",
     )
-    .bind(order_id)
+    .bind(view.id)
     .bind(order.customer_id)
     .bind(&order.currency)
     .bind(order.total)
     .bind(sqlx::types::Json(&order.items))
-    .bind(now)
+    .bind(view.created_at)
     .execute(&mut *tx)
     .await
     .map_err(query("inserting the order"))?;
-    let event = OrderEvent::OrderCreated(OrderCreated {
-        event_id: Uuid::new_v4(),
-        order_id,
-        customer_id: order.customer_id,
-        items: order.items.clone(),
-        total: order.total,
-        currency: order.currency.clone(),
-        version: 1,
-        timestamp: now,
-    });
     outbox::enqueue(
         &mut tx,
         &OutboxRecord::new(&topics.events, &event, SOURCE, trace)?,
     )
     .await?;
-    let view = OrderView {
-        id: order_id,
-        customer_id: order.customer_id,
-        currency: order.currency.clone(),
-        items: order.items.clone(),
-        total: order.total,
-        status: OrderStatus::Created,
-        version: 1,
-        cancel_reason: None,
-        last_event_id: None,
-        last_event_type: None,
-        created_at: now,
-        updated_at: now,
-        projected_at: None,
-    };
     if let Some(key) = idempotency_key {
         sqlx::query(
             "UPDATE idempotency_keys SET response_status = 201, response_body = $2 WHERE key = $1",
@@ -270,6 +243,70 @@ pub enum Transition {
     Ship,
     /// Cancel it, with a reason.
     Cancel(String),
+}
+
+/// The event of a transition to `version`.
+pub(crate) fn transition_event(
+    order_id: Uuid,
+    to: &Transition,
+    version: u32,
+    now: DateTime<Utc>,
+) -> OrderEvent {
+    match to {
+        Transition::Ship => OrderEvent::OrderShipped(OrderShipped {
+            event_id: Uuid::new_v4(),
+            order_id,
+            version,
+            timestamp: now,
+        }),
+        Transition::Cancel(reason) => OrderEvent::OrderCancelled(OrderCancelled {
+            event_id: Uuid::new_v4(),
+            order_id,
+            reason: reason.clone(),
+            version,
+            timestamp: now,
+        }),
+    }
+}
+
+/// The request part an idempotency key is bound to.
+pub(crate) fn fingerprint(order: &NewOrder) -> serde_json::Value {
+    serde_json::json!({
+        "customer_id": order.customer_id,
+        "currency": order.currency,
+        "items": order.items,
+    })
+}
+
+/// The answer to a new order, and its `OrderCreated` event.
+pub(crate) fn new_order(order: &NewOrder, now: DateTime<Utc>) -> (OrderView, OrderEvent) {
+    let order_id = Uuid::now_v7();
+    let event = OrderEvent::OrderCreated(OrderCreated {
+        event_id: Uuid::new_v4(),
+        order_id,
+        customer_id: order.customer_id,
+        items: order.items.clone(),
+        total: order.total,
+        currency: order.currency.clone(),
+        version: 1,
+        timestamp: now,
+    });
+    let view = OrderView {
+        id: order_id,
+        customer_id: order.customer_id,
+        currency: order.currency.clone(),
+        items: order.items.clone(),
+        total: order.total,
+        status: OrderStatus::Created,
+        version: 1,
+        cancel_reason: None,
+        last_event_id: None,
+        last_event_type: None,
+        created_at: now,
+        updated_at: now,
+        projected_at: None,
+    };
+    (view, event)
 }
 
 /// Moves an order along the state machine; the change and its event commit
@@ -314,21 +351,7 @@ pub async fn transition(
         .execute(&mut *tx)
         .await
         .map_err(query("updating the order"))?;
-    let event = match &to {
-        Transition::Ship => OrderEvent::OrderShipped(OrderShipped {
-            event_id: Uuid::new_v4(),
-            order_id,
-            version,
-            timestamp: now,
-        }),
-        Transition::Cancel(reason) => OrderEvent::OrderCancelled(OrderCancelled {
-            event_id: Uuid::new_v4(),
-            order_id,
-            reason: reason.clone(),
-            version,
-            timestamp: now,
-        }),
-    };
+    let event = transition_event(order_id, &to, version, now);
     outbox::enqueue(
         &mut tx,
         &OutboxRecord::new(&topics.events, &event, SOURCE, trace)?,
@@ -378,13 +401,66 @@ pub async fn list_views(
     rows.iter().map(|r| view_from_row(r, true)).collect()
 }
 
-/// Applies one event to the read model, inside the inbox transaction.
+/// A transition of an order's read-model row.
+pub(crate) struct ViewChange<'a> {
+    /// The new status.
+    pub next: OrderStatus,
+    /// The cancellation reason, if any.
+    pub reason: Option<&'a str>,
+    /// When the event happened.
+    pub at: DateTime<Utc>,
+}
+
+/// What a shipped/cancelled event does to a read-model row in `current`
+/// (status, version): `None` when the row already reflects it.
 ///
 /// Events of one order arrive in order (one key, one partition, sequential
 /// handling), but a replay or a hand-made record can break that: an event
 /// whose predecessor is missing is a transient failure (retried a bounded
-/// number of times, then dead-lettered); an event already reflected is a
-/// no-op.
+/// number of times, then dead-lettered); an impossible transition is
+/// permanent.
+pub(crate) fn projection_step(
+    current: Option<(String, u32)>,
+    event: &OrderEvent,
+) -> Result<Option<ViewChange<'_>>, HandlerError> {
+    let event_type = herald::Event::event_type(event);
+    let Some((status, version)) = current else {
+        return Err(HandlerError::transient(format!(
+            "{event_type} for order {} before its OrderCreated",
+            event.order_id()
+        )));
+    };
+    if version >= event.version() {
+        return Ok(None);
+    }
+    if version + 1 != event.version() {
+        return Err(HandlerError::transient(format!(
+            "{event_type} v{} for order {} arrived before v{}",
+            event.version(),
+            event.order_id(),
+            version + 1
+        )));
+    }
+    let (next, reason, at) = match event {
+        OrderEvent::OrderShipped(e) => (OrderStatus::Shipped, None, e.timestamp),
+        OrderEvent::OrderCancelled(e) => {
+            (OrderStatus::Cancelled, Some(e.reason.as_str()), e.timestamp)
+        }
+        OrderEvent::OrderCreated(_) => return Ok(None),
+    };
+    let from = OrderStatus::parse(&status).unwrap_or(OrderStatus::Created);
+    if !from.can_become(next) {
+        return Err(HandlerError::permanent(format!(
+            "{event_type} for order {} in status {}",
+            event.order_id(),
+            from.as_str()
+        )));
+    }
+    Ok(Some(ViewChange { next, reason, at }))
+}
+
+/// Applies one event to the read model, inside the inbox transaction (see
+/// [`projection_step`] for out-of-order events).
 pub async fn project(conn: &mut PgConnection, event: &OrderEvent) -> Result<(), HandlerError> {
     let classify = herald_postgres::classify;
     let (event_id, event_type) = (
@@ -418,39 +494,10 @@ pub async fn project(conn: &mut PgConnection, event: &OrderEvent) -> Result<(), 
             .fetch_optional(&mut *conn)
             .await
             .map_err(classify)?;
-    let Some((status, version)) = current else {
-        return Err(HandlerError::transient(format!(
-            "{event_type} for order {} before its OrderCreated",
-            event.order_id()
-        )));
-    };
-    let version = u32::try_from(version).unwrap_or(0);
-    if version >= event.version() {
+    let current = current.map(|(status, version)| (status, u32::try_from(version).unwrap_or(0)));
+    let Some(ViewChange { next, reason, at }) = projection_step(current, event)? else {
         return Ok(());
-    }
-    if version + 1 != event.version() {
-        return Err(HandlerError::transient(format!(
-            "{event_type} v{} for order {} arrived before v{}",
-            event.version(),
-            event.order_id(),
-            version + 1
-        )));
-    }
-    let (next, reason, at) = match event {
-        OrderEvent::OrderShipped(e) => (OrderStatus::Shipped, None, e.timestamp),
-        OrderEvent::OrderCancelled(e) => {
-            (OrderStatus::Cancelled, Some(e.reason.as_str()), e.timestamp)
-        }
-        OrderEvent::OrderCreated(_) => unreachable!("handled above"),
     };
-    let from = OrderStatus::parse(&status).unwrap_or(OrderStatus::Created);
-    if !from.can_become(next) {
-        return Err(HandlerError::permanent(format!(
-            "{event_type} for order {} in status {}",
-            event.order_id(),
-            from.as_str()
-        )));
-    }
     sqlx::query(
         "UPDATE order_views SET status = $2, version = $3, cancel_reason = COALESCE($4, cancel_reason),
                 last_event_id = $5, last_event_type = $6, updated_at = $7, projected_at = clock_timestamp()
@@ -469,10 +516,10 @@ pub async fn project(conn: &mut PgConnection, event: &OrderEvent) -> Result<(), 
     Ok(())
 }
 
-/// Writes the notification of one event (a stand-in for sending e-mail),
-/// inside the inbox transaction.
-pub async fn notify(conn: &mut PgConnection, event: &OrderEvent) -> Result<(), HandlerError> {
-    let (kind, message) = match event {
+/// The notification of one event: its kind and text (a stand-in for the
+/// e-mail a real service would send).
+pub(crate) fn notification_text(event: &OrderEvent) -> (&'static str, String) {
+    match event {
         OrderEvent::OrderCreated(e) => (
             "order_created",
             format!(
@@ -488,7 +535,12 @@ pub async fn notify(conn: &mut PgConnection, event: &OrderEvent) -> Result<(), H
             "order_cancelled",
             format!("Order {} was cancelled: {}", e.order_id, e.reason),
         ),
-    };
+    }
+}
+
+/// Writes the notification of one event, inside the inbox transaction.
+pub async fn notify(conn: &mut PgConnection, event: &OrderEvent) -> Result<(), HandlerError> {
+    let (kind, message) = notification_text(event);
     sqlx::query(
         "INSERT INTO notifications (event_id, order_id, kind, message) VALUES ($1, $2, $3, $4)
          ON CONFLICT (event_id) DO NOTHING",

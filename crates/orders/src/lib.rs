@@ -6,6 +6,8 @@
 //! - [`domain`]: order events, the state machine, validated inputs.
 //! - [`db`]: the service's SQL (write model + outbox in one transaction,
 //!   idempotency keys, read model, notifications) and migrations.
+//! - [`db_sqlite`]: the same on SQLite, for the embedded development mode;
+//!   [`store`] picks one.
 //! - [`api`]: the axum routes, the error shape, the strict JSON extractor,
 //!   health/readiness/metrics, OpenAPI.
 //! - [`app`]: typed config and [`app::Application`], which runs the parts of
@@ -20,8 +22,10 @@ pub mod api;
 pub mod app;
 pub mod cli;
 pub mod db;
+pub mod db_sqlite;
 pub mod dlq;
 pub mod domain;
 pub mod fulfillment;
 pub mod load;
 pub mod metrics;
+pub mod store;

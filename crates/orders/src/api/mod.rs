@@ -18,7 +18,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use herald_kafka::Publisher;
-use sqlx::PgPool;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 
@@ -26,12 +25,13 @@ use self::error::{error_response, ApiError};
 use crate::db::Topics;
 use crate::domain::limits;
 use crate::metrics::Metrics;
+use crate::store::Store;
 
 /// What the handlers share.
 #[derive(Clone)]
 pub struct AppState {
     /// The database.
-    pub pool: PgPool,
+    pub store: Store,
     /// Topic names.
     pub topics: Topics,
     /// A Kafka client for readiness checks (`None`: Kafka is not checked).
@@ -117,12 +117,7 @@ async fn healthz() -> impl IntoResponse {
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    let database = tokio::time::timeout(
-        Duration::from_secs(2),
-        sqlx::query("SELECT 1").execute(&state.pool),
-    )
-    .await
-    .is_ok_and(|r| r.is_ok());
+    let database = state.store.ping().await;
     let kafka = match &state.kafka {
         None => None,
         Some(publisher) => {
@@ -157,10 +152,10 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    let backlog = herald_postgres::outbox::status(&state.pool).await.ok();
+    let backlog = state.store.backlog().await;
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(backlog.as_ref()),
+        state.metrics.render(backlog),
     )
         .into_response()
 }

@@ -12,7 +12,7 @@ use uuid::Uuid;
 use super::error::ApiError;
 use super::json::StrictJson;
 use super::AppState;
-use crate::db::{self, CreateOutcome, Transition, TransitionOutcome};
+use crate::db::{CreateOutcome, Transition, TransitionOutcome};
 use crate::domain::{
     limits, parse_reason, CancelOrderRequest, CreateOrderRequest, NewOrder, OrderStatus,
 };
@@ -82,14 +82,10 @@ pub async fn create(
     let order = NewOrder::parse(&request).map_err(ApiError::validation)?;
     let started = std::time::Instant::now();
     let trace = request_trace(&headers);
-    let outcome = db::create_order(
-        &state.pool,
-        &state.topics,
-        &order,
-        key.as_deref(),
-        Some(trace),
-    )
-    .await?;
+    let outcome = state
+        .store
+        .create_order(&state.topics, &order, key.as_deref(), Some(trace))
+        .await?;
     state.metrics.observe_commit(started.elapsed());
     Ok(match outcome {
         CreateOutcome::Created(view) => (StatusCode::CREATED, Json(view)).into_response(),
@@ -119,14 +115,10 @@ async fn transition(
         Transition::Ship => OrderStatus::Shipped,
         Transition::Cancel(_) => OrderStatus::Cancelled,
     };
-    match db::transition(
-        &state.pool,
-        &state.topics,
-        order_id,
-        to,
-        Some(request_trace(headers)),
-    )
-    .await?
+    match state
+        .store
+        .transition(&state.topics, order_id, to, Some(request_trace(headers)))
+        .await?
     {
         TransitionOutcome::Done(view) => Ok((StatusCode::OK, Json(view)).into_response()),
         TransitionOutcome::NotFound => Err(ApiError::order_not_found()),
@@ -168,7 +160,7 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let order_id = parse_order_id(&id)?;
-    match db::get_view(&state.pool, order_id).await? {
+    match state.store.get_view(order_id).await? {
         Some(view) => Ok(Json(view).into_response()),
         None => Err(ApiError::client(
             StatusCode::NOT_FOUND,
@@ -219,6 +211,6 @@ pub async fn list(
                 )
             })?,
     };
-    let orders = db::list_views(&state.pool, customer_id, limit).await?;
+    let orders = state.store.list_views(customer_id, limit).await?;
     Ok(Json(serde_json::json!({ "orders": orders })).into_response())
 }

@@ -2,6 +2,7 @@
 //! database, and the whole pipeline against real Kafka and PostgreSQL.
 
 mod api;
+mod embedded;
 mod fulfillment;
 mod pipeline;
 mod scale_out;

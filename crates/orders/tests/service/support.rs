@@ -26,7 +26,7 @@ pub async fn api() -> Option<Api> {
     let pool = db.pool().await;
     orders::db::migrate(&pool).await.expect("migrate");
     let state = AppState {
-        pool: pool.clone(),
+        store: orders::store::Store::Postgres(pool.clone()),
         topics: Topics {
             events: "order-events-api-tests".into(),
         },
@@ -98,7 +98,8 @@ pub struct Pipeline {
 pub fn config(kafka: &herald_test::Kafka, db: &herald_test::TestDatabase, topic: &str) -> Config {
     Config {
         brokers: kafka.brokers().to_owned(),
-        database: db.options(),
+        database: orders::app::Database::Postgres(Box::new(db.options())),
+        embedded: false,
         http_addr: "127.0.0.1:0".parse().expect("addr"),
         metrics_addr: Some("127.0.0.1:0".parse().expect("addr")),
         kafka_settings: Vec::new(),
@@ -151,7 +152,7 @@ pub async fn pipeline_of(components: Components) -> Option<Pipeline> {
         .await
         .expect("build");
     let base = format!("http://127.0.0.1:{}", app.port());
-    let pool = app.pool().clone();
+    let pool = app.store().postgres().expect("postgres").clone();
     let stop = CancellationToken::new();
     let task = tokio::spawn(app.run_until_stopped(stop.clone()));
     Some(Pipeline {

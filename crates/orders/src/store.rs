@@ -1,0 +1,138 @@
+//! The service's store: PostgreSQL in production, SQLite in the embedded
+//! development mode. One type so the API and the app wiring do not care which.
+
+use std::time::Duration;
+
+use herald::TraceContext;
+use herald_sqlite::SqliteDatabase;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::db::{self, CreateOutcome, DbError, OrderView, Topics, Transition, TransitionOutcome};
+use crate::db_sqlite;
+use crate::domain::NewOrder;
+
+/// Where orders, the outbox, the inbox and the read model live.
+#[derive(Debug, Clone)]
+pub enum Store {
+    /// The production store.
+    Postgres(PgPool),
+    /// The embedded development mode's file.
+    Sqlite(SqliteDatabase),
+}
+
+/// The outbox backlog, whatever the store.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Backlog {
+    /// Rows not yet published.
+    pub rows: i64,
+    /// Age of the oldest of them.
+    pub oldest_age: Duration,
+}
+
+impl Store {
+    /// Places an order (see [`db::create_order`]).
+    pub async fn create_order(
+        &self,
+        topics: &Topics,
+        order: &NewOrder,
+        idempotency_key: Option<&str>,
+        trace: Option<TraceContext>,
+    ) -> Result<CreateOutcome, DbError> {
+        match self {
+            Store::Postgres(pool) => {
+                db::create_order(pool, topics, order, idempotency_key, trace).await
+            }
+            Store::Sqlite(db) => {
+                db_sqlite::create_order(db.pool(), topics, order, idempotency_key, trace).await
+            }
+        }
+    }
+
+    /// Moves an order along the state machine (see [`db::transition`]).
+    pub async fn transition(
+        &self,
+        topics: &Topics,
+        order_id: Uuid,
+        to: Transition,
+        trace: Option<TraceContext>,
+    ) -> Result<TransitionOutcome, DbError> {
+        match self {
+            Store::Postgres(pool) => db::transition(pool, topics, order_id, to, trace).await,
+            Store::Sqlite(db) => {
+                db_sqlite::transition(db.pool(), topics, order_id, to, trace).await
+            }
+        }
+    }
+
+    /// One order from the read model.
+    pub async fn get_view(&self, order_id: Uuid) -> Result<Option<OrderView>, DbError> {
+        match self {
+            Store::Postgres(pool) => db::get_view(pool, order_id).await,
+            Store::Sqlite(db) => db_sqlite::get_view(db.pool(), order_id).await,
+        }
+    }
+
+    /// A customer's orders from the read model.
+    pub async fn list_views(
+        &self,
+        customer_id: Uuid,
+        limit: i64,
+    ) -> Result<Vec<OrderView>, DbError> {
+        match self {
+            Store::Postgres(pool) => db::list_views(pool, customer_id, limit).await,
+            Store::Sqlite(db) => db_sqlite::list_views(db.pool(), customer_id, limit).await,
+        }
+    }
+
+    /// Whether the database answers within two seconds.
+    pub async fn ping(&self) -> bool {
+        let probe = async {
+            match self {
+                Store::Postgres(pool) => sqlx::query("SELECT 1").execute(pool).await.is_ok(),
+                Store::Sqlite(db) => sqlx::query("SELECT 1").execute(db.pool()).await.is_ok(),
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(2), probe)
+            .await
+            .unwrap_or(false)
+    }
+
+    /// Closes the connections.
+    pub async fn close(&self) {
+        match self {
+            Store::Postgres(pool) => pool.close().await,
+            Store::Sqlite(db) => db.close().await,
+        }
+    }
+
+    /// The PostgreSQL pool, when that is the store.
+    pub fn postgres(&self) -> Option<&PgPool> {
+        match self {
+            Store::Postgres(pool) => Some(pool),
+            Store::Sqlite(_) => None,
+        }
+    }
+
+    /// The outbox backlog, when it can be read.
+    pub async fn backlog(&self) -> Option<Backlog> {
+        match self {
+            Store::Postgres(pool) => {
+                herald_postgres::outbox::status(pool)
+                    .await
+                    .ok()
+                    .map(|s| Backlog {
+                        rows: s.backlog,
+                        oldest_age: s.oldest_unpublished_age(),
+                    })
+            }
+            Store::Sqlite(db) => herald_sqlite::outbox::status(db.pool())
+                .await
+                .ok()
+                .map(|s| Backlog {
+                    rows: s.backlog,
+                    oldest_age: s.oldest_unpublished_age(),
+                }),
+        }
+    }
+}
