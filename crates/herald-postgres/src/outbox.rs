@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use herald::{EncodeError, Envelope, Event, TraceContext};
+
 use sqlx::{PgPool, Postgres, Row, Transaction};
 
 use crate::StoreError;
@@ -23,34 +23,7 @@ use crate::StoreError;
 /// relay wakes at once.
 pub const NOTIFY_CHANNEL: &str = "herald_outbox";
 
-/// One event bound for a topic, ready to be enqueued.
-#[derive(Debug, Clone, PartialEq)]
-pub struct OutboxRecord {
-    /// The Kafka topic.
-    pub topic: String,
-    /// The aggregate type, e.g. `order`.
-    pub aggregate_type: String,
-    /// The encoded event; its `key` is the aggregate id.
-    pub envelope: Envelope,
-}
-
-impl OutboxRecord {
-    /// Encodes `event` for `topic`, stamped by `source` (the CloudEvents
-    /// `ce_source`, e.g. `/orders`) and carrying `trace` — the trace context
-    /// of the operation that produced it, so the trace continues through Kafka.
-    pub fn new<E: Event>(
-        topic: impl Into<String>,
-        event: &E,
-        source: &str,
-        trace: Option<TraceContext>,
-    ) -> Result<Self, EncodeError> {
-        Ok(Self {
-            topic: topic.into(),
-            aggregate_type: E::AGGREGATE_TYPE.to_owned(),
-            envelope: Envelope::encode(event, source)?.with_trace(trace),
-        })
-    }
-}
+pub use herald::OutboxRecord;
 
 /// Inserts `record` in the caller's transaction and notifies the relay (the
 /// notification is delivered only if the transaction commits).

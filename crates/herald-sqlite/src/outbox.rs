@@ -15,40 +15,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use herald::{EncodeError, Envelope, Event, TraceContext};
+
 use sqlx::{Row, Sqlite, SqlitePool, Transaction};
 use tokio::sync::{Mutex, Notify, OwnedMutexGuard};
 
 use crate::{ago_modifier, parse_timestamp, timestamp, StoreError};
 
-/// One event bound for a topic, ready to be enqueued.
-#[derive(Debug, Clone, PartialEq)]
-pub struct OutboxRecord {
-    /// The Kafka topic.
-    pub topic: String,
-    /// The aggregate type, e.g. `order`.
-    pub aggregate_type: String,
-    /// The encoded event; its `key` is the aggregate id.
-    pub envelope: Envelope,
-}
-
-impl OutboxRecord {
-    /// Encodes `event` for `topic`, stamped by `source` (the CloudEvents
-    /// `ce_source`, e.g. `/orders`) and carrying `trace` — the trace context
-    /// of the operation that produced it, so the trace continues through Kafka.
-    pub fn new<E: Event>(
-        topic: impl Into<String>,
-        event: &E,
-        source: &str,
-        trace: Option<TraceContext>,
-    ) -> Result<Self, EncodeError> {
-        Ok(Self {
-            topic: topic.into(),
-            aggregate_type: E::AGGREGATE_TYPE.to_owned(),
-            envelope: Envelope::encode(event, source)?.with_trace(trace),
-        })
-    }
-}
+pub use herald::OutboxRecord;
 
 /// Inserts `record` in the caller's transaction. A relay of a
 /// [`SqliteDatabase`](crate::SqliteDatabase) pool wakes when it commits.

@@ -19,8 +19,11 @@
 //! support, never a dependency of the libraries themselves.
 //!
 //! # Layout
+//! - [`events`]: the `Step` / `TestEvent` family the tests send.
 //! - [`kafka`] / [`Kafka`]: brokers, random topics ([`TestTopic`]), client configs.
 //! - [`postgres`] / [`Postgres`]: fresh databases ([`TestDatabase`]).
+
+pub mod events;
 
 use std::net::{TcpStream, ToSocketAddrs};
 use std::str::FromStr;

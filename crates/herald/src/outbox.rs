@@ -11,6 +11,38 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
+use crate::{EncodeError, Envelope, Event, TraceContext};
+
+/// One event bound for a topic, ready for a store's `enqueue` in the
+/// caller's transaction.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxRecord {
+    /// The Kafka topic.
+    pub topic: String,
+    /// The aggregate type, e.g. `order`.
+    pub aggregate_type: String,
+    /// The encoded event; its `key` is the aggregate id.
+    pub envelope: Envelope,
+}
+
+impl OutboxRecord {
+    /// Encodes `event` for `topic`, stamped by `source` (the CloudEvents
+    /// `ce_source`, e.g. `/orders`) and carrying `trace` — the trace context
+    /// of the operation that produced it, so the trace continues through Kafka.
+    pub fn new<E: Event>(
+        topic: impl Into<String>,
+        event: &E,
+        source: &str,
+        trace: Option<TraceContext>,
+    ) -> Result<Self, EncodeError> {
+        Ok(Self {
+            topic: topic.into(),
+            aggregate_type: E::AGGREGATE_TYPE.to_owned(),
+            envelope: Envelope::encode(event, source)?.with_trace(trace),
+        })
+    }
+}
+
 /// A committed outbox row waiting to be published.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PendingRecord {

@@ -17,23 +17,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-/// One step of a keyed sequence: `seq` counts up from 0 per key.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Step {
-    pub event_id: Uuid,
-    pub key: String,
-    pub seq: u64,
-    pub at: DateTime<Utc>,
-}
-herald::event_payload!(Step, id = event_id, key = key, time = at);
-
-/// The input family.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "event_type")]
-pub enum TestEvent {
-    Step(Step),
-}
-herald::event_family!(TestEvent, aggregate = "test", [Step]);
+pub use herald_test::events::{steps, Step, TestEvent};
 
 /// The output of one step: which input it came from, and who made it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -61,22 +45,6 @@ pub fn init_tracing() {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
-}
-
-/// `keys` × `per_key` steps, interleaved so each key's steps are in order.
-pub fn steps(keys: usize, per_key: u64) -> Vec<TestEvent> {
-    let mut out = Vec::new();
-    for seq in 0..per_key {
-        for k in 0..keys {
-            out.push(TestEvent::Step(Step {
-                event_id: Uuid::new_v4(),
-                key: format!("key-{k}"),
-                seq,
-                at: Utc::now(),
-            }));
-        }
-    }
-    out
 }
 
 pub fn publisher(kafka: &herald_test::Kafka) -> Publisher {

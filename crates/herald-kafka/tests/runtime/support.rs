@@ -4,46 +4,11 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
 use herald_kafka::{Publisher, PublisherConfig};
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::{Offset, TopicPartitionList};
-use serde::{Deserialize, Serialize};
-use uuid::Uuid;
 
-/// One step of a keyed sequence: `seq` counts up from 0 per key.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Step {
-    pub event_id: Uuid,
-    pub key: String,
-    pub seq: u64,
-    pub at: DateTime<Utc>,
-}
-herald::event_payload!(Step, id = event_id, key = key, time = at);
-
-/// A family with one type, as the tests' handlers know it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "event_type")]
-pub enum TestEvent {
-    Step(Step),
-}
-herald::event_family!(TestEvent, aggregate = "test", [Step]);
-
-/// `keys` × `per_key` steps, interleaved so each key's steps are in order.
-pub fn steps(keys: usize, per_key: u64) -> Vec<TestEvent> {
-    let mut out = Vec::new();
-    for seq in 0..per_key {
-        for k in 0..keys {
-            out.push(TestEvent::Step(Step {
-                event_id: Uuid::new_v4(),
-                key: format!("key-{k}"),
-                seq,
-                at: Utc::now(),
-            }));
-        }
-    }
-    out
-}
+pub use herald_test::events::{steps, Step, TestEvent};
 
 pub fn publisher(kafka: &herald_test::Kafka) -> Publisher {
     Publisher::new(&PublisherConfig::new(kafka.brokers(), "/herald-tests")).expect("publisher")

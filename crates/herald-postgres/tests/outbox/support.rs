@@ -4,41 +4,15 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use herald_kafka::{Publisher, PublisherConfig, Relay, RelayConfig};
 use herald_postgres::{OutboxRecord, PgOutbox};
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::message::Headers;
 use rdkafka::{Message, Offset, TopicPartitionList};
-use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-/// Step `seq` of aggregate `key`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Step {
-    pub event_id: Uuid,
-    pub key: String,
-    pub seq: u64,
-    pub at: DateTime<Utc>,
-}
-herald::event_payload!(Step, id = event_id, key = key, time = at);
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "event_type")]
-pub enum TestEvent {
-    Step(Step),
-}
-herald::event_family!(TestEvent, aggregate = "test", [Step]);
-
-pub fn step(key: &str, seq: u64) -> TestEvent {
-    TestEvent::Step(Step {
-        event_id: Uuid::new_v4(),
-        key: key.to_owned(),
-        seq,
-        at: Utc::now(),
-    })
-}
+pub use herald_test::events::{step, TestEvent};
 
 pub fn record(topic: &str, event: &TestEvent) -> OutboxRecord {
     OutboxRecord::new(topic, event, "/outbox-tests", None).expect("encode")

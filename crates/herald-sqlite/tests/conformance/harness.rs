@@ -9,27 +9,11 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use herald::inbox::EffectsFuture;
 use herald::{InboxStore, OutboxStore};
-use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Step `seq` of aggregate `key`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Step {
-    pub event_id: Uuid,
-    pub key: String,
-    pub seq: u64,
-    pub at: DateTime<Utc>,
-}
-herald::event_payload!(Step, id = event_id, key = key, time = at);
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "event_type")]
-pub enum TestEvent {
-    Step(Step),
-}
-herald::event_family!(TestEvent, aggregate = "test", [Step]);
+pub use herald_test::events::{Step, TestEvent};
 
 /// Event `seq` of aggregate `key`, bound for `topic`.
 #[derive(Debug, Clone)]
