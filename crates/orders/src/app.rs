@@ -177,7 +177,7 @@ impl Config {
             processor_batch: args.processor_batch as usize,
             group_prefix: args.group_prefix.clone(),
             partitions: args.topic_partitions,
-            concurrency: args.concurrency as usize,
+            concurrency: args.consumer_concurrency as usize,
             retry: args.retry(),
             relay_batch: args.relay_batch as usize,
             outbox_retention: Duration::from_secs(args.outbox_retention_hours * 3600),
@@ -483,10 +483,13 @@ impl ConsumerKind {
 }
 
 /// The consumer's handler: its effects and the inbox row in one transaction.
-fn consumer_router(kind: ConsumerKind, store: &Store, group: String, batch: usize) -> Router {
+fn consumer_router(kind: ConsumerKind, store: &Store, group: String) -> Router {
     match store {
         Store::Postgres(pool) => {
-            let inbox = Inbox::batched(pool.clone(), group, batch, Duration::from_millis(2));
+            // One transaction per event: herald-bench inbox measured the
+            // batched inbox slower here (its savepoint round trips run in
+            // sequence on one connection), see crates/herald-bench/README.md.
+            let inbox = Inbox::new(pool.clone(), group);
             Router::new().handle::<OrderEvent, _>(
                 kind.name(),
                 move |event: OrderEvent, record: RecordInfo| {
@@ -687,8 +690,7 @@ impl Application {
             if !enabled {
                 continue;
             }
-            let router =
-                consumer_router(kind, &store, config.group(kind.name()), config.concurrency);
+            let router = consumer_router(kind, &store, config.group(kind.name()));
             let consumer = config.consumer(kind.name(), router)?;
             metrics.register_consumer(kind.name(), consumer.stats());
             let stop = shutdown.clone();

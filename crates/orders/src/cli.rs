@@ -197,9 +197,10 @@ pub struct SettingsArgs {
     /// Partitions of topics this service creates.
     #[arg(long, env = "ORDERS_TOPIC_PARTITIONS", default_value_t = 6, value_parser = clap::value_parser!(i32).range(1..=1000), global = true)]
     pub topic_partitions: i32,
-    /// Keys handled in parallel per consumer.
-    #[arg(long, env = "ORDERS_CONCURRENCY", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=10_000), global = true)]
-    pub concurrency: u32,
+    /// Keys handled in parallel per consumer. (Not `--concurrency`: that is
+    /// `orders load`'s requests in flight.)
+    #[arg(long = "consumer-concurrency", env = "ORDERS_CONCURRENCY", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=10_000), global = true)]
+    pub consumer_concurrency: u32,
     /// Attempts per record before dead-lettering (transient failures).
     #[arg(long, env = "ORDERS_RETRY_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000), global = true)]
     pub retry_attempts: u32,
@@ -312,6 +313,28 @@ mod tests {
         let err =
             Cli::try_parse_from(["orders", "--concurrency", "0"]).expect_err("bad concurrency");
         assert!(err.to_string().contains("--concurrency"), "{err}");
+    }
+
+    #[test]
+    fn load_takes_its_documented_flags() {
+        let cli = Cli::try_parse_from([
+            "orders",
+            "load",
+            "--orders",
+            "10",
+            "--rate",
+            "5",
+            "--concurrency",
+            "4",
+            "--api",
+            "http://x",
+        ])
+        .expect("parses");
+        let Some(Command::Load(args)) = cli.command else {
+            panic!("not load");
+        };
+        assert_eq!((args.orders, args.rate, args.concurrency), (10, 5, 4));
+        assert_eq!(args.api.as_deref(), Some("http://x"));
     }
 
     #[test]

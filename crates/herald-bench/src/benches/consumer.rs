@@ -1,0 +1,291 @@
+//! `herald-bench consumer`: herald's consumer runtime (a [`Router`] with one
+//! no-op handler, keys in parallel) against a bare rdkafka `BaseConsumer`
+//! loop that stores each record's offset (`enable.auto.offset.store=false`,
+//! `store_offset_from_message` per record, auto commit every second like the
+//! runtime's commit interval). Both read the same pre-produced topic (herald
+//! envelopes, so the runtime decodes real events) from the start, each in a
+//! fresh consumer group with the same librdkafka consumer defaults
+//! ([`CONSUMER_DEFAULTS`]). Each side is timed from its first record to its
+//! last: joining the group is not measured.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+use clap::Args;
+use futures::StreamExt;
+use herald_kafka::consumer::CONSUMER_DEFAULTS;
+use herald_kafka::{
+    Consumer, ConsumerConfig, ConsumerStats, Publisher, PublisherConfig, RecordInfo, Router,
+};
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::ClientConfig;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::SideSpec as AnySide;
+use crate::shared::child::{run_side as run_child, SideResult};
+use crate::shared::report::{Comparison, Round};
+use crate::shared::stats::{per_second, rate, round_order, Side, Span};
+use crate::shared::topics::RunResources;
+use crate::shared::workload::{BenchEvent, Workload, SOURCE};
+use crate::shared::{progress, CommonArgs};
+
+/// The ratio herald's consumer runtime should reach.
+pub const GOAL: f64 = 0.8;
+
+/// Flags of `herald-bench consumer`.
+#[derive(Debug, Clone, Args)]
+pub struct ConsumerArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub common: CommonArgs,
+    /// Keys the runtime handles in parallel (`ConsumerConfig::concurrency`).
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Records received but unfinished before the runtime pauses fetching
+    /// (`ConsumerConfig::max_in_flight`).
+    #[arg(long, default_value_t = 1000)]
+    pub max_in_flight: usize,
+}
+
+/// One side of the consumer benchmark, as a child runs it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SideSpec {
+    side: Side,
+    brokers: String,
+    topic: String,
+    group: String,
+    records: u64,
+    concurrency: usize,
+    max_in_flight: usize,
+}
+
+/// Runs the rounds and returns the comparison.
+pub async fn run(args: &ConsumerArgs, resources: &RunResources) -> anyhow::Result<Comparison> {
+    let common = &args.common;
+    common.validate()?;
+    let topic = resources.topic("consume", common.partitions).await?;
+    let produced = pre_produce(common, &topic).await?;
+    progress(format!(
+        "consumer: pre-produced {} records to {topic} at {} rec/s",
+        common.records,
+        per_second(produced)
+    ));
+    let mut setup = serde_json::Map::new();
+    setup.insert("records".into(), json!(common.records));
+    setup.insert("payload_bytes".into(), json!(common.payload_bytes));
+    setup.insert("partitions".into(), json!(common.partitions));
+    setup.insert("keys".into(), json!(common.keys));
+    setup.insert("concurrency".into(), json!(args.concurrency));
+    setup.insert("max_in_flight".into(), json!(args.max_in_flight));
+    setup.insert("brokers".into(), json!(common.brokers));
+    let mut comparison = Comparison {
+        bench: "consumer",
+        herald_side: format!(
+            "herald Consumer runtime, no-op handler, concurrency {}, max_in_flight {}, CONSUMER_DEFAULTS",
+            args.concurrency, args.max_in_flight
+        ),
+        bare_side: "rdkafka BaseConsumer poll loop, store_offset per record, auto commit 1 s, CONSUMER_DEFAULTS".to_owned(),
+        goal: GOAL,
+        ceiling: None,
+        setup,
+        rounds: Vec::new(),
+        notes: Vec::new(),
+    };
+    for round in 0..common.rounds {
+        let order = round_order(round);
+        let mut herald = None;
+        let mut bare = None;
+        for side in order {
+            let spec = SideSpec {
+                side,
+                brokers: common.brokers.clone(),
+                topic: topic.clone(),
+                group: resources.group(&format!("r{}-{}", round + 1, side.name())),
+                records: common.records,
+                concurrency: args.concurrency,
+                max_in_flight: args.max_in_flight,
+            };
+            let result = run_child(&AnySide::Consumer(spec), common.side_timeout_secs).await?;
+            progress(format!(
+                "consumer round {} {}: {} rec/s",
+                round + 1,
+                side.name(),
+                per_second(result.rate())
+            ));
+            match side {
+                Side::Herald => herald = Some(result),
+                Side::Bare => bare = Some(result),
+            }
+        }
+        let (Some(herald), Some(bare)) = (herald, bare) else {
+            bail!("round {} is missing a side", round + 1);
+        };
+        comparison
+            .rounds
+            .push(Round::new(round + 1, order, herald, bare));
+    }
+    Ok(comparison)
+}
+
+/// Fills `topic` with the run's records through herald's publisher; returns
+/// the rate it produced at.
+pub(crate) async fn pre_produce(common: &CommonArgs, topic: &str) -> anyhow::Result<f64> {
+    let workload = Workload::new(common.payload_bytes, common.keys, common.records)?;
+    let publisher = Publisher::new(&PublisherConfig::new(&common.brokers, SOURCE))?;
+    let (workload, publisher, records) = (&workload, &publisher, common.records);
+    const BATCH: u64 = 10_000;
+    let start = Instant::now();
+    let mut batches = futures::stream::iter((0..records).step_by(BATCH as usize))
+        .map(|first| async move {
+            let events: Vec<BenchEvent> = (first..(first + BATCH).min(records))
+                .map(|i| workload.event(i))
+                .collect();
+            publisher
+                .publish_batch(topic, &events)
+                .await
+                .into_iter()
+                .find_map(Result::err)
+        })
+        .buffered(4);
+    while let Some(error) = batches.next().await {
+        if let Some(error) = error {
+            bail!("pre-producing failed: {error}");
+        }
+    }
+    Ok(rate(records, start.elapsed().as_secs_f64()))
+}
+
+/// Runs one side in this (child) process.
+pub async fn run_side(spec: SideSpec) -> anyhow::Result<SideResult> {
+    match spec.side {
+        Side::Herald => herald_side(&spec).await,
+        Side::Bare => tokio::task::spawn_blocking(move || bare_side(&spec))
+            .await
+            .context("bare side panicked")?,
+    }
+}
+
+/// What a handler sees: when the first and the target-th record came.
+pub(crate) struct Probe {
+    target: u64,
+    handled: AtomicU64,
+    pub(crate) first: OnceLock<Instant>,
+    pub(crate) last: OnceLock<Instant>,
+    pub(crate) done: tokio::sync::Notify,
+}
+
+impl Probe {
+    /// A probe waiting for `target` records.
+    pub(crate) fn new(target: u64) -> Self {
+        Self {
+            target,
+            handled: AtomicU64::new(0),
+            first: OnceLock::new(),
+            last: OnceLock::new(),
+            done: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Counts one handled record.
+    pub(crate) fn hit(&self) {
+        self.first.get_or_init(Instant::now);
+        if self.handled.fetch_add(1, Ordering::Relaxed) + 1 == self.target {
+            let _ = self.last.set(Instant::now());
+            self.done.notify_one();
+        }
+    }
+}
+
+async fn herald_side(spec: &SideSpec) -> anyhow::Result<SideResult> {
+    let probe = Arc::new(Probe::new(spec.records));
+    let handler_probe = Arc::clone(&probe);
+    let router =
+        Router::new().handle::<BenchEvent, _>("noop", move |_: BenchEvent, _: RecordInfo| {
+            let probe = Arc::clone(&handler_probe);
+            async move {
+                probe.hit();
+                Ok(())
+            }
+        });
+    let config = ConsumerConfig::new(&spec.brokers, &spec.group, [&spec.topic])
+        .concurrency(spec.concurrency)
+        .max_in_flight(spec.max_in_flight);
+    let consumer = Consumer::new(config, router)?;
+    let stats = consumer.stats();
+    let started = Instant::now();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(consumer.run(async move {
+        let _ = stop_rx.await;
+    }));
+    probe.done.notified().await;
+    let _ = stop_tx.send(());
+    running.await.context("the consumer task panicked")??;
+    let (Some(first), Some(last)) = (probe.first.get(), probe.last.get()) else {
+        bail!("the handler never saw the last record");
+    };
+    let seconds = last.duration_since(*first).as_secs_f64();
+    let count = |c: &AtomicU64| ConsumerStats::get(c) as f64;
+    Ok(SideResult::finish(spec.records, seconds)?
+        .with(
+            "startup_seconds",
+            first.duration_since(started).as_secs_f64(),
+        )
+        .with("consumed", count(&stats.consumed))
+        .with("handled", count(&stats.handled))
+        .with("skipped_unknown", count(&stats.skipped_unknown))
+        .with("dead_lettered", count(&stats.dead_lettered))
+        .with("commit_failures", count(&stats.commit_failures)))
+}
+
+fn bare_side(spec: &SideSpec) -> anyhow::Result<SideResult> {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &spec.brokers);
+    config.set("group.id", &spec.group);
+    for (k, v) in CONSUMER_DEFAULTS {
+        config.set(*k, *v);
+    }
+    config.set("enable.auto.commit", "true");
+    config.set("enable.auto.offset.store", "false");
+    config.set("auto.commit.interval.ms", "1000");
+    let consumer: BaseConsumer = config.create().context("creating the bare consumer")?;
+    consumer
+        .subscribe(&[&spec.topic])
+        .context("subscribing the bare consumer")?;
+    let mut errors = 0u64;
+    let started = Instant::now();
+    let mut span = Span::default();
+    let mut received = 0;
+    while received < spec.records {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(message)) => {
+                span.mark();
+                consumer
+                    .store_offset_from_message(&message)
+                    .context("storing an offset")?;
+                received += 1;
+            }
+            Some(Err(error)) => {
+                errors += 1;
+                progress(format!("bare consumer error: {error}"));
+            }
+            None => {}
+        }
+    }
+    let seconds = span.seconds();
+    let startup = span
+        .first()
+        .map_or(0.0, |f| f.duration_since(started).as_secs_f64());
+    ensure!(
+        received == spec.records,
+        "received {received} of {}",
+        spec.records
+    );
+    // Dropping the consumer commits the stored offsets and leaves the group.
+    drop(consumer);
+    Ok(SideResult::finish(spec.records, seconds)?
+        .with("startup_seconds", startup)
+        .with("errors", errors as f64))
+}

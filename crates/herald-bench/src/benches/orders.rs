@@ -1,0 +1,746 @@
+//! `herald-bench orders`: the reference service end to end, with every
+//! guarantee on (transactional outbox, idempotent relay, inbox-guarded
+//! consumers) against PostgreSQL's own ceiling on the same database.
+//!
+//! Each round starts `orders run` (the binary built with `cargo build
+//! --release -p orders`, or `--orders-bin`) as a child process on the run's
+//! fresh database, with fresh random topics and consumer groups
+//! (`ORDERS_EVENTS_TOPIC`, `ORDERS_FULFILLMENT_TOPIC`, `ORDERS_GROUP_PREFIX`)
+//! and the API on a free port (`HTTP_ADDR`); waits for `/readyz`; runs the
+//! service's own load generator (`orders load --orders N --concurrency C
+//! --api URL`) and parses its final line (`N orders in S s: X orders/s,
+//! POST→read-model p50 A ms, p95 B ms, p99 C ms`); reads the service's peak
+//! RSS and stops it with SIGTERM. In the same round, with the service
+//! stopped, `pgbench -n -f script.sql -c C -T S` runs a one-INSERT-per-
+//! transaction script on the same database: the rate at which this server
+//! commits single durable inserts, the ceiling. The two alternate from round
+//! to round; the ratio is orders/s ÷ pgbench TPS.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::process::{Child, Command};
+
+use super::SideSpec as AnySide;
+use crate::shared::child::{peak_rss_kib_of, run_side, SideResult};
+use crate::shared::database::{libpq_env, BenchDatabase, DbArgs};
+use crate::shared::progress;
+use crate::shared::report::{setup_line, Report};
+use crate::shared::stats::{median, mib, per_second, ratio, round_order, Side};
+use crate::shared::topics::RunResources;
+
+/// Flags of `herald-bench orders`.
+#[derive(Debug, Clone, Args)]
+pub struct OrdersArgs {
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub brokers: String,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub db: DbArgs,
+    /// Orders `orders load` posts per round.
+    #[arg(long, default_value_t = 10_000)]
+    pub orders: usize,
+    /// Requests in flight (`orders load --concurrency`); also pgbench's
+    /// clients unless `--pgbench-clients` is given.
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+    /// Target orders per second (`orders load --rate`; 0: as fast as possible).
+    #[arg(long, default_value_t = 0)]
+    pub rate: u32,
+    /// pgbench clients (default: `--concurrency`).
+    #[arg(long)]
+    pub pgbench_clients: Option<usize>,
+    /// Seconds pgbench runs.
+    #[arg(long, default_value_t = 20)]
+    pub pgbench_secs: u64,
+    /// Partitions of the service's topics (`ORDERS_TOPIC_PARTITIONS`).
+    #[arg(long, default_value_t = 6)]
+    pub partitions: i32,
+    /// Rounds; each runs the service and pgbench once, the order alternating.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
+    /// The `orders` binary [default: build it with `cargo build --release -p
+    /// orders` into this binary's target directory and use that].
+    #[arg(long)]
+    pub orders_bin: Option<PathBuf>,
+    /// Give up when the read model lacks orders after this many seconds
+    /// (`orders load --timeout-secs`).
+    #[arg(long, default_value_t = 600)]
+    pub load_timeout_secs: u64,
+    /// Print one JSON document instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl OrdersArgs {
+    /// Rejects values the benchmark cannot run with.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        ensure!(self.orders > 0, "--orders must be at least 1");
+        ensure!(self.concurrency > 0, "--concurrency must be at least 1");
+        ensure!(self.pgbench_secs > 0, "--pgbench-secs must be at least 1");
+        ensure!(self.rounds > 0, "--rounds must be at least 1");
+        ensure!(
+            self.pgbench_clients != Some(0),
+            "--pgbench-clients must be at least 1"
+        );
+        Ok(())
+    }
+
+    fn clients(&self) -> usize {
+        self.pgbench_clients.unwrap_or(self.concurrency)
+    }
+}
+
+/// What `orders load` reported.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LoadFigures {
+    /// Orders created.
+    pub orders: u64,
+    /// First POST to the last order in the read model (s).
+    pub seconds: f64,
+    /// Orders per second.
+    pub rate: f64,
+    /// POST → read model, median (ms).
+    pub p50_ms: f64,
+    /// 95th percentile (ms).
+    pub p95_ms: f64,
+    /// 99th percentile (ms).
+    pub p99_ms: f64,
+    /// The service's peak RSS (KiB), read before it was stopped.
+    #[serde(default)]
+    pub peak_rss_kib: u64,
+    /// The line as printed.
+    pub line: String,
+    /// How the load generator ran.
+    pub via: String,
+}
+
+/// What pgbench reported.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PgbenchFigures {
+    /// Transactions per second (without the initial connection time).
+    pub tps: f64,
+    /// Mean transaction latency (ms).
+    pub latency_avg_ms: f64,
+    /// Transactions processed.
+    pub transactions: u64,
+    /// Clients.
+    pub clients: usize,
+    /// Seconds.
+    pub seconds: u64,
+}
+
+/// One round.
+#[derive(Debug, Clone, Serialize)]
+pub struct OrdersRound {
+    /// 1-based.
+    pub round: usize,
+    /// `orders` and `pgbench` in the order they ran.
+    pub order: Vec<&'static str>,
+    /// The service.
+    pub orders: LoadFigures,
+    /// The ceiling.
+    pub pgbench: PgbenchFigures,
+    /// orders/s ÷ pgbench TPS.
+    pub ratio: f64,
+}
+
+/// The report of `herald-bench orders`.
+#[derive(Debug, Clone, Serialize)]
+pub struct OrdersReport {
+    /// Settings.
+    pub setup: serde_json::Map<String, Value>,
+    /// Every round.
+    pub rounds: Vec<OrdersRound>,
+    /// Lines under the table.
+    pub notes: Vec<String>,
+}
+
+impl OrdersReport {
+    fn median_of(&self, f: impl Fn(&OrdersRound) -> f64) -> f64 {
+        median(&self.rounds.iter().map(f).collect::<Vec<_>>()).unwrap_or(f64::NAN)
+    }
+
+    /// The final line.
+    pub fn summary_line(&self) -> String {
+        let n = self.rounds.len();
+        let clients = self.rounds.first().map_or(0, |r| r.pgbench.clients);
+        format!(
+            "orders: {} orders/s end to end (POST→read-model p50 {:.0} ms, p95 {:.0} ms, p99 {:.0} ms); pgbench one INSERT per transaction {} TPS ({clients} clients); ratio {:.3} (median of {n} round{}); orders peak RSS {}",
+            per_second(self.median_of(|r| r.orders.rate)),
+            self.median_of(|r| r.orders.p50_ms),
+            self.median_of(|r| r.orders.p95_ms),
+            self.median_of(|r| r.orders.p99_ms),
+            per_second(self.median_of(|r| r.pgbench.tps)),
+            self.median_of(|r| r.ratio),
+            if n == 1 { "" } else { "s" },
+            mib(self.rounds.iter().map(|r| r.orders.peak_rss_kib).max().unwrap_or(0)),
+        )
+    }
+}
+
+impl Report for OrdersReport {
+    fn table(&self) -> String {
+        let mut out = format!("orders: {}\n", setup_line(&self.setup));
+        out.push_str(&format!(
+            "{:>5}  {:<15} {:>8} {:>10} {:>8} {:>8} {:>8} {:>12} {:>10} {:>7} {:>9}\n",
+            "round",
+            "order",
+            "orders",
+            "orders/s",
+            "p50 ms",
+            "p95 ms",
+            "p99 ms",
+            "pgbench TPS",
+            "pg lat ms",
+            "ratio",
+            "RSS"
+        ));
+        for r in &self.rounds {
+            out.push_str(&format!(
+                "{:>5}  {:<15} {:>8} {:>10} {:>8.0} {:>8.0} {:>8.0} {:>12} {:>10.2} {:>7.3} {:>9}\n",
+                r.round,
+                r.order.join(","),
+                r.orders.orders,
+                per_second(r.orders.rate),
+                r.orders.p50_ms,
+                r.orders.p95_ms,
+                r.orders.p99_ms,
+                per_second(r.pgbench.tps),
+                r.pgbench.latency_avg_ms,
+                r.ratio,
+                mib(r.orders.peak_rss_kib),
+            ));
+        }
+        for r in &self.rounds {
+            out.push_str(&format!(
+                "  round {} load ({}): {}\n",
+                r.round, r.orders.via, r.orders.line
+            ));
+        }
+        for note in &self.notes {
+            out.push_str(&format!("  {note}\n"));
+        }
+        out.push_str(&self.summary_line());
+        out.push('\n');
+        out
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "bench": "orders",
+            "setup": self.setup,
+            "rounds": self.rounds,
+            "notes": self.notes,
+            "summary_line": self.summary_line(),
+        })
+    }
+}
+
+const CEILING_TABLE: &str = "CREATE TABLE herald_bench_ceiling (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    k BIGINT NOT NULL,
+    payload TEXT NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now()
+)";
+
+const CEILING_SCRIPT: &str = "\\set k random(1, 1000000000)
+INSERT INTO herald_bench_ceiling (k, payload) VALUES (:k, repeat('x', 256));
+";
+
+/// Runs the rounds and returns the report.
+pub async fn run(
+    args: &OrdersArgs,
+    resources: &RunResources,
+    db: &BenchDatabase,
+) -> anyhow::Result<OrdersReport> {
+    args.validate()?;
+    let durability = db.durability().await?;
+    let binary = match &args.orders_bin {
+        Some(path) => path.clone(),
+        None => build_orders().await?,
+    };
+    ensure!(
+        binary.is_file(),
+        "no orders binary at {} (build it: cargo build --release -p orders, or pass --orders-bin)",
+        binary.display()
+    );
+    let scratch = std::env::temp_dir().join(format!("herald-bench-{}", resources.run_id()));
+    std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    let outcome = rounds(args, resources, db, &binary, &scratch, &durability).await;
+    let _ = std::fs::remove_dir_all(&scratch);
+    outcome
+}
+
+async fn rounds(
+    args: &OrdersArgs,
+    resources: &RunResources,
+    db: &BenchDatabase,
+    binary: &Path,
+    scratch: &Path,
+    durability: &crate::shared::database::Durability,
+) -> anyhow::Result<OrdersReport> {
+    db.execute(CEILING_TABLE).await?;
+    let script = scratch.join("one-insert.sql");
+    std::fs::write(&script, CEILING_SCRIPT)
+        .with_context(|| format!("writing {}", script.display()))?;
+    let mut setup = serde_json::Map::new();
+    setup.insert("orders".into(), json!(args.orders));
+    setup.insert("concurrency".into(), json!(args.concurrency));
+    setup.insert("rate".into(), json!(args.rate));
+    setup.insert("pgbench_clients".into(), json!(args.clients()));
+    setup.insert("pgbench_secs".into(), json!(args.pgbench_secs));
+    setup.insert("partitions".into(), json!(args.partitions));
+    setup.insert("brokers".into(), json!(args.brokers));
+    setup.insert("database".into(), json!(db.name()));
+    setup.insert("orders_bin".into(), json!(binary.display().to_string()));
+    setup.insert(
+        "synchronous_commit".into(),
+        json!(durability.synchronous_commit),
+    );
+    setup.insert("fsync".into(), json!(durability.fsync));
+    let mut report = OrdersReport {
+        setup,
+        rounds: Vec::new(),
+        notes: vec![
+            format!("PostgreSQL: {}", durability.describe()),
+            "orders: `orders run` (every component in one process: API, outbox relay, inbox-guarded consumers, ...), driven by `orders load`; latency = POST sent → read model's projected_at".to_owned(),
+            format!(
+                "ceiling: pgbench -n -f one-insert.sql -c {} -T {} on the same database, one INSERT (256-byte text) per transaction, the service stopped",
+                args.clients(),
+                args.pgbench_secs
+            ),
+        ],
+    };
+    for round in 0..args.rounds {
+        let order = round_order(round);
+        let mut load = None;
+        let mut ceiling = None;
+        for side in order {
+            match side {
+                Side::Herald => {
+                    let figures = run_service(args, resources, db, binary, scratch, round + 1)
+                        .await
+                        .with_context(|| format!("round {} orders", round + 1))?;
+                    progress(format!("orders round {}: {}", round + 1, figures.line));
+                    load = Some(figures);
+                }
+                Side::Bare => {
+                    let figures = pgbench(args, db, &script).await?;
+                    progress(format!(
+                        "orders round {}: pgbench {} TPS, latency average {:.2} ms",
+                        round + 1,
+                        per_second(figures.tps),
+                        figures.latency_avg_ms
+                    ));
+                    ceiling = Some(figures);
+                }
+            }
+        }
+        let (Some(orders), Some(pgbench)) = (load, ceiling) else {
+            bail!("round {} is missing a side", round + 1);
+        };
+        report.rounds.push(OrdersRound {
+            round: round + 1,
+            order: order
+                .iter()
+                .map(|s| match s {
+                    Side::Herald => "orders",
+                    Side::Bare => "pgbench",
+                })
+                .collect(),
+            ratio: ratio(orders.rate, pgbench.tps),
+            orders,
+            pgbench,
+        });
+    }
+    Ok(report)
+}
+
+/// Builds `orders` with cargo into this binary's target directory and
+/// profile; returns the binary's path.
+async fn build_orders() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the herald-bench binary")?;
+    let profile_dir = exe.parent().context("the binary has no directory")?;
+    let target_dir = profile_dir
+        .parent()
+        .context("the binary's directory has no parent")?;
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    command
+        .current_dir(&workspace)
+        .env("CARGO_TARGET_DIR", target_dir)
+        .args(["build", "-p", "orders"]);
+    if profile_dir.file_name().is_some_and(|n| n != "debug") {
+        command.arg("--release");
+    }
+    progress(format!(
+        "orders: building the service (cargo build --release -p orders, target {})",
+        target_dir.display()
+    ));
+    let status = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .status()
+        .await
+        .context("running cargo (or pass --orders-bin)")?;
+    ensure!(status.success(), "building orders failed ({status})");
+    Ok(profile_dir.join("orders"))
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released).
+fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// `GET path` on 127.0.0.1:`port`; the status code.
+async fn http_status(port: u16, path: &str) -> anyhow::Result<u16> {
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        stream
+            .write_all(
+                format!(
+                    "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .await?;
+        let mut head = Vec::new();
+        stream.read_to_end(&mut head).await?;
+        anyhow::Ok(head)
+    };
+    let head = tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .context("timed out")??;
+    let line = String::from_utf8_lossy(&head);
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .context("no HTTP status line")
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// Starts `orders run`, loads it, stops it.
+async fn run_service(
+    args: &OrdersArgs,
+    resources: &RunResources,
+    db: &BenchDatabase,
+    binary: &Path,
+    scratch: &Path,
+    round: usize,
+) -> anyhow::Result<LoadFigures> {
+    // Every topic and group the service makes carries this prefix.
+    resources.adopt_prefix(&resources.name(&format!("r{round}-")));
+    let events = resources.name(&format!("r{round}-order-events"));
+    let prefix = resources.name(&format!("r{round}-orders"));
+    let port = free_port()?;
+    let log_path = scratch.join(format!("orders-r{round}.log"));
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
+    let mut service = Command::new(binary)
+        .arg("run")
+        .env("KAFKA_BROKERS", &args.brokers)
+        .env("DATABASE_URL", db.url())
+        .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .env("ORDERS_EVENTS_TOPIC", &events)
+        .env(
+            "ORDERS_FULFILLMENT_TOPIC",
+            resources.name(&format!("r{round}-fulfillment-events")),
+        )
+        .env("ORDERS_GROUP_PREFIX", &prefix)
+        .env("ORDERS_TOPIC_PARTITIONS", args.partitions.to_string())
+        .env("ORDERS_DATA_DIR", scratch.join("data"))
+        .env("RUST_LOG", "warn")
+        .env_remove("METRICS_ADDR")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().context("duplicating the log file")?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))?;
+    let pid = service.id().context("the service exited at once")?;
+    let outcome = async {
+        wait_ready(&mut service, port, &log_path).await?;
+        let mut figures = load(args, binary, port).await?;
+        figures.peak_rss_kib = peak_rss_kib_of(pid).unwrap_or(0);
+        anyhow::Ok(figures)
+    }
+    .await;
+    stop(&mut service, pid).await;
+    outcome.map_err(|e| {
+        e.context(format!(
+            "service log {}:\n{}",
+            log_path.display(),
+            log_tail(&log_path)
+        ))
+    })
+}
+
+async fn wait_ready(service: &mut Child, port: u16, log: &Path) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(status) = service.try_wait()? {
+            bail!(
+                "orders run exited ({status}) before it was ready:\n{}",
+                log_tail(log)
+            );
+        }
+        if let Ok(200) = http_status(port, "/readyz").await {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("orders run not ready after 120 s:\n{}", log_tail(log));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// SIGTERM, then up to 30 s for a clean stop, then SIGKILL.
+async fn stop(service: &mut Child, pid: u32) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .await;
+    match tokio::time::timeout(Duration::from_secs(30), service.wait()).await {
+        Ok(Ok(status)) if status.success() => {}
+        Ok(Ok(status)) => progress(format!("orders run exited with {status}")),
+        Ok(Err(error)) => progress(format!("waiting for orders run: {error}")),
+        Err(_) => {
+            progress("orders run did not stop within 30 s; killing it");
+            let _ = service.kill().await;
+        }
+    }
+}
+
+/// The panic of `orders load` when its `--concurrency` clashes with the
+/// global `--concurrency` flag (clap ids of two types).
+const CLAP_CLASH: &str = "Mismatch between definition and access of";
+
+/// Runs the service's load generator: the `orders load` command, or — when
+/// that command cannot start (see [`CLAP_CLASH`]) — the same generator,
+/// `orders::load::run`, in a child process of this binary.
+async fn load(args: &OrdersArgs, binary: &Path, port: u16) -> anyhow::Result<LoadFigures> {
+    let api = format!("http://127.0.0.1:{port}");
+    let mut command = Command::new(binary);
+    command
+        .arg("load")
+        .args(["--orders", &args.orders.to_string()])
+        .args(["--concurrency", &args.concurrency.to_string()])
+        .args(["--api", &api])
+        .args(["--timeout-secs", &args.load_timeout_secs.to_string()])
+        .env("RUST_LOG", "warn")
+        .env("RUST_BACKTRACE", "0")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    if args.rate > 0 {
+        command.args(["--rate", &args.rate.to_string()]);
+    }
+    let output = command.output().await.context("running orders load")?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if !output.status.success() && stderr.contains(CLAP_CLASH) {
+        progress(format!(
+            "orders load cannot start ({}): {}; running orders::load::run in a child process instead",
+            output.status,
+            stderr
+                .lines()
+                .find(|l| l.contains(CLAP_CLASH))
+                .unwrap_or_default()
+                .trim()
+        ));
+        let spec = LoadSpec {
+            api,
+            orders: args.orders,
+            rate: args.rate,
+            concurrency: args.concurrency,
+            timeout_secs: args.load_timeout_secs,
+        };
+        let result = run_side(&AnySide::OrdersLoad(spec), args.load_timeout_secs + 120).await?;
+        let extra = |k: &str| result.extra.get(k).copied().unwrap_or(f64::NAN);
+        let mut figures = LoadFigures {
+            orders: result.records,
+            seconds: result.seconds,
+            rate: extra("rate"),
+            p50_ms: extra("p50_ms"),
+            p95_ms: extra("p95_ms"),
+            p99_ms: extra("p99_ms"),
+            peak_rss_kib: 0,
+            line: String::new(),
+            via:
+                "orders::load::run (library) in a herald-bench child: `orders load` panics at start"
+                    .to_owned(),
+        };
+        figures.line = format!(
+            "{} orders in {:.1} s: {:.0} orders/s, POST→read-model p50 {:.0} ms, p95 {:.0} ms, p99 {:.0} ms",
+            figures.orders, figures.seconds, figures.rate, figures.p50_ms, figures.p95_ms, figures.p99_ms
+        );
+        return Ok(figures);
+    }
+    ensure!(
+        output.status.success(),
+        "orders load failed ({}): {stdout}{stderr}",
+        output.status,
+    );
+    stdout
+        .lines()
+        .rev()
+        .find_map(parse_load_line)
+        .with_context(|| format!("orders load printed no summary line: {stdout}"))
+}
+
+/// `orders::load::run` as a child of this binary runs it (the fallback of
+/// [`load`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoadSpec {
+    api: String,
+    orders: usize,
+    rate: u32,
+    concurrency: usize,
+    timeout_secs: u64,
+}
+
+/// Runs the service's load generator in this (child) process. It prints its
+/// summary line before the result line; the figures go in the result.
+pub async fn run_load_side(spec: LoadSpec) -> anyhow::Result<SideResult> {
+    let args = orders::cli::LoadArgs {
+        orders: spec.orders,
+        rate: spec.rate,
+        concurrency: spec.concurrency,
+        api: Some(spec.api.clone()),
+        timeout_secs: spec.timeout_secs,
+    };
+    let report = orders::load::run(&spec.api, &args).await?;
+    Ok(
+        SideResult::finish(report.orders as u64, report.elapsed.as_secs_f64())?
+            .with("rate", report.rate)
+            .with("p50_ms", report.p50_ms)
+            .with("p95_ms", report.p95_ms)
+            .with("p99_ms", report.p99_ms),
+    )
+}
+
+/// Parses `N orders in S s: X orders/s, POST→read-model p50 A ms, p95 B ms,
+/// p99 C ms`.
+pub fn parse_load_line(line: &str) -> Option<LoadFigures> {
+    let line = line.trim();
+    let (orders, rest) = line.split_once(" orders in ")?;
+    let (seconds, rest) = rest.split_once(" s: ")?;
+    let (rate, rest) = rest.split_once(" orders/s")?;
+    let after = |key: &str| -> Option<f64> {
+        let start = rest.find(key)? + key.len();
+        rest[start..].split_whitespace().next()?.parse().ok()
+    };
+    Some(LoadFigures {
+        orders: orders.trim().parse().ok()?,
+        seconds: seconds.trim().parse().ok()?,
+        rate: rate.trim().parse().ok()?,
+        p50_ms: after("p50 ")?,
+        p95_ms: after("p95 ")?,
+        p99_ms: after("p99 ")?,
+        peak_rss_kib: 0,
+        line: line.to_owned(),
+        via: "orders load (command)".to_owned(),
+    })
+}
+
+async fn pgbench(
+    args: &OrdersArgs,
+    db: &BenchDatabase,
+    script: &Path,
+) -> anyhow::Result<PgbenchFigures> {
+    let clients = args.clients();
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(clients);
+    let mut command = Command::new("pgbench");
+    command
+        .args(["-n", "-f"])
+        .arg(script)
+        .args(["-c", &clients.to_string()])
+        .args(["-j", &threads.to_string()])
+        .args(["-T", &args.pgbench_secs.to_string()])
+        .env("PGAPPNAME", "herald-bench")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    for (key, value) in libpq_env(db.url())? {
+        command.env(key, value);
+    }
+    let output = command
+        .output()
+        .await
+        .context("running pgbench (installed with PostgreSQL)")?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    ensure!(
+        output.status.success(),
+        "pgbench failed ({}): {stdout}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    parse_pgbench(&stdout, clients, args.pgbench_secs)
+        .with_context(|| format!("pgbench printed no tps line: {stdout}"))
+}
+
+/// Reads `tps = …`, `latency average = … ms` and `number of transactions
+/// actually processed: …` from pgbench's output.
+pub fn parse_pgbench(output: &str, clients: usize, seconds: u64) -> Option<PgbenchFigures> {
+    let value = |prefix: &str| -> Option<&str> {
+        output
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .and_then(|rest| rest.split_whitespace().next())
+    };
+    Some(PgbenchFigures {
+        tps: value("tps = ")?.parse().ok()?,
+        latency_avg_ms: value("latency average = ")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(f64::NAN),
+        transactions: value("number of transactions actually processed: ")
+            .and_then(|v| v.split('/').next()?.parse().ok())
+            .unwrap_or(0),
+        clients,
+        seconds,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_load_line() {
+        let line =
+            "2000 orders in 3.1 s: 645 orders/s, POST→read-model p50 12 ms, p95 30 ms, p99 41 ms";
+        let figures = parse_load_line(line).expect("parsed");
+        assert_eq!(figures.orders, 2000);
+        assert_eq!(figures.seconds, 3.1);
+        assert_eq!(figures.rate, 645.0);
+        assert_eq!(
+            (figures.p50_ms, figures.p95_ms, figures.p99_ms),
+            (12.0, 30.0, 41.0)
+        );
+        assert!(parse_load_line("posting [====]").is_none());
+    }
+
+    #[test]
+    fn parses_pgbench_output() {
+        let output = "transaction type: one-insert.sql\nscaling factor: 1\nquery mode: simple\nnumber of clients: 32\nnumber of threads: 2\nmaximum number of tries: 1\nduration: 20 s\nnumber of transactions actually processed: 46913\nnumber of failed transactions: 0 (0.000%)\nlatency average = 13.640 ms\ninitial connection time = 40.1 ms\ntps = 2345.678901 (without initial connection time)\n";
+        let figures = parse_pgbench(output, 32, 20).expect("parsed");
+        assert_eq!(figures.tps, 2345.678901);
+        assert_eq!(figures.latency_avg_ms, 13.64);
+        assert_eq!(figures.transactions, 46913);
+    }
+}

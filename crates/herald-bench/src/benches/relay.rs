@@ -1,0 +1,377 @@
+//! `herald-bench relay`: herald's outbox relay ([`Relay::drain`] over
+//! [`PgOutbox`]) emptying a pre-filled outbox into Kafka, against the bare
+//! [`Publisher::publish_records`] sending the same records (same keys,
+//! bodies and headers) to the same broker, in the same run.
+//!
+//! Each round the parent empties the outbox of the run's fresh database,
+//! fills it with `--records` events (multi-row [`enqueue_all`] in
+//! transactions of `--fill-batch`; timed apart, not part of the
+//! measurement), runs `VACUUM (ANALYZE)` so the relay's queries are planned
+//! on real statistics, and starts the relay side: a child that drains the
+//! outbox to its own fresh topic, timed from the first claim to the pass
+//! that finds the outbox empty. The bare side, in its own child, publishes
+//! the same number of records of the same shape to its own fresh topic in
+//! `publish_records` calls of `--publish-batch`, timed over the calls (the
+//! records of a call are encoded before its clock starts, as the relay's
+//! were encoded at enqueue). Both producers use herald's
+//! `PRODUCER_DEFAULTS` and learn the topic's metadata before the clock.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+use clap::{Args, ValueEnum};
+use futures::StreamExt;
+use herald::Envelope;
+use herald_kafka::{OutgoingRecord, Publisher, PublisherConfig, Relay, RelayConfig};
+use herald_postgres::outbox::{enqueue_all, status};
+use herald_postgres::{AfterPublish, OutboxRecord, PgOutbox, StoreError};
+use rdkafka::producer::Producer as _;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::SideSpec as AnySide;
+use crate::shared::child::{run_side_with_env, SideResult};
+use crate::shared::database::{child_pool, BenchDatabase, DbArgs, CHILD_DATABASE_URL};
+use crate::shared::report::{Comparison, Round};
+use crate::shared::stats::{per_second, rate, round_order, Side};
+use crate::shared::topics::RunResources;
+use crate::shared::workload::{Workload, SOURCE};
+use crate::shared::{progress, CommonArgs};
+
+/// The ratio the relay should reach against the bare publisher.
+pub const GOAL: f64 = 0.5;
+
+/// What the relay does with a published row (`PgOutbox::after_publish`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AfterPublishArg {
+    /// Set `published_at` (the default of `PgOutbox`).
+    Mark,
+    /// Delete the row.
+    Delete,
+}
+
+impl AfterPublishArg {
+    fn store(self) -> AfterPublish {
+        match self {
+            AfterPublishArg::Mark => AfterPublish::MarkPublished,
+            AfterPublishArg::Delete => AfterPublish::Delete,
+        }
+    }
+}
+
+/// Flags of `herald-bench relay`.
+#[derive(Debug, Clone, Args)]
+pub struct RelayArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub db: DbArgs,
+    /// Rows the relay claims per pass (`RelayConfig::batch_size`).
+    #[arg(long, default_value_t = 500)]
+    pub relay_batch: usize,
+    /// What the relay does with published rows.
+    #[arg(long, value_enum, default_value_t = AfterPublishArg::Mark)]
+    pub after_publish: AfterPublishArg,
+    /// Records per `publish_records` call of the bare publisher.
+    #[arg(long, default_value_t = 10_000)]
+    pub publish_batch: usize,
+    /// Outbox rows per fill transaction (one multi-row `enqueue_all`).
+    #[arg(long, default_value_t = 1_000)]
+    pub fill_batch: usize,
+    /// Fill transactions in flight (capped so that no two concurrent ones
+    /// write the same key).
+    #[arg(long, default_value_t = 4)]
+    pub fill_concurrency: usize,
+}
+
+/// One side of the relay benchmark, as a child runs it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SideSpec {
+    side: Side,
+    brokers: String,
+    topic: String,
+    records: u64,
+    payload_bytes: usize,
+    keys: u64,
+    relay_batch: usize,
+    after_publish: AfterPublishArg,
+    publish_batch: usize,
+}
+
+/// Runs the rounds and returns the comparison.
+pub async fn run(
+    args: &RelayArgs,
+    resources: &RunResources,
+    db: &BenchDatabase,
+) -> anyhow::Result<Comparison> {
+    let common = &args.common;
+    common.validate()?;
+    ensure!(args.relay_batch > 0, "--relay-batch must be at least 1");
+    ensure!(args.publish_batch > 0, "--publish-batch must be at least 1");
+    ensure!(args.fill_batch > 0, "--fill-batch must be at least 1");
+    let durability = db.durability().await?;
+    let workload = Workload::new(common.payload_bytes, common.keys, common.records)?;
+    let mut setup = serde_json::Map::new();
+    setup.insert("records".into(), json!(common.records));
+    setup.insert("payload_bytes".into(), json!(common.payload_bytes));
+    setup.insert("partitions".into(), json!(common.partitions));
+    setup.insert("keys".into(), json!(common.keys));
+    setup.insert("relay_batch".into(), json!(args.relay_batch));
+    setup.insert("after_publish".into(), json!(args.after_publish));
+    setup.insert("publish_batch".into(), json!(args.publish_batch));
+    setup.insert("fill_batch".into(), json!(args.fill_batch));
+    setup.insert("brokers".into(), json!(common.brokers));
+    setup.insert("database".into(), json!(db.name()));
+    setup.insert(
+        "synchronous_commit".into(),
+        json!(durability.synchronous_commit),
+    );
+    setup.insert("fsync".into(), json!(durability.fsync));
+    let mut comparison = Comparison {
+        bench: "relay",
+        herald_side: format!(
+            "herald Relay::drain over PgOutbox (batch {}, {:?} after publish), pre-filled outbox → Kafka, PRODUCER_DEFAULTS",
+            args.relay_batch, args.after_publish
+        ),
+        bare_side: format!(
+            "herald Publisher::publish_records, {} records per call, same keys, bodies and headers, PRODUCER_DEFAULTS",
+            args.publish_batch
+        ),
+        goal: GOAL,
+        ceiling: None,
+        setup,
+        rounds: Vec::new(),
+        notes: vec![format!("PostgreSQL: {}", durability.describe())],
+    };
+    let mut fills = Vec::new();
+    for round in 0..common.rounds {
+        let order = round_order(round);
+        let mut herald = None;
+        let mut bare = None;
+        for side in order {
+            let topic = resources
+                .topic(
+                    &format!("relay-r{}-{}", round + 1, side.name()),
+                    common.partitions,
+                )
+                .await?;
+            let mut fill_rate = None;
+            if side == Side::Herald {
+                let filled = fill(args, db, &workload, &topic).await?;
+                progress(format!(
+                    "relay round {}: filled the outbox with {} events at {} rows/s",
+                    round + 1,
+                    common.records,
+                    per_second(filled)
+                ));
+                fill_rate = Some(filled);
+                fills.push(filled);
+            }
+            let spec = SideSpec {
+                side,
+                brokers: common.brokers.clone(),
+                topic,
+                records: common.records,
+                payload_bytes: common.payload_bytes,
+                keys: common.keys,
+                relay_batch: args.relay_batch,
+                after_publish: args.after_publish,
+                publish_batch: args.publish_batch,
+            };
+            let mut result = run_side_with_env(
+                &AnySide::Relay(spec),
+                common.side_timeout_secs,
+                &[(CHILD_DATABASE_URL, db.url())],
+            )
+            .await?;
+            if let Some(filled) = fill_rate {
+                result = result.with("fill_rows_per_sec", filled);
+                let backlog = status(db.pool()).await?.backlog;
+                ensure!(backlog == 0, "the relay left {backlog} rows unpublished");
+            }
+            progress(format!(
+                "relay round {} {}: {} rec/s",
+                round + 1,
+                side.name(),
+                per_second(result.rate())
+            ));
+            match side {
+                Side::Herald => herald = Some(result),
+                Side::Bare => bare = Some(result),
+            }
+        }
+        let (Some(herald), Some(bare)) = (herald, bare) else {
+            bail!("round {} is missing a side", round + 1);
+        };
+        comparison
+            .rounds
+            .push(Round::new(round + 1, order, herald, bare));
+    }
+    let batch_ms: Vec<f64> = comparison
+        .rounds
+        .iter()
+        .filter_map(|r| r.herald.extra.get("mean_batch_ms").copied())
+        .collect();
+    comparison.notes.push(format!(
+        "outbox fill (not measured): {} rows/s per round, {} rows per enqueue_all transaction; relay mean batch claim→commit {} ms per round",
+        fills.iter().map(|f| per_second(*f)).collect::<Vec<_>>().join(", "),
+        args.fill_batch,
+        batch_ms.iter().map(|m| format!("{m:.1}")).collect::<Vec<_>>().join(", "),
+    ));
+    Ok(comparison)
+}
+
+/// Empties the outbox and fills it with the run's records for `topic`;
+/// returns the fill rate (rows/s).
+async fn fill(
+    args: &RelayArgs,
+    db: &BenchDatabase,
+    workload: &Workload,
+    topic: &str,
+) -> anyhow::Result<f64> {
+    db.execute("TRUNCATE herald_outbox").await?;
+    let (records, batch) = (args.common.records, args.fill_batch as u64);
+    // Keys cycle in order; transactions in flight at once must not share a
+    // key (they would race for its next sequence number), and `buffered`
+    // starts transaction k + n only once k has finished.
+    let disjoint = usize::try_from((args.common.keys / batch).max(1)).unwrap_or(usize::MAX);
+    let in_flight = args.fill_concurrency.clamp(1, disjoint);
+    let pool = db.pool().clone();
+    let started = Instant::now();
+    let mut transactions = futures::stream::iter((0..records).step_by(batch as usize))
+        .map(|first| {
+            let pool = pool.clone();
+            async move {
+                let rows = (first..(first + batch).min(records))
+                    .map(|i| OutboxRecord::new(topic, &workload.event(i), SOURCE, None))
+                    .collect::<Result<Vec<_>, _>>()
+                    .context("encoding an event")?;
+                let mut tx = pool
+                    .begin()
+                    .await
+                    .map_err(StoreError::db("beginning a fill transaction"))?;
+                enqueue_all(&mut tx, &rows).await?;
+                tx.commit()
+                    .await
+                    .map_err(StoreError::db("committing a fill transaction"))?;
+                anyhow::Ok(())
+            }
+        })
+        .buffered(in_flight);
+    while let Some(done) = transactions.next().await {
+        done?;
+    }
+    let filled = rate(records, started.elapsed().as_secs_f64());
+    db.execute("VACUUM (ANALYZE) herald_outbox").await?;
+    Ok(filled)
+}
+
+/// Runs one side in this (child) process.
+pub async fn run_side(spec: SideSpec) -> anyhow::Result<SideResult> {
+    let workload = Workload::new(spec.payload_bytes, spec.keys, spec.records)?;
+    let publisher = Publisher::new(&PublisherConfig::new(&spec.brokers, SOURCE))?;
+    publisher
+        .producer()
+        .client()
+        .fetch_metadata(Some(&spec.topic), Duration::from_secs(10))
+        .context("fetching the topic's metadata")?;
+    match spec.side {
+        Side::Herald => relay_side(&spec, publisher).await,
+        Side::Bare => bare_side(&spec, &workload, &publisher).await,
+    }
+}
+
+async fn relay_side(spec: &SideSpec, publisher: Publisher) -> anyhow::Result<SideResult> {
+    let pool = child_pool(4).await?;
+    let store = PgOutbox::new(pool.clone()).after_publish(spec.after_publish.store());
+    let relay = Relay::new(
+        store,
+        publisher,
+        RelayConfig {
+            batch_size: spec.relay_batch,
+            ..RelayConfig::default()
+        },
+    );
+    let stats = relay.stats();
+    let started = Instant::now();
+    let published = relay.drain().await.context("the relay failed")?;
+    let seconds = started.elapsed().as_secs_f64();
+    ensure!(
+        published as u64 == spec.records,
+        "the relay published {published} of {} events",
+        spec.records
+    );
+    let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    let batches = get(&stats.batches);
+    let mean_batch_ms = if batches > 0 {
+        get(&stats.batch_micros_total) as f64 / batches as f64 / 1000.0
+    } else {
+        0.0
+    };
+    Ok(SideResult::finish(spec.records, seconds)?
+        .with("batches", batches as f64)
+        .with("mean_batch_ms", mean_batch_ms)
+        .with("publish_failures", get(&stats.publish_failures) as f64)
+        .with("store_failures", get(&stats.store_failures) as f64))
+}
+
+async fn bare_side(
+    spec: &SideSpec,
+    workload: &Workload,
+    publisher: &Publisher,
+) -> anyhow::Result<SideResult> {
+    let mut publishing = Duration::ZERO;
+    let mut acknowledged = 0u64;
+    let batch = spec.publish_batch as u64;
+    for first in (0..spec.records).step_by(spec.publish_batch) {
+        let records = (first..(first + batch).min(spec.records))
+            .map(|i| {
+                Envelope::encode(&workload.event(i), SOURCE)
+                    .map(|envelope| OutgoingRecord::from_envelope(&spec.topic, &envelope))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .context("encoding an event")?;
+        let started = Instant::now();
+        let results = publisher.publish_records(&records).await;
+        publishing += started.elapsed();
+        if let Some(error) = results.iter().find_map(|r| r.as_ref().err()) {
+            bail!("publishing failed: {error}");
+        }
+        acknowledged += results.len() as u64;
+    }
+    ensure!(
+        acknowledged == spec.records,
+        "{acknowledged} of {} acknowledged",
+        spec.records
+    );
+    SideResult::finish(spec.records, publishing.as_secs_f64())
+}
+
+/// The benchmark's events as the relay stores them: used by tests to check
+/// that both sides send records of one shape.
+#[cfg(test)]
+fn outbox_record(workload: &Workload, i: u64, topic: &str) -> OutboxRecord {
+    OutboxRecord::new(topic, &workload.event(i), SOURCE, None).expect("encode")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shared::workload::BenchEvent;
+
+    #[test]
+    fn both_sides_send_the_same_shape() {
+        let workload = Workload::new(256, 10, 100).expect("workload");
+        let stored = outbox_record(&workload, 7, "t");
+        assert_eq!(stored.aggregate_type, "bench");
+        let event: BenchEvent = stored.envelope.decode().expect("decode");
+        let bare =
+            OutgoingRecord::from_envelope("t", &Envelope::encode(&event, SOURCE).expect("encode"));
+        assert_eq!(bare.payload.len(), stored.envelope.payload.len());
+        assert_eq!(bare.headers.len(), stored.envelope.headers().len());
+        assert_eq!(bare.key.as_deref(), Some(stored.envelope.key.as_bytes()));
+    }
+}

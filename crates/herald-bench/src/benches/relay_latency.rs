@@ -1,0 +1,626 @@
+//! `herald-bench relay-latency`: how long an event takes from its writer's
+//! commit to a consumer reading it from Kafka, through herald's outbox relay
+//! at a steady, moderate rate — with LISTEN/NOTIFY (the relay wakes on the
+//! commit's notification) and without it (`PgOutbox::listen(false)`: an idle
+//! relay sleeps its poll interval, `--poll-interval-ms`, 1,000 ms by default
+//! like `RelayConfig`).
+//!
+//! Each mode of each round gets an empty outbox and a fresh topic. The relay
+//! runs in its own child process (`Relay::run` until the parent closes its
+//! stdin). The parent runs the writers — open-loop at `--rate` events/s, each
+//! event one transaction (`enqueue` + commit) on a pool of `--writers`
+//! connections — and a bare rdkafka consumer assigned to every partition of
+//! the topic. Latency of an event = the moment the consumer received it
+//! minus the moment its writer's commit returned, both read from this
+//! process's wall clock. Also reported: commit → the record's Kafka
+//! timestamp (`CreateTime`, stamped by the relay's producer when it sends,
+//! millisecond resolution). Writing starts with probe events until the
+//! first one arrives (the relay and the consumer are up), then
+//! `--warmup-secs` of warm-up; neither is measured.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, ensure, Context};
+use clap::Args;
+use herald_kafka::{Publisher, PublisherConfig, Relay, RelayConfig};
+use herald_postgres::outbox::enqueue;
+use herald_postgres::{OutboxRecord, PgOutbox, StoreError};
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::message::{Headers as _, Message as _};
+use rdkafka::producer::Producer as _;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::SideSpec as AnySide;
+use crate::shared::child::{spawn_side, stdin_closed, SideResult};
+use crate::shared::database::{self, child_pool, BenchDatabase, DbArgs, CHILD_DATABASE_URL};
+use crate::shared::progress;
+use crate::shared::report::{setup_line, Report};
+use crate::shared::stats::{median, mib, per_second, percentile, rate, round_order, Side};
+use crate::shared::topics::RunResources;
+use crate::shared::workload::{Workload, SOURCE};
+
+/// Flags of `herald-bench relay-latency`.
+#[derive(Debug, Clone, Args)]
+pub struct RelayLatencyArgs {
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub brokers: String,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub db: DbArgs,
+    /// Events committed per second (open loop: event i is due at i / rate).
+    #[arg(long, default_value_t = 500)]
+    pub rate: u32,
+    /// Seconds of measured events per mode and round.
+    #[arg(long, default_value_t = 20)]
+    pub seconds: u64,
+    /// Seconds of unmeasured warm-up after the first event arrived.
+    #[arg(long, default_value_t = 2)]
+    pub warmup_secs: u64,
+    /// The relay's poll interval (`RelayConfig::poll_interval`), in ms: how
+    /// long an idle relay waits for a notification, or sleeps without one.
+    #[arg(long, default_value_t = 1000)]
+    pub poll_interval_ms: u64,
+    /// Rows the relay claims per pass (`RelayConfig::batch_size`).
+    #[arg(long, default_value_t = 500)]
+    pub relay_batch: usize,
+    /// Writer connections (transactions in flight at most).
+    #[arg(long, default_value_t = 16)]
+    pub writers: u32,
+    /// Bytes of each event's JSON body.
+    #[arg(long, default_value_t = 256)]
+    pub payload_bytes: usize,
+    /// Partitions of every benchmark topic.
+    #[arg(long, default_value_t = 12)]
+    pub partitions: i32,
+    /// Distinct keys (aggregate ids), cycled through in order.
+    #[arg(long, default_value_t = 10_000)]
+    pub keys: u64,
+    /// Rounds; each runs both modes, the order alternating.
+    #[arg(long, default_value_t = 2)]
+    pub rounds: usize,
+    /// Give up on a mode that has not finished after this many seconds.
+    #[arg(long, default_value_t = 900)]
+    pub side_timeout_secs: u64,
+    /// Print one JSON document instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl RelayLatencyArgs {
+    /// Rejects values the benchmark cannot run with.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        ensure!(self.rate > 0, "--rate must be at least 1");
+        ensure!(self.seconds > 0, "--seconds must be at least 1");
+        ensure!(self.writers > 0, "--writers must be at least 1");
+        ensure!(self.relay_batch > 0, "--relay-batch must be at least 1");
+        ensure!(self.partitions > 0, "--partitions must be at least 1");
+        ensure!(self.rounds > 0, "--rounds must be at least 1");
+        ensure!(self.keys > 0, "--keys must be at least 1");
+        Workload::new(self.payload_bytes, self.keys, self.measured() * 10)?;
+        Ok(())
+    }
+
+    fn measured(&self) -> u64 {
+        u64::from(self.rate) * self.seconds
+    }
+}
+
+/// The relay of one mode, as a child runs it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SideSpec {
+    brokers: String,
+    topic: String,
+    listen: bool,
+    poll_interval_ms: u64,
+    relay_batch: usize,
+}
+
+/// The two modes: `Side::Herald` listens, `Side::Bare` polls (only the
+/// alternation of [`round_order`] is borrowed).
+fn mode_name(side: Side) -> &'static str {
+    match side {
+        Side::Herald => "listen",
+        Side::Bare => "poll",
+    }
+}
+
+/// One mode's figures in one round.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ModeFigures {
+    /// Events measured (written in the measured window and received).
+    pub events: u64,
+    /// Measured events written but never received.
+    pub missing: u64,
+    /// The rate the writers achieved in the measured window (events/s).
+    pub written_rate: f64,
+    /// Commit → consumer percentiles (ms).
+    pub p50_ms: f64,
+    /// 90th percentile.
+    pub p90_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// The slowest.
+    pub max_ms: f64,
+    /// Commit → the record's Kafka timestamp (producer send), median (ms).
+    pub send_p50_ms: f64,
+    /// 99th percentile of the same.
+    pub send_p99_ms: f64,
+    /// Median writer transaction (begin → commit returned), ms.
+    pub commit_p50_ms: f64,
+    /// The relay's child: peak RSS (KiB).
+    pub relay_peak_rss_kib: u64,
+    /// Batches the relay published.
+    pub relay_batches: f64,
+}
+
+/// One round: both modes.
+#[derive(Debug, Clone, Serialize)]
+pub struct LatencyRound {
+    /// 1-based.
+    pub round: usize,
+    /// Modes in the order they ran.
+    pub order: Vec<&'static str>,
+    /// With LISTEN/NOTIFY.
+    pub listen: ModeFigures,
+    /// Polling only.
+    pub poll: ModeFigures,
+}
+
+/// The report of `herald-bench relay-latency`.
+#[derive(Debug, Clone, Serialize)]
+pub struct LatencyReport {
+    /// Settings.
+    pub setup: serde_json::Map<String, Value>,
+    /// Every round.
+    pub rounds: Vec<LatencyRound>,
+    /// Lines under the table.
+    pub notes: Vec<String>,
+    poll_interval_ms: u64,
+}
+
+impl LatencyReport {
+    fn median_of(&self, f: impl Fn(&LatencyRound) -> f64) -> f64 {
+        median(&self.rounds.iter().map(f).collect::<Vec<_>>()).unwrap_or(f64::NAN)
+    }
+
+    /// The final line.
+    pub fn summary_line(&self) -> String {
+        let n = self.rounds.len();
+        format!(
+            "relay-latency: commit→consumer p50 {:.1} ms, p99 {:.1} ms with LISTEN/NOTIFY; p50 {:.1} ms, p99 {:.1} ms polling every {} ms (commit→Kafka timestamp p50 {:.1} / {:.1} ms; median of {n} round{})",
+            self.median_of(|r| r.listen.p50_ms),
+            self.median_of(|r| r.listen.p99_ms),
+            self.median_of(|r| r.poll.p50_ms),
+            self.median_of(|r| r.poll.p99_ms),
+            self.poll_interval_ms,
+            self.median_of(|r| r.listen.send_p50_ms),
+            self.median_of(|r| r.poll.send_p50_ms),
+            if n == 1 { "" } else { "s" },
+        )
+    }
+}
+
+impl Report for LatencyReport {
+    fn table(&self) -> String {
+        let mut out = format!("relay-latency: {}\n", setup_line(&self.setup));
+        out.push_str(&format!(
+            "{:>5}  {:<7} {:>7} {:>8} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>10} {:>9}\n",
+            "round",
+            "mode",
+            "events",
+            "rate/s",
+            "p50 ms",
+            "p90 ms",
+            "p99 ms",
+            "max ms",
+            "send p50",
+            "send p99",
+            "commit p50",
+            "relay RSS"
+        ));
+        for r in &self.rounds {
+            for (name, f) in [("listen", &r.listen), ("poll", &r.poll)] {
+                out.push_str(&format!(
+                    "{:>5}  {:<7} {:>7} {:>8} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10.1} {:>10.1} {:>10.1} {:>9}\n",
+                    r.round,
+                    name,
+                    f.events,
+                    per_second(f.written_rate),
+                    f.p50_ms,
+                    f.p90_ms,
+                    f.p99_ms,
+                    f.max_ms,
+                    f.send_p50_ms,
+                    f.send_p99_ms,
+                    f.commit_p50_ms,
+                    mib(f.relay_peak_rss_kib),
+                ));
+            }
+        }
+        for note in &self.notes {
+            out.push_str(&format!("  {note}\n"));
+        }
+        out.push_str(&self.summary_line());
+        out.push('\n');
+        out
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "bench": "relay-latency",
+            "setup": self.setup,
+            "rounds": self.rounds,
+            "notes": self.notes,
+            "summary_line": self.summary_line(),
+        })
+    }
+}
+
+/// Runs the rounds and returns the report.
+pub async fn run(
+    args: &RelayLatencyArgs,
+    resources: &RunResources,
+    db: &BenchDatabase,
+) -> anyhow::Result<LatencyReport> {
+    args.validate()?;
+    let durability = db.durability().await?;
+    let mut setup = serde_json::Map::new();
+    setup.insert("rate".into(), json!(args.rate));
+    setup.insert("seconds".into(), json!(args.seconds));
+    setup.insert("warmup_secs".into(), json!(args.warmup_secs));
+    setup.insert("poll_interval_ms".into(), json!(args.poll_interval_ms));
+    setup.insert("relay_batch".into(), json!(args.relay_batch));
+    setup.insert("writers".into(), json!(args.writers));
+    setup.insert("payload_bytes".into(), json!(args.payload_bytes));
+    setup.insert("partitions".into(), json!(args.partitions));
+    setup.insert("keys".into(), json!(args.keys));
+    setup.insert("brokers".into(), json!(args.brokers));
+    setup.insert("database".into(), json!(db.name()));
+    setup.insert(
+        "synchronous_commit".into(),
+        json!(durability.synchronous_commit),
+    );
+    setup.insert("fsync".into(), json!(durability.fsync));
+    let mut report = LatencyReport {
+        setup,
+        rounds: Vec::new(),
+        notes: vec![
+            format!("PostgreSQL: {}", durability.describe()),
+            "latency = consumer receive − writer's commit returned (one wall clock); send = the record's Kafka CreateTime (relay's producer, ms) − commit".to_owned(),
+            format!(
+                "listen: PgOutbox::listen(true), the relay wakes on the commit's NOTIFY; poll: PgOutbox::listen(false), an idle relay sleeps poll_interval {} ms",
+                args.poll_interval_ms
+            ),
+        ],
+        poll_interval_ms: args.poll_interval_ms,
+    };
+    let workload = Workload::new(args.payload_bytes, args.keys, u64::MAX / 2)?;
+    let writers = database::pool(db.url(), args.writers).await?;
+    let mut next_seq = 0u64;
+    for round in 0..args.rounds {
+        let order = round_order(round);
+        let mut figures: [Option<ModeFigures>; 2] = [None, None];
+        for side in order {
+            let mode = mode_name(side);
+            db.execute("TRUNCATE herald_outbox").await?;
+            let topic = resources
+                .topic(&format!("lat-r{}-{mode}", round + 1), args.partitions)
+                .await?;
+            let measured = measure_mode(
+                args,
+                resources,
+                db,
+                &writers,
+                &workload,
+                &topic,
+                side == Side::Herald,
+                &mut next_seq,
+            )
+            .await
+            .with_context(|| format!("round {} {mode}", round + 1))?;
+            progress(format!(
+                "relay-latency round {} {mode}: {} events, p50 {:.1} ms, p99 {:.1} ms",
+                round + 1,
+                measured.events,
+                measured.p50_ms,
+                measured.p99_ms
+            ));
+            figures[usize::from(side == Side::Bare)] = Some(measured);
+        }
+        let [Some(listen), Some(poll)] = figures else {
+            bail!("round {} is missing a mode", round + 1);
+        };
+        report.rounds.push(LatencyRound {
+            round: round + 1,
+            order: order.iter().map(|s| mode_name(*s)).collect(),
+            listen,
+            poll,
+        });
+    }
+    writers.close().await;
+    Ok(report)
+}
+
+/// What the consumer saw of one event.
+struct Arrival {
+    event_id: Uuid,
+    received: SystemTime,
+    create_time_ms: Option<i64>,
+}
+
+/// What a writer did for one event.
+struct Commit {
+    event_id: Uuid,
+    measured: bool,
+    committed: SystemTime,
+    transaction: Duration,
+}
+
+/// Reads `topic` from its start on a thread until `stop`; counts arrivals.
+fn collect_arrivals(
+    brokers: &str,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+    arrived: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<std::thread::JoinHandle<Vec<Arrival>>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("fetch.wait.max.ms", "100")
+        .create()
+        .context("creating the latency consumer")?;
+    let mut assignment = TopicPartitionList::new();
+    for partition in 0..partitions {
+        assignment
+            .add_partition_offset(topic, partition, Offset::Beginning)
+            .context("assigning a partition")?;
+    }
+    consumer
+        .assign(&assignment)
+        .context("assigning the latency consumer")?;
+    Ok(std::thread::spawn(move || {
+        let mut arrivals = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            let Some(polled) = consumer.poll(Duration::from_millis(20)) else {
+                continue;
+            };
+            let received = SystemTime::now();
+            let Ok(message) = polled else {
+                continue;
+            };
+            let event_id = message.headers().and_then(|headers| {
+                headers
+                    .iter()
+                    .find(|h| h.key == herald::headers::EVENT_ID)
+                    .and_then(|h| h.value)
+                    .and_then(|v| std::str::from_utf8(v).ok())
+                    .and_then(|v| Uuid::parse_str(v).ok())
+            });
+            if let Some(event_id) = event_id {
+                arrivals.push(Arrival {
+                    event_id,
+                    received,
+                    create_time_ms: message.timestamp().to_millis(),
+                });
+                arrived.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        arrivals
+    }))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn measure_mode(
+    args: &RelayLatencyArgs,
+    resources: &RunResources,
+    db: &BenchDatabase,
+    writers: &sqlx::PgPool,
+    workload: &Workload,
+    topic: &str,
+    listen: bool,
+    next_seq: &mut u64,
+) -> anyhow::Result<ModeFigures> {
+    let arrived = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let collector = collect_arrivals(
+        &args.brokers,
+        &resources.name(&format!("lat-reader-{}", Uuid::new_v4().simple())),
+        topic,
+        args.partitions,
+        Arc::clone(&arrived),
+        Arc::clone(&stop),
+    )?;
+    // Stops the collector however this function ends.
+    struct StopOnDrop(Arc<AtomicBool>);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+    let _stop_collector = StopOnDrop(Arc::clone(&stop));
+    let relay = spawn_side(
+        &AnySide::RelayLatency(SideSpec {
+            brokers: args.brokers.clone(),
+            topic: topic.to_owned(),
+            listen,
+            poll_interval_ms: args.poll_interval_ms,
+            relay_batch: args.relay_batch,
+        }),
+        args.side_timeout_secs,
+        &[(CHILD_DATABASE_URL, db.url())],
+    )?;
+
+    let interval = Duration::from_secs_f64(1.0 / f64::from(args.rate));
+    let measured_target = args.measured();
+    let started = tokio::time::Instant::now();
+    let mut warm_until: Option<tokio::time::Instant> = None;
+    let mut measured_from: Option<(u64, tokio::time::Instant)> = None;
+    let mut written = 0u64;
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut commits = Vec::new();
+    loop {
+        let due = started + interval.mul_f64(written as f64);
+        tokio::time::sleep_until(due).await;
+        let now = tokio::time::Instant::now();
+        match (warm_until, measured_from) {
+            (None, _) if arrived.load(Ordering::Relaxed) > 0 => {
+                warm_until = Some(now + Duration::from_secs(args.warmup_secs));
+            }
+            (None, _) if now.duration_since(started) > Duration::from_secs(60) => {
+                bail!("no event reached the consumer within 60 s (is the relay running?)");
+            }
+            (Some(until), None) if now >= until => measured_from = Some((written, now)),
+            _ => {}
+        }
+        let measured = measured_from.is_some();
+        if let Some((first, _)) = measured_from {
+            if written - first >= measured_target {
+                break;
+            }
+        }
+        let seq = *next_seq;
+        *next_seq += 1;
+        let record = OutboxRecord::new(topic, &workload.event(seq), SOURCE, None)
+            .context("encoding an event")?;
+        let pool = writers.clone();
+        tasks.spawn(async move {
+            let began = Instant::now();
+            let mut tx = pool
+                .begin()
+                .await
+                .map_err(StoreError::db("beginning a writer transaction"))?;
+            enqueue(&mut tx, &record).await?;
+            tx.commit()
+                .await
+                .map_err(StoreError::db("committing a writer transaction"))?;
+            let committed = SystemTime::now();
+            anyhow::Ok(Commit {
+                event_id: record.envelope.event_id,
+                measured,
+                committed,
+                transaction: began.elapsed(),
+            })
+        });
+        written += 1;
+        // Reap finished writers as we go (bounded memory, early errors).
+        while let Some(done) = tasks.try_join_next() {
+            commits.push(done.context("a writer panicked")??);
+        }
+    }
+    let measured_window = measured_from
+        .map(|(_, at)| at.elapsed().as_secs_f64())
+        .unwrap_or_default();
+    while let Some(done) = tasks.join_next().await {
+        commits.push(done.context("a writer panicked")??);
+    }
+    // Wait until the consumer has every event (polling mode needs up to one
+    // poll interval after the last commit).
+    let deadline =
+        Instant::now() + Duration::from_millis(args.poll_interval_ms) + Duration::from_secs(30);
+    while arrived.load(Ordering::Relaxed) < written && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let relay = relay.finish().await?;
+    stop.store(true, Ordering::Relaxed);
+    let arrivals = tokio::task::spawn_blocking(move || collector.join())
+        .await
+        .context("joining the latency consumer")?
+        .map_err(|_| anyhow::anyhow!("the latency consumer panicked"))?;
+    Ok(figures(&commits, &arrivals, measured_window, &relay))
+}
+
+fn millis_between(from: SystemTime, to: SystemTime) -> f64 {
+    match to.duration_since(from) {
+        Ok(d) => d.as_secs_f64() * 1000.0,
+        Err(e) => -e.duration().as_secs_f64() * 1000.0,
+    }
+}
+
+fn figures(
+    commits: &[Commit],
+    arrivals: &[Arrival],
+    measured_window: f64,
+    relay: &SideResult,
+) -> ModeFigures {
+    let by_id: HashMap<Uuid, &Arrival> = arrivals.iter().map(|a| (a.event_id, a)).collect();
+    let mut latencies = Vec::new();
+    let mut sends = Vec::new();
+    let mut transactions = Vec::new();
+    let mut missing = 0;
+    let mut measured = 0;
+    for commit in commits.iter().filter(|c| c.measured) {
+        measured += 1;
+        transactions.push(commit.transaction.as_secs_f64() * 1000.0);
+        let Some(arrival) = by_id.get(&commit.event_id) else {
+            missing += 1;
+            continue;
+        };
+        latencies.push(millis_between(commit.committed, arrival.received));
+        if let Some(created) = arrival.create_time_ms {
+            let committed_ms = commit
+                .committed
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64() * 1000.0)
+                .unwrap_or_default();
+            sends.push(created as f64 - committed_ms);
+        }
+    }
+    for values in [&mut latencies, &mut sends, &mut transactions] {
+        values.sort_by(f64::total_cmp);
+    }
+    let p = |values: &[f64], q: f64| percentile(values, q).unwrap_or(f64::NAN);
+    ModeFigures {
+        events: latencies.len() as u64,
+        missing,
+        written_rate: rate(measured, measured_window),
+        p50_ms: p(&latencies, 50.0),
+        p90_ms: p(&latencies, 90.0),
+        p99_ms: p(&latencies, 99.0),
+        max_ms: p(&latencies, 100.0),
+        send_p50_ms: p(&sends, 50.0),
+        send_p99_ms: p(&sends, 99.0),
+        commit_p50_ms: p(&transactions, 50.0),
+        relay_peak_rss_kib: relay.peak_rss_kib,
+        relay_batches: relay.extra.get("batches").copied().unwrap_or_default(),
+    }
+}
+
+/// Runs the relay of one mode in this (child) process until stdin closes.
+pub async fn run_side(spec: SideSpec) -> anyhow::Result<SideResult> {
+    let pool = child_pool(4).await?;
+    let publisher = Publisher::new(&PublisherConfig::new(&spec.brokers, SOURCE))?;
+    publisher
+        .producer()
+        .client()
+        .fetch_metadata(Some(&spec.topic), Duration::from_secs(10))
+        .context("fetching the topic's metadata")?;
+    let relay = Relay::new(
+        PgOutbox::new(pool).listen(spec.listen),
+        publisher,
+        RelayConfig {
+            batch_size: spec.relay_batch,
+            poll_interval: Duration::from_millis(spec.poll_interval_ms),
+            ..RelayConfig::default()
+        },
+    );
+    let stats = relay.stats();
+    let started = Instant::now();
+    relay.run(stdin_closed()).await;
+    let seconds = started.elapsed().as_secs_f64();
+    let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    Ok(SideResult::finish(get(&stats.published), seconds)?
+        .with("batches", get(&stats.batches) as f64)
+        .with("publish_failures", get(&stats.publish_failures) as f64)
+        .with("store_failures", get(&stats.store_failures) as f64))
+}

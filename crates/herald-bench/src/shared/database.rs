@@ -1,0 +1,321 @@
+//! Benchmark databases: one fresh PostgreSQL database per run, created
+//! through the admin URL and dropped (with any connection still open to it)
+//! at the end. Connections keep the server's durable defaults: nothing here
+//! ever relaxes `synchronous_commit`, and every report says what the server
+//! runs with (`SHOW synchronous_commit`, `SHOW fsync`).
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgPool};
+
+/// The admin URL used when neither `--database-url` nor `DATABASE_URL` is set.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://herald:herald@127.0.0.1:5432/herald";
+
+/// The environment variable a child process reads the benchmark database's
+/// URL from (kept off the command line, which `ps` shows).
+pub const CHILD_DATABASE_URL: &str = "HERALD_BENCH_DATABASE_URL";
+
+/// Flags of the benchmarks that use PostgreSQL.
+#[derive(Debug, Clone, Args)]
+pub struct DbArgs {
+    /// The admin URL: the run creates a fresh database through it and drops
+    /// it at the end.
+    #[arg(
+        long = "database-url",
+        env = "DATABASE_URL",
+        default_value = DEFAULT_DATABASE_URL,
+        hide_env_values = true
+    )]
+    pub database_url: String,
+}
+
+/// What the server runs with, as read on a benchmark connection.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Durability {
+    /// `SHOW synchronous_commit`.
+    pub synchronous_commit: String,
+    /// `SHOW fsync`.
+    pub fsync: String,
+}
+
+impl Durability {
+    /// Whether commits wait for the WAL to be flushed to disk.
+    pub fn is_durable(&self) -> bool {
+        self.fsync == "on" && self.synchronous_commit != "off"
+    }
+
+    /// `synchronous_commit=on fsync=on (durable)`.
+    pub fn describe(&self) -> String {
+        format!(
+            "synchronous_commit={} fsync={} ({})",
+            self.synchronous_commit,
+            self.fsync,
+            if self.is_durable() {
+                "durable: every commit waits for its WAL flush"
+            } else {
+                "NOT durable: commits do not wait for the disk"
+            }
+        )
+    }
+}
+
+/// A database that exists for one benchmark run.
+#[derive(Debug)]
+pub struct BenchDatabase {
+    admin: PgConnectOptions,
+    name: String,
+    url: String,
+    pool: PgPool,
+}
+
+impl BenchDatabase {
+    /// Creates database `name` through `admin_url`, connects a small pool to
+    /// it and, when `migrate`, applies herald's migrations.
+    pub async fn create(admin_url: &str, name: &str, migrate: bool) -> anyhow::Result<Self> {
+        let admin = PgConnectOptions::from_str(admin_url)
+            .context("parsing --database-url / DATABASE_URL")?;
+        let mut conn = admin.connect().await.context(
+            "connecting to the admin database (is PostgreSQL up? scripts/services.sh up)",
+        )?;
+        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+            .execute(&mut conn)
+            .await
+            .with_context(|| format!("creating database {name}"))?;
+        let _ = sqlx::Connection::close(conn).await;
+        let url = with_database(admin_url, name);
+        let pool = pool(&url, 4).await?;
+        let database = Self {
+            admin,
+            name: name.to_owned(),
+            url,
+            pool,
+        };
+        if migrate {
+            herald_postgres::migrate(&database.pool)
+                .await
+                .context("applying herald's migrations")?;
+        }
+        Ok(database)
+    }
+
+    /// The database's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A URL for this database (for child processes; it carries the password).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The parent's pool on this database.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Runs one statement (set-up between rounds: truncate, vacuum...).
+    pub async fn execute(&self, sql: &str) -> anyhow::Result<()> {
+        sqlx::query(sql)
+            .execute(&self.pool)
+            .await
+            .with_context(|| format!("running {sql:?}"))?;
+        Ok(())
+    }
+
+    /// What the server runs with, read on a connection of this database.
+    pub async fn durability(&self) -> anyhow::Result<Durability> {
+        let show = |setting: &'static str| async move {
+            sqlx::query_scalar::<_, String>(&format!("SHOW {setting}"))
+                .fetch_one(&self.pool)
+                .await
+                .with_context(|| format!("SHOW {setting}"))
+        };
+        Ok(Durability {
+            synchronous_commit: show("synchronous_commit").await?,
+            fsync: show("fsync").await?,
+        })
+    }
+
+    /// Drops the database (closing every connection to it); a failure is
+    /// reported on stderr, not raised.
+    pub async fn drop_database(self) {
+        self.pool.close().await;
+        let dropped = async {
+            let mut conn = self.admin.connect().await?;
+            sqlx::query(&format!(
+                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                self.name
+            ))
+            .execute(&mut conn)
+            .await?;
+            sqlx::Connection::close(conn).await
+        };
+        if let Err(error) = dropped.await {
+            super::progress(format!("could not drop database {}: {error}", self.name));
+        }
+    }
+}
+
+/// A pool of at most `max` connections on `url`, with the server's own
+/// (durable) settings.
+pub async fn pool(url: &str, max: u32) -> anyhow::Result<PgPool> {
+    let options = PgConnectOptions::from_str(url).context("parsing the database URL")?;
+    PgPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(Duration::from_secs(60))
+        .connect_with(options)
+        .await
+        .context("connecting to the benchmark database")
+}
+
+/// The pool a child process opens on the benchmark database (its URL comes
+/// in [`CHILD_DATABASE_URL`]).
+pub async fn child_pool(max: u32) -> anyhow::Result<PgPool> {
+    let url = std::env::var(CHILD_DATABASE_URL)
+        .with_context(|| format!("{CHILD_DATABASE_URL} is not set"))?;
+    pool(&url, max).await
+}
+
+/// `url` with its database (the path) replaced by `database`.
+pub fn with_database(url: &str, database: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let authority_start = base.find("://").map_or(0, |i| i + 3);
+    let root = match base[authority_start..].find('/') {
+        Some(i) => &base[..authority_start + i],
+        None => base,
+    };
+    match query {
+        Some(query) => format!("{root}/{database}?{query}"),
+        None => format!("{root}/{database}"),
+    }
+}
+
+/// The libpq environment (`PGHOST`, `PGPORT`, `PGUSER`, `PGPASSWORD`,
+/// `PGDATABASE`) for `url`, so tools like `pgbench` connect without the
+/// password on their command line.
+pub fn libpq_env(url: &str) -> anyhow::Result<Vec<(&'static str, String)>> {
+    let rest = url
+        .split_once("://")
+        .map(|(_, rest)| rest)
+        .context("the database URL has no scheme")?;
+    let rest = rest.split_once('?').map_or(rest, |(base, _)| base);
+    let (authority, database) = rest.split_once('/').unwrap_or((rest, ""));
+    let (credentials, host_port) = match authority.rsplit_once('@') {
+        Some((credentials, host_port)) => (Some(credentials), host_port),
+        None => (None, authority),
+    };
+    let (host, port) = match host_port.strip_prefix('[') {
+        // [::1]:5432
+        Some(bracketed) => match bracketed.split_once(']') {
+            Some((host, rest)) => (host, rest.strip_prefix(':')),
+            None => (bracketed, None),
+        },
+        None => match host_port.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (host_port, None),
+        },
+    };
+    let mut env = Vec::new();
+    if !host.is_empty() {
+        env.push(("PGHOST", percent_decode(host)));
+    }
+    if let Some(port) = port.filter(|p| !p.is_empty()) {
+        env.push(("PGPORT", port.to_owned()));
+    }
+    if let Some(credentials) = credentials {
+        let (user, password) = credentials.split_once(':').unwrap_or((credentials, ""));
+        if !user.is_empty() {
+            env.push(("PGUSER", percent_decode(user)));
+        }
+        if !password.is_empty() {
+            env.push(("PGPASSWORD", percent_decode(password)));
+        }
+    }
+    if !database.is_empty() {
+        env.push(("PGDATABASE", percent_decode(database)));
+    }
+    Ok(env)
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
+                let value = hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0);
+                out.push(value as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replaces_the_database_of_a_url() {
+        assert_eq!(
+            with_database("postgres://u:p@h:5432/herald?sslmode=disable", "t1"),
+            "postgres://u:p@h:5432/t1?sslmode=disable"
+        );
+        assert_eq!(with_database("postgres://h", "t2"), "postgres://h/t2");
+    }
+
+    #[test]
+    fn splits_a_url_into_the_libpq_environment() {
+        let env = libpq_env("postgres://herald:p%40ss@127.0.0.1:5432/bench_1?sslmode=disable")
+            .expect("env");
+        assert_eq!(
+            env,
+            vec![
+                ("PGHOST", "127.0.0.1".to_owned()),
+                ("PGPORT", "5432".to_owned()),
+                ("PGUSER", "herald".to_owned()),
+                ("PGPASSWORD", "p@ss".to_owned()),
+                ("PGDATABASE", "bench_1".to_owned()),
+            ]
+        );
+        let env = libpq_env("postgres://localhost/db").expect("env");
+        assert_eq!(
+            env,
+            vec![
+                ("PGHOST", "localhost".to_owned()),
+                ("PGDATABASE", "db".to_owned())
+            ]
+        );
+    }
+
+    #[test]
+    fn durability_is_described() {
+        let on = Durability {
+            synchronous_commit: "on".into(),
+            fsync: "on".into(),
+        };
+        assert!(on.is_durable());
+        assert!(on
+            .describe()
+            .starts_with("synchronous_commit=on fsync=on (durable"));
+        let off = Durability {
+            synchronous_commit: "off".into(),
+            fsync: "on".into(),
+        };
+        assert!(!off.is_durable());
+    }
+}
