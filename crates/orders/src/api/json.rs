@@ -66,7 +66,52 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             format!("trailing characters after the JSON value: {e}"),
         )
     })?;
+    if let Some(path) = nul_path(text) {
+        // PostgreSQL cannot store NUL in text: refuse it here, as a client
+        // error, instead of failing (500) at the database.
+        return Err(ApiError::Client {
+            status: StatusCode::BAD_REQUEST,
+            code: "invalid_character",
+            message: "strings must not contain NUL (\\u0000)".to_owned(),
+            details: vec![FieldError {
+                field: path,
+                message: "contains NUL".to_owned(),
+            }],
+        });
+    }
     Ok(value)
+}
+
+/// The path of the first string (key or value) containing NUL, if any.
+fn nul_path(text: &str) -> Option<String> {
+    fn walk(value: &serde_json::Value, path: &str) -> Option<String> {
+        match value {
+            serde_json::Value::String(s) if s.contains('\0') => Some(path.to_owned()),
+            serde_json::Value::Array(items) => items
+                .iter()
+                .enumerate()
+                .find_map(|(i, v)| walk(v, &format!("{path}[{i}]"))),
+            serde_json::Value::Object(map) => map.iter().find_map(|(k, v)| {
+                let here = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                if k.contains('\0') {
+                    Some(here)
+                } else {
+                    walk(v, &here)
+                }
+            }),
+            _ => None,
+        }
+    }
+    // Cheap test first: a NUL is either a raw byte or the \u0000 escape.
+    if !text.contains('\0') && !text.contains("\\u0000") {
+        return None;
+    }
+    let value: serde_json::Value = serde_json::from_str(text).ok()?;
+    walk(&value, "")
 }
 
 /// serde's messages end with " at line 1 column 42": useful in a log, noise
