@@ -31,6 +31,12 @@ pub struct RelayConfig {
     pub poll_interval: Duration,
     /// The longest pause after failures (default 10 s).
     pub max_backoff: Duration,
+    /// Claim → publish → mark loops run side by side (default 4). Each
+    /// claims other aggregates (the store's claim skips locked ones), so
+    /// while one batch waits for its acknowledgements or its commit the next
+    /// is already on its way; per-aggregate order is the store's, exactly as
+    /// with several relay processes.
+    pub workers: usize,
 }
 
 impl Default for RelayConfig {
@@ -39,6 +45,7 @@ impl Default for RelayConfig {
             batch_size: 500,
             poll_interval: Duration::from_secs(1),
             max_backoff: Duration::from_secs(10),
+            workers: 4,
         }
     }
 }
@@ -228,14 +235,21 @@ impl<S: OutboxStore> Relay<S> {
     /// Passes until one claims nothing; returns how many records were
     /// published. Tests use it to drive the relay until the outbox is idle.
     pub async fn drain(&self) -> Result<usize, RelayError<S::Error>> {
-        let mut total = 0;
-        loop {
-            let pass = self.run_once().await?;
-            total += pass.published;
-            if pass.claimed == 0 {
-                return Ok(total);
+        let workers = (0..self.config.workers.max(1)).map(|_| async {
+            let mut total = 0;
+            loop {
+                let pass = self.run_once().await?;
+                total += pass.published;
+                if pass.claimed == 0 {
+                    return Ok::<_, RelayError<S::Error>>(total);
+                }
             }
+        });
+        let mut total = 0;
+        for published in futures::future::join_all(workers).await {
+            total += published?;
         }
+        Ok(total)
     }
 
     /// Relays until `shutdown` completes. A batch in progress always
@@ -247,7 +261,19 @@ impl<S: OutboxStore> Relay<S> {
             shutdown.await;
             trigger.cancel();
         });
-        tracing::info!(batch_size = self.config.batch_size, "outbox relay started");
+        tracing::info!(
+            batch_size = self.config.batch_size,
+            workers = self.config.workers,
+            "outbox relay started"
+        );
+        let workers = (0..self.config.workers.max(1)).map(|_| self.worker(&stop));
+        futures::future::join_all(workers).await;
+        let _ = self.publisher.flush(Duration::from_secs(5));
+        tracing::info!("outbox relay stopped");
+    }
+
+    /// One claim → publish → mark loop of [`Relay::run`].
+    async fn worker(&self, stop: &CancellationToken) {
         let mut failures: u32 = 0;
         while !stop.is_cancelled() {
             let pause = match self.run_once().await {
@@ -274,8 +300,6 @@ impl<S: OutboxStore> Relay<S> {
                 _ = stop.cancelled() => {}
             }
         }
-        let _ = self.publisher.flush(Duration::from_secs(5));
-        tracing::info!("outbox relay stopped");
     }
 
     fn backoff(&self, failures: u32) -> Duration {

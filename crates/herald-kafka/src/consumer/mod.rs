@@ -258,6 +258,10 @@ pub struct ConsumerStats {
     pub commit_failures: AtomicU64,
     /// Records received but not finished, right now.
     pub in_flight: AtomicU64,
+    /// Partitions assigned to this member, right now.
+    pub assigned_partitions: AtomicU64,
+    /// Assignments received (each rebalance that gave this member partitions).
+    pub assignments: AtomicU64,
 }
 
 impl ConsumerStats {

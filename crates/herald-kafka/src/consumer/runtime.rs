@@ -362,12 +362,23 @@ impl Dispatch {
         for tp in &revoked {
             self.partitions.remove(tp);
         }
+        self.shared
+            .stats
+            .assigned_partitions
+            .store(self.partitions.len() as u64, Ordering::Relaxed);
     }
 
     fn assign(&mut self, tpl: &TopicPartitionList) {
         for e in tpl.elements() {
             let tp = (self.topic(e.topic()), e.partition());
             self.partitions.entry(tp).or_default();
+        }
+        let stats = &self.shared.stats;
+        stats
+            .assigned_partitions
+            .store(self.partitions.len() as u64, Ordering::Relaxed);
+        if tpl.count() > 0 {
+            stats.assignments.fetch_add(1, Ordering::Relaxed);
         }
         tracing::info!(partitions = tpl.count(), "partitions assigned");
     }

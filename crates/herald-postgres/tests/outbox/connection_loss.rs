@@ -35,6 +35,7 @@ async fn the_relay_recovers_from_a_database_outage() {
             batch_size: 50,
             poll_interval: Duration::from_millis(100),
             max_backoff: Duration::from_millis(500),
+            workers: 2,
         },
     );
     let stats = relay.stats();
