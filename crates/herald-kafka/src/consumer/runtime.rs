@@ -224,13 +224,15 @@ impl Dispatch {
     }
 
     /// Commits the finished offsets of `which` partitions (all when `None`).
+    /// Returns whether everything due is committed (false: the broker
+    /// refused, and the offsets stay due for the next attempt).
     fn commit(
         &mut self,
         consumer: &BaseConsumer<RuntimeContext>,
         which: Option<&HashSet<Tp>>,
         mode: CommitMode,
         force: bool,
-    ) {
+    ) -> bool {
         let mut tpl = TopicPartitionList::new();
         let mut included = Vec::new();
         for (tp, offsets) in &mut self.partitions {
@@ -250,9 +252,10 @@ impl Dispatch {
             }
         }
         if included.is_empty() {
-            return;
+            return true;
         }
-        if let Err(error) = consumer.commit(&tpl, mode) {
+        let result = consumer.commit(&tpl, mode);
+        if let Err(error) = &result {
             tracing::warn!(%error, "offset commit failed; it is retried");
             self.shared
                 .stats
@@ -264,6 +267,7 @@ impl Dispatch {
                 }
             }
         }
+        result.is_ok()
     }
 
     /// Backpressure at `max_in_flight` records. Returns whether the poll
@@ -523,6 +527,9 @@ pub(crate) async fn run(
 /// Records taken from librdkafka per lock of the dispatch state.
 const POLL_BATCH: usize = 512;
 
+/// How long shutdown keeps retrying a final commit the broker refused.
+const FINAL_COMMIT_RETRIES: Duration = Duration::from_secs(5);
+
 /// How long the in-flight limit may hold before partitions are paused.
 const PAUSE_AFTER: Duration = Duration::from_secs(1);
 
@@ -593,7 +600,7 @@ fn drain_and_close(
     dispatch: &Mutex<Dispatch>,
     timeout: Duration,
 ) {
-    {
+    let mut committed = {
         let mut d = lock(dispatch);
         if let Ok(assignment) = consumer.assignment() {
             let _ = consumer.pause(&assignment);
@@ -616,7 +623,18 @@ fn drain_and_close(
                 "shutdown deadline passed; unfinished records stay uncommitted"
             );
         }
-        d.commit(&consumer, None, CommitMode::Sync, true);
+        d.commit(&consumer, None, CommitMode::Sync, true)
+    };
+    // The broker refuses commits while the group rebalances (another member
+    // leaving at the same moment, say): keep serving the rebalance and try
+    // again for a little while, or the work just finished is done twice by
+    // the next owner.
+    let give_up = Instant::now() + FINAL_COMMIT_RETRIES;
+    while !committed && Instant::now() < give_up {
+        // Partitions are paused: a record polled now is left unhandled and
+        // uncommitted, for the next owner.
+        let _ = consumer.poll(Duration::from_millis(100));
+        committed = lock(dispatch).commit(&consumer, None, CommitMode::Sync, true);
     }
     consumer.unsubscribe();
     // Dropping the consumer closes it: it leaves the group (the revoke
