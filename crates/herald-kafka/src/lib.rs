@@ -19,6 +19,7 @@ pub mod error;
 pub mod processor;
 pub mod publisher;
 pub mod relay;
+mod settings;
 
 pub use consumer::{Consumer, ConsumerConfig, ConsumerStats, Handler, RecordInfo, Router};
 pub use error::{is_retriable, ClientError, PublishError};

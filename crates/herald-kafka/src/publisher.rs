@@ -18,6 +18,7 @@ use rdkafka::ClientConfig;
 use uuid::Uuid;
 
 use crate::error::{is_retriable, ClientError, PublishError};
+use crate::settings;
 
 /// librdkafka settings the publisher uses unless overridden.
 pub const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
@@ -73,15 +74,10 @@ impl PublisherConfig {
 
     /// The librdkafka configuration: defaults, then the overrides.
     pub fn client_config(&self) -> ClientConfig {
-        let mut config = ClientConfig::new();
-        config.set("bootstrap.servers", &self.brokers);
-        for (k, v) in PRODUCER_DEFAULTS {
-            config.set(*k, *v);
-        }
-        for (k, v) in &self.settings {
-            config.set(k, v);
-        }
-        config
+        settings::layered(
+            &self.brokers,
+            settings::table(PRODUCER_DEFAULTS).chain(settings::pairs(&self.settings)),
+        )
     }
 }
 

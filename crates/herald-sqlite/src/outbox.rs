@@ -14,8 +14,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
-
 use sqlx::{Row, Sqlite, SqlitePool, Transaction};
 use tokio::sync::{Mutex, Notify, OwnedMutexGuard};
 
@@ -73,25 +71,7 @@ pub async fn enqueue_all(
     Ok(())
 }
 
-/// How far behind the relay is.
-#[derive(Debug, Clone, PartialEq)]
-pub struct OutboxStatus {
-    /// Rows not yet published.
-    pub backlog: i64,
-    /// When the oldest unpublished row was created.
-    pub oldest_unpublished_at: Option<DateTime<Utc>>,
-    /// Published rows still kept (until retention removes them).
-    pub published_retained: i64,
-}
-
-impl OutboxStatus {
-    /// Age of the oldest unpublished row, zero when there is none.
-    pub fn oldest_unpublished_age(&self) -> Duration {
-        self.oldest_unpublished_at
-            .map(|t| (Utc::now() - t).to_std().unwrap_or_default())
-            .unwrap_or_default()
-    }
-}
+pub use herald::OutboxStatus;
 
 /// Reads the backlog figures.
 pub async fn status(pool: &SqlitePool) -> Result<OutboxStatus, StoreError> {

@@ -95,6 +95,19 @@ pub fn postgres() -> Option<Postgres> {
     }
 }
 
+/// Waits until `done()` holds, checking every 20 ms; panics after `limit`
+/// with `what`, so a stuck component fails loudly instead of hanging.
+pub async fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !done() {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Handle on the test Kafka cluster.
 #[derive(Debug, Clone)]
 pub struct Kafka {
@@ -112,6 +125,54 @@ impl Kafka {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", &self.brokers);
         config
+    }
+
+    /// The group's committed offset per partition of `topic` (partitions
+    /// without a commit are absent).
+    pub fn committed(
+        &self,
+        group: &str,
+        topic: &str,
+        partitions: i32,
+    ) -> std::collections::BTreeMap<i32, i64> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let consumer: BaseConsumer = self
+            .config()
+            .set("group.id", group)
+            .create()
+            .expect("consumer");
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition(topic, p);
+        }
+        consumer
+            .committed_offsets(tpl, Duration::from_secs(10))
+            .expect("committed offsets")
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                rdkafka::Offset::Offset(o) => Some((e.partition(), o)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The end offset (high watermark) of every partition of `topic`.
+    pub fn end_offsets(
+        &self,
+        topic: &str,
+        partitions: i32,
+    ) -> std::collections::BTreeMap<i32, i64> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let consumer: BaseConsumer = self.config().create().expect("consumer");
+        (0..partitions)
+            .map(|p| {
+                let (_, high) = consumer
+                    .fetch_watermarks(topic, p, Duration::from_secs(10))
+                    .expect("watermarks");
+                (p, high)
+            })
+            .collect()
     }
 
     /// Creates a topic with a random name and `partitions` partitions; it is

@@ -43,6 +43,26 @@ impl OutboxRecord {
     }
 }
 
+/// How far behind the relay is, whatever the store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxStatus {
+    /// Rows not yet published.
+    pub backlog: i64,
+    /// When the oldest unpublished row was created.
+    pub oldest_unpublished_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Published rows still kept (until retention removes them).
+    pub published_retained: i64,
+}
+
+impl OutboxStatus {
+    /// Age of the oldest unpublished row, zero when there is none.
+    pub fn oldest_unpublished_age(&self) -> Duration {
+        self.oldest_unpublished_at
+            .map(|t| (chrono::Utc::now() - t).to_std().unwrap_or_default())
+            .unwrap_or_default()
+    }
+}
+
 /// A committed outbox row waiting to be published.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PendingRecord {

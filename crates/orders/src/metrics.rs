@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::store::Backlog;
+use herald::OutboxStatus;
 use herald_kafka::processor::ProcessorStats;
 use herald_kafka::{ConsumerStats, RelayStats};
 
@@ -96,7 +96,7 @@ impl Metrics {
     }
 
     /// The Prometheus text.
-    pub fn render(&self, outbox: Option<Backlog>) -> String {
+    pub fn render(&self, outbox: Option<&OutboxStatus>) -> String {
         let mut out = String::new();
         let consumers = self.consumers.lock().unwrap_or_else(|p| p.into_inner());
         type Pick = fn(&ConsumerStats) -> &AtomicU64;
@@ -226,12 +226,12 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "# HELP herald_outbox_backlog Outbox rows not yet published.\n# TYPE herald_outbox_backlog gauge\nherald_outbox_backlog {}",
-                status.rows
+                status.backlog
             );
             let _ = writeln!(
                 out,
                 "# HELP herald_outbox_oldest_unpublished_age_seconds Age of the oldest unpublished outbox row.\n# TYPE herald_outbox_oldest_unpublished_age_seconds gauge\nherald_outbox_oldest_unpublished_age_seconds {}",
-                status.oldest_age.as_secs_f64()
+                status.oldest_unpublished_age().as_secs_f64()
             );
         }
         self.post_commit.render(

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use herald::TraceContext;
+use herald::{OutboxStatus, TraceContext};
 use herald_sqlite::SqliteDatabase;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -19,15 +19,6 @@ pub enum Store {
     Postgres(PgPool),
     /// The embedded development mode's file.
     Sqlite(SqliteDatabase),
-}
-
-/// The outbox backlog, whatever the store.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Backlog {
-    /// Rows not yet published.
-    pub rows: i64,
-    /// Age of the oldest of them.
-    pub oldest_age: Duration,
 }
 
 impl Store {
@@ -115,24 +106,10 @@ impl Store {
     }
 
     /// The outbox backlog, when it can be read.
-    pub async fn backlog(&self) -> Option<Backlog> {
+    pub async fn backlog(&self) -> Option<OutboxStatus> {
         match self {
-            Store::Postgres(pool) => {
-                herald_postgres::outbox::status(pool)
-                    .await
-                    .ok()
-                    .map(|s| Backlog {
-                        rows: s.backlog,
-                        oldest_age: s.oldest_unpublished_age(),
-                    })
-            }
-            Store::Sqlite(db) => herald_sqlite::outbox::status(db.pool())
-                .await
-                .ok()
-                .map(|s| Backlog {
-                    rows: s.backlog,
-                    oldest_age: s.oldest_unpublished_age(),
-                }),
+            Store::Postgres(pool) => herald_postgres::outbox::status(pool).await.ok(),
+            Store::Sqlite(db) => herald_sqlite::outbox::status(db.pool()).await.ok(),
         }
     }
 }

@@ -39,6 +39,7 @@ use rdkafka::ClientConfig;
 
 use crate::error::ClientError;
 use crate::publisher::PRODUCER_DEFAULTS;
+use crate::settings;
 pub use router::{Handler, RecordInfo, Router};
 
 /// librdkafka consumer settings the runtime uses unless overridden.
@@ -207,37 +208,23 @@ impl ConsumerConfig {
     }
 
     pub(crate) fn consumer_client_config(&self) -> ClientConfig {
-        let mut config = ClientConfig::new();
-        config.set("bootstrap.servers", &self.brokers);
-        config.set("group.id", &self.group_id);
-        for (k, v) in CONSUMER_DEFAULTS {
-            config.set(*k, *v);
-        }
-        for (k, v) in &self.settings {
-            config.set(k, v);
-        }
-        for (k, v) in CONSUMER_FIXED {
-            config.set(*k, *v);
-        }
-        config
+        settings::layered(
+            &self.brokers,
+            std::iter::once(("group.id", self.group_id.as_str()))
+                .chain(settings::table(CONSUMER_DEFAULTS))
+                .chain(settings::pairs(&self.settings))
+                .chain(settings::table(CONSUMER_FIXED)),
+        )
     }
 
+    /// The dead-letter producer: it shares the consumer's security settings.
     pub(crate) fn producer_client_config(&self) -> ClientConfig {
-        let mut config = ClientConfig::new();
-        config.set("bootstrap.servers", &self.brokers);
-        for (k, v) in PRODUCER_DEFAULTS {
-            config.set(*k, *v);
-        }
-        // The DLQ producer shares the security settings of the consumer.
-        for (k, v) in &self.settings {
-            if k.starts_with("security.") || k.starts_with("sasl.") || k.starts_with("ssl.") {
-                config.set(k, v);
-            }
-        }
-        for (k, v) in &self.producer_settings {
-            config.set(k, v);
-        }
-        config
+        settings::layered(
+            &self.brokers,
+            settings::table(PRODUCER_DEFAULTS)
+                .chain(settings::security(&self.settings))
+                .chain(settings::pairs(&self.producer_settings)),
+        )
     }
 }
 

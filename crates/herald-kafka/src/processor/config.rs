@@ -10,6 +10,7 @@ use rdkafka::ClientConfig;
 use crate::consumer::CONSUMER_DEFAULTS;
 use crate::error::ClientError;
 use crate::publisher::PRODUCER_DEFAULTS;
+use crate::settings;
 
 /// Consumer settings the processor owns: overriding them would break
 /// exactly-once.
@@ -271,60 +272,45 @@ impl ProcessorConfig {
         Ok(())
     }
 
-    fn security_settings(&self) -> impl Iterator<Item = (&String, &String)> {
-        self.settings.iter().filter(|(k, _)| {
-            k.starts_with("security.") || k.starts_with("sasl.") || k.starts_with("ssl.")
-        })
-    }
-
     pub(crate) fn consumer_client_config(&self) -> ClientConfig {
-        let mut config = ClientConfig::new();
-        config.set("bootstrap.servers", &self.brokers);
-        config.set("group.id", &self.group_id);
-        for (k, v) in CONSUMER_DEFAULTS {
-            config.set(*k, *v);
-        }
-        // After an abort the consumer seeks back; the new fetch waits for the
-        // long poll in flight at the end of the log, so keep it short.
-        config.set("fetch.wait.max.ms", "100");
-        for (k, v) in &self.settings {
-            config.set(k, v);
-        }
-        for (k, v) in CONSUMER_FIXED {
-            config.set(*k, *v);
-        }
-        config
+        settings::layered(
+            &self.brokers,
+            std::iter::once(("group.id", self.group_id.as_str()))
+                .chain(settings::table(CONSUMER_DEFAULTS))
+                // After an abort the consumer seeks back; the new fetch waits
+                // for the long poll in flight at the end of the log, so keep
+                // it short.
+                .chain(std::iter::once(("fetch.wait.max.ms", "100")))
+                .chain(settings::pairs(&self.settings))
+                .chain(settings::table(CONSUMER_FIXED)),
+        )
     }
 
     pub(crate) fn producer_client_config(&self) -> ClientConfig {
-        let mut config = ClientConfig::new();
-        config.set("bootstrap.servers", &self.brokers);
-        for (k, v) in PRODUCER_DEFAULTS {
-            config.set(*k, *v);
-        }
         let txn_ms = self.transaction_timeout.as_millis().min(i32::MAX as u128);
-        config.set("transaction.timeout.ms", txn_ms.to_string());
+        let transaction_timeout = txn_ms.to_string();
         // librdkafka rejects a message timeout longer than the transaction's.
-        config.set("message.timeout.ms", txn_ms.min(30_000).to_string());
-        for (k, v) in self.security_settings() {
-            config.set(k, v);
-        }
-        for (k, v) in &self.producer_settings {
-            config.set(k, v);
-        }
-        config.set("transactional.id", self.transactional_id());
-        config.set("enable.idempotence", "true");
-        config
+        let message_timeout = txn_ms.min(30_000).to_string();
+        let transactional_id = self.transactional_id();
+        settings::layered(
+            &self.brokers,
+            settings::table(PRODUCER_DEFAULTS)
+                .chain([
+                    ("transaction.timeout.ms", transaction_timeout.as_str()),
+                    ("message.timeout.ms", message_timeout.as_str()),
+                ])
+                .chain(settings::security(&self.settings))
+                .chain(settings::pairs(&self.producer_settings))
+                .chain([
+                    ("transactional.id", transactional_id.as_str()),
+                    ("enable.idempotence", "true"),
+                ]),
+        )
     }
 
     /// A group-less `read_committed` consumer for restoring changelogs.
     pub(crate) fn restore_client_config(&self) -> ClientConfig {
-        let mut config = ClientConfig::new();
-        config.set("bootstrap.servers", &self.brokers);
-        for (k, v) in self.security_settings() {
-            config.set(k, v);
-        }
-        config
+        settings::layered(&self.brokers, settings::security(&self.settings))
     }
 }
 

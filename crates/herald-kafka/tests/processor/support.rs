@@ -97,19 +97,6 @@ pub fn config(
         .set("heartbeat.interval.ms", "500")
 }
 
-/// Waits until `done()` holds, checking every 20 ms; panics after `limit`
-/// with `what` so a stuck processor fails loudly instead of hanging.
-pub async fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(
-            start.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// One record read back from a topic.
 #[derive(Debug, Clone)]
 pub struct Collected {
@@ -320,50 +307,6 @@ pub fn read_all(
     out
 }
 
-/// The group's committed offset per partition of `topic` (partitions with
-/// no commit are absent).
-pub fn committed(
-    kafka: &herald_test::Kafka,
-    group: &str,
-    topic: &str,
-    partitions: i32,
-) -> BTreeMap<i32, i64> {
-    let consumer: BaseConsumer = kafka
-        .config()
-        .set("group.id", group)
-        .set("isolation.level", "read_committed")
-        .create()
-        .expect("consumer");
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition(topic, p);
-    }
-    let committed = consumer
-        .committed_offsets(tpl, Duration::from_secs(10))
-        .expect("committed offsets");
-    committed
-        .elements()
-        .iter()
-        .filter_map(|e| match e.offset() {
-            Offset::Offset(o) => Some((e.partition(), o)),
-            _ => None,
-        })
-        .collect()
-}
-
-/// The end offset of every partition of `topic`.
-pub fn end_offsets(kafka: &herald_test::Kafka, topic: &str, partitions: i32) -> BTreeMap<i32, i64> {
-    let consumer: BaseConsumer = kafka.config().create().expect("consumer");
-    (0..partitions)
-        .map(|p| {
-            let (_, high) = consumer
-                .fetch_watermarks(topic, p, Duration::from_secs(10))
-                .expect("watermarks");
-            (p, high)
-        })
-        .collect()
-}
-
 /// Waits until the group has committed every input of `topic`.
 pub async fn wait_all_committed(
     kafka: &herald_test::Kafka,
@@ -372,10 +315,10 @@ pub async fn wait_all_committed(
     partitions: i32,
     limit: Duration,
 ) {
-    let end = end_offsets(kafka, topic, partitions);
+    let end = kafka.end_offsets(topic, partitions);
     let start = Instant::now();
     loop {
-        let now = committed(kafka, group, topic, partitions);
+        let now = kafka.committed(group, topic, partitions);
         if now == end {
             return;
         }
@@ -386,3 +329,5 @@ pub async fn wait_all_committed(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+pub use herald_test::wait_until;

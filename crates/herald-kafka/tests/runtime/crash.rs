@@ -139,7 +139,7 @@ async fn consumer_killed_at_random_points_loses_nothing() {
         child.kill().expect("SIGKILL");
         child.wait().expect("reaped");
         let (done, lines) = handled(&log);
-        let committed = committed(&kafka, &group, topic.name(), PARTITIONS);
+        let committed = kafka.committed(&group, topic.name(), PARTITIONS);
         assert_commits_cover_only_handled(&committed, &done);
         eprintln!(
             "kill {kill}: {lines} handled lines, {} distinct, committed {committed:?}",
@@ -156,7 +156,7 @@ async fn consumer_killed_at_random_points_loses_nothing() {
     child.wait().expect("reaped");
 
     let (done, lines) = handled(&log);
-    let end = end_offsets(&kafka, topic.name(), PARTITIONS);
+    let end = kafka.end_offsets(topic.name(), PARTITIONS);
     let expected: BTreeSet<(i32, i64)> = end
         .iter()
         .flat_map(|(p, high)| (0..*high).map(move |o| (*p, o)))
@@ -166,6 +166,6 @@ async fn consumer_killed_at_random_points_loses_nothing() {
         "every produced record was handled at least once"
     );
     assert!(lines >= total);
-    assert_commits_cover_only_handled(&committed(&kafka, &group, topic.name(), PARTITIONS), &done);
+    assert_commits_cover_only_handled(&kafka.committed(&group, topic.name(), PARTITIONS), &done);
     std::fs::remove_dir_all(&dir).ok();
 }

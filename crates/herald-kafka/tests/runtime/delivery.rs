@@ -112,8 +112,8 @@ async fn every_record_is_handled_in_key_order_despite_transient_failures() {
         "concurrency is bounded"
     );
     assert_eq!(
-        committed(&kafka, &group, topic.name(), 3),
-        end_offsets(&kafka, topic.name(), 3),
+        kafka.committed(&group, topic.name(), 3),
+        kafka.end_offsets(topic.name(), 3),
         "everything handled is committed at shutdown"
     );
 }

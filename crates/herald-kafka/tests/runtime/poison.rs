@@ -221,8 +221,9 @@ async fn poison_goes_to_the_dlq_with_original_bytes_and_the_key_keeps_flowing() 
     }
     // Nothing is stuck behind the poison: the group committed to the end.
     assert_eq!(
-        committed(&kafka, &group, topic.name(), 3),
-        end_offsets(&kafka, topic.name(), 3)
+        kafka.committed(&group, topic.name(), 3),
+        kafka
+            .end_offsets(topic.name(), 3)
             .into_iter()
             .filter(|(_, o)| *o > 0)
             .collect()

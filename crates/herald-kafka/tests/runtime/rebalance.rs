@@ -117,8 +117,8 @@ async fn members_join_and_leave_mid_stream_without_loss() {
         );
     }
     assert_eq!(
-        committed(&kafka, &group, topic.name(), 6),
-        end_offsets(&kafka, topic.name(), 6),
+        kafka.committed(&group, topic.name(), 6),
+        kafka.end_offsets(topic.name(), 6),
         "the group's commits reach the end of every partition"
     );
 }

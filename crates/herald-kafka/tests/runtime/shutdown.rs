@@ -63,7 +63,7 @@ async fn in_flight_handlers_complete_and_are_committed_before_exit() {
     for (_, _, partition, offset) in seen.0.lock().expect("lock").iter() {
         handled.entry(*partition).or_default().insert(*offset);
     }
-    let committed = committed(&kafka, &group, topic.name(), 3);
+    let committed = kafka.committed(&group, topic.name(), 3);
     for (partition, offsets) in handled {
         let first_gap = (0..).find(|o| !offsets.contains(o)).expect("a gap");
         assert_eq!(

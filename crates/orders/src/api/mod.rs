@@ -155,7 +155,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
     let backlog = state.store.backlog().await;
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(backlog),
+        state.metrics.render(backlog.as_ref()),
     )
         .into_response()
 }
