@@ -70,6 +70,29 @@ pub struct OriginalRecord {
     pub headers: Vec<(String, Option<Vec<u8>>)>,
 }
 
+impl OriginalRecord {
+    /// A copy of `message` (key, payload bytes and headers untouched).
+    pub fn of(message: &impl rdkafka::Message) -> Self {
+        use rdkafka::message::Headers;
+        Self {
+            topic: message.topic().to_owned(),
+            partition: message.partition(),
+            offset: message.offset(),
+            key: message.key().map(<[u8]>::to_vec),
+            payload: message.payload().map(<[u8]>::to_vec),
+            headers: message
+                .headers()
+                .map(|headers| {
+                    headers
+                        .iter()
+                        .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+}
+
 /// Builds the dead-letter record for `original` on `dlq_topic`.
 pub fn dead_letter(
     dlq_topic: &str,

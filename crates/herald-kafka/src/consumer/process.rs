@@ -53,25 +53,6 @@ impl Outcome {
     }
 }
 
-fn original(message: &OwnedMessage) -> OriginalRecord {
-    OriginalRecord {
-        topic: message.topic().to_owned(),
-        partition: message.partition(),
-        offset: message.offset(),
-        key: message.key().map(<[u8]>::to_vec),
-        payload: message.payload().map(<[u8]>::to_vec),
-        headers: message
-            .headers()
-            .map(|headers| {
-                headers
-                    .iter()
-                    .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
-                    .collect()
-            })
-            .unwrap_or_default(),
-    }
-}
-
 /// The OpenTelemetry context of a record's producer, from its
 /// `traceparent`/`tracestate`, as a remote parent.
 pub(crate) fn remote_parent(trace: &herald::TraceContext) -> Option<opentelemetry::Context> {
@@ -250,7 +231,12 @@ async fn process_in_span(
 /// not written is never marked done, so it is not committed.
 async fn write_dead_letter(shared: &Shared, message: &OwnedMessage, failure: Failure) -> Outcome {
     let dlq_topic = format!("{}{}", message.topic(), shared.dlq_suffix);
-    let record = dead_letter(&dlq_topic, &shared.group_id, &original(message), &failure);
+    let record = dead_letter(
+        &dlq_topic,
+        &shared.group_id,
+        &OriginalRecord::of(message),
+        &failure,
+    );
     let mut backoff = Duration::from_millis(100);
     loop {
         let span = tracing::info_span!(

@@ -571,7 +571,12 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
         failure: Failure,
     ) {
         let dlq_topic = format!("{}{}", message.topic(), self.dlq_suffix);
-        let record = dead_letter(&dlq_topic, &self.group_id, &original(message), &failure);
+        let record = dead_letter(
+            &dlq_topic,
+            &self.group_id,
+            &OriginalRecord::of(message),
+            &failure,
+        );
         match self.send(&record, input_ref) {
             Ok(()) => {
                 self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
@@ -963,25 +968,6 @@ fn retry_retriable(mut call: impl FnMut() -> Result<(), KafkaError>) -> Result<(
             }
             other => return other,
         }
-    }
-}
-
-fn original(message: &BorrowedMessage<'_>) -> OriginalRecord {
-    OriginalRecord {
-        topic: message.topic().to_owned(),
-        partition: message.partition(),
-        offset: message.offset(),
-        key: message.key().map(<[u8]>::to_vec),
-        payload: message.payload().map(<[u8]>::to_vec),
-        headers: message
-            .headers()
-            .map(|headers| {
-                headers
-                    .iter()
-                    .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
-                    .collect()
-            })
-            .unwrap_or_default(),
     }
 }
 
