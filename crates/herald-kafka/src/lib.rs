@@ -12,10 +12,13 @@
 //! - [`processor`]: exactly-once consume → transform → produce in Kafka transactions ([`Processor`], [`Transform`], changelog state).
 //! - [`relay`]: [`Relay`], the outbox relay over any [`herald::OutboxStore`].
 //! - [`error`]: error types and the retriable/fatal classification.
+//! - [`metrics`]: Prometheus label sets and buckets; every stats value is a
+//!   collector for the service's registry.
 
 pub mod consumer;
 pub mod dlq;
 pub mod error;
+pub mod metrics;
 pub mod processor;
 pub mod publisher;
 pub mod relay;
@@ -24,5 +27,5 @@ mod settings;
 pub use consumer::{Consumer, ConsumerConfig, ConsumerStats, Handler, RecordInfo, Router};
 pub use error::{is_retriable, ClientError, PublishError};
 pub use processor::{Processor, ProcessorConfig, ProcessorError, Transform};
-pub use publisher::{Delivered, OutgoingRecord, Publisher, PublisherConfig};
+pub use publisher::{Delivered, OutgoingRecord, Publisher, PublisherConfig, PublisherStats};
 pub use relay::{Relay, RelayConfig, RelayStats};

@@ -7,7 +7,9 @@
 //! overridden through the pass-through librdkafka settings.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use herald::{Envelope, Event};
@@ -15,9 +17,13 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::ClientConfig;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::metrics::histogram::Histogram;
 use uuid::Uuid;
 
 use crate::error::{is_retriable, ClientError, PublishError};
+use crate::metrics::{encode_counter, encode_metric, latency_histogram};
 use crate::settings;
 
 /// librdkafka settings the publisher uses unless overridden.
@@ -142,6 +148,66 @@ impl OutgoingRecord {
 pub struct Publisher {
     producer: FutureProducer,
     source: String,
+    stats: Arc<PublisherStats>,
+}
+
+/// What a [`Publisher`] (and its clones) did, readable while it runs; a
+/// Prometheus collector (see [`crate::metrics`]).
+#[derive(Debug)]
+pub struct PublisherStats {
+    /// Records the broker acknowledged.
+    pub published: AtomicU64,
+    /// Records that failed (after librdkafka's own retries).
+    pub failed: AtomicU64,
+    /// Seconds from the publish call to each record's acknowledgement.
+    pub latency: Histogram,
+}
+
+impl Default for PublisherStats {
+    fn default() -> Self {
+        Self {
+            published: AtomicU64::default(),
+            failed: AtomicU64::default(),
+            latency: latency_histogram(),
+        }
+    }
+}
+
+impl PublisherStats {
+    fn record(&self, started: Instant, result: &Result<Delivered, PublishError>) {
+        match result {
+            Ok(_) => {
+                self.published.fetch_add(1, Ordering::Relaxed);
+                self.latency.observe(started.elapsed().as_secs_f64());
+            }
+            Err(_) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl Collector for PublisherStats {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
+        encode_counter(
+            &mut encoder,
+            "herald_publisher_records_published",
+            "Records the broker acknowledged.",
+            self.published.load(Ordering::Relaxed),
+        )?;
+        encode_counter(
+            &mut encoder,
+            "herald_publisher_records_failed",
+            "Records whose delivery failed.",
+            self.failed.load(Ordering::Relaxed),
+        )?;
+        encode_metric(
+            &mut encoder,
+            "herald_publisher_latency_seconds",
+            "Seconds from the publish call to the broker's acknowledgement.",
+            &self.latency,
+        )
+    }
 }
 
 impl std::fmt::Debug for Publisher {
@@ -167,6 +233,7 @@ impl Publisher {
         Ok(Self {
             producer,
             source: source.to_owned(),
+            stats: Arc::default(),
         })
     }
 
@@ -178,6 +245,11 @@ impl Publisher {
     /// The underlying producer, for what herald does not wrap.
     pub fn producer(&self) -> &FutureProducer {
         &self.producer
+    }
+
+    /// Live counters and the latency histogram, shared by every clone.
+    pub fn stats(&self) -> Arc<PublisherStats> {
+        Arc::clone(&self.stats)
     }
 
     /// Publishes one event to `topic`, keyed by its aggregate id, and waits
@@ -211,6 +283,7 @@ impl Publisher {
         // Everything is enqueued before anything is awaited, so the whole
         // batch is in flight at once; the envelope's bytes are borrowed, not
         // copied into an intermediate record.
+        let started = Instant::now();
         let mut pending = Vec::with_capacity(events.len());
         for event in events {
             let enqueued = match Envelope::encode(event, &self.source) {
@@ -238,15 +311,17 @@ impl Publisher {
         }
         join_all(pending.into_iter().map(|enqueued| async move {
             let (future, event_id) = enqueued?;
-            Self::await_delivery(topic, event_id, future).await
+            self.await_delivery(topic, event_id, future, started).await
         }))
         .await
     }
 
     /// Publishes one raw record and waits for its acknowledgement.
     pub async fn publish_record(&self, record: &OutgoingRecord) -> Result<Delivered, PublishError> {
+        let started = Instant::now();
         let pending = self.enqueue(record).await?;
-        Self::await_delivery(&record.topic, record.event_id, pending).await
+        self.await_delivery(&record.topic, record.event_id, pending, started)
+            .await
     }
 
     /// Publishes raw records with all of them in flight at once; one result
@@ -255,6 +330,7 @@ impl Publisher {
         &self,
         records: &[OutgoingRecord],
     ) -> Vec<Result<Delivered, PublishError>> {
+        let started = Instant::now();
         let mut pending = Vec::with_capacity(records.len());
         for record in records {
             pending.push(self.enqueue(record).await);
@@ -264,7 +340,8 @@ impl Publisher {
                 .iter()
                 .zip(pending)
                 .map(|(record, enqueued)| async move {
-                    Self::await_delivery(&record.topic, record.event_id, enqueued?).await
+                    self.await_delivery(&record.topic, record.event_id, enqueued?, started)
+                        .await
                 }),
         )
         .await
@@ -315,18 +392,22 @@ impl Publisher {
     }
 
     async fn await_delivery(
+        &self,
         topic: &str,
         event_id: Uuid,
         pending: DeliveryFuture,
+        started: Instant,
     ) -> Result<Delivered, PublishError> {
-        match pending.await {
+        let result = match pending.await {
             Ok(Ok(delivery)) => Ok(Delivered {
                 partition: delivery.partition,
                 offset: delivery.offset,
             }),
             Ok(Err((source, _))) => Err(Self::error(topic, event_id, source)),
             Err(_canceled) => Err(Self::error(topic, event_id, KafkaError::Canceled)),
-        }
+        };
+        self.stats.record(started, &result);
+        result
     }
 
     fn error(topic: &str, event_id: Uuid, source: KafkaError) -> PublishError {

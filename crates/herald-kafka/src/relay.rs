@@ -14,11 +14,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use herald::{OutboxBatch, OutboxStore, PendingRecord};
+use herald::envelope::headers;
+use herald::{OutboxBatch, OutboxStore, PendingRecord, TraceContext};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::metrics::histogram::Histogram;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::error::PublishError;
+use crate::metrics::{encode_counter, encode_metric, latency_histogram};
 use crate::publisher::{OutgoingRecord, Publisher};
 
 /// Relay settings.
@@ -50,8 +55,9 @@ impl Default for RelayConfig {
     }
 }
 
-/// Counters of a relay, readable while it runs.
-#[derive(Debug, Default)]
+/// Counters of a relay, readable while it runs; a Prometheus collector (see
+/// [`crate::metrics`]).
+#[derive(Debug)]
 pub struct RelayStats {
     /// Records published and marked.
     pub published: AtomicU64,
@@ -65,6 +71,57 @@ pub struct RelayStats {
     pub last_batch_micros: AtomicU64,
     /// Sum of non-empty batch durations, in microseconds.
     pub batch_micros_total: AtomicU64,
+    /// Non-empty batch durations, claim to commit, in seconds.
+    pub batch_seconds: Histogram,
+}
+
+impl Default for RelayStats {
+    fn default() -> Self {
+        Self {
+            published: AtomicU64::default(),
+            batches: AtomicU64::default(),
+            publish_failures: AtomicU64::default(),
+            store_failures: AtomicU64::default(),
+            last_batch_micros: AtomicU64::default(),
+            batch_micros_total: AtomicU64::default(),
+            batch_seconds: latency_histogram(),
+        }
+    }
+}
+
+impl Collector for RelayStats {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
+        for (name, help, value) in [
+            (
+                "herald_relay_published",
+                "Outbox records published to Kafka and marked.",
+                &self.published,
+            ),
+            (
+                "herald_relay_batches",
+                "Relay batches that published records.",
+                &self.batches,
+            ),
+            (
+                "herald_relay_publish_failures",
+                "Deliveries that failed (retried on a later pass).",
+                &self.publish_failures,
+            ),
+            (
+                "herald_relay_store_failures",
+                "Outbox store errors (claim or mark).",
+                &self.store_failures,
+            ),
+        ] {
+            encode_counter(&mut encoder, name, help, value.load(Ordering::Relaxed))?;
+        }
+        encode_metric(
+            &mut encoder,
+            "herald_relay_batch_duration_seconds",
+            "Relay batch durations, claim to commit.",
+            &self.batch_seconds,
+        )
+    }
 }
 
 /// Why a relay pass failed.
@@ -112,18 +169,57 @@ impl<S: OutboxStore> std::fmt::Debug for Relay<S> {
     }
 }
 
-fn outgoing(record: &PendingRecord) -> OutgoingRecord {
-    OutgoingRecord {
+/// The record for an outbox row, and the span of its publication: a child of
+/// the trace the row was written in (its stored `traceparent`). When
+/// OpenTelemetry is on, the record carries the publication span's context,
+/// so its consumers become children of the relay's span; otherwise it
+/// carries the stored context unchanged.
+fn outgoing(record: &PendingRecord) -> (OutgoingRecord, tracing::Span) {
+    let span = tracing::info_span!(
+        "relay_publish",
+        otel.name = %format_args!("{} publish", record.topic),
+        otel.kind = "producer",
+        messaging.system = "kafka",
+        messaging.operation.type = "send",
+        messaging.destination.name = %record.topic,
+        messaging.message.id = %record.event_id,
+    );
+    let header = |name: &str| {
+        record
+            .headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    let stored = header(headers::TRACEPARENT)
+        .and_then(|parent| TraceContext::new(parent, header(headers::TRACESTATE)).ok());
+    if let Some(stored) = &stored {
+        stored.adopt_as_parent(&span);
+    }
+    let carried = TraceContext::of_span(&span).or(stored);
+    let mut out: Vec<(String, Option<Vec<u8>>)> = record
+        .headers
+        .iter()
+        .filter(|(k, _)| k != headers::TRACEPARENT && k != headers::TRACESTATE)
+        .map(|(k, v)| (k.clone(), Some(v.clone().into_bytes())))
+        .collect();
+    if let Some(trace) = carried {
+        out.push((
+            headers::TRACEPARENT.to_owned(),
+            Some(trace.traceparent().as_bytes().to_vec()),
+        ));
+        if let Some(state) = trace.tracestate() {
+            out.push((headers::TRACESTATE.to_owned(), Some(state.as_bytes().to_vec())));
+        }
+    }
+    let record = OutgoingRecord {
         topic: record.topic.clone(),
         key: Some(record.key.clone().into_bytes()),
         payload: record.payload.clone(),
-        headers: record
-            .headers
-            .iter()
-            .map(|(k, v)| (k.clone(), Some(v.clone().into_bytes())))
-            .collect(),
+        headers: out,
         event_id: record.event_id,
-    }
+    };
+    (record, span)
 }
 
 impl<S: OutboxStore> Relay<S> {
@@ -172,7 +268,9 @@ impl<S: OutboxStore> Relay<S> {
             messaging.batch.message_count = claimed,
             published = tracing::field::Empty,
         );
-        let records: Vec<OutgoingRecord> = batch.records().iter().map(outgoing).collect();
+        // The per-record spans end when the batch's acknowledgements are in.
+        let (records, _spans): (Vec<OutgoingRecord>, Vec<tracing::Span>) =
+            batch.records().iter().map(outgoing).unzip();
         let results = self
             .publisher
             .publish_records(&records)
@@ -214,6 +312,9 @@ impl<S: OutboxStore> Relay<S> {
         self.stats
             .batch_micros_total
             .fetch_add(micros, Ordering::Relaxed);
+        self.stats
+            .batch_seconds
+            .observe(started.elapsed().as_secs_f64());
         match first_error {
             Some(source) => {
                 self.stats

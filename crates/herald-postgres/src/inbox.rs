@@ -306,3 +306,13 @@ async fn apply_in_savepoint(
         }
     }
 }
+
+/// Inbox rows per consumer group: what retention keeps (a metric's source).
+pub async fn rows_per_group(pool: &PgPool) -> Result<Vec<(String, i64)>, StoreError> {
+    sqlx::query_as(
+        "SELECT consumer_group, count(*) FROM herald_inbox GROUP BY consumer_group ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await
+    .map_err(StoreError::db("counting inbox rows"))
+}

@@ -154,3 +154,13 @@ pub async fn purge_processed(
     .map_err(StoreError::db("purging inbox rows"))?;
     Ok(done.rows_affected())
 }
+
+/// Inbox rows per consumer group: what retention keeps (a metric's source).
+pub async fn rows_per_group(pool: &SqlitePool) -> Result<Vec<(String, i64)>, StoreError> {
+    sqlx::query_as(
+        "SELECT consumer_group, count(*) FROM herald_inbox GROUP BY consumer_group ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await
+    .map_err(StoreError::db("counting inbox rows"))
+}

@@ -101,6 +101,63 @@ impl TraceContext {
     }
 }
 
+/// The bridge to OpenTelemetry, for the spans herald emits through `tracing`.
+///
+/// Every function here is a no-op (or returns `None`) when the process has no
+/// `tracing-opentelemetry` layer installed: there is then no trace to join,
+/// and the W3C context travels through the records unchanged.
+impl TraceContext {
+    /// This context as a remote OpenTelemetry parent.
+    pub fn to_otel(&self) -> opentelemetry::Context {
+        use opentelemetry::trace::{
+            SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
+        };
+        // The fields were validated as lower hex of the right lengths.
+        let trace_id = TraceId::from_hex(self.trace_id()).unwrap_or(TraceId::INVALID);
+        let span_id = SpanId::from_hex(self.parent_span_id()).unwrap_or(SpanId::INVALID);
+        let flags = u8::from_str_radix(&self.traceparent[53..55], 16).unwrap_or(0);
+        let state = self
+            .tracestate()
+            .and_then(|s| s.parse::<TraceState>().ok())
+            .unwrap_or_default();
+        let context = SpanContext::new(trace_id, span_id, TraceFlags::new(flags), true, state);
+        opentelemetry::Context::new().with_remote_span_context(context)
+    }
+
+    /// The W3C form of an OpenTelemetry span context; `None` when it is not
+    /// valid (no OpenTelemetry layer, or a disabled span).
+    pub fn from_otel(context: &opentelemetry::trace::SpanContext) -> Option<Self> {
+        if !context.is_valid() {
+            return None;
+        }
+        let traceparent = format!(
+            "00-{}-{}-{:02x}",
+            context.trace_id(),
+            context.span_id(),
+            context.trace_flags().to_u8()
+        );
+        let state = context.trace_state().header();
+        Self::new(traceparent, Some(state)).ok()
+    }
+
+    /// The context of `span` as OpenTelemetry sees it: what a record written
+    /// inside `span` should carry so that its consumers join the trace as
+    /// children of `span`.
+    pub fn of_span(span: &tracing::Span) -> Option<Self> {
+        use opentelemetry::trace::TraceContextExt;
+        use tracing_opentelemetry::OpenTelemetrySpanExt;
+        Self::from_otel(span.context().span().span_context())
+    }
+
+    /// Makes this context the OpenTelemetry parent of `span` (which must not
+    /// have been entered yet): the span joins the producer's trace.
+    pub fn adopt_as_parent(&self, span: &tracing::Span) {
+        // Fails only when no OpenTelemetry layer is installed, and then
+        // there is no trace to join.
+        let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(span, self.to_otel());
+    }
+}
+
 impl fmt::Display for TraceContext {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.traceparent)
@@ -145,5 +202,26 @@ mod tests {
         ] {
             assert!(TraceContext::new(bad, None).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn round_trips_through_opentelemetry() {
+        use opentelemetry::trace::TraceContextExt;
+        let ctx = TraceContext::new(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            Some("congo=t61rcWkgMzE".into()),
+        )
+        .expect("valid");
+        let otel = ctx.to_otel();
+        let back = TraceContext::from_otel(otel.span().span_context()).expect("valid");
+        assert_eq!(back, ctx);
+        assert!(TraceContext::from_otel(&opentelemetry::trace::SpanContext::empty_context()).is_none());
+    }
+
+    #[test]
+    fn a_span_has_no_context_without_an_opentelemetry_layer() {
+        let span = tracing::info_span!("no subscriber");
+        assert!(TraceContext::of_span(&span).is_none());
+        TraceContext::new_root().adopt_as_parent(&span);
     }
 }

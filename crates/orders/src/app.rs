@@ -646,12 +646,14 @@ impl Application {
             mock_cluster,
         } = self;
         let mut tasks = tokio::task::JoinSet::new();
+        let mut consumers = Vec::new();
         let relay_config = RelayConfig {
             batch_size: config.relay_batch,
             ..RelayConfig::default()
         };
 
         if components.relay {
+            metrics.register_publisher("relay", publisher.stats());
             match &store {
                 Store::Postgres(pool) => {
                     let relay =
@@ -693,6 +695,7 @@ impl Application {
             let router = consumer_router(kind, &store, config.group(kind.name()));
             let consumer = config.consumer(kind.name(), router)?;
             metrics.register_consumer(kind.name(), consumer.stats());
+            consumers.push((kind.name().to_owned(), consumer.stats()));
             let stop = shutdown.clone();
             tasks.spawn(async move {
                 consumer
@@ -736,6 +739,7 @@ impl Application {
             topics: config.topics.clone(),
             kafka: Some(publisher.clone()),
             metrics,
+            consumers,
         };
         let app = if components.api {
             api::router(state)

@@ -16,6 +16,7 @@
 //! - [`fulfillment`]: the exactly-once fulfillment processor and its state.
 //! - [`load`]: `orders load`, the load generator.
 //! - [`metrics`]: `/metrics` from the components' live counters.
+//! - [`telemetry`]: logs (text or JSON with trace ids) and OTLP trace export.
 //! - [`cli`]: the command line; `main.rs` dispatches it.
 
 pub mod api;
@@ -29,3 +30,4 @@ pub mod fulfillment;
 pub mod load;
 pub mod metrics;
 pub mod store;
+pub mod telemetry;

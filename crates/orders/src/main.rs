@@ -5,18 +5,8 @@
 use anyhow::Context;
 use clap::Parser;
 use orders::app::{Application, Components, Config};
-use orders::cli::{Cli, Command, LogFormat, WorkerKind};
+use orders::cli::{Cli, Command, WorkerKind};
 use tokio_util::sync::CancellationToken;
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| "info,rdkafka=warn,sqlx=warn".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
-}
 
 /// Cancels the token on SIGINT or SIGTERM.
 fn shutdown_on_signals() -> CancellationToken {
@@ -45,10 +35,21 @@ fn shutdown_on_signals() -> CancellationToken {
     token
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_logging(cli.settings.log_format);
+    // Before the runtime: the OTLP exporter's HTTP client is a blocking one.
+    let telemetry = orders::telemetry::init(cli.settings.log_format)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    let result = runtime.block_on(run(cli));
+    drop(runtime);
+    telemetry.shutdown();
+    result
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let command = cli.command.unwrap_or(Command::Run);
     let components = match &command {
         Command::Run => Some(Components::ALL),

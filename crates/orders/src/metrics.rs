@@ -1,244 +1,215 @@
-//! `/metrics` in the Prometheus text format, from the live counters of the
-//! components running in this process. Labels are bounded: component names
-//! only, never order or event ids.
+//! `/metrics` in the OpenMetrics text format (Prometheus scrapes it), from
+//! one [`Registry`] per process: the collectors of the herald components
+//! running here, the HTTP API's own figures, and database figures read at
+//! scrape time. Labels are bounded: component names, topics, partitions,
+//! event types, routes and status codes, never order or event ids.
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use herald::OutboxStatus;
+use herald_kafka::metrics::latency_histogram;
 use herald_kafka::processor::ProcessorStats;
-use herald_kafka::{ConsumerStats, RelayStats};
+use herald_kafka::{ConsumerStats, PublisherStats, RelayStats};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 
-/// Upper bounds of the latency histogram buckets, in seconds.
-const BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-];
+/// The content type of [`Metrics::render`]'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// A fixed-bucket histogram.
-#[derive(Debug, Default)]
-pub struct Histogram {
-    counts: [AtomicU64; 11],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
+/// Labels of the HTTP request metrics.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// The request method.
+    pub method: String,
+    /// The matched route template (`/orders/{id}`), or `unmatched`.
+    pub route: String,
+    /// The response status code.
+    pub status: u16,
 }
 
-impl Histogram {
-    /// Records one observation.
-    pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        for (i, bound) in BUCKETS.iter().enumerate() {
-            if secs <= *bound {
-                self.counts[i].fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros.fetch_add(
-            u64::try_from(d.as_micros()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
-    }
+/// Labels of the inbox size gauge.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GroupLabels {
+    consumer_group: String,
+}
 
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for (i, bound) in BUCKETS.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{le=\"{bound}\"}} {}",
-                self.counts[i].load(Ordering::Relaxed)
-            );
+/// Figures read from the database when `/metrics` is scraped.
+#[derive(Debug)]
+struct DatabaseFigures {
+    outbox_backlog: Gauge,
+    outbox_oldest_age: Gauge<f64, AtomicU64>,
+    inbox_rows: Family<GroupLabels, Gauge>,
+    dlq_replays: AtomicU64,
+}
+
+impl Collector for DatabaseFigures {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
+        let replays = ConstCounter::new(self.dlq_replays.load(Ordering::Relaxed));
+        let metrics: [(&str, &str, &dyn EncodeMetric); 4] = [
+            (
+                "herald_outbox_backlog",
+                "Outbox rows not yet published.",
+                &self.outbox_backlog,
+            ),
+            (
+                "herald_outbox_oldest_unpublished_age_seconds",
+                "Age of the oldest unpublished outbox row.",
+                &self.outbox_oldest_age,
+            ),
+            (
+                "herald_inbox_rows",
+                "Inbox rows retained, per consumer group.",
+                &self.inbox_rows,
+            ),
+            (
+                "herald_dlq_replays",
+                "Dead letters replayed with `orders dlq replay` (its replay log).",
+                &replays,
+            ),
+        ];
+        for (name, help, metric) in metrics {
+            let metric_encoder =
+                encoder.encode_descriptor(name, help, None, metric.metric_type())?;
+            metric.encode(metric_encoder)?;
         }
-        let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+        Ok(())
     }
 }
 
 /// The process's metrics.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
-    consumers: Mutex<Vec<(String, Arc<ConsumerStats>)>>,
-    relays: Mutex<Vec<Arc<RelayStats>>>,
-    processors: Mutex<Vec<Arc<ProcessorStats>>>,
+    registry: Mutex<Registry>,
     post_commit: Histogram,
+    http_requests: Family<RouteLabels, Counter>,
+    http_seconds: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    database: Arc<DatabaseFigures>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let metrics = Self {
+            registry: Mutex::new(Registry::default()),
+            post_commit: latency_histogram(),
+            http_requests: Family::default(),
+            http_seconds: Family::new_with_constructor(latency_histogram),
+            database: Arc::new(DatabaseFigures {
+                outbox_backlog: Gauge::default(),
+                outbox_oldest_age: Gauge::default(),
+                inbox_rows: Family::default(),
+                dlq_replays: AtomicU64::default(),
+            }),
+        };
+        {
+            let mut registry = metrics.registry();
+            registry.register(
+                "orders_post_commit_seconds",
+                "Time from receiving POST /orders to its database commit.",
+                metrics.post_commit.clone(),
+            );
+            registry.register(
+                "orders_http_requests",
+                "HTTP requests served, by method, route and status.",
+                metrics.http_requests.clone(),
+            );
+            registry.register(
+                "orders_http_request_duration_seconds",
+                "HTTP request durations, by method, route and status.",
+                metrics.http_seconds.clone(),
+            );
+            registry.register_collector(Box::new(Arc::clone(&metrics.database)));
+        }
+        metrics
+    }
 }
 
 impl Metrics {
-    /// Adds a consumer's counters under `name` (e.g. `projection`).
+    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds a consumer's metrics under the label `consumer=<name>`.
     pub fn register_consumer(&self, name: &str, stats: Arc<ConsumerStats>) {
-        self.consumers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((name.to_owned(), stats));
+        self.registry()
+            .sub_registry_with_label(("consumer".into(), name.to_owned().into()))
+            .register_collector(Box::new(stats));
     }
 
-    /// Adds a relay's counters.
+    /// Adds a relay's metrics.
     pub fn register_relay(&self, stats: Arc<RelayStats>) {
-        self.relays
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(stats);
+        self.registry().register_collector(Box::new(stats));
     }
 
-    /// Adds an exactly-once processor's counters.
+    /// Adds a publisher's metrics under the label `publisher=<name>`.
+    pub fn register_publisher(&self, name: &str, stats: Arc<PublisherStats>) {
+        self.registry()
+            .sub_registry_with_label(("publisher".into(), name.to_owned().into()))
+            .register_collector(Box::new(stats));
+    }
+
+    /// Adds an exactly-once processor's metrics.
     pub fn register_processor(&self, stats: Arc<ProcessorStats>) {
-        self.processors
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(stats);
+        self.registry().register_collector(Box::new(stats));
     }
 
     /// Records the time from receiving `POST /orders` to its commit.
     pub fn observe_commit(&self, d: Duration) {
-        self.post_commit.observe(d);
+        self.post_commit.observe(d.as_secs_f64());
     }
 
-    /// The Prometheus text.
-    pub fn render(&self, outbox: Option<&OutboxStatus>) -> String {
-        let mut out = String::new();
-        let consumers = self.consumers.lock().unwrap_or_else(|p| p.into_inner());
-        type Pick = fn(&ConsumerStats) -> &AtomicU64;
-        let series: [(&str, &str, &str, Pick); 7] = [
-            (
-                "herald_consumer_records_consumed_total",
-                "counter",
-                "Records received from Kafka.",
-                |s| &s.consumed,
-            ),
-            (
-                "herald_consumer_records_handled_total",
-                "counter",
-                "Records handled successfully.",
-                |s| &s.handled,
-            ),
-            (
-                "herald_consumer_retries_total",
-                "counter",
-                "Handler retries after transient failures.",
-                |s| &s.retried,
-            ),
-            (
-                "herald_consumer_dead_lettered_total",
-                "counter",
-                "Records written to a dead-letter topic.",
-                |s| &s.dead_lettered,
-            ),
-            (
-                "herald_consumer_skipped_unknown_total",
-                "counter",
-                "Records of unknown event types skipped.",
-                |s| &s.skipped_unknown,
-            ),
-            (
-                "herald_consumer_commit_failures_total",
-                "counter",
-                "Offset commits that failed.",
-                |s| &s.commit_failures,
-            ),
-            (
-                "herald_consumer_in_flight_records",
-                "gauge",
-                "Records received and not finished.",
-                |s| &s.in_flight,
-            ),
-        ];
-        for (name, kind, help, pick) in series {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (consumer, stats) in consumers.iter() {
-                let _ = writeln!(
-                    out,
-                    "{name}{{consumer=\"{consumer}\"}} {}",
-                    pick(stats).load(Ordering::Relaxed)
-                );
+    /// Records one served HTTP request.
+    pub fn observe_request(&self, labels: &RouteLabels, d: Duration) {
+        self.http_requests.get_or_create(labels).inc();
+        self.http_seconds
+            .get_or_create(labels)
+            .observe(d.as_secs_f64());
+    }
+
+    /// Updates the figures read from the database (kept as they were when
+    /// one cannot be read).
+    pub fn set_database_figures(
+        &self,
+        outbox: Option<&OutboxStatus>,
+        inbox_rows: Option<&[(String, i64)]>,
+        dlq_replays: Option<u64>,
+    ) {
+        let figures = &self.database;
+        if let Some(status) = outbox {
+            figures
+                .outbox_backlog
+                .set(status.backlog);
+            figures
+                .outbox_oldest_age
+                .set(status.oldest_unpublished_age().as_secs_f64());
+        }
+        if let Some(rows) = inbox_rows {
+            figures.inbox_rows.clear();
+            for (group, count) in rows {
+                figures
+                    .inbox_rows
+                    .get_or_create(&GroupLabels {
+                        consumer_group: group.clone(),
+                    })
+                    .set(*count);
             }
         }
-        drop(consumers);
-        let relays = self.relays.lock().unwrap_or_else(|p| p.into_inner());
-        let sum = |pick: fn(&RelayStats) -> &AtomicU64| -> u64 {
-            relays.iter().map(|r| pick(r).load(Ordering::Relaxed)).sum()
-        };
-        for (name, help, value) in [
-            (
-                "herald_relay_published_total",
-                "Outbox records published to Kafka.",
-                sum(|r| &r.published),
-            ),
-            (
-                "herald_relay_batches_total",
-                "Relay batches that published records.",
-                sum(|r| &r.batches),
-            ),
-            (
-                "herald_relay_publish_failures_total",
-                "Deliveries that failed (retried later).",
-                sum(|r| &r.publish_failures),
-            ),
-            (
-                "herald_relay_store_failures_total",
-                "Outbox store errors.",
-                sum(|r| &r.store_failures),
-            ),
-        ] {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-            );
+        if let Some(replays) = dlq_replays {
+            figures.dlq_replays.store(replays, Ordering::Relaxed);
         }
-        drop(relays);
-        let processors = self.processors.lock().unwrap_or_else(|p| p.into_inner());
-        let total = |pick: fn(&ProcessorStats) -> &AtomicU64| -> u64 {
-            processors
-                .iter()
-                .map(|p| pick(p).load(Ordering::Relaxed))
-                .sum()
-        };
-        for (name, help, value) in [
-            (
-                "herald_processor_transactions_committed_total",
-                "Committed processor transactions.",
-                total(|p| &p.committed),
-            ),
-            (
-                "herald_processor_transactions_aborted_total",
-                "Aborted processor transactions.",
-                total(|p| &p.aborted),
-            ),
-            (
-                "herald_processor_inputs_committed_total",
-                "Inputs whose offsets were committed with their outputs.",
-                total(|p| &p.committed_inputs),
-            ),
-            (
-                "herald_processor_dead_lettered_total",
-                "Poison inputs dead-lettered inside a transaction.",
-                total(|p| &p.dead_lettered),
-            ),
-        ] {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-            );
-        }
-        drop(processors);
-        if let Some(status) = outbox {
-            let _ = writeln!(
-                out,
-                "# HELP herald_outbox_backlog Outbox rows not yet published.\n# TYPE herald_outbox_backlog gauge\nherald_outbox_backlog {}",
-                status.backlog
-            );
-            let _ = writeln!(
-                out,
-                "# HELP herald_outbox_oldest_unpublished_age_seconds Age of the oldest unpublished outbox row.\n# TYPE herald_outbox_oldest_unpublished_age_seconds gauge\nherald_outbox_oldest_unpublished_age_seconds {}",
-                status.oldest_unpublished_age().as_secs_f64()
-            );
-        }
-        self.post_commit.render(
-            &mut out,
-            "orders_post_commit_seconds",
-            "Time from receiving POST /orders to its database commit.",
-        );
+    }
+
+    /// The OpenMetrics text of everything registered.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry());
         out
     }
 }

@@ -105,6 +105,27 @@ impl Store {
         }
     }
 
+    /// Inbox rows per consumer group, when they can be counted.
+    pub async fn inbox_rows(&self) -> Option<Vec<(String, i64)>> {
+        match self {
+            Store::Postgres(pool) => herald_postgres::inbox::rows_per_group(pool).await.ok(),
+            Store::Sqlite(db) => herald_sqlite::inbox::rows_per_group(db.pool()).await.ok(),
+        }
+    }
+
+    /// Dead letters replayed so far (the replay log kept by `orders dlq
+    /// replay`, which needs PostgreSQL).
+    pub async fn dlq_replays(&self) -> Option<u64> {
+        let Store::Postgres(pool) = self else {
+            return None;
+        };
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM dlq_replays")
+            .fetch_one(pool)
+            .await
+            .ok()
+            .and_then(|n| u64::try_from(n).ok())
+    }
+
     /// The outbox backlog, when it can be read.
     pub async fn backlog(&self) -> Option<OutboxStatus> {
         match self {

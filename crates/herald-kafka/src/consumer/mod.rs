@@ -37,7 +37,18 @@ use std::time::Duration;
 use herald::RetryPolicy;
 use rdkafka::ClientConfig;
 
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+
 use crate::error::ClientError;
+use crate::metrics::{
+    encode_counter, encode_gauge, encode_metric, latency_histogram, DeadLetterLabels,
+    HandlerLabels, PartitionLabels,
+};
 use crate::publisher::PRODUCER_DEFAULTS;
 use crate::settings;
 pub use router::{Handler, RecordInfo, Router};
@@ -75,6 +86,7 @@ pub struct ConsumerConfig {
     pub(crate) revoke_timeout: Duration,
     pub(crate) settings: BTreeMap<String, String>,
     pub(crate) producer_settings: BTreeMap<String, String>,
+    pub(crate) detailed_metrics: bool,
 }
 
 impl ConsumerConfig {
@@ -101,6 +113,7 @@ impl ConsumerConfig {
             revoke_timeout: Duration::from_secs(10),
             settings: BTreeMap::new(),
             producer_settings: BTreeMap::new(),
+            detailed_metrics: true,
         }
     }
 
@@ -158,6 +171,16 @@ impl ConsumerConfig {
         self
     }
 
+    /// Whether to keep the detailed metrics of [`ConsumerStats`]: handler
+    /// durations, dead letters by topic, event type and error class, and the
+    /// lag of each owned partition (from librdkafka's statistics, every
+    /// `statistics.interval.ms`: 5 s unless set). On by default; the plain
+    /// counters are kept either way.
+    pub fn detailed_metrics(mut self, enabled: bool) -> Self {
+        self.detailed_metrics = enabled;
+        self
+    }
+
     /// Overrides or adds a librdkafka consumer setting (SASL, TLS, timeouts…).
     /// `enable.auto.commit` and `enable.auto.offset.store` are the runtime's own.
     pub fn set(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
@@ -208,10 +231,15 @@ impl ConsumerConfig {
     }
 
     pub(crate) fn consumer_client_config(&self) -> ClientConfig {
+        // The lag gauges come from librdkafka's statistics.
+        let statistics = self
+            .detailed_metrics
+            .then_some(("statistics.interval.ms", "5000"));
         settings::layered(
             &self.brokers,
             std::iter::once(("group.id", self.group_id.as_str()))
                 .chain(settings::table(CONSUMER_DEFAULTS))
+                .chain(statistics)
                 .chain(settings::pairs(&self.settings))
                 .chain(settings::table(CONSUMER_FIXED)),
         )
@@ -228,8 +256,9 @@ impl ConsumerConfig {
     }
 }
 
-/// Counters of what a consumer did, readable while it runs.
-#[derive(Debug, Default)]
+/// Counters of what a consumer did, readable while it runs. Register it with
+/// a Prometheus registry to export them (see [`crate::metrics`]).
+#[derive(Debug)]
 pub struct ConsumerStats {
     /// Records received from Kafka.
     pub consumed: AtomicU64,
@@ -249,12 +278,114 @@ pub struct ConsumerStats {
     pub assigned_partitions: AtomicU64,
     /// Assignments received (each rebalance that gave this member partitions).
     pub assignments: AtomicU64,
+    /// Assignment callbacks of any size: above zero once this member joined
+    /// its group, even when the group left it without partitions.
+    pub rebalances: AtomicU64,
+    /// Handler durations per handler and event type, successes and failures
+    /// alike (detailed metrics).
+    pub handler_seconds: Family<HandlerLabels, Histogram, fn() -> Histogram>,
+    /// Dead letters written, per source topic, event type and error class.
+    pub dead_letters: Family<DeadLetterLabels, Counter>,
+    /// Per owned partition: high watermark (last stable offset under
+    /// `read_committed`) − committed offset, as of librdkafka's last
+    /// statistics (detailed metrics).
+    pub lag: Family<PartitionLabels, Gauge>,
+}
+
+impl Default for ConsumerStats {
+    fn default() -> Self {
+        Self {
+            consumed: AtomicU64::default(),
+            handled: AtomicU64::default(),
+            retried: AtomicU64::default(),
+            dead_lettered: AtomicU64::default(),
+            skipped_unknown: AtomicU64::default(),
+            commit_failures: AtomicU64::default(),
+            in_flight: AtomicU64::default(),
+            assigned_partitions: AtomicU64::default(),
+            assignments: AtomicU64::default(),
+            rebalances: AtomicU64::default(),
+            handler_seconds: Family::new_with_constructor(latency_histogram),
+            dead_letters: Family::default(),
+            lag: Family::default(),
+        }
+    }
 }
 
 impl ConsumerStats {
     /// Reads one counter.
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+}
+
+impl Collector for ConsumerStats {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
+        let e = &mut encoder;
+        for (name, help, value) in [
+            (
+                "herald_consumer_records_consumed",
+                "Records received from Kafka.",
+                &self.consumed,
+            ),
+            (
+                "herald_consumer_records_handled",
+                "Records all of whose handlers succeeded.",
+                &self.handled,
+            ),
+            (
+                "herald_consumer_retries",
+                "Handler retries after transient failures.",
+                &self.retried,
+            ),
+            (
+                "herald_consumer_skipped_unknown",
+                "Records of unknown event types skipped.",
+                &self.skipped_unknown,
+            ),
+            (
+                "herald_consumer_commit_failures",
+                "Offset commits that failed (retried).",
+                &self.commit_failures,
+            ),
+            (
+                "herald_consumer_assignments",
+                "Rebalances that assigned partitions to this member.",
+                &self.assignments,
+            ),
+        ] {
+            encode_counter(e, name, help, Self::get(value))?;
+        }
+        encode_gauge(
+            e,
+            "herald_consumer_in_flight_records",
+            "Records received and not finished.",
+            Self::get(&self.in_flight),
+        )?;
+        encode_gauge(
+            e,
+            "herald_consumer_assigned_partitions",
+            "Partitions this member owns.",
+            Self::get(&self.assigned_partitions),
+        )?;
+        encode_metric(
+            e,
+            "herald_consumer_dead_lettered",
+            "Records written to a dead-letter topic, by topic, event type and error class.",
+            &self.dead_letters,
+        )?;
+        encode_metric(
+            e,
+            "herald_consumer_handler_duration_seconds",
+            "Handler durations, by handler and event type.",
+            &self.handler_seconds,
+        )?;
+        encode_metric(
+            e,
+            "herald_consumer_lag",
+            "Records behind per owned partition: high watermark minus committed offset.",
+            &self.lag,
+        )
     }
 }
 

@@ -17,6 +17,7 @@ use tracing::Instrument;
 use super::router::{RecordInfo, RouteFailure, Router};
 use super::ConsumerStats;
 use crate::dlq::{dead_letter, Failure, OriginalRecord};
+use crate::metrics::{DeadLetterLabels, HandlerLabels};
 use crate::publisher::Publisher;
 
 /// What the runtime shares with every record task.
@@ -28,6 +29,8 @@ pub(crate) struct Shared {
     pub dlq_suffix: String,
     pub dlq: Publisher,
     pub stats: Arc<ConsumerStats>,
+    /// Whether to time handlers and label dead letters.
+    pub detailed_metrics: bool,
     /// Fires at shutdown: retries and dead-letter attempts stop waiting.
     pub stopping: CancellationToken,
 }
@@ -51,23 +54,6 @@ impl Outcome {
     pub fn is_done(self) -> bool {
         !matches!(self, Outcome::Abandoned)
     }
-}
-
-/// The OpenTelemetry context of a record's producer, from its
-/// `traceparent`/`tracestate`, as a remote parent.
-pub(crate) fn remote_parent(trace: &herald::TraceContext) -> Option<opentelemetry::Context> {
-    use opentelemetry::trace::{
-        SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
-    };
-    let trace_id = TraceId::from_hex(trace.trace_id()).ok()?;
-    let span_id = SpanId::from_hex(trace.parent_span_id()).ok()?;
-    let flags = u8::from_str_radix(&trace.traceparent()[53..55], 16).ok()?;
-    let state = trace
-        .tracestate()
-        .and_then(|s| s.parse::<TraceState>().ok())
-        .unwrap_or_default();
-    let context = SpanContext::new(trace_id, span_id, TraceFlags::new(flags), true, state);
-    Some(opentelemetry::Context::new().with_remote_span_context(context))
 }
 
 /// Handles one record to its end.
@@ -107,11 +93,7 @@ pub(crate) async fn process(shared: Arc<Shared>, message: OwnedMessage) -> Outco
             span.record("trace_id", trace.trace_id());
             // The producer's span becomes this span's parent: one trace
             // from the request that produced the event to its handlers.
-            if let Some(parent) = remote_parent(trace) {
-                // Fails only when no OpenTelemetry layer is installed, and
-                // then there is no trace to join.
-                let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(&span, parent);
-            }
+            trace.adopt_as_parent(&span);
         }
     }
     let outcome = process_in_span(&shared, &message, envelope)
@@ -139,7 +121,7 @@ async fn process_in_span(
                 first_failed_at: now,
                 last_failed_at: now,
             };
-            return write_dead_letter(shared, message, failure).await;
+            return write_dead_letter(shared, message, "undecodable", failure).await;
         }
     };
 
@@ -159,7 +141,7 @@ async fn process_in_span(
                 first_failed_at: now,
                 last_failed_at: now,
             };
-            return write_dead_letter(shared, message, failure).await;
+            return write_dead_letter(shared, message, "other", failure).await;
         }
         tracing::debug!(event_type = %envelope.event_type, "skipping unknown event type");
         shared.stats.skipped_unknown.fetch_add(1, Ordering::Relaxed);
@@ -178,7 +160,27 @@ async fn process_in_span(
                 envelope: Arc::clone(&envelope),
                 attempt,
             };
-            let result = AssertUnwindSafe(handler.call(info)).catch_unwind().await;
+            let span = tracing::info_span!(
+                "handle",
+                otel.name = %format_args!("{} handle", handler.name()),
+                handler = handler.name(),
+                attempt,
+            );
+            let started = shared.detailed_metrics.then(Instant::now);
+            let result = AssertUnwindSafe(handler.call(info))
+                .catch_unwind()
+                .instrument(span)
+                .await;
+            if let Some(started) = started {
+                shared
+                    .stats
+                    .handler_seconds
+                    .get_or_create(&HandlerLabels {
+                        handler: handler.name().to_owned(),
+                        event_type: envelope.event_type.clone(),
+                    })
+                    .observe(started.elapsed().as_secs_f64());
+            }
             let (error, class) = match result {
                 Ok(Ok(())) => break,
                 Ok(Err(RouteFailure::Decode(e))) => (e.to_string(), e.class()),
@@ -217,7 +219,8 @@ async fn process_in_span(
                         first_failed_at: first_at,
                         last_failed_at: now,
                     };
-                    return write_dead_letter(shared, message, failure).await;
+                    return write_dead_letter(shared, message, &envelope.event_type, failure)
+                        .await;
                 }
             }
         }
@@ -229,7 +232,12 @@ async fn process_in_span(
 /// Writes the dead letter and waits for its acknowledgement, trying again
 /// until it succeeds or the consumer stops: a record whose dead letter was
 /// not written is never marked done, so it is not committed.
-async fn write_dead_letter(shared: &Shared, message: &OwnedMessage, failure: Failure) -> Outcome {
+async fn write_dead_letter(
+    shared: &Shared,
+    message: &OwnedMessage,
+    event_type: &str,
+    failure: Failure,
+) -> Outcome {
     let dlq_topic = format!("{}{}", message.topic(), shared.dlq_suffix);
     let record = dead_letter(
         &dlq_topic,
@@ -249,6 +257,15 @@ async fn write_dead_letter(shared: &Shared, message: &OwnedMessage, failure: Fai
         match shared.dlq.publish_record(&record).instrument(span).await {
             Ok(_) => {
                 shared.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                shared
+                    .stats
+                    .dead_letters
+                    .get_or_create(&DeadLetterLabels {
+                        topic: message.topic().to_owned(),
+                        event_type: event_type.to_owned(),
+                        error_class: failure.class.to_string(),
+                    })
+                    .inc();
                 return Outcome::DeadLettered;
             }
             Err(error) => {

@@ -18,6 +18,7 @@ use super::process::{process, Outcome, Shared};
 use super::router::Router;
 use super::{ConsumerConfig, ConsumerStats};
 use crate::error::ClientError;
+use crate::metrics::PartitionLabels;
 use crate::publisher::Publisher;
 
 /// A topic-partition.
@@ -384,6 +385,7 @@ impl Dispatch {
         if tpl.count() > 0 {
             stats.assignments.fetch_add(1, Ordering::Relaxed);
         }
+        stats.rebalances.fetch_add(1, Ordering::Relaxed);
         tracing::info!(partitions = tpl.count(), "partitions assigned");
     }
 }
@@ -408,7 +410,27 @@ fn lock(dispatch: &Mutex<Dispatch>) -> MutexGuard<'_, Dispatch> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-impl ClientContext for RuntimeContext {}
+impl ClientContext for RuntimeContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        // Only the partitions this member fetches: librdkafka also reports
+        // the others it knows from metadata, in fetch state "none".
+        self.stats.lag.clear();
+        for (topic, stats) in &statistics.topics {
+            for (partition, p) in &stats.partitions {
+                if *partition < 0 || p.fetch_state == "none" || p.consumer_lag < 0 {
+                    continue;
+                }
+                self.stats
+                    .lag
+                    .get_or_create(&PartitionLabels {
+                        topic: topic.clone(),
+                        partition: partition.to_string(),
+                    })
+                    .set(p.consumer_lag);
+            }
+        }
+    }
+}
 
 impl ConsumerContext for RuntimeContext {
     fn commit_callback(
@@ -455,6 +477,7 @@ pub(crate) async fn run(
         group_id: Arc::from(config.group_id.as_str()),
         retry: config.retry.clone(),
         dead_letter_unknown: config.dead_letter_unknown,
+        detailed_metrics: config.detailed_metrics,
         dlq_suffix: config.dlq_suffix.clone(),
         dlq: dlq.clone(),
         stats: Arc::clone(&stats),

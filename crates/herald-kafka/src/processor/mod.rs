@@ -299,6 +299,54 @@ impl ProcessorStats {
     }
 }
 
+impl prometheus_client::collector::Collector for ProcessorStats {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> std::fmt::Result {
+        for (name, help, value) in [
+            (
+                "herald_processor_inputs_consumed",
+                "Inputs received (redeliveries after a rewind count again).",
+                &self.consumed,
+            ),
+            (
+                "herald_processor_outputs_produced",
+                "Outputs produced into transactions (which may still abort).",
+                &self.produced,
+            ),
+            (
+                "herald_processor_transactions_committed",
+                "Committed processor transactions.",
+                &self.committed,
+            ),
+            (
+                "herald_processor_transactions_aborted",
+                "Aborted processor transactions.",
+                &self.aborted,
+            ),
+            (
+                "herald_processor_inputs_committed",
+                "Inputs whose offsets were committed with their outputs.",
+                &self.committed_inputs,
+            ),
+            (
+                "herald_processor_dead_lettered",
+                "Poison inputs dead-lettered inside a transaction.",
+                &self.dead_lettered,
+            ),
+            (
+                "herald_processor_retries",
+                "Transient transform failures retried.",
+                &self.retried,
+            ),
+        ] {
+            crate::metrics::encode_counter(&mut encoder, name, help, Self::get(value))?;
+        }
+        Ok(())
+    }
+}
+
 /// An exactly-once processor: a consumer group member that runs a
 /// [`Transform`] over its input topics inside Kafka transactions.
 pub struct Processor<E, T> {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use futures::FutureExt;
-use herald::{Envelope, ErrorClass, Event, RetryPolicy};
+use herald::{Envelope, ErrorClass, Event, RetryPolicy, TraceContext};
 use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, DeliveryResult, Header, Headers, OwnedHeaders};
@@ -320,6 +320,11 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
             trace_id = tracing::field::Empty,
             outcome = tracing::field::Empty,
         );
+        // The input's producer is the OpenTelemetry parent (set before the
+        // span is entered): the order's trace runs on through the processor.
+        if let Some(trace) = input_trace(message) {
+            trace.adopt_as_parent(&span);
+        }
         let _entered = span.enter();
         match self.decide(message, &input_ref, &span) {
             Step::Skip => {
@@ -364,7 +369,14 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
                 .map(|h| (h.key, h.value)),
         );
         let envelope = match envelope {
-            Ok(envelope) => Arc::new(envelope),
+            Ok(mut envelope) => {
+                // Outputs carry this span's context when OpenTelemetry is
+                // on, the input's otherwise.
+                if let Some(own) = TraceContext::of_span(span) {
+                    envelope.trace = Some(own);
+                }
+                Arc::new(envelope)
+            }
             Err(error) => {
                 tracing::warn!(%error, "undecodable input");
                 return Step::DeadLetter(failure(error.to_string(), error.class()));
@@ -1203,4 +1215,22 @@ fn poll_loop<E: Event, T: Transform<E>>(
         Some(error) => Err(error),
         None => Ok(()),
     }
+}
+
+/// The trace context in an input's headers, if it has a valid one.
+fn input_trace(message: &BorrowedMessage<'_>) -> Option<TraceContext> {
+    let headers = message.headers()?;
+    let text = |name: &str| {
+        headers
+            .iter()
+            .find(|h| h.key == name)
+            .and_then(|h| h.value)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .map(str::to_owned)
+    };
+    TraceContext::new(
+        text(herald::headers::TRACEPARENT)?,
+        text(herald::headers::TRACESTATE),
+    )
+    .ok()
 }

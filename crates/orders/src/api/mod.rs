@@ -9,22 +9,24 @@ pub mod openapi;
 pub mod orders;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use axum::extract::{Request, State};
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use herald_kafka::Publisher;
+use herald::TraceContext;
+use herald_kafka::{ConsumerStats, Publisher};
+use tracing::Instrument;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 
 use self::error::{error_response, ApiError};
 use crate::db::Topics;
 use crate::domain::limits;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RouteLabels, CONTENT_TYPE};
 use crate::store::Store;
 
 /// What the handlers share.
@@ -38,6 +40,8 @@ pub struct AppState {
     pub kafka: Option<Publisher>,
     /// Counters and histograms for `/metrics`.
     pub metrics: Arc<Metrics>,
+    /// The consumers running in this process, by name, for `/readyz`.
+    pub consumers: Vec<(String, Arc<ConsumerStats>)>,
 }
 
 /// How long a request may take, body upload included: slow clients get 408.
@@ -70,6 +74,10 @@ fn with_ops(routes: Router<AppState>, state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(uniform_errors))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            observe_request,
+        ))
         // One limit for every route, not only the JSON extractor's.
         .layer(RequestBodyLimitLayer::new(limits::MAX_BODY_BYTES))
         .layer(TimeoutLayer::with_status_code(
@@ -112,6 +120,67 @@ async fn uniform_errors(request: Request, next: Next) -> Response {
     error_response(status, code, message, &[])
 }
 
+/// The trace context of a request's work: what its outbox rows store, so the
+/// events it writes continue its trace.
+#[derive(Debug, Clone)]
+pub struct RequestTrace(pub TraceContext);
+
+/// Runs each request in an `http_request` span (OpenTelemetry HTTP server
+/// conventions; its parent is the caller's `traceparent` when valid), gives
+/// the handlers the request's trace context, and counts and times it.
+async fn observe_request(
+    State(state): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let started = Instant::now();
+    let method = request.method().as_str().to_owned();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_owned();
+    let span = tracing::info_span!(
+        "http_request",
+        otel.name = %format_args!("{method} {route}"),
+        otel.kind = "server",
+        http.request.method = %method,
+        http.route = %route,
+        url.path = %request.uri().path(),
+        http.response.status_code = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    let headers = request.headers();
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let caller = text("traceparent")
+        .and_then(|parent| TraceContext::new(parent, text("tracestate").map(str::to_owned)).ok());
+    if let Some(caller) = &caller {
+        caller.adopt_as_parent(&span);
+    }
+    // OpenTelemetry's context for this span when it is on; otherwise a child
+    // of the caller's context, or a new trace.
+    let trace = TraceContext::of_span(&span).unwrap_or_else(|| {
+        caller
+            .as_ref()
+            .map_or_else(TraceContext::new_root, TraceContext::child)
+    });
+    span.record("trace_id", trace.trace_id());
+    request.extensions_mut().insert(RequestTrace(trace));
+
+    let response = next.run(request).instrument(span.clone()).await;
+    let status = response.status().as_u16();
+    span.record("http.response.status_code", status);
+    state.metrics.observe_request(
+        &RouteLabels {
+            method,
+            route,
+            status,
+        },
+        started.elapsed(),
+    );
+    response
+}
+
 async fn healthz() -> impl IntoResponse {
     Json(serde_json::json!({ "status": "ok" }))
 }
@@ -135,7 +204,24 @@ async fn readyz(State(state): State<AppState>) -> Response {
             Some(reachable)
         }
     };
-    let ready = database && kafka.unwrap_or(true);
+    // A consumer is ready once the group gave it partitions, or gave it
+    // none because other members own them all (explicitly idle).
+    let consumers: serde_json::Map<String, serde_json::Value> = state
+        .consumers
+        .iter()
+        .map(|(name, stats)| {
+            let status = if ConsumerStats::get(&stats.assigned_partitions) > 0 {
+                "assigned"
+            } else if ConsumerStats::get(&stats.rebalances) > 0 {
+                "idle"
+            } else {
+                "joining"
+            };
+            (name.clone(), status.into())
+        })
+        .collect();
+    let consumers_ready = consumers.values().all(|s| s != "joining");
+    let ready = database && kafka.unwrap_or(true) && consumers_ready;
     let status = if ready {
         StatusCode::OK
     } else {
@@ -145,17 +231,20 @@ async fn readyz(State(state): State<AppState>) -> Response {
         status,
         Json(serde_json::json!({
             "status": if ready { "ready" } else { "not_ready" },
-            "checks": { "database": database, "kafka": kafka },
+            "checks": { "database": database, "kafka": kafka, "consumers": consumers },
         })),
     )
         .into_response()
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    let backlog = state.store.backlog().await;
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(backlog.as_ref()),
-    )
-        .into_response()
+    let (backlog, inbox, replays) = tokio::join!(
+        state.store.backlog(),
+        state.store.inbox_rows(),
+        state.store.dlq_replays(),
+    );
+    state
+        .metrics
+        .set_database_figures(backlog.as_ref(), inbox.as_deref(), replays);
+    ([(header::CONTENT_TYPE, CONTENT_TYPE)], state.metrics.render()).into_response()
 }

@@ -5,32 +5,24 @@ use std::collections::HashMap;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use herald::TraceContext;
 use uuid::Uuid;
 
 use super::error::ApiError;
 use super::json::StrictJson;
-use super::AppState;
+use super::{AppState, RequestTrace};
 use crate::db::{CreateOutcome, Transition, TransitionOutcome};
 use crate::domain::{
     limits, parse_reason, CancelOrderRequest, CreateOrderRequest, NewOrder, OrderStatus,
 };
 
-/// The trace context for the work of this request: a child of the caller's
-/// `traceparent` when it sent a valid one, a new trace otherwise.
-fn request_trace(headers: &HeaderMap) -> TraceContext {
-    headers
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|parent| {
-            let state = headers
-                .get("tracestate")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
-            TraceContext::new(parent, state).ok()
-        })
-        .map_or_else(TraceContext::new_root, |parent| parent.child())
+/// The request's trace context, set by the API's request middleware (a new
+/// trace if the handler runs without it).
+fn trace_of(trace: Option<Extension<RequestTrace>>) -> TraceContext {
+    trace.map_or_else(TraceContext::new_root, |Extension(RequestTrace(trace))| {
+        trace
+    })
 }
 
 fn parse_order_id(raw: &str) -> Result<Uuid, ApiError> {
@@ -75,13 +67,14 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 /// `POST /orders`
 pub async fn create(
     State(state): State<AppState>,
+    trace: Option<Extension<RequestTrace>>,
     headers: HeaderMap,
     StrictJson(request): StrictJson<CreateOrderRequest>,
 ) -> Result<Response, ApiError> {
     let key = idempotency_key(&headers)?;
     let order = NewOrder::parse(&request).map_err(ApiError::validation)?;
     let started = std::time::Instant::now();
-    let trace = request_trace(&headers);
+    let trace = trace_of(trace);
     let outcome = state
         .store
         .create_order(&state.topics, &order, key.as_deref(), Some(trace))
@@ -107,7 +100,7 @@ pub async fn create(
 async fn transition(
     state: &AppState,
     raw_id: &str,
-    headers: &HeaderMap,
+    trace: Option<Extension<RequestTrace>>,
     to: Transition,
 ) -> Result<Response, ApiError> {
     let order_id = parse_order_id(raw_id)?;
@@ -117,7 +110,7 @@ async fn transition(
     };
     match state
         .store
-        .transition(&state.topics, order_id, to, Some(request_trace(headers)))
+        .transition(&state.topics, order_id, to, Some(trace_of(trace)))
         .await?
     {
         TransitionOutcome::Done(view) => Ok((StatusCode::OK, Json(view)).into_response()),
@@ -138,20 +131,20 @@ async fn transition(
 pub async fn ship(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    headers: HeaderMap,
+    trace: Option<Extension<RequestTrace>>,
 ) -> Result<Response, ApiError> {
-    transition(&state, &id, &headers, Transition::Ship).await
+    transition(&state, &id, trace, Transition::Ship).await
 }
 
 /// `POST /orders/{id}/cancel`
 pub async fn cancel(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    headers: HeaderMap,
+    trace: Option<Extension<RequestTrace>>,
     StrictJson(request): StrictJson<CancelOrderRequest>,
 ) -> Result<Response, ApiError> {
     let reason = parse_reason(&request).map_err(ApiError::validation)?;
-    transition(&state, &id, &headers, Transition::Cancel(reason)).await
+    transition(&state, &id, trace, Transition::Cancel(reason)).await
 }
 
 /// `GET /orders/{id}` — from the read model (eventually consistent).

@@ -32,6 +32,7 @@ pub async fn api() -> Option<Api> {
         },
         kafka: None,
         metrics: Arc::default(),
+        consumers: Vec::new(),
     };
     Some(Api {
         router: router(state),

@@ -1,0 +1,207 @@
+//! Logs and traces of the service process.
+//!
+//! - Logs: human-readable by default, JSON lines with `--log-format json`,
+//!   level from `RUST_LOG` (default `info,rdkafka=warn,sqlx=warn`). A JSON
+//!   line carries `trace_id` (and `span_id` when OpenTelemetry is on) of the
+//!   span it was written in.
+//! - Traces: exported over OTLP/HTTP (protobuf) when the standard
+//!   `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`)
+//!   is set, with `OTEL_SERVICE_NAME` (default `orders`) and the exporter's
+//!   other standard variables. Unset, no OpenTelemetry layer is installed at
+//!   all: spans cost what `tracing` spans cost, and nothing more.
+
+use std::fmt;
+
+use anyhow::Context;
+use herald::TraceContext;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::trace::{SdkTracerProvider, Tracer};
+use opentelemetry_sdk::Resource;
+use serde_json::{Map, Value};
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::fmt::format::{JsonFields, Writer};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::{EnvFilter, Layer};
+
+use crate::cli::LogFormat;
+
+/// The filter when `RUST_LOG` is not set.
+pub const DEFAULT_FILTER: &str = "info,rdkafka=warn,sqlx=warn";
+
+/// The environment variables that switch OTLP export on.
+const OTLP_ENDPOINT_VARIABLES: [&str; 2] = [
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+];
+
+/// What [`init`] installed; [`Telemetry::shutdown`] flushes the spans not
+/// yet exported.
+#[derive(Debug)]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Whether spans are exported.
+    pub fn exporting(&self) -> bool {
+        self.provider.is_some()
+    }
+
+    /// Exports what is buffered and stops the exporter.
+    pub fn shutdown(self) {
+        if let Some(provider) = self.provider {
+            if let Err(error) = provider.shutdown() {
+                eprintln!("flushing traces at exit failed: {error}");
+            }
+        }
+    }
+}
+
+/// Installs the process's subscriber. Call it before the tokio runtime
+/// starts: the OTLP exporter's blocking HTTP client must not be created
+/// inside one.
+pub fn init(format: LogFormat) -> anyhow::Result<Telemetry> {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(DEFAULT_FILTER))
+        .context("RUST_LOG: not a valid filter")?;
+    let provider = otlp_provider()?;
+    let tracer = provider.as_ref().map(|p| p.tracer("herald"));
+    tracing::subscriber::set_global_default(subscriber(format, filter, tracer))
+        .context("installing the log subscriber")?;
+    Ok(Telemetry { provider })
+}
+
+/// The subscriber [`init`] installs: logs in `format` filtered by `filter`,
+/// plus OpenTelemetry spans through `tracer` when there is one. Tests build
+/// it with an in-memory exporter's tracer.
+pub fn subscriber(
+    format: LogFormat,
+    filter: EnvFilter,
+    tracer: Option<Tracer>,
+) -> impl Subscriber + Send + Sync {
+    let logs: Box<dyn Layer<_> + Send + Sync> = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer().boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .fmt_fields(JsonFields::new())
+            .event_format(JsonLines)
+            .boxed(),
+    };
+    let otel = tracer.map(|tracer| tracing_opentelemetry::layer().with_tracer(tracer));
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(logs)
+        .with(otel)
+}
+
+fn otlp_provider() -> anyhow::Result<Option<SdkTracerProvider>> {
+    let configured = OTLP_ENDPOINT_VARIABLES
+        .iter()
+        .any(|name| std::env::var(name).is_ok_and(|v| !v.trim().is_empty()));
+    if !configured {
+        return Ok(None);
+    }
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .build()
+        .context("OTEL_EXPORTER_OTLP_ENDPOINT: building the OTLP/HTTP span exporter")?;
+    // OTEL_SERVICE_NAME, when set, wins over the default (the builder reads
+    // it and OTEL_RESOURCE_ATTRIBUTES).
+    let resource = if std::env::var("OTEL_SERVICE_NAME").is_ok_and(|v| !v.is_empty()) {
+        Resource::builder().build()
+    } else {
+        Resource::builder().with_service_name("orders").build()
+    };
+    Ok(Some(
+        SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(resource)
+            .build(),
+    ))
+}
+
+/// One JSON object per line: `timestamp`, `level`, `target`, the event's
+/// fields (`message` included), `span` (the innermost span's name), and the
+/// trace ids: OpenTelemetry's when it is on, else the `trace_id` field the
+/// nearest herald span recorded from the record or request it works on.
+struct JsonLines;
+
+impl<S, N> FormatEvent<S, N> for JsonLines
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let meta = event.metadata();
+        let mut line = Map::new();
+        line.insert(
+            "timestamp".into(),
+            Value::String(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
+        );
+        line.insert("level".into(), Value::String(meta.level().to_string()));
+        line.insert("target".into(), Value::String(meta.target().to_owned()));
+        event.record(&mut JsonVisitor(&mut line));
+
+        if let Some(span) = ctx.lookup_current() {
+            line.insert("span".into(), Value::String(span.name().to_owned()));
+        }
+        match TraceContext::of_span(&tracing::Span::current()) {
+            Some(trace) => {
+                line.insert("trace_id".into(), trace.trace_id().into());
+                line.insert("span_id".into(), trace.parent_span_id().into());
+            }
+            None => {
+                let recorded = ctx.event_scope().and_then(|scope| {
+                    scope.into_iter().find_map(|span| {
+                        let extensions = span.extensions();
+                        let fields = extensions.get::<FormattedFields<N>>()?;
+                        let parsed: Map<String, Value> = serde_json::from_str(fields).ok()?;
+                        parsed.get("trace_id").cloned()
+                    })
+                });
+                if let Some(trace_id) = recorded {
+                    line.insert("trace_id".into(), trace_id);
+                }
+            }
+        }
+        let text = serde_json::to_string(&line).map_err(|_| fmt::Error)?;
+        writeln!(writer, "{text}")
+    }
+}
+
+/// Collects an event's fields into a JSON object.
+struct JsonVisitor<'a>(&'a mut Map<String, Value>);
+
+impl Visit for JsonVisitor<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.insert(field.name().into(), value.into());
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.0.insert(field.name().into(), value.into());
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.0
+            .insert(field.name().into(), format!("{value:?}").into());
+    }
+}
