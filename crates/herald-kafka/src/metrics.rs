@@ -89,6 +89,8 @@ pub(crate) fn encode_metric(
     help: &str,
     metric: &impl EncodeMetric,
 ) -> fmt::Result {
+    // The encoder ends the help text with a period of its own.
+    let help = help.trim_end_matches('.');
     let metric_encoder = encoder.encode_descriptor(name, help, None, metric.metric_type())?;
     metric.encode(metric_encoder)
 }
@@ -120,7 +122,10 @@ mod tests {
             .register_collector(Box::new(Fixed));
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
-        assert!(text.contains("things_total{consumer=\"projection\"} 3"), "{text}");
+        assert!(
+            text.contains("things_total{consumer=\"projection\"} 3"),
+            "{text}"
+        );
         assert!(text.contains("level{consumer=\"projection\"} 7"), "{text}");
         assert!(
             text.contains("took_seconds_bucket{consumer=\"projection\",le=\"0.005\"} 1"),

@@ -13,13 +13,13 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use herald::{Envelope, Event};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::metrics::histogram::Histogram;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::ClientConfig;
-use prometheus_client::collector::Collector;
-use prometheus_client::encoding::DescriptorEncoder;
-use prometheus_client::metrics::histogram::Histogram;
 use uuid::Uuid;
 
 use crate::error::{is_retriable, ClientError, PublishError};

@@ -209,7 +209,10 @@ fn outgoing(record: &PendingRecord) -> (OutgoingRecord, tracing::Span) {
             Some(trace.traceparent().as_bytes().to_vec()),
         ));
         if let Some(state) = trace.tracestate() {
-            out.push((headers::TRACESTATE.to_owned(), Some(state.as_bytes().to_vec())));
+            out.push((
+                headers::TRACESTATE.to_owned(),
+                Some(state.as_bytes().to_vec()),
+            ));
         }
     }
     let record = OutgoingRecord {

@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use sqlx::{PgPool, Postgres, Row, Transaction};
+use tracing::Instrument;
 
 use crate::StoreError;
 
@@ -61,37 +62,50 @@ pub async fn enqueue_all(
         headers.push(serde_json::to_value(map).map_err(|e| StoreError::Encode(e.to_string()))?);
         occurred.push(e.occurred_at);
     }
-    sqlx::query(include_str!("sql/outbox_enqueue.sql"))
-        .bind(&event_ids)
-        .bind(&aggregate_types)
-        .bind(&aggregate_ids)
-        .bind(&event_types)
-        .bind(&topics)
-        .bind(&payloads)
-        .bind(&headers)
-        .bind(&occurred)
-        .execute(&mut **tx)
-        .await
-        .map_err(|source| {
-            let conflict = source
-                .as_database_error()
-                .and_then(|d| d.constraint())
-                .is_some_and(|c| c == "herald_outbox_aggregate_seq");
-            if conflict {
-                StoreError::AggregateConflict { source }
-            } else {
-                StoreError::Database {
-                    operation: "inserting outbox rows",
-                    source,
+    // A child of the caller's span (the HTTP request's, in the service).
+    let span = tracing::info_span!(
+        "outbox_enqueue",
+        otel.name = "outbox enqueue",
+        db.system.name = "postgresql",
+        db.collection.name = "herald_outbox",
+        db.operation.name = "INSERT",
+        messaging.batch.message_count = records.len(),
+    );
+    async {
+        sqlx::query(include_str!("sql/outbox_enqueue.sql"))
+            .bind(&event_ids)
+            .bind(&aggregate_types)
+            .bind(&aggregate_ids)
+            .bind(&event_types)
+            .bind(&topics)
+            .bind(&payloads)
+            .bind(&headers)
+            .bind(&occurred)
+            .execute(&mut **tx)
+            .await
+            .map_err(|source| {
+                let conflict = source
+                    .as_database_error()
+                    .and_then(|d| d.constraint())
+                    .is_some_and(|c| c == "herald_outbox_aggregate_seq");
+                if conflict {
+                    StoreError::AggregateConflict { source }
+                } else {
+                    StoreError::Database {
+                        operation: "inserting outbox rows",
+                        source,
+                    }
                 }
-            }
-        })?;
-    sqlx::query("SELECT pg_notify($1, '')")
-        .bind(NOTIFY_CHANNEL)
-        .execute(&mut **tx)
-        .await
-        .map_err(StoreError::db("notifying the relay"))?;
-    Ok(())
+            })?;
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(NOTIFY_CHANNEL)
+            .execute(&mut **tx)
+            .await
+            .map_err(StoreError::db("notifying the relay"))?;
+        Ok(())
+    }
+    .instrument(span)
+    .await
 }
 
 pub use herald::OutboxStatus;

@@ -215,7 +215,9 @@ mod tests {
         let otel = ctx.to_otel();
         let back = TraceContext::from_otel(otel.span().span_context()).expect("valid");
         assert_eq!(back, ctx);
-        assert!(TraceContext::from_otel(&opentelemetry::trace::SpanContext::empty_context()).is_none());
+        assert!(
+            TraceContext::from_otel(&opentelemetry::trace::SpanContext::empty_context()).is_none()
+        );
     }
 
     #[test]

@@ -75,6 +75,8 @@ impl Collector for DatabaseFigures {
             ),
         ];
         for (name, help, metric) in metrics {
+            // The encoder ends the help text with a period of its own.
+            let help = help.trim_end_matches('.');
             let metric_encoder =
                 encoder.encode_descriptor(name, help, None, metric.metric_type())?;
             metric.encode(metric_encoder)?;
@@ -111,17 +113,17 @@ impl Default for Metrics {
             let mut registry = metrics.registry();
             registry.register(
                 "orders_post_commit_seconds",
-                "Time from receiving POST /orders to its database commit.",
+                "Time from receiving POST /orders to its database commit",
                 metrics.post_commit.clone(),
             );
             registry.register(
                 "orders_http_requests",
-                "HTTP requests served, by method, route and status.",
+                "HTTP requests served, by method, route and status",
                 metrics.http_requests.clone(),
             );
             registry.register(
                 "orders_http_request_duration_seconds",
-                "HTTP request durations, by method, route and status.",
+                "HTTP request durations, by method, route and status",
                 metrics.http_seconds.clone(),
             );
             registry.register_collector(Box::new(Arc::clone(&metrics.database)));
@@ -182,9 +184,7 @@ impl Metrics {
     ) {
         let figures = &self.database;
         if let Some(status) = outbox {
-            figures
-                .outbox_backlog
-                .set(status.backlog);
+            figures.outbox_backlog.set(status.backlog);
             figures
                 .outbox_oldest_age
                 .set(status.oldest_unpublished_age().as_secs_f64());

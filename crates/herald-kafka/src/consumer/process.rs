@@ -219,8 +219,7 @@ async fn process_in_span(
                         first_failed_at: first_at,
                         last_failed_at: now,
                     };
-                    return write_dead_letter(shared, message, &envelope.event_type, failure)
-                        .await;
+                    return write_dead_letter(shared, message, &envelope.event_type, failure).await;
                 }
             }
         }

@@ -417,16 +417,30 @@ impl ClientContext for RuntimeContext {
         self.stats.lag.clear();
         for (topic, stats) in &statistics.topics {
             for (partition, p) in &stats.partitions {
-                if *partition < 0 || p.fetch_state == "none" || p.consumer_lag < 0 {
+                if *partition < 0 || p.fetch_state == "none" {
                     continue;
                 }
+                // librdkafka reports -1 until the group committed something
+                // for the partition: then everything retained is behind.
+                let end = if p.ls_offset >= 0 {
+                    p.ls_offset
+                } else {
+                    p.hi_offset
+                };
+                let lag = if p.consumer_lag >= 0 {
+                    p.consumer_lag
+                } else if p.committed_offset < 0 && end >= 0 && p.lo_offset >= 0 {
+                    end - p.lo_offset
+                } else {
+                    continue;
+                };
                 self.stats
                     .lag
                     .get_or_create(&PartitionLabels {
                         topic: topic.clone(),
                         partition: partition.to_string(),
                     })
-                    .set(p.consumer_lag);
+                    .set(lag);
             }
         }
     }

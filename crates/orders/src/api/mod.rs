@@ -19,9 +19,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use herald::TraceContext;
 use herald_kafka::{ConsumerStats, Publisher};
-use tracing::Instrument;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
+use tracing::Instrument;
 
 use self::error::{error_response, ApiError};
 use crate::db::Topics;
@@ -246,5 +246,9 @@ async fn metrics(State(state): State<AppState>) -> Response {
     state
         .metrics
         .set_database_figures(backlog.as_ref(), inbox.as_deref(), replays);
-    ([(header::CONTENT_TYPE, CONTENT_TYPE)], state.metrics.render()).into_response()
+    (
+        [(header::CONTENT_TYPE, CONTENT_TYPE)],
+        state.metrics.render(),
+    )
+        .into_response()
 }

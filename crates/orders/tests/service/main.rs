@@ -4,6 +4,7 @@
 mod api;
 mod embedded;
 mod fulfillment;
+mod observability;
 mod pipeline;
 mod scale_out;
 mod support;

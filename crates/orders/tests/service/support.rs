@@ -97,8 +97,18 @@ pub struct Pipeline {
 }
 
 pub fn config(kafka: &herald_test::Kafka, db: &herald_test::TestDatabase, topic: &str) -> Config {
+    config_for(kafka.brokers(), db, topic)
+}
+
+/// A configuration on `db` whose Kafka is at `brokers` (e.g. a mock
+/// cluster), with random topic and group names.
+pub fn config_without_kafka(db: &herald_test::TestDatabase, brokers: &str) -> Config {
+    config_for(brokers, db, &herald_test::unique_name("order-events"))
+}
+
+fn config_for(brokers: &str, db: &herald_test::TestDatabase, topic: &str) -> Config {
     Config {
-        brokers: kafka.brokers().to_owned(),
+        brokers: brokers.to_owned(),
         database: orders::app::Database::Postgres(Box::new(db.options())),
         embedded: false,
         http_addr: "127.0.0.1:0".parse().expect("addr"),
