@@ -62,15 +62,7 @@ pub async fn enqueue_all(
         headers.push(serde_json::to_value(map).map_err(|e| StoreError::Encode(e.to_string()))?);
         occurred.push(e.occurred_at);
     }
-    // A child of the caller's span (the HTTP request's, in the service).
-    let span = tracing::info_span!(
-        "outbox_enqueue",
-        otel.name = "outbox enqueue",
-        db.system.name = "postgresql",
-        db.collection.name = "herald_outbox",
-        db.operation.name = "INSERT",
-        messaging.batch.message_count = records.len(),
-    );
+    let span = herald::outbox::enqueue_span("postgresql", records.len());
     async {
         sqlx::query(include_str!("sql/outbox_enqueue.sql"))
             .bind(&event_ids)

@@ -17,6 +17,8 @@ use std::time::Duration;
 use sqlx::{Row, Sqlite, SqlitePool, Transaction};
 use tokio::sync::{Mutex, Notify, OwnedMutexGuard};
 
+use tracing::Instrument;
+
 use crate::{ago_modifier, parse_timestamp, timestamp, StoreError};
 
 pub use herald::OutboxRecord;
@@ -37,38 +39,44 @@ pub async fn enqueue_all(
     tx: &mut Transaction<'_, Sqlite>,
     records: &[OutboxRecord],
 ) -> Result<(), StoreError> {
-    for r in records {
-        let e = &r.envelope;
-        let headers: BTreeMap<&str, String> = e.headers().into_iter().collect();
-        let headers =
-            serde_json::to_string(&headers).map_err(|e| StoreError::Encode(e.to_string()))?;
-        sqlx::query(include_str!("sql/outbox_enqueue.sql"))
-            .bind(e.event_id.hyphenated().to_string())
-            .bind(&r.aggregate_type)
-            .bind(&e.key)
-            .bind(&e.event_type)
-            .bind(&r.topic)
-            .bind(&e.payload)
-            .bind(headers)
-            .bind(timestamp(&e.occurred_at))
-            .execute(&mut **tx)
-            .await
-            .map_err(|source| {
-                // SQLite names the columns, not the constraint, in its message.
-                let conflict = source.as_database_error().is_some_and(|d| {
-                    d.is_unique_violation() && d.message().contains("herald_outbox.aggregate_seq")
-                });
-                if conflict {
-                    StoreError::AggregateConflict { source }
-                } else {
-                    StoreError::Database {
-                        operation: "inserting outbox rows",
-                        source,
+    let span = herald::outbox::enqueue_span("sqlite", records.len());
+    async {
+        for r in records {
+            let e = &r.envelope;
+            let headers: BTreeMap<&str, String> = e.headers().into_iter().collect();
+            let headers =
+                serde_json::to_string(&headers).map_err(|e| StoreError::Encode(e.to_string()))?;
+            sqlx::query(include_str!("sql/outbox_enqueue.sql"))
+                .bind(e.event_id.hyphenated().to_string())
+                .bind(&r.aggregate_type)
+                .bind(&e.key)
+                .bind(&e.event_type)
+                .bind(&r.topic)
+                .bind(&e.payload)
+                .bind(headers)
+                .bind(timestamp(&e.occurred_at))
+                .execute(&mut **tx)
+                .await
+                .map_err(|source| {
+                    // SQLite names the columns, not the constraint, in its message.
+                    let conflict = source.as_database_error().is_some_and(|d| {
+                        d.is_unique_violation()
+                            && d.message().contains("herald_outbox.aggregate_seq")
+                    });
+                    if conflict {
+                        StoreError::AggregateConflict { source }
+                    } else {
+                        StoreError::Database {
+                            operation: "inserting outbox rows",
+                            source,
+                        }
                     }
-                }
-            })?;
+                })?;
+        }
+        Ok(())
     }
-    Ok(())
+    .instrument(span)
+    .await
 }
 
 pub use herald::OutboxStatus;

@@ -80,6 +80,20 @@ pub struct PendingRecord {
     pub headers: Vec<(String, String)>,
 }
 
+/// The span of one enqueue call, a child of the caller's span (the HTTP
+/// request's, in the service): every store emits the same one.
+/// `db_system` is the OpenTelemetry `db.system.name` (`postgresql`, `sqlite`).
+pub fn enqueue_span(db_system: &'static str, records: usize) -> tracing::Span {
+    tracing::info_span!(
+        "outbox_enqueue",
+        otel.name = "outbox enqueue",
+        db.system.name = db_system,
+        db.collection.name = "herald_outbox",
+        db.operation.name = "INSERT",
+        messaging.batch.message_count = records,
+    )
+}
+
 /// A store the relay can drain.
 pub trait OutboxStore: Send + Sync + 'static {
     /// A claimed batch: holds the rows (and their locks) until committed.

@@ -13,15 +13,15 @@
 use std::fmt;
 
 use anyhow::Context;
-use herald::TraceContext;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::{SdkTracerProvider, Tracer};
 use opentelemetry_sdk::Resource;
 use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
+use tracing_opentelemetry::OtelData;
 use tracing_subscriber::fmt::format::{JsonFields, Writer};
-use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields, MakeWriter};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -82,9 +82,23 @@ pub fn subscriber(
     filter: EnvFilter,
     tracer: Option<Tracer>,
 ) -> impl Subscriber + Send + Sync {
+    subscriber_writing_to(format, filter, tracer, std::io::stdout)
+}
+
+/// [`subscriber`] with its log lines written to `writer`.
+pub fn subscriber_writing_to<W>(
+    format: LogFormat,
+    filter: EnvFilter,
+    tracer: Option<Tracer>,
+    writer: W,
+) -> impl Subscriber + Send + Sync
+where
+    W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+{
     let logs: Box<dyn Layer<_> + Send + Sync> = match format {
-        LogFormat::Text => tracing_subscriber::fmt::layer().boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(writer).boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
+            .with_writer(writer)
             .fmt_fields(JsonFields::new())
             .event_format(JsonLines)
             .boxed(),
@@ -152,23 +166,25 @@ where
         if let Some(span) = ctx.lookup_current() {
             line.insert("span".into(), Value::String(span.name().to_owned()));
         }
-        match TraceContext::of_span(&tracing::Span::current()) {
-            Some(trace) => {
-                line.insert("trace_id".into(), trace.trace_id().into());
-                line.insert("span_id".into(), trace.parent_span_id().into());
-            }
-            None => {
-                let recorded = ctx.event_scope().and_then(|scope| {
-                    scope.into_iter().find_map(|span| {
-                        let extensions = span.extensions();
-                        let fields = extensions.get::<FormattedFields<N>>()?;
-                        let parsed: Map<String, Value> = serde_json::from_str(fields).ok()?;
-                        parsed.get("trace_id").cloned()
-                    })
-                });
-                if let Some(trace_id) = recorded {
-                    line.insert("trace_id".into(), trace_id);
+        // The innermost span's OpenTelemetry ids when that layer is on,
+        // else the `trace_id` a herald span recorded.
+        let ids = ctx.event_scope().and_then(|scope| {
+            scope.into_iter().find_map(|span| {
+                let extensions = span.extensions();
+                if let Some(otel) = extensions.get::<OtelData>() {
+                    if let (Some(trace), Some(span)) = (otel.trace_id(), otel.span_id()) {
+                        return Some((trace.to_string().into(), Some(span.to_string())));
+                    }
                 }
+                let fields = extensions.get::<FormattedFields<N>>()?;
+                let parsed: Map<String, Value> = serde_json::from_str(fields).ok()?;
+                Some((parsed.get("trace_id")?.clone(), None))
+            })
+        });
+        if let Some((trace_id, span_id)) = ids {
+            line.insert("trace_id".into(), trace_id);
+            if let Some(span_id) = span_id {
+                line.insert("span_id".into(), span_id.into());
             }
         }
         let text = serde_json::to_string(&line).map_err(|_| fmt::Error)?;
@@ -203,5 +219,102 @@ impl Visit for JsonVisitor<'_> {
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         self.0
             .insert(field.name().into(), format!("{value:?}").into());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use opentelemetry_sdk::trace::InMemorySpanExporter;
+
+    use super::*;
+
+    /// Log lines collected in memory.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("lines").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> MakeWriter<'a> for Lines {
+        type Writer = Lines;
+
+        fn make_writer(&'a self) -> Self::Writer {
+            self.clone()
+        }
+    }
+
+    impl Lines {
+        fn json(&self) -> Vec<Map<String, Value>> {
+            let bytes = self.0.lock().expect("lines").clone();
+            String::from_utf8(bytes)
+                .expect("utf-8")
+                .lines()
+                .map(|line| serde_json::from_str(line).expect("a JSON object per line"))
+                .collect()
+        }
+    }
+
+    #[test]
+    fn json_lines_carry_opentelemetry_ids_when_it_is_on() {
+        let exporter = InMemorySpanExporter::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(exporter.clone())
+            .build();
+        let lines = Lines::default();
+        let subscriber = subscriber_writing_to(
+            LogFormat::Json,
+            EnvFilter::new("info"),
+            Some(provider.tracer("test")),
+            lines.clone(),
+        );
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("work");
+            let _entered = span.enter();
+            tracing::info!(order = 7, "inside");
+        });
+        let spans = exporter.get_finished_spans().expect("spans");
+        let work = spans.iter().find(|s| s.name == "work").expect("span");
+        let line = lines.json().pop().expect("one line");
+        assert_eq!(line["message"], "inside");
+        assert_eq!(line["order"], 7);
+        assert_eq!(line["level"], "INFO");
+        assert_eq!(line["span"], "work");
+        assert_eq!(
+            line["trace_id"],
+            work.span_context.trace_id().to_string().as_str()
+        );
+        assert_eq!(
+            line["span_id"],
+            work.span_context.span_id().to_string().as_str()
+        );
+    }
+
+    #[test]
+    fn json_lines_carry_the_recorded_trace_id_without_opentelemetry() {
+        let lines = Lines::default();
+        let subscriber =
+            subscriber_writing_to(LogFormat::Json, EnvFilter::new("info"), None, lines.clone());
+        let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+        tracing::subscriber::with_default(subscriber, || {
+            let outer = tracing::info_span!("consume", trace_id);
+            let _outer = outer.enter();
+            let inner = tracing::info_span!("handle");
+            let _inner = inner.enter();
+            tracing::warn!("retrying");
+        });
+        let line = lines.json().pop().expect("one line");
+        assert_eq!(line["trace_id"], trace_id);
+        assert_eq!(line["span"], "handle");
+        assert!(line.get("span_id").is_none());
     }
 }

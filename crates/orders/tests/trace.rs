@@ -62,10 +62,7 @@ async fn an_orders_api_relay_and_consumer_spans_share_one_trace() {
     let spans = loop {
         provider.force_flush().expect("flush");
         let spans = exporter.get_finished_spans().expect("spans");
-        let consumed = spans
-            .iter()
-            .filter(|s| s.name == process.as_str())
-            .count();
+        let consumed = spans.iter().filter(|s| s.name == process.as_str()).count();
         // projection, notifications, and the fulfillment processor's input
         if consumed >= 3 {
             break spans;
@@ -124,7 +121,11 @@ async fn an_orders_api_relay_and_consumer_spans_share_one_trace() {
         names(&spans)
     );
     for consume in &consumers {
-        assert_eq!(parent_name(consume), publish_name, "a consume span's parent");
+        assert_eq!(
+            parent_name(consume),
+            publish_name,
+            "a consume span's parent"
+        );
     }
     let handlers: Vec<&&SpanData> = of_trace
         .iter()
