@@ -48,7 +48,25 @@ pub struct ConsumerArgs {
     /// (`ConsumerConfig::max_in_flight`).
     #[arg(long, default_value_t = 1000)]
     pub max_in_flight: usize,
+    /// What herald's runtime is compared with: `bare` (a bare rdkafka loop)
+    /// or `uninstrumented` (the runtime itself with tracing and detailed
+    /// metrics off, against it with a subscriber at `info` and metrics on:
+    /// the cost of instrumentation, goal ≥ 0.95).
+    #[arg(long, value_enum, default_value_t = Baseline::Bare)]
+    pub baseline: Baseline,
 }
+
+/// The baseline side of `herald-bench consumer`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+pub enum Baseline {
+    /// A bare rdkafka consumer loop.
+    Bare,
+    /// herald's runtime without tracing subscriber and detailed metrics.
+    Uninstrumented,
+}
+
+/// The ratio instrumented ÷ uninstrumented should reach.
+pub const INSTRUMENTATION_GOAL: f64 = 0.95;
 
 /// One side of the consumer benchmark, as a child runs it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -60,6 +78,9 @@ pub struct SideSpec {
     records: u64,
     concurrency: usize,
     max_in_flight: usize,
+    /// `None`: the runtime's defaults, no subscriber (against the bare
+    /// loop); `Some(on)`: tracing at info and detailed metrics on or off.
+    instrumented: Option<bool>,
 }
 
 /// Runs the rounds and returns the comparison.
@@ -81,14 +102,28 @@ pub async fn run(args: &ConsumerArgs, resources: &RunResources) -> anyhow::Resul
     setup.insert("concurrency".into(), json!(args.concurrency));
     setup.insert("max_in_flight".into(), json!(args.max_in_flight));
     setup.insert("brokers".into(), json!(common.brokers));
+    setup.insert("baseline".into(), json!(args.baseline));
+    let runtime = format!(
+        "herald Consumer runtime, no-op handler, concurrency {}, max_in_flight {}, CONSUMER_DEFAULTS",
+        args.concurrency, args.max_in_flight
+    );
+    let (herald_side, bare_side, goal) = match args.baseline {
+        Baseline::Bare => (
+            runtime,
+            "rdkafka BaseConsumer poll loop, store_offset per record, auto commit 1 s, CONSUMER_DEFAULTS".to_owned(),
+            GOAL,
+        ),
+        Baseline::Uninstrumented => (
+            format!("{runtime}; tracing-subscriber fmt at info + detailed metrics in a Prometheus registry"),
+            format!("{runtime}; no subscriber, detailed metrics off"),
+            INSTRUMENTATION_GOAL,
+        ),
+    };
     let mut comparison = Comparison {
         bench: "consumer",
-        herald_side: format!(
-            "herald Consumer runtime, no-op handler, concurrency {}, max_in_flight {}, CONSUMER_DEFAULTS",
-            args.concurrency, args.max_in_flight
-        ),
-        bare_side: "rdkafka BaseConsumer poll loop, store_offset per record, auto commit 1 s, CONSUMER_DEFAULTS".to_owned(),
-        goal: GOAL,
+        herald_side,
+        bare_side,
+        goal,
         ceiling: None,
         setup,
         rounds: Vec::new(),
@@ -107,6 +142,10 @@ pub async fn run(args: &ConsumerArgs, resources: &RunResources) -> anyhow::Resul
                 records: common.records,
                 concurrency: args.concurrency,
                 max_in_flight: args.max_in_flight,
+                instrumented: match args.baseline {
+                    Baseline::Bare => None,
+                    Baseline::Uninstrumented => Some(side == Side::Herald),
+                },
             };
             let result = run_child(&AnySide::Consumer(spec), common.side_timeout_secs).await?;
             progress(format!(
@@ -162,6 +201,7 @@ pub(crate) async fn pre_produce(common: &CommonArgs, topic: &str) -> anyhow::Res
 pub async fn run_side(spec: SideSpec) -> anyhow::Result<SideResult> {
     match spec.side {
         Side::Herald => herald_side(&spec).await,
+        Side::Bare if spec.instrumented.is_some() => herald_side(&spec).await,
         Side::Bare => tokio::task::spawn_blocking(move || bare_side(&spec))
             .await
             .context("bare side panicked")?,
@@ -210,11 +250,28 @@ async fn herald_side(spec: &SideSpec) -> anyhow::Result<SideResult> {
                 Ok(())
             }
         });
-    let config = ConsumerConfig::new(&spec.brokers, &spec.group, [&spec.topic])
+    let mut config = ConsumerConfig::new(&spec.brokers, &spec.group, [&spec.topic])
         .concurrency(spec.concurrency)
         .max_in_flight(spec.max_in_flight);
+    let mut registry = prometheus_client::registry::Registry::default();
+    match spec.instrumented {
+        None => {}
+        Some(true) => {
+            // What the service runs with by default: logs at info (written
+            // nowhere here, so the terminal is not what is measured).
+            tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+                .with_writer(std::io::sink)
+                .try_init()
+                .map_err(|e| anyhow::anyhow!("installing the subscriber: {e}"))?;
+        }
+        Some(false) => config = config.detailed_metrics(false),
+    }
     let consumer = Consumer::new(config, router)?;
     let stats = consumer.stats();
+    if spec.instrumented == Some(true) {
+        registry.register_collector(Box::new(Arc::clone(&stats)));
+    }
     let started = Instant::now();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(consumer.run(async move {
@@ -227,6 +284,15 @@ async fn herald_side(spec: &SideSpec) -> anyhow::Result<SideResult> {
         bail!("the handler never saw the last record");
     };
     let seconds = last.duration_since(*first).as_secs_f64();
+    if spec.instrumented == Some(true) {
+        // The registry must render what was collected.
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry)?;
+        ensure!(
+            text.contains("herald_consumer_handler_duration_seconds_count"),
+            "no handler histogram in:\n{text}"
+        );
+    }
     let count = |c: &AtomicU64| ConsumerStats::get(c) as f64;
     Ok(SideResult::finish(spec.records, seconds)?
         .with(
