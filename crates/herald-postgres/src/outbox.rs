@@ -263,7 +263,6 @@ impl herald::OutboxStore for PgOutbox {
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
         let rows = sqlx::query(include_str!("sql/relay_claim.sql"))
             .bind(limit)
-            .bind(limit)
             .fetch_all(&mut *tx)
             .await
             .map_err(StoreError::db("claiming outbox rows"))?;
