@@ -147,13 +147,24 @@ pub(crate) fn pg_interval(d: Duration) -> String {
 }
 
 /// What the relay does with a published row.
+///
+/// The choice is the relay's largest cost on the store side. Marking is an
+/// UPDATE that cannot be HOT (`published_at` is in the relay's partial
+/// indexes), so PostgreSQL writes a new copy of every row and an entry in
+/// each of its four indexes: on a 100,000-row outbox, marking 500 rows took
+/// 15.6 ms and 971 kB of WAL (3,013 records), deleting them 0.9 ms and
+/// 407 kB (500 records). In `herald-bench relay --records 100000` that made
+/// the relay about 1.6× faster with `Delete` (34,059 vs 21,744 rec/s, one
+/// round each on a shared two-core machine).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AfterPublish {
     /// Set `published_at` and keep the row until retention removes it (an
     /// audit trail, and `outbox status` can show recent traffic).
     #[default]
     MarkPublished,
-    /// Delete the row in the claiming transaction.
+    /// Delete the row in the claiming transaction: the cheaper choice when
+    /// no audit trail is needed (consumers deduplicate by event id either
+    /// way).
     Delete,
 }
 
@@ -268,7 +279,6 @@ impl herald::OutboxStore for PgOutbox {
             .map_err(StoreError::db("starting a relay transaction"))?;
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
         let rows = sqlx::query(include_str!("sql/relay_claim.sql"))
-            .bind(limit)
             .bind(limit)
             .fetch_all(&mut *tx)
             .await
