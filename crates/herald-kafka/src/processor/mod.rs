@@ -85,19 +85,19 @@
 //! # At least once
 //!
 //! [`ProcessorConfig::guarantee`]`(`[`Guarantee::AtLeastOnce`]`)` runs the
-//! same loop without transactions: no `transactional.id` (so no fencing), the
-//! outputs and dead letters of a batch go out through an idempotent producer,
-//! and when the batch is full or old enough every delivery is awaited
-//! (`flush`) before the inputs' offsets are committed through the consumer.
+//! same loop without transactions: no `transactional.id` (so no fencing),
+//! the outputs and dead letters of a batch go out through an idempotent
+//! producer, and when the batch is full or old enough every delivery is
+//! awaited before the inputs' offsets are committed through the consumer.
 //! A crash, a failed delivery or commit, or a lost assignment makes the
 //! batch's inputs come again: outputs may be duplicated, never lost (a
 //! failed delivery or commit rewinds to the last committed offsets like an
 //! abort, but what was written stays written). A failing input does not
 //! make its neighbours redo their work: the batch before it is committed
-//! first (with any output the failing input made before it failed). Poison is dead-lettered, and the dead letter delivered, before
-//! its offset is committed. Use it when the outputs' consumers are
-//! idempotent, or to measure what the transactions cost
-//! (`herald-bench processor`).
+//! first (with any output the failing input made before it failed). Poison
+//! is dead-lettered, and the dead letter delivered, before its offset is
+//! committed. Use it when the outputs' consumers are idempotent, or to
+//! measure what the transactions cost (`herald-bench processor`).
 //!
 //! # librdkafka's mock cluster
 //!

@@ -735,7 +735,7 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
             // redone, so their outputs may be duplicated, never lost). Let
             // the deliveries in flight finish so that their failures are
             // not blamed on the next batch.
-            let _ = self.producer.flush(self.operation_timeout);
+            let _ = self.await_deliveries();
             lock(&self.producer.context().undelivered).take();
             self.stats.aborted.fetch_add(1, Ordering::Relaxed);
         } else if txn.is_some() {
@@ -924,8 +924,7 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
         consumer: &BaseConsumer<ProcessorContext<E, T>>,
         txn: &Txn,
     ) -> Result<(), (&'static str, KafkaError)> {
-        self.producer
-            .flush(self.operation_timeout)
+        self.await_deliveries()
             .map_err(|e| ("awaiting the outputs' deliveries", e))?;
         if let Some(error) = lock(&self.producer.context().undelivered).take() {
             return Err(("delivering the outputs", error));
@@ -944,6 +943,25 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
         consumer
             .commit(&tpl, CommitMode::Sync)
             .map_err(|e| ("committing the input offsets", e))
+    }
+
+    /// Waits until every record handed to the producer has been acknowledged
+    /// or has failed, and its delivery report has been handled (librdkafka
+    /// counts a record until its report is destroyed, after the callback).
+    ///
+    /// Not `Producer::flush`: rdkafka 0.39's flush, while records are in
+    /// flight, polls the event queue in slices that only end at their
+    /// 100 ms deadline — and here the producer's own thread takes the
+    /// events — so every call took at least 100 ms.
+    fn await_deliveries(&self) -> Result<(), KafkaError> {
+        let deadline = Instant::now() + self.operation_timeout;
+        while self.producer.in_flight_count() > 0 {
+            if Instant::now() >= deadline {
+                return Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        Ok(())
     }
 
     /// Seeks rewound partitions back; resumes paused ones whose time came.
