@@ -21,6 +21,10 @@
 //! - `herald-bench inbox`: the consumer runtime with an inbox-guarded
 //!   insert effect (`Inbox::batched`, and `Inbox::new`) ÷ the same effect
 //!   without an inbox, over one pre-produced topic.
+//! - `herald-bench processor`: the exactly-once `Processor` (Kafka
+//!   transactions) ÷ the same processor at least once (no transactions),
+//!   same records; and its output latency (input produced → output visible
+//!   to a `read_committed` reader) per transaction size at a steady rate.
 //! - `herald-bench orders`: the reference service end to end (`orders run`
 //!   driven by `orders load`) ÷ pgbench's one-insert transactions on the
 //!   same database, with the POST → read-model latencies.
@@ -45,7 +49,7 @@
 //! - `main.rs`: the command line and the run of one comparison (topics
 //!   created, rounds, clean-up, report printed).
 //! - `benches/`: one module per benchmark — `publisher.rs`, `consumer.rs`,
-//!   `relay.rs`, `relay_latency.rs`, `inbox.rs`, `orders.rs`. Each has its
+//!   `relay.rs`, `relay_latency.rs`, `inbox.rs`, `processor.rs`, `orders.rs`. Each has its
 //!   flags, a `run` driving the rounds from the parent, and (when its sides
 //!   are child processes of this binary) a `SideSpec` a child runs;
 //!   `benches/mod.rs` routes a child's spec. A new benchmark is one more
@@ -68,6 +72,7 @@ use clap::{Parser, Subcommand};
 use crate::benches::consumer::ConsumerArgs;
 use crate::benches::inbox::InboxArgs;
 use crate::benches::orders::OrdersArgs;
+use crate::benches::processor::ProcessorArgs;
 use crate::benches::publisher::PublisherArgs;
 use crate::benches::relay::RelayArgs;
 use crate::benches::relay_latency::RelayLatencyArgs;
@@ -101,6 +106,9 @@ enum Command {
     /// Consumer with an inbox-guarded insert (batched, unbatched) ÷ the same
     /// insert without an inbox.
     Inbox(InboxArgs),
+    /// Exactly-once Processor (transactions) ÷ the same processor at least
+    /// once, and its output latency per transaction size.
+    Processor(ProcessorArgs),
     /// The orders service end to end (orders/s, POST → read-model
     /// latencies) ÷ pgbench one-insert transactions on the same database.
     Orders(OrdersArgs),
@@ -122,6 +130,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Relay(args) => execute(Bench::Relay(&args)).await,
         Command::RelayLatency(args) => execute(Bench::RelayLatency(&args)).await,
         Command::Inbox(args) => execute(Bench::Inbox(&args)).await,
+        Command::Processor(args) => execute(Bench::Processor(&args)).await,
         Command::Orders(args) => execute(Bench::Orders(&args)).await,
         Command::Side { spec, timeout_secs } => {
             watchdog(timeout_secs);
@@ -138,6 +147,7 @@ enum Bench<'a> {
     Relay(&'a RelayArgs),
     RelayLatency(&'a RelayLatencyArgs),
     Inbox(&'a InboxArgs),
+    Processor(&'a ProcessorArgs),
     Orders(&'a OrdersArgs),
 }
 
@@ -149,6 +159,7 @@ impl Bench<'_> {
             Bench::Relay(args) => &args.common.brokers,
             Bench::RelayLatency(args) => &args.brokers,
             Bench::Inbox(args) => &args.common.brokers,
+            Bench::Processor(args) => &args.brokers,
             Bench::Orders(args) => &args.brokers,
         }
     }
@@ -160,6 +171,7 @@ impl Bench<'_> {
             Bench::Relay(args) => args.common.json,
             Bench::RelayLatency(args) => args.json,
             Bench::Inbox(args) => args.common.json,
+            Bench::Processor(args) => args.json,
             Bench::Orders(args) => args.json,
         }
     }
@@ -171,6 +183,7 @@ impl Bench<'_> {
             Bench::Relay(args) => args.common.validate(),
             Bench::RelayLatency(args) => args.validate(),
             Bench::Inbox(args) => args.common.validate(),
+            Bench::Processor(args) => args.validate(),
             Bench::Orders(args) => args.validate(),
         }
     }
@@ -179,7 +192,7 @@ impl Bench<'_> {
     /// the fresh database (the orders service applies its own).
     fn database(&self) -> Option<(&DbArgs, bool)> {
         match self {
-            Bench::Publisher(_) | Bench::Consumer(_) => None,
+            Bench::Publisher(_) | Bench::Consumer(_) | Bench::Processor(_) => None,
             Bench::Relay(args) => Some((&args.db, true)),
             Bench::RelayLatency(args) => Some((&args.db, true)),
             Bench::Inbox(args) => Some((&args.db, true)),
@@ -201,6 +214,7 @@ impl Bench<'_> {
                 Box::new(benches::relay_latency::run(args, resources, db()?).await?)
             }
             Bench::Inbox(args) => Box::new(benches::inbox::run(args, resources, db()?).await?),
+            Bench::Processor(args) => Box::new(benches::processor::run(args, resources).await?),
             Bench::Orders(args) => Box::new(benches::orders::run(args, resources, db()?).await?),
         })
     }

@@ -26,6 +26,6 @@ mod settings;
 
 pub use consumer::{Consumer, ConsumerConfig, ConsumerStats, Handler, RecordInfo, Router};
 pub use error::{is_retriable, ClientError, PublishError};
-pub use processor::{Processor, ProcessorConfig, ProcessorError, Transform};
+pub use processor::{Guarantee, Processor, ProcessorConfig, ProcessorError, Transform};
 pub use publisher::{Delivered, OutgoingRecord, Publisher, PublisherConfig, PublisherStats};
 pub use relay::{Relay, RelayConfig, RelayStats};

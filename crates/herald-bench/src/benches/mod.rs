@@ -8,6 +8,7 @@
 pub mod consumer;
 pub mod inbox;
 pub mod orders;
+pub mod processor;
 pub mod publisher;
 pub mod relay;
 pub mod relay_latency;
@@ -30,6 +31,8 @@ pub enum SideSpec {
     RelayLatency(relay_latency::SideSpec),
     /// A side of `herald-bench inbox`.
     Inbox(inbox::SideSpec),
+    /// A processor of `herald-bench processor`.
+    Processor(processor::SideSpec),
     /// The load generator of `herald-bench orders` (when the `orders load`
     /// command cannot run).
     OrdersLoad(orders::LoadSpec),
@@ -44,6 +47,7 @@ impl SideSpec {
             SideSpec::Relay(spec) => relay::run_side(spec).await,
             SideSpec::RelayLatency(spec) => relay_latency::run_side(spec).await,
             SideSpec::Inbox(spec) => inbox::run_side(spec).await,
+            SideSpec::Processor(spec) => processor::run_side(spec).await,
             SideSpec::OrdersLoad(spec) => orders::run_load_side(spec).await,
         }
     }

@@ -17,13 +17,39 @@ use crate::settings;
 const CONSUMER_FIXED: &[(&str, &str)] = &[
     // Aborted outputs of an upstream processor must never be read as input.
     ("isolation.level", "read_committed"),
-    // Offsets are committed only through the producer's transaction.
+    // Offsets are committed only through the producer's transaction (at
+    // least once: by the processor, after the outputs' deliveries).
     ("enable.auto.commit", "false"),
     ("enable.auto.offset.store", "false"),
 ];
 
 /// Producer settings the processor owns.
 const PRODUCER_FIXED: &[&str] = &["transactional.id", "enable.idempotence"];
+
+/// What a [`Processor`](super::Processor) guarantees about its outputs; set
+/// with [`ProcessorConfig::guarantee`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Guarantee {
+    /// The default: the outputs, the dead letters and the input offsets of a
+    /// batch commit in one Kafka transaction, so a `read_committed` reader
+    /// sees the effect of every input exactly once, whatever crashes,
+    /// restarts or rebalances happen; a restarted instance fences its zombie
+    /// (DESIGN.md guarantee 6).
+    #[default]
+    ExactlyOnce,
+    /// No transactions (no `transactional.id`, no fencing): the outputs and
+    /// dead letters of a batch go out through an idempotent producer, every
+    /// delivery is awaited, and only then are the inputs' offsets committed
+    /// through the consumer. A crash, a failed commit or a lost assignment
+    /// between the two makes inputs come again: outputs may be
+    /// **duplicated, never lost**. Outputs are visible to every reader as
+    /// soon as they are written. Changelog state
+    /// ([`ProcessorConfig::changelog`]) is at least once too. For outputs
+    /// whose consumers are idempotent anyway, or for comparing the cost of
+    /// the transactions (`herald-bench processor`).
+    AtLeastOnce,
+}
 
 /// Configuration of a [`Processor`](super::Processor).
 ///
@@ -43,6 +69,7 @@ pub struct ProcessorConfig {
     pub(crate) topics: Vec<String>,
     pub(crate) instance_id: String,
     pub(crate) source: String,
+    pub(crate) guarantee: Guarantee,
     pub(crate) batch_size: usize,
     pub(crate) batch_time: Duration,
     pub(crate) retry: RetryPolicy,
@@ -66,7 +93,7 @@ impl ProcessorConfig {
     /// commit). Give every concurrently running instance its own id (e.g. the
     /// pod's ordinal), and reuse it across restarts.
     ///
-    /// Defaults: transactions of up to 500 inputs or 100 ms, whichever comes
+    /// Defaults: [`Guarantee::ExactlyOnce`]; transactions of up to 500 inputs or 100 ms, whichever comes
     /// first; [`RetryPolicy::default`]; unknown event types skipped; dead
     /// letters to `<topic>.dlq`; a 60 s transaction timeout.
     pub fn new<T: Into<String>>(
@@ -81,6 +108,7 @@ impl ProcessorConfig {
             topics: topics.into_iter().map(Into::into).collect(),
             instance_id: instance_id.into(),
             source: String::new(),
+            guarantee: Guarantee::ExactlyOnce,
             batch_size: 500,
             batch_time: Duration::from_millis(100),
             retry: RetryPolicy::default(),
@@ -103,7 +131,15 @@ impl ProcessorConfig {
         self
     }
 
-    /// The most inputs one transaction holds. Bigger batches amortize the
+    /// Exactly once (the default, Kafka transactions) or at least once (no
+    /// transactions; see [`Guarantee::AtLeastOnce`]).
+    pub fn guarantee(mut self, guarantee: Guarantee) -> Self {
+        self.guarantee = guarantee;
+        self
+    }
+
+    /// The most inputs one transaction holds (at least once: one batch,
+    /// whose outputs are awaited before its offsets are committed). Bigger batches amortize the
     /// commit (two round trips to the coordinator); smaller ones redo less
     /// work after an abort.
     pub fn batch_size(mut self, inputs: usize) -> Self {
@@ -191,7 +227,8 @@ impl ProcessorConfig {
         self
     }
 
-    /// The producer's `transactional.id`: `<group_id>-<instance_id>`.
+    /// The producer's `transactional.id`: `<group_id>-<instance_id>` (at
+    /// least once, the producer has none and this only names the instance).
     pub fn transactional_id(&self) -> String {
         format!("{}-{}", self.group_id, self.instance_id)
     }
@@ -241,7 +278,7 @@ impl ProcessorConfig {
         if self.transaction_timeout < Duration::from_secs(1) {
             return bad("transaction_timeout", "must be at least one second");
         }
-        if self.batch_time >= self.transaction_timeout {
+        if self.guarantee == Guarantee::ExactlyOnce && self.batch_time >= self.transaction_timeout {
             return bad(
                 "batch_time",
                 "must be shorter than transaction_timeout, or the broker aborts open batches",
@@ -287,6 +324,17 @@ impl ProcessorConfig {
     }
 
     pub(crate) fn producer_client_config(&self) -> ClientConfig {
+        if self.guarantee == Guarantee::AtLeastOnce {
+            // Idempotent, so the producer's own retries never duplicate or
+            // reorder an output; no transactional.id, so nothing to fence.
+            return settings::layered(
+                &self.brokers,
+                settings::table(PRODUCER_DEFAULTS)
+                    .chain(settings::security(&self.settings))
+                    .chain(settings::pairs(&self.producer_settings))
+                    .chain([("enable.idempotence", "true")]),
+            );
+        }
         let txn_ms = self.transaction_timeout.as_millis().min(i32::MAX as u128);
         let transaction_timeout = txn_ms.to_string();
         // librdkafka rejects a message timeout longer than the transaction's.
@@ -360,5 +408,22 @@ mod tests {
         let consumer = config().consumer_client_config();
         assert_eq!(consumer.get("isolation.level"), Some("read_committed"));
         assert_eq!(consumer.get("enable.auto.commit"), Some("false"));
+    }
+
+    #[test]
+    fn at_least_once_has_no_transactional_id() {
+        assert_eq!(config().guarantee, Guarantee::ExactlyOnce);
+        let config = config().guarantee(Guarantee::AtLeastOnce);
+        let producer = config.producer_client_config();
+        assert_eq!(producer.get("transactional.id"), None);
+        assert_eq!(producer.get("transaction.timeout.ms"), None);
+        assert_eq!(producer.get("enable.idempotence"), Some("true"));
+        let consumer = config.consumer_client_config();
+        assert_eq!(consumer.get("enable.auto.commit"), Some("false"));
+        // No transaction for the broker to time out: a long batch is fine.
+        assert!(config
+            .batch_time(Duration::from_secs(120))
+            .validate()
+            .is_ok());
     }
 }

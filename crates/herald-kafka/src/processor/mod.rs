@@ -82,6 +82,23 @@
 //! transaction so the table follows what Kafka kept. See
 //! [`changelog`] for the limits (state is restored once, at start).
 //!
+//! # At least once
+//!
+//! [`ProcessorConfig::guarantee`]`(`[`Guarantee::AtLeastOnce`]`)` runs the
+//! same loop without transactions: no `transactional.id` (so no fencing),
+//! the outputs and dead letters of a batch go out through an idempotent
+//! producer, and when the batch is full or old enough every delivery is
+//! awaited before the inputs' offsets are committed through the consumer.
+//! A crash, a failed delivery or commit, or a lost assignment makes the
+//! batch's inputs come again: outputs may be duplicated, never lost (a
+//! failed delivery or commit rewinds to the last committed offsets like an
+//! abort, but what was written stays written). A failing input does not
+//! make its neighbours redo their work: the batch before it is committed
+//! first (with any output the failing input made before it failed). Poison
+//! is dead-lettered, and the dead letter delivered, before its offset is
+//! committed. Use it when the outputs' consumers are idempotent, or to
+//! measure what the transactions cost (`herald-bench processor`).
+//!
 //! # librdkafka's mock cluster
 //!
 //! The in-process mock cluster (`test.mock.num.brokers`, used by the
@@ -105,7 +122,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use crate::error::ClientError;
 use crate::publisher::OutgoingRecord;
 pub use changelog::{ChangelogRecord, ChangelogTable};
-pub use config::ProcessorConfig;
+pub use config::{Guarantee, ProcessorConfig};
 
 /// What a transform knows about the input it handles.
 #[derive(Debug, Clone)]
@@ -284,11 +301,12 @@ pub struct ProcessorStats {
     pub skipped_unknown: AtomicU64,
     /// Transient transform failures that will be retried.
     pub retried: AtomicU64,
-    /// Committed transactions.
+    /// Committed transactions (at least once: batches whose offsets were
+    /// committed).
     pub committed: AtomicU64,
     /// Inputs whose offsets were committed.
     pub committed_inputs: AtomicU64,
-    /// Aborted transactions.
+    /// Aborted transactions (at least once: batches rewound to be redone).
     pub aborted: AtomicU64,
 }
 
@@ -360,6 +378,7 @@ impl<E, T> std::fmt::Debug for Processor<E, T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Processor")
             .field("group_id", &self.config.group_id)
+            .field("guarantee", &self.config.guarantee)
             .field("transactional_id", &self.config.transactional_id())
             .field("topics", &self.config.topics)
             .finish_non_exhaustive()

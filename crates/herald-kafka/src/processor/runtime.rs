@@ -1,7 +1,9 @@
 //! The processor thread: owns the `read_committed` consumer and the
 //! transactional producer, runs the transform per input, and begins, commits
 //! or aborts the transactions (see the module documentation of
-//! [`processor`](super) for the rules).
+//! [`processor`](super) for the rules). At least once, the same loop runs
+//! batches instead of transactions: "commit" awaits the deliveries, then
+//! commits the offsets through the consumer; "abort" rewinds.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -14,7 +16,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use futures::FutureExt;
 use herald::{Envelope, ErrorClass, Event, RetryPolicy, TraceContext};
-use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, DeliveryResult, Header, Headers, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer as _, ProducerContext, ThreadedProducer};
@@ -22,7 +24,7 @@ use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 use super::changelog::read_to_end;
-use super::{Input, ProcessorConfig, ProcessorError, ProcessorStats, Transform};
+use super::{Guarantee, Input, ProcessorConfig, ProcessorError, ProcessorStats, Transform};
 use crate::dlq::{dead_letter, Failure, OriginalRecord};
 use crate::error::{is_retriable, ClientError};
 use crate::publisher::OutgoingRecord;
@@ -48,6 +50,10 @@ fn is_fenced_code(code: RDKafkaErrorCode) -> bool {
 /// retried forever.
 struct TxnProducerContext {
     refused: Mutex<Vec<(InputRef, String)>>,
+    /// The first delivery failure since the last batch ended. At least once
+    /// it keeps the batch's offsets from being committed (exactly once, the
+    /// transaction's commit fails by itself).
+    undelivered: Mutex<Option<KafkaError>>,
 }
 
 impl ClientContext for TxnProducerContext {}
@@ -67,6 +73,7 @@ impl ProducerContext for TxnProducerContext {
             return;
         }
         tracing::warn!(%error, topic = message.topic(), "output not delivered; its transaction will abort");
+        lock(&self.undelivered).get_or_insert_with(|| error.clone());
         if !is_retriable(error) {
             lock(&self.refused).push((*input, error.to_string()));
         }
@@ -145,6 +152,7 @@ struct Engine<E, T> {
     tokio: tokio::runtime::Handle,
     stats: Arc<ProcessorStats>,
     stopping: CancellationToken,
+    guarantee: Guarantee,
     group_id: Arc<str>,
     source: Arc<str>,
     transactional_id: String,
@@ -177,6 +185,11 @@ struct Engine<E, T> {
 }
 
 impl<E: Event, T: Transform<E>> Engine<E, T> {
+    /// Whether batches are Kafka transactions (exactly once).
+    fn transactional(&self) -> bool {
+        self.guarantee == Guarantee::ExactlyOnce
+    }
+
     fn topic(&mut self, name: &str) -> Arc<str> {
         if let Some(t) = self.topics.iter().find(|t| &***t == name) {
             return Arc::clone(t);
@@ -226,7 +239,13 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
     }
 
     fn begin(&mut self, consumer: &BaseConsumer<ProcessorContext<E, T>>) -> bool {
-        if let Err(error) = self.producer.begin_transaction() {
+        // At least once, a batch starts with nothing to tell Kafka.
+        let began = if self.transactional() {
+            self.producer.begin_transaction()
+        } else {
+            Ok(())
+        };
+        if let Err(error) = began {
             if !self.check_fatal("beginning a transaction", &error) {
                 self.kafka_failure(consumer, "beginning a transaction", error, None);
             }
@@ -546,7 +565,18 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
                 entry.give_up = true;
             }
         }
-        let first_in_txn = self.txn.as_ref().is_none_or(|t| t.inputs == 0);
+        let mut first_in_txn = self.txn.as_ref().is_none_or(|t| t.inputs == 0);
+        if !first_in_txn && !self.transactional() {
+            // At least once, outputs already sent cannot be taken back:
+            // rather than redo (and duplicate) the inputs before this one,
+            // commit them now, and give this input a batch of its own.
+            if !self.commit(consumer) || !self.begin(consumer) {
+                // Everything uncommitted, this input included, comes again.
+                self.rewind_to(tp, input_ref.2);
+                return;
+            }
+            first_in_txn = true;
+        }
         if first_in_txn && delay.is_none() && self.txn.is_some() {
             // Nothing else is uncommitted: undo this call's state and write
             // the dead letter into the open transaction right away.
@@ -712,7 +742,15 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
         backoff: Backoff,
     ) {
         let txn = self.txn.take();
-        if txn.is_some() {
+        if txn.is_some() && !self.transactional() {
+            // Nothing to abort: what was sent stays written (the inputs are
+            // redone, so their outputs may be duplicated, never lost). Let
+            // the deliveries in flight finish so that their failures are
+            // not blamed on the next batch.
+            let _ = self.await_deliveries();
+            lock(&self.producer.context().undelivered).take();
+            self.stats.aborted.fetch_add(1, Ordering::Relaxed);
+        } else if txn.is_some() {
             // Let in-flight outputs land first: aborting while the partitions
             // of a just-begun transaction are still being added to it races
             // in the coordinator (INVALID_TXN_STATE, which librdkafka makes
@@ -857,6 +895,9 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
         consumer: &BaseConsumer<ProcessorContext<E, T>>,
         txn: &Txn,
     ) -> Result<(), (&'static str, KafkaError)> {
+        if !self.transactional() {
+            return self.commit_batch(consumer, txn);
+        }
         if !txn.offsets.is_empty() {
             let Some(metadata) = consumer.group_metadata() else {
                 self.fatal = Some(ProcessorError::Fatal {
@@ -885,6 +926,54 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
         let timeout = self.operation_timeout;
         retry_retriable(|| self.producer.commit_transaction(timeout))
             .map_err(|e| ("committing the transaction", e))
+    }
+
+    /// At least once: awaits every delivery of the batch, then commits its
+    /// inputs' offsets through the consumer — in that order, so a crash in
+    /// between redoes inputs but never skips one.
+    fn commit_batch(
+        &mut self,
+        consumer: &BaseConsumer<ProcessorContext<E, T>>,
+        txn: &Txn,
+    ) -> Result<(), (&'static str, KafkaError)> {
+        self.await_deliveries()
+            .map_err(|e| ("awaiting the outputs' deliveries", e))?;
+        if let Some(error) = lock(&self.producer.context().undelivered).take() {
+            return Err(("delivering the outputs", error));
+        }
+        if txn.offsets.is_empty() {
+            return Ok(());
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (tp, (_, next)) in &txn.offsets {
+            tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(*next))
+                .map_err(|e| ("listing the offsets to commit", e))?;
+        }
+        // Synchronous: the batch counts as done only once the group
+        // coordinator has the offsets (a member that lost the partitions
+        // is refused, and its inputs are redone by their new owner).
+        consumer
+            .commit(&tpl, CommitMode::Sync)
+            .map_err(|e| ("committing the input offsets", e))
+    }
+
+    /// Waits until every record handed to the producer has been acknowledged
+    /// or has failed, and its delivery report has been handled (librdkafka
+    /// counts a record until its report is destroyed, after the callback).
+    ///
+    /// Not `Producer::flush`: rdkafka 0.39's flush, while records are in
+    /// flight, polls the event queue in slices that only end at their
+    /// 100 ms deadline — and here the producer's own thread takes the
+    /// events — so every call took at least 100 ms.
+    fn await_deliveries(&self) -> Result<(), KafkaError> {
+        let deadline = Instant::now() + self.operation_timeout;
+        while self.producer.in_flight_count() > 0 {
+            if Instant::now() >= deadline {
+                return Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        Ok(())
     }
 
     /// Seeks rewound partitions back; resumes paused ones whose time came.
@@ -1076,32 +1165,20 @@ fn thread_main<E: Event, T: Transform<E>>(
         .producer_client_config()
         .create_with_context(TxnProducerContext {
             refused: Mutex::new(Vec::new()),
+            undelivered: Mutex::new(None),
         })
         .map_err(ClientError::Config)?;
-    // Fences every earlier producer with this transactional.id and aborts
-    // whatever transaction it left open: from here on, no zombie commits.
-    producer
-        .init_transactions(config.operation_timeout)
-        .map_err(|source| {
-            let code = source.rdkafka_error_code();
-            if code.is_some_and(is_fenced_code) {
-                ProcessorError::Fenced {
-                    transactional_id: transactional_id.clone(),
-                    code: code.unwrap_or(RDKafkaErrorCode::Fenced),
-                    reason: source.to_string(),
-                }
-            } else {
-                ProcessorError::Kafka {
-                    transactional_id: transactional_id.clone(),
-                    operation: "initializing transactions (fencing earlier instances)",
-                    source,
-                }
-            }
-        })?;
-    tracing::info!(%transactional_id, "transactions initialized; earlier instances are fenced");
+    if config.guarantee == Guarantee::AtLeastOnce {
+        tracing::warn!(
+            instance = %transactional_id,
+            "processor runs at least once (no Kafka transactions): after a crash or a failed commit, outputs may be duplicated"
+        );
+    } else {
+        init_transactions(&producer, &config, &transactional_id)?;
+    }
 
-    // State is restored after the fencing, so no zombie can commit a change
-    // the restore would miss, and before the first input.
+    // State is restored after the fencing (exactly once), so no zombie can
+    // commit a change the restore would miss, and before the first input.
     for topic in &config.changelogs {
         let read = read_to_end(
             &config.restore_client_config(),
@@ -1118,6 +1195,7 @@ fn thread_main<E: Event, T: Transform<E>>(
         tokio,
         stats,
         stopping,
+        guarantee: config.guarantee,
         group_id: Arc::from(config.group_id.as_str()),
         source: Arc::from(config.source.as_str()),
         transactional_id: transactional_id.clone(),
@@ -1162,6 +1240,35 @@ fn thread_main<E: Event, T: Transform<E>>(
     // Dropping the consumer closes it: it leaves the group.
     drop(consumer);
     result
+}
+
+/// Fences every earlier producer with this transactional.id and aborts
+/// whatever transaction it left open: from here on, no zombie commits.
+fn init_transactions(
+    producer: &ThreadedProducer<TxnProducerContext>,
+    config: &ProcessorConfig,
+    transactional_id: &str,
+) -> Result<(), ProcessorError> {
+    producer
+        .init_transactions(config.operation_timeout)
+        .map_err(|source| {
+            let code = source.rdkafka_error_code();
+            if code.is_some_and(is_fenced_code) {
+                ProcessorError::Fenced {
+                    transactional_id: transactional_id.to_owned(),
+                    code: code.unwrap_or(RDKafkaErrorCode::Fenced),
+                    reason: source.to_string(),
+                }
+            } else {
+                ProcessorError::Kafka {
+                    transactional_id: transactional_id.to_owned(),
+                    operation: "initializing transactions (fencing earlier instances)",
+                    source,
+                }
+            }
+        })?;
+    tracing::info!(%transactional_id, "transactions initialized; earlier instances are fenced");
+    Ok(())
 }
 
 fn poll_loop<E: Event, T: Transform<E>>(

@@ -1,7 +1,9 @@
-//! The exactly-once processor against the real Kafka broker (librdkafka's
-//! mock cluster does not implement transactions faithfully). One test
-//! binary; each test has its own random topics, group and instance ids.
+//! The processor (exactly once, and at least once) against the real Kafka
+//! broker (librdkafka's mock cluster does not implement transactions
+//! faithfully). One test binary; each test has its own random topics, group
+//! and instance ids.
 
+mod at_least_once;
 mod crash;
 mod fencing;
 mod poison;

@@ -1,0 +1,866 @@
+//! `herald-bench processor`: what exactly-once costs in herald's
+//! [`Processor`], in two parts.
+//!
+//! **Throughput.** The same processor with one trivial transform (one output
+//! per input: the input event re-encoded to an output topic) runs once with
+//! [`Guarantee::ExactlyOnce`] (a Kafka transaction per batch) and once with
+//! [`Guarantee::AtLeastOnce`] (no transactions: every delivery awaited, then
+//! the offsets committed through the consumer), same `--batch-size` and
+//! `--batch-time-ms`, over one pre-produced input topic, each in its own
+//! child process, fresh consumer group and fresh output topic. A side is
+//! timed from its first transform call to the moment its statistics count
+//! every input committed (joining the group is not measured). The order
+//! alternates per round; the summary is the median of the per-round ratios.
+//!
+//! **Latency.** For each `--batch-sizes` entry (and once at least once, at
+//! `--batch-size`, for reference) a processor runs in a child on a fresh,
+//! empty input topic while this process produces to it open-loop at
+//! `--rate` records/s (a steady moderate rate, so the figure is not the
+//! queueing of a backlog) and reads the output topic with a
+//! `read_committed` consumer. Latency of a record = the moment the reader
+//! received its output − the moment its input was handed to the producer,
+//! both on this process's clock, matched by event id (the output carries the
+//! input's). Records are produced as probes until the first output arrives
+//! (the processor joined its group), then `--warmup-secs` of warm-up; only
+//! the `--rate` × `--seconds` records after that are measured.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, ensure, Context};
+use clap::{Args, ValueEnum};
+use herald::HandlerError;
+use herald_kafka::processor::{Guarantee, Input, Processor, ProcessorConfig, ProcessorStats};
+use herald_kafka::{Publisher, PublisherConfig};
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::message::{Headers as _, Message as _};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::consumer::{pre_produce, Probe};
+use super::SideSpec as AnySide;
+use crate::shared::child::{run_side as run_child, spawn_side, stdin_closed, SideResult};
+use crate::shared::report::{setup_line, Report, SideComparison, SideInfo, SidesRound};
+use crate::shared::stats::{median, mib, per_second, percentile, rate, rotation};
+use crate::shared::topics::RunResources;
+use crate::shared::workload::{BenchEvent, Workload, SOURCE};
+use crate::shared::{progress, CommonArgs};
+
+/// Flags of `herald-bench processor`.
+#[derive(Debug, Clone, Args)]
+pub struct ProcessorArgs {
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub brokers: String,
+    /// Records of the pre-produced input topic (the throughput part).
+    #[arg(long, default_value_t = 200_000)]
+    pub records: u64,
+    /// Bytes of each record's payload (the JSON body of the event).
+    #[arg(long, default_value_t = 256)]
+    pub payload_bytes: usize,
+    /// Partitions of every benchmark topic.
+    #[arg(long, default_value_t = 12)]
+    pub partitions: i32,
+    /// Distinct record keys (aggregate ids), cycled through in order.
+    #[arg(long, default_value_t = 10_000)]
+    pub keys: u64,
+    /// Throughput rounds; each runs both guarantees, the order alternating.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Inputs per transaction (per batch at least once) in the throughput
+    /// part and in the at-least-once latency reference
+    /// (`ProcessorConfig::batch_size`; 500 is its default).
+    #[arg(long, default_value_t = 500)]
+    pub batch_size: usize,
+    /// The longest a transaction (batch) stays open, every run
+    /// (`ProcessorConfig::batch_time`; 100 ms is its default).
+    #[arg(long, default_value_t = 100)]
+    pub batch_time_ms: u64,
+    /// Transaction sizes of the latency part, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "10,100,1000")]
+    pub batch_sizes: Vec<usize>,
+    /// Records produced per second in the latency part (open loop).
+    #[arg(long, default_value_t = 500)]
+    pub rate: u32,
+    /// Seconds of measured records per latency point.
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    /// Seconds of unmeasured warm-up after the first output arrived.
+    #[arg(long, default_value_t = 2)]
+    pub warmup_secs: u64,
+    /// Latency rounds; each measures every point, the order rotating.
+    #[arg(long, default_value_t = 1)]
+    pub latency_rounds: usize,
+    /// Run only one part.
+    #[arg(long, value_enum)]
+    pub only: Option<Part>,
+    /// Give up on a side that has not finished after this many seconds.
+    #[arg(long, default_value_t = 900)]
+    pub side_timeout_secs: u64,
+    /// Print one JSON document instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The two parts of the benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Part {
+    /// Exactly-once ÷ at-least-once throughput.
+    Throughput,
+    /// Output latency per transaction size.
+    Latency,
+}
+
+impl ProcessorArgs {
+    /// Rejects values the benchmark cannot run with.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.common().validate()?;
+        ensure!(self.batch_size > 0, "--batch-size must be at least 1");
+        ensure!(self.batch_time_ms > 0, "--batch-time-ms must be at least 1");
+        ensure!(
+            !self.batch_sizes.is_empty() && self.batch_sizes.iter().all(|&b| b > 0),
+            "--batch-sizes needs sizes of at least 1"
+        );
+        ensure!(self.rate > 0, "--rate must be at least 1");
+        ensure!(self.seconds > 0, "--seconds must be at least 1");
+        ensure!(
+            self.latency_rounds > 0,
+            "--latency-rounds must be at least 1"
+        );
+        Ok(())
+    }
+
+    fn common(&self) -> CommonArgs {
+        CommonArgs {
+            brokers: self.brokers.clone(),
+            records: self.records,
+            payload_bytes: self.payload_bytes,
+            partitions: self.partitions,
+            rounds: self.rounds,
+            keys: self.keys,
+            side_timeout_secs: self.side_timeout_secs,
+            json: self.json,
+        }
+    }
+
+    fn runs(&self, part: Part) -> bool {
+        self.only.is_none_or(|only| only == part)
+    }
+}
+
+/// The processor's guarantee, as a side names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// `Guarantee::ExactlyOnce`.
+    ExactlyOnce,
+    /// `Guarantee::AtLeastOnce`.
+    AtLeastOnce,
+}
+
+impl Mode {
+    const ALL: [Mode; 2] = [Mode::ExactlyOnce, Mode::AtLeastOnce];
+
+    fn name(self) -> &'static str {
+        match self {
+            Mode::ExactlyOnce => "exactly-once",
+            Mode::AtLeastOnce => "at-least-once",
+        }
+    }
+
+    fn guarantee(self) -> Guarantee {
+        match self {
+            Mode::ExactlyOnce => Guarantee::ExactlyOnce,
+            Mode::AtLeastOnce => Guarantee::AtLeastOnce,
+        }
+    }
+}
+
+/// One processor, as a child runs it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SideSpec {
+    mode: Mode,
+    brokers: String,
+    input: String,
+    output: String,
+    group: String,
+    batch_size: usize,
+    batch_time_ms: u64,
+    /// Throughput: stop once this many inputs are committed. Latency
+    /// (`None`): run until the parent closes stdin.
+    records: Option<u64>,
+}
+
+/// Runs the parts and returns the report.
+pub async fn run(
+    args: &ProcessorArgs,
+    resources: &RunResources,
+) -> anyhow::Result<ProcessorReport> {
+    args.validate()?;
+    let mut setup = serde_json::Map::new();
+    setup.insert("records".into(), json!(args.records));
+    setup.insert("payload_bytes".into(), json!(args.payload_bytes));
+    setup.insert("partitions".into(), json!(args.partitions));
+    setup.insert("keys".into(), json!(args.keys));
+    setup.insert("batch_size".into(), json!(args.batch_size));
+    setup.insert("batch_time_ms".into(), json!(args.batch_time_ms));
+    setup.insert("batch_sizes".into(), json!(args.batch_sizes));
+    setup.insert("rate".into(), json!(args.rate));
+    setup.insert("seconds".into(), json!(args.seconds));
+    setup.insert("brokers".into(), json!(args.brokers));
+    let throughput = if args.runs(Part::Throughput) {
+        Some(throughput(args, resources, setup.clone()).await?)
+    } else {
+        None
+    };
+    let latency = if args.runs(Part::Latency) {
+        latency(args, resources).await?
+    } else {
+        Vec::new()
+    };
+    Ok(ProcessorReport {
+        setup,
+        throughput,
+        latency,
+        rate: args.rate,
+        batch_time_ms: args.batch_time_ms,
+    })
+}
+
+async fn throughput(
+    args: &ProcessorArgs,
+    resources: &RunResources,
+    setup: serde_json::Map<String, Value>,
+) -> anyhow::Result<SideComparison> {
+    let input = resources.topic("proc-in", args.partitions).await?;
+    let produced = pre_produce(&args.common(), &input).await?;
+    progress(format!(
+        "processor: pre-produced {} records to {input} at {} rec/s",
+        args.records,
+        per_second(produced)
+    ));
+    let describe = |mode: Mode| {
+        match mode {
+        Mode::ExactlyOnce => format!(
+            "Processor, Guarantee::ExactlyOnce: one Kafka transaction per {} inputs or {} ms (outputs + send_offsets_to_transaction + commit)",
+            args.batch_size, args.batch_time_ms
+        ),
+        Mode::AtLeastOnce => format!(
+            "Processor, Guarantee::AtLeastOnce: idempotent producer, per {} inputs or {} ms every delivery awaited, then a synchronous offset commit",
+            args.batch_size, args.batch_time_ms
+        ),
+    }
+    };
+    let mut comparison = SideComparison {
+        bench: "processor",
+        sides: Mode::ALL
+            .iter()
+            .map(|m| SideInfo {
+                name: m.name().to_owned(),
+                description: describe(*m),
+            })
+            .collect(),
+        baseline: Mode::AtLeastOnce.name().to_owned(),
+        goal: None,
+        setup,
+        rounds: Vec::new(),
+        notes: vec![
+            "both: one output per input (the input event re-encoded), read_committed input, the same pre-produced topic, fresh group and output topic per side; timed from the first transform call to the last input committed".to_owned(),
+        ],
+    };
+    for round in 0..args.rounds {
+        let order: Vec<Mode> = rotation(Mode::ALL.len(), round)
+            .into_iter()
+            .map(|i| Mode::ALL[i])
+            .collect();
+        let mut results = BTreeMap::new();
+        for mode in &order {
+            let what = format!("r{}-{}", round + 1, mode.name());
+            let spec = SideSpec {
+                mode: *mode,
+                brokers: args.brokers.clone(),
+                input: input.clone(),
+                output: resources
+                    .topic(&format!("{what}-out"), args.partitions)
+                    .await?,
+                group: resources.group(&what),
+                batch_size: args.batch_size,
+                batch_time_ms: args.batch_time_ms,
+                records: Some(args.records),
+            };
+            let result = run_child(&AnySide::Processor(spec), args.side_timeout_secs).await?;
+            progress(format!(
+                "processor round {} {}: {} rec/s",
+                round + 1,
+                mode.name(),
+                per_second(result.rate())
+            ));
+            results.insert(mode.name().to_owned(), result);
+        }
+        comparison.rounds.push(SidesRound {
+            round: round + 1,
+            order: order.iter().map(|m| m.name().to_owned()).collect(),
+            results,
+        });
+    }
+    Ok(comparison)
+}
+
+/// One latency point of one round.
+#[derive(Debug, Clone, Serialize)]
+pub struct LatencyPoint {
+    /// 1-based.
+    pub round: usize,
+    /// The processor's guarantee.
+    pub mode: Mode,
+    /// Inputs per transaction (batch).
+    pub batch_size: usize,
+    /// Records measured (produced in the measured window and received).
+    pub events: u64,
+    /// Measured records whose output never arrived.
+    pub missing: u64,
+    /// Outputs received more than once.
+    pub duplicates: u64,
+    /// The rate produced in the measured window (records/s).
+    pub produced_rate: f64,
+    /// The rate the measured outputs arrived at: their count over the time
+    /// from the first one's arrival to the last one's (records/s).
+    pub output_rate: f64,
+    /// The processor did not keep up with the input rate (outputs missing,
+    /// or arriving at under 90 % of it): its latency is mostly queueing and
+    /// grows with the length of the run.
+    pub overloaded: bool,
+    /// Input produce → output visible, percentiles (ms).
+    pub p50_ms: f64,
+    /// 90th percentile.
+    pub p90_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// The slowest.
+    pub max_ms: f64,
+    /// Mean inputs per committed transaction (batch), over the whole run.
+    pub inputs_per_commit: f64,
+    /// The processor child's peak RSS (KiB).
+    pub peak_rss_kib: u64,
+}
+
+/// The latency points: every `--batch-sizes` entry exactly once, then the
+/// at-least-once reference.
+fn latency_points(args: &ProcessorArgs) -> Vec<(Mode, usize)> {
+    let mut points: Vec<(Mode, usize)> = args
+        .batch_sizes
+        .iter()
+        .map(|&size| (Mode::ExactlyOnce, size))
+        .collect();
+    points.push((Mode::AtLeastOnce, args.batch_size));
+    points
+}
+
+async fn latency(
+    args: &ProcessorArgs,
+    resources: &RunResources,
+) -> anyhow::Result<Vec<LatencyPoint>> {
+    let points = latency_points(args);
+    let workload = Workload::new(args.payload_bytes, args.keys, u64::MAX / 2)?;
+    let publisher = Arc::new(Publisher::new(&PublisherConfig::new(
+        &args.brokers,
+        SOURCE,
+    ))?);
+    let mut next_seq = 0u64;
+    let mut measured = Vec::new();
+    for round in 0..args.latency_rounds {
+        for i in rotation(points.len(), round) {
+            let (mode, batch_size) = points[i];
+            let what = format!("lat-r{}-{}-b{batch_size}", round + 1, mode.name());
+            let input = resources
+                .topic(&format!("{what}-in"), args.partitions)
+                .await?;
+            let output = resources
+                .topic(&format!("{what}-out"), args.partitions)
+                .await?;
+            let spec = SideSpec {
+                mode,
+                brokers: args.brokers.clone(),
+                input,
+                output,
+                group: resources.group(&what),
+                batch_size,
+                batch_time_ms: args.batch_time_ms,
+                records: None,
+            };
+            let point =
+                measure_latency(args, resources, &publisher, &workload, spec, &mut next_seq)
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "latency round {} {} batch {batch_size}",
+                            round + 1,
+                            mode.name()
+                        )
+                    })?;
+            let point = LatencyPoint {
+                round: round + 1,
+                ..point
+            };
+            progress(format!(
+                "processor latency round {} {} batch {batch_size}: {} records, p50 {:.1} ms, p99 {:.1} ms",
+                round + 1,
+                mode.name(),
+                point.events,
+                point.p50_ms,
+                point.p99_ms
+            ));
+            measured.push(point);
+        }
+    }
+    Ok(measured)
+}
+
+/// What the reader saw of one output.
+struct Arrival {
+    event_id: Uuid,
+    received: SystemTime,
+}
+
+/// Reads every partition of `topic` from its start, `read_committed`, on a
+/// thread until `stop`; counts arrivals.
+fn collect_outputs(
+    brokers: &str,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+    arrived: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<std::thread::JoinHandle<Vec<Arrival>>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        // librdkafka wants a group for assign(); nothing is committed.
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("isolation.level", "read_committed")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .context("creating the output reader")?;
+    let mut assignment = TopicPartitionList::new();
+    for partition in 0..partitions {
+        assignment
+            .add_partition_offset(topic, partition, Offset::Beginning)
+            .context("assigning a partition")?;
+    }
+    consumer
+        .assign(&assignment)
+        .context("assigning the output reader")?;
+    Ok(std::thread::spawn(move || {
+        let mut arrivals = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            let Some(polled) = consumer.poll(Duration::from_millis(20)) else {
+                continue;
+            };
+            let received = SystemTime::now();
+            let Ok(message) = polled else {
+                continue;
+            };
+            let event_id = message.headers().and_then(|headers| {
+                headers
+                    .iter()
+                    .find(|h| h.key == herald::headers::EVENT_ID)
+                    .and_then(|h| h.value)
+                    .and_then(|v| std::str::from_utf8(v).ok())
+                    .and_then(|v| Uuid::parse_str(v).ok())
+            });
+            if let Some(event_id) = event_id {
+                arrivals.push(Arrival { event_id, received });
+                arrived.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        arrivals
+    }))
+}
+
+async fn measure_latency(
+    args: &ProcessorArgs,
+    resources: &RunResources,
+    publisher: &Arc<Publisher>,
+    workload: &Workload,
+    spec: SideSpec,
+    next_seq: &mut u64,
+) -> anyhow::Result<LatencyPoint> {
+    let arrived = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = collect_outputs(
+        &args.brokers,
+        &resources.name(&format!("lat-reader-{}", Uuid::new_v4().simple())),
+        &spec.output,
+        args.partitions,
+        Arc::clone(&arrived),
+        Arc::clone(&stop),
+    )?;
+    // Stops the reader however this function ends.
+    struct StopOnDrop(Arc<AtomicBool>);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+    let _stop_reader = StopOnDrop(Arc::clone(&stop));
+    let (mode, batch_size) = (spec.mode, spec.batch_size);
+    let processor = spawn_side(
+        &AnySide::Processor(spec.clone()),
+        args.side_timeout_secs,
+        &[],
+    )?;
+
+    let interval = Duration::from_secs_f64(1.0 / f64::from(args.rate));
+    let target = u64::from(args.rate) * args.seconds;
+    let started = tokio::time::Instant::now();
+    let mut warm_until: Option<tokio::time::Instant> = None;
+    let mut measured_from: Option<(u64, tokio::time::Instant)> = None;
+    let mut written = 0u64;
+    // Per input: when it was handed to the producer, and whether measured.
+    let mut sent: HashMap<Uuid, (SystemTime, bool)> = HashMap::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        let due = started + interval.mul_f64(written as f64);
+        tokio::time::sleep_until(due).await;
+        let now = tokio::time::Instant::now();
+        match (warm_until, measured_from) {
+            (None, _) if arrived.load(Ordering::Relaxed) > 0 => {
+                warm_until = Some(now + Duration::from_secs(args.warmup_secs));
+            }
+            (None, _) if now.duration_since(started) > Duration::from_secs(60) => {
+                bail!("no output reached the reader within 60 s (is the processor running?)");
+            }
+            (Some(until), None) if now >= until => measured_from = Some((written, now)),
+            _ => {}
+        }
+        if let Some((first, _)) = measured_from {
+            if written - first >= target {
+                break;
+            }
+        }
+        let event = workload.event(*next_seq);
+        *next_seq += 1;
+        let event_id = herald::Event::event_id(&event);
+        sent.insert(event_id, (SystemTime::now(), measured_from.is_some()));
+        let publisher = Arc::clone(publisher);
+        let input = spec.input.clone();
+        tasks.spawn(async move { publisher.publish(&input, &event).await.map(|_| ()) });
+        written += 1;
+        // Reap acknowledged sends as we go (bounded memory, early errors).
+        while let Some(done) = tasks.try_join_next() {
+            done.context("a producer task panicked")?
+                .context("producing an input")?;
+        }
+    }
+    let window = measured_from
+        .map(|(_, at)| at.elapsed().as_secs_f64())
+        .unwrap_or_default();
+    while let Some(done) = tasks.join_next().await {
+        done.context("a producer task panicked")?
+            .context("producing an input")?;
+    }
+    // Every output of a committed transaction arrives within a batch time
+    // plus the commit; give slow machines plenty more.
+    let deadline =
+        Instant::now() + Duration::from_millis(spec.batch_time_ms) + Duration::from_secs(30);
+    while arrived.load(Ordering::Relaxed) < written && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let processor = processor.finish().await?;
+    stop.store(true, Ordering::Relaxed);
+    let arrivals = tokio::task::spawn_blocking(move || reader.join())
+        .await
+        .context("joining the output reader")?
+        .map_err(|_| anyhow::anyhow!("the output reader panicked"))?;
+    Ok(figures(
+        mode, batch_size, &sent, &arrivals, window, &processor,
+    ))
+}
+
+fn millis_between(from: SystemTime, to: SystemTime) -> f64 {
+    match to.duration_since(from) {
+        Ok(d) => d.as_secs_f64() * 1000.0,
+        Err(e) => -e.duration().as_secs_f64() * 1000.0,
+    }
+}
+
+fn figures(
+    mode: Mode,
+    batch_size: usize,
+    sent: &HashMap<Uuid, (SystemTime, bool)>,
+    arrivals: &[Arrival],
+    window: f64,
+    processor: &SideResult,
+) -> LatencyPoint {
+    // The first arrival of each output counts; later ones are duplicates.
+    let mut first: HashMap<Uuid, SystemTime> = HashMap::with_capacity(arrivals.len());
+    let mut duplicates = 0;
+    for arrival in arrivals {
+        if first.insert(arrival.event_id, arrival.received).is_some() {
+            duplicates += 1;
+        }
+    }
+    let mut latencies = Vec::new();
+    let mut missing = 0;
+    let mut produced = 0;
+    let mut received_span: Option<(SystemTime, SystemTime)> = None;
+    for (event_id, (at, measured)) in sent {
+        if !measured {
+            continue;
+        }
+        produced += 1;
+        match first.get(event_id) {
+            Some(&received) => {
+                latencies.push(millis_between(*at, received));
+                received_span = Some(match received_span {
+                    None => (received, received),
+                    Some((a, b)) => (a.min(received), b.max(received)),
+                });
+            }
+            None => missing += 1,
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+    let produced_rate = rate(produced, window);
+    let output_rate = received_span.map_or(0.0, |(a, b)| {
+        rate(latencies.len() as u64, millis_between(a, b) / 1000.0)
+    });
+    let p = |q: f64| percentile(&latencies, q).unwrap_or(f64::NAN);
+    let extra = |name: &str| processor.extra.get(name).copied().unwrap_or_default();
+    LatencyPoint {
+        round: 0,
+        mode,
+        batch_size,
+        events: latencies.len() as u64,
+        missing,
+        duplicates,
+        produced_rate,
+        output_rate,
+        overloaded: missing > 0 || output_rate < 0.9 * produced_rate,
+        p50_ms: p(50.0),
+        p90_ms: p(90.0),
+        p99_ms: p(99.0),
+        max_ms: p(100.0),
+        inputs_per_commit: extra("committed_inputs") / extra("commits").max(1.0),
+        peak_rss_kib: processor.peak_rss_kib,
+    }
+}
+
+/// Runs one processor in this (child) process.
+pub async fn run_side(spec: SideSpec) -> anyhow::Result<SideResult> {
+    let probe = Arc::new(Probe::new(spec.records.unwrap_or(u64::MAX)));
+    let transform = {
+        let probe = Arc::clone(&probe);
+        let output = spec.output.clone();
+        move |event: BenchEvent, input: Input| {
+            probe.hit();
+            let record = input.output(&output, &event);
+            async move { Ok::<_, HandlerError>(vec![record?]) }
+        }
+    };
+    let config = ProcessorConfig::new(&spec.brokers, &spec.group, [&spec.input], "bench")
+        .source(SOURCE)
+        .guarantee(spec.mode.guarantee())
+        .batch_size(spec.batch_size)
+        .batch_time(Duration::from_millis(spec.batch_time_ms));
+    let processor = Processor::new(config, transform)?;
+    let stats = processor.stats();
+    let started = Instant::now();
+    let (seconds, records) = match spec.records {
+        Some(records) => {
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let running = tokio::spawn(processor.run(async move {
+                let _ = stop_rx.await;
+            }));
+            // The clock stops when the last input's offset is committed
+            // (with its output, or after it), read every millisecond.
+            let finished = loop {
+                if ProcessorStats::get(&stats.committed_inputs) >= records {
+                    break Instant::now();
+                }
+                if running.is_finished() {
+                    running.await.context("the processor task panicked")??;
+                    bail!("the processor stopped before committing every input");
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            };
+            let _ = stop_tx.send(());
+            running.await.context("the processor task panicked")??;
+            let Some(first) = probe.first.get() else {
+                bail!("the transform never ran");
+            };
+            (finished.duration_since(*first).as_secs_f64(), records)
+        }
+        None => {
+            processor.run(stdin_closed()).await?;
+            (
+                started.elapsed().as_secs_f64(),
+                ProcessorStats::get(&stats.committed_inputs),
+            )
+        }
+    };
+    let count = |c: &AtomicU64| ProcessorStats::get(c) as f64;
+    ensure!(
+        ProcessorStats::get(&stats.dead_lettered) == 0,
+        "{} inputs were dead-lettered",
+        ProcessorStats::get(&stats.dead_lettered)
+    );
+    let startup = probe
+        .first
+        .get()
+        .map_or(0.0, |f| f.duration_since(started).as_secs_f64());
+    Ok(SideResult::finish(records, seconds)?
+        .with("startup_seconds", startup)
+        .with("consumed", count(&stats.consumed))
+        .with("processed", count(&stats.processed))
+        .with("produced", count(&stats.produced))
+        .with("commits", count(&stats.committed))
+        .with("committed_inputs", count(&stats.committed_inputs))
+        .with("aborted", count(&stats.aborted))
+        .with("retried", count(&stats.retried)))
+}
+
+/// The report of `herald-bench processor`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProcessorReport {
+    /// Settings.
+    pub setup: serde_json::Map<String, Value>,
+    /// Exactly-once ÷ at-least-once throughput (unless `--only latency`).
+    pub throughput: Option<SideComparison>,
+    /// Every latency point of every round (empty with `--only throughput`).
+    pub latency: Vec<LatencyPoint>,
+    rate: u32,
+    batch_time_ms: u64,
+}
+
+impl ProcessorReport {
+    /// The latency points in report order with their medians over the
+    /// rounds: (mode, batch size, p50, p99, rounds, overloaded in any).
+    fn latency_summary(&self) -> Vec<(Mode, usize, f64, f64, usize, bool)> {
+        let mut keys: Vec<(Mode, usize)> = Vec::new();
+        for point in &self.latency {
+            if !keys.contains(&(point.mode, point.batch_size)) {
+                keys.push((point.mode, point.batch_size));
+            }
+        }
+        keys.into_iter()
+            .map(|(mode, size)| {
+                let points: Vec<&LatencyPoint> = self
+                    .latency
+                    .iter()
+                    .filter(|p| p.mode == mode && p.batch_size == size)
+                    .collect();
+                let med = |f: fn(&LatencyPoint) -> f64| {
+                    median(&points.iter().map(|p| f(p)).collect::<Vec<_>>()).unwrap_or(f64::NAN)
+                };
+                (
+                    mode,
+                    size,
+                    med(|p| p.p50_ms),
+                    med(|p| p.p99_ms),
+                    points.len(),
+                    points.iter().any(|p| p.overloaded),
+                )
+            })
+            .collect()
+    }
+
+    /// The latency summary line.
+    pub fn latency_line(&self) -> Option<String> {
+        let summary = self.latency_summary();
+        let rounds = summary.iter().map(|s| s.4).max()?;
+        let figures: Vec<String> = summary
+            .iter()
+            .map(|(mode, size, p50, p99, _, overloaded)| {
+                let name = match mode {
+                    Mode::ExactlyOnce => format!("batch {size}"),
+                    Mode::AtLeastOnce => format!("at-least-once batch {size}"),
+                };
+                let overloaded = if *overloaded { " OVERLOADED" } else { "" };
+                format!("{name}: p50 {p50:.1} ms, p99 {p99:.1} ms{overloaded}")
+            })
+            .collect();
+        Some(format!(
+            "processor latency at {} rec/s (input produced → output visible to read_committed, batch time {} ms): {} (median of {rounds} round{})",
+            per_second(f64::from(self.rate)),
+            self.batch_time_ms,
+            figures.join("; "),
+            if rounds == 1 { "" } else { "s" },
+        ))
+    }
+}
+
+impl Report for ProcessorReport {
+    fn table(&self) -> String {
+        let mut out = String::new();
+        if let Some(throughput) = &self.throughput {
+            out.push_str(&throughput.table());
+        }
+        if self.latency.is_empty() {
+            return out;
+        }
+        out.push_str(&format!("processor latency: {}\n", setup_line(&self.setup)));
+        out.push_str(&format!(
+            "{:>5}  {:<14} {:>6} {:>7} {:>7} {:>5} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9}\n",
+            "round",
+            "mode",
+            "batch",
+            "records",
+            "missing",
+            "dups",
+            "in/s",
+            "out/s",
+            "p50 ms",
+            "p90 ms",
+            "p99 ms",
+            "max ms",
+            "in/commit",
+            "RSS"
+        ));
+        for p in &self.latency {
+            out.push_str(&format!(
+                "{:>5}  {:<14} {:>6} {:>7} {:>7} {:>5} {:>8} {:>8} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10.1} {:>9}{}\n",
+                p.round,
+                p.mode.name(),
+                p.batch_size,
+                p.events,
+                p.missing,
+                p.duplicates,
+                per_second(p.produced_rate),
+                per_second(p.output_rate),
+                p.p50_ms,
+                p.p90_ms,
+                p.p99_ms,
+                p.max_ms,
+                p.inputs_per_commit,
+                mib(p.peak_rss_kib),
+                if p.overloaded { "  OVERLOADED" } else { "" },
+            ));
+        }
+        out.push_str(&format!(
+            "  latency = the read_committed reader's receive time − the input's hand-over to the producer (one clock; includes the input's own produce, ~linger.ms 5); a transaction commits after batch_size inputs or {} ms, whichever comes first\n",
+            self.batch_time_ms
+        ));
+        out.push_str("  OVERLOADED: the processor did not keep up with the input rate (outputs missing or arriving under 90 % of it), so its latency is queueing that grows with the run\n");
+        if let Some(line) = self.latency_line() {
+            out.push_str(&line);
+            out.push('\n');
+        }
+        out
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "bench": "processor",
+            "setup": self.setup,
+            "throughput": self.throughput.as_ref().map(Report::json),
+            "latency": self.latency,
+            "latency_summary_line": self.latency_line(),
+        })
+    }
+}
