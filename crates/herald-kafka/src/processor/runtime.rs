@@ -755,7 +755,7 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
             // of a just-begun transaction are still being added to it races
             // in the coordinator (INVALID_TXN_STATE, which librdkafka makes
             // fatal). Delivery failures surface through the abort anyway.
-            let _ = self.producer.flush(self.operation_timeout);
+            let _ = self.await_deliveries();
             let mut tries = 0;
             loop {
                 tries += 1;
@@ -923,6 +923,11 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
             })
             .map_err(|e| ("sending the offsets to the transaction", e))?;
         }
+        // rdkafka's commit_transaction flushes first, and its flush costs at
+        // least 100 ms while anything is in flight (see await_deliveries):
+        // wait for the deliveries here, so that flush finds nothing to do.
+        self.await_deliveries()
+            .map_err(|e| ("awaiting the outputs' deliveries", e))?;
         let timeout = self.operation_timeout;
         retry_retriable(|| self.producer.commit_transaction(timeout))
             .map_err(|e| ("committing the transaction", e))
