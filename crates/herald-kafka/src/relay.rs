@@ -175,7 +175,9 @@ impl<S: OutboxStore> std::fmt::Debug for Relay<S> {
 /// so its consumers become children of the relay's span; otherwise it
 /// carries the stored context unchanged.
 fn outgoing(record: &PendingRecord) -> (OutgoingRecord, tracing::Span) {
-    let span = tracing::info_span!(
+    // Debug level, like every per-record span (see the consumer's): an
+    // OpenTelemetry layer with its own filter still records it.
+    let span = tracing::debug_span!(
         "relay_publish",
         otel.name = %format_args!("{} publish", record.topic),
         otel.kind = "producer",

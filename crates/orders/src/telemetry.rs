@@ -8,7 +8,9 @@
 //!   `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`)
 //!   is set, with `OTEL_SERVICE_NAME` (default `orders`) and the exporter's
 //!   other standard variables. Unset, no OpenTelemetry layer is installed at
-//!   all: spans cost what `tracing` spans cost, and nothing more.
+//!   all: spans cost what `tracing` spans cost, and nothing more. The layer
+//!   has its own filter ([`OTEL_FILTER`]): herald's per-record spans are at
+//!   debug level, off for the logs at `info`, on for the traces.
 
 use std::fmt;
 
@@ -30,6 +32,13 @@ use crate::cli::LogFormat;
 
 /// The filter when `RUST_LOG` is not set.
 pub const DEFAULT_FILTER: &str = "info,rdkafka=warn,sqlx=warn";
+
+/// What the OpenTelemetry layer records, whatever `RUST_LOG` says: herald's
+/// per-record spans (consume, handle, relay publish, processor input) are at
+/// debug level so that log formatting at `info` does not pay for them, and a
+/// trace needs them.
+pub const OTEL_FILTER: &str =
+    "info,herald=debug,herald_kafka=debug,herald_postgres=debug,herald_sqlite=debug";
 
 /// The environment variables that switch OTLP export on.
 const OTLP_ENDPOINT_VARIABLES: [&str; 2] = [
@@ -96,18 +105,23 @@ where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
 {
     let logs: Box<dyn Layer<_> + Send + Sync> = match format {
-        LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(writer).boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(writer)
+            .with_filter(filter)
+            .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .with_writer(writer)
             .fmt_fields(JsonFields::new())
             .event_format(JsonLines)
+            .with_filter(filter)
             .boxed(),
     };
-    let otel = tracer.map(|tracer| tracing_opentelemetry::layer().with_tracer(tracer));
-    tracing_subscriber::registry()
-        .with(filter)
-        .with(logs)
-        .with(otel)
+    let otel = tracer.map(|tracer| {
+        tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_filter(EnvFilter::new(OTEL_FILTER))
+    });
+    tracing_subscriber::registry().with(logs).with(otel)
 }
 
 fn otlp_provider() -> anyhow::Result<Option<SdkTracerProvider>> {

@@ -259,8 +259,12 @@ async fn herald_side(spec: &SideSpec) -> anyhow::Result<SideResult> {
         Some(true) => {
             // What the service runs with by default: logs at info (written
             // nowhere here, so the terminal is not what is measured).
+            // RUST_LOG, when set, replaces the filter (to see what a level
+            // or a target costs).
+            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
             tracing_subscriber::fmt()
-                .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+                .with_env_filter(filter)
                 .with_writer(std::io::sink)
                 .try_init()
                 .map_err(|e| anyhow::anyhow!("installing the subscriber: {e}"))?;

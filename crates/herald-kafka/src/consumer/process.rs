@@ -68,7 +68,11 @@ pub(crate) async fn process(shared: Arc<Shared>, message: OwnedMessage) -> Outco
             .map(|h| (h.key, h.value)),
     )
     .map(Arc::new);
-    let span = tracing::info_span!(
+    // Debug level: per-record spans cost more than the rest of a no-op
+    // record's handling under a log formatter at info (herald-bench consumer
+    // --baseline uninstrumented). An OpenTelemetry layer with its own filter
+    // still records them; the service's does.
+    let span = tracing::debug_span!(
         "consume",
         otel.name = %format_args!("{} process", message.topic()),
         otel.kind = "consumer",
@@ -160,7 +164,7 @@ async fn process_in_span(
                 envelope: Arc::clone(&envelope),
                 attempt,
             };
-            let span = tracing::info_span!(
+            let span = tracing::debug_span!(
                 "handle",
                 otel.name = %format_args!("{} handle", handler.name()),
                 handler = handler.name(),
@@ -201,7 +205,15 @@ async fn process_in_span(
                 .flatten();
             match retry_in {
                 Some(delay) => {
-                    tracing::info!(handler = handler.name(), attempt, %error, ?delay, "transient failure, retrying");
+                    tracing::info!(
+                        handler = handler.name(),
+                        attempt,
+                        %error,
+                        ?delay,
+                        event_id = %envelope.event_id,
+                        trace_id = trace_id(&envelope),
+                        "transient failure, retrying"
+                    );
                     shared.stats.retried.fetch_add(1, Ordering::Relaxed);
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
@@ -210,7 +222,15 @@ async fn process_in_span(
                     attempt += 1;
                 }
                 None => {
-                    tracing::warn!(handler = handler.name(), attempt, %class, %error, "giving up on record");
+                    tracing::warn!(
+                        handler = handler.name(),
+                        attempt,
+                        %class,
+                        %error,
+                        event_id = %envelope.event_id,
+                        trace_id = trace_id(&envelope),
+                        "giving up on record"
+                    );
                     let failure = Failure {
                         error,
                         class,
@@ -226,6 +246,12 @@ async fn process_in_span(
     }
     shared.stats.handled.fetch_add(1, Ordering::Relaxed);
     Outcome::Handled
+}
+
+/// The record's trace id for log lines, which may be written outside the
+/// record's (debug-level) span.
+fn trace_id(envelope: &Envelope) -> &str {
+    envelope.trace.as_ref().map_or("", |t| t.trace_id())
 }
 
 /// Writes the dead letter and waits for its acknowledgement, trying again

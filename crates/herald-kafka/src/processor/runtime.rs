@@ -323,7 +323,8 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
             .as_ref()
             .map(|t| t.span.clone())
             .unwrap_or_else(tracing::Span::none);
-        let span = tracing::info_span!(
+        // Debug level, like every per-record span (see the consumer's).
+        let span = tracing::debug_span!(
             parent: &parent,
             "process",
             otel.name = %format_args!("{} process", message.topic()),
