@@ -72,7 +72,7 @@ impl ProducerContext for TxnProducerContext {
             // The records of an aborted transaction are purged: expected.
             return;
         }
-        tracing::warn!(%error, topic = message.topic(), "output not delivered; its transaction will abort");
+        tracing::warn!(%error, topic = message.topic(), "output not delivered; its batch is redone (aborted in exactly-once mode)");
         lock(&self.undelivered).get_or_insert_with(|| error.clone());
         if !is_retriable(error) {
             lock(&self.refused).push((*input, error.to_string()));

@@ -383,3 +383,54 @@ async fn readiness_follows_the_database_and_kafka_away_and_back() {
     drop(kafka_tx);
     mock.join().expect("mock thread");
 }
+
+/// A relay or worker process serves only the operations routes on its
+/// metrics port: `/metrics` with its own components' metrics, health and
+/// readiness, and no order routes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_process_serves_only_operations_routes_on_its_metrics_port() {
+    let Some(p) = pipeline_of(Components {
+        relay: true,
+        projection: true,
+        ..Components::NONE
+    })
+    .await
+    else {
+        return;
+    };
+    let client = reqwest::Client::new();
+    let text = scrape_until(&client, &p.base, "the projection assigned", |t| {
+        sum(
+            t,
+            "herald_consumer_assigned_partitions",
+            &[("consumer", "projection")],
+        ) == 3.0
+    })
+    .await;
+    assert!(
+        text.contains("# TYPE herald_relay_published counter\n"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("consumer=\"notifications\""),
+        "only this process's components: {text}"
+    );
+    eventually(&client, &format!("{}/readyz", p.base), "ready", |b| {
+        b["status"] == "ready" && b["checks"]["consumers"]["projection"] == "assigned"
+    })
+    .await;
+    let response = client
+        .post(format!("{}/orders", p.base))
+        .json(&valid_order())
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(
+        response.status(),
+        404,
+        "no order routes on the metrics port"
+    );
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "route_not_found");
+    p.stop().await;
+}
