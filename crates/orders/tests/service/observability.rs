@@ -170,6 +170,8 @@ async fn metrics_count_what_was_done_and_the_dashboard_uses_only_exported_names(
     assert_eq!(response.status(), 404);
 
     // 5 events: 4 created, 1 shipped. Drive until both consumers are idle.
+    // The relay counts a batch after its mark commits, which may be after the
+    // consumers handled it: wait for both.
     let text = scrape_until(&client, &p.base, "both consumers to handle 5 events", |t| {
         ["projection", "notifications"].iter().all(|c| {
             sum(
@@ -177,7 +179,7 @@ async fn metrics_count_what_was_done_and_the_dashboard_uses_only_exported_names(
                 "herald_consumer_records_handled_total",
                 &[("consumer", c)],
             ) == 5.0
-        })
+        }) && sum(t, "herald_relay_published_total", &[]) == 5.0
     })
     .await;
     for consumer in ["projection", "notifications"] {
