@@ -25,7 +25,7 @@
 //! the `--rate` × `--seconds` records after that are measured.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -34,15 +34,13 @@ use clap::{Args, ValueEnum};
 use herald::HandlerError;
 use herald_kafka::processor::{Guarantee, Input, Processor, ProcessorConfig, ProcessorStats};
 use herald_kafka::{Publisher, PublisherConfig};
-use rdkafka::consumer::{BaseConsumer, Consumer as _};
-use rdkafka::message::{Headers as _, Message as _};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
 use super::consumer::{pre_produce, Probe};
 use super::SideSpec as AnySide;
+use crate::shared::arrivals::{Arrival, ArrivalReader};
 use crate::shared::child::{run_side as run_child, spawn_side, stdin_closed, SideResult};
 use crate::shared::report::{setup_line, Report, SideComparison, SideInfo, SidesRound};
 use crate::shared::stats::{median, mib, per_second, percentile, rate, rotation};
@@ -420,68 +418,6 @@ async fn latency(
     Ok(measured)
 }
 
-/// What the reader saw of one output.
-struct Arrival {
-    event_id: Uuid,
-    received: SystemTime,
-}
-
-/// Reads every partition of `topic` from its start, `read_committed`, on a
-/// thread until `stop`; counts arrivals.
-fn collect_outputs(
-    brokers: &str,
-    group: &str,
-    topic: &str,
-    partitions: i32,
-    arrived: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-) -> anyhow::Result<std::thread::JoinHandle<Vec<Arrival>>> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        // librdkafka wants a group for assign(); nothing is committed.
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .set("isolation.level", "read_committed")
-        .set("fetch.wait.max.ms", "10")
-        .create()
-        .context("creating the output reader")?;
-    let mut assignment = TopicPartitionList::new();
-    for partition in 0..partitions {
-        assignment
-            .add_partition_offset(topic, partition, Offset::Beginning)
-            .context("assigning a partition")?;
-    }
-    consumer
-        .assign(&assignment)
-        .context("assigning the output reader")?;
-    Ok(std::thread::spawn(move || {
-        let mut arrivals = Vec::new();
-        while !stop.load(Ordering::Relaxed) {
-            let Some(polled) = consumer.poll(Duration::from_millis(20)) else {
-                continue;
-            };
-            let received = SystemTime::now();
-            let Ok(message) = polled else {
-                continue;
-            };
-            let event_id = message.headers().and_then(|headers| {
-                headers
-                    .iter()
-                    .find(|h| h.key == herald::headers::EVENT_ID)
-                    .and_then(|h| h.value)
-                    .and_then(|v| std::str::from_utf8(v).ok())
-                    .and_then(|v| Uuid::parse_str(v).ok())
-            });
-            if let Some(event_id) = event_id {
-                arrivals.push(Arrival { event_id, received });
-                arrived.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        arrivals
-    }))
-}
-
 async fn measure_latency(
     args: &ProcessorArgs,
     resources: &RunResources,
@@ -490,24 +426,12 @@ async fn measure_latency(
     spec: SideSpec,
     next_seq: &mut u64,
 ) -> anyhow::Result<LatencyPoint> {
-    let arrived = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let reader = collect_outputs(
+    let reader = ArrivalReader::start(
         &args.brokers,
         &resources.name(&format!("lat-reader-{}", Uuid::new_v4().simple())),
         &spec.output,
         args.partitions,
-        Arc::clone(&arrived),
-        Arc::clone(&stop),
     )?;
-    // Stops the reader however this function ends.
-    struct StopOnDrop(Arc<AtomicBool>);
-    impl Drop for StopOnDrop {
-        fn drop(&mut self) {
-            self.0.store(true, Ordering::Relaxed);
-        }
-    }
-    let _stop_reader = StopOnDrop(Arc::clone(&stop));
     let (mode, batch_size) = (spec.mode, spec.batch_size);
     let processor = spawn_side(
         &AnySide::Processor(spec.clone()),
@@ -529,7 +453,7 @@ async fn measure_latency(
         tokio::time::sleep_until(due).await;
         let now = tokio::time::Instant::now();
         match (warm_until, measured_from) {
-            (None, _) if arrived.load(Ordering::Relaxed) > 0 => {
+            (None, _) if reader.arrived() > 0 => {
                 warm_until = Some(now + Duration::from_secs(args.warmup_secs));
             }
             (None, _) if now.duration_since(started) > Duration::from_secs(60) => {
@@ -568,15 +492,11 @@ async fn measure_latency(
     // plus the commit; give slow machines plenty more.
     let deadline =
         Instant::now() + Duration::from_millis(spec.batch_time_ms) + Duration::from_secs(30);
-    while arrived.load(Ordering::Relaxed) < written && Instant::now() < deadline {
+    while reader.arrived() < written && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let processor = processor.finish().await?;
-    stop.store(true, Ordering::Relaxed);
-    let arrivals = tokio::task::spawn_blocking(move || reader.join())
-        .await
-        .context("joining the output reader")?
-        .map_err(|_| anyhow::anyhow!("the output reader panicked"))?;
+    let arrivals = reader.finish().await?;
     Ok(figures(
         mode, batch_size, &sent, &arrivals, window, &processor,
     ))

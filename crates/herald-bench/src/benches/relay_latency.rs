@@ -19,8 +19,7 @@
 //! `--warmup-secs` of warm-up; neither is measured.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, ensure, Context};
@@ -28,15 +27,13 @@ use clap::Args;
 use herald_kafka::{Publisher, PublisherConfig, Relay, RelayConfig};
 use herald_postgres::outbox::enqueue;
 use herald_postgres::{OutboxRecord, PgOutbox, StoreError};
-use rdkafka::consumer::{BaseConsumer, Consumer as _};
-use rdkafka::message::{Headers as _, Message as _};
 use rdkafka::producer::Producer as _;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
 use super::SideSpec as AnySide;
+use crate::shared::arrivals::{Arrival, ArrivalReader};
 use crate::shared::child::{spawn_side, stdin_closed, SideResult};
 use crate::shared::database::{self, child_pool, BenchDatabase, DbArgs, CHILD_DATABASE_URL};
 use crate::shared::progress;
@@ -348,76 +345,12 @@ pub async fn run(
     Ok(report)
 }
 
-/// What the consumer saw of one event.
-struct Arrival {
-    event_id: Uuid,
-    received: SystemTime,
-    create_time_ms: Option<i64>,
-}
-
 /// What a writer did for one event.
 struct Commit {
     event_id: Uuid,
     measured: bool,
     committed: SystemTime,
     transaction: Duration,
-}
-
-/// Reads `topic` from its start on a thread until `stop`; counts arrivals.
-fn collect_arrivals(
-    brokers: &str,
-    group: &str,
-    topic: &str,
-    partitions: i32,
-    arrived: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-) -> anyhow::Result<std::thread::JoinHandle<Vec<Arrival>>> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .set("fetch.wait.max.ms", "100")
-        .create()
-        .context("creating the latency consumer")?;
-    let mut assignment = TopicPartitionList::new();
-    for partition in 0..partitions {
-        assignment
-            .add_partition_offset(topic, partition, Offset::Beginning)
-            .context("assigning a partition")?;
-    }
-    consumer
-        .assign(&assignment)
-        .context("assigning the latency consumer")?;
-    Ok(std::thread::spawn(move || {
-        let mut arrivals = Vec::new();
-        while !stop.load(Ordering::Relaxed) {
-            let Some(polled) = consumer.poll(Duration::from_millis(20)) else {
-                continue;
-            };
-            let received = SystemTime::now();
-            let Ok(message) = polled else {
-                continue;
-            };
-            let event_id = message.headers().and_then(|headers| {
-                headers
-                    .iter()
-                    .find(|h| h.key == herald::headers::EVENT_ID)
-                    .and_then(|h| h.value)
-                    .and_then(|v| std::str::from_utf8(v).ok())
-                    .and_then(|v| Uuid::parse_str(v).ok())
-            });
-            if let Some(event_id) = event_id {
-                arrivals.push(Arrival {
-                    event_id,
-                    received,
-                    create_time_ms: message.timestamp().to_millis(),
-                });
-                arrived.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        arrivals
-    }))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -431,24 +364,12 @@ async fn measure_mode(
     listen: bool,
     next_seq: &mut u64,
 ) -> anyhow::Result<ModeFigures> {
-    let arrived = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let collector = collect_arrivals(
+    let collector = ArrivalReader::start(
         &args.brokers,
         &resources.name(&format!("lat-reader-{}", Uuid::new_v4().simple())),
         topic,
         args.partitions,
-        Arc::clone(&arrived),
-        Arc::clone(&stop),
     )?;
-    // Stops the collector however this function ends.
-    struct StopOnDrop(Arc<AtomicBool>);
-    impl Drop for StopOnDrop {
-        fn drop(&mut self) {
-            self.0.store(true, Ordering::Relaxed);
-        }
-    }
-    let _stop_collector = StopOnDrop(Arc::clone(&stop));
     let relay = spawn_side(
         &AnySide::RelayLatency(SideSpec {
             brokers: args.brokers.clone(),
@@ -474,7 +395,7 @@ async fn measure_mode(
         tokio::time::sleep_until(due).await;
         let now = tokio::time::Instant::now();
         match (warm_until, measured_from) {
-            (None, _) if arrived.load(Ordering::Relaxed) > 0 => {
+            (None, _) if collector.arrived() > 0 => {
                 warm_until = Some(now + Duration::from_secs(args.warmup_secs));
             }
             (None, _) if now.duration_since(started) > Duration::from_secs(60) => {
@@ -528,15 +449,11 @@ async fn measure_mode(
     // poll interval after the last commit).
     let deadline =
         Instant::now() + Duration::from_millis(args.poll_interval_ms) + Duration::from_secs(30);
-    while arrived.load(Ordering::Relaxed) < written && Instant::now() < deadline {
+    while collector.arrived() < written && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let relay = relay.finish().await?;
-    stop.store(true, Ordering::Relaxed);
-    let arrivals = tokio::task::spawn_blocking(move || collector.join())
-        .await
-        .context("joining the latency consumer")?
-        .map_err(|_| anyhow::anyhow!("the latency consumer panicked"))?;
+    let arrivals = collector.finish().await?;
     Ok(figures(&commits, &arrivals, measured_window, &relay))
 }
 

@@ -1,8 +1,9 @@
-//! Plumbing every benchmark shares: the common flags, timing, ratios and
+//! Plumbing every benchmark shares: the latency benchmarks' arrival reader, the common flags, timing, ratios and
 //! medians, peak RSS, the child processes each side runs in, the report, the
 //! benchmark topics and databases, the record workload and the Kafka tools'
 //! perf test.
 
+pub mod arrivals;
 pub mod child;
 pub mod database;
 pub mod kafka_perf;

@@ -1,0 +1,116 @@
+//! The latency benchmarks' reader: every partition of a topic from its start
+//! (`read_committed`), on a thread of its own, noting when each event id
+//! arrived.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::message::Headers;
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use uuid::Uuid;
+
+/// What the reader saw of one event.
+pub struct Arrival {
+    /// The record's `event_id` header.
+    pub event_id: Uuid,
+    /// When the reader received it (wall clock, comparable with the writer's).
+    pub received: SystemTime,
+    /// The record's Kafka timestamp, in ms since the epoch.
+    pub create_time_ms: Option<i64>,
+}
+
+/// A running reader; it stops when [`ArrivalReader::finish`] is called or it
+/// is dropped, however the benchmark ends.
+pub struct ArrivalReader {
+    arrived: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Vec<Arrival>>>,
+}
+
+impl ArrivalReader {
+    /// Starts reading `topic` (`partitions` of them) in group `group` (only
+    /// for `assign`: nothing is committed).
+    pub fn start(brokers: &str, group: &str, topic: &str, partitions: i32) -> anyhow::Result<Self> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            .set("isolation.level", "read_committed")
+            // Latency resolution: do not let a fetch wait long for data.
+            .set("fetch.wait.max.ms", "10")
+            .create()
+            .context("creating the arrival reader")?;
+        let mut assignment = TopicPartitionList::new();
+        for partition in 0..partitions {
+            assignment
+                .add_partition_offset(topic, partition, Offset::Beginning)
+                .context("assigning a partition")?;
+        }
+        consumer
+            .assign(&assignment)
+            .context("assigning the arrival reader")?;
+        let arrived = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (count, stopping) = (Arc::clone(&arrived), Arc::clone(&stop));
+        let thread = std::thread::spawn(move || {
+            let mut arrivals = Vec::new();
+            while !stopping.load(Ordering::Relaxed) {
+                let Some(polled) = consumer.poll(Duration::from_millis(20)) else {
+                    continue;
+                };
+                let received = SystemTime::now();
+                let Ok(message) = polled else {
+                    continue;
+                };
+                let event_id = message.headers().and_then(|headers| {
+                    headers
+                        .iter()
+                        .find(|h| h.key == herald::headers::EVENT_ID)
+                        .and_then(|h| h.value)
+                        .and_then(|v| std::str::from_utf8(v).ok())
+                        .and_then(|v| Uuid::parse_str(v).ok())
+                });
+                if let Some(event_id) = event_id {
+                    arrivals.push(Arrival {
+                        event_id,
+                        received,
+                        create_time_ms: message.timestamp().to_millis(),
+                    });
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            arrivals
+        });
+        Ok(Self {
+            arrived,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Events seen so far.
+    pub fn arrived(&self) -> u64 {
+        self.arrived.load(Ordering::Relaxed)
+    }
+
+    /// Stops the reader; what it saw.
+    pub async fn finish(mut self) -> anyhow::Result<Vec<Arrival>> {
+        self.stop.store(true, Ordering::Relaxed);
+        let thread = self.thread.take().context("the reader already finished")?;
+        tokio::task::spawn_blocking(move || thread.join())
+            .await
+            .context("joining the arrival reader")?
+            .map_err(|_| anyhow::anyhow!("the arrival reader panicked"))
+    }
+}
+
+impl Drop for ArrivalReader {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
