@@ -14,7 +14,6 @@ use std::time::Duration;
 use opentelemetry::trace::{SpanId, TracerProvider as _};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 use orders::cli::LogFormat;
-use serde_json::Value;
 use tracing_subscriber::EnvFilter;
 
 use crate::support::*;
@@ -38,15 +37,7 @@ async fn an_orders_api_relay_and_consumer_spans_share_one_trace() {
 
     let Some(p) = pipeline().await else { return };
     let client = reqwest::Client::new();
-    let response = client
-        .post(format!("{}/orders", p.base))
-        .json(&valid_order())
-        .send()
-        .await
-        .expect("post");
-    assert_eq!(response.status(), 201);
-    let created: Value = response.json().await.expect("json");
-    let id = created["id"].as_str().expect("id").to_owned();
+    let id = p.create_order(&client, &valid_order()).await;
     eventually(
         &client,
         &format!("{}/orders/{id}", p.base),

@@ -145,15 +145,7 @@ async fn metrics_count_what_was_done_and_the_dashboard_uses_only_exported_names(
     let client = reqwest::Client::new();
     let mut ids = Vec::new();
     for _ in 0..4 {
-        let response = client
-            .post(format!("{}/orders", p.base))
-            .json(&valid_order())
-            .send()
-            .await
-            .expect("post");
-        assert_eq!(response.status(), 201);
-        let body: Value = response.json().await.expect("json");
-        ids.push(body["id"].as_str().expect("id").to_owned());
+        ids.push(p.create_order(&client, &valid_order()).await);
     }
     let response = client
         .post(format!("{}/orders/{}/ship", p.base, ids[0]))

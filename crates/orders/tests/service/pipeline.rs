@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use herald_kafka::{Publisher, PublisherConfig};
 use orders::domain::{OrderCreated, OrderEvent, OrderShipped};
-use serde_json::{json, Value};
+use serde_json::json;
 use uuid::Uuid;
 
 use crate::support::*;
@@ -21,15 +21,7 @@ async fn orders_flow_to_the_read_model_and_notifications() {
     for _ in 0..3 {
         let mut order = valid_order();
         order["customer_id"] = json!(customer);
-        let response = client
-            .post(format!("{}/orders", p.base))
-            .json(&order)
-            .send()
-            .await
-            .expect("post");
-        assert_eq!(response.status(), 201);
-        let body: Value = response.json().await.expect("json");
-        ids.push(body["id"].as_str().expect("id").to_owned());
+        ids.push(p.create_order(&client, &order).await);
     }
     let ship = client
         .post(format!("{}/orders/{}/ship", p.base, ids[0]))

@@ -178,6 +178,19 @@ pub async fn pipeline_of(components: Components) -> Option<Pipeline> {
 }
 
 impl Pipeline {
+    /// `POST /orders` with `order`; asserts 201 and returns the new id.
+    pub async fn create_order(&self, client: &reqwest::Client, order: &Value) -> String {
+        let response = client
+            .post(format!("{}/orders", self.base))
+            .json(order)
+            .send()
+            .await
+            .expect("post");
+        assert_eq!(response.status(), 201);
+        let body: Value = response.json().await.expect("json");
+        body["id"].as_str().expect("id").to_owned()
+    }
+
     pub async fn stop(self) {
         self.stop.cancel();
         self.task.await.expect("task").expect("pipeline ran");
