@@ -40,7 +40,7 @@ use uuid::Uuid;
 
 use super::consumer::{pre_produce, Probe};
 use super::SideSpec as AnySide;
-use crate::shared::arrivals::{Arrival, ArrivalReader};
+use crate::shared::arrivals::{Arrival, ArrivalReader, OpenLoop};
 use crate::shared::child::{run_side as run_child, spawn_side, stdin_closed, SideResult};
 use crate::shared::report::{setup_line, Report, SideComparison, SideInfo, SidesRound};
 use crate::shared::stats::{median, mib, per_second, percentile, rate, rotation};
@@ -439,38 +439,20 @@ async fn measure_latency(
         &[],
     )?;
 
-    let interval = Duration::from_secs_f64(1.0 / f64::from(args.rate));
-    let target = u64::from(args.rate) * args.seconds;
-    let started = tokio::time::Instant::now();
-    let mut warm_until: Option<tokio::time::Instant> = None;
-    let mut measured_from: Option<(u64, tokio::time::Instant)> = None;
+    let mut schedule = OpenLoop::new(
+        args.rate,
+        Duration::from_secs(args.warmup_secs),
+        u64::from(args.rate) * args.seconds,
+    );
     let mut written = 0u64;
     // Per input: when it was handed to the producer, and whether measured.
     let mut sent: HashMap<Uuid, (SystemTime, bool)> = HashMap::new();
     let mut tasks = tokio::task::JoinSet::new();
-    loop {
-        let due = started + interval.mul_f64(written as f64);
-        tokio::time::sleep_until(due).await;
-        let now = tokio::time::Instant::now();
-        match (warm_until, measured_from) {
-            (None, _) if reader.arrived() > 0 => {
-                warm_until = Some(now + Duration::from_secs(args.warmup_secs));
-            }
-            (None, _) if now.duration_since(started) > Duration::from_secs(60) => {
-                bail!("no output reached the reader within 60 s (is the processor running?)");
-            }
-            (Some(until), None) if now >= until => measured_from = Some((written, now)),
-            _ => {}
-        }
-        if let Some((first, _)) = measured_from {
-            if written - first >= target {
-                break;
-            }
-        }
+    while let Some(measured) = schedule.next(written, &reader, "the processor").await? {
         let event = workload.event(*next_seq);
         *next_seq += 1;
         let event_id = herald::Event::event_id(&event);
-        sent.insert(event_id, (SystemTime::now(), measured_from.is_some()));
+        sent.insert(event_id, (SystemTime::now(), measured));
         let publisher = Arc::clone(publisher);
         let input = spec.input.clone();
         tasks.spawn(async move { publisher.publish(&input, &event).await.map(|_| ()) });
@@ -481,9 +463,7 @@ async fn measure_latency(
                 .context("producing an input")?;
         }
     }
-    let window = measured_from
-        .map(|(_, at)| at.elapsed().as_secs_f64())
-        .unwrap_or_default();
+    let window = schedule.measured_seconds();
     while let Some(done) = tasks.join_next().await {
         done.context("a producer task panicked")?
             .context("producing an input")?;

@@ -33,7 +33,7 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use super::SideSpec as AnySide;
-use crate::shared::arrivals::{Arrival, ArrivalReader};
+use crate::shared::arrivals::{Arrival, ArrivalReader, OpenLoop};
 use crate::shared::child::{spawn_side, stdin_closed, SideResult};
 use crate::shared::database::{self, child_pool, BenchDatabase, DbArgs, CHILD_DATABASE_URL};
 use crate::shared::progress;
@@ -382,34 +382,15 @@ async fn measure_mode(
         &[(CHILD_DATABASE_URL, db.url())],
     )?;
 
-    let interval = Duration::from_secs_f64(1.0 / f64::from(args.rate));
-    let measured_target = args.measured();
-    let started = tokio::time::Instant::now();
-    let mut warm_until: Option<tokio::time::Instant> = None;
-    let mut measured_from: Option<(u64, tokio::time::Instant)> = None;
+    let mut schedule = OpenLoop::new(
+        args.rate,
+        Duration::from_secs(args.warmup_secs),
+        args.measured(),
+    );
     let mut written = 0u64;
     let mut tasks = tokio::task::JoinSet::new();
     let mut commits = Vec::new();
-    loop {
-        let due = started + interval.mul_f64(written as f64);
-        tokio::time::sleep_until(due).await;
-        let now = tokio::time::Instant::now();
-        match (warm_until, measured_from) {
-            (None, _) if collector.arrived() > 0 => {
-                warm_until = Some(now + Duration::from_secs(args.warmup_secs));
-            }
-            (None, _) if now.duration_since(started) > Duration::from_secs(60) => {
-                bail!("no event reached the consumer within 60 s (is the relay running?)");
-            }
-            (Some(until), None) if now >= until => measured_from = Some((written, now)),
-            _ => {}
-        }
-        let measured = measured_from.is_some();
-        if let Some((first, _)) = measured_from {
-            if written - first >= measured_target {
-                break;
-            }
-        }
+    while let Some(measured) = schedule.next(written, &collector, "the relay").await? {
         let seq = *next_seq;
         *next_seq += 1;
         let record = OutboxRecord::new(topic, &workload.event(seq), SOURCE, None)
@@ -439,9 +420,7 @@ async fn measure_mode(
             commits.push(done.context("a writer panicked")??);
         }
     }
-    let measured_window = measured_from
-        .map(|(_, at)| at.elapsed().as_secs_f64())
-        .unwrap_or_default();
+    let measured_window = schedule.measured_seconds();
     while let Some(done) = tasks.join_next().await {
         commits.push(done.context("a writer panicked")??);
     }

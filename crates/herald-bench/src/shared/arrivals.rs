@@ -114,3 +114,65 @@ impl Drop for ArrivalReader {
         self.stop.store(true, Ordering::Relaxed);
     }
 }
+
+/// An open-loop schedule for the latency benchmarks: event `i` is due at
+/// `i / rate`, whatever the system under test does. Nothing is measured
+/// until the first event arrived and a warm-up passed; then `target` events
+/// are measured.
+pub struct OpenLoop {
+    interval: Duration,
+    started: tokio::time::Instant,
+    warmup: Duration,
+    target: u64,
+    warm_until: Option<tokio::time::Instant>,
+    measured_from: Option<(u64, tokio::time::Instant)>,
+}
+
+impl OpenLoop {
+    /// `rate` events per second (at least 1), `warmup` after the first
+    /// arrival, then `target` measured events.
+    pub fn new(rate: u32, warmup: Duration, target: u64) -> Self {
+        Self {
+            interval: Duration::from_secs_f64(1.0 / f64::from(rate.max(1))),
+            started: tokio::time::Instant::now(),
+            warmup,
+            target,
+            warm_until: None,
+            measured_from: None,
+        }
+    }
+
+    /// Waits until event number `written` is due. `Some(measured)`: write it
+    /// (and whether it counts); `None`: the target is reached. Fails when
+    /// nothing arrived within a minute (`what` names the missing part).
+    pub async fn next(
+        &mut self,
+        written: u64,
+        reader: &ArrivalReader,
+        what: &str,
+    ) -> anyhow::Result<Option<bool>> {
+        let due = self.started + self.interval.mul_f64(written as f64);
+        tokio::time::sleep_until(due).await;
+        let now = tokio::time::Instant::now();
+        match (self.warm_until, self.measured_from) {
+            (None, _) if reader.arrived() > 0 => self.warm_until = Some(now + self.warmup),
+            (None, _) if now.duration_since(self.started) > Duration::from_secs(60) => {
+                anyhow::bail!("nothing reached the reader within 60 s (is {what} running?)");
+            }
+            (Some(until), None) if now >= until => self.measured_from = Some((written, now)),
+            _ => {}
+        }
+        Ok(match self.measured_from {
+            Some((first, _)) if written - first >= self.target => None,
+            Some(_) => Some(true),
+            None => Some(false),
+        })
+    }
+
+    /// Seconds since measuring began (0 if it never did).
+    pub fn measured_seconds(&self) -> f64 {
+        self.measured_from
+            .map(|(_, at)| at.elapsed().as_secs_f64())
+            .unwrap_or_default()
+    }
+}
