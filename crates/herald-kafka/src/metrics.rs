@@ -61,8 +61,9 @@ pub struct PartitionLabels {
     pub partition: String,
 }
 
-/// Writes one counter whose value is read at scrape time.
-pub(crate) fn encode_counter(
+/// Writes one counter whose value is read at scrape time (for collectors
+/// outside herald too, so every help text is written the same way).
+pub fn encode_counter(
     encoder: &mut DescriptorEncoder<'_>,
     name: &str,
     help: &str,
@@ -72,7 +73,7 @@ pub(crate) fn encode_counter(
 }
 
 /// Writes one gauge whose value is read at scrape time.
-pub(crate) fn encode_gauge(
+pub fn encode_gauge(
     encoder: &mut DescriptorEncoder<'_>,
     name: &str,
     help: &str,
@@ -83,11 +84,11 @@ pub(crate) fn encode_gauge(
 }
 
 /// Writes one metric (or family) under `name`.
-pub(crate) fn encode_metric(
+pub fn encode_metric(
     encoder: &mut DescriptorEncoder<'_>,
     name: &str,
     help: &str,
-    metric: &impl EncodeMetric,
+    metric: &(impl EncodeMetric + ?Sized),
 ) -> fmt::Result {
     // The encoder ends the help text with a period of its own.
     let help = help.trim_end_matches('.');

@@ -9,12 +9,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use herald::OutboxStatus;
-use herald_kafka::metrics::latency_histogram;
+use herald_kafka::metrics::{encode_counter, encode_metric, latency_histogram};
 use herald_kafka::processor::ProcessorStats;
 use herald_kafka::{ConsumerStats, PublisherStats, RelayStats};
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
-use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet};
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
@@ -51,36 +51,31 @@ struct DatabaseFigures {
 
 impl Collector for DatabaseFigures {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
-        let replays = ConstCounter::new(self.dlq_replays.load(Ordering::Relaxed));
-        let metrics: [(&str, &str, &dyn EncodeMetric); 4] = [
-            (
-                "herald_outbox_backlog",
-                "Outbox rows not yet published.",
-                &self.outbox_backlog,
-            ),
-            (
-                "herald_outbox_oldest_unpublished_age_seconds",
-                "Age of the oldest unpublished outbox row.",
-                &self.outbox_oldest_age,
-            ),
-            (
-                "herald_inbox_rows",
-                "Inbox rows retained, per consumer group.",
-                &self.inbox_rows,
-            ),
-            (
-                "herald_dlq_replays",
-                "Dead letters replayed with `orders dlq replay` (its replay log).",
-                &replays,
-            ),
-        ];
-        for (name, help, metric) in metrics {
-            // The encoder ends the help text with a period of its own.
-            let help = help.trim_end_matches('.');
-            let metric_encoder =
-                encoder.encode_descriptor(name, help, None, metric.metric_type())?;
-            metric.encode(metric_encoder)?;
-        }
+        let e = &mut encoder;
+        encode_metric(
+            e,
+            "herald_outbox_backlog",
+            "Outbox rows not yet published.",
+            &self.outbox_backlog,
+        )?;
+        encode_metric(
+            e,
+            "herald_outbox_oldest_unpublished_age_seconds",
+            "Age of the oldest unpublished outbox row.",
+            &self.outbox_oldest_age,
+        )?;
+        encode_metric(
+            e,
+            "herald_inbox_rows",
+            "Inbox rows retained, per consumer group.",
+            &self.inbox_rows,
+        )?;
+        encode_counter(
+            e,
+            "herald_dlq_replays",
+            "Dead letters replayed with `orders dlq replay` (its replay log).",
+            self.dlq_replays.load(Ordering::Relaxed),
+        )?;
         Ok(())
     }
 }
