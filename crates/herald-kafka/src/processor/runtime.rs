@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use futures::FutureExt;
-use herald::{Envelope, ErrorClass, Event, RetryPolicy, TraceContext};
+use herald::{DecodeError, Envelope, ErrorClass, Event, RetryPolicy, TraceContext};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, DeliveryResult, Header, Headers, OwnedHeaders};
@@ -340,13 +340,22 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
             trace_id = tracing::field::Empty,
             outcome = tracing::field::Empty,
         );
+        let envelope = Envelope::from_record(
+            message.key(),
+            message.payload(),
+            message
+                .headers()
+                .iter()
+                .flat_map(|h| h.iter())
+                .map(|h| (h.key, h.value)),
+        );
         // The input's producer is the OpenTelemetry parent (set before the
         // span is entered): the order's trace runs on through the processor.
-        if let Some(trace) = input_trace(message) {
+        if let Some(trace) = envelope.as_ref().ok().and_then(|e| e.trace.as_ref()) {
             trace.adopt_as_parent(&span);
         }
         let _entered = span.enter();
-        match self.decide(message, &input_ref, &span) {
+        match self.decide(envelope, &input_ref, &span) {
             Step::Skip => {
                 tracing::debug!("skipping an input of unknown event type");
                 self.stats.skipped_unknown.fetch_add(1, Ordering::Relaxed);
@@ -366,7 +375,7 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
 
     fn decide(
         &self,
-        message: &BorrowedMessage<'_>,
+        envelope: Result<Envelope, DecodeError>,
         input_ref: &InputRef,
         span: &tracing::Span,
     ) -> Step<E> {
@@ -379,15 +388,6 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
             first_failed_at: now,
             last_failed_at: now,
         };
-        let envelope = Envelope::from_record(
-            message.key(),
-            message.payload(),
-            message
-                .headers()
-                .iter()
-                .flat_map(|h| h.iter())
-                .map(|h| (h.key, h.value)),
-        );
         let envelope = match envelope {
             Ok(mut envelope) => {
                 // Outputs carry this span's context when OpenTelemetry is
@@ -1328,22 +1328,4 @@ fn poll_loop<E: Event, T: Transform<E>>(
         Some(error) => Err(error),
         None => Ok(()),
     }
-}
-
-/// The trace context in an input's headers, if it has a valid one.
-fn input_trace(message: &BorrowedMessage<'_>) -> Option<TraceContext> {
-    let headers = message.headers()?;
-    let text = |name: &str| {
-        headers
-            .iter()
-            .find(|h| h.key == name)
-            .and_then(|h| h.value)
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .map(str::to_owned)
-    };
-    TraceContext::new(
-        text(herald::headers::TRACEPARENT)?,
-        text(herald::headers::TRACESTATE),
-    )
-    .ok()
 }
