@@ -98,12 +98,33 @@ pub fn postgres() -> Option<Postgres> {
 /// Waits until `done()` holds, checking every 20 ms; panics after `limit`
 /// with `what`, so a stuck component fails loudly instead of hanging.
 pub async fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    poll_until(what, limit, async || {
+        if done() {
+            Ok(())
+        } else {
+            Err("not yet".to_owned())
+        }
+    })
+    .await;
+}
+
+/// Calls `probe` every 20 ms until it returns `Ok`, and returns that value.
+/// Panics after `limit` with `what` and the last `Err` (what was seen), so a
+/// stuck component fails loudly instead of hanging.
+pub async fn poll_until<T>(
+    what: &str,
+    limit: Duration,
+    mut probe: impl AsyncFnMut() -> Result<T, String>,
+) -> T {
     let start = std::time::Instant::now();
-    while !done() {
-        assert!(
-            start.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
+    loop {
+        match probe().await {
+            Ok(value) => return value,
+            Err(seen) => assert!(
+                start.elapsed() < limit,
+                "timed out after {limit:?} waiting for {what}; last seen:\n{seen}"
+            ),
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -81,18 +81,15 @@ async fn scrape_until(
     what: &str,
     done: impl Fn(&str) -> bool,
 ) -> String {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
+    herald_test::poll_until(what, Duration::from_secs(60), async || {
         let text = scrape(client, base).await;
         if done(&text) {
-            return text;
+            Ok(text)
+        } else {
+            Err(text)
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}; last scrape:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await
 }
 
 /// The metric names a dashboard's queries use (`herald_*` and `orders_*`).

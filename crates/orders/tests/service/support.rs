@@ -220,19 +220,18 @@ pub async fn eventually(
     what: &str,
     done: impl Fn(&Value) -> bool,
 ) -> Value {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(response) = client.get(url).send().await {
-            if let Ok(body) = response.json::<Value>().await {
-                if done(&body) {
-                    return body;
-                }
+    herald_test::poll_until(
+        &format!("{what} at {url}"),
+        Duration::from_secs(60),
+        async || {
+            let response = client.get(url).send().await.map_err(|e| e.to_string())?;
+            let body: Value = response.json().await.map_err(|e| e.to_string())?;
+            if done(&body) {
+                Ok(body)
+            } else {
+                Err(body.to_string())
             }
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what} at {url}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        },
+    )
+    .await
 }
