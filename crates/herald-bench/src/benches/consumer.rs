@@ -26,7 +26,7 @@ use serde_json::json;
 
 use super::SideSpec as AnySide;
 use crate::shared::child::{run_side as run_child, SideResult};
-use crate::shared::report::{Comparison, Round};
+use crate::shared::report::{Comparison, RoundResults};
 use crate::shared::stats::{per_second, rate, round_order, Side, Span};
 use crate::shared::topics::RunResources;
 use crate::shared::workload::{BenchEvent, Workload, SOURCE};
@@ -94,14 +94,9 @@ pub async fn run(args: &ConsumerArgs, resources: &RunResources) -> anyhow::Resul
         common.records,
         per_second(produced)
     ));
-    let mut setup = serde_json::Map::new();
-    setup.insert("records".into(), json!(common.records));
-    setup.insert("payload_bytes".into(), json!(common.payload_bytes));
-    setup.insert("partitions".into(), json!(common.partitions));
-    setup.insert("keys".into(), json!(common.keys));
+    let mut setup = common.setup();
     setup.insert("concurrency".into(), json!(args.concurrency));
     setup.insert("max_in_flight".into(), json!(args.max_in_flight));
-    setup.insert("brokers".into(), json!(common.brokers));
     setup.insert("baseline".into(), json!(args.baseline));
     let runtime = format!(
         "herald Consumer runtime, no-op handler, concurrency {}, max_in_flight {}, CONSUMER_DEFAULTS",
@@ -131,8 +126,7 @@ pub async fn run(args: &ConsumerArgs, resources: &RunResources) -> anyhow::Resul
     };
     for round in 0..common.rounds {
         let order = round_order(round);
-        let mut herald = None;
-        let mut bare = None;
+        let mut results = RoundResults::default();
         for side in order {
             let spec = SideSpec {
                 side,
@@ -148,23 +142,9 @@ pub async fn run(args: &ConsumerArgs, resources: &RunResources) -> anyhow::Resul
                 },
             };
             let result = run_child(&AnySide::Consumer(spec), common.side_timeout_secs).await?;
-            progress(format!(
-                "consumer round {} {}: {} rec/s",
-                round + 1,
-                side.name(),
-                per_second(result.rate())
-            ));
-            match side {
-                Side::Herald => herald = Some(result),
-                Side::Bare => bare = Some(result),
-            }
+            results.add("consumer", round, side, result);
         }
-        let (Some(herald), Some(bare)) = (herald, bare) else {
-            bail!("round {} is missing a side", round + 1);
-        };
-        comparison
-            .rounds
-            .push(Round::new(round + 1, order, herald, bare));
+        comparison.rounds.push(results.finish(round, order)?);
     }
     Ok(comparison)
 }

@@ -128,16 +128,11 @@ pub async fn run(
         common.records,
         per_second(produced)
     ));
-    let mut setup = serde_json::Map::new();
-    setup.insert("records".into(), json!(common.records));
-    setup.insert("payload_bytes".into(), json!(common.payload_bytes));
-    setup.insert("partitions".into(), json!(common.partitions));
-    setup.insert("keys".into(), json!(common.keys));
+    let mut setup = common.setup();
     setup.insert("concurrency".into(), json!(args.concurrency));
     setup.insert("max_in_flight".into(), json!(args.max_in_flight));
     setup.insert("batch_wait_ms".into(), json!(args.batch_wait_ms));
     setup.insert("db_pool".into(), json!(args.db_pool));
-    setup.insert("brokers".into(), json!(common.brokers));
     setup.insert("database".into(), json!(db.name()));
     setup.insert(
         "synchronous_commit".into(),

@@ -27,7 +27,7 @@ use uuid::Uuid;
 use super::SideSpec as AnySide;
 use crate::shared::child::{run_side as run_child, SideResult};
 use crate::shared::kafka_perf::KafkaTools;
-use crate::shared::report::{Comparison, Round};
+use crate::shared::report::{Comparison, RoundResults};
 use crate::shared::stats::{per_second, round_order, Side};
 use crate::shared::topics::RunResources;
 use crate::shared::workload::{BenchEvent, Workload, SOURCE};
@@ -90,15 +90,10 @@ pub async fn run(args: &PublisherArgs, resources: &RunResources) -> anyhow::Resu
     } else {
         Some(KafkaTools::locate(args.kafka_libs.clone())?)
     };
-    let mut setup = serde_json::Map::new();
-    setup.insert("records".into(), json!(common.records));
-    setup.insert("payload_bytes".into(), json!(common.payload_bytes));
-    setup.insert("partitions".into(), json!(common.partitions));
-    setup.insert("keys".into(), json!(common.keys));
+    let mut setup = common.setup();
     setup.insert("batch".into(), json!(args.batch));
     setup.insert("batches_in_flight".into(), json!(args.batches_in_flight));
     setup.insert("bare_headers".into(), json!(args.bare_headers));
-    setup.insert("brokers".into(), json!(common.brokers));
     if let Some(tools) = &tools {
         setup.insert(
             "kafka_libs".into(),
@@ -123,8 +118,7 @@ pub async fn run(args: &PublisherArgs, resources: &RunResources) -> anyhow::Resu
     };
     for round in 0..common.rounds {
         let order = round_order(round);
-        let mut herald = None;
-        let mut bare = None;
+        let mut results = RoundResults::default();
         for side in order {
             let topic = resources
                 .topic(
@@ -144,21 +138,9 @@ pub async fn run(args: &PublisherArgs, resources: &RunResources) -> anyhow::Resu
                 bare_headers: args.bare_headers,
             };
             let result = run_child(&AnySide::Publisher(spec), common.side_timeout_secs).await?;
-            progress(format!(
-                "publisher round {} {}: {} rec/s",
-                round + 1,
-                side.name(),
-                per_second(result.rate())
-            ));
-            match side {
-                Side::Herald => herald = Some(result),
-                Side::Bare => bare = Some(result),
-            }
+            results.add("publisher", round, side, result);
         }
-        let (Some(herald), Some(bare)) = (herald, bare) else {
-            bail!("round {} is missing a side", round + 1);
-        };
-        let mut figures = Round::new(round + 1, order, herald, bare);
+        let mut figures = results.finish(round, order)?;
         if let Some(tools) = &tools {
             let topic = resources
                 .topic(&format!("pub-r{}-kafka-perf", round + 1), common.partitions)

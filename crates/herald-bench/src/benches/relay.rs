@@ -32,7 +32,7 @@ use serde_json::json;
 use super::SideSpec as AnySide;
 use crate::shared::child::{run_side_with_env, SideResult};
 use crate::shared::database::{child_pool, BenchDatabase, DbArgs, CHILD_DATABASE_URL};
-use crate::shared::report::{Comparison, Round};
+use crate::shared::report::{Comparison, RoundResults};
 use crate::shared::stats::{per_second, rate, round_order, Side};
 use crate::shared::topics::RunResources;
 use crate::shared::workload::{Workload, SOURCE};
@@ -114,16 +114,11 @@ pub async fn run(
     ensure!(args.fill_batch > 0, "--fill-batch must be at least 1");
     let durability = db.durability().await?;
     let workload = Workload::new(common.payload_bytes, common.keys, common.records)?;
-    let mut setup = serde_json::Map::new();
-    setup.insert("records".into(), json!(common.records));
-    setup.insert("payload_bytes".into(), json!(common.payload_bytes));
-    setup.insert("partitions".into(), json!(common.partitions));
-    setup.insert("keys".into(), json!(common.keys));
+    let mut setup = common.setup();
     setup.insert("relay_batch".into(), json!(args.relay_batch));
     setup.insert("after_publish".into(), json!(args.after_publish));
     setup.insert("publish_batch".into(), json!(args.publish_batch));
     setup.insert("fill_batch".into(), json!(args.fill_batch));
-    setup.insert("brokers".into(), json!(common.brokers));
     setup.insert("database".into(), json!(db.name()));
     setup.insert(
         "synchronous_commit".into(),
@@ -149,8 +144,7 @@ pub async fn run(
     let mut fills = Vec::new();
     for round in 0..common.rounds {
         let order = round_order(round);
-        let mut herald = None;
-        let mut bare = None;
+        let mut results = RoundResults::default();
         for side in order {
             let topic = resources
                 .topic(
@@ -192,23 +186,9 @@ pub async fn run(
                 let backlog = status(db.pool()).await?.backlog;
                 ensure!(backlog == 0, "the relay left {backlog} rows unpublished");
             }
-            progress(format!(
-                "relay round {} {}: {} rec/s",
-                round + 1,
-                side.name(),
-                per_second(result.rate())
-            ));
-            match side {
-                Side::Herald => herald = Some(result),
-                Side::Bare => bare = Some(result),
-            }
+            results.add("relay", round, side, result);
         }
-        let (Some(herald), Some(bare)) = (herald, bare) else {
-            bail!("round {} is missing a side", round + 1);
-        };
-        comparison
-            .rounds
-            .push(Round::new(round + 1, order, herald, bare));
+        comparison.rounds.push(results.finish(round, order)?);
     }
     let batch_ms: Vec<f64> = comparison
         .rounds

@@ -54,6 +54,17 @@ impl CommonArgs {
         workload::Workload::new(self.payload_bytes, self.keys, self.records)?;
         Ok(())
     }
+
+    /// The report's setup entries these flags make; a benchmark adds its own.
+    pub fn setup(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut setup = serde_json::Map::new();
+        setup.insert("records".into(), self.records.into());
+        setup.insert("payload_bytes".into(), self.payload_bytes.into());
+        setup.insert("partitions".into(), self.partitions.into());
+        setup.insert("keys".into(), self.keys.into());
+        setup.insert("brokers".into(), self.brokers.clone().into());
+        setup
+    }
 }
 
 /// Prints a progress line on stderr (stdout carries only the report).

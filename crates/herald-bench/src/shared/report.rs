@@ -49,6 +49,37 @@ pub struct Round {
     pub ceiling_rate: Option<f64>,
 }
 
+/// The two sides' results of one round, as its sides finish.
+#[derive(Debug, Default)]
+pub struct RoundResults {
+    herald: Option<SideResult>,
+    bare: Option<SideResult>,
+}
+
+impl RoundResults {
+    /// Keeps `result` as `side`'s and reports its rate on stderr.
+    pub fn add(&mut self, bench: &str, round: usize, side: Side, result: SideResult) {
+        crate::shared::progress(format!(
+            "{bench} round {} {}: {} rec/s",
+            round + 1,
+            side.name(),
+            crate::shared::stats::per_second(result.rate())
+        ));
+        match side {
+            Side::Herald => self.herald = Some(result),
+            Side::Bare => self.bare = Some(result),
+        }
+    }
+
+    /// Round `round` (0-based), once both sides ran in `order`.
+    pub fn finish(self, round: usize, order: [Side; 2]) -> anyhow::Result<Round> {
+        let (Some(herald), Some(bare)) = (self.herald, self.bare) else {
+            anyhow::bail!("round {} is missing a side", round + 1);
+        };
+        Ok(Round::new(round + 1, order, herald, bare))
+    }
+}
+
 impl Round {
     /// A round from its two results.
     pub fn new(round: usize, order: [Side; 2], herald: SideResult, bare: SideResult) -> Self {
