@@ -54,11 +54,6 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
-    /// Whether spans are exported.
-    pub fn exporting(&self) -> bool {
-        self.provider.is_some()
-    }
-
     /// Exports what is buffered and stops the exporter.
     pub fn shutdown(self) {
         if let Some(provider) = self.provider {
