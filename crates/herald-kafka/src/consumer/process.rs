@@ -1,22 +1,23 @@
 //! Handling one record: decode, route to handlers, retry transient failures
 //! with backoff, dead-letter what cannot be handled.
 
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use futures::FutureExt;
 use herald::{Envelope, ErrorClass, RetryPolicy};
-use rdkafka::message::{Headers, OwnedMessage};
-use rdkafka::Message;
+use prometheus_client::metrics::histogram::Histogram;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::record::Record;
 use super::router::{RecordInfo, RouteFailure, Router};
 use super::ConsumerStats;
-use crate::dlq::{dead_letter, Failure, OriginalRecord};
+use crate::dlq::{dead_letter, Failure};
 use crate::metrics::{DeadLetterLabels, HandlerLabels};
 use crate::publisher::Publisher;
 
@@ -33,6 +34,38 @@ pub(crate) struct Shared {
     pub detailed_metrics: bool,
     /// Fires at shutdown: retries and dead-letter attempts stop waiting.
     pub stopping: CancellationToken,
+    /// Per handler (by registration index): its duration histogram per event
+    /// type, so that timing a record does not build a label set.
+    pub handler_timers: Vec<RwLock<HashMap<String, Histogram>>>,
+}
+
+impl Shared {
+    /// The duration histogram of handler `index` for `event_type`.
+    fn handler_timer(&self, index: usize, event_type: &str) -> Histogram {
+        let timers = &self.handler_timers[index];
+        if let Some(timer) = timers
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(event_type)
+        {
+            return timer.clone();
+        }
+        // First record of this type for this handler: the set of types is
+        // the handler family's, so the map stays small.
+        let timer = self
+            .stats
+            .handler_seconds
+            .get_or_create(&HandlerLabels {
+                handler: self.router.handlers[index].name().to_owned(),
+                event_type: event_type.to_owned(),
+            })
+            .clone();
+        timers
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(event_type.to_owned(), timer.clone());
+        timer
+    }
 }
 
 /// How a record ended.
@@ -57,30 +90,22 @@ impl Outcome {
 }
 
 /// Handles one record to its end.
-pub(crate) async fn process(shared: Arc<Shared>, message: OwnedMessage) -> Outcome {
-    let headers = message.headers();
-    let envelope = Envelope::from_record(
-        message.key(),
-        message.payload(),
-        headers
-            .iter()
-            .flat_map(|h| h.iter())
-            .map(|h| (h.key, h.value)),
-    )
-    .map(Arc::new);
+pub(crate) async fn process(shared: Arc<Shared>, message: Record) -> Outcome {
+    let envelope =
+        Envelope::from_record(message.key(), message.payload(), message.headers()).map(Arc::new);
     // Debug level: per-record spans cost more than the rest of a no-op
     // record's handling under a log formatter at info (herald-bench consumer
     // --baseline uninstrumented). An OpenTelemetry layer with its own filter
     // still records them; the service's does.
     let span = tracing::debug_span!(
         "consume",
-        otel.name = %format_args!("{} process", message.topic()),
+        otel.name = %format_args!("{} process", message.topic),
         otel.kind = "consumer",
         messaging.system = "kafka",
         messaging.operation.type = "process",
-        messaging.destination.name = %message.topic(),
-        messaging.destination.partition.id = message.partition(),
-        messaging.kafka.offset = message.offset(),
+        messaging.destination.name = %message.topic,
+        messaging.destination.partition.id = message.partition,
+        messaging.kafka.offset = message.offset,
         messaging.consumer.group.name = %shared.group_id,
         messaging.message.id = tracing::field::Empty,
         event_type = tracing::field::Empty,
@@ -109,7 +134,7 @@ pub(crate) async fn process(shared: Arc<Shared>, message: OwnedMessage) -> Outco
 
 async fn process_in_span(
     shared: &Shared,
-    message: &OwnedMessage,
+    message: &Record,
     envelope: Result<Arc<Envelope>, herald::DecodeError>,
 ) -> Outcome {
     let envelope = match envelope {
@@ -129,12 +154,12 @@ async fn process_in_span(
         }
     };
 
-    let handlers: Vec<_> = shared
+    if shared
         .router
         .handlers_for(&envelope.event_type)
-        .cloned()
-        .collect();
-    if handlers.is_empty() {
+        .next()
+        .is_none()
+    {
         if shared.dead_letter_unknown {
             let now = Utc::now();
             let failure = Failure {
@@ -152,14 +177,14 @@ async fn process_in_span(
         return Outcome::Skipped;
     }
 
-    for handler in handlers {
+    for (index, handler) in shared.router.handlers_for(&envelope.event_type) {
         let mut attempt = 1;
         let mut first_failure: Option<(chrono::DateTime<Utc>, Instant)> = None;
         loop {
             let info = RecordInfo {
-                topic: message.topic().to_owned(),
-                partition: message.partition(),
-                offset: message.offset(),
+                topic: Arc::clone(&message.topic),
+                partition: message.partition,
+                offset: message.offset,
                 group_id: Arc::clone(&shared.group_id),
                 envelope: Arc::clone(&envelope),
                 attempt,
@@ -177,12 +202,7 @@ async fn process_in_span(
                 .await;
             if let Some(started) = started {
                 shared
-                    .stats
-                    .handler_seconds
-                    .get_or_create(&HandlerLabels {
-                        handler: handler.name().to_owned(),
-                        event_type: envelope.event_type.clone(),
-                    })
+                    .handler_timer(index, &envelope.event_type)
                     .observe(started.elapsed().as_secs_f64());
             }
             let (error, class) = match result {
@@ -259,17 +279,12 @@ fn trace_id(envelope: &Envelope) -> &str {
 /// not written is never marked done, so it is not committed.
 async fn write_dead_letter(
     shared: &Shared,
-    message: &OwnedMessage,
+    message: &Record,
     event_type: &str,
     failure: Failure,
 ) -> Outcome {
-    let dlq_topic = format!("{}{}", message.topic(), shared.dlq_suffix);
-    let record = dead_letter(
-        &dlq_topic,
-        &shared.group_id,
-        &OriginalRecord::of(message),
-        &failure,
-    );
+    let dlq_topic = format!("{}{}", message.topic, shared.dlq_suffix);
+    let record = dead_letter(&dlq_topic, &shared.group_id, &message.original(), &failure);
     let mut backoff = Duration::from_millis(100);
     loop {
         let span = tracing::info_span!(
@@ -286,7 +301,7 @@ async fn write_dead_letter(
                     .stats
                     .dead_letters
                     .get_or_create(&DeadLetterLabels {
-                        topic: message.topic().to_owned(),
+                        topic: message.topic.to_string(),
                         event_type: event_type.to_owned(),
                         error_class: failure.class.to_string(),
                     })

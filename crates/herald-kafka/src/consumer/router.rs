@@ -11,7 +11,7 @@ use herald::{DecodeError, Envelope, Event, HandlerError};
 #[derive(Debug, Clone)]
 pub struct RecordInfo {
     /// The topic the record came from.
-    pub topic: String,
+    pub topic: Arc<str>,
     /// Its partition.
     pub partition: i32,
     /// Its offset.
@@ -131,10 +131,14 @@ impl Router {
         self
     }
 
+    /// The handlers that take `event_type`, with their registration index.
     pub(crate) fn handlers_for<'a>(
         &'a self,
         event_type: &'a str,
-    ) -> impl Iterator<Item = &'a Arc<dyn ErasedHandler>> + 'a {
-        self.handlers.iter().filter(move |h| h.accepts(event_type))
+    ) -> impl Iterator<Item = (usize, &'a Arc<dyn ErasedHandler>)> + 'a {
+        self.handlers
+            .iter()
+            .enumerate()
+            .filter(move |(_, h)| h.accepts(event_type))
     }
 }

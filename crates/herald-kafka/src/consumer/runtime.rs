@@ -3,18 +3,23 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance};
-use rdkafka::message::OwnedMessage;
+use rdkafka::message::BorrowedMessage;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 use super::offsets::PartitionOffsets;
 use super::process::{process, Outcome, Shared};
+use super::record::Record;
 use super::router::Router;
 use super::{ConsumerConfig, ConsumerStats};
 use crate::error::ClientError;
@@ -24,35 +29,56 @@ use crate::publisher::Publisher;
 /// A topic-partition.
 type Tp = (Arc<str>, i32);
 
-/// FNV-1a: the maps below are hashed once or twice per record, and keys are
-/// not attacker-chosen in a way that matters here (a consumer reads its own
+/// A multiply-rotate hash over 8-byte words (the scheme of rustc's FxHash):
+/// the maps below are hashed several times per record, and their keys are
+/// not attacker-chosen in a way that matters (a consumer reads its own
 /// topics), so SipHash's cost buys nothing.
-struct Fnv(u64);
+#[derive(Default)]
+struct WordHash(u64);
 
-impl Default for Fnv {
-    fn default() -> Self {
-        Fnv(0xcbf2_9ce4_8422_2325)
+impl WordHash {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
     }
 }
 
-impl std::hash::Hasher for Fnv {
+impl std::hash::Hasher for WordHash {
     fn finish(&self) -> u64 {
         self.0
     }
 
     fn write(&mut self, bytes: &[u8]) {
-        let mut h = self.0;
-        for b in bytes {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
+        let mut words = bytes.chunks_exact(8);
+        for word in &mut words {
+            let mut w = [0; 8];
+            w.copy_from_slice(word);
+            self.add(u64::from_le_bytes(w));
         }
-        self.0 = h;
+        let mut tail = [0; 8];
+        tail[..words.remainder().len()].copy_from_slice(words.remainder());
+        self.add(u64::from_le_bytes(tail));
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.add(n);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.add(n as u64);
+    }
+
+    fn write_i32(&mut self, n: i32) {
+        self.add(u64::from(n as u32));
     }
 }
 
-type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<Fnv>>;
+type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<WordHash>>;
 /// Records of one key run in sequence; `None` keys are sequenced per partition.
-type KeySlot = (Tp, Option<Vec<u8>>);
+type KeySlot = (Tp, Option<Bytes>);
+
+/// A record's handling, boxed so that it can move to a tokio task after its
+/// first poll.
+type Handling = Pin<Box<dyn Future<Output = Outcome> + Send>>;
 
 /// A record task's report to the poll thread.
 struct Completion {
@@ -72,14 +98,16 @@ struct Dispatch {
     /// Owned partitions and their offsets.
     partitions: FastMap<Tp, PartitionOffsets>,
     /// Active keys: a running record, and the ones queued behind it.
-    keys: FastMap<KeySlot, VecDeque<OwnedMessage>>,
+    keys: FastMap<KeySlot, VecDeque<Record>>,
     /// Keys waiting for a concurrency slot.
     ready: VecDeque<KeySlot>,
     running: usize,
     running_by_partition: FastMap<Tp, usize>,
-    /// Records to start, spawned together by [`Dispatch::flush_starts`]:
-    /// one task per batch instead of one per record.
-    starting: Vec<(KeySlot, OwnedMessage)>,
+    /// Records to start, by [`Dispatch::flush_starts`].
+    starting: Vec<(KeySlot, Record)>,
+    /// Whether a record's first poll runs on the poll thread
+    /// (`ConsumerConfig::inline_start`).
+    inline_start: bool,
     /// Records received and not finished (queued + running).
     buffered: usize,
     paused: bool,
@@ -108,7 +136,7 @@ impl Dispatch {
     }
 
     /// A record arrived from Kafka.
-    fn accept(&mut self, message: OwnedMessage) {
+    fn accept(&mut self, message: &BorrowedMessage<'_>) {
         self.shared.stats.consumed.fetch_add(1, Ordering::Relaxed);
         let tp: Tp = (self.topic(message.topic()), message.partition());
         let Some(offsets) = self.partitions.get_mut(&tp) else {
@@ -119,7 +147,8 @@ impl Dispatch {
         offsets.received(message.offset());
         self.buffered += 1;
         self.set_in_flight();
-        let slot: KeySlot = (tp, message.key().map(<[u8]>::to_vec));
+        let message = Record::copy(message, Arc::clone(&tp.0));
+        let slot: KeySlot = (tp, message.shared_key());
         match self.keys.get_mut(&slot) {
             Some(queue) => queue.push_back(message),
             None => {
@@ -145,28 +174,65 @@ impl Dispatch {
         }
     }
 
-    /// Spawns the records started since the last flush as one task that runs
-    /// them concurrently; each reports its own completion as it finishes.
+    /// Starts the records queued by [`Dispatch::start_ready`].
+    ///
+    /// With `inline_start`, each record's handling is first polled here, on
+    /// the poll thread: a record whose handlers finish without waiting (a
+    /// cache update, a counter, a no-op) completes at once, with no hand-off
+    /// to another thread and back, and the next record of its key starts in
+    /// the same pass. Only handling that waits moves on: the records still
+    /// pending are spawned together as one tokio task, which reports each
+    /// completion as it comes. A handler that computes for long before its
+    /// first wait delays polling by that long; such handlers belong on
+    /// `spawn_blocking`, or turn `inline_start` off.
     fn flush_starts(&mut self) {
-        if self.starting.is_empty() {
+        let mut waiting: Vec<(KeySlot, i64, Handling)> = Vec::new();
+        let mut context = Context::from_waker(Waker::noop());
+        while !self.starting.is_empty() {
+            for (slot, message) in std::mem::take(&mut self.starting) {
+                let offset = message.offset;
+                let mut handling: Handling = Box::pin(process(Arc::clone(&self.shared), message));
+                if !self.inline_start {
+                    waiting.push((slot, offset, handling));
+                    continue;
+                }
+                // The runtime catches handler panics; this one only guards the
+                // poll thread against a defect in the runtime's own code.
+                let polled = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    handling.as_mut().poll(&mut context)
+                }));
+                let outcome = match polled {
+                    Ok(Poll::Pending) => {
+                        // Polled again by its task, with a real waker, before
+                        // anything can depend on the no-op one used here.
+                        waiting.push((slot, offset, handling));
+                        continue;
+                    }
+                    Ok(Poll::Ready(outcome)) => outcome,
+                    Err(_) => {
+                        tracing::error!(offset, "record handling panicked; left uncommitted");
+                        Outcome::Abandoned
+                    }
+                };
+                self.complete(Completion {
+                    slot,
+                    offset,
+                    outcome,
+                });
+            }
+        }
+        if waiting.is_empty() {
             return;
         }
-        let batch = std::mem::take(&mut self.starting);
-        let shared = Arc::clone(&self.shared);
         let done = self.done_tx.clone();
         self.tokio.spawn(async move {
-            let mut running: futures::stream::FuturesUnordered<_> = batch
+            let mut running: futures::stream::FuturesUnordered<_> = waiting
                 .into_iter()
-                .map(|(slot, message)| {
-                    let shared = Arc::clone(&shared);
-                    async move {
-                        let offset = message.offset();
-                        let outcome = process(shared, message).await;
-                        Completion {
-                            slot,
-                            offset,
-                            outcome,
-                        }
+                .map(|(slot, offset, handling)| async move {
+                    Completion {
+                        slot,
+                        offset,
+                        outcome: handling.await,
                     }
                 })
                 .collect();
@@ -486,6 +552,7 @@ pub(crate) async fn run(
 ) -> Result<(), ClientError> {
     let dlq = Publisher::from_client_config(config.producer_client_config(), "")?;
     let stopping = CancellationToken::new();
+    let handler_count = router.handlers.len();
     let shared = Arc::new(Shared {
         router,
         group_id: Arc::from(config.group_id.as_str()),
@@ -496,6 +563,7 @@ pub(crate) async fn run(
         dlq: dlq.clone(),
         stats: Arc::clone(&stats),
         stopping: stopping.clone(),
+        handler_timers: (0..handler_count).map(|_| RwLock::default()).collect(),
     });
     let (done_tx, done_rx) = channel();
     let dispatch = Arc::new(Mutex::new(Dispatch {
@@ -510,6 +578,7 @@ pub(crate) async fn run(
         running: 0,
         running_by_partition: FastMap::default(),
         starting: Vec::new(),
+        inline_start: config.inline_start,
         buffered: 0,
         paused: false,
         full_since: None,
@@ -538,9 +607,17 @@ pub(crate) async fn run(
     let loop_stop = Arc::clone(&stop);
     let commit_interval = config.commit_interval;
     let shutdown_timeout = config.shutdown_timeout;
+    let tokio = tokio::runtime::Handle::current();
+    // The caller's subscriber, also when it is a scoped (thread-local) one:
+    // the poll thread logs, and handlers start there.
+    let subscriber = tracing::dispatcher::get_default(Clone::clone);
     std::thread::Builder::new()
         .name(format!("herald-consumer-{}", config.group_id))
         .spawn(move || {
+            // Handlers first polled on this thread find the tokio runtime
+            // (timers, I/O, spawn) as they would on a worker.
+            let _runtime = tokio.enter();
+            let _subscriber = tracing::dispatcher::set_default(&subscriber);
             poll_loop(&consumer, &dispatch, &loop_stop, commit_interval);
             drain_and_close(consumer, &dispatch, shutdown_timeout);
             let _ = finished_tx.send(());
@@ -608,7 +685,7 @@ fn poll_loop(
         let mut next = consumer.poll(timeout);
         while let Some(result) = next {
             match result {
-                Ok(message) => polled.push(message.detach()),
+                Ok(message) => polled.push(message),
                 Err(error) => tracing::warn!(%error, "consumer error"),
             }
             if polled.len() >= room {
@@ -623,7 +700,7 @@ fn poll_loop(
             }
             continue;
         }
-        for message in polled {
+        for message in &polled {
             d.accept(message);
         }
         d.flush_starts();

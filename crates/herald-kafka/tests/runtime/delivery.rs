@@ -201,3 +201,57 @@ async fn many_keys_through_a_small_in_flight_limit_all_arrive() {
     task.await.expect("task").expect("consumer ran");
     assert_eq!(ConsumerStats::get(&stats.handled), events.len() as u64);
 }
+
+/// Handlers that finish without waiting complete on the poll thread; the
+/// others move to tokio tasks after their first poll. Mixed within one key,
+/// both kinds keep the key's order, with `inline_start` on and off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_that_finish_at_once_and_records_that_wait_keep_key_order() {
+    let Some(kafka) = herald_test::kafka() else {
+        return;
+    };
+    const KEYS: usize = 40;
+    const PER_KEY: u64 = 25;
+    let topic = kafka.topic("inline", 3).await;
+    publish_all(&publisher(&kafka), topic.name(), &steps(KEYS, PER_KEY)).await;
+
+    for inline in [true, false] {
+        let seen = Seen::default();
+        let router = Router::new().handle::<TestEvent, _>("mixed", {
+            let seen = seen.clone();
+            move |TestEvent::Step(step): TestEvent, record: RecordInfo| {
+                let seen = seen.clone();
+                async move {
+                    // Every third step waits, so one key alternates between
+                    // records finished in place and records on a task.
+                    if step.seq % 3 == 1 {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    seen.record(&step, record.partition, record.offset);
+                    Ok(())
+                }
+            }
+        });
+        let group = herald_test::unique_name("inline");
+        let config = ConsumerConfig::new(kafka.brokers(), &group, [topic.name()])
+            .concurrency(8)
+            .inline_start(inline);
+        let consumer = Consumer::new(config, router).expect("consumer");
+        let stop = CancellationToken::new();
+        let running = tokio::spawn(consumer.run(stop.clone().cancelled_owned()));
+        let total = KEYS * PER_KEY as usize;
+        wait_until("every record handled", Duration::from_secs(120), || {
+            seen.len() >= total
+        })
+        .await;
+        stop.cancel();
+        running.await.expect("task").expect("consumer ran");
+        assert_complete_and_ordered(&seen, KEYS, PER_KEY);
+        assert_eq!(seen.len(), total, "inline_start({inline}): no redelivery");
+        assert_eq!(
+            kafka.committed(&group, topic.name(), 3),
+            kafka.end_offsets(topic.name(), 3),
+            "inline_start({inline}): everything handled is committed"
+        );
+    }
+}

@@ -23,7 +23,7 @@ async fn the_consume_span_continues_the_producers_trace() {
         .build();
     let subscriber = tracing_subscriber::registry()
         .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("herald-tests")));
-    // Thread-local: this runtime has one thread, where the record tasks run.
+    // Scoped to this thread: the consumer carries it to its poll thread.
     let _guard = tracing::subscriber::set_default(subscriber);
 
     let topic = kafka.topic("traced", 1).await;

@@ -1,0 +1,145 @@
+//! A consumed record, copied out of librdkafka into one buffer.
+//!
+//! rdkafka's `detach` copies a record into an `OwnedMessage` whose headers are
+//! a librdkafka header list: one allocation per header name and value, and a
+//! linear lookup per header on the way out. A herald record has a dozen
+//! headers, so that copy cost more than the rest of a no-op record's
+//! handling (`herald-bench consumer`). [`Record`] copies key, payload and
+//! header values into one [`Bytes`] buffer and the header names into one
+//! string, and keeps ranges into them; its key is a cheap slice of the
+//! buffer, so scheduling by key allocates nothing more.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use rdkafka::message::{BorrowedMessage, Headers};
+use rdkafka::Message;
+
+use crate::dlq::OriginalRecord;
+
+/// A byte range in [`Record::buffer`]; `u32` keeps the header index small.
+type Span = Range<u32>;
+
+/// One header: its name (a range of [`Record::names`]) and value (a range
+/// of [`Record::buffer`]).
+#[derive(Debug, Clone)]
+struct HeaderSpan {
+    name: Span,
+    value: Option<Span>,
+}
+
+/// A record the consumer runtime owns, detached from librdkafka.
+#[derive(Debug, Clone)]
+pub(crate) struct Record {
+    pub topic: Arc<str>,
+    pub partition: i32,
+    pub offset: i64,
+    buffer: Bytes,
+    /// Header names, kept as text so that reading them needs no UTF-8 check.
+    names: String,
+    key: Option<Span>,
+    payload: Option<Span>,
+    headers: Vec<HeaderSpan>,
+}
+
+impl Record {
+    /// Copies `message` (read from `topic`, the runtime's shared name).
+    pub fn copy(message: &BorrowedMessage<'_>, topic: Arc<str>) -> Self {
+        let headers = message.headers();
+        let (name_bytes, value_bytes) = headers.map_or((0, 0), |hs| {
+            hs.iter().fold((0, 0), |(n, v), h| {
+                (n + h.key.len(), v + h.value.map_or(0, <[u8]>::len))
+            })
+        });
+        let key = message.key();
+        let payload = message.payload();
+        let mut buffer = Vec::with_capacity(
+            key.map_or(0, <[u8]>::len) + payload.map_or(0, <[u8]>::len) + value_bytes,
+        );
+        let mut names = String::with_capacity(name_bytes);
+        let key = key.map(|k| append(&mut buffer, k));
+        let payload = payload.map(|p| append(&mut buffer, p));
+        let headers = headers.map_or_else(Vec::new, |hs| {
+            let mut spans = Vec::with_capacity(hs.count());
+            for h in hs.iter() {
+                let start = names.len();
+                names.push_str(h.key);
+                let name = to_u32(start)..to_u32(names.len());
+                let value = h.value.map(|v| append(&mut buffer, v));
+                spans.push(HeaderSpan { name, value });
+            }
+            spans
+        });
+        Self {
+            topic,
+            partition: message.partition(),
+            offset: message.offset(),
+            buffer: Bytes::from(buffer),
+            names,
+            key,
+            payload,
+            headers,
+        }
+    }
+
+    fn slice(&self, span: &Span) -> &[u8] {
+        &self.buffer[span.start as usize..span.end as usize]
+    }
+
+    /// The key bytes.
+    pub fn key(&self) -> Option<&[u8]> {
+        self.key.as_ref().map(|s| self.slice(s))
+    }
+
+    /// The key as a shared slice of the buffer (no copy).
+    pub fn shared_key(&self) -> Option<Bytes> {
+        self.key
+            .as_ref()
+            .map(|s| self.buffer.slice(s.start as usize..s.end as usize))
+    }
+
+    /// The payload bytes.
+    pub fn payload(&self) -> Option<&[u8]> {
+        self.payload.as_ref().map(|s| self.slice(s))
+    }
+
+    /// The headers in record order.
+    pub fn headers(&self) -> impl Iterator<Item = (&str, Option<&[u8]>)> + '_ {
+        self.headers.iter().map(|h| {
+            let name = self
+                .names
+                .get(h.name.start as usize..h.name.end as usize)
+                .unwrap_or_default();
+            (name, h.value.as_ref().map(|v| self.slice(v)))
+        })
+    }
+
+    /// The record as the dead-letter topic gets it: bytes untouched.
+    pub fn original(&self) -> OriginalRecord {
+        OriginalRecord {
+            topic: self.topic.to_string(),
+            partition: self.partition,
+            offset: self.offset,
+            key: self.key().map(<[u8]>::to_vec),
+            payload: self.payload().map(<[u8]>::to_vec),
+            headers: self
+                .headers()
+                .map(|(name, value)| (name.to_owned(), value.map(<[u8]>::to_vec)))
+                .collect(),
+        }
+    }
+}
+
+/// Appends `bytes` to `buffer` and returns where they are.
+fn append(buffer: &mut Vec<u8>, bytes: &[u8]) -> Span {
+    let start = buffer.len();
+    buffer.extend_from_slice(bytes);
+    to_u32(start)..to_u32(buffer.len())
+}
+
+/// Kafka caps a record far below 4 GiB (`message.max.bytes`), so this never
+/// saturates for anything librdkafka hands out.
+fn to_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
