@@ -186,6 +186,7 @@ pub struct PgOutbox {
     pool: PgPool,
     after_publish: AfterPublish,
     listen: bool,
+    synchronous_marks: bool,
     listener: tokio::sync::Mutex<Option<sqlx::postgres::PgListener>>,
 }
 
@@ -194,6 +195,7 @@ impl std::fmt::Debug for PgOutbox {
         f.debug_struct("PgOutbox")
             .field("after_publish", &self.after_publish)
             .field("listen", &self.listen)
+            .field("synchronous_marks", &self.synchronous_marks)
             .finish_non_exhaustive()
     }
 }
@@ -206,6 +208,7 @@ impl PgOutbox {
             pool,
             after_publish: AfterPublish::default(),
             listen: true,
+            synchronous_marks: false,
             listener: tokio::sync::Mutex::new(None),
         }
     }
@@ -220,6 +223,26 @@ impl PgOutbox {
     /// polls at its interval.
     pub fn listen(mut self, listen: bool) -> Self {
         self.listen = listen;
+        self
+    }
+
+    /// Whether the relay's mark (or delete) waits for its WAL flush at
+    /// commit. Off by default: the relay commits with
+    /// `synchronous_commit = off`.
+    ///
+    /// Why that is safe: the events themselves were committed durably by
+    /// the writer's transaction; only the note that they were published is
+    /// asynchronous. If PostgreSQL crashes, the relay commits of its last
+    /// moments (up to three `wal_writer_delay`s, 600 ms by default) may be
+    /// lost, and their rows are published again, with the same event ids,
+    /// in the same per-aggregate order, exactly as after a relay crash
+    /// between publish and mark. Consumers deduplicate either way. Nothing
+    /// is lost and nothing overtakes: a lost commit is always a suffix of
+    /// the WAL, so a later batch of an aggregate is never kept while an
+    /// earlier one is lost. Turn it on to shrink that re-publish window
+    /// to the relay crash case, at the cost of one WAL flush per batch.
+    pub fn synchronous_marks(mut self, synchronous: bool) -> Self {
+        self.synchronous_marks = synchronous;
         self
     }
 
@@ -257,6 +280,7 @@ pub struct PgOutboxBatch {
     tx: Transaction<'static, Postgres>,
     records: Vec<herald::PendingRecord>,
     after_publish: AfterPublish,
+    synchronous_marks: bool,
 }
 
 impl std::fmt::Debug for PgOutboxBatch {
@@ -299,6 +323,7 @@ impl herald::OutboxStore for PgOutbox {
             tx,
             records,
             after_publish: self.after_publish,
+            synchronous_marks: self.synchronous_marks,
         })
     }
 
@@ -342,6 +367,13 @@ impl herald::OutboxBatch for PgOutboxBatch {
             }
             AfterPublish::Delete => "DELETE FROM herald_outbox WHERE id = ANY($1)",
         };
+        if !self.synchronous_marks {
+            // See PgOutbox::synchronous_marks.
+            sqlx::query("SET LOCAL synchronous_commit = off")
+                .execute(&mut *self.tx)
+                .await
+                .map_err(StoreError::db("relaxing the relay commit"))?;
+        }
         sqlx::query(sql)
             .bind(published)
             .execute(&mut *self.tx)

@@ -75,6 +75,10 @@ pub struct RelayArgs {
     /// What the relay does with published rows.
     #[arg(long, value_enum, default_value_t = AfterPublishArg::Mark)]
     pub after_publish: AfterPublishArg,
+    /// Make the relay's marks wait for their WAL flush
+    /// (`PgOutbox::synchronous_marks`; off by default, as in `PgOutbox`).
+    #[arg(long)]
+    pub synchronous_marks: bool,
     /// Records per `publish_records` call of the bare publisher.
     #[arg(long, default_value_t = 10_000)]
     pub publish_batch: usize,
@@ -98,6 +102,7 @@ pub struct SideSpec {
     keys: u64,
     relay_batch: usize,
     after_publish: AfterPublishArg,
+    synchronous_marks: bool,
     publish_batch: usize,
 }
 
@@ -117,6 +122,7 @@ pub async fn run(
     let mut setup = common.setup();
     setup.insert("relay_batch".into(), json!(args.relay_batch));
     setup.insert("after_publish".into(), json!(args.after_publish));
+    setup.insert("synchronous_marks".into(), json!(args.synchronous_marks));
     setup.insert("publish_batch".into(), json!(args.publish_batch));
     setup.insert("fill_batch".into(), json!(args.fill_batch));
     setup.insert("database".into(), json!(db.name()));
@@ -128,8 +134,14 @@ pub async fn run(
     let mut comparison = Comparison {
         bench: "relay",
         herald_side: format!(
-            "herald Relay::drain over PgOutbox (batch {}, {:?} after publish), pre-filled outbox → Kafka, PRODUCER_DEFAULTS",
-            args.relay_batch, args.after_publish
+            "herald Relay::drain over PgOutbox (batch {}, {:?} after publish, {} marks), pre-filled outbox → Kafka, PRODUCER_DEFAULTS",
+            args.relay_batch,
+            args.after_publish,
+            if args.synchronous_marks {
+                "synchronous"
+            } else {
+                "asynchronous"
+            }
         ),
         bare_side: format!(
             "herald Publisher::publish_records, {} records per call, same keys, bodies and headers, PRODUCER_DEFAULTS",
@@ -173,6 +185,7 @@ pub async fn run(
                 keys: common.keys,
                 relay_batch: args.relay_batch,
                 after_publish: args.after_publish,
+                synchronous_marks: args.synchronous_marks,
                 publish_batch: args.publish_batch,
             };
             let mut result = run_side_with_env(
@@ -266,7 +279,9 @@ pub async fn run_side(spec: SideSpec) -> anyhow::Result<SideResult> {
 
 async fn relay_side(spec: &SideSpec, publisher: Publisher) -> anyhow::Result<SideResult> {
     let pool = child_pool(4).await?;
-    let store = PgOutbox::new(pool.clone()).after_publish(spec.after_publish.store());
+    let store = PgOutbox::new(pool.clone())
+        .after_publish(spec.after_publish.store())
+        .synchronous_marks(spec.synchronous_marks);
     let relay = Relay::new(
         store,
         publisher,

@@ -1,8 +1,10 @@
 //! Benchmark databases: one fresh PostgreSQL database per run, created
 //! through the admin URL and dropped (with any connection still open to it)
 //! at the end. Connections keep the server's durable defaults: nothing here
-//! ever relaxes `synchronous_commit`, and every report says what the server
-//! runs with (`SHOW synchronous_commit`, `SHOW fsync`).
+//! relaxes `synchronous_commit` (only the relay's own marks commit
+//! asynchronously, `PgOutbox::synchronous_marks`, and the relay report says
+//! which), and every report says what the server runs with
+//! (`SHOW synchronous_commit`, `SHOW fsync`).
 
 use std::str::FromStr;
 use std::time::Duration;
