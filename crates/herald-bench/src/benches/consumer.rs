@@ -48,8 +48,11 @@ pub struct ConsumerArgs {
     /// (`ConsumerConfig::max_in_flight`).
     #[arg(long, default_value_t = 1000)]
     pub max_in_flight: usize,
-    /// What herald's runtime is compared with: `bare` (a bare rdkafka loop)
-    /// or `uninstrumented` (the runtime itself with tracing and detailed
+    /// What herald's runtime is compared with: `bare` (a bare rdkafka loop,
+    /// the goal), `bare-decode` (that loop also decoding each
+    /// record's envelope and typed event, the work any typed handler needs:
+    /// what is left of the gap is the runtime's own cost), or
+    /// `uninstrumented` (the runtime itself with tracing and detailed
     /// metrics off, against it with a subscriber at `info` and metrics on:
     /// the cost of instrumentation, goal ≥ 0.95).
     #[arg(long, value_enum, default_value_t = Baseline::Bare)]
@@ -61,6 +64,8 @@ pub struct ConsumerArgs {
 pub enum Baseline {
     /// A bare rdkafka consumer loop.
     Bare,
+    /// The bare loop, also decoding each record as a typed handler needs.
+    BareDecode,
     /// herald's runtime without tracing subscriber and detailed metrics.
     Uninstrumented,
 }
@@ -81,6 +86,8 @@ pub struct SideSpec {
     /// `None`: the runtime's defaults, no subscriber (against the bare
     /// loop); `Some(on)`: tracing at info and detailed metrics on or off.
     instrumented: Option<bool>,
+    /// Whether the bare loop decodes each record (`--baseline bare-decode`).
+    decode: bool,
 }
 
 /// Runs the rounds and returns the comparison.
@@ -106,6 +113,11 @@ pub async fn run(args: &ConsumerArgs, resources: &RunResources) -> anyhow::Resul
         Baseline::Bare => (
             runtime,
             "rdkafka BaseConsumer poll loop, store_offset per record, auto commit 1 s, CONSUMER_DEFAULTS".to_owned(),
+            GOAL,
+        ),
+        Baseline::BareDecode => (
+            runtime,
+            "rdkafka BaseConsumer poll loop + Envelope::from_record and typed decode per record, store_offset per record, auto commit 1 s, CONSUMER_DEFAULTS".to_owned(),
             GOAL,
         ),
         Baseline::Uninstrumented => (
@@ -137,9 +149,10 @@ pub async fn run(args: &ConsumerArgs, resources: &RunResources) -> anyhow::Resul
                 concurrency: args.concurrency,
                 max_in_flight: args.max_in_flight,
                 instrumented: match args.baseline {
-                    Baseline::Bare => None,
+                    Baseline::Bare | Baseline::BareDecode => None,
                     Baseline::Uninstrumented => Some(side == Side::Herald),
                 },
+                decode: args.baseline == Baseline::BareDecode,
             };
             let result = run_child(&AnySide::Consumer(spec), common.side_timeout_secs).await?;
             results.add("consumer", round, side, result);
@@ -312,6 +325,9 @@ fn bare_side(spec: &SideSpec) -> anyhow::Result<SideResult> {
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(message)) => {
                 span.mark();
+                if spec.decode {
+                    decode(&message)?;
+                }
                 consumer
                     .store_offset_from_message(&message)
                     .context("storing an offset")?;
@@ -338,4 +354,23 @@ fn bare_side(spec: &SideSpec) -> anyhow::Result<SideResult> {
     Ok(SideResult::finish(spec.records, seconds)?
         .with("startup_seconds", startup)
         .with("errors", errors as f64))
+}
+
+/// What a typed handler needs of a record before it can run: its envelope
+/// (headers checked and parsed) and its typed event.
+fn decode(message: &rdkafka::message::BorrowedMessage<'_>) -> anyhow::Result<()> {
+    use rdkafka::message::{Headers, Message};
+    let headers = message.headers();
+    let envelope = herald::Envelope::from_record(
+        message.key(),
+        message.payload(),
+        headers
+            .iter()
+            .flat_map(|h| h.iter())
+            .map(|h| (h.key, h.value)),
+    )
+    .context("decoding an envelope")?;
+    let event: BenchEvent = envelope.decode().context("decoding an event")?;
+    std::hint::black_box(event);
+    Ok(())
 }
