@@ -72,6 +72,10 @@ pub struct RelayArgs {
     /// Rows the relay claims per pass (`RelayConfig::batch_size`).
     #[arg(long, default_value_t = 500)]
     pub relay_batch: usize,
+    /// Relay workers, each with its own claim transaction
+    /// (`RelayConfig::workers`).
+    #[arg(long, default_value_t = RelayConfig::default().workers)]
+    pub relay_workers: usize,
     /// What the relay does with published rows.
     #[arg(long, value_enum, default_value_t = AfterPublishArg::Mark)]
     pub after_publish: AfterPublishArg,
@@ -101,6 +105,7 @@ pub struct SideSpec {
     payload_bytes: usize,
     keys: u64,
     relay_batch: usize,
+    relay_workers: usize,
     after_publish: AfterPublishArg,
     synchronous_marks: bool,
     publish_batch: usize,
@@ -121,6 +126,7 @@ pub async fn run(
     let workload = Workload::new(common.payload_bytes, common.keys, common.records)?;
     let mut setup = common.setup();
     setup.insert("relay_batch".into(), json!(args.relay_batch));
+    setup.insert("relay_workers".into(), json!(args.relay_workers));
     setup.insert("after_publish".into(), json!(args.after_publish));
     setup.insert("synchronous_marks".into(), json!(args.synchronous_marks));
     setup.insert("publish_batch".into(), json!(args.publish_batch));
@@ -184,6 +190,7 @@ pub async fn run(
                 payload_bytes: common.payload_bytes,
                 keys: common.keys,
                 relay_batch: args.relay_batch,
+                relay_workers: args.relay_workers,
                 after_publish: args.after_publish,
                 synchronous_marks: args.synchronous_marks,
                 publish_batch: args.publish_batch,
@@ -278,7 +285,7 @@ pub async fn run_side(spec: SideSpec) -> anyhow::Result<SideResult> {
 }
 
 async fn relay_side(spec: &SideSpec, publisher: Publisher) -> anyhow::Result<SideResult> {
-    let pool = child_pool(4).await?;
+    let pool = child_pool(u32::try_from(spec.relay_workers).unwrap_or(u32::MAX)).await?;
     let store = PgOutbox::new(pool.clone())
         .after_publish(spec.after_publish.store())
         .synchronous_marks(spec.synchronous_marks);
@@ -287,6 +294,7 @@ async fn relay_side(spec: &SideSpec, publisher: Publisher) -> anyhow::Result<Sid
         publisher,
         RelayConfig {
             batch_size: spec.relay_batch,
+            workers: spec.relay_workers,
             ..RelayConfig::default()
         },
     );
