@@ -7,7 +7,8 @@
 //!   Java-compatible partitioning, batched publishing), [`OutgoingRecord`].
 //! - [`consumer`]: [`Consumer`], [`ConsumerConfig`], the [`Router`] of typed
 //!   handlers; `consumer/runtime.rs` is the poll thread, `offsets.rs` the
-//!   commit tracker, `process.rs` one record's retries and dead letter.
+//!   commit tracker, `record.rs` a consumed record copied into one buffer,
+//!   `process.rs` one record's retries and dead letter.
 //! - [`dlq`]: the dead-letter record format (`dlq.*` headers).
 //! - [`processor`]: exactly-once consume → transform → produce in Kafka transactions ([`Processor`], [`Transform`], changelog state).
 //! - [`relay`]: [`Relay`], the outbox relay over any [`herald::OutboxStore`].
