@@ -25,7 +25,9 @@ pub mod publisher;
 pub mod relay;
 mod settings;
 
-pub use consumer::{Consumer, ConsumerConfig, ConsumerStats, Handler, RecordInfo, Router};
+pub use consumer::{
+    envelope_of, Consumer, ConsumerConfig, ConsumerStats, Handler, RecordInfo, Router,
+};
 pub use error::{is_retriable, ClientError, PublishError};
 pub use processor::{Guarantee, Processor, ProcessorConfig, ProcessorError, Transform};
 pub use publisher::{Delivered, OutgoingRecord, Publisher, PublisherConfig, PublisherStats};

@@ -359,17 +359,7 @@ fn bare_side(spec: &SideSpec) -> anyhow::Result<SideResult> {
 /// What a typed handler needs of a record before it can run: its envelope
 /// (headers checked and parsed) and its typed event.
 fn decode(message: &rdkafka::message::BorrowedMessage<'_>) -> anyhow::Result<()> {
-    use rdkafka::message::{Headers, Message};
-    let headers = message.headers();
-    let envelope = herald::Envelope::from_record(
-        message.key(),
-        message.payload(),
-        headers
-            .iter()
-            .flat_map(|h| h.iter())
-            .map(|h| (h.key, h.value)),
-    )
-    .context("decoding an envelope")?;
+    let envelope = herald_kafka::envelope_of(message).context("decoding an envelope")?;
     let event: BenchEvent = envelope.decode().context("decoding an event")?;
     std::hint::black_box(event);
     Ok(())

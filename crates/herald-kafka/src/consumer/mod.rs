@@ -16,7 +16,8 @@
 //! queues each record behind the earlier records of its key, and starts at
 //! most `concurrency` keys at a time: it polls each record's handling once
 //! itself, and what then still waits continues as tokio tasks
-//! ([`ConsumerConfig::inline_start`]). It collects their completions. Per partition it commits the lowest offset not yet done.
+//! ([`ConsumerConfig::inline_start`]). It collects their completions. Per
+//! partition it commits the lowest offset not yet done.
 //! When `max_in_flight` records are buffered it pauses fetching (memory stays
 //! bounded) and resumes as records finish. On revoke it drops the revoked
 //! partitions' queued records, waits (bounded) for their running ones,
@@ -36,7 +37,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use herald::RetryPolicy;
+use herald::{DecodeError, Envelope, RetryPolicy};
+use rdkafka::message::Headers;
 use rdkafka::ClientConfig;
 
 use prometheus_client::collector::Collector;
@@ -54,6 +56,20 @@ use crate::metrics::{
 use crate::publisher::PRODUCER_DEFAULTS;
 use crate::settings;
 pub use router::{Handler, RecordInfo, Router};
+
+/// The envelope of a record read with rdkafka: its key, payload and headers
+/// as [`Envelope::from_record`] reads them.
+pub fn envelope_of(message: &impl rdkafka::Message) -> Result<Envelope, DecodeError> {
+    Envelope::from_record(
+        message.key(),
+        message.payload(),
+        message
+            .headers()
+            .into_iter()
+            .flat_map(|h| h.iter())
+            .map(|h| (h.key, h.value)),
+    )
+}
 
 /// librdkafka consumer settings the runtime uses unless overridden.
 pub const CONSUMER_DEFAULTS: &[(&str, &str)] = &[

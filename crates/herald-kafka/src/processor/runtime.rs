@@ -18,13 +18,14 @@ use futures::FutureExt;
 use herald::{DecodeError, Envelope, ErrorClass, Event, RetryPolicy, TraceContext};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, DeliveryResult, Header, Headers, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, DeliveryResult, Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer as _, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 use super::changelog::read_to_end;
 use super::{Guarantee, Input, ProcessorConfig, ProcessorError, ProcessorStats, Transform};
+use crate::consumer::envelope_of;
 use crate::dlq::{dead_letter, Failure, OriginalRecord};
 use crate::error::{is_retriable, ClientError};
 use crate::publisher::OutgoingRecord;
@@ -340,15 +341,7 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
             trace_id = tracing::field::Empty,
             outcome = tracing::field::Empty,
         );
-        let envelope = Envelope::from_record(
-            message.key(),
-            message.payload(),
-            message
-                .headers()
-                .iter()
-                .flat_map(|h| h.iter())
-                .map(|h| (h.key, h.value)),
-        );
+        let envelope = envelope_of(message);
         // The input's producer is the OpenTelemetry parent (set before the
         // span is entered): the order's trace runs on through the processor.
         if let Some(trace) = envelope.as_ref().ok().and_then(|e| e.trace.as_ref()) {

@@ -148,17 +148,9 @@ async fn published_records_carry_the_envelope_headers() {
     assert_eq!(headers["ce_specversion"], "1.0");
     assert_eq!(headers["content-type"], "application/json");
     assert!(headers.contains_key("produced_at") && headers.contains_key("ce_time"));
-    let back = herald::Envelope::from_record(
-        message.key(),
-        message.payload(),
-        message
-            .headers()
-            .expect("headers")
-            .iter()
-            .map(|h| (h.key, h.value)),
-    )
-    .expect("envelope")
-    .decode::<TestEvent>()
-    .expect("event");
+    let back = herald_kafka::envelope_of(&message)
+        .expect("envelope")
+        .decode::<TestEvent>()
+        .expect("event");
     assert_eq!(back, event);
 }

@@ -4,12 +4,9 @@
 
 use std::time::Duration;
 
-use herald::Envelope;
 use orders::app::Components;
 use orders::fulfillment::FulfillmentEvent;
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
-use rdkafka::message::Headers;
-use rdkafka::Message;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -41,16 +38,7 @@ async fn read(reader: &StreamConsumer, n: usize, into: &mut Vec<FulfillmentEvent
             .unwrap_or_else(|_| panic!("only {} of {n} fulfillment events: {into:?}", into.len()));
         // A topic created a moment ago may not be in the reader's metadata yet.
         let Ok(message) = message else { continue };
-        let envelope = Envelope::from_record(
-            message.key(),
-            message.payload(),
-            message
-                .headers()
-                .into_iter()
-                .flat_map(|h| h.iter())
-                .map(|h| (h.key, h.value)),
-        )
-        .expect("envelope");
+        let envelope = herald_kafka::envelope_of(&message).expect("envelope");
         into.push(envelope.decode().expect("fulfillment event"));
     }
 }
