@@ -16,7 +16,6 @@
 //! parent empties the effect and inbox tables, so every side starts from
 //! the same state. The sides rotate their order from round to round.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -179,7 +178,7 @@ pub async fn run(
             .into_iter()
             .map(|i| Mode::ALL[i])
             .collect();
-        let mut results = BTreeMap::new();
+        let mut this_round = SidesRound::start(round, order.iter().map(|m| m.name()));
         for mode in &order {
             db.execute("TRUNCATE herald_bench_effects, herald_inbox")
                 .await?;
@@ -210,19 +209,9 @@ pub async fn run(
                 mode.name(),
                 common.records
             );
-            progress(format!(
-                "inbox round {} {}: {} rec/s",
-                round + 1,
-                mode.name(),
-                per_second(result.rate())
-            ));
-            results.insert(mode.name().to_owned(), result);
+            this_round.add("inbox", mode.name(), result);
         }
-        comparison.rounds.push(SidesRound {
-            round: round + 1,
-            order: order.iter().map(|m| m.name().to_owned()).collect(),
-            results,
-        });
+        comparison.rounds.push(this_round);
     }
     Ok(comparison)
 }

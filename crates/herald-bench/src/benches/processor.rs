@@ -24,7 +24,7 @@
 //! (the processor joined its group), then `--warmup-secs` of warm-up; only
 //! the `--rate` × `--seconds` records after that are measured.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -275,7 +275,7 @@ async fn throughput(
             .into_iter()
             .map(|i| Mode::ALL[i])
             .collect();
-        let mut results = BTreeMap::new();
+        let mut this_round = SidesRound::start(round, order.iter().map(|m| m.name()));
         for mode in &order {
             let what = format!("r{}-{}", round + 1, mode.name());
             let spec = SideSpec {
@@ -291,19 +291,9 @@ async fn throughput(
                 records: Some(args.records),
             };
             let result = run_child(&AnySide::Processor(spec), args.side_timeout_secs).await?;
-            progress(format!(
-                "processor round {} {}: {} rec/s",
-                round + 1,
-                mode.name(),
-                per_second(result.rate())
-            ));
-            results.insert(mode.name().to_owned(), result);
+            this_round.add("processor", mode.name(), result);
         }
-        comparison.rounds.push(SidesRound {
-            round: round + 1,
-            order: order.iter().map(|m| m.name().to_owned()).collect(),
-            results,
-        });
+        comparison.rounds.push(this_round);
     }
     Ok(comparison)
 }

@@ -56,15 +56,18 @@ pub struct RoundResults {
     bare: Option<SideResult>,
 }
 
+/// Reports a side's rate in round `round` (1-based) on stderr.
+fn report_side(bench: &str, round: usize, side: &str, result: &SideResult) {
+    crate::shared::progress(format!(
+        "{bench} round {round} {side}: {} rec/s",
+        crate::shared::stats::per_second(result.rate())
+    ));
+}
+
 impl RoundResults {
     /// Keeps `result` as `side`'s and reports its rate on stderr.
     pub fn add(&mut self, bench: &str, round: usize, side: Side, result: SideResult) {
-        crate::shared::progress(format!(
-            "{bench} round {} {}: {} rec/s",
-            round + 1,
-            side.name(),
-            crate::shared::stats::per_second(result.rate())
-        ));
+        report_side(bench, round + 1, side.name(), &result);
         match side {
             Side::Herald => self.herald = Some(result),
             Side::Bare => self.bare = Some(result),
@@ -282,6 +285,21 @@ pub struct SidesRound {
 }
 
 impl SidesRound {
+    /// Round `round` (0-based), whose sides run in `order`, before any ran.
+    pub fn start<'a>(round: usize, order: impl IntoIterator<Item = &'a str>) -> Self {
+        Self {
+            round: round + 1,
+            order: order.into_iter().map(str::to_owned).collect(),
+            results: BTreeMap::new(),
+        }
+    }
+
+    /// Keeps `result` as side `name`'s and reports its rate on stderr.
+    pub fn add(&mut self, bench: &str, name: &str, result: SideResult) {
+        report_side(bench, self.round, name, &result);
+        self.results.insert(name.to_owned(), result);
+    }
+
     /// `side`'s throughput ÷ the baseline's this round.
     pub fn ratio(&self, side: &str, baseline: &str) -> f64 {
         match (self.results.get(side), self.results.get(baseline)) {
