@@ -37,7 +37,8 @@ pub struct RelayConfig {
     /// The longest pause after failures (default 10 s).
     pub max_backoff: Duration,
     /// Claim → publish → mark loops run side by side (default 4). Each
-    /// claims other aggregates (the store's claim skips locked ones), so
+    /// claims other aggregates (the store's claim skips what another claim
+    /// holds), so
     /// while one batch waits for its acknowledgements or its commit the next
     /// is already on its way; per-aggregate order is the store's, exactly as
     /// with several relay processes.

@@ -8,15 +8,19 @@
 //! # Layout
 //! - `migrations/`: the outbox and inbox tables, timestamped.
 //! - [`outbox`]: [`enqueue`](outbox::enqueue) in the caller's transaction,
-//!   [`PgOutbox`] (the relay's store: claim with `FOR UPDATE SKIP LOCKED`,
-//!   mark or delete, LISTEN/NOTIFY), status and retention. The claim query
-//!   and its ordering argument are in `src/sql/relay_claim.sql`.
+//!   [`PgOutbox`] (the relay's store: a claim owns shards of aggregates
+//!   through advisory locks and locks their rows `FOR UPDATE`; mark or
+//!   delete, LISTEN/NOTIFY), status and retention. The claim's queries and
+//!   its ordering argument are in `src/sql/relay_shards.sql` and
+//!   `src/sql/relay_claim.sql`.
+//! - `shards`: which shards a relay process tries next, between searches.
 //! - [`inbox`]: [`Inbox`] — effects and the inbox row in one transaction,
 //!   one per event or batched with savepoints; retention.
 //! - [`classify`]: database errors as transient or permanent handler errors.
 
 pub mod inbox;
 pub mod outbox;
+mod shards;
 
 use herald::HandlerError;
 use sqlx::migrate::Migrator;

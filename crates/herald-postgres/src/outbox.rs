@@ -11,16 +11,27 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sqlx::{PgPool, Postgres, Row, Transaction};
 use tracing::Instrument;
 
+use crate::shards::ShardRotation;
 use crate::StoreError;
 
 /// The LISTEN/NOTIFY channel an enqueue notifies (at commit) so that an idle
 /// relay wakes at once.
 pub const NOTIFY_CHANNEL: &str = "herald_outbox";
+
+/// Shards of aggregates in the outbox (the stored `shard` column: a hash of
+/// the aggregate, see the migration `herald_outbox_shards`). At most this
+/// many relay transactions publish at once, across all relay processes.
+pub const SHARDS: u16 = 64;
+
+/// The first key of the transaction-level advisory locks by which a relay
+/// owns a shard (`pg_try_advisory_xact_lock(SHARD_LOCK_CLASS, shard)`); it
+/// shows as `classid` in `pg_locks`, the shard as `objid`. "herl" in ASCII.
+pub const SHARD_LOCK_CLASS: i32 = 0x6865_726c;
 
 pub use herald::OutboxRecord;
 
@@ -170,11 +181,21 @@ pub enum AfterPublish {
 
 /// The PostgreSQL outbox as the relay sees it ([`herald::OutboxStore`]).
 ///
-/// Ordering (see `sql/relay_claim.sql`): every row takes the next sequence
-/// number of its aggregate at insert, and a relay publishes an aggregate's
-/// rows in that order, claiming the whole aggregate through its earliest
-/// unpublished row. A late commit is simply found on a later pass: nothing
-/// reads past a cursor.
+/// Ordering: every row takes the next sequence number of its aggregate at
+/// insert, and every aggregate belongs to one of [`SHARDS`] shards. A claim
+/// owns shards, not rows: it takes a shard's transaction-level advisory lock
+/// with `pg_try_advisory_xact_lock` (a shard another relay holds is skipped,
+/// as `SKIP LOCKED` skips a row), then reads and locks the shard's
+/// unpublished rows in id order, oldest shard first, until the batch is
+/// full. Only the owner of a shard publishes its aggregates, and it
+/// publishes each one's rows in creation order, so order holds across any
+/// number of relay workers and processes; the argument is in
+/// `sql/relay_claim.sql`. A late commit is simply found on a later pass:
+/// nothing reads past a cursor.
+///
+/// Parallelism: relay transactions never scan or wait for each other's
+/// rows, and up to [`SHARDS`] of them publish at once. One busy aggregate
+/// is published by one relay at a time, as before.
 ///
 /// Long transactions: a transaction that stays open delays only its own
 /// events. Unlike a relay that waits for the oldest running transaction
@@ -188,6 +209,7 @@ pub struct PgOutbox {
     listen: bool,
     synchronous_marks: bool,
     listener: tokio::sync::Mutex<Option<sqlx::postgres::PgListener>>,
+    rotation: std::sync::Mutex<ShardRotation>,
 }
 
 impl std::fmt::Debug for PgOutbox {
@@ -210,6 +232,7 @@ impl PgOutbox {
             listen: true,
             synchronous_marks: false,
             listener: tokio::sync::Mutex::new(None),
+            rotation: std::sync::Mutex::default(),
         }
     }
 
@@ -267,6 +290,26 @@ impl PgOutbox {
         }
     }
 
+    /// Replaces the rotation with the shards that have unpublished rows.
+    async fn search(&self, tx: &mut Transaction<'static, Postgres>) -> Result<(), StoreError> {
+        let shards = sqlx::query_scalar(include_str!("sql/relay_shards.sql"))
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(StoreError::db(
+                "finding outbox shards with unpublished rows",
+            ))?;
+        self.rotation().found(shards, Instant::now());
+        Ok(())
+    }
+
+    fn rotation(&self) -> std::sync::MutexGuard<'_, ShardRotation> {
+        // The rotation is only a hint: a panic while it was held cannot
+        // leave it in a state that matters.
+        self.rotation
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Whether unpublished rows exist (claimable or not yet).
     async fn has_backlog(&self) -> Result<bool, sqlx::Error> {
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM herald_outbox WHERE published_at IS NULL)")
@@ -301,23 +344,59 @@ impl herald::OutboxStore for PgOutbox {
             .begin()
             .await
             .map_err(StoreError::db("starting a relay transaction"))?;
-        let limit = i64::try_from(max).unwrap_or(i64::MAX);
-        let rows = sqlx::query(include_str!("sql/relay_claim.sql"))
-            .bind(limit)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(StoreError::db("claiming outbox rows"))?;
-        let mut records = Vec::with_capacity(rows.len());
-        for row in rows {
-            let headers: sqlx::types::Json<BTreeMap<String, String>> = row.get("headers");
-            records.push(herald::PendingRecord {
-                id: row.get("id"),
-                event_id: row.get("event_id"),
-                topic: row.get("topic"),
-                key: row.get("record_key"),
-                payload: row.get("payload"),
-                headers: headers.0.into_iter().collect(),
-            });
+        let mut records = Vec::new();
+        let mut searched = false;
+        let mut tried = Vec::new();
+        while records.len() < max {
+            if !searched && self.rotation().stale(Instant::now()) {
+                self.search(&mut tx).await?;
+                searched = true;
+            }
+            let Some(shard) = self.rotation().next_untried(&tried) else {
+                if searched {
+                    break;
+                }
+                // Every shard the rotation knows was tried: look once for
+                // shards it does not know yet.
+                self.search(&mut tx).await?;
+                searched = true;
+                continue;
+            };
+            tried.push(shard);
+            let remaining = max - records.len();
+            let ours: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1, $2)")
+                .bind(SHARD_LOCK_CLASS)
+                .bind(i32::from(shard))
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(StoreError::db("locking an outbox shard"))?;
+            if !ours {
+                self.rotation().again(shard);
+                continue;
+            }
+            // A statement after the lock: see relay_claim.sql for why.
+            let rows = sqlx::query(include_str!("sql/relay_claim.sql"))
+                .bind(shard)
+                .bind(i64::try_from(remaining).unwrap_or(i64::MAX))
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(StoreError::db("claiming outbox rows"))?;
+            if rows.len() == remaining {
+                // More may be waiting: serve it again after the others.
+                self.rotation().again(shard);
+            }
+            records.reserve(rows.len());
+            for row in rows {
+                let headers: sqlx::types::Json<BTreeMap<String, String>> = row.get("headers");
+                records.push(herald::PendingRecord {
+                    id: row.get("id"),
+                    event_id: row.get("event_id"),
+                    topic: row.get("topic"),
+                    key: row.get("record_key"),
+                    payload: row.get("payload"),
+                    headers: headers.0.into_iter().collect(),
+                });
+            }
         }
         Ok(PgOutboxBatch {
             tx,
@@ -329,7 +408,7 @@ impl herald::OutboxStore for PgOutbox {
 
     async fn wait_for_work(&self, timeout: Duration) {
         // Rows that exist but could not be claimed (their transaction is not
-        // settled yet, or another relay holds their aggregate) are worth a
+        // settled yet, or another relay holds their shard) are worth a
         // quick second look rather than a full poll interval.
         if let Ok(true) = self.has_backlog().await {
             tokio::time::sleep(timeout.min(Duration::from_millis(10))).await;

@@ -1,6 +1,7 @@
 //! The outbox, the relay and the inbox against real PostgreSQL and Kafka.
 //! Each test has its own database and topic.
 
+mod claims;
 mod connection_loss;
 mod crash;
 mod inbox;

@@ -12,7 +12,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-pub use herald_test::events::{step, TestEvent};
+pub use herald_test::events::{step, steps, TestEvent};
 
 pub fn record(topic: &str, event: &TestEvent) -> OutboxRecord {
     OutboxRecord::new(topic, event, "/outbox-tests", None).expect("encode")
