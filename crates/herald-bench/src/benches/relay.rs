@@ -15,13 +15,22 @@
 //! records of a call are encoded before its clock starts, as the relay's
 //! were encoded at enqueue). Both producers use herald's
 //! `PRODUCER_DEFAULTS` and learn the topic's metadata before the clock.
+//!
+//! The ceiling (skip it with `--no-store-ceiling`): each round the outbox is
+//! filled once more and drained by the store alone — `PgOutbox` claims and
+//! marks with the relay's batch size and workers, and nothing is published.
+//! The relay does all of that work plus the publisher's, on the same cores
+//! as PostgreSQL and Kafka, so the store's own drain rate bounds the relay:
+//! if both kinds of work share the CPU, the relay's ratio to the bare
+//! publisher cannot exceed `store / (store + bare)`, which the report
+//! prints.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 use clap::{Args, ValueEnum};
 use futures::StreamExt;
-use herald::Envelope;
+use herald::{Envelope, OutboxBatch as _, OutboxStore as _};
 use herald_kafka::{OutgoingRecord, Publisher, PublisherConfig, Relay, RelayConfig};
 use herald_postgres::outbox::{enqueue_all, status};
 use herald_postgres::{AfterPublish, OutboxRecord, PgOutbox, StoreError};
@@ -93,6 +102,10 @@ pub struct RelayArgs {
     /// write the same key).
     #[arg(long, default_value_t = 4)]
     pub fill_concurrency: usize,
+    /// Skip the ceiling: the outbox drained by the store alone, without
+    /// Kafka.
+    #[arg(long)]
+    pub no_store_ceiling: bool,
 }
 
 /// One side of the relay benchmark, as a child runs it.
@@ -109,6 +122,8 @@ pub struct SideSpec {
     after_publish: AfterPublishArg,
     synchronous_marks: bool,
     publish_batch: usize,
+    /// The herald side claims and marks without publishing (the ceiling).
+    store_only: bool,
 }
 
 /// Runs the rounds and returns the comparison.
@@ -154,7 +169,8 @@ pub async fn run(
             args.publish_batch
         ),
         goal: GOAL,
-        ceiling: None,
+        ceiling: (!args.no_store_ceiling)
+            .then(|| "store alone (PgOutbox claim → mark, no Kafka)".to_owned()),
         setup,
         rounds: Vec::new(),
         notes: vec![format!("PostgreSQL: {}", durability.describe())],
@@ -172,43 +188,44 @@ pub async fn run(
                 .await?;
             let mut fill_rate = None;
             if side == Side::Herald {
-                let filled = fill(args, db, &workload, &topic).await?;
-                progress(format!(
-                    "relay round {}: filled the outbox with {} events at {} rows/s",
-                    round + 1,
-                    common.records,
-                    per_second(filled)
-                ));
+                let filled = fill_outbox(args, db, &workload, &topic, round).await?;
                 fill_rate = Some(filled);
                 fills.push(filled);
             }
-            let spec = SideSpec {
-                side,
-                brokers: common.brokers.clone(),
-                topic,
-                records: common.records,
-                payload_bytes: common.payload_bytes,
-                keys: common.keys,
-                relay_batch: args.relay_batch,
-                relay_workers: args.relay_workers,
-                after_publish: args.after_publish,
-                synchronous_marks: args.synchronous_marks,
-                publish_batch: args.publish_batch,
-            };
-            let mut result = run_side_with_env(
-                &AnySide::Relay(spec),
-                common.side_timeout_secs,
-                &[(CHILD_DATABASE_URL, db.url())],
-            )
-            .await?;
+            let spec = SideSpec::new(args, side, topic, false);
+            let mut result = run_relay_side(args, db, spec).await?;
             if let Some(filled) = fill_rate {
                 result = result.with("fill_rows_per_sec", filled);
-                let backlog = status(db.pool()).await?.backlog;
-                ensure!(backlog == 0, "the relay left {backlog} rows unpublished");
             }
             results.add("relay", round, side, result);
         }
-        comparison.rounds.push(results.finish(round, order)?);
+        let mut figures = results.finish(round, order)?;
+        if !args.no_store_ceiling {
+            // The topic is never written: the store-only side publishes
+            // nothing.
+            let topic = resources
+                .topic(&format!("relay-r{}-store", round + 1), 1)
+                .await?;
+            fill_outbox(args, db, &workload, &topic, round).await?;
+            let spec = SideSpec::new(args, Side::Herald, topic, true);
+            let store = run_relay_side(args, db, spec).await?;
+            progress(format!(
+                "relay round {} store alone: {} rows/s",
+                round + 1,
+                per_second(store.rate())
+            ));
+            figures.ceiling_rate = Some(store.rate());
+        }
+        comparison.rounds.push(figures);
+    }
+    if let Some(store) = comparison.summary().ceiling_rate {
+        let bare = comparison.summary().bare_rate;
+        comparison.notes.push(format!(
+            "store alone drains {} rows/s, {:.2}× the bare publisher: sharing the CPU, the relay's ratio is at most store / (store + bare) = {:.2}",
+            per_second(store),
+            store / bare,
+            store / (store + bare),
+        ));
     }
     let batch_ms: Vec<f64> = comparison
         .rounds
@@ -222,6 +239,65 @@ pub async fn run(
         batch_ms.iter().map(|m| format!("{m:.1}")).collect::<Vec<_>>().join(", "),
     ));
     Ok(comparison)
+}
+
+impl SideSpec {
+    fn new(args: &RelayArgs, side: Side, topic: String, store_only: bool) -> Self {
+        let common = &args.common;
+        SideSpec {
+            side,
+            brokers: common.brokers.clone(),
+            topic,
+            records: common.records,
+            payload_bytes: common.payload_bytes,
+            keys: common.keys,
+            relay_batch: args.relay_batch,
+            relay_workers: args.relay_workers,
+            after_publish: args.after_publish,
+            synchronous_marks: args.synchronous_marks,
+            publish_batch: args.publish_batch,
+            store_only,
+        }
+    }
+}
+
+/// Runs one side in a child; a side that drains the outbox must leave it
+/// empty.
+async fn run_relay_side(
+    args: &RelayArgs,
+    db: &BenchDatabase,
+    spec: SideSpec,
+) -> anyhow::Result<SideResult> {
+    let drains = spec.side == Side::Herald;
+    let result = run_side_with_env(
+        &AnySide::Relay(spec),
+        args.common.side_timeout_secs,
+        &[(CHILD_DATABASE_URL, db.url())],
+    )
+    .await?;
+    if drains {
+        let backlog = status(db.pool()).await?.backlog;
+        ensure!(backlog == 0, "the relay left {backlog} rows unpublished");
+    }
+    Ok(result)
+}
+
+/// [`fill`], with the round's progress line.
+async fn fill_outbox(
+    args: &RelayArgs,
+    db: &BenchDatabase,
+    workload: &Workload,
+    topic: &str,
+    round: usize,
+) -> anyhow::Result<f64> {
+    let filled = fill(args, db, workload, topic).await?;
+    progress(format!(
+        "relay round {}: filled the outbox with {} events at {} rows/s",
+        round + 1,
+        args.common.records,
+        per_second(filled)
+    ));
+    Ok(filled)
 }
 
 /// Empties the outbox and fills it with the run's records for `topic`;
@@ -279,16 +355,52 @@ pub async fn run_side(spec: SideSpec) -> anyhow::Result<SideResult> {
         .fetch_metadata(Some(&spec.topic), Duration::from_secs(10))
         .context("fetching the topic's metadata")?;
     match spec.side {
+        Side::Herald if spec.store_only => store_side(&spec).await,
         Side::Herald => relay_side(&spec, publisher).await,
         Side::Bare => bare_side(&spec, &workload, &publisher).await,
     }
 }
 
-async fn relay_side(spec: &SideSpec, publisher: Publisher) -> anyhow::Result<SideResult> {
+/// The store for a side, as the relay side configures it.
+async fn side_store(spec: &SideSpec) -> anyhow::Result<PgOutbox> {
     let pool = child_pool(u32::try_from(spec.relay_workers).unwrap_or(u32::MAX)).await?;
-    let store = PgOutbox::new(pool.clone())
+    Ok(PgOutbox::new(pool)
         .after_publish(spec.after_publish.store())
-        .synchronous_marks(spec.synchronous_marks);
+        .synchronous_marks(spec.synchronous_marks))
+}
+
+/// The ceiling: the relay's store work alone, `relay_workers` loops of
+/// claim → mark every claimed row, until a claim comes back empty.
+async fn store_side(spec: &SideSpec) -> anyhow::Result<SideResult> {
+    let store = side_store(spec).await?;
+    let started = Instant::now();
+    let workers = (0..spec.relay_workers.max(1)).map(|_| async {
+        let mut marked = 0u64;
+        loop {
+            let batch = store.claim(spec.relay_batch).await?;
+            let ids: Vec<i64> = batch.records().iter().map(|r| r.id).collect();
+            batch.commit(&ids).await?;
+            if ids.is_empty() {
+                return Ok::<_, StoreError>(marked);
+            }
+            marked += ids.len() as u64;
+        }
+    });
+    let mut marked = 0;
+    for worker in futures::future::join_all(workers).await {
+        marked += worker.context("the store failed")?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    ensure!(
+        marked == spec.records,
+        "the store marked {marked} of {} rows",
+        spec.records
+    );
+    SideResult::finish(spec.records, seconds)
+}
+
+async fn relay_side(spec: &SideSpec, publisher: Publisher) -> anyhow::Result<SideResult> {
+    let store = side_store(spec).await?;
     let relay = Relay::new(
         store,
         publisher,
