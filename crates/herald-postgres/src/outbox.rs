@@ -116,10 +116,10 @@ pub use herald::OutboxStatus;
 /// Reads the backlog figures.
 pub async fn status(pool: &PgPool) -> Result<OutboxStatus, StoreError> {
     let row = sqlx::query(
-        "SELECT count(*) FILTER (WHERE published_at IS NULL) AS backlog,
-                min(created_at) FILTER (WHERE published_at IS NULL) AS oldest,
-                count(*) FILTER (WHERE published_at IS NOT NULL) AS retained
-         FROM herald_outbox",
+        "SELECT count(*) AS backlog, min(created_at) AS oldest,
+                (SELECT count(*) FROM herald_outbox_published) AS retained
+         FROM herald_outbox
+         WHERE published_at IS NULL",
     )
     .fetch_one(pool)
     .await
@@ -139,10 +139,10 @@ pub async fn purge_published(
     limit: i64,
 ) -> Result<u64, StoreError> {
     let done = sqlx::query(
-        "DELETE FROM herald_outbox WHERE id IN (
-             SELECT id FROM herald_outbox
-             WHERE published_at IS NOT NULL AND published_at < now() - $1::interval
-             LIMIT $2)",
+        "DELETE FROM herald_outbox_published WHERE ctid = ANY (ARRAY(
+             SELECT ctid FROM herald_outbox_published
+             WHERE published_at < now() - $1::interval
+             LIMIT $2))",
     )
     .bind(pg_interval(retention))
     .bind(limit)
@@ -159,18 +159,16 @@ pub(crate) fn pg_interval(d: Duration) -> String {
 
 /// What the relay does with a published row.
 ///
-/// The choice is the relay's largest cost on the store side. Marking is an
-/// UPDATE that cannot be HOT (`published_at` is in the relay's partial
-/// indexes), so PostgreSQL writes a new copy of every row and an entry in
-/// each of its four indexes: on a 100,000-row outbox, marking 500 rows took
-/// 15.6 ms and 971 kB of WAL (3,013 records), deleting them 0.9 ms and
-/// 407 kB (500 records). In `herald-bench relay --records 100000` that made
-/// the relay about 1.6× faster with `Delete` (34,059 vs 21,744 rec/s, one
-/// round each on a shared two-core machine).
+/// The choice is the relay's largest cost on the store side: a mark moves
+/// the row to `herald_outbox_published` (a delete here and an insert
+/// there), a delete only deletes it. See the migration
+/// `herald_outbox_published` for why a mark is a move and not an UPDATE.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AfterPublish {
-    /// Set `published_at` and keep the row until retention removes it (an
-    /// audit trail, and `outbox status` can show recent traffic).
+    /// Move the row to `herald_outbox_published`, stamped with
+    /// `published_at`, and keep it there until retention
+    /// ([`purge_published`]) removes it: an audit trail, and
+    /// `outbox status` can show recent traffic.
     #[default]
     MarkPublished,
     /// Delete the row in the claiming transaction: the cheaper choice when
@@ -200,9 +198,18 @@ pub enum AfterPublish {
 /// Long transactions: a transaction that stays open delays only its own
 /// events. Unlike a relay that waits for the oldest running transaction
 /// (an xmin horizon), this one is not held back by unrelated transactions
-/// on the server. Two transactions that write events of the same aggregate
-/// without serializing on the aggregate (a row lock) make the second one
-/// fail with [`StoreError::AggregateConflict`], a transient error: retry it.
+/// on the server.
+///
+/// Writers of one aggregate serialize on it (a row lock taken before the
+/// enqueue, as the orders service does); their events are then published
+/// in the order they committed. The outbox catches most writers that do
+/// not: two transactions that see the same latest unpublished row of an
+/// aggregate take the same next sequence number, and the second fails with
+/// [`StoreError::AggregateConflict`], a transient error: retry it. The
+/// sequence counts only rows still in the outbox, so two writers that race
+/// while the relay removes the aggregate's last unpublished row can both
+/// succeed; their events are published in id order, or in commit order if
+/// the later id commits first.
 pub struct PgOutbox {
     pool: PgPool,
     after_publish: AfterPublish,
@@ -441,9 +448,7 @@ impl herald::OutboxBatch for PgOutboxBatch {
             return Ok(());
         }
         let sql = match self.after_publish {
-            AfterPublish::MarkPublished => {
-                "UPDATE herald_outbox SET published_at = clock_timestamp() WHERE id = ANY($1)"
-            }
+            AfterPublish::MarkPublished => include_str!("sql/relay_mark.sql"),
             AfterPublish::Delete => "DELETE FROM herald_outbox WHERE id = ANY($1)",
         };
         if !self.synchronous_marks {

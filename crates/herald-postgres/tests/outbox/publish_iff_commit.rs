@@ -59,6 +59,23 @@ async fn exactly_the_committed_events_reach_kafka() {
         .expect("status");
     assert_eq!(status.backlog, 0);
     assert_eq!(status.published_retained, committed.len() as i64);
+    // The audit trail: each published event, moved whole, with its time.
+    let archived: Vec<(uuid::Uuid, i32, bool)> = sqlx::query_as(
+        "SELECT event_id, length(payload), published_at >= created_at FROM herald_outbox_published",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .expect("published rows");
+    assert_eq!(
+        archived
+            .iter()
+            .map(|(id, _, _)| *id)
+            .collect::<BTreeSet<_>>(),
+        committed
+    );
+    assert!(archived
+        .iter()
+        .all(|(_, length, stamped)| *length > 0 && *stamped));
     // Retention removes published rows (here: everything older than 0 s).
     let purged =
         herald_postgres::outbox::purge_published(&env.pool, std::time::Duration::ZERO, 100_000)
