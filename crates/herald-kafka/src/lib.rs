@@ -30,5 +30,7 @@ pub use consumer::{
 };
 pub use error::{is_retriable, ClientError, PublishError};
 pub use processor::{Guarantee, Processor, ProcessorConfig, ProcessorError, Transform};
-pub use publisher::{Delivered, OutgoingRecord, Publisher, PublisherConfig, PublisherStats};
+pub use publisher::{
+    BorrowedRecord, Delivered, OutgoingRecord, Publisher, PublisherConfig, PublisherStats,
+};
 pub use relay::{Relay, RelayConfig, RelayStats};

@@ -128,17 +128,43 @@ impl OutgoingRecord {
         }
     }
 
-    fn owned_headers(&self) -> OwnedHeaders {
-        self.headers.iter().fold(
-            OwnedHeaders::new_with_capacity(self.headers.len()),
-            |headers, (key, value)| {
-                headers.insert(Header {
-                    key,
-                    value: value.as_deref(),
-                })
-            },
-        )
+    /// The record as [`Publisher::publish_borrowed`] takes it.
+    pub fn borrowed(&self) -> BorrowedRecord<'_> {
+        BorrowedRecord {
+            topic: &self.topic,
+            key: self.key.as_deref(),
+            payload: &self.payload,
+            headers: self.headers.iter().fold(
+                OwnedHeaders::new_with_capacity(self.headers.len()),
+                |headers, (key, value)| {
+                    headers.insert(Header {
+                        key,
+                        value: value.as_deref(),
+                    })
+                },
+            ),
+            event_id: self.event_id,
+        }
     }
+}
+
+/// A record borrowed from whoever keeps its bytes, its headers already in
+/// librdkafka's form. librdkafka copies what it sends, so a caller that
+/// keeps its records anyway (the outbox relay keeps its claimed batch until
+/// the mark) publishes them without first copying each into an
+/// [`OutgoingRecord`].
+#[derive(Debug)]
+pub struct BorrowedRecord<'a> {
+    /// Target topic.
+    pub topic: &'a str,
+    /// Record key (`None` for no key).
+    pub key: Option<&'a [u8]>,
+    /// Record payload.
+    pub payload: &'a [u8],
+    /// Headers in order.
+    pub headers: OwnedHeaders,
+    /// The event id, for error messages (nil when the record has none).
+    pub event_id: Uuid,
 }
 
 /// Publishes typed events (and raw records) to Kafka.
@@ -319,7 +345,7 @@ impl Publisher {
     /// Publishes one raw record and waits for its acknowledgement.
     pub async fn publish_record(&self, record: &OutgoingRecord) -> Result<Delivered, PublishError> {
         let started = Instant::now();
-        let pending = self.enqueue(record).await?;
+        let pending = self.enqueue(record.borrowed()).await?;
         self.await_delivery(&record.topic, record.event_id, pending, started)
             .await
     }
@@ -330,17 +356,27 @@ impl Publisher {
         &self,
         records: &[OutgoingRecord],
     ) -> Vec<Result<Delivered, PublishError>> {
+        self.publish_borrowed(records.iter().map(OutgoingRecord::borrowed))
+            .await
+    }
+
+    /// [`Publisher::publish_records`] for records borrowed from their owner.
+    pub async fn publish_borrowed<'a>(
+        &self,
+        records: impl IntoIterator<Item = BorrowedRecord<'a>>,
+    ) -> Vec<Result<Delivered, PublishError>> {
         let started = Instant::now();
-        let mut pending = Vec::with_capacity(records.len());
+        let records = records.into_iter();
+        let mut pending = Vec::with_capacity(records.size_hint().0);
         for record in records {
-            pending.push(self.enqueue(record).await);
+            let (topic, event_id) = (record.topic, record.event_id);
+            pending.push((topic, event_id, self.enqueue(record).await));
         }
         join_all(
-            records
-                .iter()
-                .zip(pending)
-                .map(|(record, enqueued)| async move {
-                    self.await_delivery(&record.topic, record.event_id, enqueued?, started)
+            pending
+                .into_iter()
+                .map(|(topic, event_id, enqueued)| async move {
+                    self.await_delivery(topic, event_id, enqueued?, started)
                         .await
                 }),
         )
@@ -358,14 +394,14 @@ impl Publisher {
     }
 
     /// Puts a record on librdkafka's queue, waiting while the queue is full.
-    async fn enqueue(&self, record: &OutgoingRecord) -> Result<DeliveryFuture, PublishError> {
-        let mut future_record = FutureRecord::to(&record.topic)
-            .payload(record.payload.as_slice())
-            .headers(record.owned_headers());
-        if let Some(key) = &record.key {
-            future_record = future_record.key(key.as_slice());
+    async fn enqueue(&self, record: BorrowedRecord<'_>) -> Result<DeliveryFuture, PublishError> {
+        let mut future_record = FutureRecord::to(record.topic)
+            .payload(record.payload)
+            .headers(record.headers);
+        if let Some(key) = record.key {
+            future_record = future_record.key(key);
         }
-        self.send(future_record, &record.topic, record.event_id)
+        self.send(future_record, record.topic, record.event_id)
             .await
     }
 

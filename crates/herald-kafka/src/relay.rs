@@ -19,12 +19,13 @@ use herald::{OutboxBatch, OutboxStore, PendingRecord, TraceContext};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::metrics::histogram::Histogram;
+use rdkafka::message::{Header, OwnedHeaders};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::error::PublishError;
 use crate::metrics::{encode_counter, encode_metric, latency_histogram};
-use crate::publisher::{OutgoingRecord, Publisher};
+use crate::publisher::{BorrowedRecord, Publisher};
 
 /// Relay settings.
 #[derive(Debug, Clone)]
@@ -175,7 +176,7 @@ impl<S: OutboxStore> std::fmt::Debug for Relay<S> {
 /// OpenTelemetry is on, the record carries the publication span's context,
 /// so its consumers become children of the relay's span; otherwise it
 /// carries the stored context unchanged.
-fn outgoing(record: &PendingRecord) -> (OutgoingRecord, tracing::Span) {
+fn outgoing(record: &PendingRecord) -> (BorrowedRecord<'_>, tracing::Span) {
     // Debug level, like every per-record span (see the consumer's): an
     // OpenTelemetry layer with its own filter still records it.
     let span = tracing::debug_span!(
@@ -200,32 +201,37 @@ fn outgoing(record: &PendingRecord) -> (OutgoingRecord, tracing::Span) {
         stored.adopt_as_parent(&span);
     }
     let carried = TraceContext::of_span(&span).or(stored);
-    let mut out: Vec<(String, Option<Vec<u8>>)> = record
-        .headers
-        .iter()
-        .filter(|(k, _)| k != headers::TRACEPARENT && k != headers::TRACESTATE)
-        .map(|(k, v)| (k.clone(), Some(v.clone().into_bytes())))
-        .collect();
-    if let Some(trace) = carried {
-        out.push((
-            headers::TRACEPARENT.to_owned(),
-            Some(trace.traceparent().as_bytes().to_vec()),
-        ));
-        if let Some(state) = trace.tracestate() {
-            out.push((
-                headers::TRACESTATE.to_owned(),
-                Some(state.as_bytes().to_vec()),
-            ));
+    // Straight into librdkafka's header list: every stored header but the
+    // trace context, then the context this record carries.
+    let mut out = OwnedHeaders::new_with_capacity(record.headers.len());
+    for (key, value) in &record.headers {
+        if key != headers::TRACEPARENT && key != headers::TRACESTATE {
+            out = out.insert(Header {
+                key,
+                value: Some(value.as_bytes()),
+            });
         }
     }
-    let record = OutgoingRecord {
-        topic: record.topic.clone(),
-        key: Some(record.key.clone().into_bytes()),
-        payload: record.payload.clone(),
+    if let Some(trace) = &carried {
+        out = out.insert(Header {
+            key: headers::TRACEPARENT,
+            value: Some(trace.traceparent().as_bytes()),
+        });
+        if let Some(state) = trace.tracestate() {
+            out = out.insert(Header {
+                key: headers::TRACESTATE,
+                value: Some(state.as_bytes()),
+            });
+        }
+    }
+    let outgoing = BorrowedRecord {
+        topic: &record.topic,
+        key: Some(record.key.as_bytes()),
+        payload: &record.payload,
         headers: out,
         event_id: record.event_id,
     };
-    (record, span)
+    (outgoing, span)
 }
 
 impl<S: OutboxStore> Relay<S> {
@@ -275,11 +281,11 @@ impl<S: OutboxStore> Relay<S> {
             published = tracing::field::Empty,
         );
         // The per-record spans end when the batch's acknowledgements are in.
-        let (records, _spans): (Vec<OutgoingRecord>, Vec<tracing::Span>) =
+        let (records, _spans): (Vec<BorrowedRecord<'_>>, Vec<tracing::Span>) =
             batch.records().iter().map(outgoing).unzip();
         let results = self
             .publisher
-            .publish_records(&records)
+            .publish_borrowed(records)
             .instrument(span.clone())
             .await;
 

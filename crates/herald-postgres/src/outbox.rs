@@ -325,6 +325,37 @@ impl PgOutbox {
     }
 }
 
+/// The stored `{"name": "value"}` headers as the relay's list, sorted by
+/// name: decoded straight into the list, without a map in between (the
+/// relay decodes every row it publishes).
+struct HeaderList(Vec<(String, String)>);
+
+impl<'de> serde::Deserialize<'de> for HeaderList {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Pairs;
+        impl<'de> serde::de::Visitor<'de> for Pairs {
+            type Value = HeaderList;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object of header names and string values")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<HeaderList, A::Error> {
+                let mut pairs = Vec::with_capacity(map.size_hint().unwrap_or(8));
+                while let Some(pair) = map.next_entry()? {
+                    pairs.push(pair);
+                }
+                // JSONB keeps keys shortest first; names sort as they did
+                // when this was a map.
+                pairs.sort_unstable_by(|a: &(String, String), b| a.0.cmp(&b.0));
+                Ok(HeaderList(pairs))
+            }
+        }
+        deserializer.deserialize_map(Pairs)
+    }
+}
+
 /// A claimed batch, holding its transaction (and so its row locks).
 pub struct PgOutboxBatch {
     tx: Transaction<'static, Postgres>,
@@ -394,14 +425,14 @@ impl herald::OutboxStore for PgOutbox {
             }
             records.reserve(rows.len());
             for row in rows {
-                let headers: sqlx::types::Json<BTreeMap<String, String>> = row.get("headers");
+                let headers: sqlx::types::Json<HeaderList> = row.get("headers");
                 records.push(herald::PendingRecord {
                     id: row.get("id"),
                     event_id: row.get("event_id"),
                     topic: row.get("topic"),
                     key: row.get("record_key"),
                     payload: row.get("payload"),
-                    headers: headers.0.into_iter().collect(),
+                    headers: headers.0 .0,
                 });
             }
         }
@@ -467,5 +498,24 @@ impl herald::OutboxBatch for PgOutboxBatch {
             .commit()
             .await
             .map_err(StoreError::db("committing the relay transaction"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HeaderList;
+
+    #[test]
+    fn stored_headers_decode_to_a_list_sorted_by_name() {
+        let HeaderList(pairs) =
+            serde_json::from_str(r#"{"traceparent": "00-x", "ce_id": "1", "a": "2"}"#)
+                .expect("decode");
+        assert_eq!(
+            pairs,
+            [("a", "2"), ("ce_id", "1"), ("traceparent", "00-x")]
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        );
+        assert!(serde_json::from_str::<HeaderList>(r#"{"a": 1}"#).is_err());
+        assert!(serde_json::from_str::<HeaderList>(r#"["a"]"#).is_err());
     }
 }
