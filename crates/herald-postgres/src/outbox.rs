@@ -299,14 +299,21 @@ impl PgOutbox {
 
     /// Replaces the rotation with the shards that have unpublished rows.
     async fn search(&self, tx: &mut Transaction<'static, Postgres>) -> Result<(), StoreError> {
-        let shards = sqlx::query_scalar(include_str!("sql/relay_shards.sql"))
+        let found = sqlx::query_scalar(include_str!("sql/relay_shards.sql"))
             .fetch_all(&mut **tx)
-            .await
-            .map_err(StoreError::db(
-                "finding outbox shards with unpublished rows",
-            ))?;
-        self.rotation().found(shards, Instant::now());
-        Ok(())
+            .await;
+        match found {
+            Ok(shards) => {
+                self.rotation().found(shards, Instant::now());
+                Ok(())
+            }
+            Err(error) => {
+                self.rotation().search_failed();
+                Err(StoreError::db(
+                    "finding outbox shards with unpublished rows",
+                )(error))
+            }
+        }
     }
 
     fn rotation(&self) -> std::sync::MutexGuard<'_, ShardRotation> {
@@ -386,7 +393,7 @@ impl herald::OutboxStore for PgOutbox {
         let mut searched = false;
         let mut tried = Vec::new();
         while records.len() < max {
-            if !searched && self.rotation().stale(Instant::now()) {
+            if !searched && self.rotation().start_search(Instant::now()) {
                 self.search(&mut tx).await?;
                 searched = true;
             }

@@ -7,8 +7,9 @@
 //! scan that meets them fetches their heap tuples. Run before every claim
 //! by every relay worker, that search took about half of PostgreSQL's time
 //! in `herald-bench relay`. So a process searches at most every
-//! [`REDISCOVER_AFTER`] (or when it has run out of shards), and its workers
-//! take shards from the rotation in between: oldest-waiting first after each
+//! [`REDISCOVER_AFTER`] (or when it has run out of shards), one worker at a
+//! time while the others still have shards to try, and its workers take
+//! shards from the rotation in between: oldest-waiting first after each
 //! search, and a shard that filled a batch goes to the back to be served
 //! again after the others.
 
@@ -19,28 +20,41 @@ use std::time::{Duration, Instant};
 /// bounds how long a shard that gained rows meanwhile waits to be noticed
 /// while others are busy (an idle relay is woken by NOTIFY and searches at
 /// once, its rotation being empty).
-pub(crate) const REDISCOVER_AFTER: Duration = Duration::from_millis(100);
+pub(crate) const REDISCOVER_AFTER: Duration = Duration::from_millis(250);
 
 /// The shards to try, in order, and when they were found.
 #[derive(Debug, Default)]
 pub(crate) struct ShardRotation {
     queue: VecDeque<i16>,
     found_at: Option<Instant>,
+    searching: bool,
 }
 
 impl ShardRotation {
-    /// Whether the next claim should search first.
-    pub(crate) fn stale(&self, now: Instant) -> bool {
-        self.queue.is_empty()
+    /// Whether the calling claim should search now; if so, the search is
+    /// its to finish ([`found`](Self::found)) or give up
+    /// ([`search_failed`](Self::search_failed)). A stale rotation that still
+    /// has shards is left to the one search already under way.
+    pub(crate) fn start_search(&mut self, now: Instant) -> bool {
+        let stale = self.queue.is_empty()
             || self
                 .found_at
-                .is_none_or(|found| now.duration_since(found) >= REDISCOVER_AFTER)
+                .is_none_or(|found| now.duration_since(found) >= REDISCOVER_AFTER);
+        let search = stale && (self.queue.is_empty() || !self.searching);
+        self.searching |= search;
+        search
     }
 
     /// Replaces the rotation with a search's result (oldest-waiting first).
     pub(crate) fn found(&mut self, shards: Vec<i16>, now: Instant) {
         self.queue = shards.into();
         self.found_at = Some(now);
+        self.searching = false;
+    }
+
+    /// A search failed: the next stale claim searches again.
+    pub(crate) fn search_failed(&mut self) {
+        self.searching = false;
     }
 
     /// The next shard not in `tried`; the tried ones it passes go to the
@@ -74,13 +88,29 @@ mod tests {
     fn a_fresh_search_is_used_until_it_ages_or_runs_out() {
         let start = Instant::now();
         let mut rotation = ShardRotation::default();
-        assert!(rotation.stale(start), "nothing found yet");
+        assert!(rotation.start_search(start), "nothing found yet");
         rotation.found(vec![7, 3], start);
-        assert!(!rotation.stale(start + REDISCOVER_AFTER / 2));
-        assert!(rotation.stale(start + REDISCOVER_AFTER), "aged");
+        assert!(!rotation.start_search(start + REDISCOVER_AFTER / 2));
+        assert!(rotation.start_search(start + REDISCOVER_AFTER), "aged");
+        rotation.found(vec![7, 3], start);
         assert_eq!(rotation.next_untried(&[]), Some(7));
         assert_eq!(rotation.next_untried(&[]), Some(3));
-        assert!(rotation.stale(start), "ran out");
+        assert!(rotation.start_search(start), "ran out");
+    }
+
+    #[test]
+    fn one_search_at_a_time_while_there_are_shards_to_try() {
+        let start = Instant::now();
+        let aged = start + REDISCOVER_AFTER;
+        let mut rotation = ShardRotation::default();
+        rotation.found(vec![1, 2], start);
+        assert!(rotation.start_search(aged));
+        assert!(!rotation.start_search(aged), "another worker is searching");
+        rotation.search_failed();
+        assert!(rotation.start_search(aged), "the failed search is retried");
+        // Out of shards, a worker searches even while another one does.
+        let _ = (rotation.next_untried(&[]), rotation.next_untried(&[]));
+        assert!(rotation.start_search(aged));
     }
 
     #[test]
