@@ -53,6 +53,13 @@ pub enum StoreError {
         #[source]
         source: sqlx::Error,
     },
+    /// The relay asked to mark an event its batch had not claimed (a bug in
+    /// the caller: nothing was marked).
+    #[error("outbox row {id} is not in the claimed batch")]
+    NotClaimed {
+        /// The row's id.
+        id: i64,
+    },
     /// Another transaction wrote an event of the same aggregate concurrently:
     /// their order would be ambiguous, so this one is refused. Transient:
     /// retry the whole transaction (or serialize writers with a row lock).

@@ -10,7 +10,7 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use sqlx::{PgPool, Postgres, Row, Transaction};
@@ -23,9 +23,10 @@ use crate::StoreError;
 /// relay wakes at once.
 pub const NOTIFY_CHANNEL: &str = "herald_outbox";
 
-/// Shards of aggregates in the outbox (the stored `shard` column: a hash of
-/// the aggregate, see the migration `herald_outbox_shards`). At most this
-/// many relay transactions publish at once, across all relay processes.
+/// Shards of aggregates in the outbox (`herald_outbox_shard(aggregate_type,
+/// aggregate_id)`, a hash of the aggregate; see the migration
+/// `herald_outbox_pending`). At most this many relay transactions publish at
+/// once, across all relay processes.
 pub const SHARDS: u16 = 64;
 
 /// The first key of the transaction-level advisory locks by which a relay
@@ -115,12 +116,22 @@ pub use herald::OutboxStatus;
 
 /// Reads the backlog figures.
 pub async fn status(pool: &PgPool) -> Result<OutboxStatus, StoreError> {
+    // The oldest pending event is taken among each shard's first one (ids
+    // follow creation time): 64 index descents instead of a join of every
+    // pending row.
     let row = sqlx::query(
-        "SELECT count(*) AS backlog, min(created_at) AS oldest,
-                (SELECT count(*) FROM herald_outbox_published) AS retained
-         FROM herald_outbox
-         WHERE published_at IS NULL",
+        "WITH pending AS (SELECT count(*) AS n FROM herald_outbox_pending)
+         SELECT pending.n AS backlog,
+                (SELECT min(o.created_at)
+                 FROM generate_series(0, $1 - 1) AS s(shard)
+                 CROSS JOIN LATERAL (
+                     SELECT p.id FROM herald_outbox_pending p
+                     WHERE p.shard = s.shard ORDER BY p.id LIMIT 1) first
+                 JOIN herald_outbox o ON o.id = first.id) AS oldest,
+                (SELECT count(*) FROM herald_outbox) - pending.n AS retained
+         FROM pending",
     )
+    .bind(i32::from(SHARDS))
     .fetch_one(pool)
     .await
     .map_err(StoreError::db("reading outbox status"))?;
@@ -131,17 +142,22 @@ pub async fn status(pool: &PgPool) -> Result<OutboxStatus, StoreError> {
     })
 }
 
-/// Deletes published rows older than `retention`, at most `limit` per call;
-/// returns how many were deleted.
+/// Deletes published events created more than `retention` ago, at most
+/// `limit` per call; returns how many were deleted. Events still pending
+/// are kept, whatever their age.
 pub async fn purge_published(
     pool: &PgPool,
     retention: Duration,
     limit: i64,
 ) -> Result<u64, StoreError> {
     let done = sqlx::query(
-        "DELETE FROM herald_outbox_published WHERE ctid = ANY (ARRAY(
-             SELECT ctid FROM herald_outbox_published
-             WHERE published_at < now() - $1::interval
+        "DELETE FROM herald_outbox WHERE ctid = ANY (ARRAY(
+             SELECT o.ctid FROM herald_outbox o
+             WHERE o.created_at < now() - $1::interval
+               AND NOT EXISTS (
+                   SELECT 1 FROM herald_outbox_pending p
+                   WHERE p.shard = herald_outbox_shard(o.aggregate_type, o.aggregate_id)
+                     AND p.id = o.id)
              LIMIT $2))",
     )
     .bind(pg_interval(retention))
@@ -157,39 +173,43 @@ pub(crate) fn pg_interval(d: Duration) -> String {
     format!("{} milliseconds", d.as_millis())
 }
 
-/// What the relay does with a published row.
+/// What the relay does with a published event.
 ///
-/// The choice is the relay's largest cost on the store side: a mark moves
-/// the row to `herald_outbox_published` (a delete here and an insert
-/// there), a delete only deletes it. See the migration
-/// `herald_outbox_published` for why a mark is a move and not an UPDATE.
+/// Either way its row in `herald_outbox_pending`, the relay's queue, is
+/// deleted in the claiming transaction; see the migration
+/// `herald_outbox_pending` for why that is the mark.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AfterPublish {
-    /// Move the row to `herald_outbox_published`, stamped with
-    /// `published_at`, and keep it there until retention
+    /// Keep the event in `herald_outbox` until retention
     /// ([`purge_published`]) removes it: an audit trail, and
-    /// `outbox status` can show recent traffic.
+    /// `outbox status` can show recent traffic. When it was published is
+    /// its Kafka record's timestamp.
     #[default]
     MarkPublished,
-    /// Delete the row in the claiming transaction: the cheaper choice when
-    /// no audit trail is needed (consumers deduplicate by event id either
-    /// way).
+    /// Delete the event too, in the same transaction: for when no audit
+    /// trail is needed (consumers deduplicate by event id either way). It
+    /// costs the relay a second delete per event and saves retention's.
     Delete,
 }
 
 /// The PostgreSQL outbox as the relay sees it ([`herald::OutboxStore`]).
 ///
-/// Ordering: every row takes the next sequence number of its aggregate at
+/// The tables: `herald_outbox` holds the events, `herald_outbox_pending`
+/// the relay's queue, one `(shard, id)` row per unpublished event, written
+/// by [`enqueue_all`] in the same statement. Marking an event published
+/// deletes its pending row.
+///
+/// Ordering: every event takes the next sequence number of its aggregate at
 /// insert, and every aggregate belongs to one of [`SHARDS`] shards. A claim
 /// owns shards, not rows: it takes a shard's transaction-level advisory lock
 /// with `pg_try_advisory_xact_lock` (a shard another relay holds is skipped,
-/// as `SKIP LOCKED` skips a row), then reads and locks the shard's
-/// unpublished rows in id order, oldest shard first, until the batch is
-/// full. Only the owner of a shard publishes its aggregates, and it
-/// publishes each one's rows in creation order, so order holds across any
-/// number of relay workers and processes; the argument is in
-/// `sql/relay_claim.sql`. A late commit is simply found on a later pass:
-/// nothing reads past a cursor.
+/// as `SKIP LOCKED` skips a row), then reads the shard's pending events in
+/// id order and locks their pending rows `FOR UPDATE`, oldest shard first,
+/// until the batch is full. Only the owner of a shard publishes its
+/// aggregates, and it publishes each one's events in creation order, so
+/// order holds across any number of relay workers and processes; the
+/// argument is in `sql/relay_claim.sql`. A late commit is simply found on a
+/// later pass: nothing reads past a cursor.
 ///
 /// Parallelism: relay transactions never scan or wait for each other's
 /// rows, and up to [`SHARDS`] of them publish at once. One busy aggregate
@@ -206,10 +226,11 @@ pub enum AfterPublish {
 /// not: two transactions that see the same latest unpublished row of an
 /// aggregate take the same next sequence number, and the second fails with
 /// [`StoreError::AggregateConflict`], a transient error: retry it. The
-/// sequence counts only rows still in the outbox, so two writers that race
-/// while the relay removes the aggregate's last unpublished row can both
-/// succeed; their events are published in id order, or in commit order if
-/// the later id commits first.
+/// sequence counts the events still in `herald_outbox`, so once retention
+/// (or [`AfterPublish::Delete`]) has removed all of an aggregate's events,
+/// it starts again from 1; two writers that race as its last event is
+/// removed can then both succeed, and their events are published in id
+/// order, or in commit order if the later id commits first.
 pub struct PgOutbox {
     pool: PgPool,
     after_publish: AfterPublish,
@@ -326,7 +347,7 @@ impl PgOutbox {
 
     /// Whether unpublished rows exist (claimable or not yet).
     async fn has_backlog(&self) -> Result<bool, sqlx::Error> {
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM herald_outbox WHERE published_at IS NULL)")
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM herald_outbox_pending)")
             .fetch_one(&self.pool)
             .await
     }
@@ -367,6 +388,8 @@ impl<'de> serde::Deserialize<'de> for HeaderList {
 pub struct PgOutboxBatch {
     tx: Transaction<'static, Postgres>,
     records: Vec<herald::PendingRecord>,
+    /// The shard of each record (its pending row's key with the id).
+    shards: Vec<i16>,
     after_publish: AfterPublish,
     synchronous_marks: bool,
 }
@@ -390,6 +413,7 @@ impl herald::OutboxStore for PgOutbox {
             .await
             .map_err(StoreError::db("starting a relay transaction"))?;
         let mut records = Vec::new();
+        let mut shards = Vec::new();
         let mut searched = false;
         let mut tried = Vec::new();
         while records.len() < max {
@@ -431,6 +455,7 @@ impl herald::OutboxStore for PgOutbox {
                 self.rotation().again(shard);
             }
             records.reserve(rows.len());
+            shards.resize(shards.len() + rows.len(), shard);
             for row in rows {
                 let headers: sqlx::types::Json<HeaderList> = row.get("headers");
                 records.push(herald::PendingRecord {
@@ -446,6 +471,7 @@ impl herald::OutboxStore for PgOutbox {
         Ok(PgOutboxBatch {
             tx,
             records,
+            shards,
             after_publish: self.after_publish,
             synchronous_marks: self.synchronous_marks,
         })
@@ -487,8 +513,23 @@ impl herald::OutboxBatch for PgOutboxBatch {
         }
         let sql = match self.after_publish {
             AfterPublish::MarkPublished => include_str!("sql/relay_mark.sql"),
-            AfterPublish::Delete => "DELETE FROM herald_outbox WHERE id = ANY($1)",
+            AfterPublish::Delete => include_str!("sql/relay_mark_delete.sql"),
         };
+        let shard_of: HashMap<i64, i16> = self
+            .records
+            .iter()
+            .map(|r| r.id)
+            .zip(self.shards.iter().copied())
+            .collect();
+        let shards: Vec<i16> = published
+            .iter()
+            .map(|id| {
+                shard_of
+                    .get(id)
+                    .copied()
+                    .ok_or(StoreError::NotClaimed { id: *id })
+            })
+            .collect::<Result<_, _>>()?;
         if !self.synchronous_marks {
             // See PgOutbox::synchronous_marks.
             sqlx::query("SET LOCAL synchronous_commit = off")
@@ -497,6 +538,7 @@ impl herald::OutboxBatch for PgOutboxBatch {
                 .map_err(StoreError::db("relaxing the relay commit"))?;
         }
         sqlx::query(sql)
+            .bind(&shards)
             .bind(published)
             .execute(&mut *self.tx)
             .await

@@ -1,6 +1,7 @@
 //! Foundation smoke test: the store's migrations on a fresh database of the
 //! real PostgreSQL server, and a row round-trip through sqlx.
 
+use herald::{OutboxBatch as _, OutboxStore as _};
 use sqlx::Row;
 
 #[tokio::test]
@@ -32,36 +33,33 @@ async fn migrations_apply_on_a_fresh_database_and_a_row_round_trips() {
     .expect("insert");
     tx.commit().await.expect("commit");
 
-    let row = sqlx::query(
-        "SELECT event_id, payload, aggregate_seq, published_at IS NULL AS pending
-         FROM herald_outbox",
-    )
-    .fetch_one(&pool)
-    .await
-    .expect("select");
+    let row = sqlx::query("SELECT event_id, payload, aggregate_seq FROM herald_outbox")
+        .fetch_one(&pool)
+        .await
+        .expect("select");
     assert_eq!(row.get::<uuid::Uuid, _>("event_id"), event_id);
     assert_eq!(row.get::<Vec<u8>, _>("payload"), payload);
     assert_eq!(row.get::<i64, _>("aggregate_seq"), 1);
-    assert!(row.get::<bool, _>("pending"));
 
     pool.close().await;
 }
 
-/// A database migrated by an earlier version, with a row marked in place: the
-/// migration that gives published rows their own table moves it there, and
-/// leaves the unpublished row where the relay looks.
+/// A database migrated by an earlier version, with one event it marked
+/// published in place and one it had not published: the migration that
+/// gives the relay its queue queues only the second, and both stay in the
+/// outbox.
 #[tokio::test]
-async fn rows_marked_in_place_move_to_the_published_table() {
+async fn events_an_earlier_version_left_unpublished_are_queued() {
     let Some(postgres) = herald_test::postgres() else {
         return;
     };
     let db = postgres.database().await;
     let pool = db.pool().await;
-    let moving = 20261127000005;
+    let queue = 20261127000004;
     let mut earlier = sqlx::migrate::Migrator {
         migrations: herald_postgres::MIGRATOR
             .iter()
-            .filter(|m| m.version < moving)
+            .filter(|m| m.version < queue)
             .cloned()
             .collect::<Vec<_>>()
             .into(),
@@ -81,16 +79,18 @@ async fn rows_marked_in_place_move_to_the_published_table() {
     .expect("rows of the earlier schema");
 
     herald_postgres::migrate(&pool).await.expect("the rest");
-    let left: Vec<i64> = sqlx::query_scalar("SELECT aggregate_seq FROM herald_outbox")
-        .fetch_all(&pool)
+    let status = herald_postgres::outbox::status(&pool)
         .await
-        .expect("outbox");
-    assert_eq!(left, vec![2], "the unpublished row stays");
-    let moved: Vec<(i64, Vec<u8>)> =
-        sqlx::query_as("SELECT aggregate_seq, payload FROM herald_outbox_published")
-            .fetch_all(&pool)
-            .await
-            .expect("published");
-    assert_eq!(moved, vec![(1, vec![1u8])], "the marked row moved whole");
+        .expect("status");
+    assert_eq!((status.backlog, status.published_retained), (1, 1));
+    let store = herald_postgres::PgOutbox::new(pool.clone());
+    let batch = store.claim(10).await.expect("claim");
+    let payloads: Vec<&[u8]> = batch
+        .records()
+        .iter()
+        .map(|r| r.payload.as_slice())
+        .collect();
+    assert_eq!(payloads, vec![&[2u8][..]], "only the unpublished event");
+    batch.commit(&[]).await.expect("release");
     pool.close().await;
 }

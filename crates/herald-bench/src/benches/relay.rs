@@ -308,7 +308,8 @@ async fn fill(
     workload: &Workload,
     topic: &str,
 ) -> anyhow::Result<f64> {
-    db.execute("TRUNCATE herald_outbox").await?;
+    db.execute("TRUNCATE herald_outbox, herald_outbox_pending")
+        .await?;
     let (records, batch) = (args.common.records, args.fill_batch as u64);
     // Keys cycle in order; transactions in flight at once must not share a
     // key (they would race for its next sequence number), and `buffered`
@@ -341,7 +342,8 @@ async fn fill(
         done?;
     }
     let filled = rate(records, started.elapsed().as_secs_f64());
-    db.execute("VACUUM (ANALYZE) herald_outbox").await?;
+    db.execute("VACUUM (ANALYZE) herald_outbox, herald_outbox_pending")
+        .await?;
     Ok(filled)
 }
 

@@ -306,7 +306,8 @@ pub async fn run(
         let mut figures: [Option<ModeFigures>; 2] = [None, None];
         for side in order {
             let mode = mode_name(side);
-            db.execute("TRUNCATE herald_outbox").await?;
+            db.execute("TRUNCATE herald_outbox, herald_outbox_pending")
+                .await?;
             let topic = resources
                 .topic(&format!("lat-r{}-{mode}", round + 1), args.partitions)
                 .await?;
