@@ -30,7 +30,12 @@ use crate::publisher::{BorrowedRecord, Publisher};
 /// Relay settings.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
-    /// Rows claimed per batch (default 500).
+    /// Rows claimed per batch (default 2,000). A batch's fixed costs (the
+    /// claim's round trips, the wait for the last acknowledgement, the
+    /// commit) are paid once per batch: in `herald-bench relay --records
+    /// 300000 --rounds 3`, 2,000 drained at a median 75,061 rec/s and 500 at
+    /// 62,100. A batch is never held back to fill up, so a small backlog
+    /// still goes out at once.
     pub batch_size: usize,
     /// How long an idle relay waits for a notification before polling again
     /// (default 1 s). Notifications make the usual wake-up immediate.
@@ -49,7 +54,7 @@ pub struct RelayConfig {
 impl Default for RelayConfig {
     fn default() -> Self {
         Self {
-            batch_size: 500,
+            batch_size: 2_000,
             poll_interval: Duration::from_secs(1),
             max_backoff: Duration::from_secs(10),
             workers: 4,

@@ -221,7 +221,7 @@ pub struct SettingsArgs {
     )]
     pub retry_max_ms: u64,
     /// Outbox rows per relay batch.
-    #[arg(long, env = "ORDERS_RELAY_BATCH", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=100_000), global = true)]
+    #[arg(long, env = "ORDERS_RELAY_BATCH", default_value_t = herald_kafka::RelayConfig::default().batch_size as u32, value_parser = clap::value_parser!(u32).range(1..=100_000), global = true)]
     pub relay_batch: u32,
     /// Keep published outbox rows this many hours (then purge).
     #[arg(

@@ -79,7 +79,7 @@ pub struct RelayArgs {
     #[allow(missing_docs)]
     pub db: DbArgs,
     /// Rows the relay claims per pass (`RelayConfig::batch_size`).
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = RelayConfig::default().batch_size)]
     pub relay_batch: usize,
     /// Relay workers, each with its own claim transaction
     /// (`RelayConfig::workers`).

@@ -65,7 +65,7 @@ pub struct RelayLatencyArgs {
     #[arg(long, default_value_t = 1000)]
     pub poll_interval_ms: u64,
     /// Rows the relay claims per pass (`RelayConfig::batch_size`).
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = RelayConfig::default().batch_size)]
     pub relay_batch: usize,
     /// Writer connections (transactions in flight at most).
     #[arg(long, default_value_t = 16)]
