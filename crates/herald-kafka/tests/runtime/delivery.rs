@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use herald::{HandlerError, RetryPolicy};
 use herald_kafka::{Consumer, ConsumerConfig, ConsumerStats, RecordInfo, Router};
-use tokio_util::sync::CancellationToken;
 
 use crate::support::*;
 
@@ -77,16 +76,15 @@ async fn every_record_is_handled_in_key_order_despite_transient_failures() {
         });
     let consumer = Consumer::new(config, router).expect("consumer");
     let stats = consumer.stats();
-    let stop = CancellationToken::new();
-    let running_consumer = tokio::spawn(consumer.run(stop.clone().cancelled_owned()));
 
     let total = KEYS * PER_KEY as usize;
-    wait_until("every record handled", Duration::from_secs(120), || {
-        seen.len() >= total
-    })
+    run_until(
+        consumer,
+        "every record handled",
+        Duration::from_secs(120),
+        || seen.len() >= total,
+    )
     .await;
-    stop.cancel();
-    running_consumer.await.expect("task").expect("consumer ran");
 
     assert_complete_and_ordered(&seen, KEYS, PER_KEY);
     assert_eq!(
@@ -147,16 +145,12 @@ async fn slow_handlers_pause_fetching_instead_of_buffering() {
     .max_in_flight(20);
     let consumer = Consumer::new(config, router).expect("consumer");
     let stats = consumer.stats();
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(consumer.run(stop.clone().cancelled_owned()));
     let mut peak = 0;
-    wait_until("all handled", Duration::from_secs(120), || {
+    run_until(consumer, "all handled", Duration::from_secs(120), || {
         peak = peak.max(ConsumerStats::get(&stats.in_flight));
         seen.len() >= 1000
     })
     .await;
-    stop.cancel();
-    task.await.expect("task").expect("consumer ran");
     assert_complete_and_ordered(&seen, 50, 20);
     // Fetching pauses at the limit; what librdkafka had already fetched for
     // the poll in progress may overshoot it by one record.
@@ -191,14 +185,13 @@ async fn many_keys_through_a_small_in_flight_limit_all_arrive() {
     .max_in_flight(1000);
     let consumer = Consumer::new(config, router).expect("consumer");
     let stats = consumer.stats();
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(consumer.run(stop.clone().cancelled_owned()));
-    wait_until("every record handled", Duration::from_secs(120), || {
-        handled.load(Ordering::Relaxed) >= events.len()
-    })
+    run_until(
+        consumer,
+        "every record handled",
+        Duration::from_secs(120),
+        || handled.load(Ordering::Relaxed) >= events.len(),
+    )
     .await;
-    stop.cancel();
-    task.await.expect("task").expect("consumer ran");
     assert_eq!(ConsumerStats::get(&stats.handled), events.len() as u64);
 }
 
@@ -237,15 +230,14 @@ async fn records_that_finish_at_once_and_records_that_wait_keep_key_order() {
             .concurrency(8)
             .inline_start(inline);
         let consumer = Consumer::new(config, router).expect("consumer");
-        let stop = CancellationToken::new();
-        let running = tokio::spawn(consumer.run(stop.clone().cancelled_owned()));
         let total = KEYS * PER_KEY as usize;
-        wait_until("every record handled", Duration::from_secs(120), || {
-            seen.len() >= total
-        })
+        run_until(
+            consumer,
+            "every record handled",
+            Duration::from_secs(120),
+            || seen.len() >= total,
+        )
         .await;
-        stop.cancel();
-        running.await.expect("task").expect("consumer ran");
         assert_complete_and_ordered(&seen, KEYS, PER_KEY);
         assert_eq!(seen.len(), total, "inline_start({inline}): no redelivery");
         assert_eq!(

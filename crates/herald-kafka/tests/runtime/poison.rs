@@ -11,7 +11,6 @@ use herald_kafka::{Consumer, ConsumerConfig, ConsumerStats, OutgoingRecord, Reco
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
 use rdkafka::message::Headers;
 use rdkafka::Message;
-use tokio_util::sync::CancellationToken;
 
 use crate::support::*;
 
@@ -123,16 +122,13 @@ async fn poison_goes_to_the_dlq_with_original_bytes_and_the_key_keeps_flowing() 
         ConsumerConfig::new(kafka.brokers(), &group, [topic.name()]).dead_letter_unknown(true);
     let consumer = Consumer::new(config, router).expect("consumer");
     let stats = consumer.stats();
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(consumer.run(stop.clone().cancelled_owned()));
-    wait_until(
+    run_until(
+        consumer,
         "good records after the poison",
         Duration::from_secs(60),
         || seen.len() >= 4,
     )
     .await;
-    stop.cancel();
-    task.await.expect("task").expect("consumer ran");
 
     let seqs: Vec<u64> = seen.by_key()[KEY].clone();
     assert_eq!(
@@ -261,14 +257,13 @@ async fn transient_failures_are_dead_lettered_after_the_retry_budget() {
     });
     let consumer = Consumer::new(config, router).expect("consumer");
     let stats = consumer.stats();
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(consumer.run(stop.clone().cancelled_owned()));
-    wait_until("both records finished", Duration::from_secs(60), || {
-        ConsumerStats::get(&stats.handled) == 1 && ConsumerStats::get(&stats.dead_lettered) == 1
-    })
+    run_until(
+        consumer,
+        "both records finished",
+        Duration::from_secs(60),
+        || ConsumerStats::get(&stats.handled) == 1 && ConsumerStats::get(&stats.dead_lettered) == 1,
+    )
     .await;
-    stop.cancel();
-    task.await.expect("task").expect("consumer ran");
     assert_eq!(
         ConsumerStats::get(&stats.retried),
         2,

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use herald_kafka::{Consumer, ConsumerConfig, RecordInfo, Router};
-use tokio_util::sync::CancellationToken;
 
 use crate::support::*;
 
@@ -40,15 +39,14 @@ async fn in_flight_handlers_complete_and_are_committed_before_exit() {
         .concurrency(6)
         .shutdown_timeout(Duration::from_secs(20));
     let consumer = Consumer::new(config, router).expect("consumer");
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(consumer.run(stop.clone().cancelled_owned()));
     // Stop while a full round of handlers is mid-sleep.
-    wait_until("handlers running", Duration::from_secs(60), || {
-        started.load(Ordering::SeqCst) >= 9
-    })
+    run_until(
+        consumer,
+        "handlers running",
+        Duration::from_secs(60),
+        || started.load(Ordering::SeqCst) >= 9,
+    )
     .await;
-    stop.cancel();
-    task.await.expect("task").expect("consumer ran");
 
     let started = started.load(Ordering::SeqCst);
     assert_eq!(

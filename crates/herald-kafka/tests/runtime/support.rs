@@ -3,7 +3,10 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use herald_kafka::{Publisher, PublisherConfig};
+use std::time::Duration;
+
+use herald_kafka::{Consumer, Publisher, PublisherConfig};
+use tokio_util::sync::CancellationToken;
 
 pub use herald_test::events::{steps, Step, TestEvent};
 
@@ -69,3 +72,19 @@ pub fn assert_complete_and_ordered(seen: &Seen, keys: usize, per_key: u64) {
 }
 
 pub use herald_test::wait_until;
+
+/// Runs `consumer` until `done` holds (checked as [`wait_until`] does, and
+/// failing after `limit` with `what`), then stops it and waits for its
+/// shutdown, which must succeed.
+pub async fn run_until(
+    consumer: Consumer,
+    what: &str,
+    limit: Duration,
+    done: impl FnMut() -> bool,
+) {
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(consumer.run(stop.clone().cancelled_owned()));
+    wait_until(what, limit, done).await;
+    stop.cancel();
+    task.await.expect("task").expect("consumer ran");
+}

@@ -7,7 +7,6 @@ use herald::{Envelope, TraceContext};
 use herald_kafka::{Consumer, ConsumerConfig, OutgoingRecord, RecordInfo, Router};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
-use tokio_util::sync::CancellationToken;
 use tracing_subscriber::layer::SubscriberExt;
 
 use crate::support::*;
@@ -54,14 +53,13 @@ async fn the_consume_span_continues_the_producers_trace() {
         [topic.name()],
     );
     let consumer = Consumer::new(config, router).expect("consumer");
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(consumer.run(stop.clone().cancelled_owned()));
-    wait_until("the record handled", Duration::from_secs(60), || {
-        seen.len() == 1
-    })
+    run_until(
+        consumer,
+        "the record handled",
+        Duration::from_secs(60),
+        || seen.len() == 1,
+    )
     .await;
-    stop.cancel();
-    task.await.expect("task").expect("consumer ran");
     provider.force_flush().expect("flush");
 
     let spans = exporter.get_finished_spans().expect("spans");
