@@ -282,31 +282,14 @@ async fn run_relay_side(
     Ok(result)
 }
 
-/// [`fill`], with the round's progress line.
+/// Empties the outbox and fills it with the run's records for `topic`,
+/// printing the round's progress line; returns the fill rate (rows/s).
 async fn fill_outbox(
     args: &RelayArgs,
     db: &BenchDatabase,
     workload: &Workload,
     topic: &str,
     round: usize,
-) -> anyhow::Result<f64> {
-    let filled = fill(args, db, workload, topic).await?;
-    progress(format!(
-        "relay round {}: filled the outbox with {} events at {} rows/s",
-        round + 1,
-        args.common.records,
-        per_second(filled)
-    ));
-    Ok(filled)
-}
-
-/// Empties the outbox and fills it with the run's records for `topic`;
-/// returns the fill rate (rows/s).
-async fn fill(
-    args: &RelayArgs,
-    db: &BenchDatabase,
-    workload: &Workload,
-    topic: &str,
 ) -> anyhow::Result<f64> {
     db.execute("TRUNCATE herald_outbox, herald_outbox_pending")
         .await?;
@@ -344,6 +327,11 @@ async fn fill(
     let filled = rate(records, started.elapsed().as_secs_f64());
     db.execute("VACUUM (ANALYZE) herald_outbox, herald_outbox_pending")
         .await?;
+    progress(format!(
+        "relay round {}: filled the outbox with {records} events at {} rows/s",
+        round + 1,
+        per_second(filled)
+    ));
     Ok(filled)
 }
 
