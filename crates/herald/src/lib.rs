@@ -56,7 +56,10 @@ pub use envelope::{headers, DecodeError, EncodeError, Envelope};
 pub use event::{Event, EventPayload};
 pub use handler::{ErrorClass, HandlerError};
 pub use inbox::{Applied, EffectsFuture, InboxStore};
-pub use outbox::{OutboxBatch, OutboxRecord, OutboxStatus, OutboxStore, PendingRecord};
+pub use outbox::{
+    Checkpoint, OutboxBatch, OutboxRecord, OutboxStatus, OutboxStore, PendingRecord, SlotLease,
+    SlotStore,
+};
 pub use retry::RetryPolicy;
 pub use trace::TraceContext;
 

@@ -124,3 +124,80 @@ pub trait OutboxBatch: Send {
     /// releases the rest for a later pass, atomically.
     fn commit(self, published: &[i64]) -> impl Future<Output = Result<(), Self::Error>> + Send;
 }
+
+/// What one exactly-once relay transaction published for one relay slot,
+/// as written to Kafka in that same transaction: every outbox row id its
+/// store transaction marks published (the batch, and any rows it recovered
+/// from an earlier checkpoint), under the slot's next sequence number.
+///
+/// A relay that dies after its Kafka transaction committed and before its
+/// store transaction did leaves this record as the only durable note of
+/// what it published; the slot's next owner reads it (`read_committed`)
+/// and marks those rows before it claims any (see [`SlotLease::recover`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Checkpoint {
+    /// The relay slot.
+    pub slot: u16,
+    /// The slot's sequence number: one more than the sequence the store had
+    /// recorded when the batch was claimed.
+    pub sequence: i64,
+    /// The outbox rows (store ids) this transaction published or recovered.
+    pub ids: Vec<i64>,
+}
+
+/// An outbox store that an exactly-once relay can drain: its aggregates are
+/// divided among a fixed number of **slots**, and a relay owns a slot (all
+/// of its aggregates, exclusively) for the length of one store transaction.
+///
+/// A slot is the unit that the Kafka side fences: the relay derives one
+/// `transactional.id` per slot, so the next owner of a slot fences every
+/// earlier owner of it (see `herald_kafka::TransactionalRelay`). The number
+/// of slots is therefore part of the deployment's identity and never
+/// changes for a given outbox.
+pub trait SlotStore: OutboxStore {
+    /// A slot owned by one store transaction.
+    type Lease: SlotLease<Error = Self::Error>;
+
+    /// How many slots there are (fixed for the store).
+    fn slots(&self) -> u16;
+
+    /// Takes `slot` if no one else holds it; `None` when another relay does.
+    fn lease(
+        &self,
+        slot: u16,
+    ) -> impl Future<Output = Result<Option<Self::Lease>, Self::Error>> + Send;
+}
+
+/// One slot, owned until [`SlotLease::commit`] or until the lease is
+/// dropped (which releases it with nothing marked).
+pub trait SlotLease: Send {
+    /// The store's error.
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// The slot.
+    fn slot(&self) -> u16;
+
+    /// The sequence of the last checkpoint the store recorded for this
+    /// slot (0 when none).
+    fn sequence(&self) -> i64;
+
+    /// Marks published the rows of `checkpoint`, which Kafka committed but
+    /// the store never recorded (its relay died between the two commits),
+    /// and records its sequence; returns how many rows were still pending.
+    /// Rows already marked are skipped. Call it before [`SlotLease::claim`].
+    fn recover(
+        &mut self,
+        checkpoint: &Checkpoint,
+    ) -> impl Future<Output = Result<u64, Self::Error>> + Send;
+
+    /// Claims up to `max` pending records of the slot's aggregates, in
+    /// publish order (as [`OutboxStore::claim`]).
+    fn claim(
+        &mut self,
+        max: usize,
+    ) -> impl Future<Output = Result<&[PendingRecord], Self::Error>> + Send;
+
+    /// Marks every claimed record published, records `sequence` as the
+    /// slot's checkpoint, and releases the slot, atomically and durably.
+    fn commit(self, sequence: i64) -> impl Future<Output = Result<(), Self::Error>> + Send;
+}
