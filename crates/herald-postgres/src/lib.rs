@@ -13,6 +13,9 @@
 //!   delete, LISTEN/NOTIFY), status and retention. The claim's queries and
 //!   its ordering argument are in `src/sql/relay_shards.sql` and
 //!   `src/sql/relay_claim.sql`.
+//! - [`slots`]: relay slots, the groups of shards an exactly-once relay
+//!   leases ([`herald::SlotStore`]), and why its checkpoints make the relay
+//!   publish each event once.
 //! - `shards`: which shards a relay process tries next, between searches.
 //! - [`inbox`]: [`Inbox`] — effects and the inbox row in one transaction,
 //!   one per event or batched with savepoints; retention.
@@ -21,6 +24,7 @@
 pub mod inbox;
 pub mod outbox;
 mod shards;
+pub mod slots;
 
 use herald::HandlerError;
 use sqlx::migrate::Migrator;
@@ -28,6 +32,7 @@ use sqlx::PgPool;
 
 pub use inbox::{Applied, Inbox};
 pub use outbox::{AfterPublish, OutboxRecord, OutboxStatus, PgOutbox};
+pub use slots::{PgSlotLease, RELAY_SLOTS};
 
 /// The migrations of herald's own tables (`herald_outbox`, `herald_inbox`).
 pub static MIGRATOR: Migrator = {

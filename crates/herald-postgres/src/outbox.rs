@@ -232,10 +232,11 @@ pub enum AfterPublish {
 /// removed can then both succeed, and their events are published in id
 /// order, or in commit order if the later id commits first.
 pub struct PgOutbox {
-    pool: PgPool,
-    after_publish: AfterPublish,
+    pub(crate) pool: PgPool,
+    pub(crate) after_publish: AfterPublish,
     listen: bool,
     synchronous_marks: bool,
+    pub(crate) lease_timeout: Duration,
     listener: tokio::sync::Mutex<Option<sqlx::postgres::PgListener>>,
     rotation: std::sync::Mutex<ShardRotation>,
 }
@@ -246,6 +247,7 @@ impl std::fmt::Debug for PgOutbox {
             .field("after_publish", &self.after_publish)
             .field("listen", &self.listen)
             .field("synchronous_marks", &self.synchronous_marks)
+            .field("lease_timeout", &self.lease_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -259,6 +261,7 @@ impl PgOutbox {
             after_publish: AfterPublish::default(),
             listen: true,
             synchronous_marks: false,
+            lease_timeout: crate::slots::DEFAULT_LEASE_TIMEOUT,
             listener: tokio::sync::Mutex::new(None),
             rotation: std::sync::Mutex::default(),
         }
@@ -294,6 +297,15 @@ impl PgOutbox {
     /// to the relay crash case, at the cost of one WAL flush per batch.
     pub fn synchronous_marks(mut self, synchronous: bool) -> Self {
         self.synchronous_marks = synchronous;
+        self
+    }
+
+    /// How long an exactly-once relay may keep a slot while doing nothing
+    /// on its connection (publishing, waiting for Kafka) before PostgreSQL
+    /// ends its session and so frees the slot for another relay (default
+    /// 30 s; see [`crate::slots`]). Only [`herald::SlotStore`] leases use it.
+    pub fn lease_timeout(mut self, timeout: Duration) -> Self {
+        self.lease_timeout = timeout;
         self
     }
 
@@ -384,6 +396,19 @@ impl<'de> serde::Deserialize<'de> for HeaderList {
     }
 }
 
+/// The record of a row of `sql/relay_claim.sql`.
+pub(crate) fn pending_record(row: &sqlx::postgres::PgRow) -> herald::PendingRecord {
+    let headers: sqlx::types::Json<HeaderList> = row.get("headers");
+    herald::PendingRecord {
+        id: row.get("id"),
+        event_id: row.get("event_id"),
+        topic: row.get("topic"),
+        key: row.get("record_key"),
+        payload: row.get("payload"),
+        headers: headers.0 .0,
+    }
+}
+
 /// A claimed batch, holding its transaction (and so its row locks).
 pub struct PgOutboxBatch {
     tx: Transaction<'static, Postgres>,
@@ -456,17 +481,7 @@ impl herald::OutboxStore for PgOutbox {
             }
             records.reserve(rows.len());
             shards.resize(shards.len() + rows.len(), shard);
-            for row in rows {
-                let headers: sqlx::types::Json<HeaderList> = row.get("headers");
-                records.push(herald::PendingRecord {
-                    id: row.get("id"),
-                    event_id: row.get("event_id"),
-                    topic: row.get("topic"),
-                    key: row.get("record_key"),
-                    payload: row.get("payload"),
-                    headers: headers.0 .0,
-                });
-            }
+            records.extend(rows.iter().map(pending_record));
         }
         Ok(PgOutboxBatch {
             tx,

@@ -1,0 +1,271 @@
+//! Relay slots: what an exactly-once relay owns while it publishes
+//! ([`herald::SlotStore`] for [`PgOutbox`]).
+//!
+//! A slot is a fixed group of shards, `shard % RELAY_SLOTS`. A lease is one
+//! transaction that holds the slot's advisory lock
+//! (`pg_try_advisory_xact_lock(SLOT_LOCK_CLASS, slot)`) and the advisory
+//! locks of the slot's shards, the same shard locks an at-least-once claim
+//! takes, so the two kinds of relay never publish one shard at once. What a
+//! lease claims follows the shard claim's ordering argument
+//! (`sql/relay_claim.sql`) unchanged: one owner per shard, lowest ids first.
+//!
+//! # Why exactly once holds
+//!
+//! The relay (`herald_kafka::TransactionalRelay`) publishes a lease's batch
+//! in a Kafka transaction under the slot's own `transactional.id`, with a
+//! checkpoint record (slot, sequence, ids) in the same transaction, then
+//! commits the lease: the batch's pending rows are deleted and the
+//! sequence is stored in `herald_relay_slots`, in one PostgreSQL
+//! transaction committed with `synchronous_commit = on`.
+//!
+//! - **Crash between the two commits.** Kafka holds checkpoint `s`,
+//!   PostgreSQL still `s - 1` and the rows are pending. The next owner of
+//!   the slot first fences every earlier producer of the slot
+//!   (`init_transactions`, which also completes or aborts whatever
+//!   transaction was open), then reads the slot's latest committed
+//!   checkpoint and, finding it ahead of [`SlotLease::sequence`], marks its
+//!   ids ([`SlotLease::recover`]) in the lease's transaction, before the
+//!   claim: the claim cannot return them. A checkpoint lists every id its
+//!   lease marks, recovered ones included, so if that lease dies in the
+//!   same window, the next checkpoint still covers the earlier one.
+//! - **Zombies.** A relay that stalls (paused, partitioned, its host
+//!   frozen) keeps its lease only while PostgreSQL keeps its session: the
+//!   lease sets `idle_in_transaction_session_timeout`
+//!   ([`PgOutbox::lease_timeout`]), and an ended session releases the
+//!   locks. Before the next owner publishes anything it initializes the
+//!   slot's transactional producer, which bumps the producer epoch: the
+//!   stalled relay's open transaction is aborted, and its commit, if it
+//!   ever wakes, is refused as fenced. Its PostgreSQL commit fails too (no
+//!   session). Either its Kafka commit happened before the new owner's
+//!   initialization, and the checkpoint recovery above marks it, or it is
+//!   aborted and invisible to `read_committed` readers.
+//! - **Async commits are not allowed here.** A lost PostgreSQL commit
+//!   (`synchronous_commit = off` and a crash) could drop several leases'
+//!   marks while Kafka kept their checkpoints; only the latest is read on
+//!   recovery. So leases always commit synchronously: one WAL flush per
+//!   batch.
+//!
+//! The number of slots is fixed ([`RELAY_SLOTS`]): it is part of every
+//! relay's transactional ids, and two relays that split shards differently
+//! would not fence each other.
+
+use std::time::Duration;
+
+use herald::{Checkpoint, PendingRecord};
+use sqlx::{PgPool, Postgres, Row, Transaction};
+
+use crate::outbox::{pending_record, AfterPublish, PgOutbox, SHARDS, SHARD_LOCK_CLASS};
+use crate::StoreError;
+
+/// The number of relay slots: the most exactly-once relay transactions
+/// that publish at once, across all relay processes. Fixed (see the
+/// module documentation).
+pub const RELAY_SLOTS: u16 = 16;
+
+/// The first key of the advisory locks by which a lease owns a slot
+/// ("hers" in ASCII); the slot is the second.
+pub const SLOT_LOCK_CLASS: i32 = 0x6865_7273;
+
+/// The default [`PgOutbox::lease_timeout`].
+pub const DEFAULT_LEASE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The shards of `slot`.
+pub fn shards_of(slot: u16) -> Vec<i16> {
+    (0..SHARDS)
+        .filter(|shard| shard % RELAY_SLOTS == slot)
+        .map(|shard| i16::try_from(shard).unwrap_or(i16::MAX))
+        .collect()
+}
+
+/// A slot's last stored checkpoint, for status pages.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SlotCheckpoint {
+    /// The slot.
+    pub slot: u16,
+    /// Its last checkpoint sequence.
+    pub sequence: i64,
+    /// When that checkpoint was stored.
+    pub at: chrono::DateTime<chrono::Utc>,
+}
+
+/// Every slot's last stored checkpoint, by slot (slots that never
+/// published are absent).
+pub async fn checkpoints(pool: &PgPool) -> Result<Vec<SlotCheckpoint>, StoreError> {
+    let rows =
+        sqlx::query("SELECT slot, sequence, checkpointed_at FROM herald_relay_slots ORDER BY slot")
+            .fetch_all(pool)
+            .await
+            .map_err(StoreError::db("reading relay checkpoints"))?;
+    Ok(rows
+        .iter()
+        .map(|row| SlotCheckpoint {
+            slot: u16::try_from(row.get::<i16, _>("slot")).unwrap_or_default(),
+            sequence: row.get("sequence"),
+            at: row.get("checkpointed_at"),
+        })
+        .collect())
+}
+
+/// A slot owned by one transaction ([`herald::SlotLease`]).
+pub struct PgSlotLease {
+    tx: Transaction<'static, Postgres>,
+    slot: u16,
+    sequence: i64,
+    /// The slot's shards whose locks this lease holds.
+    shards: Vec<i16>,
+    records: Vec<PendingRecord>,
+    /// The shard of each claimed record.
+    record_shards: Vec<i16>,
+    after_publish: AfterPublish,
+}
+
+impl std::fmt::Debug for PgSlotLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgSlotLease")
+            .field("slot", &self.slot)
+            .field("sequence", &self.sequence)
+            .field("shards", &self.shards)
+            .field("records", &self.records.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl herald::SlotStore for PgOutbox {
+    type Lease = PgSlotLease;
+
+    fn slots(&self) -> u16 {
+        RELAY_SLOTS
+    }
+
+    async fn lease(&self, slot: u16) -> Result<Option<PgSlotLease>, StoreError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(StoreError::db("starting a relay lease"))?;
+        // synchronous_commit is set whatever the session's default (see the
+        // module documentation: a lost lease commit is not recoverable).
+        sqlx::query(
+            "SELECT set_config('idle_in_transaction_session_timeout', $1, true),
+                    set_config('synchronous_commit', 'on', true)",
+        )
+        .bind(self.lease_timeout.as_millis().max(1).to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::db("setting the relay lease timeout"))?;
+        let ours: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1, $2)")
+            .bind(SLOT_LOCK_CLASS)
+            .bind(i32::from(slot))
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(StoreError::db("locking a relay slot"))?;
+        if !ours {
+            return Ok(None);
+        }
+        // A shard an at-least-once claim holds right now is left out of
+        // this lease (mixed relays: see the module documentation).
+        let shards: Vec<i16> = sqlx::query_scalar(
+            "SELECT shard FROM unnest($1::smallint[]) AS s(shard)
+             WHERE pg_try_advisory_xact_lock($2, shard::int)
+             ORDER BY shard",
+        )
+        .bind(shards_of(slot))
+        .bind(SHARD_LOCK_CLASS)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(StoreError::db("locking a relay slot's shards"))?;
+        let sequence: Option<i64> =
+            sqlx::query_scalar("SELECT sequence FROM herald_relay_slots WHERE slot = $1")
+                .bind(i16::try_from(slot).unwrap_or(i16::MAX))
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(StoreError::db("reading a relay slot's checkpoint"))?;
+        Ok(Some(PgSlotLease {
+            tx,
+            slot,
+            sequence: sequence.unwrap_or(0),
+            shards,
+            records: Vec::new(),
+            record_shards: Vec::new(),
+            after_publish: self.after_publish,
+        }))
+    }
+}
+
+impl herald::SlotLease for PgSlotLease {
+    type Error = StoreError;
+
+    fn slot(&self) -> u16 {
+        self.slot
+    }
+
+    fn sequence(&self) -> i64 {
+        self.sequence
+    }
+
+    async fn recover(&mut self, checkpoint: &Checkpoint) -> Result<u64, StoreError> {
+        let pending: i64 = sqlx::query_scalar(include_str!("sql/relay_recover.sql"))
+            .bind(&checkpoint.ids)
+            .bind(self.after_publish == AfterPublish::Delete)
+            .fetch_one(&mut *self.tx)
+            .await
+            .map_err(StoreError::db(
+                "marking a relay checkpoint's rows published",
+            ))?;
+        self.sequence = self.sequence.max(checkpoint.sequence);
+        Ok(u64::try_from(pending).unwrap_or_default())
+    }
+
+    async fn claim(&mut self, max: usize) -> Result<&[PendingRecord], StoreError> {
+        // Each shard's share of the batch, so that one busy shard does not
+        // starve the slot's others; each takes its lowest pending ids, a
+        // prefix of each of its aggregates (sql/relay_claim.sql).
+        let share = max.div_ceil(self.shards.len().max(1));
+        for &shard in &self.shards {
+            let limit = share.min(max - self.records.len());
+            if limit == 0 {
+                break;
+            }
+            let rows = sqlx::query(include_str!("sql/relay_claim.sql"))
+                .bind(shard)
+                .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+                .fetch_all(&mut *self.tx)
+                .await
+                .map_err(StoreError::db("claiming outbox rows"))?;
+            self.record_shards
+                .resize(self.record_shards.len() + rows.len(), shard);
+            self.records.extend(rows.iter().map(pending_record));
+        }
+        Ok(&self.records)
+    }
+
+    async fn commit(mut self, sequence: i64) -> Result<(), StoreError> {
+        if !self.records.is_empty() {
+            let sql = match self.after_publish {
+                AfterPublish::MarkPublished => include_str!("sql/relay_mark.sql"),
+                AfterPublish::Delete => include_str!("sql/relay_mark_delete.sql"),
+            };
+            let ids: Vec<i64> = self.records.iter().map(|r| r.id).collect();
+            sqlx::query(sql)
+                .bind(&self.record_shards)
+                .bind(&ids)
+                .execute(&mut *self.tx)
+                .await
+                .map_err(StoreError::db("marking outbox rows published"))?;
+        }
+        sqlx::query(
+            "INSERT INTO herald_relay_slots (slot, sequence) VALUES ($1, $2)
+             ON CONFLICT (slot) DO UPDATE
+             SET sequence = excluded.sequence, checkpointed_at = now()",
+        )
+        .bind(i16::try_from(self.slot).unwrap_or(i16::MAX))
+        .bind(sequence)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(StoreError::db("storing a relay checkpoint"))?;
+        self.tx
+            .commit()
+            .await
+            .map_err(StoreError::db("committing the relay lease"))
+    }
+}
