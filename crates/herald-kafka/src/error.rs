@@ -49,6 +49,17 @@ pub fn is_retriable_code(code: RDKafkaErrorCode) -> bool {
     )
 }
 
+/// Error codes that mean another producer with our `transactional.id` won.
+pub(crate) fn is_fenced_code(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::Fenced
+            | RDKafkaErrorCode::ProducerFenced
+            | RDKafkaErrorCode::InvalidProducerEpoch
+            | RDKafkaErrorCode::TransactionCoordinatorFenced
+    )
+}
+
 /// Whether a [`KafkaError`] may succeed if tried again.
 pub fn is_retriable(error: &KafkaError) -> bool {
     match error {

@@ -11,7 +11,9 @@
 //!   `process.rs` one record's retries and dead letter.
 //! - [`dlq`]: the dead-letter record format (`dlq.*` headers).
 //! - [`processor`]: exactly-once consume → transform → produce in Kafka transactions ([`Processor`], [`Transform`], changelog state).
-//! - [`relay`]: [`Relay`], the outbox relay over any [`herald::OutboxStore`].
+//! - [`relay`]: the outbox relays: [`TransactionalRelay`] (exactly once, over
+//!   a [`herald::SlotStore`]; `relay/checkpoint.rs` its checkpoint topic) and
+//!   [`Relay`] (at least once, over any [`herald::OutboxStore`]).
 //! - [`error`]: error types and the retriable/fatal classification.
 //! - [`metrics`]: Prometheus label sets and buckets; every stats value is a
 //!   collector for the service's registry.
@@ -33,4 +35,7 @@ pub use processor::{Guarantee, Processor, ProcessorConfig, ProcessorError, Trans
 pub use publisher::{
     BorrowedRecord, Delivered, OutgoingRecord, Publisher, PublisherConfig, PublisherStats,
 };
-pub use relay::{Relay, RelayConfig, RelayStats};
+pub use relay::{
+    Delivery, ExactlyOnceConfig, FaultHook, Relay, RelayConfig, RelayPoint, RelayStats,
+    TransactionalRelay,
+};

@@ -44,9 +44,9 @@ pub const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
 /// Configuration of a [`Publisher`]; build it with [`PublisherConfig::new`].
 #[derive(Debug, Clone)]
 pub struct PublisherConfig {
-    brokers: String,
-    source: String,
-    settings: BTreeMap<String, String>,
+    pub(crate) brokers: String,
+    pub(crate) source: String,
+    pub(crate) settings: BTreeMap<String, String>,
 }
 
 impl PublisherConfig {
@@ -261,6 +261,14 @@ impl Publisher {
             source: source.to_owned(),
             stats: Arc::default(),
         })
+    }
+
+    /// The same publisher counting into `stats` (several producers of one
+    /// component, e.g. the exactly-once relay's per-slot producers, report
+    /// as one).
+    pub(crate) fn with_stats(mut self, stats: Arc<PublisherStats>) -> Self {
+        self.stats = stats;
+        self
     }
 
     /// The `ce_source` stamped on events.

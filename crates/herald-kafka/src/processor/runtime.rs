@@ -27,6 +27,7 @@ use super::changelog::read_to_end;
 use super::{Guarantee, Input, ProcessorConfig, ProcessorError, ProcessorStats, Transform};
 use crate::consumer::envelope_of;
 use crate::dlq::{dead_letter, Failure, OriginalRecord};
+use crate::error::is_fenced_code;
 use crate::error::{is_retriable, ClientError};
 use crate::publisher::OutgoingRecord;
 
@@ -34,17 +35,6 @@ use crate::publisher::OutgoingRecord;
 type Tp = (Arc<str>, i32);
 /// One input: topic, partition, offset.
 type InputRef = (Arc<str>, i32, i64);
-
-/// Error codes that mean another producer with our `transactional.id` won.
-fn is_fenced_code(code: RDKafkaErrorCode) -> bool {
-    matches!(
-        code,
-        RDKafkaErrorCode::Fenced
-            | RDKafkaErrorCode::ProducerFenced
-            | RDKafkaErrorCode::InvalidProducerEpoch
-            | RDKafkaErrorCode::TransactionCoordinatorFenced
-    )
-}
 
 /// The producer's context: remembers outputs Kafka refused for good, by the
 /// input that made them, so that input can be dead-lettered instead of being

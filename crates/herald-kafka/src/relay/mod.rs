@@ -1,12 +1,19 @@
-//! The outbox relay: claims committed outbox rows from a store, publishes
-//! them with the idempotent producer, waits for every acknowledgement, and
-//! marks what was published — in the transaction that claimed it.
+//! The outbox relays: they claim committed outbox rows from a store,
+//! publish them, and mark what was published in the transaction that
+//! claimed it. Two deliveries ([`Delivery`]):
 //!
-//! A crash between publish and mark re-publishes the same event ids on the
-//! next pass (consumers deduplicate with the inbox); nothing committed is
-//! ever lost. A failed delivery leaves its row, and every later row of the
-//! same aggregate in the batch, unpublished for the next pass (after a
-//! backoff), so an aggregate's events never overtake each other.
+//! - [`TransactionalRelay`] (exactly once, `exactly_once.rs`): a batch is a
+//!   Kafka transaction with a checkpoint of what it published
+//!   (`checkpoint.rs`); the store's relay slots fence stalled relays and a
+//!   slot's next owner marks what its predecessor published but did not
+//!   record. `read_committed` readers see every event once.
+//! - [`Relay`] (at least once, this file): the idempotent producer, every
+//!   acknowledgement awaited, then the mark. A crash between publish and
+//!   mark re-publishes the same event ids on the next pass (consumers
+//!   deduplicate with the inbox); nothing committed is ever lost. A failed
+//!   delivery leaves its row, and every later row of the same aggregate in
+//!   the batch, unpublished for the next pass (after a backoff), so an
+//!   aggregate's events never overtake each other.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -15,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use herald::envelope::headers;
-use herald::{OutboxBatch, OutboxStore, PendingRecord, TraceContext};
+use herald::{OutboxBatch, OutboxStore, PendingRecord, RetryPolicy, TraceContext};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::metrics::histogram::Histogram;
@@ -23,9 +30,14 @@ use rdkafka::message::{Header, OwnedHeaders};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::error::PublishError;
+use crate::error::{ClientError, PublishError};
 use crate::metrics::{encode_counter, encode_metric, latency_histogram};
 use crate::publisher::{BorrowedRecord, Publisher};
+
+mod checkpoint;
+mod exactly_once;
+
+pub use exactly_once::{Delivery, ExactlyOnceConfig, FaultHook, RelayPoint, TransactionalRelay};
 
 /// Relay settings.
 #[derive(Debug, Clone)]
@@ -51,6 +63,24 @@ pub struct RelayConfig {
     pub workers: usize,
 }
 
+impl RelayConfig {
+    /// The pause after `failures` consecutive failed passes: exponential
+    /// from 100 ms up to [`RelayConfig::max_backoff`], with full jitter so
+    /// several relays do not hammer a recovering server together.
+    pub fn backoff(&self, failures: u32) -> Duration {
+        let policy = RetryPolicy {
+            max_attempts: u32::MAX,
+            initial_delay: Duration::from_millis(100),
+            max_delay: self.max_backoff,
+            multiplier: 2.0,
+            deadline: None,
+        };
+        policy
+            .next_delay(failures.max(1), Duration::ZERO)
+            .unwrap_or(self.max_backoff)
+    }
+}
+
 impl Default for RelayConfig {
     fn default() -> Self {
         Self {
@@ -74,6 +104,17 @@ pub struct RelayStats {
     pub publish_failures: AtomicU64,
     /// Store errors (claim or commit failed).
     pub store_failures: AtomicU64,
+    /// Exactly once: slot producers initialized (each fences the slot's
+    /// earlier producers).
+    pub fences: AtomicU64,
+    /// Exactly once: transactions refused because another relay fenced
+    /// this one's slot producer.
+    pub fenced: AtomicU64,
+    /// Exactly once: transactions aborted after a Kafka error.
+    pub aborted: AtomicU64,
+    /// Exactly once: rows a previous owner of a slot published but did not
+    /// mark, marked from its checkpoint by the next owner.
+    pub recovered: AtomicU64,
     /// Duration of the last non-empty batch, claim to commit, in microseconds.
     pub last_batch_micros: AtomicU64,
     /// Sum of non-empty batch durations, in microseconds.
@@ -89,6 +130,10 @@ impl Default for RelayStats {
             batches: AtomicU64::default(),
             publish_failures: AtomicU64::default(),
             store_failures: AtomicU64::default(),
+            fences: AtomicU64::default(),
+            fenced: AtomicU64::default(),
+            aborted: AtomicU64::default(),
+            recovered: AtomicU64::default(),
             last_batch_micros: AtomicU64::default(),
             batch_micros_total: AtomicU64::default(),
             batch_seconds: latency_histogram(),
@@ -119,6 +164,26 @@ impl Collector for RelayStats {
                 "Outbox store errors (claim or mark).",
                 &self.store_failures,
             ),
+            (
+                "herald_relay_fences",
+                "Exactly-once relay slot producers initialized (each fences earlier ones).",
+                &self.fences,
+            ),
+            (
+                "herald_relay_fenced",
+                "Exactly-once relay transactions refused because another relay took the slot.",
+                &self.fenced,
+            ),
+            (
+                "herald_relay_transactions_aborted",
+                "Exactly-once relay transactions aborted after a Kafka error.",
+                &self.aborted,
+            ),
+            (
+                "herald_relay_recovered",
+                "Rows marked from a checkpoint that a previous slot owner published but did not mark.",
+                &self.recovered,
+            ),
         ] {
             encode_counter(&mut encoder, name, help, value.load(Ordering::Relaxed))?;
         }
@@ -128,6 +193,21 @@ impl Collector for RelayStats {
             "Relay batch durations, claim to commit.",
             &self.batch_seconds,
         )
+    }
+}
+
+impl RelayStats {
+    /// Counts a non-empty batch of `published` records that started at
+    /// `started`.
+    fn record_batch(&self, published: usize, started: Instant) {
+        let elapsed = started.elapsed();
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        self.published
+            .fetch_add(published as u64, Ordering::Relaxed);
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.last_batch_micros.store(micros, Ordering::Relaxed);
+        self.batch_micros_total.fetch_add(micros, Ordering::Relaxed);
+        self.batch_seconds.observe(elapsed.as_secs_f64());
     }
 }
 
@@ -148,6 +228,28 @@ pub enum RelayError<E: std::error::Error + 'static> {
         /// The first delivery error.
         #[source]
         source: PublishError,
+    },
+    /// Exactly once: a Kafka transaction step failed; the transaction was
+    /// aborted and nothing of the batch was marked.
+    #[error("relay slot {slot}: {operation} failed: {source}")]
+    Transaction {
+        /// The relay slot.
+        slot: u16,
+        /// What the relay was doing.
+        operation: &'static str,
+        /// librdkafka's error.
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    /// Exactly once: the slot's producer could not be made, or its
+    /// checkpoint could not be read; nothing was claimed.
+    #[error("relay slot {slot}: {source}")]
+    Checkpoint {
+        /// The relay slot.
+        slot: u16,
+        /// What failed.
+        #[source]
+        source: ClientError,
     },
 }
 
@@ -318,20 +420,7 @@ impl<S: OutboxStore> Relay<S> {
             .map_err(|e| self.store_error(e))?;
         span.record("published", published_count);
 
-        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        self.stats
-            .published
-            .fetch_add(published_count as u64, Ordering::Relaxed);
-        self.stats.batches.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .last_batch_micros
-            .store(micros, Ordering::Relaxed);
-        self.stats
-            .batch_micros_total
-            .fetch_add(micros, Ordering::Relaxed);
-        self.stats
-            .batch_seconds
-            .observe(started.elapsed().as_secs_f64());
+        self.stats.record_batch(published_count, started);
         match first_error {
             Some(source) => {
                 self.stats
@@ -408,7 +497,7 @@ impl<S: OutboxStore> Relay<S> {
                 }
                 Err(error) => {
                     failures = failures.saturating_add(1);
-                    let pause = self.backoff(failures);
+                    let pause = self.config.backoff(failures);
                     tracing::warn!(%error, ?pause, "outbox relay pass failed; retrying");
                     pause
                 }
@@ -418,13 +507,6 @@ impl<S: OutboxStore> Relay<S> {
                 _ = stop.cancelled() => {}
             }
         }
-    }
-
-    fn backoff(&self, failures: u32) -> Duration {
-        let exp = Duration::from_millis(100).saturating_mul(1 << failures.min(10));
-        let bound = exp.min(self.config.max_backoff);
-        // Jitter so several relays do not hammer a recovering server together.
-        bound.mul_f64(rand::Rng::gen_range(&mut rand::thread_rng(), 0.5..=1.0))
     }
 
     fn store_error(&self, error: S::Error) -> RelayError<S::Error> {

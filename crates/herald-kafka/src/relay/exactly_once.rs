@@ -1,0 +1,635 @@
+//! The exactly-once outbox relay: each batch is one Kafka transaction under
+//! its relay slot's `transactional.id`, holding the batch's records and a
+//! checkpoint of what it published; the store marks the batch in a lease
+//! transaction committed after Kafka's.
+//!
+//! Why no event is published twice, and why a stalled relay cannot commit
+//! after another has taken over, is argued where the ownership lives, in
+//! `herald_postgres::slots`. This side keeps two rules that argument needs:
+//!
+//! 1. **Fence, then read, then claim.** A producer for a slot is made (and
+//!    `init_transactions` called, which fences every earlier producer of
+//!    the slot and settles its open transaction) only while this relay
+//!    holds the slot's lease, and the slot's latest checkpoint is read
+//!    (`read_committed`) after that, and recovered into the lease before
+//!    the lease claims.
+//! 2. **A kept producer is only trusted while nothing happened behind its
+//!    back.** Between leases a process keeps each slot's producer, with the
+//!    sequence it last committed. It reuses it only when the new lease
+//!    shows that same sequence; anything else (another relay committed the
+//!    slot meanwhile, or this relay's own store commit failed after its
+//!    Kafka commit) makes a new producer, which fences and reads again. A
+//!    kept producer that another relay fenced meanwhile fails its next
+//!    transaction and is dropped; that batch is claimed again later.
+//!
+//! Any Kafka error inside a transaction aborts it, releases the lease with
+//! nothing marked, drops the slot's producer and backs off: the whole batch
+//! is claimed again, in order, by whichever relay gets the slot next.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use herald::{Checkpoint, SlotLease, SlotStore};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{FutureRecord, Producer as _};
+use rdkafka::util::Timeout;
+use rdkafka::ClientConfig;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::checkpoint::{self, CheckpointReader};
+use super::{outgoing, Pass, RelayConfig, RelayError, RelayStats};
+use crate::error::{is_fenced_code, ClientError};
+use crate::publisher::{BorrowedRecord, Publisher, PublisherConfig, PublisherStats};
+use crate::settings;
+
+/// Which relay a service runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Delivery {
+    /// [`TransactionalRelay`]: every outbox event reaches Kafka once, for
+    /// `read_committed` readers. Needs a broker with transactions (not
+    /// librdkafka's mock cluster) and a [`herald::SlotStore`].
+    #[default]
+    ExactlyOnce,
+    /// [`super::Relay`]: a crash between publish and mark publishes a
+    /// batch again (same event ids); consumers deduplicate with the inbox.
+    AtLeastOnce,
+}
+
+impl Delivery {
+    /// The name used in flags and status output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Delivery::ExactlyOnce => "exactly-once",
+            Delivery::AtLeastOnce => "at-least-once",
+        }
+    }
+}
+
+impl std::fmt::Display for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Delivery {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "exactly-once" => Ok(Delivery::ExactlyOnce),
+            "at-least-once" => Ok(Delivery::AtLeastOnce),
+            other => Err(format!(
+                "unknown delivery {other:?}: expected exactly-once or at-least-once"
+            )),
+        }
+    }
+}
+
+/// Settings of the exactly-once relay beyond [`RelayConfig`].
+#[derive(Debug, Clone)]
+pub struct ExactlyOnceConfig {
+    /// Slot `k`'s producer has `transactional.id` `<prefix>-<k>` (default
+    /// `herald-relay`). Every relay of one outbox must use the same prefix
+    /// (it is what fences a stalled relay), and no other outbox may.
+    pub transactional_id_prefix: String,
+    /// The compacted topic of checkpoints, one partition per slot (default
+    /// `herald-relay-checkpoints`); created at start-up when missing.
+    pub checkpoint_topic: String,
+    /// `transaction.timeout.ms`: the broker aborts a relay transaction open
+    /// longer than this (default 60 s).
+    pub transaction_timeout: Duration,
+    /// The longest wait for `init_transactions`, a commit, an abort or a
+    /// checkpoint read (default 30 s).
+    pub operation_timeout: Duration,
+}
+
+impl Default for ExactlyOnceConfig {
+    fn default() -> Self {
+        Self {
+            transactional_id_prefix: "herald-relay".to_owned(),
+            checkpoint_topic: "herald-relay-checkpoints".to_owned(),
+            transaction_timeout: Duration::from_secs(60),
+            operation_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A point in an exactly-once relay pass, where a [`FaultHook`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RelayPoint {
+    /// The lease claimed a non-empty batch; nothing is sent yet.
+    Claimed,
+    /// Every record and the checkpoint are acknowledged inside the open
+    /// Kafka transaction; it is not committed.
+    Published,
+    /// The Kafka transaction committed; the store has not marked the batch.
+    KafkaCommitted,
+    /// The store marked the batch.
+    StoreCommitted,
+}
+
+impl RelayPoint {
+    /// Every point, in pass order.
+    pub const ALL: [RelayPoint; 4] = [
+        RelayPoint::Claimed,
+        RelayPoint::Published,
+        RelayPoint::KafkaCommitted,
+        RelayPoint::StoreCommitted,
+    ];
+
+    /// The point's name (`claimed`, `published`, `kafka-committed`,
+    /// `store-committed`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RelayPoint::Claimed => "claimed",
+            RelayPoint::Published => "published",
+            RelayPoint::KafkaCommitted => "kafka-committed",
+            RelayPoint::StoreCommitted => "store-committed",
+        }
+    }
+}
+
+impl std::str::FromStr for RelayPoint {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        RelayPoint::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| format!("unknown relay point {s:?}"))
+    }
+}
+
+/// Called at each [`RelayPoint`] of a pass with the slot, and awaited: a
+/// fault-injection test stops the relay there (abort the process, or hold
+/// the pass to make a zombie). Production relays have none.
+pub type FaultHook =
+    Arc<dyn Fn(RelayPoint, u16) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// A slot's producer kept between leases, with the checkpoint sequence it
+/// last committed (and the store recorded).
+struct SlotProducer {
+    publisher: Publisher,
+    sequence: i64,
+}
+
+/// Drains a [`SlotStore`] into Kafka exactly once (see the module
+/// documentation).
+pub struct TransactionalRelay<S: SlotStore> {
+    store: S,
+    client: ClientConfig,
+    source: String,
+    config: RelayConfig,
+    exactly_once: ExactlyOnceConfig,
+    idle: Mutex<HashMap<u16, SlotProducer>>,
+    reader: Arc<Mutex<CheckpointReader>>,
+    stats: Arc<RelayStats>,
+    publisher_stats: Arc<PublisherStats>,
+    hook: Option<FaultHook>,
+    next_slot: AtomicU32,
+}
+
+impl<S: SlotStore> std::fmt::Debug for TransactionalRelay<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TransactionalRelay")
+            .field("config", &self.config)
+            .field("exactly_once", &self.exactly_once)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: SlotStore> TransactionalRelay<S> {
+    /// A relay from `store` to the brokers of `producer` (its settings
+    /// apply to every slot's producer; herald sets `transactional.id`).
+    /// Creates the checkpoint topic when it is missing, and fails when it
+    /// exists with fewer partitions than the store has slots.
+    pub async fn new(
+        store: S,
+        producer: &PublisherConfig,
+        config: RelayConfig,
+        exactly_once: ExactlyOnceConfig,
+    ) -> Result<Self, ClientError> {
+        let client = producer.client_config();
+        let reader_client =
+            settings::layered(&producer.brokers, settings::security(&producer.settings));
+        checkpoint::ensure_topic(
+            &reader_client,
+            &exactly_once.checkpoint_topic,
+            store.slots(),
+            exactly_once.operation_timeout,
+        )
+        .await?;
+        let reader = CheckpointReader::new(
+            &reader_client,
+            &exactly_once.checkpoint_topic,
+            exactly_once.operation_timeout,
+        )?;
+        Ok(Self {
+            store,
+            client,
+            source: producer.source.clone(),
+            config,
+            exactly_once,
+            idle: Mutex::default(),
+            reader: Arc::new(Mutex::new(reader)),
+            stats: Arc::default(),
+            publisher_stats: Arc::default(),
+            hook: None,
+            next_slot: AtomicU32::new(0),
+        })
+    }
+
+    /// Runs `hook` at every [`RelayPoint`] (fault-injection tests).
+    pub fn with_fault_hook(mut self, hook: FaultHook) -> Self {
+        self.hook = Some(hook);
+        self
+    }
+
+    /// Live counters.
+    pub fn stats(&self) -> Arc<RelayStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// What every slot's producer did, as one publisher.
+    pub fn publisher_stats(&self) -> Arc<PublisherStats> {
+        Arc::clone(&self.publisher_stats)
+    }
+
+    /// The store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// One pass over `slot`: lease it, fence and recover if needed, claim,
+    /// publish in one Kafka transaction, mark. `Ok(None)` when another
+    /// relay holds the slot.
+    pub async fn run_slot(&self, slot: u16) -> Result<Option<Pass>, RelayError<S::Error>> {
+        let started = Instant::now();
+        let Some(mut lease) = self
+            .store
+            .lease(slot)
+            .await
+            .map_err(|e| self.store_error(e))?
+        else {
+            return Ok(None);
+        };
+        let (mut producer, recovered) = match self.kept(slot, lease.sequence()) {
+            Some(kept) => (kept, Vec::new()),
+            None => self.take_over(&mut lease).await?,
+        };
+        let stored = lease.sequence();
+        let records = lease
+            .claim(self.config.batch_size)
+            .await
+            .map_err(|e| self.store_error(e))?;
+        let claimed = records.len();
+        if claimed == 0 {
+            if !recovered.is_empty() {
+                lease
+                    .commit(stored)
+                    .await
+                    .map_err(|e| self.store_error(e))?;
+            }
+            // Dropping an unchanged lease releases the slot.
+            self.keep(slot, producer);
+            return Ok(Some(Pass {
+                claimed: 0,
+                published: 0,
+            }));
+        }
+        self.fault(RelayPoint::Claimed, slot).await;
+        let sequence = stored + 1;
+        let checkpoint = Checkpoint {
+            slot,
+            sequence,
+            ids: recovered
+                .iter()
+                .copied()
+                .chain(records.iter().map(|r| r.id))
+                .collect(),
+        };
+        let span = tracing::info_span!(
+            "relay_batch",
+            otel.name = "outbox relay publish",
+            messaging.system = "kafka",
+            messaging.operation.type = "send",
+            messaging.batch.message_count = claimed,
+            messaging.kafka.transactional_id = %self.transactional_id(slot),
+            relay.slot = slot,
+            relay.sequence = sequence,
+        );
+        let (outgoing, _spans): (Vec<BorrowedRecord<'_>>, Vec<tracing::Span>) =
+            records.iter().map(outgoing).unzip();
+        let published = self
+            .transaction(&producer.publisher, slot, outgoing, &checkpoint)
+            .instrument(span)
+            .await;
+        if let Err(error) = published {
+            // The lease is released with nothing marked, the producer is
+            // dropped (a new one fences and reads again).
+            self.stats
+                .publish_failures
+                .fetch_add(claimed as u64, Ordering::Relaxed);
+            return Err(error);
+        }
+        self.fault(RelayPoint::KafkaCommitted, slot).await;
+        if let Err(error) = lease.commit(sequence).await {
+            // Kafka holds a checkpoint the store does not: the producer is
+            // not kept, so the slot's next lease here fences and recovers.
+            return Err(self.store_error(error));
+        }
+        self.fault(RelayPoint::StoreCommitted, slot).await;
+        producer.sequence = sequence;
+        self.keep(slot, producer);
+        self.stats.record_batch(claimed, started);
+        Ok(Some(Pass {
+            claimed,
+            published: claimed,
+        }))
+    }
+
+    /// Passes over every slot until a whole round claims nothing; returns
+    /// how many records were published. Tests use it to drive the relay
+    /// until the outbox is idle.
+    pub async fn drain(&self) -> Result<usize, RelayError<S::Error>> {
+        let mut total = 0;
+        loop {
+            let mut claimed = 0;
+            for slot in 0..self.store.slots() {
+                if let Some(pass) = self.run_slot(slot).await? {
+                    claimed += pass.claimed;
+                    total += pass.published;
+                }
+            }
+            if claimed == 0 {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Relays until `shutdown` completes. A batch in progress always
+    /// finishes (or aborts) before the relay stops.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) {
+        let stop = CancellationToken::new();
+        let trigger = stop.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            trigger.cancel();
+        });
+        tracing::info!(
+            batch_size = self.config.batch_size,
+            workers = self.config.workers,
+            slots = self.store.slots(),
+            transactional_id_prefix = %self.exactly_once.transactional_id_prefix,
+            checkpoint_topic = %self.exactly_once.checkpoint_topic,
+            "outbox relay started (exactly once)"
+        );
+        let workers = (0..self.config.workers.max(1)).map(|_| self.worker(&stop));
+        futures::future::join_all(workers).await;
+        tracing::info!("outbox relay stopped");
+    }
+
+    /// One worker of [`TransactionalRelay::run`]: it takes the slots in
+    /// turn (shared with the other workers), one pass each, and waits for
+    /// work once a whole round of slots had none.
+    async fn worker(&self, stop: &CancellationToken) {
+        let slots = u32::from(self.store.slots().max(1));
+        let mut failures: u32 = 0;
+        let mut idle_passes: u32 = 0;
+        while !stop.is_cancelled() {
+            let slot = self.next_slot.fetch_add(1, Ordering::Relaxed) % slots;
+            let slot = u16::try_from(slot).unwrap_or_default();
+            match self.run_slot(slot).await {
+                Ok(Some(pass)) if pass.claimed > 0 => {
+                    failures = 0;
+                    idle_passes = 0;
+                }
+                Ok(_) => {
+                    failures = 0;
+                    idle_passes += 1;
+                    if idle_passes >= slots {
+                        idle_passes = 0;
+                        tokio::select! {
+                            _ = self.store.wait_for_work(self.config.poll_interval) => {}
+                            _ = stop.cancelled() => {}
+                        }
+                    }
+                }
+                Err(error) => {
+                    failures = failures.saturating_add(1);
+                    let pause = self.config.backoff(failures);
+                    tracing::warn!(%error, slot, ?pause, "outbox relay pass failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = stop.cancelled() => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// The batch and its checkpoint in one Kafka transaction, committed.
+    async fn transaction(
+        &self,
+        publisher: &Publisher,
+        slot: u16,
+        records: Vec<BorrowedRecord<'_>>,
+        checkpoint: &Checkpoint,
+    ) -> Result<(), RelayError<S::Error>> {
+        let failed = |operation: &'static str| {
+            move |source: KafkaError| RelayError::Transaction {
+                slot,
+                operation,
+                source,
+            }
+        };
+        let producer = publisher.producer();
+        let result = async {
+            producer
+                .begin_transaction()
+                .map_err(failed("beginning a relay transaction"))?;
+            let results = publisher.publish_borrowed(records).await;
+            let payload = checkpoint::encode(checkpoint);
+            let key = slot.to_string();
+            let marker = FutureRecord::to(&self.exactly_once.checkpoint_topic)
+                .partition(i32::from(slot))
+                .key(key.as_bytes())
+                .payload(&payload);
+            let delivered = producer
+                .send(marker, Timeout::Never)
+                .await
+                .map_err(|(source, _)| source);
+            if let Some(first) = results.into_iter().find_map(Result::err) {
+                return Err(RelayError::Publish {
+                    published: 0,
+                    failed: checkpoint.ids.len(),
+                    source: first,
+                });
+            }
+            delivered.map_err(failed("writing the relay checkpoint"))?;
+            self.fault(RelayPoint::Published, slot).await;
+            let committer = producer.clone();
+            let timeout = self.exactly_once.operation_timeout;
+            tokio::task::spawn_blocking(move || committer.commit_transaction(timeout))
+                .await
+                .map_err(|_| failed("committing a relay transaction")(KafkaError::Canceled))?
+                .map_err(failed("committing a relay transaction"))
+        }
+        .await;
+        if let Err(error) = &result {
+            if is_fenced(error) {
+                self.stats.fenced.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    slot,
+                    transactional_id = %self.transactional_id(slot),
+                    "relay slot fenced: another relay took the slot; its batch is left to it"
+                );
+            } else {
+                self.stats.aborted.fetch_add(1, Ordering::Relaxed);
+                let aborter = producer.clone();
+                let timeout = self.exactly_once.operation_timeout;
+                // Best effort: the producer is dropped either way, and a
+                // new one's initialization aborts whatever is still open.
+                let _ =
+                    tokio::task::spawn_blocking(move || aborter.abort_transaction(timeout)).await;
+            }
+        }
+        result
+    }
+
+    /// The kept producer of `slot`, when its sequence is still the store's.
+    fn kept(&self, slot: u16, sequence: i64) -> Option<SlotProducer> {
+        let kept = self.idle().remove(&slot)?;
+        (kept.sequence == sequence).then_some(kept)
+    }
+
+    fn keep(&self, slot: u16, producer: SlotProducer) {
+        self.idle().insert(slot, producer);
+    }
+
+    fn idle(&self) -> MutexGuard<'_, HashMap<u16, SlotProducer>> {
+        // A panic while the map was held leaves at worst a producer
+        // missing, which only costs a new one.
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A new producer for the lease's slot: fences earlier owners, reads
+    /// the slot's latest checkpoint and recovers it into the lease when the
+    /// store is behind. Returns the producer and the recovered ids.
+    async fn take_over(
+        &self,
+        lease: &mut S::Lease,
+    ) -> Result<(SlotProducer, Vec<i64>), RelayError<S::Error>> {
+        let slot = lease.slot();
+        let publisher = self.fence(slot).await?;
+        let reader = Arc::clone(&self.reader);
+        let latest = tokio::task::spawn_blocking(move || {
+            reader
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .latest(slot)
+        })
+        .await
+        .map_err(|_| RelayError::Checkpoint {
+            slot,
+            source: ClientError::Kafka {
+                operation: "reading a relay checkpoint",
+                source: KafkaError::Canceled,
+            },
+        })?
+        .map_err(|source| RelayError::Checkpoint { slot, source })?;
+        let stored = lease.sequence();
+        let mut recovered = Vec::new();
+        if let Some(checkpoint) = latest.filter(|c| c.sequence > stored) {
+            let pending = lease
+                .recover(&checkpoint)
+                .await
+                .map_err(|e| self.store_error(e))?;
+            self.stats.recovered.fetch_add(pending, Ordering::Relaxed);
+            tracing::info!(
+                slot,
+                stored,
+                kafka = checkpoint.sequence,
+                ids = checkpoint.ids.len(),
+                pending,
+                "relay slot taken over: marked what the previous owner published but did not record"
+            );
+            recovered = checkpoint.ids;
+        }
+        Ok((
+            SlotProducer {
+                publisher,
+                sequence: lease.sequence(),
+            },
+            recovered,
+        ))
+    }
+
+    /// A transactional producer for `slot`, initialized: every earlier
+    /// producer of the slot is fenced from here on.
+    async fn fence(&self, slot: u16) -> Result<Publisher, RelayError<S::Error>> {
+        let mut client = self.client.clone();
+        client
+            .set("transactional.id", self.transactional_id(slot))
+            .set(
+                "transaction.timeout.ms",
+                self.exactly_once
+                    .transaction_timeout
+                    .as_millis()
+                    .to_string(),
+            );
+        let publisher = Publisher::from_client_config(client, &self.source)
+            .map_err(|source| RelayError::Checkpoint { slot, source })?
+            .with_stats(Arc::clone(&self.publisher_stats));
+        let producer = publisher.producer().clone();
+        let timeout = self.exactly_once.operation_timeout;
+        tokio::task::spawn_blocking(move || producer.init_transactions(timeout))
+            .await
+            .map_err(|_| RelayError::Transaction {
+                slot,
+                operation: "initializing a relay slot's transactions",
+                source: KafkaError::Canceled,
+            })?
+            .map_err(|source| RelayError::Transaction {
+                slot,
+                operation: "initializing a relay slot's transactions",
+                source,
+            })?;
+        self.stats.fences.fetch_add(1, Ordering::Relaxed);
+        Ok(publisher)
+    }
+
+    fn transactional_id(&self, slot: u16) -> String {
+        format!("{}-{slot}", self.exactly_once.transactional_id_prefix)
+    }
+
+    async fn fault(&self, point: RelayPoint, slot: u16) {
+        if let Some(hook) = &self.hook {
+            hook(point, slot).await;
+        }
+    }
+
+    fn store_error(&self, error: S::Error) -> RelayError<S::Error> {
+        self.stats.store_failures.fetch_add(1, Ordering::Relaxed);
+        RelayError::Store(error)
+    }
+}
+
+/// Whether a relay error means another producer of the slot won.
+fn is_fenced(error: &RelayError<impl std::error::Error + 'static>) -> bool {
+    let code = match error {
+        RelayError::Transaction { source, .. } => source.rdkafka_error_code(),
+        RelayError::Publish {
+            source: crate::PublishError::Kafka { source, .. },
+            ..
+        } => source.rdkafka_error_code(),
+        _ => None,
+    };
+    code.is_some_and(is_fenced_code)
+}
