@@ -4,6 +4,7 @@
 mod claims;
 mod connection_loss;
 mod crash;
+mod exactly_once;
 mod inbox;
 mod late_commit;
 mod notify;

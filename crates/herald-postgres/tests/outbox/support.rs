@@ -1,10 +1,13 @@
 //! Shared set-up: a migrated fresh database, a topic, a relay, and a reader
 //! that reads a topic to its end.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use herald_kafka::{Publisher, PublisherConfig, Relay, RelayConfig};
+use herald_kafka::{
+    ExactlyOnceConfig, FaultHook, Publisher, PublisherConfig, Relay, RelayConfig,
+    TransactionalRelay,
+};
 use herald_postgres::{OutboxRecord, PgOutbox};
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::message::Headers;
@@ -68,39 +71,48 @@ pub struct Read {
     pub headers: BTreeMap<String, String>,
 }
 
-/// Every record of `topic`, per partition in offset order.
+/// Every record of `topic` a `read_committed` reader sees, per partition in
+/// offset order: each partition is read until librdkafka reports its end
+/// (offsets alone do not count records once transactions' markers take
+/// some).
 pub fn read_to_end(kafka: &herald_test::Kafka, topic: &str, partitions: i32) -> Vec<Read> {
     let consumer: BaseConsumer = kafka
         .config()
         .set("group.id", herald_test::unique_name("reader"))
         .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true")
         .create()
         .expect("reader");
     let mut tpl = TopicPartitionList::new();
-    let mut remaining = 0;
-    let mut high = BTreeMap::new();
+    let mut at_end = std::collections::BTreeSet::new();
     for p in 0..partitions {
-        let (_, h) = consumer
+        let (low, high) = consumer
             .fetch_watermarks(topic, p, Duration::from_secs(10))
             .expect("watermarks");
-        high.insert(p, h);
-        remaining += h;
+        if high <= low {
+            // An empty partition never reports its end.
+            at_end.insert(p);
+        }
         tpl.add_partition_offset(topic, p, Offset::Beginning)
             .expect("tpl");
     }
     consumer.assign(&tpl).expect("assign");
     let mut out = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while remaining > 0 {
+    while at_end.len() < partitions as usize {
         assert!(
             std::time::Instant::now() < deadline,
             "reading {topic} timed out"
         );
-        let Some(message) = consumer.poll(Duration::from_millis(200)) else {
-            continue;
+        let message = match consumer.poll(Duration::from_millis(200)) {
+            None => continue,
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                at_end.insert(p);
+                continue;
+            }
+            Some(other) => other.expect("read"),
         };
-        let message = message.expect("read");
-        remaining -= 1;
         let headers: BTreeMap<String, String> = message
             .headers()
             .map(|hs| {
@@ -163,5 +175,111 @@ pub async fn drain_all(relay: &Relay<PgOutbox>, pool: &PgPool) -> usize {
             "outbox not drained: {status:?}"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// This test's own exactly-once identity: its transactional-id prefix and
+/// its checkpoint topic (tests share one broker; two outboxes must never
+/// share either).
+pub struct Exactly {
+    pub prefix: String,
+    pub checkpoints: herald_test::TestTopic,
+}
+
+impl Exactly {
+    pub async fn new(kafka: &herald_test::Kafka) -> Self {
+        Self {
+            prefix: herald_test::unique_name("relay"),
+            checkpoints: kafka
+                .topic("checkpoints", i32::from(herald_postgres::RELAY_SLOTS))
+                .await,
+        }
+    }
+
+    pub fn config(&self) -> ExactlyOnceConfig {
+        ExactlyOnceConfig {
+            transactional_id_prefix: self.prefix.clone(),
+            checkpoint_topic: self.checkpoints.name().to_owned(),
+            ..ExactlyOnceConfig::default()
+        }
+    }
+
+    /// An exactly-once relay over `outbox` with `hook` at its fault points.
+    pub async fn relay(
+        &self,
+        brokers: &str,
+        outbox: PgOutbox,
+        hook: Option<FaultHook>,
+    ) -> TransactionalRelay<PgOutbox> {
+        let relay = TransactionalRelay::new(
+            outbox,
+            &PublisherConfig::new(brokers, "/outbox-tests"),
+            RelayConfig {
+                batch_size: 50,
+                poll_interval: Duration::from_millis(100),
+                workers: 2,
+                ..RelayConfig::default()
+            },
+            self.config(),
+        )
+        .await
+        .expect("exactly-once relay");
+        match hook {
+            Some(hook) => relay.with_fault_hook(hook),
+            None => relay,
+        }
+    }
+}
+
+/// Drives an exactly-once relay until the outbox backlog is empty.
+pub async fn drain_exactly(relay: &TransactionalRelay<PgOutbox>, pool: &PgPool) -> usize {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let mut published = 0;
+    loop {
+        match relay.drain().await {
+            Ok(n) => published += n,
+            // A slot a dead relay held may fail once (its transaction is
+            // still being settled); the next pass takes it.
+            Err(error) => eprintln!("relay pass failed, retrying: {error}"),
+        }
+        let status = herald_postgres::outbox::status(pool).await.expect("status");
+        if status.backlog == 0 {
+            return published;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "outbox not drained: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A `read_committed` reader saw every committed event exactly once, and
+/// each key's events in creation order.
+pub fn assert_exactly_once_in_order(reads: &[Read], committed: &BTreeSet<Uuid>) {
+    let mut seen = BTreeSet::new();
+    let duplicates: Vec<Uuid> = reads
+        .iter()
+        .filter(|r| !seen.insert(r.event_id))
+        .map(|r| r.event_id)
+        .collect();
+    assert!(
+        duplicates.is_empty(),
+        "{} events were read twice (first: {:?})",
+        duplicates.len(),
+        duplicates.first()
+    );
+    let lost: Vec<_> = committed.difference(&seen).collect();
+    assert!(
+        lost.is_empty(),
+        "{} committed events never reached Kafka",
+        lost.len()
+    );
+    assert_eq!(&seen, committed, "only committed events reached Kafka");
+    for (key, seqs) in sequences(reads) {
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "{key} out of order: {seqs:?}"
+        );
     }
 }
