@@ -29,6 +29,23 @@ impl PartitionOffsets {
         self.pending.remove(&offset);
     }
 
+    /// The consumer's position (librdkafka's next offset for the
+    /// application) is `position`. Offsets below it that were never handed
+    /// over are transaction markers (a transactional producer ends each
+    /// transaction with one): when nothing is pending they count as done,
+    /// so the commit reaches the partition's end, as a Java consumer's
+    /// does, and the group's lag can reach zero.
+    ///
+    /// librdkafka advances the position past a marker only when the
+    /// application polls past it, after every record before it, so a
+    /// position taken when every polled record was [`Self::received`]
+    /// passes no record that was not.
+    pub fn passed(&mut self, position: i64) {
+        if self.pending.is_empty() && self.next.is_some_and(|next| position > next) {
+            self.next = Some(position);
+        }
+    }
+
     /// The offset to commit: the next record to read after a restart.
     pub fn committable(&self) -> Option<i64> {
         self.pending.first().copied().or(self.next)
@@ -71,6 +88,22 @@ mod tests {
         p.done(11);
         p.done(14);
         assert_eq!(p.take_commit(), Some(15), "all done: one past the highest");
+    }
+
+    #[test]
+    fn the_position_moves_the_commit_past_markers_only_when_nothing_is_pending() {
+        let mut p = PartitionOffsets::default();
+        p.passed(5);
+        assert_eq!(p.committable(), None, "nothing received: nothing to commit");
+        p.received(3);
+        p.passed(5);
+        assert_eq!(p.committable(), Some(3), "offset 3 is still pending");
+        p.done(3);
+        assert_eq!(p.committable(), Some(4));
+        p.passed(5);
+        assert_eq!(p.committable(), Some(5), "offset 4 was a marker");
+        p.passed(2);
+        assert_eq!(p.committable(), Some(5), "never backwards");
     }
 
     #[test]

@@ -293,13 +293,32 @@ impl Dispatch {
     /// Commits the finished offsets of `which` partitions (all when `None`).
     /// Returns whether everything due is committed (false: the broker
     /// refused, and the offsets stay due for the next attempt).
+    ///
+    /// `at_position`: every record polled so far was accepted, so the
+    /// consumer's positions may move idle partitions' commits past
+    /// transaction markers ([`PartitionOffsets::passed`]). Not inside a
+    /// rebalance callback, where records polled just before may not be.
     fn commit(
         &mut self,
         consumer: &BaseConsumer<RuntimeContext>,
         which: Option<&HashSet<Tp>>,
         mode: CommitMode,
         force: bool,
+        at_position: bool,
     ) -> bool {
+        if at_position {
+            if let Ok(positions) = consumer.position() {
+                for element in positions.elements() {
+                    let Offset::Offset(position) = element.offset() else {
+                        continue;
+                    };
+                    let tp: Tp = (Arc::from(element.topic()), element.partition());
+                    if let Some(offsets) = self.partitions.get_mut(&tp) {
+                        offsets.passed(position);
+                    }
+                }
+            }
+        }
         let mut tpl = TopicPartitionList::new();
         let mut included = Vec::new();
         for (tp, offsets) in &mut self.partitions {
@@ -429,7 +448,7 @@ impl Dispatch {
             }
             self.wait_completions((deadline - now).min(Duration::from_millis(50)));
         }
-        self.commit(consumer, Some(&revoked), CommitMode::Sync, true);
+        self.commit(consumer, Some(&revoked), CommitMode::Sync, true, false);
         for tp in &revoked {
             self.partitions.remove(tp);
         }
@@ -659,7 +678,7 @@ fn poll_loop(
             let mut d = lock(dispatch);
             d.drain_completions();
             if last_commit.elapsed() >= commit_interval {
-                d.commit(consumer, None, CommitMode::Async, false);
+                d.commit(consumer, None, CommitMode::Async, false, true);
                 last_commit = Instant::now();
             }
             if d.apply_backpressure(consumer) {
@@ -737,7 +756,7 @@ fn drain_and_close(
                 "shutdown deadline passed; unfinished records stay uncommitted"
             );
         }
-        d.commit(&consumer, None, CommitMode::Sync, true)
+        d.commit(&consumer, None, CommitMode::Sync, true, true)
     };
     // The broker refuses commits while the group rebalances (another member
     // leaving at the same moment, say): keep serving the rebalance and try
@@ -748,7 +767,7 @@ fn drain_and_close(
         // Partitions are paused: a record polled now is left unhandled and
         // uncommitted, for the next owner.
         let _ = consumer.poll(Duration::from_millis(100));
-        committed = lock(dispatch).commit(&consumer, None, CommitMode::Sync, true);
+        committed = lock(dispatch).commit(&consumer, None, CommitMode::Sync, true, false);
     }
     consumer.unsubscribe();
     // Dropping the consumer closes it: it leaves the group (the revoke
