@@ -18,6 +18,7 @@
 //! - [`metrics`]: Prometheus label sets and buckets; every stats value is a
 //!   collector for the service's registry.
 
+mod admin;
 pub mod consumer;
 pub mod dlq;
 pub mod error;

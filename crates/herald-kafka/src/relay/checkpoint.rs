@@ -10,8 +10,6 @@
 use std::time::{Duration, Instant};
 
 use herald::Checkpoint;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
@@ -32,42 +30,8 @@ pub(crate) async fn ensure_topic(
     slots: u16,
     timeout: Duration,
 ) -> Result<(), ClientError> {
-    let admin: AdminClient<DefaultClientContext> = client.create().map_err(ClientError::Config)?;
-    let new = NewTopic::new(topic, i32::from(slots), TopicReplication::Fixed(-1))
-        .set("cleanup.policy", "compact");
-    let created = admin
-        .create_topics(
-            [&new],
-            &AdminOptions::new().operation_timeout(Some(timeout)),
-        )
-        .await
-        .map_err(|source| ClientError::Kafka {
-            operation: "creating the relay checkpoint topic",
-            source,
-        })?;
-    for result in created {
-        match result {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((_, code)) => {
-                return Err(ClientError::Kafka {
-                    operation: "creating the relay checkpoint topic",
-                    source: KafkaError::AdminOp(code),
-                })
-            }
-        }
-    }
-    let metadata = admin
-        .inner()
-        .fetch_metadata(Some(topic), timeout)
-        .map_err(|source| ClientError::Kafka {
-            operation: "reading the relay checkpoint topic's metadata",
-            source,
-        })?;
-    let partitions = metadata
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic)
-        .map_or(0, |t| t.partitions().len());
+    let partitions =
+        crate::admin::ensure_compacted_topic(client, topic, i32::from(slots), timeout).await?;
     if partitions < usize::from(slots) {
         return Err(ClientError::Setting {
             setting: "checkpoint_topic",
