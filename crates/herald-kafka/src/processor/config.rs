@@ -7,6 +7,7 @@ use std::time::Duration;
 use herald::RetryPolicy;
 use rdkafka::ClientConfig;
 
+use super::dedup::Deduplication;
 use crate::consumer::CONSUMER_DEFAULTS;
 use crate::error::ClientError;
 use crate::publisher::PRODUCER_DEFAULTS;
@@ -76,6 +77,7 @@ pub struct ProcessorConfig {
     pub(crate) dead_letter_unknown: bool,
     pub(crate) dlq_suffix: String,
     pub(crate) changelogs: Vec<String>,
+    pub(crate) deduplication: Option<Deduplication>,
     pub(crate) transaction_timeout: Duration,
     pub(crate) operation_timeout: Duration,
     pub(crate) restore_timeout: Duration,
@@ -95,7 +97,8 @@ impl ProcessorConfig {
     ///
     /// Defaults: [`Guarantee::ExactlyOnce`]; transactions of up to 500 inputs or 100 ms, whichever comes
     /// first; [`RetryPolicy::default`]; unknown event types skipped; dead
-    /// letters to `<topic>.dlq`; a 60 s transaction timeout.
+    /// letters to `<topic>.dlq`; a 60 s transaction timeout; duplicate
+    /// inputs dropped ([`ProcessorConfig::deduplication`]).
     pub fn new<T: Into<String>>(
         brokers: impl Into<String>,
         group_id: impl Into<String>,
@@ -115,6 +118,7 @@ impl ProcessorConfig {
             dead_letter_unknown: false,
             dlq_suffix: ".dlq".to_owned(),
             changelogs: Vec::new(),
+            deduplication: Some(Deduplication::default()),
             transaction_timeout: Duration::from_secs(60),
             operation_timeout: Duration::from_secs(30),
             restore_timeout: Duration::from_secs(300),
@@ -180,6 +184,31 @@ impl ProcessorConfig {
     pub fn changelog(mut self, topic: impl Into<String>) -> Self {
         self.changelogs.push(topic.into());
         self
+    }
+
+    /// How duplicate inputs (the same `event_id` at another offset) are
+    /// recognised and dropped; on by default ([`Deduplication::default`]),
+    /// `None` turns it off. It applies to [`Guarantee::ExactlyOnce`] only:
+    /// without transactions, the completed-ids record could be written while
+    /// the input's outputs were not, and a redelivery would then be lost.
+    /// See [`super::dedup`].
+    pub fn deduplication(mut self, deduplication: Option<Deduplication>) -> Self {
+        self.deduplication = deduplication;
+        self
+    }
+
+    /// The deduplication in force and its topic: `None` when it is off or
+    /// the guarantee is at least once.
+    pub(crate) fn deduplication_in_force(&self) -> Option<(String, &Deduplication)> {
+        let settings = self.deduplication.as_ref()?;
+        if self.guarantee != Guarantee::ExactlyOnce {
+            return None;
+        }
+        let topic = settings
+            .topic
+            .clone()
+            .unwrap_or_else(|| format!("{}-completed", self.group_id));
+        Some((topic, settings))
     }
 
     /// librdkafka's `transaction.timeout.ms`: the broker aborts a transaction

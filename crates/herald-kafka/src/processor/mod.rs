@@ -82,6 +82,14 @@
 //! transaction so the table follows what Kafka kept. See
 //! [`changelog`] for the limits (state is restored once, at start).
 //!
+//! # Duplicate inputs
+//!
+//! An input whose `event_id` this processor already completed (the same
+//! event published twice by an at-least-once producer, at another offset)
+//! produces no output and no state change, and its offset advances in the
+//! transaction as usual: the completed ids are transactional state of
+//! their own, on by default. See [`dedup`] for the window and its limits.
+//!
 //! # At least once
 //!
 //! [`ProcessorConfig::guarantee`]`(`[`Guarantee::AtLeastOnce`]`)` runs the
@@ -110,6 +118,7 @@
 
 pub mod changelog;
 mod config;
+pub mod dedup;
 mod runtime;
 
 use std::future::Future;
@@ -123,6 +132,7 @@ use crate::error::ClientError;
 use crate::publisher::OutgoingRecord;
 pub use changelog::{ChangelogRecord, ChangelogTable};
 pub use config::{Guarantee, ProcessorConfig};
+pub use dedup::Deduplication;
 
 /// What a transform knows about the input it handles.
 #[derive(Debug, Clone)]
@@ -308,6 +318,10 @@ pub struct ProcessorStats {
     pub committed_inputs: AtomicU64,
     /// Aborted transactions (at least once: batches rewound to be redone).
     pub aborted: AtomicU64,
+    /// Inputs dropped as duplicates of an already processed event
+    /// ([`ProcessorConfig::deduplication`]); counted again if their
+    /// transaction aborts and they come round again.
+    pub duplicates: AtomicU64,
 }
 
 impl ProcessorStats {
@@ -357,6 +371,11 @@ impl prometheus_client::collector::Collector for ProcessorStats {
                 "herald_processor_retries",
                 "Transient transform failures retried.",
                 &self.retried,
+            ),
+            (
+                "herald_processor_duplicates_dropped",
+                "Inputs dropped because their event was already processed.",
+                &self.duplicates,
             ),
         ] {
             crate::metrics::encode_counter(&mut encoder, name, help, Self::get(value))?;
@@ -410,6 +429,19 @@ impl<E: Event, T: Transform<E>> Processor<E, T> {
         self,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), ProcessorError> {
-        runtime::run(self.config, self.transform, self.stats, shutdown).await
+        let Some((topic, settings)) = self.config.deduplication_in_force() else {
+            return runtime::run(self.config, self.transform, self.stats, shutdown).await;
+        };
+        crate::admin::ensure_compacted_topic(
+            &self.config.restore_client_config(),
+            &topic,
+            1,
+            self.config.operation_timeout,
+        )
+        .await?;
+        let ids = dedup::CompletedIds::new(topic.clone(), settings);
+        let transform = dedup::Deduplicated::new(self.transform, ids, Arc::clone(&self.stats));
+        let config = self.config.changelog(topic);
+        runtime::run(config, transform, self.stats, shutdown).await
     }
 }

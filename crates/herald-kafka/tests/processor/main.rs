@@ -5,6 +5,7 @@
 
 mod at_least_once;
 mod crash;
+mod duplicates;
 mod fencing;
 mod poison;
 mod rebalance;
