@@ -8,7 +8,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use herald::RetryPolicy;
 use herald_kafka::{
-    Consumer, ConsumerConfig, Publisher, PublisherConfig, RecordInfo, Relay, RelayConfig, Router,
+    Consumer, ConsumerConfig, Delivery, ExactlyOnceConfig, Publisher, PublisherConfig, RecordInfo,
+    Relay, RelayConfig, Router, TransactionalRelay,
 };
 use herald_postgres::{Inbox, PgOutbox};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -64,6 +65,8 @@ pub struct Config {
     pub retry: RetryPolicy,
     /// Relay batch size.
     pub relay_batch: usize,
+    /// How the relay publishes (at least once in the embedded mode).
+    pub delivery: Delivery,
     /// Keep published outbox rows this long.
     pub outbox_retention: Duration,
     /// Keep inbox rows this long.
@@ -150,6 +153,14 @@ impl Config {
         if args.fulfillment_topic.trim().is_empty() {
             bail!("ORDERS_FULFILLMENT_TOPIC (--fulfillment-topic) must not be empty");
         }
+        let delivery = match (args.delivery, embedded) {
+            (Some(Delivery::ExactlyOnce), true) => bail!(
+                "ORDERS_DELIVERY (--delivery) exactly-once needs a real Kafka broker: the embedded \
+                 mode's mock cluster has no transactions (set KAFKA_BROKERS and DATABASE_URL)"
+            ),
+            (_, true) => Delivery::AtLeastOnce,
+            (chosen, false) => chosen.unwrap_or_default(),
+        };
         if args.retry_initial_ms == 0 {
             bail!("ORDERS_RETRY_INITIAL_MS (--retry-initial-ms) must be at least 1");
         }
@@ -180,6 +191,7 @@ impl Config {
             concurrency: args.consumer_concurrency as usize,
             retry: args.retry(),
             relay_batch: args.relay_batch as usize,
+            delivery,
             outbox_retention: Duration::from_secs(args.outbox_retention_hours * 3600),
             inbox_retention: Duration::from_secs(args.inbox_retention_hours * 3600),
             db_pool: args.db_pool,
@@ -187,12 +199,15 @@ impl Config {
         })
     }
 
+    /// The publisher's configuration, with the pass-through settings.
+    pub fn publisher_config(&self) -> PublisherConfig {
+        PublisherConfig::new(&self.brokers, db::SOURCE).set_all(self.kafka_settings.clone())
+    }
+
     /// A publisher with the pass-through settings.
     pub fn publisher(&self) -> anyhow::Result<Publisher> {
-        Publisher::new(
-            &PublisherConfig::new(&self.brokers, db::SOURCE).set_all(self.kafka_settings.clone()),
-        )
-        .context("creating the Kafka producer (check --kafka-setting / KAFKA_SETTINGS)")
+        Publisher::new(&self.publisher_config())
+            .context("creating the Kafka producer (check --kafka-setting / KAFKA_SETTINGS)")
     }
 
     /// A PostgreSQL pool; an error in the embedded mode (this command needs
@@ -247,6 +262,17 @@ impl Config {
         }
     }
 
+    /// The exactly-once relay's identity: transactional ids
+    /// `<group prefix>-relay-<slot>` and the checkpoint topic `<group
+    /// prefix>-relay-checkpoints`, one pair per deployment (per outbox).
+    pub fn relay_exactly_once(&self) -> ExactlyOnceConfig {
+        ExactlyOnceConfig {
+            transactional_id_prefix: format!("{}-relay", self.group_prefix),
+            checkpoint_topic: format!("{}-relay-checkpoints", self.group_prefix),
+            ..ExactlyOnceConfig::default()
+        }
+    }
+
     /// The consumer group of a worker kind.
     pub fn group(&self, kind: &str) -> String {
         format!("{}-{kind}", self.group_prefix)
@@ -296,6 +322,12 @@ impl Config {
         for topic in crate::fulfillment::changelog_topics(&self.fulfillment_topic) {
             config = config.changelog(topic);
         }
+        // An order event the outbox relay published twice (at least once,
+        // or an older relay) gets one fulfillment outcome.
+        config = config.deduplication(Some(herald_kafka::processor::Deduplication {
+            topic: Some(crate::fulfillment::completed_topic(&self.fulfillment_topic)),
+            ..herald_kafka::processor::Deduplication::default()
+        }));
         for (k, v) in &self.kafka_settings {
             config = config
                 .set(k.clone(), v.clone())
@@ -308,8 +340,8 @@ impl Config {
     }
 }
 
-/// The service's topics with their partitions; the changelogs (last two)
-/// are compacted.
+/// The service's topics with their partitions; the processor's state (the
+/// last three) is compacted.
 fn topic_plan(config: &Config) -> Vec<(String, i32)> {
     let [stock, reservations] = crate::fulfillment::changelog_topics(&config.fulfillment_topic);
     vec![
@@ -318,6 +350,10 @@ fn topic_plan(config: &Config) -> Vec<(String, i32)> {
         (config.fulfillment_topic.clone(), config.partitions),
         (stock, 1),
         (reservations, 1),
+        (
+            crate::fulfillment::completed_topic(&config.fulfillment_topic),
+            1,
+        ),
     ]
 }
 
@@ -328,7 +364,10 @@ pub async fn ensure_topics(config: &Config) -> anyhow::Result<()> {
         .create()
         .context("creating the Kafka admin client (check --kafka-setting)")?;
     let plan = topic_plan(config);
-    let changelogs = crate::fulfillment::changelog_topics(&config.fulfillment_topic);
+    let mut changelogs = crate::fulfillment::changelog_topics(&config.fulfillment_topic).to_vec();
+    changelogs.push(crate::fulfillment::completed_topic(
+        &config.fulfillment_topic,
+    ));
     let topics: Vec<NewTopic> = plan
         .iter()
         .map(|(name, partitions)| {
@@ -556,6 +595,8 @@ fn banner(config: &Config, port: u16) -> String {
          api       http://{ip}:{port}  (try POST /orders, then GET /orders/{{id}})\n  \
          Not for production: Kafka lives and dies with this process, and\n  \
          the fulfillment step's exactly-once guarantee is NOT in force.\n  \
+         The relay runs at-least-once (the mock cluster has no\n  \
+         transactions): a crash can publish an event twice.\n  \
          Set KAFKA_BROKERS and DATABASE_URL to run on real services.\n  \
          ================================================================\n",
         brokers = config.brokers,
@@ -653,36 +694,56 @@ impl Application {
         };
 
         if components.relay {
-            metrics.register_publisher("relay", publisher.stats());
-            match &store {
-                Store::Postgres(pool) => {
-                    let relay =
-                        Relay::new(PgOutbox::new(pool.clone()), publisher.clone(), relay_config);
-                    metrics.register_relay(relay.stats());
-                    let stop = shutdown.clone();
-                    tasks.spawn(async move {
-                        relay.run(stop.cancelled_owned()).await;
-                        Ok(())
-                    });
-                    let (pool, stop, retention) =
-                        (pool.clone(), shutdown.clone(), config.outbox_retention);
-                    tasks.spawn(async move {
-                        retention_loop(stop, || {
-                            herald_postgres::outbox::purge_published(&pool, retention, 10_000)
-                        })
-                        .await;
-                        Ok(())
-                    });
-                }
-                Store::Sqlite(database) => {
-                    let relay = Relay::new(database.outbox(), publisher.clone(), relay_config);
-                    metrics.register_relay(relay.stats());
-                    let stop = shutdown.clone();
-                    tasks.spawn(async move {
-                        relay.run(stop.cancelled_owned()).await;
-                        Ok(())
-                    });
-                }
+            let stop = shutdown.clone().cancelled_owned();
+            let relay: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+                match &store {
+                    Store::Postgres(pool) if config.delivery == Delivery::ExactlyOnce => {
+                        let relay = TransactionalRelay::new(
+                            PgOutbox::new(pool.clone()),
+                            &config.publisher_config(),
+                            relay_config,
+                            config.relay_exactly_once(),
+                        )
+                        .await
+                        .context(
+                            "starting the exactly-once relay (ORDERS_DELIVERY / --delivery; \
+                             check --kafka-setting)",
+                        )?;
+                        metrics.register_publisher("relay", relay.publisher_stats());
+                        metrics.register_relay(relay.stats());
+                        Box::pin(relay.run(stop))
+                    }
+                    Store::Postgres(pool) => {
+                        let relay = Relay::new(
+                            PgOutbox::new(pool.clone()),
+                            publisher.clone(),
+                            relay_config,
+                        );
+                        metrics.register_publisher("relay", publisher.stats());
+                        metrics.register_relay(relay.stats());
+                        Box::pin(relay.run(stop))
+                    }
+                    Store::Sqlite(database) => {
+                        let relay = Relay::new(database.outbox(), publisher.clone(), relay_config);
+                        metrics.register_publisher("relay", publisher.stats());
+                        metrics.register_relay(relay.stats());
+                        Box::pin(relay.run(stop))
+                    }
+                };
+            tasks.spawn(async move {
+                relay.await;
+                Ok(())
+            });
+            if let Store::Postgres(pool) = &store {
+                let (pool, stop, retention) =
+                    (pool.clone(), shutdown.clone(), config.outbox_retention);
+                tasks.spawn(async move {
+                    retention_loop(stop, || {
+                        herald_postgres::outbox::purge_published(&pool, retention, 10_000)
+                    })
+                    .await;
+                    Ok(())
+                });
             }
         }
         for (enabled, kind) in [

@@ -220,6 +220,13 @@ pub struct SettingsArgs {
         global = true
     )]
     pub retry_max_ms: u64,
+    /// How the relay publishes: `exactly-once` (the default with real
+    /// Kafka: each batch is a Kafka transaction with a checkpoint, so
+    /// `read_committed` readers see every event once) or `at-least-once`
+    /// (a relay crash can publish a batch again; the embedded mode's only
+    /// choice, its mock cluster having no transactions).
+    #[arg(long, env = "ORDERS_DELIVERY", global = true, value_parser = clap::value_parser!(herald_kafka::Delivery))]
+    pub delivery: Option<herald_kafka::Delivery>,
     /// Outbox rows per relay batch.
     #[arg(long, env = "ORDERS_RELAY_BATCH", default_value_t = herald_kafka::RelayConfig::default().batch_size as u32, value_parser = clap::value_parser!(u32).range(1..=100_000), global = true)]
     pub relay_batch: u32,

@@ -123,6 +123,13 @@ pub fn changelog_topics(output: &str) -> [String; 2] {
     [format!("{output}.stock"), format!("{output}.reservations")]
 }
 
+/// The topic of the event ids the fulfillment processor completed (its
+/// duplicate-input filter, `herald_kafka::processor::dedup`), for an output
+/// topic.
+pub fn completed_topic(output: &str) -> String {
+    format!("{output}.completed")
+}
+
 /// Fulfillment settings.
 #[derive(Debug, Clone)]
 pub struct Stock {

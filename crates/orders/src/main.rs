@@ -105,6 +105,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     ))
             );
             println!("published rows retained: {}", status.published_retained);
+            println!("relay delivery: {}", config.delivery);
+            let checkpoints = herald_postgres::slots::checkpoints(&pool).await?;
+            if checkpoints.is_empty() {
+                println!("relay checkpoints: none (no exactly-once batch committed yet)");
+            } else {
+                println!("relay checkpoints (slot: last sequence, stored at):");
+                for c in checkpoints {
+                    println!("  {:>2}: {} at {}", c.slot, c.sequence, c.at);
+                }
+            }
         }
         Command::Dlq { command } => {
             let config = Config::from_args(&cli.settings)?;

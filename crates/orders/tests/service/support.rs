@@ -103,7 +103,11 @@ pub fn config(kafka: &herald_test::Kafka, db: &herald_test::TestDatabase, topic:
 /// A configuration on `db` whose Kafka is at `brokers` (e.g. a mock
 /// cluster), with random topic and group names.
 pub fn config_without_kafka(db: &herald_test::TestDatabase, brokers: &str) -> Config {
-    config_for(brokers, db, &herald_test::unique_name("order-events"))
+    Config {
+        // The mock cluster has no transactions.
+        delivery: herald_kafka::Delivery::AtLeastOnce,
+        ..config_for(brokers, db, &herald_test::unique_name("order-events"))
+    }
 }
 
 fn config_for(brokers: &str, db: &herald_test::TestDatabase, topic: &str) -> Config {
@@ -135,6 +139,7 @@ fn config_for(brokers: &str, db: &herald_test::TestDatabase, topic: &str) -> Con
             deadline: None,
         },
         relay_batch: 200,
+        delivery: herald_kafka::Delivery::ExactlyOnce,
         outbox_retention: Duration::from_secs(3600),
         inbox_retention: Duration::from_secs(3600),
         db_pool: 10,
