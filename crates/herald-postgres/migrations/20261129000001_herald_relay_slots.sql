@@ -1,6 +1,6 @@
 -- The exactly-once relay's record of what it published, per relay slot.
 --
--- A slot is a fixed group of outbox shards (shard % 16); an exactly-once
+-- A slot is a fixed group of outbox shards (shard % 4); an exactly-once
 -- relay owns one slot per transaction and publishes the slot's batch in a
 -- Kafka transaction under the slot's transactional.id, together with a
 -- checkpoint record (the slot, its next sequence, the ids published) on the

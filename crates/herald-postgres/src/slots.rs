@@ -1,7 +1,8 @@
 //! Relay slots: what an exactly-once relay owns while it publishes
 //! ([`herald::SlotStore`] for [`PgOutbox`]).
 //!
-//! A slot is a fixed group of shards, `shard % RELAY_SLOTS`. A lease is one
+//! A slot is a fixed group of shards, `shard % RELAY_SLOTS` (4 slots of 16
+//! shards each). A lease is one
 //! transaction that holds the slot's advisory lock
 //! (`pg_try_advisory_xact_lock(SLOT_LOCK_CLASS, slot)`) and the advisory
 //! locks of the slot's shards, the same shard locks an at-least-once claim
@@ -60,7 +61,18 @@ use crate::StoreError;
 /// The number of relay slots: the most exactly-once relay transactions
 /// that publish at once, across all relay processes. Fixed (see the
 /// module documentation).
-pub const RELAY_SLOTS: u16 = 16;
+///
+/// Why 4: a relay transaction costs a Kafka round trip or three whatever
+/// its size (about 20-30 ms on the 2-core machine the benchmarks run on),
+/// and a relay worker serves one slot per transaction. With 16 slots, 500
+/// events/s spread over all of them and 4 workers, each transaction carried
+/// 2-5 events and an event waited for its slot's turn: commit → consumer p50
+/// 84 ms, p99 251 ms (`herald-bench relay-latency --compare delivery
+/// --seconds 10 --rounds 2`). With 4 the same run gave p50 39-44 ms, p99
+/// 165-174 ms, and the drain of a full outbox, where 4 workers keep 4
+/// transactions busy either way, was unchanged (`herald-bench relay
+/// --baseline at-least-once`: 0.71-0.73 of the at-least-once relay).
+pub const RELAY_SLOTS: u16 = 4;
 
 /// The first key of the advisory locks by which a lease owns a slot
 /// ("hers" in ASCII); the slot is the second.
@@ -135,6 +147,21 @@ impl herald::SlotStore for PgOutbox {
 
     fn slots(&self) -> u16 {
         RELAY_SLOTS
+    }
+
+    async fn slots_with_work(&self) -> Result<Vec<u16>, StoreError> {
+        let shards: Vec<i16> = sqlx::query_scalar(include_str!("sql/relay_shards.sql"))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::db("finding relay slots with unpublished rows"))?;
+        let mut slots = Vec::new();
+        for shard in shards {
+            let slot = u16::try_from(shard).unwrap_or_default() % RELAY_SLOTS;
+            if !slots.contains(&slot) {
+                slots.push(slot);
+            }
+        }
+        Ok(slots)
     }
 
     async fn lease(&self, slot: u16) -> Result<Option<PgSlotLease>, StoreError> {
@@ -237,6 +264,13 @@ impl herald::SlotLease for PgSlotLease {
             self.records.extend(rows.iter().map(pending_record));
         }
         Ok(&self.records)
+    }
+
+    async fn release(self) -> Result<(), StoreError> {
+        self.tx
+            .rollback()
+            .await
+            .map_err(StoreError::db("releasing a relay lease"))
     }
 
     async fn commit(mut self, sequence: i64) -> Result<(), StoreError> {

@@ -161,6 +161,12 @@ pub trait SlotStore: OutboxStore {
     /// How many slots there are (fixed for the store).
     fn slots(&self) -> u16;
 
+    /// The slots that have unpublished records now, the longest-waiting
+    /// first: a hint (by the time a slot is leased another relay may have
+    /// emptied it), so that a relay leases the slots with work instead of
+    /// trying every slot in turn.
+    fn slots_with_work(&self) -> impl Future<Output = Result<Vec<u16>, Self::Error>> + Send;
+
     /// Takes `slot` if no one else holds it; `None` when another relay does.
     fn lease(
         &self,
@@ -168,8 +174,9 @@ pub trait SlotStore: OutboxStore {
     ) -> impl Future<Output = Result<Option<Self::Lease>, Self::Error>> + Send;
 }
 
-/// One slot, owned until [`SlotLease::commit`] or until the lease is
-/// dropped (which releases it with nothing marked).
+/// One slot, owned until [`SlotLease::commit`] or [`SlotLease::release`]
+/// (dropping it also releases it with nothing marked, when the store gets
+/// to it).
 pub trait SlotLease: Send {
     /// The store's error.
     type Error: std::error::Error + Send + Sync + 'static;
@@ -196,6 +203,9 @@ pub trait SlotLease: Send {
         &mut self,
         max: usize,
     ) -> impl Future<Output = Result<&[PendingRecord], Self::Error>> + Send;
+
+    /// Ends the lease with nothing marked, releasing the slot at once.
+    fn release(self) -> impl Future<Output = Result<(), Self::Error>> + Send;
 
     /// Marks every claimed record published, records `sequence` as the
     /// slot's checkpoint, and releases the slot, atomically and durably.

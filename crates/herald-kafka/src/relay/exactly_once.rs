@@ -26,17 +26,16 @@
 //! nothing marked, drops the slot's producer and backs off: the whole batch
 //! is claimed again, in order, by whichever relay gets the slot next.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use herald::{Checkpoint, SlotLease, SlotStore};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureRecord, Producer as _};
-use rdkafka::util::Timeout;
 use rdkafka::ClientConfig;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -192,7 +191,6 @@ pub struct TransactionalRelay<S: SlotStore> {
     stats: Arc<RelayStats>,
     publisher_stats: Arc<PublisherStats>,
     hook: Option<FaultHook>,
-    next_slot: AtomicU32,
 }
 
 impl<S: SlotStore> std::fmt::Debug for TransactionalRelay<S> {
@@ -215,7 +213,13 @@ impl<S: SlotStore> TransactionalRelay<S> {
         config: RelayConfig,
         exactly_once: ExactlyOnceConfig,
     ) -> Result<Self, ClientError> {
-        let client = producer.client_config();
+        let mut client = producer.client_config();
+        if !producer.settings.contains_key("linger.ms") {
+            // A relay transaction waits for every acknowledgement before
+            // it commits, so lingering only delays it; the batch is
+            // enqueued at once and goes out in full batches anyway.
+            client.set("linger.ms", "0");
+        }
         let reader_client =
             settings::layered(&producer.brokers, settings::security(&producer.settings));
         checkpoint::ensure_topic(
@@ -241,7 +245,6 @@ impl<S: SlotStore> TransactionalRelay<S> {
             stats: Arc::default(),
             publisher_stats: Arc::default(),
             hook: None,
-            next_slot: AtomicU32::new(0),
         })
     }
 
@@ -290,14 +293,15 @@ impl<S: SlotStore> TransactionalRelay<S> {
             .map_err(|e| self.store_error(e))?;
         let claimed = records.len();
         if claimed == 0 {
-            if !recovered.is_empty() {
-                lease
-                    .commit(stored)
-                    .await
-                    .map_err(|e| self.store_error(e))?;
-            }
-            // Dropping an unchanged lease releases the slot.
+            // Kept before the lease ends, so that the slot's next lease in
+            // this process finds it (see keep's comment on the order).
             self.keep(slot, producer);
+            let released = if recovered.is_empty() {
+                lease.release().await
+            } else {
+                lease.commit(stored).await
+            };
+            released.map_err(|e| self.store_error(e))?;
             return Ok(Some(Pass {
                 claimed: 0,
                 published: 0,
@@ -339,14 +343,15 @@ impl<S: SlotStore> TransactionalRelay<S> {
             return Err(error);
         }
         self.fault(RelayPoint::KafkaCommitted, slot).await;
+        producer.sequence = sequence;
+        self.keep(slot, producer);
         if let Err(error) = lease.commit(sequence).await {
-            // Kafka holds a checkpoint the store does not: the producer is
-            // not kept, so the slot's next lease here fences and recovers.
+            // Kafka holds a checkpoint the store does not: the kept
+            // producer's sequence is ahead of the store's, so the slot's
+            // next lease here does not reuse it but fences and recovers.
             return Err(self.store_error(error));
         }
         self.fault(RelayPoint::StoreCommitted, slot).await;
-        producer.sequence = sequence;
-        self.keep(slot, producer);
         self.stats.record_batch(claimed, started);
         Ok(Some(Pass {
             claimed,
@@ -354,23 +359,16 @@ impl<S: SlotStore> TransactionalRelay<S> {
         }))
     }
 
-    /// Passes over every slot until a whole round claims nothing; returns
-    /// how many records were published. Tests use it to drive the relay
-    /// until the outbox is idle.
+    /// Runs [`RelayConfig::workers`] workers until the store has no slot
+    /// with work; returns how many records were published. Tests and
+    /// benchmarks use it to drive the relay until the outbox is idle.
     pub async fn drain(&self) -> Result<usize, RelayError<S::Error>> {
+        let workers = (0..self.config.workers.max(1)).map(|worker| self.work(worker, None));
         let mut total = 0;
-        loop {
-            let mut claimed = 0;
-            for slot in 0..self.store.slots() {
-                if let Some(pass) = self.run_slot(slot).await? {
-                    claimed += pass.claimed;
-                    total += pass.published;
-                }
-            }
-            if claimed == 0 {
-                return Ok(total);
-            }
+        for published in futures::future::join_all(workers).await {
+            total += published?;
         }
+        Ok(total)
     }
 
     /// Relays until `shutdown` completes. A batch in progress always
@@ -390,47 +388,109 @@ impl<S: SlotStore> TransactionalRelay<S> {
             checkpoint_topic = %self.exactly_once.checkpoint_topic,
             "outbox relay started (exactly once)"
         );
-        let workers = (0..self.config.workers.max(1)).map(|_| self.worker(&stop));
+        let workers = (0..self.config.workers.max(1)).map(|worker| self.work(worker, Some(&stop)));
         futures::future::join_all(workers).await;
         tracing::info!("outbox relay stopped");
     }
 
-    /// One worker of [`TransactionalRelay::run`]: it takes the slots in
-    /// turn (shared with the other workers), one pass each, and waits for
-    /// work once a whole round of slots had none.
-    async fn worker(&self, stop: &CancellationToken) {
-        let slots = u32::from(self.store.slots().max(1));
+    /// One worker: it asks the store which slots have work, leases them in
+    /// turn (starting at a place of its own, so workers spread), serves a
+    /// slot again after the others while its batches come back full, and
+    /// asks again once its list is done. Without work it waits for a
+    /// notification (`stop` given: [`TransactionalRelay::run`]) or returns
+    /// (`None`: [`TransactionalRelay::drain`], which also returns the first
+    /// error instead of backing off).
+    async fn work(
+        &self,
+        worker: usize,
+        stop: Option<&CancellationToken>,
+    ) -> Result<usize, RelayError<S::Error>> {
+        let mut published = 0;
         let mut failures: u32 = 0;
-        let mut idle_passes: u32 = 0;
-        while !stop.is_cancelled() {
-            let slot = self.next_slot.fetch_add(1, Ordering::Relaxed) % slots;
-            let slot = u16::try_from(slot).unwrap_or_default();
-            match self.run_slot(slot).await {
-                Ok(Some(pass)) if pass.claimed > 0 => {
-                    failures = 0;
-                    idle_passes = 0;
-                }
-                Ok(_) => {
-                    failures = 0;
-                    idle_passes += 1;
-                    if idle_passes >= slots {
-                        idle_passes = 0;
-                        tokio::select! {
-                            _ = self.store.wait_for_work(self.config.poll_interval) => {}
-                            _ = stop.cancelled() => {}
+        let mut todo: VecDeque<u16> = VecDeque::new();
+        // Whether the list being worked through let this worker claim.
+        let mut claimed_any = true;
+        while !stop.is_some_and(CancellationToken::is_cancelled) {
+            let Some(slot) = todo.pop_front() else {
+                let slots = match self.store.slots_with_work().await {
+                    Ok(slots) => slots,
+                    Err(error) => {
+                        let error = self.store_error(error);
+                        if stop.is_none() {
+                            return Err(error);
                         }
+                        failures = failures.saturating_add(1);
+                        let pause = self.config.backoff(failures);
+                        tracing::warn!(%error, ?pause, "outbox relay search failed; retrying");
+                        self.pause_for(stop, pause).await;
+                        continue;
+                    }
+                };
+                if slots.is_empty() {
+                    if stop.is_none() {
+                        return Ok(published);
+                    }
+                    self.pause_for(stop, self.config.poll_interval).await;
+                    continue;
+                }
+                if !std::mem::replace(&mut claimed_any, false) {
+                    // Every slot with work was another relay's: give them a
+                    // moment instead of spinning.
+                    self.pause_for(stop, Duration::from_millis(10)).await;
+                }
+                todo.extend(
+                    slots
+                        .iter()
+                        .cycle()
+                        .skip(worker % slots.len())
+                        .take(slots.len()),
+                );
+                continue;
+            };
+            match self.run_slot(slot).await {
+                Ok(pass) => {
+                    failures = 0;
+                    let claimed = pass.map_or(0, |p| p.claimed);
+                    if claimed > 0 {
+                        claimed_any = true;
+                        published += claimed;
+                    }
+                    if claimed >= self.config.batch_size {
+                        // More may be waiting: serve it again after the others.
+                        todo.push_back(slot);
                     }
                 }
+                Err(error) if stop.is_none() => return Err(error),
                 Err(error) => {
                     failures = failures.saturating_add(1);
                     let pause = self.config.backoff(failures);
                     tracing::warn!(%error, slot, ?pause, "outbox relay pass failed; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(pause) => {}
-                        _ = stop.cancelled() => {}
-                    }
+                    todo.clear();
+                    self.pause_for(stop, pause).await;
                 }
             }
+        }
+        Ok(published)
+    }
+
+    /// Waits `pause` (or for a notification of new rows, when `pause` is
+    /// the poll interval), or until `stop`.
+    async fn pause_for(&self, stop: Option<&CancellationToken>, pause: Duration) {
+        let wait = async {
+            if pause == self.config.poll_interval {
+                self.store.wait_for_work(pause).await;
+            } else {
+                tokio::time::sleep(pause).await;
+            }
+        };
+        match stop {
+            Some(stop) => {
+                tokio::select! {
+                    _ = wait => {}
+                    _ = stop.cancelled() => {}
+                }
+            }
+            None => wait.await,
         }
     }
 
@@ -454,17 +514,23 @@ impl<S: SlotStore> TransactionalRelay<S> {
             producer
                 .begin_transaction()
                 .map_err(failed("beginning a relay transaction"))?;
-            let results = publisher.publish_borrowed(records).await;
+            // The checkpoint goes out with the batch, not after it: the
+            // commit below waits for every acknowledgement anyway.
             let payload = checkpoint::encode(checkpoint);
             let key = slot.to_string();
             let marker = FutureRecord::to(&self.exactly_once.checkpoint_topic)
                 .partition(i32::from(slot))
                 .key(key.as_bytes())
                 .payload(&payload);
-            let delivered = producer
-                .send(marker, Timeout::Never)
-                .await
-                .map_err(|(source, _)| source);
+            let marker = producer
+                .send_result(marker)
+                .map_err(|(source, _)| failed("writing the relay checkpoint")(source))?;
+            let (results, delivered) = futures::join!(publisher.publish_borrowed(records), marker);
+            let delivered = match delivered {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err((source, _))) => Err(source),
+                Err(_canceled) => Err(KafkaError::Canceled),
+            };
             if let Some(first) = results.into_iter().find_map(Result::err) {
                 return Err(RelayError::Publish {
                     published: 0,
@@ -509,6 +575,10 @@ impl<S: SlotStore> TransactionalRelay<S> {
         (kept.sequence == sequence).then_some(kept)
     }
 
+    /// Keeps `producer` for the slot's next lease in this process. Called
+    /// while the lease is still held: kept after it ended, another worker
+    /// could lease the slot in between, find nothing kept, and make a new
+    /// producer, fencing this one, which would then be kept, stale.
     fn keep(&self, slot: u16, producer: SlotProducer) {
         self.idle().insert(slot, producer);
     }
