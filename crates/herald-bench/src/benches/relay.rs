@@ -1,7 +1,14 @@
-//! `herald-bench relay`: herald's outbox relay ([`Relay::drain`] over
-//! [`PgOutbox`]) emptying a pre-filled outbox into Kafka, against the bare
-//! [`Publisher::publish_records`] sending the same records (same keys,
-//! bodies and headers) to the same broker, in the same run.
+//! `herald-bench relay`: herald's outbox relay (by default the exactly-once
+//! [`TransactionalRelay::drain`] over [`PgOutbox`]; `--delivery
+//! at-least-once` for [`Relay::drain`]) emptying a pre-filled outbox into
+//! Kafka, against the bare [`Publisher::publish_records`] sending the same
+//! records (same keys, bodies and headers) to the same broker, in the same
+//! run.
+//!
+//! `--baseline at-least-once` compares the two relays instead: the
+//! exactly-once relay ÷ the at-least-once relay, each draining the same
+//! pre-filled outbox (filled anew, identically, before each side), goal
+//! ≥ 0.7 ([`GOAL_VS_AT_LEAST_ONCE`]).
 //!
 //! Each round the parent empties the outbox of the run's fresh database,
 //! fills it with `--records` events (multi-row [`enqueue_all`] in
@@ -31,7 +38,10 @@ use anyhow::{bail, ensure, Context};
 use clap::{Args, ValueEnum};
 use futures::StreamExt;
 use herald::{Envelope, OutboxBatch as _, OutboxStore as _};
-use herald_kafka::{OutgoingRecord, Publisher, PublisherConfig, Relay, RelayConfig};
+use herald_kafka::{
+    ExactlyOnceConfig, OutgoingRecord, Publisher, PublisherConfig, Relay, RelayConfig,
+    TransactionalRelay,
+};
 use herald_postgres::outbox::{enqueue_all, status};
 use herald_postgres::{AfterPublish, OutboxRecord, PgOutbox, StoreError};
 use rdkafka::producer::Producer as _;
@@ -49,6 +59,42 @@ use crate::shared::{progress, CommonArgs};
 
 /// The ratio the relay should reach against the bare publisher.
 pub const GOAL: f64 = 0.5;
+
+/// The ratio the exactly-once relay should reach against the at-least-once
+/// relay on the same outbox.
+pub const GOAL_VS_AT_LEAST_ONCE: f64 = 0.7;
+
+/// Which relay the herald side runs (`--delivery`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryArg {
+    /// `TransactionalRelay` (the default of `orders` on real Kafka).
+    ExactlyOnce,
+    /// `Relay`.
+    AtLeastOnce,
+}
+
+/// What the herald side is compared with (`--baseline`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RelayBaseline {
+    /// The bare publisher sending records of the same shape.
+    Bare,
+    /// The at-least-once relay draining the same outbox.
+    AtLeastOnce,
+}
+
+/// What a side's child does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum SideMode {
+    /// Drains the outbox with a relay.
+    Relay(DeliveryArg),
+    /// Claims and marks without publishing (the ceiling).
+    StoreOnly,
+    /// Publishes records of the same shape with the bare publisher.
+    BarePublisher,
+}
 
 /// What the relay does with a published row (`PgOutbox::after_publish`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
@@ -106,6 +152,48 @@ pub struct RelayArgs {
     /// Kafka.
     #[arg(long)]
     pub no_store_ceiling: bool,
+    /// The relay the herald side runs.
+    #[arg(long, value_enum, default_value_t = DeliveryArg::ExactlyOnce)]
+    pub delivery: DeliveryArg,
+    /// The other side: the bare publisher, or the at-least-once relay
+    /// (then the herald side is the exactly-once relay).
+    #[arg(long, value_enum, default_value_t = RelayBaseline::Bare)]
+    pub baseline: RelayBaseline,
+}
+
+impl RelayArgs {
+    /// What `side` runs.
+    fn mode(&self, side: Side) -> SideMode {
+        match (side, self.baseline) {
+            (Side::Herald, RelayBaseline::AtLeastOnce) => SideMode::Relay(DeliveryArg::ExactlyOnce),
+            (Side::Herald, RelayBaseline::Bare) => SideMode::Relay(self.delivery),
+            (Side::Bare, RelayBaseline::AtLeastOnce) => SideMode::Relay(DeliveryArg::AtLeastOnce),
+            (Side::Bare, RelayBaseline::Bare) => SideMode::BarePublisher,
+        }
+    }
+
+    fn describe(&self, mode: SideMode) -> String {
+        let marks = if self.synchronous_marks {
+            "synchronous"
+        } else {
+            "asynchronous"
+        };
+        match mode {
+            SideMode::Relay(DeliveryArg::ExactlyOnce) => format!(
+                "herald TransactionalRelay::drain over PgOutbox (batch {}, {} workers, {:?} after publish, synchronous lease commits), pre-filled outbox → Kafka transactions",
+                self.relay_batch, self.relay_workers, self.after_publish
+            ),
+            SideMode::Relay(DeliveryArg::AtLeastOnce) => format!(
+                "herald Relay::drain over PgOutbox (batch {}, {} workers, {:?} after publish, {marks} marks), pre-filled outbox → Kafka, PRODUCER_DEFAULTS",
+                self.relay_batch, self.relay_workers, self.after_publish
+            ),
+            SideMode::StoreOnly => "store alone (PgOutbox claim → mark, no Kafka)".to_owned(),
+            SideMode::BarePublisher => format!(
+                "herald Publisher::publish_records, {} records per call, same keys, bodies and headers, PRODUCER_DEFAULTS",
+                self.publish_batch
+            ),
+        }
+    }
 }
 
 /// One side of the relay benchmark, as a child runs it.
@@ -122,8 +210,10 @@ pub struct SideSpec {
     after_publish: AfterPublishArg,
     synchronous_marks: bool,
     publish_batch: usize,
-    /// The herald side claims and marks without publishing (the ceiling).
-    store_only: bool,
+    mode: SideMode,
+    /// Exactly once: the relay's checkpoint topic and transactional ids.
+    checkpoint_topic: Option<String>,
+    transactional_id_prefix: String,
 }
 
 /// Runs the rounds and returns the comparison.
@@ -145,6 +235,8 @@ pub async fn run(
     setup.insert("after_publish".into(), json!(args.after_publish));
     setup.insert("synchronous_marks".into(), json!(args.synchronous_marks));
     setup.insert("publish_batch".into(), json!(args.publish_batch));
+    setup.insert("delivery".into(), json!(args.delivery));
+    setup.insert("baseline".into(), json!(args.baseline));
     setup.insert("fill_batch".into(), json!(args.fill_batch));
     setup.insert("database".into(), json!(db.name()));
     setup.insert(
@@ -152,25 +244,17 @@ pub async fn run(
         json!(durability.synchronous_commit),
     );
     setup.insert("fsync".into(), json!(durability.fsync));
+    let vs_relay = args.baseline == RelayBaseline::AtLeastOnce;
     let mut comparison = Comparison {
         bench: "relay",
-        herald_side: format!(
-            "herald Relay::drain over PgOutbox (batch {}, {:?} after publish, {} marks), pre-filled outbox → Kafka, PRODUCER_DEFAULTS",
-            args.relay_batch,
-            args.after_publish,
-            if args.synchronous_marks {
-                "synchronous"
-            } else {
-                "asynchronous"
-            }
-        ),
-        bare_side: format!(
-            "herald Publisher::publish_records, {} records per call, same keys, bodies and headers, PRODUCER_DEFAULTS",
-            args.publish_batch
-        ),
-        goal: GOAL,
-        ceiling: (!args.no_store_ceiling)
-            .then(|| "store alone (PgOutbox claim → mark, no Kafka)".to_owned()),
+        herald_side: args.describe(args.mode(Side::Herald)),
+        bare_side: args.describe(args.mode(Side::Bare)),
+        goal: if vs_relay {
+            GOAL_VS_AT_LEAST_ONCE
+        } else {
+            GOAL
+        },
+        ceiling: (!args.no_store_ceiling && !vs_relay).then(|| args.describe(SideMode::StoreOnly)),
         setup,
         rounds: Vec::new(),
         notes: vec![format!("PostgreSQL: {}", durability.describe())],
@@ -186,13 +270,23 @@ pub async fn run(
                     common.partitions,
                 )
                 .await?;
+            let mode = args.mode(side);
             let mut fill_rate = None;
-            if side == Side::Herald {
+            if matches!(mode, SideMode::Relay(_)) {
                 let filled = fill_outbox(args, db, &workload, &topic, round).await?;
                 fill_rate = Some(filled);
                 fills.push(filled);
             }
-            let spec = SideSpec::new(args, side, topic, false);
+            let mut spec = SideSpec::new(args, side, topic, mode);
+            if mode == SideMode::Relay(DeliveryArg::ExactlyOnce) {
+                let checkpoints = resources
+                    .topic(
+                        &format!("relay-r{}-{}-checkpoints", round + 1, side.name()),
+                        i32::from(herald_postgres::RELAY_SLOTS),
+                    )
+                    .await?;
+                spec.checkpoint_topic = Some(checkpoints);
+            }
             let mut result = run_relay_side(args, db, spec).await?;
             if let Some(filled) = fill_rate {
                 result = result.with("fill_rows_per_sec", filled);
@@ -200,14 +294,14 @@ pub async fn run(
             results.add("relay", round, side, result);
         }
         let mut figures = results.finish(round, order)?;
-        if !args.no_store_ceiling {
+        if comparison.ceiling.is_some() {
             // The topic is never written: the store-only side publishes
             // nothing.
             let topic = resources
                 .topic(&format!("relay-r{}-store", round + 1), 1)
                 .await?;
             fill_outbox(args, db, &workload, &topic, round).await?;
-            let spec = SideSpec::new(args, Side::Herald, topic, true);
+            let spec = SideSpec::new(args, Side::Herald, topic, SideMode::StoreOnly);
             let store = run_relay_side(args, db, spec).await?;
             progress(format!(
                 "relay round {} store alone: {} rows/s",
@@ -242,7 +336,7 @@ pub async fn run(
 }
 
 impl SideSpec {
-    fn new(args: &RelayArgs, side: Side, topic: String, store_only: bool) -> Self {
+    fn new(args: &RelayArgs, side: Side, topic: String, mode: SideMode) -> Self {
         let common = &args.common;
         SideSpec {
             side,
@@ -256,7 +350,12 @@ impl SideSpec {
             after_publish: args.after_publish,
             synchronous_marks: args.synchronous_marks,
             publish_batch: args.publish_batch,
-            store_only,
+            mode,
+            checkpoint_topic: None,
+            transactional_id_prefix: format!(
+                "herald-bench-relay-{}",
+                uuid::Uuid::new_v4().simple()
+            ),
         }
     }
 }
@@ -268,7 +367,7 @@ async fn run_relay_side(
     db: &BenchDatabase,
     spec: SideSpec,
 ) -> anyhow::Result<SideResult> {
-    let drains = spec.side == Side::Herald;
+    let drains = spec.mode != SideMode::BarePublisher;
     let result = run_side_with_env(
         &AnySide::Relay(spec),
         args.common.side_timeout_secs,
@@ -344,10 +443,11 @@ pub async fn run_side(spec: SideSpec) -> anyhow::Result<SideResult> {
         .client()
         .fetch_metadata(Some(&spec.topic), Duration::from_secs(10))
         .context("fetching the topic's metadata")?;
-    match spec.side {
-        Side::Herald if spec.store_only => store_side(&spec).await,
-        Side::Herald => relay_side(&spec, publisher).await,
-        Side::Bare => bare_side(&spec, &workload, &publisher).await,
+    match spec.mode {
+        SideMode::StoreOnly => store_side(&spec).await,
+        SideMode::Relay(DeliveryArg::AtLeastOnce) => relay_side(&spec, publisher).await,
+        SideMode::Relay(DeliveryArg::ExactlyOnce) => exactly_once_side(&spec).await,
+        SideMode::BarePublisher => bare_side(&spec, &workload, &publisher).await,
     }
 }
 
@@ -403,7 +503,45 @@ async fn relay_side(spec: &SideSpec, publisher: Publisher) -> anyhow::Result<Sid
     let stats = relay.stats();
     let started = Instant::now();
     let published = relay.drain().await.context("the relay failed")?;
-    let seconds = started.elapsed().as_secs_f64();
+    relay_result(spec, &stats, published, started.elapsed().as_secs_f64())
+}
+
+/// The exactly-once relay: its slot producers are made (and fenced) inside
+/// the measured time, as they are when a relay process starts.
+async fn exactly_once_side(spec: &SideSpec) -> anyhow::Result<SideResult> {
+    let store = side_store(spec).await?;
+    let relay = TransactionalRelay::new(
+        store,
+        &PublisherConfig::new(&spec.brokers, SOURCE),
+        RelayConfig {
+            batch_size: spec.relay_batch,
+            workers: spec.relay_workers,
+            ..RelayConfig::default()
+        },
+        ExactlyOnceConfig {
+            transactional_id_prefix: spec.transactional_id_prefix.clone(),
+            checkpoint_topic: spec
+                .checkpoint_topic
+                .clone()
+                .context("the exactly-once side has no checkpoint topic")?,
+            ..ExactlyOnceConfig::default()
+        },
+    )
+    .await
+    .context("starting the exactly-once relay")?;
+    let stats = relay.stats();
+    let started = Instant::now();
+    let published = relay.drain().await.context("the relay failed")?;
+    relay_result(spec, &stats, published, started.elapsed().as_secs_f64())
+}
+
+/// A relay side's result and its batch figures.
+fn relay_result(
+    spec: &SideSpec,
+    stats: &herald_kafka::RelayStats,
+    published: usize,
+    seconds: f64,
+) -> anyhow::Result<SideResult> {
     ensure!(
         published as u64 == spec.records,
         "the relay published {published} of {} events",
@@ -420,7 +558,8 @@ async fn relay_side(spec: &SideSpec, publisher: Publisher) -> anyhow::Result<Sid
         .with("batches", batches as f64)
         .with("mean_batch_ms", mean_batch_ms)
         .with("publish_failures", get(&stats.publish_failures) as f64)
-        .with("store_failures", get(&stats.store_failures) as f64))
+        .with("store_failures", get(&stats.store_failures) as f64)
+        .with("aborted_transactions", get(&stats.aborted) as f64))
 }
 
 async fn bare_side(

@@ -16,15 +16,22 @@
 //! timestamp (`CreateTime`, stamped by the relay's producer when it sends,
 //! millisecond resolution). Writing starts with probe events until the
 //! first one arrives (the relay and the consumer are up), then
-//! `--warmup-secs` of warm-up; neither is measured.
+//! `--warmup-secs` of warm-up; neither is measured. The consumer reads
+//! `read_committed`.
+//!
+//! `--compare delivery` runs the two relays instead, both listening: the
+//! exactly-once `TransactionalRelay` and the at-least-once `Relay` (goal:
+//! exactly-once p99 ≤ 2 × at-least-once p99).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, ensure, Context};
-use clap::Args;
-use herald_kafka::{Publisher, PublisherConfig, Relay, RelayConfig};
+use clap::{Args, ValueEnum};
+use herald_kafka::{
+    ExactlyOnceConfig, Publisher, PublisherConfig, Relay, RelayConfig, TransactionalRelay,
+};
 use herald_postgres::outbox::enqueue;
 use herald_postgres::{OutboxRecord, PgOutbox, StoreError};
 use rdkafka::producer::Producer as _;
@@ -67,6 +74,9 @@ pub struct RelayLatencyArgs {
     /// Rows the relay claims per pass (`RelayConfig::batch_size`).
     #[arg(long, default_value_t = RelayConfig::default().batch_size)]
     pub relay_batch: usize,
+    /// Relay workers (`RelayConfig::workers`).
+    #[arg(long, default_value_t = RelayConfig::default().workers)]
+    pub relay_workers: usize,
     /// Writer connections (transactions in flight at most).
     #[arg(long, default_value_t = 16)]
     pub writers: u32,
@@ -88,6 +98,31 @@ pub struct RelayLatencyArgs {
     /// Print one JSON document instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Which two relays each round compares.
+    #[arg(long, value_enum, default_value_t = LatencyCompare::Listen)]
+    pub compare: LatencyCompare,
+}
+
+/// The two modes each round runs (`--compare`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LatencyCompare {
+    /// The at-least-once relay with LISTEN/NOTIFY, and polling only.
+    Listen,
+    /// The exactly-once relay and the at-least-once relay, both listening.
+    Delivery,
+}
+
+impl LatencyCompare {
+    /// The name of the mode `side` runs.
+    fn mode_name(self, side: Side) -> &'static str {
+        match (self, side) {
+            (LatencyCompare::Listen, Side::Herald) => "listen",
+            (LatencyCompare::Listen, Side::Bare) => "poll",
+            (LatencyCompare::Delivery, Side::Herald) => "exactly",
+            (LatencyCompare::Delivery, Side::Bare) => "at-least",
+        }
+    }
 }
 
 impl RelayLatencyArgs {
@@ -117,15 +152,11 @@ pub struct SideSpec {
     listen: bool,
     poll_interval_ms: u64,
     relay_batch: usize,
-}
-
-/// The two modes: `Side::Herald` listens, `Side::Bare` polls (only the
-/// alternation of [`round_order`] is borrowed).
-fn mode_name(side: Side) -> &'static str {
-    match side {
-        Side::Herald => "listen",
-        Side::Bare => "poll",
-    }
+    relay_workers: usize,
+    /// The exactly-once relay, with this checkpoint topic (and
+    /// `transactional_id_prefix`); `None`: the at-least-once relay.
+    checkpoint_topic: Option<String>,
+    transactional_id_prefix: String,
 }
 
 /// One mode's figures in one round.
@@ -164,10 +195,12 @@ pub struct LatencyRound {
     pub round: usize,
     /// Modes in the order they ran.
     pub order: Vec<&'static str>,
-    /// With LISTEN/NOTIFY.
-    pub listen: ModeFigures,
-    /// Polling only.
-    pub poll: ModeFigures,
+    /// With LISTEN/NOTIFY (`--compare listen`), or the exactly-once relay
+    /// (`--compare delivery`).
+    pub first: ModeFigures,
+    /// Polling only (`--compare listen`), or the at-least-once relay
+    /// (`--compare delivery`).
+    pub second: ModeFigures,
 }
 
 /// The report of `herald-bench relay-latency`.
@@ -180,6 +213,7 @@ pub struct LatencyReport {
     /// Lines under the table.
     pub notes: Vec<String>,
     poll_interval_ms: u64,
+    compare: LatencyCompare,
 }
 
 impl LatencyReport {
@@ -190,17 +224,32 @@ impl LatencyReport {
     /// The final line.
     pub fn summary_line(&self) -> String {
         let n = self.rounds.len();
-        format!(
-            "relay-latency: commit→consumer p50 {:.1} ms, p99 {:.1} ms with LISTEN/NOTIFY; p50 {:.1} ms, p99 {:.1} ms polling every {} ms (commit→Kafka timestamp p50 {:.1} / {:.1} ms; median of {n} round{})",
-            self.median_of(|r| r.listen.p50_ms),
-            self.median_of(|r| r.listen.p99_ms),
-            self.median_of(|r| r.poll.p50_ms),
-            self.median_of(|r| r.poll.p99_ms),
-            self.poll_interval_ms,
-            self.median_of(|r| r.listen.send_p50_ms),
-            self.median_of(|r| r.poll.send_p50_ms),
-            if n == 1 { "" } else { "s" },
-        )
+        let rounds = format!("median of {n} round{}", if n == 1 { "" } else { "s" });
+        match self.compare {
+            LatencyCompare::Listen => format!(
+                "relay-latency: commit→consumer p50 {:.1} ms, p99 {:.1} ms with LISTEN/NOTIFY; p50 {:.1} ms, p99 {:.1} ms polling every {} ms (commit→Kafka timestamp p50 {:.1} / {:.1} ms; {rounds})",
+                self.median_of(|r| r.first.p50_ms),
+                self.median_of(|r| r.first.p99_ms),
+                self.median_of(|r| r.second.p50_ms),
+                self.median_of(|r| r.second.p99_ms),
+                self.poll_interval_ms,
+                self.median_of(|r| r.first.send_p50_ms),
+                self.median_of(|r| r.second.send_p50_ms),
+            ),
+            LatencyCompare::Delivery => {
+                let (exactly, at_least) = (
+                    self.median_of(|r| r.first.p99_ms),
+                    self.median_of(|r| r.second.p99_ms),
+                );
+                format!(
+                    "relay-latency: commit→read_committed consumer p50 {:.1} ms, p99 {exactly:.1} ms exactly once; p50 {:.1} ms, p99 {at_least:.1} ms at least once; p99 ratio {:.2} (goal ≤ 2.00: {}; {rounds})",
+                    self.median_of(|r| r.first.p50_ms),
+                    self.median_of(|r| r.second.p50_ms),
+                    exactly / at_least,
+                    if exactly <= 2.0 * at_least { "met" } else { "NOT met" },
+                )
+            }
+        }
     }
 }
 
@@ -208,7 +257,7 @@ impl Report for LatencyReport {
     fn table(&self) -> String {
         let mut out = format!("relay-latency: {}\n", setup_line(&self.setup));
         out.push_str(&format!(
-            "{:>5}  {:<7} {:>7} {:>8} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>10} {:>9}\n",
+            "{:>5}  {:<8} {:>7} {:>8} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>10} {:>9}\n",
             "round",
             "mode",
             "events",
@@ -223,9 +272,10 @@ impl Report for LatencyReport {
             "relay RSS"
         ));
         for r in &self.rounds {
-            for (name, f) in [("listen", &r.listen), ("poll", &r.poll)] {
+            for (side, f) in [(Side::Herald, &r.first), (Side::Bare, &r.second)] {
+                let name = self.compare.mode_name(side);
                 out.push_str(&format!(
-                    "{:>5}  {:<7} {:>7} {:>8} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10.1} {:>10.1} {:>10.1} {:>9}\n",
+                    "{:>5}  {:<8} {:>7} {:>8} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10.1} {:>10.1} {:>10.1} {:>9}\n",
                     r.round,
                     name,
                     f.events,
@@ -274,11 +324,13 @@ pub async fn run(
     setup.insert("warmup_secs".into(), json!(args.warmup_secs));
     setup.insert("poll_interval_ms".into(), json!(args.poll_interval_ms));
     setup.insert("relay_batch".into(), json!(args.relay_batch));
+    setup.insert("relay_workers".into(), json!(args.relay_workers));
     setup.insert("writers".into(), json!(args.writers));
     setup.insert("payload_bytes".into(), json!(args.payload_bytes));
     setup.insert("partitions".into(), json!(args.partitions));
     setup.insert("keys".into(), json!(args.keys));
     setup.insert("brokers".into(), json!(args.brokers));
+    setup.insert("compare".into(), json!(args.compare));
     setup.insert("database".into(), json!(db.name()));
     setup.insert(
         "synchronous_commit".into(),
@@ -291,12 +343,16 @@ pub async fn run(
         notes: vec![
             format!("PostgreSQL: {}", durability.describe()),
             "latency = consumer receive − writer's commit returned (one wall clock); send = the record's Kafka CreateTime (relay's producer, ms) − commit".to_owned(),
-            format!(
-                "listen: PgOutbox::listen(true), the relay wakes on the commit's NOTIFY; poll: PgOutbox::listen(false), an idle relay sleeps poll_interval {} ms",
-                args.poll_interval_ms
-            ),
+            match args.compare {
+                LatencyCompare::Listen => format!(
+                    "listen: PgOutbox::listen(true), the relay wakes on the commit's NOTIFY; poll: PgOutbox::listen(false), an idle relay sleeps poll_interval {} ms",
+                    args.poll_interval_ms
+                ),
+                LatencyCompare::Delivery => "exactly: TransactionalRelay (a Kafka transaction per batch, with its checkpoint; synchronous lease commits); at-least: Relay (asynchronous marks); both listen".to_owned(),
+            },
         ],
         poll_interval_ms: args.poll_interval_ms,
+        compare: args.compare,
     };
     let workload = Workload::new(args.payload_bytes, args.keys, u64::MAX / 2)?;
     let writers = database::pool(db.url(), args.writers).await?;
@@ -305,20 +361,38 @@ pub async fn run(
         let order = round_order(round);
         let mut figures: [Option<ModeFigures>; 2] = [None, None];
         for side in order {
-            let mode = mode_name(side);
+            let mode = args.compare.mode_name(side);
             db.execute("TRUNCATE herald_outbox, herald_outbox_pending")
                 .await?;
             let topic = resources
                 .topic(&format!("lat-r{}-{mode}", round + 1), args.partitions)
                 .await?;
+            let mut spec = SideSpec {
+                brokers: args.brokers.clone(),
+                topic: topic.clone(),
+                listen: args.compare == LatencyCompare::Delivery || side == Side::Herald,
+                poll_interval_ms: args.poll_interval_ms,
+                relay_batch: args.relay_batch,
+                relay_workers: args.relay_workers,
+                checkpoint_topic: None,
+                transactional_id_prefix: resources.name(&format!("lat-r{}-relay", round + 1)),
+            };
+            if args.compare == LatencyCompare::Delivery && side == Side::Herald {
+                let checkpoints = resources
+                    .topic(
+                        &format!("lat-r{}-checkpoints", round + 1),
+                        i32::from(herald_postgres::RELAY_SLOTS),
+                    )
+                    .await?;
+                spec.checkpoint_topic = Some(checkpoints);
+            }
             let measured = measure_mode(
                 args,
                 resources,
                 db,
                 &writers,
                 &workload,
-                &topic,
-                side == Side::Herald,
+                spec,
                 &mut next_seq,
             )
             .await
@@ -332,14 +406,14 @@ pub async fn run(
             ));
             figures[usize::from(side == Side::Bare)] = Some(measured);
         }
-        let [Some(listen), Some(poll)] = figures else {
+        let [Some(first), Some(second)] = figures else {
             bail!("round {} is missing a mode", round + 1);
         };
         report.rounds.push(LatencyRound {
             round: round + 1,
-            order: order.iter().map(|s| mode_name(*s)).collect(),
-            listen,
-            poll,
+            order: order.iter().map(|s| args.compare.mode_name(*s)).collect(),
+            first,
+            second,
         });
     }
     writers.close().await;
@@ -354,17 +428,17 @@ struct Commit {
     transaction: Duration,
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn measure_mode(
     args: &RelayLatencyArgs,
     resources: &RunResources,
     db: &BenchDatabase,
     writers: &sqlx::PgPool,
     workload: &Workload,
-    topic: &str,
-    listen: bool,
+    spec: SideSpec,
     next_seq: &mut u64,
 ) -> anyhow::Result<ModeFigures> {
+    let topic = spec.topic.clone();
+    let topic = topic.as_str();
     let collector = ArrivalReader::start(
         &args.brokers,
         &resources.name(&format!("lat-reader-{}", Uuid::new_v4().simple())),
@@ -372,13 +446,7 @@ async fn measure_mode(
         args.partitions,
     )?;
     let relay = spawn_side(
-        &AnySide::RelayLatency(SideSpec {
-            brokers: args.brokers.clone(),
-            topic: topic.to_owned(),
-            listen,
-            poll_interval_ms: args.poll_interval_ms,
-            relay_batch: args.relay_batch,
-        }),
+        &AnySide::RelayLatency(spec),
         args.side_timeout_secs,
         &[(CHILD_DATABASE_URL, db.url())],
     )?;
@@ -495,25 +563,47 @@ fn figures(
 
 /// Runs the relay of one mode in this (child) process until stdin closes.
 pub async fn run_side(spec: SideSpec) -> anyhow::Result<SideResult> {
-    let pool = child_pool(4).await?;
+    // One connection per worker, and the listener's.
+    let pool = child_pool(u32::try_from(spec.relay_workers + 1).unwrap_or(u32::MAX)).await?;
     let publisher = Publisher::new(&PublisherConfig::new(&spec.brokers, SOURCE))?;
     publisher
         .producer()
         .client()
         .fetch_metadata(Some(&spec.topic), Duration::from_secs(10))
         .context("fetching the topic's metadata")?;
-    let relay = Relay::new(
-        PgOutbox::new(pool).listen(spec.listen),
-        publisher,
-        RelayConfig {
-            batch_size: spec.relay_batch,
-            poll_interval: Duration::from_millis(spec.poll_interval_ms),
-            ..RelayConfig::default()
-        },
-    );
-    let stats = relay.stats();
+    let store = PgOutbox::new(pool).listen(spec.listen);
+    let config = RelayConfig {
+        batch_size: spec.relay_batch,
+        poll_interval: Duration::from_millis(spec.poll_interval_ms),
+        workers: spec.relay_workers,
+        ..RelayConfig::default()
+    };
     let started = Instant::now();
-    relay.run(stdin_closed()).await;
+    let stats = match &spec.checkpoint_topic {
+        Some(checkpoint_topic) => {
+            let relay = TransactionalRelay::new(
+                store,
+                &PublisherConfig::new(&spec.brokers, SOURCE),
+                config,
+                ExactlyOnceConfig {
+                    transactional_id_prefix: spec.transactional_id_prefix.clone(),
+                    checkpoint_topic: checkpoint_topic.clone(),
+                    ..ExactlyOnceConfig::default()
+                },
+            )
+            .await
+            .context("starting the exactly-once relay")?;
+            let stats = relay.stats();
+            relay.run(stdin_closed()).await;
+            stats
+        }
+        None => {
+            let relay = Relay::new(store, publisher, config);
+            let stats = relay.stats();
+            relay.run(stdin_closed()).await;
+            stats
+        }
+    };
     let seconds = started.elapsed().as_secs_f64();
     let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
     Ok(SideResult::finish(get(&stats.published), seconds)?
