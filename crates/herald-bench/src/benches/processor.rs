@@ -11,6 +11,10 @@
 //! timed from its first transform call to the moment its statistics count
 //! every input committed (joining the group is not measured). The order
 //! alternates per round; the summary is the median of the per-round ratios.
+//! A third side runs exactly once without duplicate detection
+//! (`ProcessorConfig::deduplication(None)`); a note gives the median of
+//! exactly-once (with it, the default) ÷ that side: what dropping
+//! duplicate inputs costs (goal ≥ 0.9, [`DEDUP_GOAL`]).
 //!
 //! **Latency.** For each `--batch-sizes` entry (and once at least once, at
 //! `--batch-size`, for reference) a processor runs in a child on a fresh,
@@ -32,7 +36,9 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{bail, ensure, Context};
 use clap::{Args, ValueEnum};
 use herald::HandlerError;
-use herald_kafka::processor::{Guarantee, Input, Processor, ProcessorConfig, ProcessorStats};
+use herald_kafka::processor::{
+    Deduplication, Guarantee, Input, Processor, ProcessorConfig, ProcessorStats,
+};
 use herald_kafka::{Publisher, PublisherConfig};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -47,6 +53,10 @@ use crate::shared::stats::{median, mib, per_second, percentile, rate, rotation};
 use crate::shared::topics::RunResources;
 use crate::shared::workload::{BenchEvent, Workload, SOURCE};
 use crate::shared::{progress, CommonArgs};
+
+/// The throughput the processor with duplicate detection should keep,
+/// as a fraction of the same processor without it.
+pub const DEDUP_GOAL: f64 = 0.9;
 
 /// Flags of `herald-bench processor`.
 #[derive(Debug, Clone, Args)]
@@ -158,21 +168,28 @@ pub enum Mode {
     ExactlyOnce,
     /// `Guarantee::AtLeastOnce`.
     AtLeastOnce,
+    /// `Guarantee::ExactlyOnce` without duplicate detection.
+    ExactlyOnceNoDedup,
 }
 
 impl Mode {
-    const ALL: [Mode; 2] = [Mode::ExactlyOnce, Mode::AtLeastOnce];
+    const ALL: [Mode; 3] = [
+        Mode::ExactlyOnce,
+        Mode::AtLeastOnce,
+        Mode::ExactlyOnceNoDedup,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Mode::ExactlyOnce => "exactly-once",
             Mode::AtLeastOnce => "at-least-once",
+            Mode::ExactlyOnceNoDedup => "eo-no-dedup",
         }
     }
 
     fn guarantee(self) -> Guarantee {
         match self {
-            Mode::ExactlyOnce => Guarantee::ExactlyOnce,
+            Mode::ExactlyOnce | Mode::ExactlyOnceNoDedup => Guarantee::ExactlyOnce,
             Mode::AtLeastOnce => Guarantee::AtLeastOnce,
         }
     }
@@ -191,6 +208,8 @@ pub struct SideSpec {
     /// Throughput: stop once this many inputs are committed. Latency
     /// (`None`): run until the parent closes stdin.
     records: Option<u64>,
+    /// The completed-ids topic of duplicate detection (exactly once).
+    completed: Option<String>,
 }
 
 /// Runs the parts and returns the report.
@@ -251,6 +270,7 @@ async fn throughput(
             "Processor, Guarantee::AtLeastOnce: idempotent producer, per {} inputs or {} ms every delivery awaited, then a synchronous offset commit",
             args.batch_size, args.batch_time_ms
         ),
+        Mode::ExactlyOnceNoDedup => "the exactly-once side with ProcessorConfig::deduplication(None): no completed-ids record per input (the exactly-once side has one, its default)".to_owned(),
     }
     };
     let mut comparison = SideComparison {
@@ -289,13 +309,39 @@ async fn throughput(
                 batch_size: args.batch_size,
                 batch_time_ms: args.batch_time_ms,
                 records: Some(args.records),
+                completed: completed_topic(resources, *mode, &what).await?,
             };
             let result = run_child(&AnySide::Processor(spec), args.side_timeout_secs).await?;
             this_round.add("processor", mode.name(), result);
         }
         comparison.rounds.push(this_round);
     }
+    let dedup: Vec<f64> = comparison
+        .rounds
+        .iter()
+        .map(|r| r.ratio(Mode::ExactlyOnce.name(), Mode::ExactlyOnceNoDedup.name()))
+        .collect();
+    let dedup = median(&dedup).unwrap_or(f64::NAN);
+    comparison.notes.push(format!(
+        "duplicate detection: exactly-once ÷ {} = {dedup:.2} (median of per-round ratios; goal ≥ {DEDUP_GOAL:.2}: {})",
+        Mode::ExactlyOnceNoDedup.name(),
+        if dedup >= DEDUP_GOAL { "met" } else { "NOT met" }
+    ));
     Ok(comparison)
+}
+
+/// A fresh completed-ids topic for a side that detects duplicates.
+async fn completed_topic(
+    resources: &RunResources,
+    mode: Mode,
+    what: &str,
+) -> anyhow::Result<Option<String>> {
+    if mode != Mode::ExactlyOnce {
+        return Ok(None);
+    }
+    Ok(Some(
+        resources.topic(&format!("{what}-completed"), 1).await?,
+    ))
 }
 
 /// One latency point of one round.
@@ -379,6 +425,7 @@ async fn latency(
                 batch_size,
                 batch_time_ms: args.batch_time_ms,
                 records: None,
+                completed: completed_topic(resources, mode, &what).await?,
             };
             let point =
                 measure_latency(args, resources, &publisher, &workload, spec, &mut next_seq)
@@ -557,7 +604,11 @@ pub async fn run_side(spec: SideSpec) -> anyhow::Result<SideResult> {
         .source(SOURCE)
         .guarantee(spec.mode.guarantee())
         .batch_size(spec.batch_size)
-        .batch_time(Duration::from_millis(spec.batch_time_ms));
+        .batch_time(Duration::from_millis(spec.batch_time_ms))
+        .deduplication(spec.completed.as_ref().map(|topic| Deduplication {
+            topic: Some(topic.clone()),
+            ..Deduplication::default()
+        }));
     let processor = Processor::new(config, transform)?;
     let stats = processor.stats();
     let started = Instant::now();
@@ -670,6 +721,7 @@ impl ProcessorReport {
                 let name = match mode {
                     Mode::ExactlyOnce => format!("batch {size}"),
                     Mode::AtLeastOnce => format!("at-least-once batch {size}"),
+                    Mode::ExactlyOnceNoDedup => format!("no-dedup batch {size}"),
                 };
                 let overloaded = if *overloaded { " OVERLOADED" } else { "" };
                 format!("{name}: p50 {p50:.1} ms, p99 {p99:.1} ms{overloaded}")
