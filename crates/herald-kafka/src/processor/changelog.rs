@@ -325,19 +325,22 @@ impl<V: Serialize + DeserializeOwned> ChangelogTable<V> {
     }
 }
 
+/// `record` as a restore would read it back at `offset` (unit tests of
+/// changelog-backed state).
+#[cfg(test)]
+pub(crate) fn as_restored(record: &OutgoingRecord, offset: i64) -> ChangelogRecord {
+    ChangelogRecord {
+        topic: record.topic.clone(),
+        partition: 0,
+        offset,
+        key: record.key.clone(),
+        value: Some(record.payload.clone()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn as_restored(record: &OutgoingRecord, offset: i64) -> ChangelogRecord {
-        ChangelogRecord {
-            topic: record.topic.clone(),
-            partition: 0,
-            offset,
-            key: record.key.clone(),
-            value: Some(record.payload.clone()),
-        }
-    }
 
     #[test]
     fn uncommitted_changes_are_visible_and_undone_by_rollback() {

@@ -269,6 +269,7 @@ impl<E: Event, T: Transform<E>> Transform<E> for Deduplicated<T> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::changelog::as_restored as restored;
     use super::*;
 
     fn ids(capacity: usize, max_age: Duration) -> CompletedIds {
@@ -280,16 +281,6 @@ mod tests {
                 max_age,
             },
         )
-    }
-
-    fn restored(record: &OutgoingRecord, offset: i64) -> ChangelogRecord {
-        ChangelogRecord {
-            topic: record.topic.clone(),
-            partition: 0,
-            offset,
-            key: record.key.clone(),
-            value: Some(record.payload.clone()),
-        }
     }
 
     #[test]

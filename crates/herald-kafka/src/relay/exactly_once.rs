@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::checkpoint::{self, CheckpointReader};
-use super::{outgoing, Pass, RelayConfig, RelayError, RelayStats};
+use super::{cancelled_by, outgoing, published_by, Pass, RelayConfig, RelayError, RelayStats};
 use crate::error::{is_fenced_code, ClientError};
 use crate::publisher::{BorrowedRecord, Publisher, PublisherConfig, PublisherStats};
 use crate::settings;
@@ -363,23 +363,13 @@ impl<S: SlotStore> TransactionalRelay<S> {
     /// with work; returns how many records were published. Tests and
     /// benchmarks use it to drive the relay until the outbox is idle.
     pub async fn drain(&self) -> Result<usize, RelayError<S::Error>> {
-        let workers = (0..self.config.workers.max(1)).map(|worker| self.work(worker, None));
-        let mut total = 0;
-        for published in futures::future::join_all(workers).await {
-            total += published?;
-        }
-        Ok(total)
+        published_by((0..self.config.workers.max(1)).map(|worker| self.work(worker, None))).await
     }
 
     /// Relays until `shutdown` completes. A batch in progress always
     /// finishes (or aborts) before the relay stops.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) {
-        let stop = CancellationToken::new();
-        let trigger = stop.clone();
-        tokio::spawn(async move {
-            shutdown.await;
-            trigger.cancel();
-        });
+        let stop = cancelled_by(shutdown);
         tracing::info!(
             batch_size = self.config.batch_size,
             workers = self.config.workers,

@@ -253,6 +253,30 @@ pub enum RelayError<E: std::error::Error + 'static> {
     },
 }
 
+/// A token cancelled when `shutdown` completes (a relay's workers watch
+/// it between batches).
+fn cancelled_by(shutdown: impl Future<Output = ()> + Send + 'static) -> CancellationToken {
+    let stop = CancellationToken::new();
+    let trigger = stop.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        trigger.cancel();
+    });
+    stop
+}
+
+/// Runs draining workers side by side and adds up what they published;
+/// the first error wins.
+async fn published_by<E: std::error::Error + 'static>(
+    workers: impl IntoIterator<Item = impl Future<Output = Result<usize, RelayError<E>>>>,
+) -> Result<usize, RelayError<E>> {
+    let mut total = 0;
+    for published in futures::future::join_all(workers).await {
+        total += published?;
+    }
+    Ok(total)
+}
+
 /// What one pass did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Pass {
@@ -452,22 +476,13 @@ impl<S: OutboxStore> Relay<S> {
                 }
             }
         });
-        let mut total = 0;
-        for published in futures::future::join_all(workers).await {
-            total += published?;
-        }
-        Ok(total)
+        published_by(workers).await
     }
 
     /// Relays until `shutdown` completes. A batch in progress always
     /// finishes (claim → publish → mark) before the relay stops.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) {
-        let stop = CancellationToken::new();
-        let trigger = stop.clone();
-        tokio::spawn(async move {
-            shutdown.await;
-            trigger.cancel();
-        });
+        let stop = cancelled_by(shutdown);
         tracing::info!(
             batch_size = self.config.batch_size,
             workers = self.config.workers,

@@ -77,12 +77,7 @@ async fn relay_killed_at_random_points_loses_nothing() {
                 let events: Vec<TestEvent> = (0..PER_TRANSACTION)
                     .map(|i| step(&format!("agg-{}", (t * PER_TRANSACTION + i) % 97), t as u64))
                     .collect();
-                let records: Vec<_> = events.iter().map(|e| record(&topic, e)).collect();
-                let mut tx = pool.begin().await.expect("begin");
-                herald_postgres::outbox::enqueue_all(&mut tx, &records)
-                    .await
-                    .expect("enqueue");
-                tx.commit().await.expect("commit");
+                enqueue_committed_all(&pool, &topic, &events).await;
                 committed.extend(events.iter().map(Event::event_id));
             }
             committed

@@ -27,12 +27,7 @@ async fn enqueue_steps(env: &Env, prefix: &str, keys: usize, per_key: u64) -> BT
         let events: Vec<TestEvent> = (0..keys)
             .map(|k| step(&format!("{prefix}-{k}"), seq))
             .collect();
-        let records: Vec<_> = events.iter().map(|e| record(env.topic.name(), e)).collect();
-        let mut tx = env.pool.begin().await.expect("begin");
-        herald_postgres::outbox::enqueue_all(&mut tx, &records)
-            .await
-            .expect("enqueue");
-        tx.commit().await.expect("commit");
+        enqueue_committed_all(&env.pool, env.topic.name(), &events).await;
         ids.extend(events.iter().map(Event::event_id));
     }
     ids
@@ -305,12 +300,7 @@ async fn relays_killed_at_every_point_publish_each_event_once() {
                         step(&format!("agg-{a}"), next_seq[a])
                     })
                     .collect();
-                let records: Vec<_> = events.iter().map(|e| record(&topic, e)).collect();
-                let mut tx = pool.begin().await.expect("begin");
-                herald_postgres::outbox::enqueue_all(&mut tx, &records)
-                    .await
-                    .expect("enqueue");
-                tx.commit().await.expect("commit");
+                enqueue_committed_all(&pool, &topic, &events).await;
                 committed.extend(events.iter().map(Event::event_id));
                 // Spread the load over the kills.
                 tokio::time::sleep(Duration::from_millis(3)).await;

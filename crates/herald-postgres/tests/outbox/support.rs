@@ -150,8 +150,14 @@ pub fn sequences(reads: &[Read]) -> BTreeMap<String, Vec<u64>> {
 
 /// Enqueues `event` in its own committed transaction.
 pub async fn enqueue_committed(pool: &PgPool, topic: &str, event: &TestEvent) {
+    enqueue_committed_all(pool, topic, std::slice::from_ref(event)).await;
+}
+
+/// Enqueues `events`, in order, in one committed transaction.
+pub async fn enqueue_committed_all(pool: &PgPool, topic: &str, events: &[TestEvent]) {
+    let records: Vec<_> = events.iter().map(|e| record(topic, e)).collect();
     let mut tx = pool.begin().await.expect("begin");
-    herald_postgres::outbox::enqueue(&mut tx, &record(topic, event))
+    herald_postgres::outbox::enqueue_all(&mut tx, &records)
         .await
         .expect("enqueue");
     tx.commit().await.expect("commit");
@@ -162,10 +168,16 @@ pub async fn enqueue_committed(pool: &PgPool, topic: &str, event: &TestEvent) {
 /// the server (other tests' included) is older than the rows: keep going
 /// until the backlog is zero, within a bound.
 pub async fn drain_all(relay: &Relay<PgOutbox>, pool: &PgPool) -> usize {
+    until_drained(pool, async || relay.drain().await.expect("relay pass")).await
+}
+
+/// Calls `drain` until the outbox backlog is zero (within a bound); returns
+/// what the calls published.
+async fn until_drained(pool: &PgPool, mut drain: impl AsyncFnMut() -> usize) -> usize {
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     let mut published = 0;
     loop {
-        published += relay.drain().await.expect("relay pass");
+        published += drain().await;
         let status = herald_postgres::outbox::status(pool).await.expect("status");
         if status.backlog == 0 {
             return published;
@@ -233,25 +245,16 @@ impl Exactly {
 
 /// Drives an exactly-once relay until the outbox backlog is empty.
 pub async fn drain_exactly(relay: &TransactionalRelay<PgOutbox>, pool: &PgPool) -> usize {
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    let mut published = 0;
-    loop {
-        match relay.drain().await {
-            Ok(n) => published += n,
-            // A slot a dead relay held may fail once (its transaction is
-            // still being settled); the next pass takes it.
-            Err(error) => eprintln!("relay pass failed, retrying: {error}"),
+    until_drained(pool, async || match relay.drain().await {
+        Ok(published) => published,
+        // A slot a dead relay held may fail once (its transaction is still
+        // being settled); the next pass takes it.
+        Err(error) => {
+            eprintln!("relay pass failed, retrying: {error}");
+            0
         }
-        let status = herald_postgres::outbox::status(pool).await.expect("status");
-        if status.backlog == 0 {
-            return published;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "outbox not drained: {status:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await
 }
 
 /// A `read_committed` reader saw every committed event exactly once, and
