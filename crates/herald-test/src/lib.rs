@@ -22,8 +22,11 @@
 //! - [`events`]: the `Step` / `TestEvent` family the tests send.
 //! - [`kafka`] / [`Kafka`]: brokers, random topics ([`TestTopic`]), client configs.
 //! - [`postgres`] / [`Postgres`]: fresh databases ([`TestDatabase`]).
+//! - [`private`]: a Kafka broker and a PostgreSQL cluster of one test's
+//!   own, to kill and start again.
 
 pub mod events;
+pub mod private;
 
 use std::net::{TcpStream, ToSocketAddrs};
 use std::str::FromStr;
@@ -136,6 +139,13 @@ pub struct Kafka {
 }
 
 impl Kafka {
+    /// The broker(s) at `brokers` (e.g. a [`private::PrivateKafka`]).
+    pub fn at(brokers: impl Into<String>) -> Kafka {
+        Kafka {
+            brokers: brokers.into(),
+        }
+    }
+
     /// The bootstrap servers.
     pub fn brokers(&self) -> &str {
         &self.brokers

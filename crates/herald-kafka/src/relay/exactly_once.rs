@@ -229,6 +229,14 @@ impl<S: SlotStore> TransactionalRelay<S> {
             exactly_once.operation_timeout,
         )
         .await?;
+        // A producer's settings are checked when it is made: make one now,
+        // so that a bad setting (e.g. message.timeout.ms above
+        // transaction.timeout.ms) fails here, not in every later pass.
+        drop(
+            slot_client(&client, &exactly_once, 0)
+                .create::<rdkafka::producer::FutureProducer>()
+                .map_err(ClientError::Config)?,
+        );
         let reader = CheckpointReader::new(
             &reader_client,
             &exactly_once.checkpoint_topic,
@@ -634,16 +642,7 @@ impl<S: SlotStore> TransactionalRelay<S> {
     /// A transactional producer for `slot`, initialized: every earlier
     /// producer of the slot is fenced from here on.
     async fn fence(&self, slot: u16) -> Result<Publisher, RelayError<S::Error>> {
-        let mut client = self.client.clone();
-        client
-            .set("transactional.id", self.transactional_id(slot))
-            .set(
-                "transaction.timeout.ms",
-                self.exactly_once
-                    .transaction_timeout
-                    .as_millis()
-                    .to_string(),
-            );
+        let client = slot_client(&self.client, &self.exactly_once, slot);
         let publisher = Publisher::from_client_config(client, &self.source)
             .map_err(|source| RelayError::Checkpoint { slot, source })?
             .with_stats(Arc::clone(&self.publisher_stats));
@@ -666,7 +665,7 @@ impl<S: SlotStore> TransactionalRelay<S> {
     }
 
     fn transactional_id(&self, slot: u16) -> String {
-        format!("{}-{slot}", self.exactly_once.transactional_id_prefix)
+        transactional_id(&self.exactly_once, slot)
     }
 
     async fn fault(&self, point: RelayPoint, slot: u16) {
@@ -679,6 +678,23 @@ impl<S: SlotStore> TransactionalRelay<S> {
         self.stats.store_failures.fetch_add(1, Ordering::Relaxed);
         RelayError::Store(error)
     }
+}
+
+/// Slot `slot`'s transactional id.
+fn transactional_id(exactly_once: &ExactlyOnceConfig, slot: u16) -> String {
+    format!("{}-{slot}", exactly_once.transactional_id_prefix)
+}
+
+/// The client configuration of `slot`'s producer.
+fn slot_client(client: &ClientConfig, exactly_once: &ExactlyOnceConfig, slot: u16) -> ClientConfig {
+    let mut client = client.clone();
+    client
+        .set("transactional.id", transactional_id(exactly_once, slot))
+        .set(
+            "transaction.timeout.ms",
+            exactly_once.transaction_timeout.as_millis().to_string(),
+        );
+    client
 }
 
 /// Whether a relay error means another producer of the slot won.

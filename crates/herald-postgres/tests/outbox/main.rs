@@ -5,6 +5,7 @@ mod claims;
 mod connection_loss;
 mod crash;
 mod exactly_once;
+mod faults;
 mod inbox;
 mod late_commit;
 mod notify;

@@ -1,0 +1,340 @@
+//! Servers of a test's own, to crash: a Kafka broker and a PostgreSQL
+//! cluster started for one test on free loopback ports, from the same
+//! installation `scripts/services.sh up` made (the Kafka jars under
+//! `.cache/kafka/libs-*`, Debian's PostgreSQL binaries), so a test can kill
+//! them (SIGKILL, immediate stop) and start them again without disturbing
+//! the shared services every other test uses. Each lives in a temporary
+//! folder that is removed with it.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A free TCP port on 127.0.0.1 (nothing holds it once this returns).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A fresh temporary folder, owned by `owner` when given.
+fn scratch(prefix: &str, owner: Option<&str>) -> PathBuf {
+    let dir = std::env::temp_dir().join(crate::unique_name(prefix));
+    std::fs::create_dir_all(&dir).expect("scratch folder");
+    if let Some(owner) = owner {
+        run(
+            Command::new("chown").arg("-R").arg(owner).arg(&dir),
+            "chown",
+        );
+    }
+    dir
+}
+
+fn run(command: &mut Command, what: &str) {
+    let output = command.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        output.status.success(),
+        "{what} failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn wait_for(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ready() {
+        assert!(start.elapsed() < limit, "{what} not ready after {limit:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The repository's root (this crate is `crates/herald-test`).
+fn repository() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A single-node KRaft Kafka broker of one test's own.
+#[derive(Debug)]
+pub struct PrivateKafka {
+    dir: PathBuf,
+    libs: PathBuf,
+    port: u16,
+    process: Option<Child>,
+}
+
+impl PrivateKafka {
+    /// Formats and starts a broker on free ports; waits until it answers.
+    /// Needs the jars `scripts/services.sh up` fetched.
+    pub fn start() -> PrivateKafka {
+        let cache = repository().join(".cache/kafka");
+        let libs = std::fs::read_dir(&cache)
+            .ok()
+            .and_then(|entries| {
+                entries.filter_map(Result::ok).map(|e| e.path()).find(|p| {
+                    p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("libs-"))
+                        && p.join(".complete").exists()
+                })
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "no Kafka jars under {}: run scripts/services.sh up",
+                    cache.display()
+                )
+            });
+        let dir = scratch("private-kafka", None);
+        let (port, controller) = (free_port(), free_port());
+        let properties = format!(
+            "process.roles=broker,controller\n\
+             node.id=1\n\
+             controller.quorum.bootstrap.servers=127.0.0.1:{controller}\n\
+             listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}\n\
+             advertised.listeners=PLAINTEXT://127.0.0.1:{port}\n\
+             controller.listener.names=CONTROLLER\n\
+             inter.broker.listener.name=PLAINTEXT\n\
+             listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT\n\
+             log.dirs={data}\n\
+             num.partitions=3\n\
+             auto.create.topics.enable=false\n\
+             offsets.topic.replication.factor=1\n\
+             offsets.topic.num.partitions=3\n\
+             transaction.state.log.replication.factor=1\n\
+             transaction.state.log.min.isr=1\n\
+             transaction.state.log.num.partitions=3\n\
+             share.coordinator.state.topic.replication.factor=1\n\
+             share.coordinator.state.topic.min.isr=1\n\
+             group.initial.rebalance.delay.ms=0\n",
+            data = dir.join("data").display(),
+        );
+        std::fs::write(dir.join("server.properties"), properties).expect("server.properties");
+        let kafka = PrivateKafka {
+            dir,
+            libs,
+            port,
+            process: None,
+        };
+        let id = kafka.tool(&["kafka.tools.StorageTool", "random-uuid"]);
+        let config = kafka.dir.join("server.properties");
+        let _ = kafka.tool(&[
+            "kafka.tools.StorageTool",
+            "format",
+            "--standalone",
+            "-t",
+            id.trim(),
+            "-c",
+            &config.to_string_lossy(),
+        ]);
+        let mut kafka = kafka;
+        kafka.restart();
+        kafka
+    }
+
+    /// `host:port` of the broker.
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// A client configuration for this broker.
+    pub fn config(&self) -> rdkafka::ClientConfig {
+        let mut config = rdkafka::ClientConfig::new();
+        config.set("bootstrap.servers", self.brokers());
+        config
+    }
+
+    /// Kills the broker with SIGKILL (no shutdown of any kind).
+    pub fn kill(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            let _ = process.kill();
+            let _ = process.wait();
+        }
+    }
+
+    /// Starts the broker (again, after [`PrivateKafka::kill`]) on the same
+    /// ports and data, and waits until it has started.
+    pub fn restart(&mut self) {
+        self.kill();
+        let log = self.dir.join("server.out");
+        let _ = std::fs::remove_file(&log);
+        let out = std::fs::File::create(&log).expect("broker log");
+        let process = Command::new("java")
+            .args(["-Xms256m", "-Xmx512m", "-XX:+UseG1GC"])
+            .arg(format!(
+                "-Dlog4j2.configurationFile={}",
+                repository()
+                    .join("scripts/kafka/tools-log4j2.properties")
+                    .display()
+            ))
+            .arg("-cp")
+            .arg(format!("{}/*", self.libs.display()))
+            .arg("kafka.Kafka")
+            .arg(self.dir.join("server.properties"))
+            .stdout(out.try_clone().expect("log"))
+            .stderr(out)
+            .spawn()
+            .expect("java kafka.Kafka");
+        self.process = Some(process);
+        let address = self.brokers();
+        wait_for("the private Kafka broker", Duration::from_secs(120), || {
+            crate::reachable(&address) && self.metadata_ok()
+        });
+    }
+
+    fn metadata_ok(&self) -> bool {
+        use rdkafka::consumer::{BaseConsumer, Consumer as _};
+        let Ok(consumer) = self.config().create::<BaseConsumer>() else {
+            return false;
+        };
+        consumer
+            .fetch_metadata(None, Duration::from_secs(2))
+            .is_ok_and(|m| !m.brokers().is_empty())
+    }
+
+    fn tool(&self, args: &[&str]) -> String {
+        let output = Command::new("java")
+            .arg("-Xmx256m")
+            .arg(format!(
+                "-Dlog4j2.configurationFile={}",
+                repository()
+                    .join("scripts/kafka/tools-log4j2.properties")
+                    .display()
+            ))
+            .arg("-cp")
+            .arg(format!("{}/*", self.libs.display()))
+            .args(args)
+            .output()
+            .expect("a Kafka tool");
+        assert!(
+            output.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+}
+
+impl Drop for PrivateKafka {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A PostgreSQL cluster of one test's own (run as the `postgres` user, as
+/// `scripts/services.sh` runs the shared one), with a database `herald`
+/// owned by a role `herald`.
+#[derive(Debug)]
+pub struct PrivatePostgres {
+    dir: PathBuf,
+    bin: PathBuf,
+    port: u16,
+}
+
+impl PrivatePostgres {
+    /// Initializes and starts a cluster on a free port; waits until it
+    /// accepts connections.
+    pub fn start() -> PrivatePostgres {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|versions| {
+                let mut found: Vec<PathBuf> = versions
+                    .filter_map(Result::ok)
+                    .map(|e| e.path().join("bin"))
+                    .filter(|b| b.join("pg_ctl").exists())
+                    .collect();
+                found.sort();
+                found.pop()
+            })
+            .expect("PostgreSQL binaries under /usr/lib/postgresql: run scripts/services.sh up");
+        let dir = scratch("private-postgres", Some("postgres"));
+        let postgres = PrivatePostgres {
+            dir,
+            bin,
+            port: free_port(),
+        };
+        run(
+            postgres
+                .as_postgres("initdb")
+                .args(["-A", "trust", "-U", "postgres", "-D"])
+                .arg(postgres.data()),
+            "initdb",
+        );
+        postgres.restart();
+        run(
+            postgres.as_postgres("psql").args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &postgres.port.to_string(),
+                "-U",
+                "postgres",
+                "-c",
+                "CREATE ROLE herald LOGIN PASSWORD 'herald' SUPERUSER",
+                "-c",
+                "CREATE DATABASE herald OWNER herald",
+            ]),
+            "creating the herald role and database",
+        );
+        postgres
+    }
+
+    /// The URL of its `herald` database.
+    pub fn url(&self) -> String {
+        format!("postgres://herald:herald@127.0.0.1:{}/herald", self.port)
+    }
+
+    /// `pg_ctl stop -m immediate`: the server ends at once, without a
+    /// checkpoint, as in a crash; it recovers from its WAL at the next start.
+    pub fn crash(&self) {
+        run(
+            self.as_postgres("pg_ctl")
+                .args(["stop", "-m", "immediate", "-D"])
+                .arg(self.data()),
+            "pg_ctl stop -m immediate",
+        );
+    }
+
+    /// Starts the server (again, after [`PrivatePostgres::crash`]) and waits
+    /// until it accepts connections.
+    pub fn restart(&self) {
+        run(
+            self.as_postgres("pg_ctl")
+                .args(["start", "-w", "-t", "60", "-D"])
+                .arg(self.data())
+                .arg("-l")
+                .arg(self.dir.join("server.log"))
+                .arg("-o")
+                .arg(format!(
+                    "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=on",
+                    self.port,
+                    self.dir.display()
+                )),
+            "pg_ctl start",
+        );
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    fn as_postgres(&self, program: &str) -> Command {
+        let mut command = Command::new("runuser");
+        command
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join(program))
+            .stdin(Stdio::null());
+        command
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = self
+            .as_postgres("pg_ctl")
+            .args(["stop", "-m", "immediate", "-D"])
+            .arg(self.data())
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
