@@ -10,13 +10,17 @@
 //!   commit tracker, `record.rs` a consumed record copied into one buffer,
 //!   `process.rs` one record's retries and dead letter.
 //! - [`dlq`]: the dead-letter record format (`dlq.*` headers).
-//! - [`processor`]: exactly-once consume → transform → produce in Kafka transactions ([`Processor`], [`Transform`], changelog state).
+//! - [`processor`]: exactly-once consume → transform → produce in Kafka
+//!   transactions ([`Processor`], [`Transform`], changelog state,
+//!   `processor/dedup.rs` the duplicate-input filter).
 //! - [`relay`]: the outbox relays: [`TransactionalRelay`] (exactly once, over
 //!   a [`herald::SlotStore`]; `relay/checkpoint.rs` its checkpoint topic) and
 //!   [`Relay`] (at least once, over any [`herald::OutboxStore`]).
 //! - [`error`]: error types and the retriable/fatal classification.
 //! - [`metrics`]: Prometheus label sets and buckets; every stats value is a
 //!   collector for the service's registry.
+//! - `admin.rs`: the compacted topics herald creates for itself (relay
+//!   checkpoints, processor completed ids).
 
 mod admin;
 pub mod consumer;

@@ -24,8 +24,8 @@
 //!   the slot first fences every earlier producer of the slot
 //!   (`init_transactions`, which also completes or aborts whatever
 //!   transaction was open), then reads the slot's latest committed
-//!   checkpoint and, finding it ahead of [`SlotLease::sequence`], marks its
-//!   ids ([`SlotLease::recover`]) in the lease's transaction, before the
+//!   checkpoint and, finding it ahead of [`herald::SlotLease::sequence`], marks its
+//!   ids ([`herald::SlotLease::recover`]) in the lease's transaction, before the
 //!   claim: the claim cannot return them. A checkpoint lists every id its
 //!   lease marks, recovered ones included, so if that lease dies in the
 //!   same window, the next checkpoint still covers the earlier one.

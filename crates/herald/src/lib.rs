@@ -40,7 +40,8 @@
 //! - [`retry`]: [`RetryPolicy`], exponential backoff with jitter and a cap.
 //! - [`handler`]: [`HandlerError`], how a handler says transient or permanent.
 //! - [`outbox`]: the [`OutboxStore`] contract between an outbox store and
-//!   the relay.
+//!   the relay, and [`SlotStore`] / [`SlotLease`] / [`Checkpoint`], what the
+//!   exactly-once relay needs of a store on top of it.
 //! - [`inbox`]: the [`InboxStore`] contract of an inbox: effects and the
 //!   inbox row in one transaction, [`Applied`] once per group.
 

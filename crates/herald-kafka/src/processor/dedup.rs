@@ -8,7 +8,7 @@
 //! at-least-once outbox relay). Each copy is a new record to Kafka, so the
 //! transaction that consumes the second one would run the transform again.
 //!
-//! [`Deduplicated`] wraps the user's transform. An input whose event id is
+//! `Deduplicated` wraps the user's transform. An input whose event id is
 //! among the completed ones produces no output and no state change; its
 //! offset still advances in the transaction like any other input's. When
 //! the transform succeeds, the id is recorded as completed by one more
