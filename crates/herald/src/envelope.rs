@@ -261,22 +261,7 @@ impl Envelope {
             Some(text) => parse_time(headers::CE_TIME, text)?,
             None => produced_at,
         };
-        let trace = match found.text(headers::TRACEPARENT, found.traceparent)? {
-            Some(parent) => {
-                let state = found
-                    .text(headers::TRACESTATE, found.tracestate)?
-                    .map(str::to_owned);
-                Some(
-                    TraceContext::new(parent, state).map_err(|e: InvalidTraceparent| {
-                        DecodeError::InvalidHeader {
-                            name: headers::TRACEPARENT,
-                            reason: e.reason.to_owned(),
-                        }
-                    })?,
-                )
-            }
-            None => None,
-        };
+        let trace = found.trace(event_id);
         Ok(Self {
             event_id,
             event_type,
@@ -338,6 +323,36 @@ struct RecordHeaders<'a> {
 impl RecordHeaders<'_> {
     /// `value` as text; borrowed, so that only what the envelope keeps is
     /// copied (this runs once per consumed record).
+    /// The trace context, or `None` when the record has none or a
+    /// malformed one: W3C Trace Context says to ignore a `traceparent` that
+    /// cannot be parsed, and a record is not poison for want of a trace, so
+    /// it is handled without one (the trace starts anew) and the drop is
+    /// logged.
+    fn trace(&self, event_id: Uuid) -> Option<TraceContext> {
+        let parent = self.traceparent?;
+        let parsed = std::str::from_utf8(parent)
+            .map_err(|_| "not valid UTF-8".to_owned())
+            .and_then(|parent| {
+                let state = self
+                    .tracestate
+                    .and_then(|s| std::str::from_utf8(s).ok())
+                    .map(str::to_owned);
+                TraceContext::new(parent, state)
+                    .map_err(|e: InvalidTraceparent| e.reason.to_owned())
+            });
+        match parsed {
+            Ok(trace) => Some(trace),
+            Err(reason) => {
+                tracing::warn!(
+                    %event_id,
+                    %reason,
+                    "malformed traceparent header dropped: the record is handled without its trace context"
+                );
+                None
+            }
+        }
+    }
+
     fn text<'v>(
         &self,
         name: &'static str,
@@ -502,6 +517,19 @@ mod tests {
         let env = Envelope::encode(&strict, "/bank").expect("encodes");
         assert_eq!(StrictEvent::decode_variant("Strict", &env.payload), None);
         assert_eq!(env.decode::<StrictEvent>().expect("decodes"), strict);
+    }
+
+    #[test]
+    fn a_malformed_traceparent_is_dropped_not_fatal() {
+        let env = Envelope::encode(&opened(), "/bank").expect("encodes");
+        for bad in [&b"00-not-a-trace-id"[..], b"\xff\xfe", b""] {
+            let mut headers = as_record(&env);
+            headers.push((headers::TRACEPARENT.to_owned(), bad.to_vec()));
+            headers.push((headers::TRACESTATE.to_owned(), b"k=v".to_vec()));
+            let back = from_parts(&env, &headers).expect("still an envelope");
+            assert_eq!(back.trace, None, "{bad:?}");
+            assert_eq!(back.event_id, env.event_id);
+        }
     }
 
     #[test]
