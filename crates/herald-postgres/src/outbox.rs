@@ -396,17 +396,55 @@ impl<'de> serde::Deserialize<'de> for HeaderList {
     }
 }
 
-/// The record of a row of `sql/relay_claim.sql`.
-pub(crate) fn pending_record(row: &sqlx::postgres::PgRow) -> herald::PendingRecord {
-    let headers: sqlx::types::Json<HeaderList> = row.get("headers");
-    herald::PendingRecord {
-        id: row.get("id"),
-        event_id: row.get("event_id"),
-        topic: row.get("topic"),
-        key: row.get("record_key"),
-        payload: row.get("payload"),
-        headers: headers.0 .0,
-    }
+/// Claims up to `limit` pending events of `shard`, which `tx` owns (its
+/// advisory lock was taken in an earlier statement: see
+/// `sql/relay_claim.sql`), lowest ids first.
+pub(crate) async fn claim_shard(
+    tx: &mut Transaction<'static, Postgres>,
+    shard: i16,
+    limit: usize,
+) -> Result<Vec<herald::PendingRecord>, StoreError> {
+    let rows = sqlx::query(include_str!("sql/relay_claim.sql"))
+        .bind(shard)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(StoreError::db("claiming outbox rows"))?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let headers: sqlx::types::Json<HeaderList> = row.get("headers");
+            herald::PendingRecord {
+                id: row.get("id"),
+                event_id: row.get("event_id"),
+                topic: row.get("topic"),
+                key: row.get("record_key"),
+                payload: row.get("payload"),
+                headers: headers.0 .0,
+            }
+        })
+        .collect())
+}
+
+/// Marks the events `ids` (with their `shards`, pairwise) published in
+/// `tx`, as `after_publish` says.
+pub(crate) async fn mark_published(
+    tx: &mut Transaction<'static, Postgres>,
+    after_publish: AfterPublish,
+    shards: &[i16],
+    ids: &[i64],
+) -> Result<(), StoreError> {
+    let sql = match after_publish {
+        AfterPublish::MarkPublished => include_str!("sql/relay_mark.sql"),
+        AfterPublish::Delete => include_str!("sql/relay_mark_delete.sql"),
+    };
+    sqlx::query(sql)
+        .bind(shards)
+        .bind(ids)
+        .execute(&mut **tx)
+        .await
+        .map_err(StoreError::db("marking outbox rows published"))?;
+    Ok(())
 }
 
 /// A claimed batch, holding its transaction (and so its row locks).
@@ -469,19 +507,13 @@ impl herald::OutboxStore for PgOutbox {
                 continue;
             }
             // A statement after the lock: see relay_claim.sql for why.
-            let rows = sqlx::query(include_str!("sql/relay_claim.sql"))
-                .bind(shard)
-                .bind(i64::try_from(remaining).unwrap_or(i64::MAX))
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(StoreError::db("claiming outbox rows"))?;
-            if rows.len() == remaining {
+            let claimed = claim_shard(&mut tx, shard, remaining).await?;
+            if claimed.len() == remaining {
                 // More may be waiting: serve it again after the others.
                 self.rotation().again(shard);
             }
-            records.reserve(rows.len());
-            shards.resize(shards.len() + rows.len(), shard);
-            records.extend(rows.iter().map(pending_record));
+            shards.resize(shards.len() + claimed.len(), shard);
+            records.extend(claimed);
         }
         Ok(PgOutboxBatch {
             tx,
@@ -526,10 +558,6 @@ impl herald::OutboxBatch for PgOutboxBatch {
                 .map_err(StoreError::db("releasing outbox rows"))?;
             return Ok(());
         }
-        let sql = match self.after_publish {
-            AfterPublish::MarkPublished => include_str!("sql/relay_mark.sql"),
-            AfterPublish::Delete => include_str!("sql/relay_mark_delete.sql"),
-        };
         let shard_of: HashMap<i64, i16> = self
             .records
             .iter()
@@ -552,12 +580,7 @@ impl herald::OutboxBatch for PgOutboxBatch {
                 .await
                 .map_err(StoreError::db("relaxing the relay commit"))?;
         }
-        sqlx::query(sql)
-            .bind(&shards)
-            .bind(published)
-            .execute(&mut *self.tx)
-            .await
-            .map_err(StoreError::db("marking outbox rows published"))?;
+        mark_published(&mut self.tx, self.after_publish, &shards, published).await?;
         self.tx
             .commit()
             .await

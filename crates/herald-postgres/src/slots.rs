@@ -55,7 +55,9 @@ use std::time::Duration;
 use herald::{Checkpoint, PendingRecord};
 use sqlx::{PgPool, Postgres, Row, Transaction};
 
-use crate::outbox::{pending_record, AfterPublish, PgOutbox, SHARDS, SHARD_LOCK_CLASS};
+use crate::outbox::{
+    claim_shard, mark_published, AfterPublish, PgOutbox, SHARDS, SHARD_LOCK_CLASS,
+};
 use crate::StoreError;
 
 /// The number of relay slots: the most exactly-once relay transactions
@@ -253,15 +255,10 @@ impl herald::SlotLease for PgSlotLease {
             if limit == 0 {
                 break;
             }
-            let rows = sqlx::query(include_str!("sql/relay_claim.sql"))
-                .bind(shard)
-                .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-                .fetch_all(&mut *self.tx)
-                .await
-                .map_err(StoreError::db("claiming outbox rows"))?;
+            let claimed = claim_shard(&mut self.tx, shard, limit).await?;
             self.record_shards
-                .resize(self.record_shards.len() + rows.len(), shard);
-            self.records.extend(rows.iter().map(pending_record));
+                .resize(self.record_shards.len() + claimed.len(), shard);
+            self.records.extend(claimed);
         }
         Ok(&self.records)
     }
@@ -275,17 +272,8 @@ impl herald::SlotLease for PgSlotLease {
 
     async fn commit(mut self, sequence: i64) -> Result<(), StoreError> {
         if !self.records.is_empty() {
-            let sql = match self.after_publish {
-                AfterPublish::MarkPublished => include_str!("sql/relay_mark.sql"),
-                AfterPublish::Delete => include_str!("sql/relay_mark_delete.sql"),
-            };
             let ids: Vec<i64> = self.records.iter().map(|r| r.id).collect();
-            sqlx::query(sql)
-                .bind(&self.record_shards)
-                .bind(&ids)
-                .execute(&mut *self.tx)
-                .await
-                .map_err(StoreError::db("marking outbox rows published"))?;
+            mark_published(&mut self.tx, self.after_publish, &self.record_shards, &ids).await?;
         }
         sqlx::query(
             "INSERT INTO herald_relay_slots (slot, sequence) VALUES ($1, $2)
