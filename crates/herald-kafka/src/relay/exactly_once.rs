@@ -41,7 +41,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::checkpoint::{self, CheckpointReader};
-use super::{cancelled_by, outgoing, published_by, Pass, RelayConfig, RelayError, RelayStats};
+use super::{
+    batch_span, cancelled_by, outgoing, published_by, Pass, RelayConfig, RelayError, RelayStats,
+};
 use crate::error::{is_fenced_code, ClientError};
 use crate::publisher::{BorrowedRecord, Publisher, PublisherConfig, PublisherStats};
 use crate::settings;
@@ -326,16 +328,13 @@ impl<S: SlotStore> TransactionalRelay<S> {
                 .chain(records.iter().map(|r| r.id))
                 .collect(),
         };
-        let span = tracing::info_span!(
-            "relay_batch",
-            otel.name = "outbox relay publish",
-            messaging.system = "kafka",
-            messaging.operation.type = "send",
-            messaging.batch.message_count = claimed,
-            messaging.kafka.transactional_id = %self.transactional_id(slot),
-            relay.slot = slot,
-            relay.sequence = sequence,
+        let span = batch_span(claimed);
+        span.record(
+            "messaging.kafka.transactional_id",
+            self.transactional_id(slot),
         );
+        span.record("relay.slot", slot);
+        span.record("relay.sequence", sequence);
         let (outgoing, _spans): (Vec<BorrowedRecord<'_>>, Vec<tracing::Span>) =
             records.iter().map(outgoing).unzip();
         let published = self
@@ -409,45 +408,8 @@ impl<S: SlotStore> TransactionalRelay<S> {
         // Whether the list being worked through let this worker claim.
         let mut claimed_any = true;
         while !stop.is_some_and(CancellationToken::is_cancelled) {
-            let Some(slot) = todo.pop_front() else {
-                let slots = match self.store.slots_with_work().await {
-                    Ok(slots) => slots,
-                    Err(error) => {
-                        let error = self.store_error(error);
-                        if stop.is_none() {
-                            return Err(error);
-                        }
-                        failures = failures.saturating_add(1);
-                        let pause = self.config.backoff(failures);
-                        tracing::warn!(%error, ?pause, "outbox relay search failed; retrying");
-                        self.pause_for(stop, pause).await;
-                        continue;
-                    }
-                };
-                if slots.is_empty() {
-                    if stop.is_none() {
-                        return Ok(published);
-                    }
-                    self.pause_for(stop, self.config.poll_interval).await;
-                    continue;
-                }
-                if !std::mem::replace(&mut claimed_any, false) {
-                    // Every slot with work was another relay's: give them a
-                    // moment instead of spinning.
-                    self.pause_for(stop, Duration::from_millis(10)).await;
-                }
-                todo.extend(
-                    slots
-                        .iter()
-                        .cycle()
-                        .skip(worker % slots.len())
-                        .take(slots.len()),
-                );
-                continue;
-            };
-            match self.run_slot(slot).await {
-                Ok(pass) => {
-                    failures = 0;
+            let passed = match todo.pop_front() {
+                Some(slot) => self.run_slot(slot).await.map(|pass| {
                     let claimed = pass.map_or(0, |p| p.claimed);
                     if claimed > 0 {
                         claimed_any = true;
@@ -457,39 +419,47 @@ impl<S: SlotStore> TransactionalRelay<S> {
                         // More may be waiting: serve it again after the others.
                         todo.push_back(slot);
                     }
-                }
-                Err(error) if stop.is_none() => return Err(error),
-                Err(error) => {
+                }),
+                None => match self.store.slots_with_work().await {
+                    Ok(slots) if slots.is_empty() => {
+                        let Some(stop) = stop else {
+                            return Ok(published);
+                        };
+                        let notified = self.store.wait_for_work(self.config.poll_interval);
+                        until_stopped(stop, notified).await;
+                        Ok(())
+                    }
+                    Ok(slots) => {
+                        if !std::mem::replace(&mut claimed_any, false) {
+                            // Every slot with work was another relay's: give
+                            // them a moment instead of spinning.
+                            let moment = tokio::time::sleep(Duration::from_millis(10));
+                            match stop {
+                                Some(stop) => until_stopped(stop, moment).await,
+                                None => moment.await,
+                            }
+                        }
+                        // Each worker starts at a place of its own.
+                        let start = worker % slots.len();
+                        todo.extend(slots[start..].iter().chain(&slots[..start]));
+                        Ok(())
+                    }
+                    Err(error) => Err(self.store_error(error)),
+                },
+            };
+            match (passed, stop) {
+                (Ok(()), _) => failures = 0,
+                (Err(error), None) => return Err(error),
+                (Err(error), Some(stop)) => {
                     failures = failures.saturating_add(1);
                     let pause = self.config.backoff(failures);
-                    tracing::warn!(%error, slot, ?pause, "outbox relay pass failed; retrying");
+                    tracing::warn!(%error, ?pause, "outbox relay pass failed; retrying");
                     todo.clear();
-                    self.pause_for(stop, pause).await;
+                    until_stopped(stop, tokio::time::sleep(pause)).await;
                 }
             }
         }
         Ok(published)
-    }
-
-    /// Waits `pause` (or for a notification of new rows, when `pause` is
-    /// the poll interval), or until `stop`.
-    async fn pause_for(&self, stop: Option<&CancellationToken>, pause: Duration) {
-        let wait = async {
-            if pause == self.config.poll_interval {
-                self.store.wait_for_work(pause).await;
-            } else {
-                tokio::time::sleep(pause).await;
-            }
-        };
-        match stop {
-            Some(stop) => {
-                tokio::select! {
-                    _ = wait => {}
-                    _ = stop.cancelled() => {}
-                }
-            }
-            None => wait.await,
-        }
     }
 
     /// The batch and its checkpoint in one Kafka transaction, committed.
@@ -540,9 +510,8 @@ impl<S: SlotStore> TransactionalRelay<S> {
             self.fault(RelayPoint::Published, slot).await;
             let committer = producer.clone();
             let timeout = self.exactly_once.operation_timeout;
-            tokio::task::spawn_blocking(move || committer.commit_transaction(timeout))
+            off_thread(move || committer.commit_transaction(timeout))
                 .await
-                .map_err(|_| failed("committing a relay transaction")(KafkaError::Canceled))?
                 .map_err(failed("committing a relay transaction"))
         }
         .await;
@@ -560,8 +529,7 @@ impl<S: SlotStore> TransactionalRelay<S> {
                 let timeout = self.exactly_once.operation_timeout;
                 // Best effort: the producer is dropped either way, and a
                 // new one's initialization aborts whatever is still open.
-                let _ =
-                    tokio::task::spawn_blocking(move || aborter.abort_transaction(timeout)).await;
+                let _ = off_thread(move || aborter.abort_transaction(timeout)).await;
             }
         }
         result
@@ -604,13 +572,10 @@ impl<S: SlotStore> TransactionalRelay<S> {
                 .latest(slot)
         })
         .await
-        .map_err(|_| RelayError::Checkpoint {
-            slot,
-            source: ClientError::Kafka {
-                operation: "reading a relay checkpoint",
-                source: KafkaError::Canceled,
-            },
-        })?
+        .unwrap_or(Err(ClientError::Kafka {
+            operation: "reading a relay checkpoint",
+            source: KafkaError::Canceled,
+        }))
         .map_err(|source| RelayError::Checkpoint { slot, source })?;
         let stored = lease.sequence();
         let mut recovered = Vec::new();
@@ -648,13 +613,8 @@ impl<S: SlotStore> TransactionalRelay<S> {
             .with_stats(Arc::clone(&self.publisher_stats));
         let producer = publisher.producer().clone();
         let timeout = self.exactly_once.operation_timeout;
-        tokio::task::spawn_blocking(move || producer.init_transactions(timeout))
+        off_thread(move || producer.init_transactions(timeout))
             .await
-            .map_err(|_| RelayError::Transaction {
-                slot,
-                operation: "initializing a relay slot's transactions",
-                source: KafkaError::Canceled,
-            })?
             .map_err(|source| RelayError::Transaction {
                 slot,
                 operation: "initializing a relay slot's transactions",
@@ -677,6 +637,24 @@ impl<S: SlotStore> TransactionalRelay<S> {
     fn store_error(&self, error: S::Error) -> RelayError<S::Error> {
         self.stats.store_failures.fetch_add(1, Ordering::Relaxed);
         RelayError::Store(error)
+    }
+}
+
+/// Runs one of librdkafka's blocking transaction calls on a blocking thread;
+/// a call whose thread is gone counts as cancelled.
+async fn off_thread(
+    call: impl FnOnce() -> Result<(), KafkaError> + Send + 'static,
+) -> Result<(), KafkaError> {
+    tokio::task::spawn_blocking(call)
+        .await
+        .unwrap_or(Err(KafkaError::Canceled))
+}
+
+/// Waits for `wait`, or until `stop`.
+async fn until_stopped(stop: &CancellationToken, wait: impl Future<Output = ()>) {
+    tokio::select! {
+        () = wait => {}
+        () = stop.cancelled() => {}
     }
 }
 

@@ -253,6 +253,23 @@ pub enum RelayError<E: std::error::Error + 'static> {
     },
 }
 
+/// The span of one relay batch of `claimed` records (both relays). The
+/// at-least-once relay records `published`; the exactly-once one its slot,
+/// sequence and transactional id.
+fn batch_span(claimed: usize) -> tracing::Span {
+    tracing::info_span!(
+        "relay_batch",
+        otel.name = "outbox relay publish",
+        messaging.system = "kafka",
+        messaging.operation.type = "send",
+        messaging.batch.message_count = claimed,
+        published = tracing::field::Empty,
+        messaging.kafka.transactional_id = tracing::field::Empty,
+        relay.slot = tracing::field::Empty,
+        relay.sequence = tracing::field::Empty,
+    )
+}
+
 /// A token cancelled when `shutdown` completes (a relay's workers watch
 /// it between batches).
 fn cancelled_by(shutdown: impl Future<Output = ()> + Send + 'static) -> CancellationToken {
@@ -403,15 +420,7 @@ impl<S: OutboxStore> Relay<S> {
                 published: 0,
             });
         }
-        let span = tracing::info_span!(
-            "relay_batch",
-            otel.name = "outbox relay publish",
-            messaging.system = "kafka",
-            messaging.operation.type = "send",
-            messaging.batch.message_count = claimed,
-            published = tracing::field::Empty,
-        );
-        // The per-record spans end when the batch's acknowledgements are in.
+        let span = batch_span(claimed); // The per-record spans end when the batch's acknowledgements are in.
         let (records, _spans): (Vec<BorrowedRecord<'_>>, Vec<tracing::Span>) =
             batch.records().iter().map(outgoing).unzip();
         let results = self
