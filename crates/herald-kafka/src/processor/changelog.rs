@@ -312,16 +312,28 @@ impl<V: Serialize + DeserializeOwned> ChangelogTable<V> {
     }
 
     fn record(&self, key: &str, payload: Vec<u8>) -> OutgoingRecord {
-        OutgoingRecord {
-            topic: self.topic.clone(),
-            key: Some(key.as_bytes().to_vec()),
-            payload,
-            headers: vec![(
-                herald::headers::CONTENT_TYPE.to_owned(),
-                Some(herald::envelope::JSON_CONTENT_TYPE.as_bytes().to_vec()),
-            )],
-            event_id: Uuid::nil(),
-        }
+        change_record(&self.topic, key, payload, Uuid::nil())
+    }
+}
+
+/// A change of changelog-backed state: the JSON `payload` (`null` for a
+/// removal) under `key` on `topic`, as one more output of the transaction.
+/// `event_id` names the record in error messages.
+pub(crate) fn change_record(
+    topic: &str,
+    key: &str,
+    payload: Vec<u8>,
+    event_id: Uuid,
+) -> OutgoingRecord {
+    OutgoingRecord {
+        topic: topic.to_owned(),
+        key: Some(key.as_bytes().to_vec()),
+        payload,
+        headers: vec![(
+            herald::headers::CONTENT_TYPE.to_owned(),
+            Some(herald::envelope::JSON_CONTENT_TYPE.as_bytes().to_vec()),
+        )],
+        event_id,
     }
 }
 

@@ -43,7 +43,7 @@ use std::time::Duration;
 use herald::{Event, HandlerError};
 use uuid::Uuid;
 
-use super::changelog::ChangelogRecord;
+use super::changelog::{change_record, ChangelogRecord};
 use super::{Input, ProcessorStats, Transform};
 use crate::publisher::OutgoingRecord;
 
@@ -199,16 +199,7 @@ impl CompletedIds {
     }
 
     fn record(&self, id: &Uuid, payload: Vec<u8>) -> OutgoingRecord {
-        OutgoingRecord {
-            topic: self.topic.clone(),
-            key: Some(id.to_string().into_bytes()),
-            payload,
-            headers: vec![(
-                herald::headers::CONTENT_TYPE.to_owned(),
-                Some(herald::envelope::JSON_CONTENT_TYPE.as_bytes().to_vec()),
-            )],
-            event_id: *id,
-        }
+        change_record(&self.topic, &id.to_string(), payload, *id)
     }
 }
 
