@@ -158,16 +158,8 @@ impl PrivateKafka {
         let log = self.dir.join("server.out");
         let _ = std::fs::remove_file(&log);
         let out = std::fs::File::create(&log).expect("broker log");
-        let process = Command::new("java")
-            .args(["-Xms256m", "-Xmx512m", "-XX:+UseG1GC"])
-            .arg(format!(
-                "-Dlog4j2.configurationFile={}",
-                repository()
-                    .join("scripts/kafka/tools-log4j2.properties")
-                    .display()
-            ))
-            .arg("-cp")
-            .arg(format!("{}/*", self.libs.display()))
+        let process = self
+            .java(&["-Xms256m", "-Xmx512m", "-XX:+UseG1GC"])
             .arg("kafka.Kafka")
             .arg(self.dir.join("server.properties"))
             .stdout(out.try_clone().expect("log"))
@@ -191,9 +183,11 @@ impl PrivateKafka {
             .is_ok_and(|m| !m.brokers().is_empty())
     }
 
-    fn tool(&self, args: &[&str]) -> String {
-        let output = Command::new("java")
-            .arg("-Xmx256m")
+    /// `java` with `options`, quiet logging and the Kafka jars on the
+    /// class path; the main class and its arguments follow.
+    fn java(&self, options: &[&str]) -> Command {
+        let mut java = Command::new("java");
+        java.args(options)
             .arg(format!(
                 "-Dlog4j2.configurationFile={}",
                 repository()
@@ -201,7 +195,13 @@ impl PrivateKafka {
                     .display()
             ))
             .arg("-cp")
-            .arg(format!("{}/*", self.libs.display()))
+            .arg(format!("{}/*", self.libs.display()));
+        java
+    }
+
+    fn tool(&self, args: &[&str]) -> String {
+        let output = self
+            .java(&["-Xmx256m"])
             .args(args)
             .output()
             .expect("a Kafka tool");

@@ -123,25 +123,41 @@ async fn relay(brokers: &str, pool: PgPool, checkpoints: &str) -> TransactionalR
     .expect("relay")
 }
 
-/// Waits until the relay has published `at_least` rows (any server may be
-/// down meanwhile: errors are retried).
+/// Waits until the outbox's status satisfies `done` (any server may be
+/// down meanwhile: a failed read is just another look).
+async fn outbox_reaches(
+    pool: &PgPool,
+    what: &str,
+    limit: Duration,
+    done: impl Fn(&herald_postgres::OutboxStatus) -> bool,
+) {
+    herald_test::poll_until(what, limit, async || {
+        let status = herald_postgres::outbox::status(pool)
+            .await
+            .map_err(|e| e.to_string())?;
+        if done(&status) {
+            Ok(())
+        } else {
+            Err(format!("{status:?}"))
+        }
+    })
+    .await;
+}
+
+/// Waits until the relay has published `at_least` rows.
 async fn published_at_least(pool: &PgPool, at_least: i64) {
-    herald_test::poll_until(
+    outbox_reaches(
+        pool,
         "the relay to publish",
         Duration::from_secs(180),
-        async || {
-            let published = herald_postgres::outbox::status(pool)
-                .await
-                .map(|s| s.published_retained)
-                .map_err(|e| e.to_string())?;
-            if published >= at_least {
-                Ok(())
-            } else {
-                Err(format!("{published} published"))
-            }
-        },
+        |s| s.published_retained >= at_least,
     )
     .await;
+}
+
+/// Waits until nothing is left to publish.
+async fn drained(pool: &PgPool, limit: Duration) {
+    outbox_reaches(pool, "the backlog to drain", limit, |s| s.backlog == 0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,22 +205,7 @@ async fn a_postgres_crash_during_a_relay_load_publishes_each_event_once() {
     let minimum = i64::try_from(written.committed.len()).unwrap_or(i64::MAX);
     // Every committed event is published (and perhaps some unknown ones).
     published_at_least(&pool, minimum).await;
-    herald_test::poll_until(
-        "the backlog to drain",
-        Duration::from_secs(120),
-        async || {
-            let backlog = herald_postgres::outbox::status(&pool)
-                .await
-                .map(|s| s.backlog)
-                .map_err(|e| e.to_string())?;
-            if backlog == 0 {
-                Ok(())
-            } else {
-                Err(format!("backlog {backlog}"))
-            }
-        },
-    )
-    .await;
+    drained(&pool, Duration::from_secs(120)).await;
     stop.cancel();
     running.await.expect("relay");
 
@@ -251,22 +252,7 @@ async fn a_broker_killed_during_a_relay_load_publishes_each_event_once() {
     writer.await.expect("writer");
     let written = written.lock().await;
     assert!(written.unknown.is_empty(), "PostgreSQL never failed here");
-    herald_test::poll_until(
-        "the backlog to drain",
-        Duration::from_secs(180),
-        async || {
-            let backlog = herald_postgres::outbox::status(&env.pool)
-                .await
-                .map(|s| s.backlog)
-                .map_err(|e| e.to_string())?;
-            if backlog == 0 {
-                Ok(())
-            } else {
-                Err(format!("backlog {backlog}"))
-            }
-        },
-    )
-    .await;
+    drained(&env.pool, Duration::from_secs(180)).await;
     stop.cancel();
     running.await.expect("relay");
 
