@@ -336,6 +336,15 @@ pub async fn run(
 }
 
 impl SideSpec {
+    /// The relay settings both relay sides run with.
+    fn relay_config(&self) -> RelayConfig {
+        RelayConfig {
+            batch_size: self.relay_batch,
+            workers: self.relay_workers,
+            ..RelayConfig::default()
+        }
+    }
+
     fn new(args: &RelayArgs, side: Side, topic: String, mode: SideMode) -> Self {
         let common = &args.common;
         SideSpec {
@@ -491,15 +500,7 @@ async fn store_side(spec: &SideSpec) -> anyhow::Result<SideResult> {
 
 async fn relay_side(spec: &SideSpec, publisher: Publisher) -> anyhow::Result<SideResult> {
     let store = side_store(spec).await?;
-    let relay = Relay::new(
-        store,
-        publisher,
-        RelayConfig {
-            batch_size: spec.relay_batch,
-            workers: spec.relay_workers,
-            ..RelayConfig::default()
-        },
-    );
+    let relay = Relay::new(store, publisher, spec.relay_config());
     let stats = relay.stats();
     let started = Instant::now();
     let published = relay.drain().await.context("the relay failed")?;
@@ -513,11 +514,7 @@ async fn exactly_once_side(spec: &SideSpec) -> anyhow::Result<SideResult> {
     let relay = TransactionalRelay::new(
         store,
         &PublisherConfig::new(&spec.brokers, SOURCE),
-        RelayConfig {
-            batch_size: spec.relay_batch,
-            workers: spec.relay_workers,
-            ..RelayConfig::default()
-        },
+        spec.relay_config(),
         ExactlyOnceConfig {
             transactional_id_prefix: spec.transactional_id_prefix.clone(),
             checkpoint_topic: spec
