@@ -68,9 +68,11 @@ pub struct ChangelogRecord {
 /// seen), calling `apply` for each record in offset order per partition.
 /// Returns how many records were read.
 ///
-/// "The end" is where each partition's committed data ended when the read
-/// reached it (librdkafka's partition EOF at the last stable offset). It
-/// blocks the calling thread: from async code call it through
+/// "The end" is each partition's last stable offset when the read began:
+/// changes committed after that are not waited for. (Waiting for the
+/// partition EOF instead never ends while another instance keeps writing:
+/// every fetch then returns new records, and a processor that starts beside
+/// a busy one would restore until the busy one went idle.) It blocks the calling thread: from async code call it through
 /// `tokio::task::spawn_blocking`. `client` carries the brokers and security
 /// settings; a group-less consumer is made from it.
 pub fn read_to_end<F>(
@@ -131,9 +133,11 @@ where
             None,
         ));
     }
-    // An empty partition may never report EOF (there is nothing to fetch):
-    // it is at its end already.
+    // With `read_committed` the high watermark librdkafka reports is the
+    // last stable offset. An empty partition may never report EOF (there is
+    // nothing to fetch): it is at its end already.
     let mut at_end = std::collections::HashSet::new();
+    let mut ends = HashMap::new();
     let mut tpl = TopicPartitionList::new();
     for p in &partitions {
         let (low, high) = consumer
@@ -143,6 +147,7 @@ where
             at_end.insert(*p);
             continue;
         }
+        ends.insert(*p, high);
         tpl.add_partition_offset(topic, *p, Offset::Beginning)
             .map_err(|e| failed("cannot build the assignment".into(), Some(e.into())))?;
     }
@@ -185,6 +190,12 @@ where
                     )
                 })?;
                 read += 1;
+                if ends
+                    .get(&record.partition)
+                    .is_some_and(|end| record.offset + 1 >= *end)
+                {
+                    at_end.insert(record.partition);
+                }
             }
             Some(Err(KafkaError::PartitionEOF(partition))) => {
                 at_end.insert(partition);
@@ -193,7 +204,23 @@ where
                 // Brokers come and go; the deadline bounds how long we wait.
                 tracing::warn!(%error, topic, "error while restoring a changelog");
             }
-            None => {}
+            None => {
+                // The last records before the end may be transaction
+                // markers, which are never returned: the position moves
+                // past them.
+                if let Ok(positions) = consumer.position() {
+                    for element in positions.elements() {
+                        if let Offset::Offset(position) = element.offset() {
+                            if ends
+                                .get(&element.partition())
+                                .is_some_and(|end| position >= *end)
+                            {
+                                at_end.insert(element.partition());
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
     Ok(read)

@@ -3,11 +3,14 @@
 //! roll it back), and restored from its changelog by the next instance.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use herald::{HandlerError, RetryPolicy};
 use herald_kafka::processor::{ChangelogRecord, ChangelogTable, Input, Processor, Transform};
 use herald_kafka::OutgoingRecord;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
 use tokio_util::sync::CancellationToken;
 
 use crate::support::*;
@@ -141,4 +144,109 @@ async fn state_is_restored_from_its_changelog_after_a_restart() {
         latest.values().all(|v| *v == PER_KEY),
         "final counts: {latest:?}"
     );
+}
+
+/// Commits a change to `topic` every few milliseconds, in transactions of
+/// ten, until `stop` is set or `limit` passes. Returns whether it was
+/// stopped (rather than running out of time).
+fn busy_writer(
+    kafka: &herald_test::Kafka,
+    topic: &str,
+    stop: Arc<AtomicBool>,
+    committed: Arc<AtomicU64>,
+    limit: Duration,
+) -> std::thread::JoinHandle<bool> {
+    let producer: BaseProducer = kafka
+        .config()
+        .set(
+            "transactional.id",
+            herald_test::unique_name("proc-busy-writer"),
+        )
+        .create()
+        .expect("producer");
+    let topic = topic.to_owned();
+    std::thread::spawn(move || {
+        let timeout = Duration::from_secs(30);
+        producer.init_transactions(timeout).expect("init");
+        let deadline = Instant::now() + limit;
+        let mut n = 0u64;
+        while !stop.load(Ordering::SeqCst) {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            producer.begin_transaction().expect("begin");
+            for _ in 0..10 {
+                n += 1;
+                let key = format!("key-{}", n % 100);
+                let value = n.to_string();
+                producer
+                    .send(BaseRecord::to(&topic).key(&key).payload(&value))
+                    .expect("send");
+            }
+            producer.commit_transaction(timeout).expect("commit");
+            committed.fetch_add(10, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    })
+}
+
+/// A processor that starts beside another instance which keeps committing
+/// to the changelog restores up to the end it saw when it began, and starts.
+/// (Restoring "until the partition's end" never ends while someone writes:
+/// every fetch returns new records.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_ends_while_another_instance_keeps_writing() {
+    let Some(kafka) = herald_test::kafka() else {
+        return;
+    };
+    let input = kafka.topic("proc-busy-in", 1).await;
+    let output = kafka.topic("proc-busy-out", 1).await;
+    let changelog = kafka.topic("proc-busy-changelog", 1).await;
+    let group = herald_test::unique_name("proc-busy");
+    let inputs = steps(1, 1);
+    publish_all(&publisher(&kafka), input.name(), &inputs).await;
+
+    let stop_writer = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(AtomicU64::new(0));
+    let writer = busy_writer(
+        &kafka,
+        changelog.name(),
+        Arc::clone(&stop_writer),
+        Arc::clone(&written),
+        Duration::from_secs(90),
+    );
+    wait_until(
+        "the writer's first commits",
+        Duration::from_secs(30),
+        || written.load(Ordering::SeqCst) >= 100,
+    )
+    .await;
+
+    let config = config(&kafka, &group, input.name(), "busy-1").changelog(changelog.name());
+    let counter = Counter {
+        counts: ChangelogTable::new(changelog.name()),
+        out: output.name().to_owned(),
+    };
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(
+        Processor::new(config, counter)
+            .expect("processor")
+            .run(stop.clone().cancelled_owned()),
+    );
+    wait_all_committed(&kafka, &group, input.name(), 1, Duration::from_secs(60)).await;
+    let written_when_started = written.load(Ordering::SeqCst);
+    stop_writer.store(true, Ordering::SeqCst);
+    stop.cancel();
+    task.await.expect("task").expect("processor stops cleanly");
+    assert!(
+        writer.join().expect("writer"),
+        "the writer ran out of time before the processor started"
+    );
+    assert_eq!(
+        read_all(&kafka, output.name(), 1, "read_committed").len(),
+        1,
+        "the one input has its output"
+    );
+    eprintln!("the processor started after {written_when_started} changes were written");
 }
