@@ -1,0 +1,639 @@
+//! Effectively once, end to end, under faults (issue #13): the service as
+//! separate processes (1 API, 2 relays, 3 workers, 2 fulfillment
+//! processors) on a Kafka broker and a PostgreSQL of the test's own, while
+//! a seeded chaos loop SIGKILLs a random process about every second (and
+//! starts it again), PostgreSQL is crashed once (immediate stop) and the
+//! broker is SIGKILLed once. Clients retry each order with its
+//! Idempotency-Key until it is accepted, as a production client does, and
+//! cancel every fifth order once it is accepted.
+//!
+//! After the load, every process is stopped gracefully and the run is
+//! judged on what is durable: each accepted order exists once; on
+//! `read_committed` it has exactly one fulfillment outcome (plus one release
+//! after a reservation when it was cancelled); it has exactly one
+//! notification per event; the read model holds its final state; the outbox
+//! is empty.
+//!
+//! A failing run prints its seed and the timeline of faults;
+//! `HERALD_FAULT_SEED=<seed>` replays the same schedule.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use herald_test::private::{PrivateKafka, PrivatePostgres};
+use orders::fulfillment::FulfillmentEvent;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::{Offset, TopicPartitionList};
+use uuid::Uuid;
+
+const ORDERS: usize = 3_000;
+/// Orders posted per second: the load lasts long enough for the faults.
+const RATE: u64 = 100;
+const PARTITIONS: i32 = 6;
+/// Every this many orders, one is cancelled after it is accepted.
+const CANCEL_EVERY: usize = 5;
+
+/// What happened when, for the report of a failing run.
+#[derive(Clone)]
+struct Timeline {
+    start: Instant,
+    events: Arc<Mutex<Vec<String>>>,
+}
+
+impl Timeline {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            events: Arc::default(),
+        }
+    }
+
+    fn note(&self, what: impl Into<String>) {
+        let line = format!(
+            "{:>7.2}s {}",
+            self.start.elapsed().as_secs_f64(),
+            what.into()
+        );
+        eprintln!("{line}");
+        self.events.lock().expect("timeline").push(line);
+    }
+}
+
+/// One `orders` process of the fleet, started again whenever it is gone.
+struct Member {
+    name: String,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+    log: std::path::PathBuf,
+}
+
+impl Member {
+    fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log");
+        let child = Command::new(env!("CARGO_BIN_EXE_orders"))
+            .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("orders");
+        self.child = Some(child);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Whether it ended by itself (it is then gone, to be started again).
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        Some(status)
+    }
+
+    /// SIGTERM, then waits for the graceful stop.
+    fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        child.wait().ok()
+    }
+}
+
+struct Fleet(Vec<Member>);
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for member in &mut self.0 {
+            member.kill();
+        }
+    }
+}
+
+/// The chaos loop: until `done`, SIGKILLs a random member every 0.3–1.2 s
+/// (started again 0.1–0.5 s later), crashes PostgreSQL once a third of the
+/// orders are accepted and SIGKILLs the broker at two thirds; members that
+/// ended by themselves are started again, as a supervisor would.
+struct Chaos {
+    fleet: Fleet,
+    kafka: PrivateKafka,
+    postgres: PrivatePostgres,
+    rng: StdRng,
+    timeline: Timeline,
+    accepted: Arc<AtomicUsize>,
+    done: Arc<AtomicBool>,
+}
+
+impl Chaos {
+    fn run(mut self) -> Self {
+        let mut crashed_postgres = false;
+        let mut killed_broker = false;
+        let mut next_kill = Instant::now() + Duration::from_secs(2);
+        while !self.done.load(Ordering::SeqCst) {
+            self.restart_the_gone();
+            let accepted = self.accepted.load(Ordering::SeqCst);
+            if !crashed_postgres && accepted >= ORDERS / 3 {
+                crashed_postgres = true;
+                self.timeline
+                    .note(format!("PostgreSQL: immediate stop ({accepted} accepted)"));
+                self.postgres.crash();
+                std::thread::sleep(Duration::from_secs(2));
+                self.postgres.restart();
+                self.timeline.note("PostgreSQL: started again");
+            }
+            if !killed_broker && accepted >= 2 * ORDERS / 3 {
+                killed_broker = true;
+                self.timeline
+                    .note(format!("broker: SIGKILL ({accepted} accepted)"));
+                self.kafka.kill();
+                std::thread::sleep(Duration::from_secs(2));
+                self.kafka.restart();
+                self.timeline.note("broker: started again");
+            }
+            if Instant::now() >= next_kill {
+                let victim = self.rng.gen_range(0..self.fleet.0.len());
+                let pause = Duration::from_millis(self.rng.gen_range(100..500));
+                let member = &mut self.fleet.0[victim];
+                self.timeline.note(format!("SIGKILL {}", member.name));
+                member.kill();
+                std::thread::sleep(pause);
+                member.start();
+                next_kill = Instant::now() + Duration::from_millis(self.rng.gen_range(300..1200));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.restart_the_gone();
+        self
+    }
+
+    fn restart_the_gone(&mut self) {
+        for member in &mut self.fleet.0 {
+            if let Some(status) = member.exited() {
+                self.timeline.note(format!(
+                    "{} ended by itself ({status}); starting it again",
+                    member.name
+                ));
+                std::thread::sleep(Duration::from_millis(200));
+                member.start();
+            }
+        }
+    }
+}
+
+/// Posts order `i` with its own Idempotency-Key until the API accepts it
+/// (201), through API restarts and the database's outage. Any 4xx is a
+/// failure of the test.
+async fn place(client: &reqwest::Client, base: &str, key: &str) -> Uuid {
+    let order = serde_json::json!({
+        "customer_id": Uuid::new_v4(),
+        "currency": "EUR",
+        "items": [
+            { "sku": "BOOK-1", "quantity": 1, "unit_price": "12.50" },
+            { "sku": "PEN-2", "quantity": 2, "unit_price": "0.99" }
+        ]
+    });
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let mut delay = Duration::from_millis(50);
+    loop {
+        let answer = client
+            .post(format!("{base}/orders"))
+            .header("idempotency-key", key)
+            .json(&order)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await;
+        match answer {
+            Ok(response) if response.status() == 201 => {
+                let body: serde_json::Value = response.json().await.expect("json");
+                return body["id"].as_str().expect("id").parse().expect("uuid");
+            }
+            Ok(response) if response.status().is_client_error() => {
+                let status = response.status();
+                panic!(
+                    "POST /orders (key {key}) answered {status}: {}",
+                    response.text().await.unwrap_or_default()
+                );
+            }
+            // 5xx, a reset connection, a refused one: the order is not
+            // known to be accepted yet; ask again under the same key.
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "order {key} never accepted");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// Cancels `order` until the API has done it. A 409 means an earlier
+/// attempt did, and only its answer was lost (nothing else cancels it).
+async fn cancel(client: &reqwest::Client, base: &str, order: Uuid) {
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let mut delay = Duration::from_millis(50);
+    loop {
+        let answer = client
+            .post(format!("{base}/orders/{order}/cancel"))
+            .json(&serde_json::json!({ "reason": "changed my mind" }))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await;
+        match answer {
+            Ok(response) if response.status() == 200 || response.status() == 409 => return,
+            Ok(response) if response.status().is_client_error() => {
+                let status = response.status();
+                panic!(
+                    "POST /orders/{order}/cancel answered {status}: {}",
+                    response.text().await.unwrap_or_default()
+                );
+            }
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "order {order} never cancelled");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// Every fulfillment event on `topic`, read `read_committed` to the end.
+fn read_outcomes(brokers: &str, topic: &str) -> Vec<FulfillmentEvent> {
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", herald_test::unique_name("outcome-reader"))
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("reader");
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = BTreeMap::new();
+    for p in 0..PARTITIONS {
+        let (_, end) = consumer
+            .fetch_watermarks(topic, p, Duration::from_secs(30))
+            .expect("watermarks");
+        ends.insert(p, end);
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .expect("assignment");
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut done = BTreeSet::new();
+    let mut events = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while done.len() < ends.len() {
+        assert!(Instant::now() < deadline, "the outcome topic never ended");
+        for (p, end) in &ends {
+            if *end == 0 {
+                done.insert(*p);
+            }
+        }
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(message)) => {
+                use rdkafka::Message as _;
+                let envelope = herald_kafka::envelope_of(&message).expect("envelope");
+                events.push(envelope.decode().expect("fulfillment event"));
+                if message.offset() + 1 >= ends[&message.partition()] {
+                    done.insert(message.partition());
+                }
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                done.insert(p);
+            }
+            Some(Err(error)) => eprintln!("outcome reader: {error}"),
+            None => {
+                if let Ok(positions) = consumer.position() {
+                    for e in positions.elements() {
+                        if let Offset::Offset(o) = e.offset() {
+                            if o >= ends[&e.partition()] {
+                                done.insert(e.partition());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    events
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_accepted_order_is_fulfilled_notified_and_projected_once_under_faults() {
+    // The shared services prove the installation is there; the faults run
+    // on servers of this test's own.
+    if herald_test::kafka().is_none() || herald_test::postgres().is_none() {
+        return;
+    }
+    let seed: u64 = std::env::var("HERALD_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::thread_rng().r#gen());
+    eprintln!("fault schedule seed {seed} (replay: HERALD_FAULT_SEED={seed})");
+    let timeline = Timeline::new();
+    let kafka = tokio::task::spawn_blocking(PrivateKafka::start)
+        .await
+        .expect("kafka");
+    let postgres = tokio::task::spawn_blocking(PrivatePostgres::start)
+        .await
+        .expect("postgres");
+    let brokers = kafka.brokers();
+    timeline.note(format!("servers up: Kafka {brokers}, PostgreSQL"));
+
+    let topic = herald_test::unique_name("order-events");
+    let fulfillment_topic = format!("{topic}-fulfillment");
+    let log_dir = std::env::temp_dir().join(herald_test::unique_name("orders-effectively-once"));
+    std::fs::create_dir_all(&log_dir).expect("log dir");
+    let env: Vec<(String, String)> = [
+        ("KAFKA_BROKERS", brokers.clone()),
+        ("DATABASE_URL", postgres.url()),
+        ("ORDERS_EVENTS_TOPIC", topic.clone()),
+        ("ORDERS_FULFILLMENT_TOPIC", fulfillment_topic.clone()),
+        ("ORDERS_GROUP_PREFIX", herald_test::unique_name("eo")),
+        ("ORDERS_TOPIC_PARTITIONS", PARTITIONS.to_string()),
+        ("ORDERS_DB_POOL", "6".to_owned()),
+        ("ORDERS_PROCESSOR_BATCH", "50".to_owned()),
+        ("RUST_LOG", "warn".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let member = |name: &str, args: &[&str], extra: &[(&str, &str)]| {
+        let mut env = env.clone();
+        env.extend(
+            extra
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
+        Member {
+            name: name.to_owned(),
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+            env,
+            child: None,
+            log: log_dir.join(format!("{name}.log")),
+        }
+    };
+    let mut migrate = member("migrate", &["migrate"], &[]);
+    migrate.start();
+    let status = migrate
+        .child
+        .take()
+        .expect("child")
+        .wait()
+        .expect("migrate");
+    assert!(status.success(), "orders migrate failed");
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let http = format!("127.0.0.1:{port}");
+    let no_metrics = ["--metrics-addr", "127.0.0.1:0"];
+    let mut members = vec![member("api", &["api", "--http-addr", &http], &[])];
+    for i in 0..2 {
+        members.push(member(
+            &format!("relay-{i}"),
+            &["relay", no_metrics[0], no_metrics[1]],
+            &[],
+        ));
+    }
+    for i in 0..3 {
+        members.push(member(
+            &format!("worker-{i}"),
+            &["worker", no_metrics[0], no_metrics[1]],
+            &[],
+        ));
+    }
+    for i in 0..2 {
+        let id = format!("p{i}");
+        members.push(member(
+            &format!("processor-{i}"),
+            &["processor", no_metrics[0], no_metrics[1]],
+            &[("ORDERS_INSTANCE_ID", &id)],
+        ));
+    }
+    for m in &mut members {
+        m.start();
+    }
+    let base = format!("http://{http}");
+    let client = reqwest::Client::new();
+    herald_test::poll_until(
+        "the API ready",
+        Duration::from_secs(120),
+        async || match client.get(format!("{base}/readyz")).send().await {
+            Ok(r) if r.status().is_success() => Ok(()),
+            Ok(r) => Err(r.status().to_string()),
+            Err(e) => Err(e.to_string()),
+        },
+    )
+    .await;
+    timeline.note("fleet up: api, 2 relays, 3 workers, 2 processors");
+
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let chaos = Chaos {
+        fleet: Fleet(members),
+        kafka,
+        postgres,
+        rng: StdRng::seed_from_u64(seed),
+        timeline: timeline.clone(),
+        accepted: Arc::clone(&accepted),
+        done: Arc::clone(&done),
+    };
+    let chaos = std::thread::spawn(move || chaos.run());
+
+    let limit = Arc::new(tokio::sync::Semaphore::new(16));
+    let mut posts = tokio::task::JoinSet::new();
+    let load_start = tokio::time::Instant::now();
+    for i in 0..ORDERS {
+        tokio::time::sleep_until(load_start + Duration::from_millis(i as u64 * 1000 / RATE)).await;
+        let permit = Arc::clone(&limit).acquire_owned().await.expect("permit");
+        let (client, base, accepted) = (client.clone(), base.clone(), Arc::clone(&accepted));
+        posts.spawn(async move {
+            let id = place(&client, &base, &format!("eo-order-{i}-{seed}")).await;
+            accepted.fetch_add(1, Ordering::SeqCst);
+            let cancelled = i % CANCEL_EVERY == 0;
+            if cancelled {
+                cancel(&client, &base, id).await;
+            }
+            drop(permit);
+            (id, cancelled)
+        });
+    }
+    let mut ids = BTreeSet::new();
+    let mut cancelled = BTreeSet::new();
+    while let Some(placed) = posts.join_next().await {
+        let (id, was_cancelled) = placed.expect("post task");
+        ids.insert(id);
+        if was_cancelled {
+            cancelled.insert(id);
+        }
+    }
+    timeline.note(format!("load done: {} orders accepted", ids.len()));
+    assert_eq!(ids.len(), ORDERS, "one order per Idempotency-Key");
+    done.store(true, Ordering::SeqCst);
+    let chaos = tokio::task::spawn_blocking(move || chaos.join().expect("chaos loop"))
+        .await
+        .expect("chaos");
+
+    // The fleet works off what the faults left behind.
+    let pool = sqlx::PgPool::connect(&chaos.postgres.url())
+        .await
+        .expect("pool");
+    let expected = ORDERS as i64;
+    let events_expected = expected + cancelled.len() as i64;
+    herald_test::poll_until("the pipeline to catch up", Duration::from_secs(300), async || {
+        let (views, notified, pending): (i64, i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM order_views), \
+                    (SELECT count(*) FROM notifications), \
+                    (SELECT count(*) FROM herald_outbox_pending)",
+        )
+        .fetch_one(&pool)
+        .await
+        .map_err(|e| e.to_string())?;
+        let cancelled_views: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM order_views WHERE status = 'cancelled'")
+                .fetch_one(&pool)
+                .await
+                .map_err(|e| e.to_string())?;
+        let outcomes = read_outcomes(&brokers, &fulfillment_topic).len() as i64;
+        if views >= expected
+            && cancelled_views >= cancelled.len() as i64
+            && notified >= events_expected
+            && pending == 0
+            && outcomes >= expected
+        {
+            Ok(())
+        } else {
+            Err(format!(
+                "views {views}, notified orders {notified}, outbox pending {pending}, outcomes {outcomes}"
+            ))
+        }
+    })
+    .await;
+    timeline.note("caught up; stopping the fleet gracefully");
+    let mut chaos = chaos;
+    for member in &mut chaos.fleet.0 {
+        if let Some(status) = member.stop() {
+            if !status.success() {
+                timeline.note(format!("{} stopped with {status}", member.name));
+            }
+        }
+    }
+
+    // Judged on what is durable, with nothing running.
+    let report = timeline.events.lock().expect("timeline").join("\n");
+    let orders: BTreeSet<Uuid> = sqlx::query_scalar("SELECT id FROM orders")
+        .fetch_all(&pool)
+        .await
+        .expect("orders")
+        .into_iter()
+        .collect();
+    assert_eq!(
+        orders, ids,
+        "the orders table holds exactly the accepted orders\n{report}"
+    );
+
+    let mut outcomes: BTreeMap<Uuid, Vec<&'static str>> = BTreeMap::new();
+    let events = read_outcomes(&brokers, &fulfillment_topic);
+    for event in &events {
+        let (kind, order) = match event {
+            FulfillmentEvent::InventoryReserved(e) => ("reserved", e.order_id),
+            FulfillmentEvent::OrderRejected(e) => ("rejected", e.order_id),
+            FulfillmentEvent::InventoryReleased(e) => ("released", e.order_id),
+        };
+        outcomes.entry(order).or_default().push(kind);
+    }
+    // Read per partition in offset order, so per order in its key's order.
+    let wrong: Vec<_> = outcomes
+        .iter()
+        .filter(|(order, kinds)| {
+            let allowed: &[&[&str]] = if cancelled.contains(order) {
+                &[&["reserved", "released"], &["rejected"]]
+            } else {
+                &[&["reserved"], &["rejected"]]
+            };
+            !allowed.contains(&kinds.as_slice())
+        })
+        .take(5)
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "orders whose fulfillment is not one outcome (and one release if cancelled and reserved), in order: {wrong:?}\n{report}"
+    );
+    assert_eq!(
+        outcomes.keys().copied().collect::<BTreeSet<_>>(),
+        ids,
+        "an outcome for each accepted order and no other\n{report}"
+    );
+
+    let notifications: Vec<(Uuid, i64)> =
+        sqlx::query_as("SELECT order_id, count(*) FROM notifications GROUP BY order_id")
+            .fetch_all(&pool)
+            .await
+            .expect("notifications");
+    let wrong: Vec<_> = notifications
+        .iter()
+        .filter(|(order, n)| *n != if cancelled.contains(order) { 2 } else { 1 })
+        .take(5)
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "orders not notified once per event: {wrong:?}\n{report}"
+    );
+    assert_eq!(
+        notifications
+            .iter()
+            .map(|(o, _)| *o)
+            .collect::<BTreeSet<_>>(),
+        ids,
+        "a notification for each accepted order\n{report}"
+    );
+
+    let views: Vec<(Uuid, String, i32)> =
+        sqlx::query_as("SELECT order_id, status, version FROM order_views")
+            .fetch_all(&pool)
+            .await
+            .expect("views");
+    assert_eq!(views.len(), ORDERS, "one view per order\n{report}");
+    for (order, status, version) in &views {
+        assert!(ids.contains(order), "a view of an unknown order {order}");
+        let final_state = if cancelled.contains(order) {
+            ("cancelled", 2)
+        } else {
+            ("created", 1)
+        };
+        assert_eq!(
+            (status.as_str(), *version),
+            final_state,
+            "view of {order}\n{report}"
+        );
+    }
+    let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM herald_outbox_pending")
+        .fetch_one(&pool)
+        .await
+        .expect("pending");
+    assert_eq!(pending, 0, "the outbox is drained\n{report}");
+    pool.close().await;
+    drop(chaos);
+    std::fs::remove_dir_all(&log_dir).ok();
+}
