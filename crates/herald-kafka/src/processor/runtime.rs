@@ -907,9 +907,7 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
             })
             .map_err(|e| ("sending the offsets to the transaction", e))?;
         }
-        // rdkafka's commit_transaction flushes first, and its flush costs at
-        // least 100 ms while anything is in flight (see await_deliveries):
-        // wait for the deliveries here, so that flush finds nothing to do.
+        // So that commit_transaction's flush finds nothing to do.
         self.await_deliveries()
             .map_err(|e| ("awaiting the outputs' deliveries", e))?;
         let timeout = self.operation_timeout;
@@ -946,23 +944,10 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
             .map_err(|e| ("committing the input offsets", e))
     }
 
-    /// Waits until every record handed to the producer has been acknowledged
-    /// or has failed, and its delivery report has been handled (librdkafka
-    /// counts a record until its report is destroyed, after the callback).
-    ///
-    /// Not `Producer::flush`: rdkafka 0.39's flush, while records are in
-    /// flight, polls the event queue in slices that only end at their
-    /// 100 ms deadline — and here the producer's own thread takes the
-    /// events — so every call took at least 100 ms.
+    /// Waits until every output handed to the producer has been
+    /// acknowledged or has failed ([`crate::publisher::await_released`]).
     fn await_deliveries(&self) -> Result<(), KafkaError> {
-        let deadline = Instant::now() + self.operation_timeout;
-        while self.producer.in_flight_count() > 0 {
-            if Instant::now() >= deadline {
-                return Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut));
-            }
-            std::thread::sleep(Duration::from_micros(200));
-        }
-        Ok(())
+        crate::publisher::await_released(&self.producer, self.operation_timeout)
     }
 
     /// Seeks rewound partitions back; resumes paused ones whose time came.

@@ -510,9 +510,13 @@ impl<S: SlotStore> TransactionalRelay<S> {
             self.fault(RelayPoint::Published, slot).await;
             let committer = producer.clone();
             let timeout = self.exactly_once.operation_timeout;
-            off_thread(move || committer.commit_transaction(timeout))
-                .await
-                .map_err(failed("committing a relay transaction"))
+            off_thread(move || {
+                // So that commit_transaction's flush finds nothing to do.
+                crate::publisher::await_released(&committer, timeout)?;
+                committer.commit_transaction(timeout)
+            })
+            .await
+            .map_err(failed("committing a relay transaction"))
         }
         .await;
         if let Err(error) = &result {
