@@ -2,7 +2,6 @@
 //! database, and the whole pipeline against real Kafka and PostgreSQL.
 
 mod api;
-mod effectively_once;
 mod embedded;
 mod fulfillment;
 mod observability;

@@ -155,7 +155,10 @@ pub async fn pipeline() -> Option<Pipeline> {
 pub async fn pipeline_of(components: Components) -> Option<Pipeline> {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            // The consumers' retries are logged at info: a test that
+            // counts them shows why one happened.
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,herald_kafka::consumer=info".into()),
         )
         .with_test_writer()
         .try_init();
