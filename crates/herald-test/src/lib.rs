@@ -38,6 +38,43 @@ use rdkafka::ClientConfig;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgPool};
 
+/// A free TCP port on 127.0.0.1 (nothing holds it once this returns).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Asks every child to stop (SIGTERM: the graceful path production runs),
+/// then waits up to `limit` for them all and kills those still running.
+/// Returns how each ended, in order.
+pub fn stop_gracefully(
+    children: &mut [std::process::Child],
+    limit: Duration,
+) -> Vec<Option<std::process::ExitStatus>> {
+    for child in children.iter() {
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+    }
+    let deadline = std::time::Instant::now() + limit;
+    children
+        .iter_mut()
+        .map(|child| {
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Some(status);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            child.wait().ok()
+        })
+        .collect()
+}
+
 /// Default broker address, as printed by `scripts/services.sh up`.
 pub const DEFAULT_KAFKA_BROKERS: &str = "127.0.0.1:9092";
 /// Default database URL, as printed by `scripts/services.sh up`.
@@ -204,6 +241,83 @@ impl Kafka {
                 (p, high)
             })
             .collect()
+    }
+
+    /// Every record of `topic` (partitions `0..partitions`) from its start
+    /// to the end each partition had when the read began, read with
+    /// `isolation` (`read_committed`: the end is the last stable offset, and
+    /// aborted records are skipped). Records of one partition come in offset
+    /// order. Panics after two minutes.
+    ///
+    /// The end is fixed at the start: a topic someone keeps writing to
+    /// would otherwise never end (librdkafka's partition EOF needs a fetch
+    /// that comes back empty).
+    pub fn read_to_end(
+        &self,
+        topic: &str,
+        partitions: i32,
+        isolation: &str,
+    ) -> Vec<rdkafka::message::OwnedMessage> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::{Message, Offset};
+        let consumer: BaseConsumer = self
+            .config()
+            .set("isolation.level", isolation)
+            // librdkafka wants a group for assign(); nothing is committed.
+            .set("group.id", unique_name("reader"))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .create()
+            .expect("reader");
+        let mut ends = std::collections::BTreeMap::new();
+        let mut done = std::collections::BTreeSet::new();
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for p in 0..partitions {
+            let (low, high) = consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(30))
+                .expect("watermarks");
+            if high <= low {
+                // An empty partition never reports its end.
+                done.insert(p);
+            }
+            ends.insert(p, high);
+            tpl.add_partition_offset(topic, p, Offset::Beginning)
+                .expect("assignment");
+        }
+        consumer.assign(&tpl).expect("assign");
+        let mut out = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while done.len() < ends.len() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "reading {topic} to its end took too long"
+            );
+            match consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(message)) => {
+                    if message.offset() + 1 >= ends[&message.partition()] {
+                        done.insert(message.partition());
+                    }
+                    out.push(message.detach());
+                }
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                    done.insert(p);
+                }
+                Some(Err(error)) => eprintln!("reader of {topic}: {error}"),
+                None => {
+                    // The last records before the end may be transaction
+                    // markers, which are never returned: the position
+                    // moves past them.
+                    for e in consumer.position().expect("positions").elements() {
+                        if let Offset::Offset(o) = e.offset() {
+                            if o >= ends[&e.partition()] {
+                                done.insert(e.partition());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// Creates a topic with a random name and `partitions` partitions; it is

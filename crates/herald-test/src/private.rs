@@ -6,18 +6,11 @@
 //! the shared services every other test uses. Each lives in a temporary
 //! folder that is removed with it.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A free TCP port on 127.0.0.1 (nothing holds it once this returns).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
+use crate::free_port;
 
 /// A fresh temporary folder, owned by `owner` when given.
 fn scratch(prefix: &str, owner: Option<&str>) -> PathBuf {

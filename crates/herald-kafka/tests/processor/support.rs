@@ -261,50 +261,22 @@ pub fn read_all(
     partitions: i32,
     isolation: &str,
 ) -> Vec<Collected> {
-    let consumer: BaseConsumer = kafka
-        .config()
-        .set("isolation.level", isolation)
-        // librdkafka wants a group for assign(); nothing is committed.
-        .set("group.id", herald_test::unique_name("reader"))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .create()
-        .expect("reader consumer");
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition_offset(topic, p, Offset::Beginning)
-            .expect("partition");
-    }
-    consumer.assign(&tpl).expect("assign");
-    let mut at_end = std::collections::HashSet::new();
-    let mut out = Vec::new();
-    let start = Instant::now();
-    while at_end.len() < partitions as usize {
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "reading {topic} to its end took too long"
-        );
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => out.push(Collected {
-                key: m.key().map(<[u8]>::to_vec),
-                payload: m.payload().map(<[u8]>::to_vec),
-                headers: m
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            }),
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
-                at_end.insert(p);
-            }
-            Some(Err(error)) => eprintln!("reader: {error}"),
-            None => {}
-        }
-    }
-    out
+    kafka
+        .read_to_end(topic, partitions, isolation)
+        .iter()
+        .map(|m| Collected {
+            key: m.key().map(<[u8]>::to_vec),
+            payload: m.payload().map(<[u8]>::to_vec),
+            headers: m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        })
+        .collect()
 }
 
 /// Waits until the group has committed every input of `topic`.

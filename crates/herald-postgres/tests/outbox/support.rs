@@ -9,9 +9,8 @@ use herald_kafka::{
     TransactionalRelay,
 };
 use herald_postgres::{OutboxRecord, PgOutbox};
-use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::message::Headers;
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::Message;
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -72,71 +71,36 @@ pub struct Read {
 }
 
 /// Every record of `topic` a `read_committed` reader sees, per partition in
-/// offset order: each partition is read until librdkafka reports its end
-/// (offsets alone do not count records once transactions' markers take
-/// some).
+/// offset order ([`herald_test::Kafka::read_to_end`]).
 pub fn read_to_end(kafka: &herald_test::Kafka, topic: &str, partitions: i32) -> Vec<Read> {
-    let consumer: BaseConsumer = kafka
-        .config()
-        .set("group.id", herald_test::unique_name("reader"))
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .set("enable.partition.eof", "true")
-        .create()
-        .expect("reader");
-    let mut tpl = TopicPartitionList::new();
-    let mut at_end = std::collections::BTreeSet::new();
-    for p in 0..partitions {
-        let (low, high) = consumer
-            .fetch_watermarks(topic, p, Duration::from_secs(10))
-            .expect("watermarks");
-        if high <= low {
-            // An empty partition never reports its end.
-            at_end.insert(p);
-        }
-        tpl.add_partition_offset(topic, p, Offset::Beginning)
-            .expect("tpl");
-    }
-    consumer.assign(&tpl).expect("assign");
-    let mut out = Vec::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while at_end.len() < partitions as usize {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "reading {topic} timed out"
-        );
-        let message = match consumer.poll(Duration::from_millis(200)) {
-            None => continue,
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
-                at_end.insert(p);
-                continue;
+    kafka
+        .read_to_end(topic, partitions, "read_committed")
+        .into_iter()
+        .map(|message| {
+            let headers: BTreeMap<String, String> = message
+                .headers()
+                .map(|hs| {
+                    hs.iter()
+                        .map(|h| {
+                            (
+                                h.key.to_owned(),
+                                String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let body: serde_json::Value =
+                serde_json::from_slice(message.payload().expect("payload")).expect("json");
+            Read {
+                partition: message.partition(),
+                key: String::from_utf8(message.key().expect("key").to_vec()).expect("utf-8"),
+                event_id: headers["event_id"].parse().expect("event id"),
+                seq: body["seq"].as_u64().expect("seq"),
+                headers,
             }
-            Some(other) => other.expect("read"),
-        };
-        let headers: BTreeMap<String, String> = message
-            .headers()
-            .map(|hs| {
-                hs.iter()
-                    .map(|h| {
-                        (
-                            h.key.to_owned(),
-                            String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        let body: serde_json::Value =
-            serde_json::from_slice(message.payload().expect("payload")).expect("json");
-        out.push(Read {
-            partition: message.partition(),
-            key: String::from_utf8(message.key().expect("key").to_vec()).expect("utf-8"),
-            event_id: headers["event_id"].parse().expect("event id"),
-            seq: body["seq"].as_u64().expect("seq"),
-            headers,
-        });
-    }
-    out
+        })
+        .collect()
 }
 
 /// Per key, the sequence numbers in the order Kafka holds them.

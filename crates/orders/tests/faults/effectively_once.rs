@@ -27,8 +27,6 @@ use herald_test::private::{PrivateKafka, PrivatePostgres};
 use orders::fulfillment::FulfillmentEvent;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rdkafka::consumer::{BaseConsumer, Consumer as _};
-use rdkafka::{Offset, TopicPartitionList};
 use uuid::Uuid;
 
 const ORDERS: usize = 3_000;
@@ -104,27 +102,27 @@ impl Member {
         self.child = None;
         Some(status)
     }
-
-    /// SIGTERM, then waits for the graceful stop.
-    fn stop(&mut self) -> Option<std::process::ExitStatus> {
-        let mut child = self.child.take()?;
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = child.kill();
-        child.wait().ok()
-    }
 }
 
 struct Fleet(Vec<Member>);
+
+impl Fleet {
+    /// Stops every running member gracefully; returns those that did not
+    /// end with success, with how they ended.
+    fn stop(&mut self) -> Vec<(String, Option<std::process::ExitStatus>)> {
+        let (names, mut children): (Vec<String>, Vec<Child>) = self
+            .0
+            .iter_mut()
+            .filter_map(|m| Some((m.name.clone(), m.child.take()?)))
+            .unzip();
+        let ended = herald_test::stop_gracefully(&mut children, Duration::from_secs(60));
+        names
+            .into_iter()
+            .zip(ended)
+            .filter(|(_, status)| !status.is_some_and(|s| s.success()))
+            .collect()
+    }
+}
 
 impl Drop for Fleet {
     fn drop(&mut self) {
@@ -268,62 +266,14 @@ async fn cancel(client: &reqwest::Client, base: &str, order: Uuid) {
 
 /// Every fulfillment event on `topic`, read `read_committed` to the end.
 fn read_outcomes(brokers: &str, topic: &str) -> Vec<FulfillmentEvent> {
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", herald_test::unique_name("outcome-reader"))
-        .set("isolation.level", "read_committed")
-        .set("enable.partition.eof", "true")
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("reader");
-    let mut tpl = TopicPartitionList::new();
-    let mut ends = BTreeMap::new();
-    for p in 0..PARTITIONS {
-        let (_, end) = consumer
-            .fetch_watermarks(topic, p, Duration::from_secs(30))
-            .expect("watermarks");
-        ends.insert(p, end);
-        tpl.add_partition_offset(topic, p, Offset::Beginning)
-            .expect("assignment");
-    }
-    consumer.assign(&tpl).expect("assign");
-    let mut done = BTreeSet::new();
-    let mut events = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while done.len() < ends.len() {
-        assert!(Instant::now() < deadline, "the outcome topic never ended");
-        for (p, end) in &ends {
-            if *end == 0 {
-                done.insert(*p);
-            }
-        }
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(message)) => {
-                use rdkafka::Message as _;
-                let envelope = herald_kafka::envelope_of(&message).expect("envelope");
-                events.push(envelope.decode().expect("fulfillment event"));
-                if message.offset() + 1 >= ends[&message.partition()] {
-                    done.insert(message.partition());
-                }
-            }
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
-                done.insert(p);
-            }
-            Some(Err(error)) => eprintln!("outcome reader: {error}"),
-            None => {
-                if let Ok(positions) = consumer.position() {
-                    for e in positions.elements() {
-                        if let Offset::Offset(o) = e.offset() {
-                            if o >= ends[&e.partition()] {
-                                done.insert(e.partition());
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-    events
+    herald_test::Kafka::at(brokers)
+        .read_to_end(topic, PARTITIONS, "read_committed")
+        .iter()
+        .map(|message| {
+            let envelope = herald_kafka::envelope_of(message).expect("envelope");
+            envelope.decode().expect("fulfillment event")
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -391,11 +341,7 @@ async fn every_accepted_order_is_fulfilled_notified_and_projected_once_under_fau
         .expect("migrate");
     assert!(status.success(), "orders migrate failed");
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
-    let http = format!("127.0.0.1:{port}");
+    let http = format!("127.0.0.1:{}", herald_test::free_port());
     let no_metrics = ["--metrics-addr", "127.0.0.1:0"];
     let mut members = vec![member("api", &["api", "--http-addr", &http], &[])];
     for i in 0..2 {
@@ -521,12 +467,8 @@ async fn every_accepted_order_is_fulfilled_notified_and_projected_once_under_fau
     .await;
     timeline.note("caught up; stopping the fleet gracefully");
     let mut chaos = chaos;
-    for member in &mut chaos.fleet.0 {
-        if let Some(status) = member.stop() {
-            if !status.success() {
-                timeline.note(format!("{} stopped with {status}", member.name));
-            }
-        }
+    for (name, status) in chaos.fleet.stop() {
+        timeline.note(format!("{name} stopped with {status:?}"));
     }
 
     // Judged on what is durable, with nothing running.

@@ -20,10 +20,7 @@ struct Embedded {
 
 impl Embedded {
     fn start(env: &[(&str, String)]) -> Embedded {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
+        let port = herald_test::free_port();
         let data = std::env::temp_dir().join(herald_test::unique_name("orders-embedded"));
         let log_path = data.with_extension("log");
         let log = std::fs::File::create(&log_path).expect("log");

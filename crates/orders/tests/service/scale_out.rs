@@ -11,36 +11,11 @@ use crate::support::*;
 
 const ORDERS: usize = 20_000;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 struct Processes(Vec<Child>);
 
 impl Drop for Processes {
     fn drop(&mut self) {
-        for child in &mut self.0 {
-            // SIGTERM first: the graceful path is the one that runs in production.
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(child.id().to_string())
-                .status();
-        }
-        for child in &mut self.0 {
-            let deadline = std::time::Instant::now() + Duration::from_secs(30);
-            while std::time::Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        herald_test::stop_gracefully(&mut self.0, Duration::from_secs(30));
     }
 }
 
@@ -77,7 +52,7 @@ async fn separate_processes_scale_out_and_lose_nothing() {
     assert!(status.success());
 
     let mut processes = Processes(Vec::new());
-    let api_ports = [free_port(), free_port()];
+    let api_ports = [herald_test::free_port(), herald_test::free_port()];
     for (i, port) in api_ports.iter().enumerate() {
         let addr = format!("127.0.0.1:{port}");
         processes.0.push(
