@@ -42,7 +42,8 @@ use tracing::Instrument;
 
 use super::checkpoint::{self, CheckpointReader};
 use super::{
-    batch_span, cancelled_by, outgoing, published_by, Pass, RelayConfig, RelayError, RelayStats,
+    batch_span, cancelled_by, outgoing, published_by, until_stopped, Pass, RelayConfig, RelayError,
+    RelayStats,
 };
 use crate::error::{is_fenced_code, ClientError};
 use crate::publisher::{BorrowedRecord, Publisher, PublisherConfig, PublisherStats};
@@ -639,8 +640,7 @@ impl<S: SlotStore> TransactionalRelay<S> {
     }
 
     fn store_error(&self, error: S::Error) -> RelayError<S::Error> {
-        self.stats.store_failures.fetch_add(1, Ordering::Relaxed);
-        RelayError::Store(error)
+        self.stats.store_error(error)
     }
 }
 
@@ -652,14 +652,6 @@ async fn off_thread(
     tokio::task::spawn_blocking(call)
         .await
         .unwrap_or(Err(KafkaError::Canceled))
-}
-
-/// Waits for `wait`, or until `stop`.
-async fn until_stopped(stop: &CancellationToken, wait: impl Future<Output = ()>) {
-    tokio::select! {
-        () = wait => {}
-        () = stop.cancelled() => {}
-    }
 }
 
 /// Slot `slot`'s transactional id.

@@ -197,6 +197,12 @@ impl Collector for RelayStats {
 }
 
 impl RelayStats {
+    /// Counts a store failure and wraps it.
+    fn store_error<E: std::error::Error + 'static>(&self, error: E) -> RelayError<E> {
+        self.store_failures.fetch_add(1, Ordering::Relaxed);
+        RelayError::Store(error)
+    }
+
     /// Counts a non-empty batch of `published` records that started at
     /// `started`.
     fn record_batch(&self, published: usize, started: Instant) {
@@ -280,6 +286,14 @@ fn cancelled_by(shutdown: impl Future<Output = ()> + Send + 'static) -> Cancella
         trigger.cancel();
     });
     stop
+}
+
+/// Waits for `wait`, or until `stop`.
+async fn until_stopped(stop: &CancellationToken, wait: impl Future<Output = ()>) {
+    tokio::select! {
+        () = wait => {}
+        () = stop.cancelled() => {}
+    }
 }
 
 /// Runs draining workers side by side and adds up what they published;
@@ -513,10 +527,7 @@ impl<S: OutboxStore> Relay<S> {
                     if pass.claimed > 0 {
                         continue;
                     }
-                    tokio::select! {
-                        _ = self.store.wait_for_work(self.config.poll_interval) => {}
-                        _ = stop.cancelled() => {}
-                    }
+                    until_stopped(stop, self.store.wait_for_work(self.config.poll_interval)).await;
                     continue;
                 }
                 Err(error) => {
@@ -526,15 +537,11 @@ impl<S: OutboxStore> Relay<S> {
                     pause
                 }
             };
-            tokio::select! {
-                _ = tokio::time::sleep(pause) => {}
-                _ = stop.cancelled() => {}
-            }
+            until_stopped(stop, tokio::time::sleep(pause)).await;
         }
     }
 
     fn store_error(&self, error: S::Error) -> RelayError<S::Error> {
-        self.stats.store_failures.fetch_add(1, Ordering::Relaxed);
-        RelayError::Store(error)
+        self.stats.store_error(error)
     }
 }
