@@ -340,21 +340,26 @@ impl Config {
     }
 }
 
-/// The service's topics with their partitions; the processor's state (the
-/// last three) is compacted.
-fn topic_plan(config: &Config) -> Vec<(String, i32)> {
+/// The fulfillment processor's state topics: its two changelogs and its
+/// completed ids. Compacted, one partition each.
+fn state_topics(config: &Config) -> [String; 3] {
     let [stock, reservations] = crate::fulfillment::changelog_topics(&config.fulfillment_topic);
-    vec![
+    [
+        stock,
+        reservations,
+        crate::fulfillment::completed_topic(&config.fulfillment_topic),
+    ]
+}
+
+/// The service's topics with their partitions, the processor's state last.
+fn topic_plan(config: &Config) -> Vec<(String, i32)> {
+    let mut plan = vec![
         (config.topics.events.clone(), config.partitions),
         (format!("{}.dlq", config.topics.events), config.partitions),
         (config.fulfillment_topic.clone(), config.partitions),
-        (stock, 1),
-        (reservations, 1),
-        (
-            crate::fulfillment::completed_topic(&config.fulfillment_topic),
-            1,
-        ),
-    ]
+    ];
+    plan.extend(state_topics(config).map(|topic| (topic, 1)));
+    plan
 }
 
 /// Creates the service's topics if they do not exist.
@@ -364,16 +369,13 @@ pub async fn ensure_topics(config: &Config) -> anyhow::Result<()> {
         .create()
         .context("creating the Kafka admin client (check --kafka-setting)")?;
     let plan = topic_plan(config);
-    let mut changelogs = crate::fulfillment::changelog_topics(&config.fulfillment_topic).to_vec();
-    changelogs.push(crate::fulfillment::completed_topic(
-        &config.fulfillment_topic,
-    ));
+    let compacted = state_topics(config);
     let topics: Vec<NewTopic> = plan
         .iter()
         .map(|(name, partitions)| {
             let topic = NewTopic::new(name, *partitions, TopicReplication::Fixed(-1));
             // The processor's state: compacted, so the latest value per key stays.
-            if changelogs.contains(name) {
+            if compacted.contains(name) {
                 topic.set("cleanup.policy", "compact")
             } else {
                 topic
