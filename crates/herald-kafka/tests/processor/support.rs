@@ -106,6 +106,22 @@ pub struct Collected {
 }
 
 impl Collected {
+    /// A copy of `message`'s key, payload and headers.
+    pub fn of(message: &impl Message) -> Self {
+        Self {
+            key: message.key().map(<[u8]>::to_vec),
+            payload: message.payload().map(<[u8]>::to_vec),
+            headers: message
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+
     pub fn header(&self, name: &str) -> Option<String> {
         self.headers
             .iter()
@@ -170,20 +186,7 @@ impl Collector {
                 while !stop.load(Ordering::SeqCst) {
                     match consumer.poll(Duration::from_millis(50)) {
                         Some(Ok(m)) => {
-                            let collected = Collected {
-                                key: m.key().map(<[u8]>::to_vec),
-                                payload: m.payload().map(<[u8]>::to_vec),
-                                headers: m
-                                    .headers()
-                                    .map(|h| {
-                                        h.iter()
-                                            .map(|h| {
-                                                (h.key.to_owned(), h.value.map(<[u8]>::to_vec))
-                                            })
-                                            .collect()
-                                    })
-                                    .unwrap_or_default(),
-                            };
+                            let collected = Collected::of(&m);
                             records.lock().expect("lock").push(collected);
                         }
                         Some(Err(error)) => eprintln!("collector: {error}"),
@@ -264,18 +267,7 @@ pub fn read_all(
     kafka
         .read_to_end(topic, partitions, isolation)
         .iter()
-        .map(|m| Collected {
-            key: m.key().map(<[u8]>::to_vec),
-            payload: m.payload().map(<[u8]>::to_vec),
-            headers: m
-                .headers()
-                .map(|h| {
-                    h.iter()
-                        .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
-                        .collect()
-                })
-                .unwrap_or_default(),
-        })
+        .map(Collected::of)
         .collect()
 }
 
