@@ -410,20 +410,20 @@ pub(crate) async fn claim_shard(
         .fetch_all(&mut **tx)
         .await
         .map_err(StoreError::db("claiming outbox rows"))?;
-    Ok(rows
-        .iter()
-        .map(|row| {
-            let headers: sqlx::types::Json<HeaderList> = row.get("headers");
-            herald::PendingRecord {
-                id: row.get("id"),
-                event_id: row.get("event_id"),
-                topic: row.get("topic"),
-                key: row.get("record_key"),
-                payload: row.get("payload"),
-                headers: headers.0 .0,
-            }
-        })
-        .collect())
+    Ok(rows.iter().map(pending_record).collect())
+}
+
+/// A claimed row (`relay_claim.sql`'s columns) as the record to publish.
+pub(crate) fn pending_record(row: &sqlx::postgres::PgRow) -> herald::PendingRecord {
+    let headers: sqlx::types::Json<HeaderList> = row.get("headers");
+    herald::PendingRecord {
+        id: row.get("id"),
+        event_id: row.get("event_id"),
+        topic: row.get("topic"),
+        key: row.get("record_key"),
+        payload: row.get("payload"),
+        headers: headers.0 .0,
+    }
 }
 
 /// Marks the events `ids` (with their `shards`, pairwise) published in

@@ -56,7 +56,7 @@ use herald::{Checkpoint, PendingRecord};
 use sqlx::{PgPool, Postgres, Row, Transaction};
 
 use crate::outbox::{
-    claim_shard, mark_published, AfterPublish, PgOutbox, SHARDS, SHARD_LOCK_CLASS,
+    mark_published, pending_record, AfterPublish, PgOutbox, SHARDS, SHARD_LOCK_CLASS,
 };
 use crate::StoreError;
 
@@ -172,37 +172,36 @@ impl herald::SlotStore for PgOutbox {
             .begin()
             .await
             .map_err(StoreError::db("starting a relay lease"))?;
-        // synchronous_commit is set whatever the session's default (see the
-        // module documentation: a lost lease commit is not recoverable).
-        sqlx::query(
-            "SELECT set_config('idle_in_transaction_session_timeout', $1, true),
-                    set_config('synchronous_commit', 'on', true)",
+        // One round trip for the settings and the locks. synchronous_commit
+        // is set whatever the session's default (see the module
+        // documentation: a lost lease commit is not recoverable). A shard
+        // an at-least-once claim holds right now is left out of this lease
+        // (mixed relays: see the module documentation). The shard locks are
+        // only tried once the slot's is held (CASE evaluates its branch
+        // after its condition); NULL means another relay holds the slot.
+        let shards: Option<Vec<i16>> = sqlx::query_scalar(
+            "SELECT CASE WHEN pg_try_advisory_xact_lock($3, $4) THEN ARRAY(
+                        SELECT shard FROM unnest($5::smallint[]) AS s(shard)
+                        WHERE pg_try_advisory_xact_lock($6, shard::int)
+                        ORDER BY shard)
+                    END
+             FROM (SELECT set_config('idle_in_transaction_session_timeout', $1, true),
+                          set_config('synchronous_commit', $2, true)) AS settings",
         )
         .bind(self.lease_timeout.as_millis().max(1).to_string())
-        .execute(&mut *tx)
-        .await
-        .map_err(StoreError::db("setting the relay lease timeout"))?;
-        let ours: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1, $2)")
-            .bind(SLOT_LOCK_CLASS)
-            .bind(i32::from(slot))
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(StoreError::db("locking a relay slot"))?;
-        if !ours {
-            return Ok(None);
-        }
-        // A shard an at-least-once claim holds right now is left out of
-        // this lease (mixed relays: see the module documentation).
-        let shards: Vec<i16> = sqlx::query_scalar(
-            "SELECT shard FROM unnest($1::smallint[]) AS s(shard)
-             WHERE pg_try_advisory_xact_lock($2, shard::int)
-             ORDER BY shard",
-        )
+        .bind("on")
+        .bind(SLOT_LOCK_CLASS)
+        .bind(i32::from(slot))
         .bind(shards_of(slot))
         .bind(SHARD_LOCK_CLASS)
-        .fetch_all(&mut *tx)
+        .fetch_one(&mut *tx)
         .await
-        .map_err(StoreError::db("locking a relay slot's shards"))?;
+        .map_err(StoreError::db("locking a relay slot"))?;
+        let Some(shards) = shards else {
+            return Ok(None);
+        };
+        // A statement of its own, after the locks: its snapshot sees the
+        // previous owner's commit (the reason relay_claim.sql gives).
         let sequence: Option<i64> =
             sqlx::query_scalar("SELECT sequence FROM herald_relay_slots WHERE slot = $1")
                 .bind(i16::try_from(slot).unwrap_or(i16::MAX))
@@ -248,17 +247,20 @@ impl herald::SlotLease for PgSlotLease {
     async fn claim(&mut self, max: usize) -> Result<&[PendingRecord], StoreError> {
         // Each shard's share of the batch, so that one busy shard does not
         // starve the slot's others; each takes its lowest pending ids, a
-        // prefix of each of its aggregates (sql/relay_claim.sql).
-        let share = max.div_ceil(self.shards.len().max(1));
-        for &shard in &self.shards {
-            let limit = share.min(max - self.records.len());
-            if limit == 0 {
-                break;
-            }
-            let claimed = claim_shard(&mut self.tx, shard, limit).await?;
-            self.record_shards
-                .resize(self.record_shards.len() + claimed.len(), shard);
-            self.records.extend(claimed);
+        // prefix of each of its aggregates (sql/relay_claim_slot.sql).
+        let share = (max / self.shards.len().max(1)).max(1);
+        let rows = sqlx::query(include_str!("sql/relay_claim_slot.sql"))
+            .bind(&self.shards)
+            .bind(i64::try_from(share).unwrap_or(i64::MAX))
+            .fetch_all(&mut *self.tx)
+            .await
+            .map_err(StoreError::db("claiming outbox rows"))?;
+        // With fewer than one row per shard to give (max below the shard
+        // count), the last shards' rows are left: a shard's rows come in
+        // id order, so what is kept of each is still a prefix.
+        for row in rows.iter().take(max) {
+            self.record_shards.push(row.get("shard"));
+            self.records.push(pending_record(row));
         }
         Ok(&self.records)
     }
