@@ -238,6 +238,9 @@ pub struct PgOutbox {
     synchronous_marks: bool,
     pub(crate) lease_timeout: Duration,
     listener: tokio::sync::Mutex<Option<sqlx::postgres::PgListener>>,
+    /// Signalled by the task holding the listener when a notification
+    /// comes, so that every waiting worker wakes, not only that one.
+    notified: tokio::sync::Notify,
     rotation: std::sync::Mutex<ShardRotation>,
 }
 
@@ -263,6 +266,7 @@ impl PgOutbox {
             synchronous_marks: false,
             lease_timeout: crate::slots::DEFAULT_LEASE_TIMEOUT,
             listener: tokio::sync::Mutex::new(None),
+            notified: tokio::sync::Notify::new(),
             rotation: std::sync::Mutex::default(),
         }
     }
@@ -309,24 +313,55 @@ impl PgOutbox {
         self
     }
 
+    /// Waits for a notification on [`NOTIFY_CHANNEL`] (or `timeout`);
+    /// without LISTEN, for `timeout`.
+    pub(crate) async fn wait_for_new_rows(&self, timeout: Duration) {
+        if !self.listen {
+            tokio::time::sleep(timeout).await;
+            return;
+        }
+        if let Err(error) = self.wait_for_notification(timeout).await {
+            tracing::warn!(%error, "outbox LISTEN failed; polling until it is back");
+            tokio::time::sleep(timeout.min(Duration::from_secs(1))).await;
+        }
+    }
+
     async fn wait_for_notification(&self, timeout: Duration) -> Result<(), sqlx::Error> {
-        let mut guard = self.listener.lock().await;
+        tokio::time::timeout(timeout, self.next_notification())
+            .await
+            .unwrap_or(Ok(()))
+    }
+
+    /// Resolves on the next notification. One worker at a time holds the
+    /// listener and wakes every other waiting worker when it hears one; a
+    /// waiter takes the listener over when the holder lets it go.
+    async fn next_notification(&self) -> Result<(), sqlx::Error> {
+        // Made before the listener is looked at, so that a wake-up given in
+        // between is not missed.
+        let woken = self.notified.notified();
+        let mut guard = tokio::select! {
+            biased;
+            () = woken => return Ok(()),
+            guard = self.listener.lock() => guard,
+        };
         if guard.is_none() {
             let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
             listener.listen(NOTIFY_CHANNEL).await?;
             *guard = Some(listener);
         }
         let listener = guard.as_mut().expect("listener just set");
-        match tokio::time::timeout(timeout, listener.recv()).await {
-            // One wake-up per notification: a burst costs a few empty
-            // passes, never a wait (PgListener::try_recv blocks for the next
-            // message, so there is no cheap way to drain the rest).
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => {
+        // One wake-up per notification: a burst costs a few empty passes,
+        // never a wait (PgListener::try_recv blocks for the next message, so
+        // there is no cheap way to drain the rest).
+        match listener.recv().await {
+            Ok(_) => {
+                self.notified.notify_waiters();
+                Ok(())
+            }
+            Err(e) => {
                 *guard = None;
                 Err(e)
             }
-            Err(_elapsed) => Ok(()),
         }
     }
 
@@ -532,14 +567,7 @@ impl herald::OutboxStore for PgOutbox {
             tokio::time::sleep(timeout.min(Duration::from_millis(10))).await;
             return;
         }
-        if !self.listen {
-            tokio::time::sleep(timeout).await;
-            return;
-        }
-        if let Err(error) = self.wait_for_notification(timeout).await {
-            tracing::warn!(%error, "outbox LISTEN failed; polling until it is back");
-            tokio::time::sleep(timeout.min(Duration::from_secs(1))).await;
-        }
+        self.wait_for_new_rows(timeout).await;
     }
 }
 
