@@ -166,6 +166,10 @@ impl herald::SlotStore for PgOutbox {
         Ok(slots)
     }
 
+    async fn wait_for_new_work(&self, timeout: Duration) {
+        self.wait_for_new_rows(timeout).await;
+    }
+
     async fn lease(&self, slot: u16) -> Result<Option<PgSlotLease>, StoreError> {
         let mut tx = self
             .pool

@@ -167,6 +167,14 @@ pub trait SlotStore: OutboxStore {
     /// trying every slot in turn.
     fn slots_with_work(&self) -> impl Future<Output = Result<Vec<u16>, Self::Error>> + Send;
 
+    /// Resolves when new records may have been added (a notification), or
+    /// after `timeout` at the latest. Unlike [`OutboxStore::wait_for_work`]
+    /// it does not return early because records already wait: an
+    /// exactly-once relay worker serves some slots only, asks
+    /// [`SlotStore::slots_with_work`] itself, and waits while its own slots
+    /// are empty and other slots' records are being published.
+    fn wait_for_new_work(&self, timeout: Duration) -> impl Future<Output = ()> + Send;
+
     /// Takes `slot` if no one else holds it; `None` when another relay does.
     fn lease(
         &self,

@@ -26,7 +26,7 @@
 //! nothing marked, drops the slot's producer and backs off: the whole batch
 //! is claimed again, in order, by whichever relay gets the slot next.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -391,76 +391,109 @@ impl<S: SlotStore> TransactionalRelay<S> {
         tracing::info!("outbox relay stopped");
     }
 
-    /// One worker: it asks the store which slots have work, leases them in
-    /// turn (starting at a place of its own, so workers spread), serves a
-    /// slot again after the others while its batches come back full, and
-    /// asks again once its list is done. Without work it waits for a
-    /// notification (`stop` given: [`TransactionalRelay::run`]) or returns
-    /// (`None`: [`TransactionalRelay::drain`], which also returns the first
-    /// error instead of backing off).
+    /// One worker. It serves its own slots (`worker`, `worker + workers`,
+    /// …): a worker per slot, the default, keeps each slot's passes back to
+    /// back in one place, with no sibling asking the store for a slot a
+    /// sibling holds. It leases each of its slots in turn; after a round
+    /// that published it goes round again at once (more has arrived while
+    /// it published), otherwise it asks the store which of its slots have
+    /// work, pausing a moment first when a slot was another relay's.
+    /// Without work it waits for a notification (`stop` given:
+    /// [`TransactionalRelay::run`]) or returns (`None`:
+    /// [`TransactionalRelay::drain`], which also returns the first error
+    /// instead of backing off). A worker beyond the store's slot count has
+    /// none and returns at once.
     async fn work(
         &self,
         worker: usize,
         stop: Option<&CancellationToken>,
     ) -> Result<usize, RelayError<S::Error>> {
+        let workers = self.config.workers.max(1);
+        let mine: Vec<u16> = (0..self.store.slots())
+            .filter(|&slot| usize::from(slot) % workers == worker)
+            .collect();
         let mut published = 0;
         let mut failures: u32 = 0;
-        let mut todo: VecDeque<u16> = VecDeque::new();
-        // Whether the list being worked through let this worker claim.
-        let mut claimed_any = true;
-        while !stop.is_some_and(CancellationToken::is_cancelled) {
-            let passed = match todo.pop_front() {
-                Some(slot) => self.run_slot(slot).await.map(|pass| {
-                    let claimed = pass.map_or(0, |p| p.claimed);
-                    if claimed > 0 {
-                        claimed_any = true;
-                        published += claimed;
+        let mut todo = mine.clone();
+        // Whether to pause before asking the store: the last round claimed
+        // nothing although a slot had work (another relay held it, or its
+        // rows were not claimable yet), and asking at once would spin.
+        let mut pause = false;
+        while !mine.is_empty() && !stop.is_some_and(CancellationToken::is_cancelled) {
+            if todo.is_empty() {
+                if std::mem::take(&mut pause) {
+                    let moment = tokio::time::sleep(Duration::from_millis(10));
+                    match stop {
+                        Some(stop) => until_stopped(stop, moment).await,
+                        None => moment.await,
                     }
-                    if claimed >= self.config.batch_size {
-                        // More may be waiting: serve it again after the others.
-                        todo.push_back(slot);
-                    }
-                }),
-                None => match self.store.slots_with_work().await {
-                    Ok(slots) if slots.is_empty() => {
-                        let Some(stop) = stop else {
-                            return Ok(published);
-                        };
-                        let notified = self.store.wait_for_work(self.config.poll_interval);
-                        until_stopped(stop, notified).await;
-                        Ok(())
-                    }
-                    Ok(slots) => {
-                        if !std::mem::replace(&mut claimed_any, false) {
-                            // Every slot with work was another relay's: give
-                            // them a moment instead of spinning.
-                            let moment = tokio::time::sleep(Duration::from_millis(10));
-                            match stop {
-                                Some(stop) => until_stopped(stop, moment).await,
-                                None => moment.await,
-                            }
-                        }
-                        // Each worker starts at a place of its own.
-                        let start = worker % slots.len();
-                        todo.extend(slots[start..].iter().chain(&slots[..start]));
-                        Ok(())
-                    }
-                    Err(error) => Err(self.store_error(error)),
-                },
-            };
-            match (passed, stop) {
-                (Ok(()), _) => failures = 0,
-                (Err(error), None) => return Err(error),
-                (Err(error), Some(stop)) => {
-                    failures = failures.saturating_add(1);
-                    let pause = self.config.backoff(failures);
-                    tracing::warn!(%error, ?pause, "outbox relay pass failed; retrying");
-                    todo.clear();
-                    until_stopped(stop, tokio::time::sleep(pause)).await;
                 }
+                let hinted = match self.store.slots_with_work().await {
+                    Ok(slots) => slots,
+                    Err(error) => {
+                        let error = self.store_error(error);
+                        let Some(stop) = stop else {
+                            return Err(error);
+                        };
+                        self.back_off(stop, &mut failures, &error).await;
+                        continue;
+                    }
+                };
+                todo = hinted.into_iter().filter(|s| mine.contains(s)).collect();
+                if todo.is_empty() {
+                    let Some(stop) = stop else {
+                        return Ok(published);
+                    };
+                    let notified = self.store.wait_for_new_work(self.config.poll_interval);
+                    until_stopped(stop, notified).await;
+                    continue;
+                }
+                // The store said these have work: claiming nothing from
+                // them calls for the pause.
+                pause = true;
+            }
+            let mut claimed = 0;
+            let mut failed = None;
+            for slot in std::mem::take(&mut todo) {
+                match self.run_slot(slot).await {
+                    Ok(Some(pass)) => claimed += pass.claimed,
+                    Ok(None) => pause = true,
+                    Err(error) => {
+                        failed = Some(error);
+                        break;
+                    }
+                }
+            }
+            published += claimed;
+            if let Some(error) = failed {
+                let Some(stop) = stop else {
+                    return Err(error);
+                };
+                self.back_off(stop, &mut failures, &error).await;
+                todo.clone_from(&mine);
+                continue;
+            }
+            failures = 0;
+            if claimed > 0 {
+                todo.clone_from(&mine);
+                pause = false;
             }
         }
         Ok(published)
+    }
+
+    /// Logs a failed pass and waits out the backoff of the `failures`-th
+    /// failure in a row (or until `stop`).
+    async fn back_off(
+        &self,
+        stop: &CancellationToken,
+        failures: &mut u32,
+        error: &RelayError<S::Error>,
+    ) {
+        *failures = failures.saturating_add(1);
+        let pause = self.config.backoff(*failures);
+        tracing::warn!(%error, ?pause, "outbox relay pass failed; retrying");
+        until_stopped(stop, tokio::time::sleep(pause)).await;
     }
 
     /// The batch and its checkpoint in one Kafka transaction, committed.
