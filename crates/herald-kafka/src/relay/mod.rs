@@ -56,10 +56,12 @@ pub struct RelayConfig {
     pub max_backoff: Duration,
     /// Claim → publish → mark loops run side by side (default 4). Each
     /// claims other aggregates (the store's claim skips what another claim
-    /// holds), so
-    /// while one batch waits for its acknowledgements or its commit the next
-    /// is already on its way; per-aggregate order is the store's, exactly as
-    /// with several relay processes.
+    /// holds), so while one batch waits for its acknowledgements or its
+    /// commit the next is already on its way; per-aggregate order is the
+    /// store's, exactly as with several relay processes. In the
+    /// exactly-once relay worker `w` serves slots `w`, `w + workers`, …: the
+    /// default serves each of the store's 4 slots with a worker of its
+    /// own, and workers beyond the slot count have nothing to do.
     pub workers: usize,
 }
 
