@@ -87,6 +87,15 @@ struct Completion {
     outcome: Outcome,
 }
 
+/// A key with records to handle.
+#[derive(Default)]
+struct ActiveKey {
+    /// Whether one of its records is running (else the key is in `ready`).
+    running: bool,
+    /// Its records behind the running one, in offset order.
+    queue: VecDeque<Record>,
+}
+
 /// Everything the poll loop and the rebalance callback both touch. They run
 /// on the same thread; the mutex only makes the context `Sync`.
 struct Dispatch {
@@ -97,8 +106,9 @@ struct Dispatch {
     topics: Vec<Arc<str>>,
     /// Owned partitions and their offsets.
     partitions: FastMap<Tp, PartitionOffsets>,
-    /// Active keys: a running record, and the ones queued behind it.
-    keys: FastMap<KeySlot, VecDeque<Record>>,
+    /// Active keys: each has a running record or waits in `ready`, with
+    /// its later records queued.
+    keys: FastMap<KeySlot, ActiveKey>,
     /// Keys waiting for a concurrency slot.
     ready: VecDeque<KeySlot>,
     running: usize,
@@ -116,6 +126,12 @@ struct Dispatch {
     concurrency: usize,
     max_in_flight: usize,
     revoke_timeout: Duration,
+    /// Set by the commit callback when the broker rejected an asynchronous
+    /// commit: the offsets it carried are no longer "committed", and the
+    /// next periodic commit sends every partition's again. Without it, a
+    /// commit rejected at the end of a stream (during a rebalance, say)
+    /// would never be retried, as nothing more moves the offsets.
+    commit_rejected: Arc<AtomicBool>,
 }
 
 impl Dispatch {
@@ -150,9 +166,16 @@ impl Dispatch {
         let message = Record::copy(message, Arc::clone(&tp.0));
         let slot: KeySlot = (tp, message.shared_key());
         match self.keys.get_mut(&slot) {
-            Some(queue) => queue.push_back(message),
+            Some(key) => key.queue.push_back(message),
             None => {
-                self.keys.insert(slot.clone(), VecDeque::from([message]));
+                let queue = VecDeque::from([message]);
+                self.keys.insert(
+                    slot.clone(),
+                    ActiveKey {
+                        running: false,
+                        queue,
+                    },
+                );
                 self.ready.push_back(slot);
                 self.start_ready();
             }
@@ -165,9 +188,14 @@ impl Dispatch {
             let Some(slot) = self.ready.pop_front() else {
                 return;
             };
-            let Some(message) = self.keys.get_mut(&slot).and_then(VecDeque::pop_front) else {
+            let Some(key) = self.keys.get_mut(&slot) else {
                 continue;
             };
+            let Some(message) = key.queue.pop_front() else {
+                self.keys.remove(&slot);
+                continue;
+            };
+            key.running = true;
             self.running += 1;
             *self.running_by_partition.entry(slot.0.clone()).or_default() += 1;
             self.starting.push((slot, message));
@@ -258,7 +286,13 @@ impl Dispatch {
         if let (true, Some(offsets)) = (outcome.is_done(), owned) {
             offsets.done(offset);
         }
-        let queued = self.keys.get(&slot).map_or(0, VecDeque::len);
+        let queued = match self.keys.get_mut(&slot) {
+            Some(key) => {
+                key.running = false;
+                key.queue.len()
+            }
+            None => 0,
+        };
         if !outcome.is_done() && queued > 0 {
             // Later records of this key must not overtake the abandoned one;
             // they stay uncommitted and come back after a restart.
@@ -416,15 +450,18 @@ impl Dispatch {
             .collect();
         tracing::info!(partitions = revoked.len(), "partitions revoked");
         let mut dropped = 0;
-        self.keys.retain(|slot, queue| {
+        self.keys.retain(|slot, key| {
             if !revoked.contains(&slot.0) {
                 return true;
             }
-            dropped += queue.len();
-            queue.clear();
-            // Keep the entry while its record runs, so that a re-assigned
-            // partition's records of this key still queue behind it.
-            self.running_by_partition.get(&slot.0).copied().unwrap_or(0) > 0
+            dropped += key.queue.len();
+            key.queue.clear();
+            // Keep the entry while this key's record runs, so that a
+            // re-assigned partition's records of the key still queue behind
+            // it (its completion starts them). A key that was only waiting
+            // goes: kept, it would catch the returned records in a queue
+            // that no completion and no `ready` entry ever starts.
+            key.running
         });
         self.ready.retain(|slot| !revoked.contains(&slot.0));
         self.buffered -= dropped;
@@ -479,6 +516,8 @@ impl Dispatch {
 pub(crate) struct RuntimeContext {
     dispatch: Arc<Mutex<Dispatch>>,
     stats: Arc<ConsumerStats>,
+    /// [`Dispatch::commit_rejected`], reachable without the lock.
+    commit_rejected: Arc<AtomicBool>,
 }
 
 impl RuntimeContext {
@@ -537,10 +576,22 @@ impl ConsumerContext for RuntimeContext {
         result: rdkafka::error::KafkaResult<()>,
         offsets: &TopicPartitionList,
     ) {
-        if let Err(error) = result {
-            tracing::warn!(%error, partitions = offsets.count(), "offset commit rejected");
+        let rejected_partitions = offsets
+            .elements()
+            .iter()
+            .filter(|e| e.error().is_err())
+            .count();
+        if result.is_err() || rejected_partitions > 0 {
+            let error = result.err().map(|e| e.to_string()).unwrap_or_default();
+            tracing::warn!(
+                %error,
+                partitions = offsets.count(),
+                rejected_partitions,
+                "offset commit rejected; it is sent again"
+            );
             // No lock here: this may run while the poll thread holds it.
             self.stats.commit_failures.fetch_add(1, Ordering::Relaxed);
+            self.commit_rejected.store(true, Ordering::SeqCst);
         }
     }
 
@@ -585,6 +636,7 @@ pub(crate) async fn run(
         handler_timers: (0..handler_count).map(|_| RwLock::default()).collect(),
     });
     let (done_tx, done_rx) = channel();
+    let commit_rejected = Arc::new(AtomicBool::new(false));
     let dispatch = Arc::new(Mutex::new(Dispatch {
         shared,
         tokio: tokio::runtime::Handle::current(),
@@ -604,12 +656,14 @@ pub(crate) async fn run(
         concurrency: config.concurrency,
         max_in_flight: config.max_in_flight,
         revoke_timeout: config.revoke_timeout,
+        commit_rejected: Arc::clone(&commit_rejected),
     }));
     let consumer: BaseConsumer<RuntimeContext> = config
         .consumer_client_config()
         .create_with_context(RuntimeContext {
             dispatch: Arc::clone(&dispatch),
             stats: Arc::clone(&stats),
+            commit_rejected,
         })
         .map_err(ClientError::Config)?;
     let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
@@ -678,7 +732,8 @@ fn poll_loop(
             let mut d = lock(dispatch);
             d.drain_completions();
             if last_commit.elapsed() >= commit_interval {
-                d.commit(consumer, None, CommitMode::Async, false, true);
+                let resend = d.commit_rejected.swap(false, Ordering::SeqCst);
+                d.commit(consumer, None, CommitMode::Async, resend, true);
                 last_commit = Instant::now();
             }
             if d.apply_backpressure(consumer) {
@@ -739,12 +794,9 @@ fn drain_and_close(
             let _ = consumer.pause(&assignment);
         }
         // Queued records never started: they stay uncommitted.
-        let queued: usize = d.keys.values().map(VecDeque::len).sum();
+        let queued: usize = d.keys.values().map(|key| key.queue.len()).sum();
         d.buffered -= queued;
-        d.keys.retain(|_, queue| {
-            queue.clear();
-            false
-        });
+        d.keys.clear();
         d.ready.clear();
         let deadline = Instant::now() + timeout;
         while d.running > 0 && Instant::now() < deadline {

@@ -122,3 +122,101 @@ async fn members_join_and_leave_mid_stream_without_loss() {
         "the group's commits reach the end of every partition"
     );
 }
+
+/// A partition taken away while its keys wait for a concurrency slot, and
+/// given back to the same member: those keys must start again when their
+/// records come back (a revoke once kept their entries, emptied, whenever
+/// another record of the partition was still running; records that came
+/// back queued behind them and never started).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_given_back_to_its_member_keeps_every_waiting_key_flowing() {
+    let Some(kafka) = herald_test::kafka() else {
+        return;
+    };
+    const KEYS: usize = 24;
+    const PER_KEY: u64 = 12;
+    let topic = kafka.topic("given-back", 2).await;
+    publish_all(&publisher(&kafka), topic.name(), &steps(KEYS, PER_KEY)).await;
+    let total = KEYS * PER_KEY as usize;
+    let group = herald_test::unique_name("given-back");
+    let seen = Seen::default();
+    // Two keys at a time over 24: most keys of a partition wait for a slot,
+    // and a revoked partition mostly has a record running (what kept its
+    // waiting keys' entries).
+    let slow = |seen: &Seen| {
+        let router = Router::new().handle::<TestEvent, _>("recorder", {
+            let seen = seen.clone();
+            move |TestEvent::Step(step): TestEvent, record: RecordInfo| {
+                let seen = seen.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(80)).await;
+                    seen.record(&step, record.partition, record.offset);
+                    Ok(())
+                }
+            }
+        });
+        let config = ConsumerConfig::new(kafka.brokers(), &group, [topic.name()])
+            .concurrency(2)
+            .commit_interval(Duration::from_millis(100));
+        let consumer = Consumer::new(config, router).expect("consumer");
+        let stats = consumer.stats();
+        (consumer, stats)
+    };
+    let (first, first_stats) = slow(&seen);
+    let stop_first = CancellationToken::new();
+    let first_task = tokio::spawn(first.run(stop_first.clone().cancelled_owned()));
+    wait_until("the first member assigned", Duration::from_secs(60), || {
+        ConsumerStats::get(&first_stats.assigned_partitions) == 2
+    })
+    .await;
+    // Three times: a second member joins (one partition moves to it) and
+    // leaves (it moves back), each time mid-stream.
+    for round in 0..3 {
+        wait_until("progress", Duration::from_secs(60), || {
+            seen.len() >= (round + 1) * total / 8
+        })
+        .await;
+        let (second, second_stats) = slow(&seen);
+        let stop_second = CancellationToken::new();
+        let second_task = tokio::spawn(second.run(stop_second.clone().cancelled_owned()));
+        wait_until(
+            "the second member assigned",
+            Duration::from_secs(60),
+            || ConsumerStats::get(&second_stats.assigned_partitions) > 0,
+        )
+        .await;
+        stop_second.cancel();
+        second_task.await.expect("task").expect("member left");
+        wait_until("the partition given back", Duration::from_secs(60), || {
+            ConsumerStats::get(&first_stats.assigned_partitions) == 2
+        })
+        .await;
+    }
+    wait_until("every key complete", Duration::from_secs(120), || {
+        seen.by_key()
+            .values()
+            .map(|seqs| seqs.iter().copied().max().map_or(0, |m| m + 1))
+            .sum::<u64>()
+            >= total as u64
+    })
+    .await;
+    herald_test::poll_until(
+        "the group's commits at the end of both partitions",
+        Duration::from_secs(60),
+        async || {
+            let (committed, end) = (
+                kafka.committed(&group, topic.name(), 2),
+                kafka.end_offsets(topic.name(), 2),
+            );
+            if committed == end {
+                Ok(())
+            } else {
+                Err(format!("committed {committed:?}, end {end:?}"))
+            }
+        },
+    )
+    .await;
+    stop_first.cancel();
+    first_task.await.expect("task").expect("member left");
+    assert_complete_and_ordered(&seen, KEYS, PER_KEY);
+}
