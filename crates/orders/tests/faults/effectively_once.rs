@@ -18,9 +18,8 @@
 //! `HERALD_FAULT_SEED=<seed>` replays the same schedule.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use herald_test::private::{PrivateKafka, PrivatePostgres};
@@ -29,108 +28,14 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use uuid::Uuid;
 
+use crate::support::{place, until_answered, wait_ready, Fleet, Member, Timeline};
+
 const ORDERS: usize = 3_000;
 /// Orders posted per second: the load lasts long enough for the faults.
 const RATE: u64 = 100;
 const PARTITIONS: i32 = 6;
 /// Every this many orders, one is cancelled after it is accepted.
 const CANCEL_EVERY: usize = 5;
-
-/// What happened when, for the report of a failing run.
-#[derive(Clone)]
-struct Timeline {
-    start: Instant,
-    events: Arc<Mutex<Vec<String>>>,
-}
-
-impl Timeline {
-    fn new() -> Self {
-        Self {
-            start: Instant::now(),
-            events: Arc::default(),
-        }
-    }
-
-    fn note(&self, what: impl Into<String>) {
-        let line = format!(
-            "{:>7.2}s {}",
-            self.start.elapsed().as_secs_f64(),
-            what.into()
-        );
-        eprintln!("{line}");
-        self.events.lock().expect("timeline").push(line);
-    }
-}
-
-/// One `orders` process of the fleet, started again whenever it is gone.
-struct Member {
-    name: String,
-    args: Vec<String>,
-    env: Vec<(String, String)>,
-    child: Option<Child>,
-    log: std::path::PathBuf,
-}
-
-impl Member {
-    fn start(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("log");
-        let child = Command::new(env!("CARGO_BIN_EXE_orders"))
-            .args(&self.args)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("orders");
-        self.child = Some(child);
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Whether it ended by itself (it is then gone, to be started again).
-    fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        let status = self.child.as_mut()?.try_wait().ok()??;
-        self.child = None;
-        Some(status)
-    }
-}
-
-struct Fleet(Vec<Member>);
-
-impl Fleet {
-    /// Stops every running member gracefully; returns those that did not
-    /// end with success, with how they ended.
-    fn stop(&mut self) -> Vec<(String, Option<std::process::ExitStatus>)> {
-        let (names, mut children): (Vec<String>, Vec<Child>) = self
-            .0
-            .iter_mut()
-            .filter_map(|m| Some((m.name.clone(), m.child.take()?)))
-            .unzip();
-        let ended = herald_test::stop_gracefully(&mut children, Duration::from_secs(60));
-        names
-            .into_iter()
-            .zip(ended)
-            .filter(|(_, status)| !status.is_some_and(|s| s.success()))
-            .collect()
-    }
-}
-
-impl Drop for Fleet {
-    fn drop(&mut self) {
-        for member in &mut self.0 {
-            member.kill();
-        }
-    }
-}
 
 /// The chaos loop: until `done`, SIGKILLs a random member every 0.3–1.2 s
 /// (started again 0.1–0.5 s later), crashes PostgreSQL once a third of the
@@ -202,57 +107,6 @@ impl Chaos {
     }
 }
 
-/// Sends `request()` until the API answers one of the `done` statuses,
-/// through API restarts and the database's outage: a 5xx, a reset or a
-/// refused connection is asked again with backoff. Any other 4xx fails the
-/// test.
-async fn until_answered(
-    what: &str,
-    done: &[u16],
-    request: impl Fn() -> reqwest::RequestBuilder,
-) -> reqwest::Response {
-    let deadline = Instant::now() + Duration::from_secs(240);
-    let mut delay = Duration::from_millis(50);
-    loop {
-        match request().timeout(Duration::from_secs(10)).send().await {
-            Ok(response) if done.contains(&response.status().as_u16()) => return response,
-            Ok(response) if response.status().is_client_error() => {
-                let status = response.status();
-                panic!(
-                    "{what} answered {status}: {}",
-                    response.text().await.unwrap_or_default()
-                );
-            }
-            _ => {}
-        }
-        assert!(Instant::now() < deadline, "{what}: no answer in time");
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(1));
-    }
-}
-
-/// Places an order under `key` until the API accepts it (201): a retry
-/// under the same Idempotency-Key never makes a second order.
-async fn place(client: &reqwest::Client, base: &str, key: &str) -> Uuid {
-    let order = serde_json::json!({
-        "customer_id": Uuid::new_v4(),
-        "currency": "EUR",
-        "items": [
-            { "sku": "BOOK-1", "quantity": 1, "unit_price": "12.50" },
-            { "sku": "PEN-2", "quantity": 2, "unit_price": "0.99" }
-        ]
-    });
-    let response = until_answered(&format!("POST /orders (key {key})"), &[201], || {
-        client
-            .post(format!("{base}/orders"))
-            .header("idempotency-key", key)
-            .json(&order)
-    })
-    .await;
-    let body: serde_json::Value = response.json().await.expect("json");
-    body["id"].as_str().expect("id").parse().expect("uuid")
-}
-
 /// Cancels `order` until the API has done it. A 409 means an earlier
 /// attempt did, and only its answer was lost (nothing else cancels it).
 async fn cancel(client: &reqwest::Client, base: &str, order: Uuid) {
@@ -317,29 +171,9 @@ async fn every_accepted_order_is_fulfilled_notified_and_projected_once_under_fau
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
     let member = |name: &str, args: &[&str], extra: &[(&str, &str)]| {
-        let mut env = env.clone();
-        env.extend(
-            extra
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
-        );
-        Member {
-            name: name.to_owned(),
-            args: args.iter().map(|a| (*a).to_owned()).collect(),
-            env,
-            child: None,
-            log: log_dir.join(format!("{name}.log")),
-        }
+        Member::new(name, args, &env, extra, &log_dir)
     };
-    let mut migrate = member("migrate", &["migrate"], &[]);
-    migrate.start();
-    let status = migrate
-        .child
-        .take()
-        .expect("child")
-        .wait()
-        .expect("migrate");
-    assert!(status.success(), "orders migrate failed");
+    member("migrate", &["migrate"], &[]).run_to_success();
 
     let http = format!("127.0.0.1:{}", herald_test::free_port());
     let no_metrics = ["--metrics-addr", "127.0.0.1:0"];
@@ -371,16 +205,7 @@ async fn every_accepted_order_is_fulfilled_notified_and_projected_once_under_fau
     }
     let base = format!("http://{http}");
     let client = reqwest::Client::new();
-    herald_test::poll_until(
-        "the API ready",
-        Duration::from_secs(120),
-        async || match client.get(format!("{base}/readyz")).send().await {
-            Ok(r) if r.status().is_success() => Ok(()),
-            Ok(r) => Err(r.status().to_string()),
-            Err(e) => Err(e.to_string()),
-        },
-    )
-    .await;
+    wait_ready(&client, &base).await;
     timeline.note("fleet up: api, 2 relays, 3 workers, 2 processors");
 
     let accepted = Arc::new(AtomicUsize::new(0));

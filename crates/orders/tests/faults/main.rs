@@ -3,3 +3,4 @@
 //! a PostgreSQL) does not run beside the other service tests.
 
 mod effectively_once;
+mod support;
