@@ -33,7 +33,8 @@ pub mod relay;
 mod settings;
 
 pub use consumer::{
-    envelope_of, Consumer, ConsumerConfig, ConsumerStats, Handler, RecordInfo, Router,
+    envelope_of, CircuitBreaker, Consumer, ConsumerConfig, ConsumerStats, Handler, RecordInfo,
+    Router,
 };
 pub use error::{is_retriable, ClientError, PublishError};
 pub use processor::{Guarantee, Processor, ProcessorConfig, ProcessorError, Transform};

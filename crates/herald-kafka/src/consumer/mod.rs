@@ -25,6 +25,7 @@
 //! this instance no longer owns. On shutdown it stops fetching, waits for the
 //! running records within a deadline, commits, and closes (leaving the group).
 
+mod breaker;
 mod offsets;
 mod process;
 mod record;
@@ -55,6 +56,7 @@ use crate::metrics::{
 };
 use crate::publisher::PRODUCER_DEFAULTS;
 use crate::settings;
+pub use breaker::CircuitBreaker;
 pub use router::{Handler, RecordInfo, Router};
 
 /// The envelope of a record read with rdkafka: its key, payload and headers
@@ -112,6 +114,7 @@ pub struct ConsumerConfig {
     pub(crate) producer_settings: BTreeMap<String, String>,
     pub(crate) detailed_metrics: bool,
     pub(crate) inline_start: bool,
+    pub(crate) circuit_breaker: Option<CircuitBreaker>,
 }
 
 impl ConsumerConfig {
@@ -140,6 +143,7 @@ impl ConsumerConfig {
             producer_settings: BTreeMap::new(),
             detailed_metrics: true,
             inline_start: true,
+            circuit_breaker: Some(CircuitBreaker::default()),
         }
     }
 
@@ -162,6 +166,15 @@ impl ConsumerConfig {
     /// How transient handler failures are retried before dead-lettering.
     pub fn retry(mut self, policy: RetryPolicy) -> Self {
         self.retry = policy;
+        self
+    }
+
+    /// The circuit breaker that tells a dependency outage from poison
+    /// records ([`CircuitBreaker`]; on by default). `None` turns it off:
+    /// then every transient failure is dead-lettered once the retry policy
+    /// gives up, however many keys fail together.
+    pub fn circuit_breaker(mut self, breaker: impl Into<Option<CircuitBreaker>>) -> Self {
+        self.circuit_breaker = breaker.into();
         self
     }
 
@@ -322,6 +335,11 @@ pub struct ConsumerStats {
     /// Assignment callbacks of any size: above zero once this member joined
     /// its group, even when the group left it without partitions.
     pub rebalances: AtomicU64,
+    /// 1 while the circuit breaker is open (partitions paused because
+    /// handlers fail transiently across keys), else 0.
+    pub breaker_open: AtomicU64,
+    /// Times the circuit breaker opened.
+    pub breaker_trips: AtomicU64,
     /// Handler durations per handler and event type, successes and failures
     /// alike (detailed metrics).
     pub handler_seconds: Family<HandlerLabels, Histogram, fn() -> Histogram>,
@@ -346,6 +364,8 @@ impl Default for ConsumerStats {
             assigned_partitions: AtomicU64::default(),
             assignments: AtomicU64::default(),
             rebalances: AtomicU64::default(),
+            breaker_open: AtomicU64::default(),
+            breaker_trips: AtomicU64::default(),
             handler_seconds: Family::new_with_constructor(latency_histogram),
             dead_letters: Family::default(),
             lag: Family::default(),
@@ -394,6 +414,11 @@ impl Collector for ConsumerStats {
                 "Rebalances that assigned partitions to this member.",
                 &self.assignments,
             ),
+            (
+                "herald_consumer_breaker_trips",
+                "Times the circuit breaker opened (handlers failing transiently across keys).",
+                &self.breaker_trips,
+            ),
         ] {
             encode_counter(e, name, help, Self::get(value))?;
         }
@@ -402,6 +427,12 @@ impl Collector for ConsumerStats {
             "herald_consumer_in_flight_records",
             "Records received and not finished.",
             Self::get(&self.in_flight),
+        )?;
+        encode_gauge(
+            e,
+            "herald_consumer_breaker_open",
+            "1 while the circuit breaker holds the partitions paused.",
+            Self::get(&self.breaker_open),
         )?;
         encode_gauge(
             e,

@@ -14,6 +14,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::breaker::{Breaker, Turn};
 use super::record::Record;
 use super::router::{RecordInfo, RouteFailure, Router};
 use super::ConsumerStats;
@@ -34,6 +35,8 @@ pub(crate) struct Shared {
     pub detailed_metrics: bool,
     /// Fires at shutdown: retries and dead-letter attempts stop waiting.
     pub stopping: CancellationToken,
+    /// The circuit breaker, unless turned off.
+    pub breaker: Option<Arc<Breaker>>,
     /// Per handler (by registration index): its duration histogram per event
     /// type, so that timing a record does not build a label set.
     pub handler_timers: Vec<RwLock<HashMap<String, Histogram>>>,
@@ -180,6 +183,8 @@ async fn process_in_span(
     for (index, handler) in shared.router.handlers_for(&envelope.event_type) {
         let mut attempt = 1;
         let mut first_failure: Option<(chrono::DateTime<Utc>, Instant)> = None;
+        // Set while this record runs as the open breaker's probe.
+        let mut probe = None;
         loop {
             let info = RecordInfo {
                 topic: Arc::clone(&message.topic),
@@ -206,7 +211,12 @@ async fn process_in_span(
                     .observe(started.elapsed().as_secs_f64());
             }
             let (error, class) = match result {
-                Ok(Ok(())) => break,
+                Ok(Ok(())) => {
+                    if let Some(breaker) = &shared.breaker {
+                        breaker.succeeded();
+                    }
+                    break;
+                }
                 Ok(Err(RouteFailure::Decode(e))) => (e.to_string(), e.class()),
                 Ok(Err(RouteFailure::Handler(e))) => (e.to_string(), e.class()),
                 Err(panic) => {
@@ -218,6 +228,29 @@ async fn process_in_span(
                     (format!("handler panicked: {what}"), ErrorClass::Permanent)
                 }
             };
+            if let (ErrorClass::Transient, Some(breaker)) = (class, &shared.breaker) {
+                if let Some(probe) = probe.take() {
+                    crate::consumer::breaker::ProbeGuard::failed(probe);
+                }
+                if breaker.failed(key_hash(message)) {
+                    // A dependency is down, not this record: wait for it
+                    // instead of spending attempts towards a dead letter.
+                    tracing::info!(
+                        handler = handler.name(),
+                        %error,
+                        event_id = %envelope.event_id,
+                        "transient failure while the circuit breaker is open; waiting"
+                    );
+                    match breaker.wait_turn(&shared.stopping).await {
+                        Turn::Stopping => return Outcome::Abandoned,
+                        Turn::Closed => {}
+                        Turn::Probe(guard) => probe = Some(guard),
+                    }
+                    attempt = 1;
+                    first_failure = None;
+                    continue;
+                }
+            }
             let now = Utc::now();
             let (first_at, first_instant) = *first_failure.get_or_insert((now, Instant::now()));
             let retry_in = (class == ErrorClass::Transient)
@@ -266,6 +299,18 @@ async fn process_in_span(
     }
     shared.stats.handled.fetch_add(1, Ordering::Relaxed);
     Outcome::Handled
+}
+
+/// The record's key, hashed for the breaker's distinct-key count (records
+/// without a key count per partition).
+fn key_hash(message: &Record) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    match message.key() {
+        Some(key) => key.hash(&mut hasher),
+        None => message.partition.hash(&mut hasher),
+    }
+    hasher.finish()
 }
 
 /// The record's trace id for log lines, which may be written outside the

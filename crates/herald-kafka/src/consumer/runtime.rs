@@ -17,6 +17,7 @@ use rdkafka::message::BorrowedMessage;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
+use super::breaker::Breaker;
 use super::offsets::PartitionOffsets;
 use super::process::{process, Outcome, Shared};
 use super::record::Record;
@@ -120,7 +121,12 @@ struct Dispatch {
     inline_start: bool,
     /// Records received and not finished (queued + running).
     buffered: usize,
+    /// Paused for backpressure.
     paused: bool,
+    /// Paused because the circuit breaker is open.
+    halted: bool,
+    /// Whether the assignment is paused in librdkafka (`paused || halted`).
+    fetch_paused: bool,
     /// Since when the in-flight limit has been reached (not paused yet).
     full_since: Option<Instant>,
     concurrency: usize,
@@ -182,8 +188,12 @@ impl Dispatch {
         }
     }
 
-    /// Starts queued keys while concurrency slots are free.
+    /// Starts queued keys while concurrency slots are free (none while the
+    /// circuit breaker is open: they would only fail too).
     fn start_ready(&mut self) {
+        if self.halted {
+            return;
+        }
         while self.running < self.concurrency {
             let Some(slot) = self.ready.pop_front() else {
                 return;
@@ -421,20 +431,43 @@ impl Dispatch {
     }
 
     fn set_paused(&mut self, consumer: &BaseConsumer<RuntimeContext>, paused: bool) {
+        self.paused = paused;
+        self.full_since = None;
+        self.apply_pause(consumer);
+    }
+
+    /// Follows the circuit breaker: pauses fetching while it is open, and
+    /// starts the queued keys again when it closes.
+    fn follow_breaker(&mut self, consumer: &BaseConsumer<RuntimeContext>) {
+        let open = self.shared.breaker.as_ref().is_some_and(|b| b.is_open());
+        if open == self.halted {
+            return;
+        }
+        self.halted = open;
+        self.apply_pause(consumer);
+        if !open {
+            self.start_ready();
+            self.flush_starts();
+        }
+    }
+
+    /// Pauses or resumes the whole assignment to match `paused || halted`.
+    fn apply_pause(&mut self, consumer: &BaseConsumer<RuntimeContext>) {
+        let want = self.paused || self.halted;
+        if want == self.fetch_paused {
+            return;
+        }
         let Ok(assignment) = consumer.assignment() else {
             return;
         };
-        let result = if paused {
+        let result = if want {
             consumer.pause(&assignment)
         } else {
             consumer.resume(&assignment)
         };
         match result {
-            Ok(()) => {
-                self.paused = paused;
-                self.full_since = None;
-            }
-            Err(error) => tracing::warn!(%error, paused, "pause/resume failed"),
+            Ok(()) => self.fetch_paused = want,
+            Err(error) => tracing::warn!(%error, paused = want, "pause/resume failed"),
         }
     }
 
@@ -606,9 +639,10 @@ impl ConsumerContext for RuntimeContext {
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(_) = rebalance {
             let mut dispatch = self.lock();
-            if dispatch.paused {
+            if dispatch.fetch_paused {
                 // Newly assigned partitions start unpaused: pause them too.
-                dispatch.set_paused(consumer, true);
+                dispatch.fetch_paused = false;
+                dispatch.apply_pause(consumer);
             }
         }
     }
@@ -633,6 +667,10 @@ pub(crate) async fn run(
         dlq: dlq.clone(),
         stats: Arc::clone(&stats),
         stopping: stopping.clone(),
+        breaker: config
+            .circuit_breaker
+            .clone()
+            .map(|c| Arc::new(Breaker::new(c, Arc::clone(&stats)))),
         handler_timers: (0..handler_count).map(|_| RwLock::default()).collect(),
     });
     let (done_tx, done_rx) = channel();
@@ -652,6 +690,8 @@ pub(crate) async fn run(
         inline_start: config.inline_start,
         buffered: 0,
         paused: false,
+        halted: false,
+        fetch_paused: false,
         full_since: None,
         concurrency: config.concurrency,
         max_in_flight: config.max_in_flight,
@@ -731,6 +771,7 @@ fn poll_loop(
         let (busy, room) = {
             let mut d = lock(dispatch);
             d.drain_completions();
+            d.follow_breaker(consumer);
             if last_commit.elapsed() >= commit_interval {
                 let resend = d.commit_rejected.swap(false, Ordering::SeqCst);
                 d.commit(consumer, None, CommitMode::Async, resend, true);

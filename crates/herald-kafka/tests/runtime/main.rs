@@ -3,6 +3,7 @@
 
 mod crash;
 mod delivery;
+mod outage;
 mod poison;
 mod publisher;
 mod rebalance;
