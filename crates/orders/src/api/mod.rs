@@ -210,7 +210,10 @@ async fn readyz(State(state): State<AppState>) -> Response {
         .consumers
         .iter()
         .map(|(name, stats)| {
-            let status = if ConsumerStats::get(&stats.assigned_partitions) > 0 {
+            let status = if ConsumerStats::get(&stats.breaker_open) > 0 {
+                // Its handlers fail across keys: a dependency is down.
+                "paused"
+            } else if ConsumerStats::get(&stats.assigned_partitions) > 0 {
                 "assigned"
             } else if ConsumerStats::get(&stats.rebalances) > 0 {
                 "idle"
@@ -220,7 +223,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
             (name.clone(), status.into())
         })
         .collect();
-    let consumers_ready = consumers.values().all(|s| s != "joining");
+    let consumers_ready = consumers.values().all(|s| s == "assigned" || s == "idle");
     let ready = database && kafka.unwrap_or(true) && consumers_ready;
     let status = if ready {
         StatusCode::OK

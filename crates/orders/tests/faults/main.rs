@@ -3,4 +3,5 @@
 //! a PostgreSQL) does not run beside the other service tests.
 
 mod effectively_once;
+mod outage;
 mod support;
