@@ -24,12 +24,16 @@
 //! many events — with a savepoint per event so one failure does not undo the
 //! others. Per-key order is unaffected: the runtime starts a key's next record
 //! only after the call for the previous one returned, i.e. after its commit.
+//! Effects that panic fail their own event (a permanent error, its savepoint
+//! rolled back); the batch and the batcher go on.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use herald::HandlerError;
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio::sync::{mpsc, oneshot};
@@ -295,7 +299,21 @@ async fn apply_in_savepoint(
             return Err(classify(e));
         }
     }
-    match effects(&mut savepoint).await {
+    // A panic here would end the batcher task and, with it, every later
+    // event of the group ("inbox batcher stopped", forever): it fails this
+    // event alone, as the consumer runtime fails a panicking handler.
+    let outcome = AssertUnwindSafe(async { effects(&mut savepoint).await })
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".to_owned());
+            Err(HandlerError::permanent(format!("effects panicked: {what}")))
+        });
+    match outcome {
         Ok(()) => {
             savepoint.commit().await.map_err(classify)?;
             Ok(Applied::Now)

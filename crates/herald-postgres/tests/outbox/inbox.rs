@@ -148,3 +148,66 @@ async fn concurrent_deliveries_to_two_consumers_have_one_effect() {
         .expect("count");
     assert_eq!(distinct, events.len() as i64);
 }
+
+/// Issue #20, scenario 6: effects that panic in a batched inbox fail that
+/// event alone (permanent, nothing of it committed); the events batched
+/// with it and every later event still apply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_batched_effects_fails_that_event_and_not_the_batcher() {
+    let Some(env) = env(1).await else {
+        return;
+    };
+    counter_table(&env.pool).await;
+    // A long wait so that the three concurrent calls share one batch.
+    let inbox = Arc::new(Inbox::batched(
+        env.pool.clone(),
+        "projection",
+        16,
+        Duration::from_millis(200),
+    ));
+    let (before, poisoned, after) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let panicking = {
+        let inbox = Arc::clone(&inbox);
+        tokio::spawn(async move {
+            inbox
+                .apply(poisoned, move |conn| {
+                    Box::pin(async move {
+                        sqlx::query("INSERT INTO effects VALUES ($1, 'poisoned')")
+                            .bind(poisoned)
+                            .execute(&mut *conn)
+                            .await
+                            .map_err(herald_postgres::classify)?;
+                        panic!("a bug in the effects");
+                    })
+                })
+                .await
+        })
+    };
+    let (first, second) = tokio::join!(
+        apply(&inbox, before, "before"),
+        apply(&inbox, after, "after")
+    );
+    assert_eq!(first.expect("batched with the panic"), Applied::Now);
+    assert_eq!(second.expect("batched with the panic"), Applied::Now);
+    let error = panicking
+        .await
+        .expect("the caller's task does not panic")
+        .expect_err("the panicking event fails");
+    assert!(!error.is_transient(), "a panic is permanent: {error}");
+    assert!(
+        error.to_string().contains("a bug in the effects"),
+        "{error}"
+    );
+    assert_eq!(effects_of(&env.pool, poisoned).await, 0, "rolled back");
+    assert!(!inbox.contains(poisoned).await.expect("contains"));
+
+    // The batcher is still there for later events.
+    let later = Uuid::new_v4();
+    assert_eq!(
+        apply(&inbox, later, "later").await.expect("later event"),
+        Applied::Now
+    );
+    for id in [before, after, later] {
+        assert_eq!(effects_of(&env.pool, id).await, 1);
+    }
+}
