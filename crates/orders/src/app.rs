@@ -218,7 +218,9 @@ impl Config {
         };
         PgPoolOptions::new()
             .max_connections(self.db_pool)
-            .acquire_timeout(Duration::from_secs(10))
+            // Below the API's request timeout (10 s), so that a database
+            // that is away answers 503 with Retry-After, not 408.
+            .acquire_timeout(Duration::from_secs(5))
             .connect_with((**options).clone())
             .await
             .context("connecting to DATABASE_URL")

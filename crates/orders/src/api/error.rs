@@ -61,9 +61,39 @@ impl ApiError {
 
 impl<E: Into<anyhow::Error>> From<E> for ApiError {
     fn from(error: E) -> Self {
-        ApiError::Internal(error.into())
+        let error = error.into();
+        if is_unavailable(&error) {
+            ApiError::Unavailable(format!("{error:#}"))
+        } else {
+            ApiError::Internal(error)
+        }
     }
 }
+
+/// Whether `error` says the database cannot be reached (no connection in
+/// time, a lost connection, a server shutting down or starting up), which
+/// a client should retry, rather than a defect.
+fn is_unavailable(error: &anyhow::Error) -> bool {
+    error
+        .chain()
+        .any(|cause| match cause.downcast_ref::<sqlx::Error>() {
+            Some(
+                sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::Io(_)
+                | sqlx::Error::WorkerCrashed,
+            ) => true,
+            // Class 08: connection exception; 57P01–57P03: admin or crash
+            // shutdown, cannot connect now.
+            Some(sqlx::Error::Database(db)) => db
+                .code()
+                .is_some_and(|code| code.starts_with("08") || code.starts_with("57P")),
+            _ => false,
+        })
+}
+
+/// What a 503 asks the client to wait before retrying, in seconds.
+pub const RETRY_AFTER_SECONDS: u32 = 2;
 
 #[derive(Serialize)]
 struct Body<'a> {
@@ -118,12 +148,17 @@ impl IntoResponse for ApiError {
             }
             ApiError::Unavailable(what) => {
                 tracing::warn!(%what, "dependency unavailable");
-                error_response(
+                let mut response = error_response(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "unavailable",
                     "the service is temporarily unavailable; retry later",
                     &[],
-                )
+                );
+                response.headers_mut().insert(
+                    axum::http::header::RETRY_AFTER,
+                    axum::http::HeaderValue::from(RETRY_AFTER_SECONDS),
+                );
+                response
             }
         }
     }

@@ -73,7 +73,6 @@ fn with_ops(routes: Router<AppState>, state: AppState) -> Router {
         .route("/openapi.json", get(openapi::document))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::from_fn(uniform_errors))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             observe_request,
@@ -84,6 +83,10 @@ fn with_ops(routes: Router<AppState>, state: AppState) -> Router {
             StatusCode::REQUEST_TIMEOUT,
             REQUEST_TIMEOUT,
         ))
+        // Outermost, so that the answers the limit and the timeout layers
+        // make themselves (a 413 for a too-long Content-Length, a 408) get
+        // the error shape too, not tower-http's plain text.
+        .layer(axum::middleware::from_fn(uniform_errors))
         .with_state(state)
 }
 

@@ -21,6 +21,9 @@ fn error_response(description: &str) -> Value {
     json!({ "description": description, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } })
 }
 
+/// The 503 every database-backed route can answer.
+const UNAVAILABLE: &str = "the database is unreachable; retry after the Retry-After header's seconds";
+
 /// The document.
 pub fn spec() -> Value {
     let errors = |codes: &[(&str, &str)]| -> Value {
@@ -34,23 +37,27 @@ pub fn spec() -> Value {
     let id_param = json!({ "name": "id", "in": "path", "required": true, "schema": { "type": "string", "format": "uuid" } });
     let mut create_responses = errors(&[
         ("400", "malformed JSON, invalid UTF-8, bad Idempotency-Key"),
+        ("408", "the request (body upload included) took over 10 s"),
         ("413", "body over 64 KiB"),
         ("415", "not application/json"),
         (
             "422",
             "invalid fields, or an Idempotency-Key reused for another request",
         ),
+        ("503", UNAVAILABLE),
     ]);
     create_responses["201"] = order.clone();
     let mut transition_responses = errors(&[
         ("400", "invalid order id or body"),
         ("404", "no such order"),
         ("409", "the state machine forbids this transition"),
+        ("503", UNAVAILABLE),
     ]);
     transition_responses["200"] = order.clone();
     let mut get_responses = errors(&[
         ("400", "invalid order id"),
         ("404", "not in the read model (yet)"),
+        ("503", UNAVAILABLE),
     ]);
     get_responses["200"] = order;
     json!({

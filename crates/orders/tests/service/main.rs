@@ -7,4 +7,5 @@ mod fulfillment;
 mod observability;
 mod pipeline;
 mod scale_out;
+mod socket;
 mod support;
