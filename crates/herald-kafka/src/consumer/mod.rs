@@ -322,6 +322,9 @@ pub struct ConsumerStats {
     pub retried: AtomicU64,
     /// Records written to a dead-letter topic.
     pub dead_lettered: AtomicU64,
+    /// Dead-letter writes that failed (each is tried again, with backoff up
+    /// to 5 s; the record stays uncommitted meanwhile).
+    pub dead_letter_failures: AtomicU64,
     /// Records skipped because no handler knows their type.
     pub skipped_unknown: AtomicU64,
     /// Offset commits that failed (they are retried).
@@ -358,6 +361,7 @@ impl Default for ConsumerStats {
             handled: AtomicU64::default(),
             retried: AtomicU64::default(),
             dead_lettered: AtomicU64::default(),
+            dead_letter_failures: AtomicU64::default(),
             skipped_unknown: AtomicU64::default(),
             commit_failures: AtomicU64::default(),
             in_flight: AtomicU64::default(),
@@ -403,6 +407,11 @@ impl Collector for ConsumerStats {
                 "herald_consumer_skipped_unknown",
                 "Records of unknown event types skipped.",
                 &self.skipped_unknown,
+            ),
+            (
+                "herald_consumer_dead_letter_write_failures",
+                "Dead-letter writes that failed (retried; the record stays uncommitted).",
+                &self.dead_letter_failures,
             ),
             (
                 "herald_consumer_commit_failures",

@@ -354,7 +354,20 @@ async fn write_dead_letter(
                 return Outcome::DeadLettered;
             }
             Err(error) => {
-                tracing::error!(%error, dlq = %dlq_topic, "dead-letter write failed; the record stays uncommitted and is retried");
+                shared
+                    .stats
+                    .dead_letter_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    %error,
+                    dlq = %dlq_topic,
+                    topic = %message.topic,
+                    partition = message.partition,
+                    offset = message.offset,
+                    retry_in = ?backoff,
+                    "dead-letter write failed; the record stays uncommitted (its partition's \
+                     commit cannot pass it) and the write is tried again"
+                );
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = shared.stopping.cancelled() => return Outcome::Abandoned,

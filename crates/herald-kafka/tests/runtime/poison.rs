@@ -270,3 +270,80 @@ async fn transient_failures_are_dead_lettered_after_the_retry_budget() {
         "3 attempts = 2 retries"
     );
 }
+
+/// Issue #20, scenario 7: a dead letter the broker refuses for good (its
+/// DLQ topic takes no record that large) never lets the partition's commit
+/// pass the record, and the failure is visible: counted, and tried again at
+/// a bounded interval rather than in a silent loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_the_broker_refuses_keeps_its_record_uncommitted_and_is_counted() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let Some(kafka) = herald_test::kafka() else {
+        return;
+    };
+    let topic = kafka.topic("dlq-refused", 1).await;
+    // The DLQ (removed with the topic) refuses anything over 64 bytes: every
+    // dead letter, with its headers, is larger.
+    let admin: AdminClient<_> = kafka.config().create().expect("admin");
+    let dlq = format!("{}.dlq", topic.name());
+    let created = admin
+        .create_topics(
+            &[NewTopic::new(&dlq, 1, TopicReplication::Fixed(1)).set("max.message.bytes", "64")],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+        )
+        .await
+        .expect("create the DLQ");
+    assert!(created.iter().all(Result::is_ok), "{created:?}");
+
+    let events: Vec<TestEvent> = (0..20)
+        .map(|seq| {
+            TestEvent::Step(Step {
+                event_id: uuid::Uuid::new_v4(),
+                key: format!("key-{}", seq % 4),
+                seq,
+                at: chrono::Utc::now(),
+            })
+        })
+        .collect();
+    publish_all(&publisher(&kafka), topic.name(), &events).await;
+    let seen = Seen::default();
+    // Step 3 (key-3, offset 3) breaks a business rule: dead-lettered at once.
+    let router = Router::new().handle::<TestEvent, _>("picky", {
+        let seen = seen.clone();
+        move |TestEvent::Step(step): TestEvent, record: RecordInfo| {
+            let seen = seen.clone();
+            async move {
+                if step.seq == 3 {
+                    return Err(HandlerError::permanent("step 3 breaks a business rule"));
+                }
+                seen.record(&step, record.partition, record.offset);
+                Ok(())
+            }
+        }
+    });
+    let group = herald_test::unique_name("dlq-refused");
+    let config = ConsumerConfig::new(kafka.brokers(), &group, [topic.name()])
+        .commit_interval(Duration::from_millis(100));
+    let consumer = Consumer::new(config, router).expect("consumer");
+    let stats = consumer.stats();
+    // Key-3's later records wait behind the unwritten dead letter; the
+    // other keys' 15 records are handled.
+    run_until(
+        consumer,
+        "other keys handled, three refused dead-letter writes",
+        Duration::from_secs(60),
+        || seen.len() >= 15 && ConsumerStats::get(&stats.dead_letter_failures) >= 3,
+    )
+    .await;
+    assert_eq!(ConsumerStats::get(&stats.dead_lettered), 0);
+    assert!(
+        seen.by_key().get("key-3").is_none(),
+        "key-3's later records never overtook its unwritten dead letter"
+    );
+    let committed = kafka.committed(&group, topic.name(), 1);
+    assert_eq!(
+        committed.get(&0),
+        Some(&3),
+        "the commit reaches the record whose dead letter failed, never past it"
+    );
+}
