@@ -331,7 +331,7 @@ mod tests {
         assert!(!waiter.is_finished(), "a second probe waits for the first");
         b.succeeded();
         drop(probe);
-        assert!(waiter.await.unwrap(), "the close wakes the waiter");
+        assert!(waiter.await.expect("waiter"), "the close wakes the waiter");
     }
 
     #[tokio::test]
