@@ -84,6 +84,18 @@ pub struct ProcessorConfig {
     pub(crate) shutdown_timeout: Duration,
     pub(crate) settings: BTreeMap<String, String>,
     pub(crate) producer_settings: BTreeMap<String, String>,
+    pub(crate) restart: Option<RetryPolicy>,
+}
+
+/// The default restart backoff: 1 s, doubling, up to 30 s.
+fn default_restart() -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: u32::MAX,
+        initial_delay: Duration::from_secs(1),
+        max_delay: Duration::from_secs(30),
+        multiplier: 2.0,
+        deadline: None,
+    }
 }
 
 impl ProcessorConfig {
@@ -125,7 +137,20 @@ impl ProcessorConfig {
             shutdown_timeout: Duration::from_secs(30),
             settings: BTreeMap::new(),
             producer_settings: BTreeMap::new(),
+            restart: Some(default_restart()),
         }
+    }
+
+    /// Whether and how soon a processor that stopped on a restartable error
+    /// ([`ProcessorError::is_restartable`](super::ProcessorError::is_restartable))
+    /// starts again: the delay before restart `n` follows the policy
+    /// (`max_attempts` and `deadline` are not used: it restarts for as long
+    /// as it runs). Default: from 1 s, doubling, up to 30 s, jittered; a
+    /// run of a minute or more starts the backoff over. `None`: `run`
+    /// returns the error instead, as before.
+    pub fn restart(mut self, policy: Option<RetryPolicy>) -> Self {
+        self.restart = policy;
+        self
     }
 
     /// The CloudEvents `ce_source` of outputs built with

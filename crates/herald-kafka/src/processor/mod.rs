@@ -124,9 +124,11 @@ mod runtime;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use herald::{Envelope, Event, HandlerError, TraceContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use tokio_util::sync::CancellationToken;
 
 use crate::error::ClientError;
 use crate::publisher::OutgoingRecord;
@@ -202,6 +204,11 @@ pub trait Transform<E: Event>: Send + 'static {
     /// One record of a changelog topic ([`ProcessorConfig::changelog`]),
     /// during the restore at start, in offset order per partition. An error
     /// stops the start-up. The default ignores changelogs.
+    ///
+    /// After a restart ([`ProcessorConfig::restart`]) the changelogs are
+    /// restored again, after [`Transform::rollback`], over the state the
+    /// transform already holds: a restore must set what a record says (as
+    /// [`changelog::ChangelogTable`] does), not add to it.
     fn restore(&mut self, record: &ChangelogRecord) -> Result<(), HandlerError> {
         let _ = record;
         Ok(())
@@ -294,6 +301,27 @@ impl ProcessorError {
     pub fn is_fenced(&self) -> bool {
         matches!(self, ProcessorError::Fenced { .. })
     }
+
+    /// Whether a processor that stopped on this error may be started again
+    /// with fresh clients ([`ProcessorConfig::restart`]): yes after Kafka
+    /// errors, fatal producer states and changelogs that could not be read
+    /// (what a broker outage leaves behind); no when another live instance
+    /// fenced this one (starting again would fence it back, and the two
+    /// would take turns), for bad configuration, for a transform that
+    /// rejected its own changelog, and after a panic on the processor
+    /// thread (the transform's state is then unknown).
+    pub fn is_restartable(&self) -> bool {
+        match self {
+            ProcessorError::Fatal { .. } | ProcessorError::Kafka { .. } => true,
+            ProcessorError::Client(ClientError::Kafka { .. }) => true,
+            ProcessorError::Restore { source, .. } => source
+                .as_ref()
+                .is_none_or(|s| s.downcast_ref::<HandlerError>().is_none()),
+            ProcessorError::Fenced { .. }
+            | ProcessorError::Client(_)
+            | ProcessorError::Thread(_) => false,
+        }
+    }
 }
 
 /// Counters of what a processor did, readable while it runs.
@@ -322,6 +350,11 @@ pub struct ProcessorStats {
     /// ([`ProcessorConfig::deduplication`]); counted again if their
     /// transaction aborts and they come round again.
     pub duplicates: AtomicU64,
+    /// Times the processor stopped on a restartable error and was started
+    /// again with fresh clients ([`ProcessorConfig::restart`]).
+    pub restarts: AtomicU64,
+    /// 1 while the processor waits to be started again after a failure.
+    pub restarting: AtomicU64,
 }
 
 impl ProcessorStats {
@@ -377,10 +410,20 @@ impl prometheus_client::collector::Collector for ProcessorStats {
                 "Inputs dropped because their event was already processed.",
                 &self.duplicates,
             ),
+            (
+                "herald_processor_restarts",
+                "Times the processor was started again with fresh clients after a failure.",
+                &self.restarts,
+            ),
         ] {
             crate::metrics::encode_counter(&mut encoder, name, help, Self::get(value))?;
         }
-        Ok(())
+        crate::metrics::encode_gauge(
+            &mut encoder,
+            "herald_processor_restarting",
+            "1 while the processor waits to be started again after a failure.",
+            Self::get(&self.restarting),
+        )
     }
 }
 
@@ -421,27 +464,155 @@ impl<E: Event, T: Transform<E>> Processor<E, T> {
         Arc::clone(&self.stats)
     }
 
+    /// Counts into `stats` instead of counters of its own: a processor made
+    /// again after a failure (by a supervisor) goes on with the series the
+    /// first one exported.
+    pub fn with_stats(mut self, stats: Arc<ProcessorStats>) -> Self {
+        self.stats = stats;
+        self
+    }
+
     /// Fences earlier incarnations, restores the changelogs, joins the group
     /// and processes inputs until `shutdown` completes (then commits and
-    /// leaves) or a fatal error stops it. Must be called inside a tokio
-    /// runtime: the transform runs on it.
+    /// leaves) or an error stops it. Must be called inside a tokio runtime:
+    /// the transform runs on it.
+    ///
+    /// After a restartable error ([`ProcessorError::is_restartable`]: a
+    /// broker outage's aftermath, say) it starts again by itself, as
+    /// [`ProcessorConfig::restart`] says: the transform's uncommitted
+    /// changes are rolled back, a fresh transactional producer fences
+    /// whatever the old one left open, the changelogs are restored again
+    /// and consumption resumes from the committed offsets. Nothing is
+    /// skipped or committed twice: that is the transaction protocol's work.
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), ProcessorError> {
-        let Some((topic, settings)) = self.config.deduplication_in_force() else {
-            return runtime::run(self.config, self.transform, self.stats, shutdown).await;
+        let stop = CancellationToken::new();
+        let Processor {
+            config,
+            transform,
+            stats,
+            ..
+        } = self;
+        let run = async {
+            let Some((topic, settings)) = config.deduplication_in_force() else {
+                return supervise(config, transform, stats, &stop).await;
+            };
+            ensure_completed_topic(&config, &topic, &stats, &stop).await?;
+            let ids = dedup::CompletedIds::new(topic.clone(), settings);
+            let transform = dedup::Deduplicated::new(transform, ids, Arc::clone(&stats));
+            supervise(config.changelog(topic), transform, stats, &stop).await
         };
-        crate::admin::ensure_compacted_topic(
-            &self.config.restore_client_config(),
-            &topic,
-            1,
-            self.config.operation_timeout,
+        tokio::pin!(run, shutdown);
+        tokio::select! {
+            result = &mut run => return result,
+            () = &mut shutdown => stop.cancel(),
+        }
+        run.await
+    }
+}
+
+/// Runs the engine, and again after each restartable failure (with backoff)
+/// until `stop`.
+async fn supervise<E: Event, T: Transform<E>>(
+    config: ProcessorConfig,
+    mut transform: T,
+    stats: Arc<ProcessorStats>,
+    stop: &CancellationToken,
+) -> Result<(), ProcessorError> {
+    let mut failures: u32 = 0;
+    loop {
+        let started = std::time::Instant::now();
+        let (result, back) = runtime::run(
+            config.clone(),
+            transform,
+            Arc::clone(&stats),
+            stop.clone().cancelled_owned(),
         )
-        .await?;
-        let ids = dedup::CompletedIds::new(topic.clone(), settings);
-        let transform = dedup::Deduplicated::new(self.transform, ids, Arc::clone(&self.stats));
-        let config = self.config.changelog(topic);
-        runtime::run(config, transform, self.stats, shutdown).await
+        .await;
+        let error = match result {
+            Ok(()) => return Ok(()),
+            Err(error) => error,
+        };
+        let (Some(policy), Some(back)) = (config.restart.as_ref(), back) else {
+            return Err(error);
+        };
+        if stop.is_cancelled() || !error.is_restartable() {
+            return Err(error);
+        }
+        transform = back;
+        // What was not committed is gone with the old clients.
+        transform.rollback();
+        // A run that lasted starts the backoff over.
+        if started.elapsed() >= RESTART_RESET_AFTER {
+            failures = 0;
+        }
+        failures = failures.saturating_add(1);
+        let delay = policy
+            .next_delay(failures, Duration::ZERO)
+            .unwrap_or(policy.max_delay);
+        stats.restarts.fetch_add(1, Ordering::Relaxed);
+        stats.restarting.store(1, Ordering::Relaxed);
+        tracing::error!(
+            error = %error,
+            failures,
+            ?delay,
+            transactional_id = %config.transactional_id(),
+            "processor failed; starting it again with fresh clients (committed offsets and \
+             changelogs are where it resumes)"
+        );
+        let stopped = tokio::select! {
+            () = tokio::time::sleep(delay) => false,
+            () = stop.cancelled() => true,
+        };
+        stats.restarting.store(0, Ordering::Relaxed);
+        if stopped {
+            return Ok(());
+        }
+    }
+}
+
+/// A run shorter than this counts towards the restart backoff.
+const RESTART_RESET_AFTER: Duration = Duration::from_secs(60);
+
+/// Creates the completed-ids topic, trying again (as [`ProcessorConfig::restart`]
+/// allows) while the brokers cannot be reached.
+async fn ensure_completed_topic(
+    config: &ProcessorConfig,
+    topic: &str,
+    stats: &ProcessorStats,
+    stop: &CancellationToken,
+) -> Result<(), ProcessorError> {
+    let mut failures: u32 = 0;
+    loop {
+        let created = crate::admin::ensure_compacted_topic(
+            &config.restore_client_config(),
+            topic,
+            1,
+            config.operation_timeout,
+        )
+        .await;
+        let error = match created {
+            Ok(_) => return Ok(()),
+            Err(error) => ProcessorError::from(error),
+        };
+        let Some(policy) = config.restart.as_ref().filter(|_| error.is_restartable()) else {
+            return Err(error);
+        };
+        failures = failures.saturating_add(1);
+        let delay = policy
+            .next_delay(failures, Duration::ZERO)
+            .unwrap_or(policy.max_delay);
+        stats.restarting.store(1, Ordering::Relaxed);
+        tracing::error!(%error, ?delay, "cannot create the processor's completed-ids topic; trying again");
+        let stopped = tokio::select! {
+            () = tokio::time::sleep(delay) => false,
+            () = stop.cancelled() => true,
+        };
+        stats.restarting.store(0, Ordering::Relaxed);
+        if stopped {
+            return Ok(());
+        }
     }
 }

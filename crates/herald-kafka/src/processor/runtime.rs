@@ -1073,12 +1073,16 @@ impl<E: Event, T: Transform<E>> ConsumerContext for ProcessorContext<E, T> {
     }
 }
 
+/// How one run of the engine ended, with the transform when it came back
+/// (it does not after a panic on the processor thread).
+pub(crate) type Ended<T> = (Result<(), ProcessorError>, Option<T>);
+
 pub(crate) async fn run<E: Event, T: Transform<E>>(
     config: ProcessorConfig,
     transform: T,
     stats: Arc<ProcessorStats>,
     shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), ProcessorError> {
+) -> Ended<T> {
     let stopping = CancellationToken::new();
     let stop = Arc::new(AtomicBool::new(false));
     let (finished_tx, finished_rx) = tokio::sync::oneshot::channel();
@@ -1086,13 +1090,14 @@ pub(crate) async fn run<E: Event, T: Transform<E>>(
     let transactional_id = config.transactional_id();
     let thread_stop = Arc::clone(&stop);
     let thread_stopping = stopping.clone();
-    std::thread::Builder::new()
+    let spawned = std::thread::Builder::new()
         .name(format!("herald-processor-{transactional_id}"))
         .spawn(move || {
+            let mut transform = Some(transform);
             let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
                 thread_main(
                     config,
-                    transform,
+                    &mut transform,
                     stats,
                     tokio,
                     thread_stopping,
@@ -1105,50 +1110,92 @@ pub(crate) async fn run<E: Event, T: Transform<E>>(
                     .map(|s| (*s).to_owned())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "unknown panic".to_owned());
+                // What the transform holds may be half-changed: not reused.
+                transform = None;
                 Err(ProcessorError::Thread(format!("panicked: {what}")))
             });
-            let _ = finished_tx.send(result);
-        })
-        .map_err(|e| ProcessorError::Thread(format!("cannot start the processor thread: {e}")))?;
+            let _ = finished_tx.send((result, transform));
+        });
+    if let Err(e) = spawned {
+        let error = ProcessorError::Thread(format!("cannot start the processor thread: {e}"));
+        return (Err(error), None);
+    }
 
-    let thread_gone = || ProcessorError::Thread("the processor thread vanished".to_owned());
+    let thread_gone = || {
+        let error = ProcessorError::Thread("the processor thread vanished".to_owned());
+        (Err(error), None)
+    };
     let mut finished_rx = finished_rx;
     tokio::pin!(shutdown);
     tokio::select! {
-        result = &mut finished_rx => return result.unwrap_or_else(|_| Err(thread_gone())),
+        ended = &mut finished_rx => return ended.unwrap_or_else(|_| thread_gone()),
         () = &mut shutdown => {}
     }
     tracing::info!(%transactional_id, "processor stopping");
     stop.store(true, Ordering::SeqCst);
     stopping.cancel();
-    let result = finished_rx.await.unwrap_or_else(|_| Err(thread_gone()));
-    tracing::info!(%transactional_id, ok = result.is_ok(), "processor stopped");
+    let ended = finished_rx.await.unwrap_or_else(|_| thread_gone());
+    tracing::info!(%transactional_id, ok = ended.0.is_ok(), "processor stopped");
+    ended
+}
+
+/// Runs the engine on this thread. `slot` holds the transform; it is put
+/// back there when the engine ends, so that the caller can run it again.
+fn thread_main<E: Event, T: Transform<E>>(
+    config: ProcessorConfig,
+    slot: &mut Option<T>,
+    stats: Arc<ProcessorStats>,
+    tokio: tokio::runtime::Handle,
+    stopping: CancellationToken,
+    stop: &AtomicBool,
+) -> Result<(), ProcessorError> {
+    let Some(transform) = slot.take() else {
+        return Err(ProcessorError::Thread("no transform to run".to_owned()));
+    };
+    let (result, transform) = run_engine(config, transform, stats, tokio, stopping, stop);
+    *slot = transform;
     result
 }
 
-fn thread_main<E: Event, T: Transform<E>>(
+/// Early returns of [`run_engine`] before the engine owns the transform.
+macro_rules! or_return {
+    ($result:expr, $transform:expr) => {
+        match $result {
+            Ok(value) => value,
+            Err(error) => return (Err(error.into()), Some($transform)),
+        }
+    };
+}
+
+fn run_engine<E: Event, T: Transform<E>>(
     config: ProcessorConfig,
     mut transform: T,
     stats: Arc<ProcessorStats>,
     tokio: tokio::runtime::Handle,
     stopping: CancellationToken,
     stop: &AtomicBool,
-) -> Result<(), ProcessorError> {
+) -> Ended<T> {
     let transactional_id = config.transactional_id();
-    let producer: ThreadedProducer<TxnProducerContext> = config
-        .producer_client_config()
-        .create_with_context(TxnProducerContext {
-            refused: Mutex::new(Vec::new()),
-            undelivered: Mutex::new(None),
-        })
-        .map_err(ClientError::Config)?;
+    let producer: ThreadedProducer<TxnProducerContext> = or_return!(
+        config
+            .producer_client_config()
+            .create_with_context(TxnProducerContext {
+                refused: Mutex::new(Vec::new()),
+                undelivered: Mutex::new(None),
+            })
+            .map_err(ClientError::Config),
+        transform
+    );
     if config.guarantee == Guarantee::AtLeastOnce {
         tracing::warn!(
             instance = %transactional_id,
             "processor runs at least once (no Kafka transactions): after a crash or a failed commit, outputs may be duplicated"
         );
     } else {
-        init_transactions(&producer, &config, &transactional_id)?;
+        or_return!(
+            init_transactions(&producer, &config, &transactional_id),
+            transform
+        );
     }
 
     // State is restored after the fencing (exactly once), so no zombie can
@@ -1159,7 +1206,8 @@ fn thread_main<E: Event, T: Transform<E>>(
             topic,
             config.restore_timeout,
             |record| transform.restore(record),
-        )?;
+        );
+        let read = or_return!(read, transform);
         tracing::info!(changelog = %topic, records = read, "state restored");
     }
 
@@ -1193,27 +1241,38 @@ fn thread_main<E: Event, T: Transform<E>>(
         closing: false,
         _family: PhantomData,
     }));
-    let consumer: BaseConsumer<ProcessorContext<E, T>> = config
-        .consumer_client_config()
-        .create_with_context(ProcessorContext {
-            engine: Arc::clone(&engine),
-        })
-        .map_err(ClientError::Config)?;
-    let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
-    consumer
-        .subscribe(&topics)
-        .map_err(|source| ClientError::Kafka {
-            operation: "subscribing",
-            source,
-        })?;
-    tracing::info!(%transactional_id, group = %config.group_id, topics = ?config.topics, "processor started");
+    let result = (|| {
+        let consumer: BaseConsumer<ProcessorContext<E, T>> = config
+            .consumer_client_config()
+            .create_with_context(ProcessorContext {
+                engine: Arc::clone(&engine),
+            })
+            .map_err(ClientError::Config)?;
+        let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&topics)
+            .map_err(|source| ClientError::Kafka {
+                operation: "subscribing",
+                source,
+            })?;
+        tracing::info!(%transactional_id, group = %config.group_id, topics = ?config.topics, "processor started");
 
-    let result = poll_loop(&consumer, &engine, stop);
-    lock(&engine).closing = true;
-    consumer.unsubscribe();
-    // Dropping the consumer closes it: it leaves the group.
-    drop(consumer);
-    result
+        let result = poll_loop(&consumer, &engine, stop);
+        lock(&engine).closing = true;
+        consumer.unsubscribe();
+        // Dropping the consumer closes it: it leaves the group.
+        drop(consumer);
+        result
+    })();
+    // The consumer (and its context's handle on the engine) is gone: the
+    // engine is ours alone again, and with it the transform.
+    let transform = Arc::try_unwrap(engine).ok().map(|engine| {
+        let engine = engine
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        engine.transform
+    });
+    (result, transform)
 }
 
 /// Fences every earlier producer with this transactional.id and aborts

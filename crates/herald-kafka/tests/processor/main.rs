@@ -7,6 +7,7 @@ mod at_least_once;
 mod crash;
 mod duplicates;
 mod fencing;
+mod outage;
 mod poison;
 mod rebalance;
 mod state;
