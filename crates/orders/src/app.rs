@@ -27,6 +27,7 @@ use crate::db::{self, Topics};
 use crate::domain::OrderEvent;
 use crate::metrics::Metrics;
 use crate::store::Store;
+use crate::supervisor::{supervise, Health};
 
 /// The typed configuration of a process, checked at start-up.
 #[derive(Clone)]
@@ -692,6 +693,7 @@ impl Application {
         } = self;
         let mut tasks = tokio::task::JoinSet::new();
         let mut consumers = Vec::new();
+        let health = Health::default();
         let relay_config = RelayConfig {
             batch_size: config.relay_batch,
             ..RelayConfig::default()
@@ -758,15 +760,34 @@ impl Application {
                 continue;
             }
             let router = consumer_router(kind, &store, config.group(kind.name()));
-            let consumer = config.consumer(kind.name(), router)?;
-            metrics.register_consumer(kind.name(), consumer.stats());
-            consumers.push((kind.name().to_owned(), consumer.stats()));
-            let stop = shutdown.clone();
+            // Made once here, so that bad configuration fails the start-up.
+            let first = config.consumer(kind.name(), router)?;
+            let stats = first.stats();
+            metrics.register_consumer(kind.name(), Arc::clone(&stats));
+            consumers.push((kind.name().to_owned(), Arc::clone(&stats)));
+            let (stop, health) = (shutdown.clone(), health.clone());
+            let (store, config) = (store.clone(), config.clone());
+            let mut first = Some(first);
             tasks.spawn(async move {
-                consumer
-                    .run(stop.cancelled_owned())
-                    .await
-                    .with_context(|| format!("the {} consumer", kind.name()))
+                supervise(kind.name(), health, stop.clone(), move || {
+                    let consumer = match first.take() {
+                        Some(consumer) => consumer,
+                        None => {
+                            let router = consumer_router(kind, &store, config.group(kind.name()));
+                            config
+                                .consumer(kind.name(), router)?
+                                .with_stats(Arc::clone(&stats))
+                        }
+                    };
+                    let stop = stop.clone();
+                    Ok(async move {
+                        consumer
+                            .run(stop.cancelled_owned())
+                            .await
+                            .with_context(|| format!("the {} consumer", kind.name()))
+                    })
+                })
+                .await
             });
         }
         if components.processor {
@@ -776,14 +797,32 @@ impl Application {
                      (the mock accepts transactions without their semantics)"
                 );
             }
-            let processor = config.fulfillment_processor()?;
-            metrics.register_processor(processor.stats());
-            let stop = shutdown.clone();
+            // Made once here, so that bad configuration fails the start-up.
+            let first = config.fulfillment_processor()?;
+            let stats = first.stats();
+            metrics.register_processor(Arc::clone(&stats));
+            let (stop, health, config) = (shutdown.clone(), health.clone(), config.clone());
+            let mut first = Some(first);
             tasks.spawn(async move {
-                processor
-                    .run(stop.cancelled_owned())
-                    .await
-                    .context("the fulfillment processor")
+                // The processor starts itself again after a broker outage;
+                // what it gives up on (fenced by a newer instance, a panic)
+                // is made anew here, with backoff.
+                supervise("fulfillment", health, stop.clone(), move || {
+                    let processor = match first.take() {
+                        Some(processor) => processor,
+                        None => config
+                            .fulfillment_processor()?
+                            .with_stats(Arc::clone(&stats)),
+                    };
+                    let stop = stop.clone();
+                    Ok(async move {
+                        processor
+                            .run(stop.cancelled_owned())
+                            .await
+                            .context("the fulfillment processor")
+                    })
+                })
+                .await
             });
         }
         if let (true, Store::Postgres(pool)) =
@@ -805,6 +844,7 @@ impl Application {
             kafka: Some(publisher.clone()),
             metrics,
             consumers,
+            health,
         };
         let app = if components.api {
             api::router(state)

@@ -30,4 +30,5 @@ pub mod fulfillment;
 pub mod load;
 pub mod metrics;
 pub mod store;
+pub mod supervisor;
 pub mod telemetry;

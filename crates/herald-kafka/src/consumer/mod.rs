@@ -509,6 +509,14 @@ impl Consumer {
         Arc::clone(&self.stats)
     }
 
+    /// Counts into `stats` instead of counters of its own: a consumer made
+    /// again after a failure (by a supervisor) goes on with the series the
+    /// first one exported.
+    pub fn with_stats(mut self, stats: Arc<ConsumerStats>) -> Self {
+        self.stats = stats;
+        self
+    }
+
     /// Joins the group and handles records until `shutdown` completes, then
     /// drains, commits and leaves the group. Must be called inside a tokio
     /// runtime (handlers run on it).

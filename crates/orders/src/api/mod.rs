@@ -28,6 +28,7 @@ use crate::db::Topics;
 use crate::domain::limits;
 use crate::metrics::{Metrics, RouteLabels, CONTENT_TYPE};
 use crate::store::Store;
+use crate::supervisor::Health;
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -42,6 +43,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The consumers running in this process, by name, for `/readyz`.
     pub consumers: Vec<(String, Arc<ConsumerStats>)>,
+    /// The supervised parts of this process, for `/readyz`.
+    pub health: Health,
 }
 
 /// How long a request may take, body upload included: slow clients get 408.
@@ -227,7 +230,8 @@ async fn readyz(State(state): State<AppState>) -> Response {
         })
         .collect();
     let consumers_ready = consumers.values().all(|s| s == "assigned" || s == "idle");
-    let ready = database && kafka.unwrap_or(true) && consumers_ready;
+    let components = state.health.snapshot();
+    let ready = database && kafka.unwrap_or(true) && consumers_ready && state.health.all_running();
     let status = if ready {
         StatusCode::OK
     } else {
@@ -237,7 +241,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
         status,
         Json(serde_json::json!({
             "status": if ready { "ready" } else { "not_ready" },
-            "checks": { "database": database, "kafka": kafka, "consumers": consumers },
+            "checks": { "database": database, "kafka": kafka, "consumers": consumers, "components": components },
         })),
     )
         .into_response()

@@ -22,7 +22,8 @@ fn error_response(description: &str) -> Value {
 }
 
 /// The 503 every database-backed route can answer.
-const UNAVAILABLE: &str = "the database is unreachable; retry after the Retry-After header's seconds";
+const UNAVAILABLE: &str =
+    "the database is unreachable; retry after the Retry-After header's seconds";
 
 /// The document.
 pub fn spec() -> Value {

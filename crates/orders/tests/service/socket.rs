@@ -30,6 +30,7 @@ async fn serve(db: &herald_test::TestDatabase, proxy: &herald_test::FaultProxy) 
         kafka: None,
         metrics: Arc::default(),
         consumers: Vec::new(),
+        health: Default::default(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

@@ -33,6 +33,7 @@ pub async fn api() -> Option<Api> {
         kafka: None,
         metrics: Arc::default(),
         consumers: Vec::new(),
+        health: Default::default(),
     };
     Some(Api {
         router: router(state),
