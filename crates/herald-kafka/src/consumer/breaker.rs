@@ -16,7 +16,12 @@
 //!   intervals (jittered, from [`CircuitBreaker::probe_initial`] up to
 //!   [`CircuitBreaker::probe_max`]);
 //! - the first handler success closes it: the waiting records retry at once
-//!   with their attempts counted from the start, and partitions resume.
+//!   with a fresh retry budget (their attempt numbers keep counting), and
+//!   partitions resume.
+//!
+//! A burst of concurrent transient failures (many keys hitting one
+//! deadlock storm at once) can open it too; it then closes at the first
+//! probe that succeeds, having cost a pause rather than dead letters.
 //!
 //! Permanent failures and decode errors dead-letter as always, open or not.
 //! A single key failing alone never opens it (its records are dead-lettered
@@ -80,7 +85,7 @@ impl CircuitBreaker {
 
 /// What a record that failed while the breaker is open may do next.
 pub(crate) enum Turn {
-    /// The breaker closed: retry, attempts counted afresh.
+    /// The breaker closed: retry, with a fresh retry budget.
     Closed,
     /// Retry now as the probe; report its failure through the guard.
     Probe(ProbeGuard),

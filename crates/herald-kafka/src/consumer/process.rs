@@ -182,6 +182,10 @@ async fn process_in_span(
 
     for (index, handler) in shared.router.handlers_for(&envelope.event_type) {
         let mut attempt = 1;
+        // Attempts made before the breaker last closed: they do not count
+        // towards the retry policy's budget (the handler still sees every
+        // attempt's number).
+        let mut spent = 0;
         let mut first_failure: Option<(chrono::DateTime<Utc>, Instant)> = None;
         // Set while this record runs as the open breaker's probe.
         let mut probe = None;
@@ -246,7 +250,9 @@ async fn process_in_span(
                         Turn::Closed => {}
                         Turn::Probe(guard) => probe = Some(guard),
                     }
-                    attempt = 1;
+                    shared.stats.retried.fetch_add(1, Ordering::Relaxed);
+                    spent = attempt;
+                    attempt += 1;
                     first_failure = None;
                     continue;
                 }
@@ -254,7 +260,11 @@ async fn process_in_span(
             let now = Utc::now();
             let (first_at, first_instant) = *first_failure.get_or_insert((now, Instant::now()));
             let retry_in = (class == ErrorClass::Transient)
-                .then(|| shared.retry.next_delay(attempt, first_instant.elapsed()))
+                .then(|| {
+                    shared
+                        .retry
+                        .next_delay(attempt - spent, first_instant.elapsed())
+                })
                 .flatten();
             match retry_in {
                 Some(delay) => {
