@@ -119,6 +119,15 @@ impl Attempts {
     }
 }
 
+/// How one transform call failed.
+struct Failed {
+    attempt: u32,
+    error: String,
+    class: ErrorClass,
+    /// Whether some of its outputs were already added to the transaction.
+    outputs_sent: bool,
+}
+
 /// What to do with one input.
 enum Step<E> {
     Process(E, Arc<Envelope>),
@@ -458,7 +467,7 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
             }
             Some(Ok(Ok(outputs))) => {
                 self.stats.processed.fetch_add(1, Ordering::Relaxed);
-                for record in &outputs {
+                for (sent, record) in outputs.iter().enumerate() {
                     if let Err(error) = self.send(record, input_ref) {
                         if self.check_fatal("producing an output", &error) {
                             return "fatal";
@@ -479,9 +488,12 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
                             message,
                             tp,
                             input_ref,
-                            attempt,
-                            format!("output to {} refused: {error}", record.topic),
-                            ErrorClass::Permanent,
+                            Failed {
+                                attempt,
+                                error: format!("output to {} refused: {error}", record.topic),
+                                class: ErrorClass::Permanent,
+                                outputs_sent: sent > 0,
+                            },
                         );
                         return "failed";
                     }
@@ -500,22 +512,31 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
                 (format!("transform panicked: {what}"), ErrorClass::Permanent)
             }
         };
-        self.transform_failed(consumer, message, tp, input_ref, attempt, error, class);
+        let failed = Failed {
+            attempt,
+            error,
+            class,
+            outputs_sent: false,
+        };
+        self.transform_failed(consumer, message, tp, input_ref, failed);
         "failed"
     }
 
     /// A transform call failed: retry later, or dead-letter the input.
-    #[allow(clippy::too_many_arguments)]
     fn transform_failed(
         &mut self,
         consumer: &BaseConsumer<ProcessorContext<E, T>>,
         message: &BorrowedMessage<'_>,
         tp: &Tp,
         input_ref: &InputRef,
-        attempt: u32,
-        error: String,
-        class: ErrorClass,
+        failed: Failed,
     ) {
+        let Failed {
+            attempt,
+            error,
+            class,
+            outputs_sent,
+        } = failed;
         let now = Utc::now();
         let entry = self
             .failures
@@ -561,7 +582,11 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
             }
             first_in_txn = true;
         }
-        if first_in_txn && delay.is_none() && self.txn.is_some() {
+        // Outputs of this very input already in the transaction (a later one
+        // was refused) can only be taken back by an abort: the input then
+        // comes again and is dead-lettered without calling the transform.
+        let partial = outputs_sent && self.transactional();
+        if first_in_txn && delay.is_none() && self.txn.is_some() && !partial {
             // Nothing else is uncommitted: undo this call's state and write
             // the dead letter into the open transaction right away.
             self.transform.rollback();

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::Utc;
-use herald::{Envelope, HandlerError, RetryPolicy, TraceContext};
+use herald::{Envelope, Event as _, HandlerError, RetryPolicy, TraceContext};
 use herald_kafka::dlq::headers as dlq;
 use herald_kafka::processor::{Input, Processor, ProcessorStats};
 use herald_kafka::OutgoingRecord;
@@ -205,4 +205,80 @@ async fn poison_is_dead_lettered_once_inside_the_transaction_and_later_inputs_fl
         ProcessorStats::get(&stats.committed),
         ProcessorStats::get(&stats.aborted)
     );
+}
+
+/// Issue #20, scenario 5: an input whose second output is refused by the
+/// producer (too large) after its first output joined the transaction:
+/// none of its outputs commit, only its dead letter; the inputs around it
+/// are processed exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_input_whose_later_output_is_refused_commits_none_of_its_outputs() {
+    let Some(kafka) = herald_test::kafka() else {
+        return;
+    };
+    let input = kafka.topic("proc-split-in", 1).await;
+    let output = kafka.topic("proc-split-out", 1).await;
+    let dlq_topic = format!("{}.dlq", input.name());
+    herald_test::create_topic(&kafka.config(), &dlq_topic, 1).await;
+    let mut events: Vec<TestEvent> = (0..30).map(|seq| step("k", seq)).collect();
+    let poisoned = step("split", 0);
+    events.insert(10, poisoned.clone());
+    let publisher = publisher(&kafka);
+    for event in &events {
+        publisher
+            .publish_record(&record(input.name(), event))
+            .await
+            .expect("published");
+    }
+
+    let out = output.name().to_owned();
+    let transform = move |TestEvent::Step(step): TestEvent, input: Input| {
+        let out = out.clone();
+        async move {
+            let first = done_output(&out, "p", &step, &input)?;
+            if step.key != "split" {
+                return Ok(vec![first]);
+            }
+            // Over librdkafka's message.max.bytes: refused when it is sent,
+            // after `first` is already in the transaction.
+            let too_large = OutgoingRecord {
+                payload: vec![b'x'; 2_000_000],
+                ..first.clone()
+            };
+            Ok(vec![first, too_large])
+        }
+    };
+    // One input per transaction: the poisoned input is alone in its own.
+    let config = config(
+        &kafka,
+        &herald_test::unique_name("proc-split"),
+        input.name(),
+        "split-1",
+    )
+    .batch_size(1);
+    let group = config.group_id().to_owned();
+    let processor = Processor::new(config, transform).expect("processor");
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(processor.run(stop.clone().cancelled_owned()));
+    wait_all_committed(&kafka, &group, input.name(), 1, Duration::from_secs(120)).await;
+    stop.cancel();
+    task.await.expect("task").expect("processor stops cleanly");
+
+    let dones: Vec<Done> = read_all(&kafka, output.name(), 1, "read_committed")
+        .iter()
+        .map(Collected::done)
+        .collect();
+    assert!(
+        dones.iter().all(|d| d.input_id != poisoned.event_id()),
+        "no output of the input whose later output was refused"
+    );
+    let good: Vec<TestEvent> = events
+        .iter()
+        .filter(|e| e.event_id() != poisoned.event_id())
+        .cloned()
+        .collect();
+    assert_exactly_once_in_order(&dones, &good);
+    let dead = read_all(&kafka, &dlq_topic, 1, "read_committed");
+    assert_eq!(dead.len(), 1, "its dead letter, once");
+    assert_eq!(dead[0].header(dlq::ORIGINAL_OFFSET).as_deref(), Some("10"));
 }
