@@ -27,7 +27,7 @@ use crate::db::{self, Topics};
 use crate::domain::OrderEvent;
 use crate::metrics::Metrics;
 use crate::store::Store;
-use crate::supervisor::{supervise, Health};
+use crate::supervisor::{single_active, supervise, Health};
 
 /// The typed configuration of a process, checked at start-up.
 #[derive(Clone)]
@@ -802,20 +802,36 @@ impl Application {
             let stats = first.stats();
             metrics.register_processor(Arc::clone(&stats));
             let (stop, health, config) = (shutdown.clone(), health.clone(), config.clone());
+            let pool = store.postgres().cloned();
             let mut first = Some(first);
             tasks.spawn(async move {
                 // The processor starts itself again after a broker outage;
                 // what it gives up on (fenced by a newer instance, a panic)
                 // is made anew here, with backoff.
-                supervise("fulfillment", health, stop.clone(), move || {
+                supervise("fulfillment", health.clone(), stop.clone(), move || {
                     let processor = match first.take() {
                         Some(processor) => processor,
                         None => config
                             .fulfillment_processor()?
                             .with_stats(Arc::clone(&stats)),
                     };
-                    let stop = stop.clone();
+                    let (stop, health, pool) = (stop.clone(), health.clone(), pool.clone());
+                    let lock = format!("orders-fulfillment {}", processor.transactional_id());
                     Ok(async move {
+                        // One active instance per transactional id: a second
+                        // process started against the same database stands by.
+                        let _held = match &pool {
+                            Some(pool) => {
+                                match single_active(pool, &lock, "fulfillment", &health, &stop)
+                                    .await?
+                                {
+                                    Some(conn) => Some(conn),
+                                    None => return Ok(()),
+                                }
+                            }
+                            None => None,
+                        };
+                        health.running("fulfillment");
                         processor
                             .run(stop.cancelled_owned())
                             .await

@@ -26,8 +26,13 @@ impl Health {
             .insert(component.to_owned(), state.into());
     }
 
-    /// Each part and its state: `running`, or `restarting` (it failed and
-    /// waits to be started again).
+    /// Marks `component` running (a part that stood by and now runs).
+    pub fn running(&self, component: &str) {
+        self.set(component, RUNNING);
+    }
+
+    /// Each part and its state: `running`, `standing_by` (another process
+    /// runs it), or `restarting` (it failed and waits to be started again).
     pub fn snapshot(&self) -> BTreeMap<String, String> {
         self.0
             .lock()
@@ -35,14 +40,80 @@ impl Health {
             .clone()
     }
 
-    /// Whether every part runs.
+    /// Whether every part runs (or stands by, as it should).
     pub fn all_running(&self) -> bool {
-        self.snapshot().values().all(|state| state == RUNNING)
+        self.snapshot()
+            .values()
+            .all(|state| state == RUNNING || state == STANDING_BY)
     }
 }
 
 const RUNNING: &str = "running";
 const RESTARTING: &str = "restarting";
+const STANDING_BY: &str = "standing_by";
+
+/// Waits until this process holds PostgreSQL's session advisory lock for
+/// `name` — at most one session across every process on the database holds
+/// it — and returns the connection that holds it: the lock lasts as long
+/// as that connection (it is taken out of the pool, and closing it, or
+/// losing it, releases the lock). Meanwhile `component` is reported as
+/// standing by, and the log says once which part waits for what. `None`
+/// when `stop` comes first.
+///
+/// A part that must be single-active (the fulfillment processor: a second
+/// instance with its transactional id would fence the first, which would
+/// fence it back) runs only while it holds its lock. Should the connection
+/// be lost and another process take the lock, the Kafka fencing still
+/// stops whichever instance is older; its supervisor then waits here.
+pub async fn single_active(
+    pool: &sqlx::PgPool,
+    name: &str,
+    component: &str,
+    health: &Health,
+    stop: &CancellationToken,
+) -> anyhow::Result<Option<sqlx::PgConnection>> {
+    use anyhow::Context as _;
+    let mut announced = false;
+    let mut conn = pool
+        .acquire()
+        .await
+        .context("a connection for the single-active lock")?
+        .detach();
+    loop {
+        let held: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1)::bigint)")
+            .bind(name)
+            .fetch_one(&mut conn)
+            .await
+            .context("taking the single-active lock")?;
+        if held {
+            if announced {
+                tracing::info!(
+                    component,
+                    lock = name,
+                    "took over: the other instance is gone"
+                );
+            }
+            return Ok(Some(conn));
+        }
+        if !announced {
+            health.set(component, STANDING_BY);
+            tracing::warn!(
+                component,
+                lock = name,
+                "standing by: another process runs this part against the same database \
+                 (it takes over when that one stops)"
+            );
+            announced = true;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(STANDBY_POLL) => {}
+            () = stop.cancelled() => return Ok(None),
+        }
+    }
+}
+
+/// How often a standing-by part asks for the lock again.
+const STANDBY_POLL: Duration = Duration::from_secs(2);
 
 /// The pause before start `n + 1` after `n` failures: from 1 s, doubling,
 /// up to 30 s, jittered. A run of a minute or more starts it over.

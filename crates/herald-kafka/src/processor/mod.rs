@@ -464,6 +464,11 @@ impl<E: Event, T: Transform<E>> Processor<E, T> {
         Arc::clone(&self.stats)
     }
 
+    /// Its producer's `transactional.id` (`<group>-<instance>`).
+    pub fn transactional_id(&self) -> String {
+        self.config.transactional_id()
+    }
+
     /// Counts into `stats` instead of counters of its own: a processor made
     /// again after a failure (by a supervisor) goes on with the series the
     /// first one exported.

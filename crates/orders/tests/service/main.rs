@@ -8,4 +8,5 @@ mod observability;
 mod pipeline;
 mod scale_out;
 mod socket;
+mod standby;
 mod support;
