@@ -68,6 +68,23 @@ pub fn is_retriable(error: &KafkaError) -> bool {
     }
 }
 
+/// Whether `code` refuses one record for what it is: its size, its
+/// contents, its topic's policy or access rules.
+pub fn is_refusal_code(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        code,
+        C::MessageSizeTooLarge
+            | C::MessageBatchTooLarge
+            | C::InvalidMessageSize
+            | C::InvalidMessage
+            | C::InvalidRecord
+            | C::InvalidTopic
+            | C::PolicyViolation
+            | C::TopicAuthorizationFailed
+    )
+}
+
 /// Why a record could not be published.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -88,6 +105,17 @@ pub enum PublishError {
         #[source]
         source: KafkaError,
     },
+    /// Not sent: an earlier record of the same call with the same topic and
+    /// key could not be enqueued, and this one must not overtake it.
+    #[error(
+        "event {event_id} to {topic} held back behind an earlier record of its key that failed"
+    )]
+    HeldBack {
+        /// The target topic.
+        topic: String,
+        /// The event that was not sent.
+        event_id: Uuid,
+    },
 }
 
 impl PublishError {
@@ -96,6 +124,20 @@ impl PublishError {
         match self {
             PublishError::Encode(_) => false,
             PublishError::Kafka { retriable, .. } => *retriable,
+            PublishError::HeldBack { .. } => true,
+        }
+    }
+
+    /// Whether the broker or the client refused this very record for good
+    /// (too large, invalid, not authorized for its topic): sending it again
+    /// the same way cannot succeed. Not for records held back behind
+    /// another, nor for those a failing transaction took down with it.
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            PublishError::Kafka { source, .. } => {
+                source.rdkafka_error_code().is_some_and(is_refusal_code)
+            }
+            PublishError::Encode(_) | PublishError::HeldBack { .. } => false,
         }
     }
 }

@@ -369,6 +369,11 @@ impl Publisher {
     }
 
     /// [`Publisher::publish_records`] for records borrowed from their owner.
+    ///
+    /// A record that cannot be enqueued (librdkafka refuses it at once: too
+    /// large, say) holds back the later records of the call with the same
+    /// topic and key ([`PublishError::HeldBack`]): they are not sent, so
+    /// none of them reaches Kafka before it.
     pub async fn publish_borrowed<'a>(
         &self,
         records: impl IntoIterator<Item = BorrowedRecord<'a>>,
@@ -376,9 +381,22 @@ impl Publisher {
         let started = Instant::now();
         let records = records.into_iter();
         let mut pending = Vec::with_capacity(records.size_hint().0);
+        let mut failed_keys: Vec<(&str, Option<&[u8]>)> = Vec::new();
         for record in records {
-            let (topic, event_id) = (record.topic, record.event_id);
-            pending.push((topic, event_id, self.enqueue(record).await));
+            let (topic, event_id, key) = (record.topic, record.event_id, record.key);
+            if failed_keys.contains(&(topic, key)) {
+                let held = PublishError::HeldBack {
+                    topic: topic.to_owned(),
+                    event_id,
+                };
+                pending.push((topic, event_id, Err(held)));
+                continue;
+            }
+            let enqueued = self.enqueue(record).await;
+            if enqueued.is_err() {
+                failed_keys.push((topic, key));
+            }
+            pending.push((topic, event_id, enqueued));
         }
         join_all(
             pending
