@@ -23,6 +23,7 @@
 
 pub mod inbox;
 pub mod outbox;
+pub mod refusals;
 mod shards;
 pub mod slots;
 

@@ -237,6 +237,7 @@ pub struct PgOutbox {
     listen: bool,
     synchronous_marks: bool,
     pub(crate) lease_timeout: Duration,
+    park_after: u32,
     listener: tokio::sync::Mutex<Option<sqlx::postgres::PgListener>>,
     /// Signalled by the task holding the listener when a notification
     /// comes, so that every waiting worker wakes, not only that one.
@@ -265,10 +266,19 @@ impl PgOutbox {
             listen: true,
             synchronous_marks: false,
             lease_timeout: crate::slots::DEFAULT_LEASE_TIMEOUT,
+            park_after: crate::refusals::DEFAULT_PARK_AFTER,
             listener: tokio::sync::Mutex::new(None),
             notified: tokio::sync::Notify::new(),
             rotation: std::sync::Mutex::default(),
         }
+    }
+
+    /// How many refusals by the broker (a record larger than its topic
+    /// takes, say) park an event and its aggregate (default 3; see
+    /// [`crate::refusals`]).
+    pub fn park_after(mut self, refusals: u32) -> Self {
+        self.park_after = refusals.max(1);
+        self
     }
 
     /// What to do with published rows.
@@ -394,9 +404,21 @@ impl PgOutbox {
 
     /// Whether unpublished rows exist (claimable or not yet).
     async fn has_backlog(&self) -> Result<bool, sqlx::Error> {
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM herald_outbox_pending)")
-            .fetch_one(&self.pool)
-            .await
+        // Parked aggregates' events do not count: they wait for a person,
+        // and a quick second look would only spin.
+        sqlx::query_scalar(
+            "SELECT EXISTS (
+                 SELECT 1 FROM herald_outbox_pending p
+                 JOIN herald_outbox o ON o.id = p.id
+                 WHERE NOT EXISTS (
+                     SELECT 1 FROM herald_outbox_refused r
+                     WHERE r.parked_at IS NOT NULL
+                       AND r.shard = p.shard
+                       AND r.aggregate_type = o.aggregate_type
+                       AND r.aggregate_id = o.aggregate_id AND r.id < p.id))",
+        )
+        .fetch_one(&self.pool)
+        .await
     }
 }
 
@@ -557,6 +579,14 @@ impl herald::OutboxStore for PgOutbox {
             after_publish: self.after_publish,
             synchronous_marks: self.synchronous_marks,
         })
+    }
+
+    async fn refused(
+        &self,
+        record: &herald::PendingRecord,
+        error: &str,
+    ) -> Result<bool, StoreError> {
+        crate::refusals::record(&self.pool, record.id, error, self.park_after).await
     }
 
     async fn wait_for_work(&self, timeout: Duration) {

@@ -110,6 +110,21 @@ pub trait OutboxStore: Send + Sync + 'static {
     /// Resolves when new records may be there (a notification), or after
     /// `timeout` at the latest.
     fn wait_for_work(&self, timeout: Duration) -> impl Future<Output = ()> + Send;
+
+    /// The broker refused `record` for good (`error`: larger than the topic
+    /// takes, invalid, not authorized). Returns whether the store has now
+    /// parked it, and with it its aggregate: no later event of the
+    /// aggregate is claimed until a person ends the park, and the other
+    /// aggregates flow. The default parks nothing: the record is claimed
+    /// and refused again on every pass, holding its aggregate back.
+    fn refused(
+        &self,
+        record: &PendingRecord,
+        error: &str,
+    ) -> impl Future<Output = Result<bool, Self::Error>> + Send {
+        let _ = (record, error);
+        async { Ok(false) }
+    }
 }
 
 /// A batch of claimed records.

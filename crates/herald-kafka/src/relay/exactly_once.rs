@@ -33,7 +33,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use herald::{Checkpoint, SlotLease, SlotStore};
+use herald::{Checkpoint, PendingRecord, SlotLease, SlotStore};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureRecord, Producer as _};
 use rdkafka::ClientConfig;
@@ -338,8 +338,15 @@ impl<S: SlotStore> TransactionalRelay<S> {
         span.record("relay.sequence", sequence);
         let (outgoing, _spans): (Vec<BorrowedRecord<'_>>, Vec<tracing::Span>) =
             records.iter().map(outgoing).unzip();
+        let mut refusals = Vec::new();
         let published = self
-            .transaction(&producer.publisher, slot, outgoing, &checkpoint)
+            .transaction(
+                &producer.publisher,
+                slot,
+                outgoing,
+                &checkpoint,
+                &mut refusals,
+            )
             .instrument(span)
             .await;
         if let Err(error) = published {
@@ -348,6 +355,16 @@ impl<S: SlotStore> TransactionalRelay<S> {
             self.stats
                 .publish_failures
                 .fetch_add(claimed as u64, Ordering::Relaxed);
+            if !refusals.is_empty() {
+                let refused: Vec<(PendingRecord, String)> = refusals
+                    .into_iter()
+                    .filter_map(|(i, e)| records.get(i).map(|r| (r.clone(), e)))
+                    .collect();
+                // Released first: parking deletes a pending row the lease
+                // holds locked.
+                lease.release().await.map_err(|e| self.store_error(e))?;
+                super::note_refusals(&self.store, &self.stats, refused).await;
+            }
             return Err(error);
         }
         self.fault(RelayPoint::KafkaCommitted, slot).await;
@@ -419,10 +436,16 @@ impl<S: SlotStore> TransactionalRelay<S> {
         // nothing although a slot had work (another relay held it, or its
         // rows were not claimable yet), and asking at once would spin.
         let mut pause = false;
+        // Pauses in a row: they grow (10 ms doubling, up to the poll
+        // interval) while the store keeps reporting work no claim gets,
+        // as with events parked behind a refused one.
+        let mut pauses: u32 = 0;
         while !mine.is_empty() && !stop.is_some_and(CancellationToken::is_cancelled) {
             if todo.is_empty() {
                 if std::mem::take(&mut pause) {
-                    let moment = tokio::time::sleep(Duration::from_millis(10));
+                    let moment = Duration::from_millis(10) * 2u32.pow(pauses.min(7));
+                    pauses = pauses.saturating_add(1);
+                    let moment = tokio::time::sleep(moment.min(self.config.poll_interval));
                     match stop {
                         Some(stop) => until_stopped(stop, moment).await,
                         None => moment.await,
@@ -477,6 +500,7 @@ impl<S: SlotStore> TransactionalRelay<S> {
             if claimed > 0 {
                 todo.clone_from(&mine);
                 pause = false;
+                pauses = 0;
             }
         }
         Ok(published)
@@ -503,6 +527,7 @@ impl<S: SlotStore> TransactionalRelay<S> {
         slot: u16,
         records: Vec<BorrowedRecord<'_>>,
         checkpoint: &Checkpoint,
+        refusals: &mut Vec<(usize, String)>,
     ) -> Result<(), RelayError<S::Error>> {
         let failed = |operation: &'static str| {
             move |source: KafkaError| RelayError::Transaction {
@@ -533,6 +558,14 @@ impl<S: SlotStore> TransactionalRelay<S> {
                 Ok(Err((source, _))) => Err(source),
                 Err(_canceled) => Err(KafkaError::Canceled),
             };
+            // Records refused for good (by index): the store may park them.
+            refusals.extend(results.iter().enumerate().filter_map(|(i, result)| {
+                result
+                    .as_ref()
+                    .err()
+                    .filter(|e| e.is_refusal())
+                    .map(|e| (i, e.to_string()))
+            }));
             if let Some(first) = results.into_iter().find_map(Result::err) {
                 return Err(RelayError::Publish {
                     published: 0,

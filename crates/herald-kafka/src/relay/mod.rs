@@ -106,6 +106,11 @@ pub struct RelayStats {
     pub publish_failures: AtomicU64,
     /// Store errors (claim or commit failed).
     pub store_failures: AtomicU64,
+    /// Records the broker refused for good (too large, invalid, not
+    /// authorized), each time.
+    pub refused: AtomicU64,
+    /// Events the store parked, with their aggregates, after refusals.
+    pub parked: AtomicU64,
     /// Exactly once: slot producers initialized (each fences the slot's
     /// earlier producers).
     pub fences: AtomicU64,
@@ -132,6 +137,8 @@ impl Default for RelayStats {
             batches: AtomicU64::default(),
             publish_failures: AtomicU64::default(),
             store_failures: AtomicU64::default(),
+            refused: AtomicU64::default(),
+            parked: AtomicU64::default(),
             fences: AtomicU64::default(),
             fenced: AtomicU64::default(),
             aborted: AtomicU64::default(),
@@ -165,6 +172,16 @@ impl Collector for RelayStats {
                 "herald_relay_store_failures",
                 "Outbox store errors (claim or mark).",
                 &self.store_failures,
+            ),
+            (
+                "herald_relay_refused",
+                "Outbox records the broker refused for good (too large, invalid, not authorized).",
+                &self.refused,
+            ),
+            (
+                "herald_relay_parked",
+                "Outbox events parked with their aggregates after repeated refusals.",
+                &self.parked,
             ),
             (
                 "herald_relay_fences",
@@ -276,6 +293,41 @@ fn batch_span(claimed: usize) -> tracing::Span {
         relay.slot = tracing::field::Empty,
         relay.sequence = tracing::field::Empty,
     )
+}
+
+/// Tells the store about the records the broker refused for good (so that
+/// it can park them with their aggregates) and counts them.
+async fn note_refusals<S: OutboxStore>(
+    store: &S,
+    stats: &RelayStats,
+    refused: Vec<(PendingRecord, String)>,
+) {
+    for (record, error) in refused {
+        stats.refused.fetch_add(1, Ordering::Relaxed);
+        match store.refused(&record, &error).await {
+            Ok(true) => {
+                stats.parked.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    event_id = %record.event_id,
+                    topic = %record.topic,
+                    %error,
+                    "outbox event refused by the broker too often: parked, and its aggregate's \
+                     later events wait behind it (retry or discard it by its event id)"
+                );
+            }
+            Ok(false) => tracing::warn!(
+                event_id = %record.event_id,
+                topic = %record.topic,
+                %error,
+                "outbox event refused by the broker; its aggregate waits, and it is tried again"
+            ),
+            Err(store_error) => tracing::warn!(
+                event_id = %record.event_id,
+                error = %store_error,
+                "could not record a refusal; the event is tried again"
+            ),
+        }
+    }
 }
 
 /// A token cancelled when `shutdown` completes (a relay's workers watch
@@ -448,6 +500,7 @@ impl<S: OutboxStore> Relay<S> {
         // Per aggregate, only the acknowledged prefix counts as published.
         let mut blocked: HashSet<(&str, &str)> = HashSet::new();
         let mut published = Vec::with_capacity(claimed);
+        let mut refused = Vec::new();
         let mut first_error = None;
         let mut failed = 0;
         for (record, result) in batch.records().iter().zip(results) {
@@ -458,6 +511,9 @@ impl<S: OutboxStore> Relay<S> {
                 Err(error) => {
                     failed += 1;
                     blocked.insert(aggregate);
+                    if error.is_refusal() {
+                        refused.push((record.clone(), error.to_string()));
+                    }
                     first_error.get_or_insert(error);
                 }
             }
@@ -467,6 +523,7 @@ impl<S: OutboxStore> Relay<S> {
             .commit(&published)
             .await
             .map_err(|e| self.store_error(e))?;
+        note_refusals(&self.store, &self.stats, refused).await;
         span.record("published", published_count);
 
         self.stats.record_batch(published_count, started);

@@ -21,6 +21,14 @@
 -- aggregate_seq rule); no cursor is kept, so an event whose transaction
 -- commits late is simply found on a later pass.
 --
+-- Parked events (herald_outbox_refused, parked_at set) hold back their
+-- aggregate: its events after the parked one wait behind it, in order,
+-- while its earlier ones (an aborted transaction may leave some pending)
+-- and the shard's other aggregates are claimed. A park is committed
+-- before the claims that honour it begin, and ends (retry/discard) in one
+-- transaction, so a claim sees an aggregate either held back from the
+-- parked event on or not at all.
+--
 -- FOR UPDATE (waiting, never skipping) locks the pending rows the
 -- transaction is about to delete. Relays that follow the shard protocol
 -- never meet here; the row locks keep anything that does not from taking
@@ -29,6 +37,12 @@ SELECT o.id, o.event_id, o.topic, o.record_key, o.payload, o.headers
 FROM herald_outbox_pending p
 JOIN herald_outbox o ON o.id = p.id
 WHERE p.shard = $1
+  AND NOT EXISTS (
+      SELECT 1 FROM herald_outbox_refused r
+      WHERE r.parked_at IS NOT NULL
+        AND r.shard = p.shard
+        AND r.aggregate_type = o.aggregate_type
+        AND r.aggregate_id = o.aggregate_id AND r.id < p.id)
 ORDER BY p.id
 LIMIT $2
 FOR UPDATE OF p

@@ -21,4 +21,23 @@ WITH RECURSIVE pending (shard, first_id) AS (
         LIMIT 1
     ) next
 )
-SELECT shard FROM pending ORDER BY first_id
+-- A shard whose pending events all belong to parked aggregates has no
+-- work a claim would take (see relay_claim.sql): left out, or relays would
+-- spin on it. The first test is one probe of a partial index per shard;
+-- the second runs only for shards that hold a parked aggregate.
+SELECT shard FROM pending
+WHERE NOT EXISTS (
+          SELECT 1 FROM herald_outbox_refused r
+          WHERE r.parked_at IS NOT NULL AND r.shard = pending.shard)
+   OR EXISTS (
+          SELECT 1
+          FROM herald_outbox_pending p
+          JOIN herald_outbox o ON o.id = p.id
+          WHERE p.shard = pending.shard
+            AND NOT EXISTS (
+                SELECT 1 FROM herald_outbox_refused r
+                WHERE r.parked_at IS NOT NULL
+                  AND r.shard = p.shard
+                  AND r.aggregate_type = o.aggregate_type
+                  AND r.aggregate_id = o.aggregate_id AND r.id < p.id))
+ORDER BY first_id

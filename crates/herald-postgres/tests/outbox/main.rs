@@ -11,4 +11,5 @@ mod late_commit;
 mod notify;
 mod ordering;
 mod publish_iff_commit;
+mod refused;
 mod support;
