@@ -92,8 +92,34 @@ pub enum DlqCommand {
 /// `orders outbox …`
 #[derive(Debug, Subcommand)]
 pub enum OutboxCommand {
-    /// Backlog, age of the oldest unpublished row, retained rows.
+    /// Backlog, age of the oldest unpublished row, retained rows, relay
+    /// checkpoints, and events the broker refused (parked or not yet).
     Status,
+    /// Queue a parked event again (after fixing what the broker refused);
+    /// its aggregate's later events follow it.
+    Retry(ResolveArgs),
+    /// Never publish a parked event; its aggregate's later events flow.
+    Discard(ResolveArgs),
+    /// The audit trail of retries and discards, newest first.
+    History {
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+}
+
+/// Which parked events, and why.
+#[derive(Debug, Args)]
+pub struct ResolveArgs {
+    /// The parked events.
+    #[arg(long = "event-id", required = true)]
+    pub event_ids: Vec<uuid::Uuid>,
+    /// Why (recorded in the audit trail).
+    #[arg(long)]
+    pub reason: String,
+    /// Who (recorded in the audit trail; default: the OS user).
+    #[arg(long)]
+    pub actor: Option<String>,
 }
 
 /// `orders load`

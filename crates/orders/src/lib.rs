@@ -13,6 +13,7 @@
 //! - [`app`]: typed config and [`app::Application`], which runs the parts of
 //!   one process (API, relay, consumers) under one shutdown signal.
 //! - [`dlq`]: `orders dlq list|replay`.
+//! - [`outbox`]: `orders outbox status|retry|discard|history`.
 //! - [`fulfillment`]: the exactly-once fulfillment processor and its state.
 //! - [`load`]: `orders load`, the load generator.
 //! - [`metrics`]: `/metrics` from the components' live counters.
@@ -29,6 +30,7 @@ pub mod domain;
 pub mod fulfillment;
 pub mod load;
 pub mod metrics;
+pub mod outbox;
 pub mod store;
 pub mod supervisor;
 pub mod telemetry;

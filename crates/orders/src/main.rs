@@ -88,33 +88,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .context("applying migrations")?;
             println!("migrations applied");
         }
-        Command::Outbox {
-            command: orders::cli::OutboxCommand::Status,
-        } => {
+        Command::Outbox { command } => {
             let config = Config::from_args(&cli.settings)?;
-            let pool = config.pool().await?;
-            let status = herald_postgres::outbox::status(&pool).await?;
-            println!("backlog: {}", status.backlog);
-            println!(
-                "oldest unpublished: {}",
-                status
-                    .oldest_unpublished_at
-                    .map_or("-".to_owned(), |t| format!(
-                        "{t} ({:.1} s ago)",
-                        status.oldest_unpublished_age().as_secs_f64()
-                    ))
-            );
-            println!("published rows retained: {}", status.published_retained);
-            println!("relay delivery: {}", config.delivery);
-            let checkpoints = herald_postgres::slots::checkpoints(&pool).await?;
-            if checkpoints.is_empty() {
-                println!("relay checkpoints: none (no exactly-once batch committed yet)");
-            } else {
-                println!("relay checkpoints (slot: last sequence, stored at):");
-                for c in checkpoints {
-                    println!("  {:>2}: {} at {}", c.slot, c.sequence, c.at);
-                }
-            }
+            orders::outbox::run(&config, command).await?;
         }
         Command::Dlq { command } => {
             let config = Config::from_args(&cli.settings)?;

@@ -45,6 +45,7 @@ struct GroupLabels {
 struct DatabaseFigures {
     outbox_backlog: Gauge,
     outbox_oldest_age: Gauge<f64, AtomicU64>,
+    outbox_parked: Gauge,
     inbox_rows: Family<GroupLabels, Gauge>,
     dlq_replays: AtomicU64,
 }
@@ -63,6 +64,12 @@ impl Collector for DatabaseFigures {
             "herald_outbox_oldest_unpublished_age_seconds",
             "Age of the oldest unpublished outbox row.",
             &self.outbox_oldest_age,
+        )?;
+        encode_metric(
+            e,
+            "herald_outbox_parked",
+            "Outbox events parked after the broker refused them; their aggregates wait.",
+            &self.outbox_parked,
         )?;
         encode_metric(
             e,
@@ -100,6 +107,7 @@ impl Default for Metrics {
             database: Arc::new(DatabaseFigures {
                 outbox_backlog: Gauge::default(),
                 outbox_oldest_age: Gauge::default(),
+                outbox_parked: Gauge::default(),
                 inbox_rows: Family::default(),
                 dlq_replays: AtomicU64::default(),
             }),
@@ -176,8 +184,12 @@ impl Metrics {
         outbox: Option<&OutboxStatus>,
         inbox_rows: Option<&[(String, i64)]>,
         dlq_replays: Option<u64>,
+        outbox_parked: Option<i64>,
     ) {
         let figures = &self.database;
+        if let Some(parked) = outbox_parked {
+            figures.outbox_parked.set(parked);
+        }
         if let Some(status) = outbox {
             figures.outbox_backlog.set(status.backlog);
             figures

@@ -126,6 +126,15 @@ impl Store {
             .and_then(|n| u64::try_from(n).ok())
     }
 
+    /// Outbox events parked after refusals (PostgreSQL only: the embedded
+    /// store does not park).
+    pub async fn parked(&self) -> Option<i64> {
+        let Store::Postgres(pool) = self else {
+            return None;
+        };
+        herald_postgres::refusals::parked(pool).await.ok()
+    }
+
     /// The outbox backlog, when it can be read.
     pub async fn backlog(&self) -> Option<OutboxStatus> {
         match self {

@@ -248,14 +248,15 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    let (backlog, inbox, replays) = tokio::join!(
+    let (backlog, inbox, replays, parked) = tokio::join!(
         state.store.backlog(),
         state.store.inbox_rows(),
         state.store.dlq_replays(),
+        state.store.parked(),
     );
     state
         .metrics
-        .set_database_figures(backlog.as_ref(), inbox.as_deref(), replays);
+        .set_database_figures(backlog.as_ref(), inbox.as_deref(), replays, parked);
     (
         [(header::CONTENT_TYPE, CONTENT_TYPE)],
         state.metrics.render(),

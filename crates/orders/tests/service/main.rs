@@ -5,6 +5,7 @@ mod api;
 mod embedded;
 mod fulfillment;
 mod observability;
+mod outbox_cli;
 mod pipeline;
 mod scale_out;
 mod socket;
