@@ -17,18 +17,17 @@
 //! A failing run prints its seed and the timeline of faults;
 //! `HERALD_FAULT_SEED=<seed>` replays the same schedule.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use herald_test::private::{PrivateKafka, PrivatePostgres};
-use orders::fulfillment::FulfillmentEvent;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use uuid::Uuid;
 
-use crate::support::{place, until_answered, wait_ready, Fleet, Member, Timeline};
+use crate::support::{place, until_answered, wait_ready, Accepted, Fleet, Member, Timeline};
 
 const ORDERS: usize = 3_000;
 /// Orders posted per second: the load lasts long enough for the faults.
@@ -116,18 +115,6 @@ async fn cancel(client: &reqwest::Client, base: &str, order: Uuid) {
             .json(&serde_json::json!({ "reason": "changed my mind" }))
     })
     .await;
-}
-
-/// Every fulfillment event on `topic`, read `read_committed` to the end.
-fn read_outcomes(brokers: &str, topic: &str) -> Vec<FulfillmentEvent> {
-    herald_test::Kafka::at(brokers)
-        .read_to_end(topic, PARTITIONS, "read_committed")
-        .iter()
-        .map(|message| {
-            let envelope = herald_kafka::envelope_of(message).expect("envelope");
-            envelope.decode().expect("fulfillment event")
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -259,37 +246,14 @@ async fn every_accepted_order_is_fulfilled_notified_and_projected_once_under_fau
     let pool = sqlx::PgPool::connect(&chaos.postgres.url())
         .await
         .expect("pool");
-    let expected = ORDERS as i64;
-    let events_expected = expected + cancelled.len() as i64;
-    herald_test::poll_until("the pipeline to catch up", Duration::from_secs(300), async || {
-        let (views, notified, pending): (i64, i64, i64) = sqlx::query_as(
-            "SELECT (SELECT count(*) FROM order_views), \
-                    (SELECT count(*) FROM notifications), \
-                    (SELECT count(*) FROM herald_outbox_pending)",
-        )
-        .fetch_one(&pool)
-        .await
-        .map_err(|e| e.to_string())?;
-        let cancelled_views: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM order_views WHERE status = 'cancelled'")
-                .fetch_one(&pool)
-                .await
-                .map_err(|e| e.to_string())?;
-        let outcomes = read_outcomes(&brokers, &fulfillment_topic).len() as i64;
-        if views >= expected
-            && cancelled_views >= cancelled.len() as i64
-            && notified >= events_expected
-            && pending == 0
-            && outcomes >= expected
-        {
-            Ok(())
-        } else {
-            Err(format!(
-                "views {views}, notified orders {notified}, outbox pending {pending}, outcomes {outcomes}"
-            ))
-        }
-    })
-    .await;
+    let run = Accepted {
+        ids: ids.clone(),
+        cancelled: cancelled.clone(),
+        brokers: brokers.clone(),
+        fulfillment_topic: fulfillment_topic.clone(),
+        partitions: PARTITIONS,
+    };
+    run.wait_caught_up(&pool).await;
     timeline.note("caught up; stopping the fleet gracefully");
     let mut chaos = chaos;
     for (name, status) in chaos.fleet.stop() {
@@ -298,109 +262,10 @@ async fn every_accepted_order_is_fulfilled_notified_and_projected_once_under_fau
 
     // Judged on what is durable, with nothing running.
     let report = timeline.events.lock().expect("timeline").join("\n");
-    let orders: BTreeSet<Uuid> = sqlx::query_scalar("SELECT id FROM orders")
-        .fetch_all(&pool)
-        .await
-        .expect("orders")
-        .into_iter()
-        .collect();
-    assert_eq!(
-        orders, ids,
-        "the orders table holds exactly the accepted orders\n{report}"
-    );
-
-    let mut outcomes: BTreeMap<Uuid, Vec<&'static str>> = BTreeMap::new();
-    let events = read_outcomes(&brokers, &fulfillment_topic);
-    for event in &events {
-        let (kind, order) = match event {
-            FulfillmentEvent::InventoryReserved(e) => ("reserved", e.order_id),
-            FulfillmentEvent::OrderRejected(e) => ("rejected", e.order_id),
-            FulfillmentEvent::InventoryReleased(e) => ("released", e.order_id),
-        };
-        outcomes.entry(order).or_default().push(kind);
-    }
-    // Read per partition in offset order, so per order in its key's order:
-    // exactly one outcome first; for a cancelled order at most one release,
-    // and only after a reservation. (A release can be missing: the two
-    // processors each restore the reservations once, at start, so one that
-    // takes over an order another reserved after it started does not know
-    // the reservation and releases nothing. Partitioned state is issue #18.)
-    let wrong: Vec<_> = outcomes
-        .iter()
-        .filter(|(order, kinds)| {
-            let allowed: &[&[&str]] = if cancelled.contains(order) {
-                &[&["reserved", "released"], &["reserved"], &["rejected"]]
-            } else {
-                &[&["reserved"], &["rejected"]]
-            };
-            !allowed.contains(&kinds.as_slice())
-        })
-        .take(5)
-        .collect();
-    let unreleased = outcomes
-        .iter()
-        .filter(|(order, kinds)| cancelled.contains(order) && kinds.as_slice() == ["reserved"])
-        .count();
+    let unreleased = run.assert_effectively_once(&pool, &report).await;
     timeline.note(format!(
-        "{unreleased} cancelled orders kept their reservation (see the comment)"
+        "{unreleased} cancelled orders kept their reservation (see Accepted::assert_effectively_once)"
     ));
-    assert!(
-        wrong.is_empty(),
-        "orders whose fulfillment is not one outcome (and at most one release after a reservation if cancelled), in order: {wrong:?}\n{report}"
-    );
-    assert_eq!(
-        outcomes.keys().copied().collect::<BTreeSet<_>>(),
-        ids,
-        "an outcome for each accepted order and no other\n{report}"
-    );
-
-    let notifications: Vec<(Uuid, i64)> =
-        sqlx::query_as("SELECT order_id, count(*) FROM notifications GROUP BY order_id")
-            .fetch_all(&pool)
-            .await
-            .expect("notifications");
-    let wrong: Vec<_> = notifications
-        .iter()
-        .filter(|(order, n)| *n != if cancelled.contains(order) { 2 } else { 1 })
-        .take(5)
-        .collect();
-    assert!(
-        wrong.is_empty(),
-        "orders not notified once per event: {wrong:?}\n{report}"
-    );
-    assert_eq!(
-        notifications
-            .iter()
-            .map(|(o, _)| *o)
-            .collect::<BTreeSet<_>>(),
-        ids,
-        "a notification for each accepted order\n{report}"
-    );
-
-    let views: Vec<(Uuid, String, i32)> =
-        sqlx::query_as("SELECT order_id, status, version FROM order_views")
-            .fetch_all(&pool)
-            .await
-            .expect("views");
-    assert_eq!(views.len(), ORDERS, "one view per order\n{report}");
-    for (order, status, version) in &views {
-        assert!(ids.contains(order), "a view of an unknown order {order}");
-        let final_state = if cancelled.contains(order) {
-            ("cancelled", 2)
-        } else {
-            ("created", 1)
-        };
-        assert_eq!(
-            (status.as_str(), *version),
-            final_state,
-            "view of {order}\n{report}"
-        );
-    }
-    let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM herald_outbox_pending")
-        .fetch_one(&pool)
-        .await
-        .expect("pending");
-    assert_eq!(pending, 0, "the outbox is drained\n{report}");
     pool.close().await;
     drop(chaos);
     std::fs::remove_dir_all(&log_dir).ok();
