@@ -4,4 +4,5 @@
 
 mod effectively_once;
 mod outage;
+mod rolling;
 mod support;
