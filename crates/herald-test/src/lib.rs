@@ -23,9 +23,13 @@
 //! - [`kafka`] / [`Kafka`]: brokers, random topics ([`TestTopic`]), client configs.
 //! - [`postgres`] / [`Postgres`]: fresh databases ([`TestDatabase`]).
 //! - [`private`]: a Kafka broker and a PostgreSQL cluster of one test's
-//!   own, to kill and start again.
+//!   own, to kill, pause and start again.
+//! - [`invariants`]: the checker of a fault run: lost, duplicated and
+//!   misordered events, and dead letters with their bytes.
+//! - [`FaultProxy`]: a TCP proxy whose connections can be cut.
 
 pub mod events;
+pub mod invariants;
 pub mod private;
 
 use std::net::{TcpStream, ToSocketAddrs};

@@ -144,6 +144,28 @@ impl PrivateKafka {
         }
     }
 
+    /// Pauses the broker (SIGSTOP): its connections stay open and answer
+    /// nothing, as a stalled host's or a GC pause's would.
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// Resumes a paused broker (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        if let Some(process) = &self.process {
+            let status = Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(process.id().to_string())
+                .status()
+                .expect("kill");
+            assert!(status.success(), "kill -{signal} of the broker");
+        }
+    }
+
     /// Starts the broker (again, after [`PrivateKafka::kill`]) on the same
     /// ports and data, and waits until it has started.
     pub fn restart(&mut self) {

@@ -208,16 +208,35 @@ async fn a_postgres_outage_longer_than_the_retry_budget_dead_letters_nothing() {
         .into_iter()
         .collect();
     assert_eq!(views, ids, "every accepted order in the read model");
-    let dead = herald_test::Kafka::at(&brokers).read_to_end(
-        &format!("{topic}.dlq"),
-        PARTITIONS,
-        "read_committed",
-    );
+    // The invariant checker: the outbox's events against the topic and the
+    // notification log (one row per event it applied).
+    let committed: Vec<(uuid::Uuid, String)> =
+        sqlx::query_as("SELECT event_id, aggregate_id FROM herald_outbox ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .expect("outbox");
+    let effects: Vec<(uuid::Uuid, i64)> =
+        sqlx::query_as("SELECT event_id, count(*) FROM notifications GROUP BY event_id")
+            .fetch_all(&pool)
+            .await
+            .expect("notifications");
+    let checked = herald_test::invariants::Check::new()
+        .committed(committed)
+        .effects(effects.into_iter().map(|(id, n)| (id, n as u64)))
+        .read(
+            &herald_test::Kafka::at(&brokers),
+            &topic,
+            PARTITIONS,
+            Some(&format!("{topic}.dlq")),
+        );
     let report = timeline.events.lock().expect("timeline").join("\n");
+    timeline.note(format!("invariants: {checked}"));
+    checked.assert_clean(&report);
+    assert_eq!(checked.committed, ORDERS, "{checked}");
     assert!(
-        dead.is_empty(),
+        checked.dead_letters.is_empty(),
         "{} records dead-lettered during a dependency outage\n{report}",
-        dead.len()
+        checked.dead_letters.len()
     );
     pool.close().await;
     drop(fleet);
