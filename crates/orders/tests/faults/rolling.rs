@@ -95,9 +95,9 @@ async fn a_rolling_restart_of_every_process_twice_loses_and_repeats_nothing() {
         async move {
             let mut fleet = Fleet(members);
             for round in 0..ROUNDS {
-                for i in 0..fleet.0.len() {
-                    let mut child = fleet.0[i].child.take().expect("running");
-                    let name = fleet.0[i].name.clone();
+                for (member, base) in fleet.0.iter_mut().zip(&bases) {
+                    let mut child = member.child.take().expect("running");
+                    let name = member.name.clone();
                     let ended = tokio::task::spawn_blocking(move || {
                         herald_test::stop_gracefully(
                             std::slice::from_mut(&mut child),
@@ -110,8 +110,8 @@ async fn a_rolling_restart_of_every_process_twice_loses_and_repeats_nothing() {
                         ended[0].is_some_and(|s| s.success()),
                         "{name} did not stop cleanly in round {round}: {ended:?}"
                     );
-                    fleet.0[i].start();
-                    wait_ready(&client, &bases[i]).await;
+                    member.start();
+                    wait_ready(&client, base).await;
                     timeline.note(format!("round {round}: {name} restarted"));
                 }
             }
