@@ -117,6 +117,9 @@ pub(crate) struct Breaker {
     state: Mutex<State>,
     changed: tokio::sync::Notify,
     stats: Arc<ConsumerStats>,
+    /// Records in [`Breaker::wait_turn`]: an open breaker needs one to
+    /// probe with.
+    waiting: std::sync::atomic::AtomicUsize,
 }
 
 impl Breaker {
@@ -128,6 +131,7 @@ impl Breaker {
             state: Mutex::default(),
             changed: tokio::sync::Notify::new(),
             stats,
+            waiting: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -205,8 +209,39 @@ impl Breaker {
         false
     }
 
-    /// Waits until the breaker closes or this record may probe.
+    /// Waits until the breaker closes or this record may probe; `stopping`
+    /// (the consumer stops, or the record's partition is revoked) ends the
+    /// wait.
+    ///
+    /// When the last waiting record leaves that way, the breaker closes:
+    /// with no record left to probe with (their partitions went to another
+    /// member, whose records do not reach this breaker) it would stay open
+    /// for good, starting nothing. Closed, the next records run and are the
+    /// probes: if the dependency is still down they open it again at once,
+    /// long before their retry budget is spent.
     pub async fn wait_turn(self: &Arc<Self>, stopping: &CancellationToken) -> Turn {
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        let turn = self.wait(stopping).await;
+        let left = self.waiting.fetch_sub(1, Ordering::AcqRel) - 1;
+        if matches!(turn, Turn::Stopping) && left == 0 && self.is_open() {
+            let mut state = self.state();
+            if self.open.swap(false, Ordering::AcqRel) {
+                state.failures.clear();
+                state.probing = false;
+                state.failed_probes = 0;
+                state.next_probe = None;
+                drop(state);
+                self.stats.breaker_open.store(0, Ordering::Relaxed);
+                tracing::info!(
+                    "circuit breaker closed: no record is left waiting to probe; the next ones will"
+                );
+                self.changed.notify_waiters();
+            }
+        }
+        turn
+    }
+
+    async fn wait(self: &Arc<Self>, stopping: &CancellationToken) -> Turn {
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
@@ -337,6 +372,19 @@ mod tests {
         b.succeeded();
         drop(probe);
         assert!(waiter.await.expect("waiter"), "the close wakes the waiter");
+    }
+
+    #[tokio::test]
+    async fn the_last_waiter_leaving_closes_it() {
+        let b = breaker();
+        for key in [1, 2, 3] {
+            b.failed(key);
+        }
+        let stop = CancellationToken::new();
+        stop.cancel();
+        assert!(matches!(b.wait_turn(&stop).await, Turn::Stopping));
+        assert!(!b.is_open(), "nothing left to probe with: closed");
+        assert_eq!(b.stats.breaker_open.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test]

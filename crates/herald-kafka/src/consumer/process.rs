@@ -33,8 +33,6 @@ pub(crate) struct Shared {
     pub stats: Arc<ConsumerStats>,
     /// Whether to time handlers and label dead letters.
     pub detailed_metrics: bool,
-    /// Fires at shutdown: retries and dead-letter attempts stop waiting.
-    pub stopping: CancellationToken,
     /// The circuit breaker, unless turned off.
     pub breaker: Option<Arc<Breaker>>,
     /// Per handler (by registration index): its duration histogram per event
@@ -92,8 +90,16 @@ impl Outcome {
     }
 }
 
-/// Handles one record to its end.
-pub(crate) async fn process(shared: Arc<Shared>, message: Record) -> Outcome {
+/// Handles one record to its end. `owned` is cancelled when the record's
+/// partition is revoked (or the consumer stops): a record waiting then (in
+/// a retry's backoff, for the circuit breaker, to write its dead letter)
+/// gives up at once instead of applying its effects for a partition that
+/// another member now owns.
+pub(crate) async fn process(
+    shared: Arc<Shared>,
+    message: Record,
+    owned: CancellationToken,
+) -> Outcome {
     let envelope =
         Envelope::from_record(message.key(), message.payload(), message.headers()).map(Arc::new);
     // Debug level: per-record spans cost more than the rest of a no-op
@@ -128,7 +134,7 @@ pub(crate) async fn process(shared: Arc<Shared>, message: Record) -> Outcome {
             trace.adopt_as_parent(&span);
         }
     }
-    let outcome = process_in_span(&shared, &message, envelope)
+    let outcome = process_in_span(&shared, &message, envelope, &owned)
         .instrument(span.clone())
         .await;
     span.record("outcome", tracing::field::debug(outcome));
@@ -139,6 +145,7 @@ async fn process_in_span(
     shared: &Shared,
     message: &Record,
     envelope: Result<Arc<Envelope>, herald::DecodeError>,
+    owned: &CancellationToken,
 ) -> Outcome {
     let envelope = match envelope {
         Ok(envelope) => envelope,
@@ -153,7 +160,7 @@ async fn process_in_span(
                 first_failed_at: now,
                 last_failed_at: now,
             };
-            return write_dead_letter(shared, message, "undecodable", failure).await;
+            return write_dead_letter(shared, message, owned, "undecodable", failure).await;
         }
     };
 
@@ -173,7 +180,7 @@ async fn process_in_span(
                 first_failed_at: now,
                 last_failed_at: now,
             };
-            return write_dead_letter(shared, message, "other", failure).await;
+            return write_dead_letter(shared, message, owned, "other", failure).await;
         }
         tracing::debug!(event_type = %envelope.event_type, "skipping unknown event type");
         shared.stats.skipped_unknown.fetch_add(1, Ordering::Relaxed);
@@ -245,7 +252,7 @@ async fn process_in_span(
                         event_id = %envelope.event_id,
                         "transient failure while the circuit breaker is open; waiting"
                     );
-                    match breaker.wait_turn(&shared.stopping).await {
+                    match breaker.wait_turn(owned).await {
                         Turn::Stopping => return Outcome::Abandoned,
                         Turn::Closed => {}
                         Turn::Probe(guard) => probe = Some(guard),
@@ -280,7 +287,7 @@ async fn process_in_span(
                     shared.stats.retried.fetch_add(1, Ordering::Relaxed);
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
-                        _ = shared.stopping.cancelled() => return Outcome::Abandoned,
+                        _ = owned.cancelled() => return Outcome::Abandoned,
                     }
                     attempt += 1;
                 }
@@ -302,7 +309,14 @@ async fn process_in_span(
                         first_failed_at: first_at,
                         last_failed_at: now,
                     };
-                    return write_dead_letter(shared, message, &envelope.event_type, failure).await;
+                    return write_dead_letter(
+                        shared,
+                        message,
+                        owned,
+                        &envelope.event_type,
+                        failure,
+                    )
+                    .await;
                 }
             }
         }
@@ -335,6 +349,7 @@ fn trace_id(envelope: &Envelope) -> &str {
 async fn write_dead_letter(
     shared: &Shared,
     message: &Record,
+    owned: &CancellationToken,
     event_type: &str,
     failure: Failure,
 ) -> Outcome {
@@ -380,7 +395,7 @@ async fn write_dead_letter(
                 );
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
-                    _ = shared.stopping.cancelled() => return Outcome::Abandoned,
+                    _ = owned.cancelled() => return Outcome::Abandoned,
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }

@@ -107,6 +107,11 @@ struct Dispatch {
     topics: Vec<Arc<str>>,
     /// Owned partitions and their offsets.
     partitions: FastMap<Tp, PartitionOffsets>,
+    /// Per owned partition, cancelled when it is revoked: its records stop
+    /// waiting (see [`process`]). Children of `stopping`.
+    owned: FastMap<Tp, CancellationToken>,
+    /// Fires at shutdown.
+    stopping: CancellationToken,
     /// Active keys: each has a running record or waits in `ready`, with
     /// its later records queued.
     keys: FastMap<KeySlot, ActiveKey>,
@@ -229,7 +234,13 @@ impl Dispatch {
         while !self.starting.is_empty() {
             for (slot, message) in std::mem::take(&mut self.starting) {
                 let offset = message.offset;
-                let mut handling: Handling = Box::pin(process(Arc::clone(&self.shared), message));
+                let owned = self
+                    .owned
+                    .get(&slot.0)
+                    .cloned()
+                    .unwrap_or_else(|| self.stopping.child_token());
+                let mut handling: Handling =
+                    Box::pin(process(Arc::clone(&self.shared), message, owned));
                 if !self.inline_start {
                     waiting.push((slot, offset, handling));
                     continue;
@@ -482,6 +493,13 @@ impl Dispatch {
             .map(|e| (self.topic(e.topic()), e.partition()))
             .collect();
         tracing::info!(partitions = revoked.len(), "partitions revoked");
+        // Records of these partitions that wait (backoff, breaker, a dead
+        // letter's retry) give up now; running handlers get the timeout.
+        for tp in &revoked {
+            if let Some(owned) = self.owned.remove(tp) {
+                owned.cancel();
+            }
+        }
         let mut dropped = 0;
         self.keys.retain(|slot, key| {
             if !revoked.contains(&slot.0) {
@@ -531,7 +549,9 @@ impl Dispatch {
     fn assign(&mut self, tpl: &TopicPartitionList) {
         for e in tpl.elements() {
             let tp = (self.topic(e.topic()), e.partition());
-            self.partitions.entry(tp).or_default();
+            self.partitions.entry(tp.clone()).or_default();
+            let stopping = self.stopping.child_token();
+            self.owned.entry(tp).or_insert(stopping);
         }
         let stats = &self.shared.stats;
         stats
@@ -637,12 +657,17 @@ impl ConsumerContext for RuntimeContext {
     }
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(_) = rebalance {
+        if let Rebalance::Assign(tpl) = rebalance {
             let mut dispatch = self.lock();
             if dispatch.fetch_paused {
                 // Newly assigned partitions start unpaused: pause them too.
                 dispatch.fetch_paused = false;
                 dispatch.apply_pause(consumer);
+            } else if let Err(error) = consumer.resume(tpl) {
+                // A partition paused before it was revoked can come back
+                // still paused in librdkafka: clear that, since this
+                // instance wants to fetch.
+                tracing::warn!(%error, "resuming newly assigned partitions failed");
             }
         }
     }
@@ -666,7 +691,6 @@ pub(crate) async fn run(
         dlq_suffix: config.dlq_suffix.clone(),
         dlq: dlq.clone(),
         stats: Arc::clone(&stats),
-        stopping: stopping.clone(),
         breaker: config
             .circuit_breaker
             .clone()
@@ -682,6 +706,8 @@ pub(crate) async fn run(
         done_rx,
         topics: Vec::new(),
         partitions: FastMap::default(),
+        owned: FastMap::default(),
+        stopping: stopping.clone(),
         keys: FastMap::default(),
         ready: VecDeque::new(),
         running: 0,

@@ -202,3 +202,62 @@ async fn one_key_failing_alone_is_dead_lettered_and_the_breaker_stays_closed() {
     );
     assert_eq!(seen.len(), total - PER_KEY as usize);
 }
+
+/// The breaker open, and then the broker dies: the group's coordinator is
+/// gone, every partition is revoked (the waiting records give up: they are
+/// the next owner's now) and later given back. The consumer must fetch
+/// again once the dependency is back: librdkafka keeps a partition's pause
+/// across a revoke, and a breaker with no waiting record left to probe with
+/// must not stay open. Found by the fault harness example
+/// (`examples/fault_harness.rs`): both stalled the consumer for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_while_the_breaker_is_open_neither_stalls_nor_repeats() {
+    if herald_test::kafka().is_none() {
+        return;
+    }
+    let mut broker = tokio::task::spawn_blocking(herald_test::private::PrivateKafka::start)
+        .await
+        .expect("private broker");
+    let kafka = herald_test::Kafka::at(broker.brokers());
+    let topic = kafka.topic("outage-restart", 3).await;
+    publish_all(&publisher(&kafka), topic.name(), &steps(KEYS, PER_KEY)).await;
+    let seen = Seen::default();
+    let up = Arc::new(AtomicBool::new(false));
+    let (consumer, stats, _) =
+        consumer_of(&kafka, topic.name(), &seen, &up, None, Some(quick_probes()));
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(consumer.run(stop.clone().cancelled_owned()));
+    wait_until("the breaker open", Duration::from_secs(60), || {
+        ConsumerStats::get(&stats.breaker_open) == 1
+    })
+    .await;
+    broker.kill();
+    let killed = std::time::Instant::now();
+    // Down past the session timeout (10 s): a full revoke.
+    wait_until("the broker's outage", Duration::from_secs(30), || {
+        killed.elapsed() >= Duration::from_secs(12)
+    })
+    .await;
+    let broker = tokio::task::spawn_blocking(move || {
+        broker.restart();
+        broker
+    })
+    .await
+    .expect("restart");
+    up.store(true, Ordering::SeqCst);
+    let total = KEYS * PER_KEY as usize;
+    wait_until("every record handled", Duration::from_secs(120), || {
+        seen.len() >= total
+    })
+    .await;
+    stop.cancel();
+    task.await.expect("task").expect("consumer ran");
+    assert_complete_and_ordered(&seen, KEYS, PER_KEY);
+    assert_eq!(
+        seen.len(),
+        total,
+        "records that waited when their partitions were revoked gave up instead of applying twice"
+    );
+    assert_eq!(ConsumerStats::get(&stats.dead_lettered), 0);
+    drop(broker);
+}
