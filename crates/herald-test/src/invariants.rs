@@ -211,6 +211,8 @@ impl Check {
                 }
             })
             .collect();
+        // No DLQ topic: nothing was ever dead-lettered.
+        let dlq = dlq.filter(|dlq| topic_exists(kafka, dlq));
         let dead_letters = dlq.map_or_else(Vec::new, |dlq| {
             kafka
                 .read_to_end(dlq, partitions, "read_committed")
@@ -298,6 +300,21 @@ impl Check {
             dead_letters,
         }
     }
+}
+
+/// Whether `topic` exists on the cluster.
+fn topic_exists(kafka: &Kafka, topic: &str) -> bool {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let Ok(consumer) = kafka.config().create::<BaseConsumer>() else {
+        return false;
+    };
+    consumer
+        .fetch_metadata(Some(topic), std::time::Duration::from_secs(10))
+        .is_ok_and(|m| {
+            m.topics()
+                .iter()
+                .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+        })
 }
 
 #[cfg(test)]
