@@ -306,11 +306,7 @@ async fn apply_in_savepoint(
         .catch_unwind()
         .await
         .unwrap_or_else(|panic| {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".to_owned());
+            let what = herald::panic_text(&*panic);
             Err(HandlerError::permanent(format!("effects panicked: {what}")))
         });
     match outcome {

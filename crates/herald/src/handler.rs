@@ -85,3 +85,13 @@ impl StdError for HandlerError {
         Some(self.source.as_ref())
     }
 }
+
+/// The message of a caught panic (`catch_unwind`'s payload), for the error
+/// that reports it.
+pub fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_owned())
+}

@@ -55,7 +55,7 @@ pub mod trace;
 
 pub use envelope::{headers, DecodeError, EncodeError, Envelope};
 pub use event::{Event, EventPayload};
-pub use handler::{ErrorClass, HandlerError};
+pub use handler::{panic_text, ErrorClass, HandlerError};
 pub use inbox::{Applied, EffectsFuture, InboxStore};
 pub use outbox::{
     Checkpoint, OutboxBatch, OutboxRecord, OutboxStatus, OutboxStore, PendingRecord, SlotLease,

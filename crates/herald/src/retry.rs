@@ -46,6 +46,27 @@ impl RetryPolicy {
         }
     }
 
+    /// A policy that never gives up: from `initial`, doubling, up to `max`,
+    /// jittered. For loops that wait out an outage (a relay's passes, a
+    /// supervisor's restarts, a circuit breaker's probes).
+    pub fn forever(initial: Duration, max: Duration) -> Self {
+        Self {
+            max_attempts: u32::MAX,
+            initial_delay: initial,
+            max_delay: max,
+            multiplier: 2.0,
+            deadline: None,
+        }
+    }
+
+    /// The jittered pause after `failures` failures in a row (at least 1),
+    /// for a policy that keeps trying ([`RetryPolicy::forever`]): the
+    /// longest delay once the policy would give up.
+    pub fn pause(&self, failures: u32) -> Duration {
+        self.next_delay(failures.max(1), Duration::ZERO)
+            .unwrap_or(self.max_delay)
+    }
+
     /// The upper bound of the delay before attempt `attempt + 1`, after
     /// `attempt` failed attempts (`attempt >= 1`).
     pub fn delay_bound(&self, attempt: u32) -> Duration {
@@ -77,6 +98,19 @@ impl RetryPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forever_never_gives_up_and_stays_under_its_cap() {
+        let policy = RetryPolicy::forever(Duration::from_millis(10), Duration::from_millis(80));
+        for failures in [0, 1, 5, 1_000, u32::MAX] {
+            let pause = policy.pause(failures);
+            assert!(pause <= Duration::from_millis(80), "{failures}: {pause:?}");
+        }
+        // No deadline, and no attempt limit short of u32::MAX.
+        assert!(policy
+            .next_delay(1_000_000, Duration::from_secs(86_400))
+            .is_some());
+    }
 
     #[test]
     fn bounds_grow_exponentially_up_to_the_cap() {

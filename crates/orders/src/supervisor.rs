@@ -118,13 +118,7 @@ const STANDBY_POLL: Duration = Duration::from_secs(2);
 /// The pause before start `n + 1` after `n` failures: from 1 s, doubling,
 /// up to 30 s, jittered. A run of a minute or more starts it over.
 fn backoff() -> RetryPolicy {
-    RetryPolicy {
-        max_attempts: u32::MAX,
-        initial_delay: Duration::from_secs(1),
-        max_delay: Duration::from_secs(30),
-        multiplier: 2.0,
-        deadline: None,
-    }
+    RetryPolicy::forever(Duration::from_secs(1), Duration::from_secs(30))
 }
 
 /// A run shorter than this counts towards the backoff.
@@ -161,9 +155,7 @@ where
             failures = 0;
         }
         failures = failures.saturating_add(1);
-        let delay = policy
-            .next_delay(failures, Duration::ZERO)
-            .unwrap_or(policy.max_delay);
+        let delay = policy.pause(failures);
         health.set(component, RESTARTING);
         tracing::error!(
             component,

@@ -71,15 +71,7 @@ impl Default for CircuitBreaker {
 impl CircuitBreaker {
     /// The jittered pause before probe `n + 1` after `n` failed probes.
     fn probe_delay(&self, failed_probes: u32) -> Duration {
-        RetryPolicy {
-            max_attempts: u32::MAX,
-            initial_delay: self.probe_initial,
-            max_delay: self.probe_max,
-            multiplier: 2.0,
-            deadline: None,
-        }
-        .next_delay(failed_probes.max(1), Duration::ZERO)
-        .unwrap_or(self.probe_max)
+        RetryPolicy::forever(self.probe_initial, self.probe_max).pause(failed_probes)
     }
 }
 

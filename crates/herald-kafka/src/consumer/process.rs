@@ -231,11 +231,7 @@ async fn process_in_span(
                 Ok(Err(RouteFailure::Decode(e))) => (e.to_string(), e.class()),
                 Ok(Err(RouteFailure::Handler(e))) => (e.to_string(), e.class()),
                 Err(panic) => {
-                    let what = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| (*s).to_owned())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "unknown panic".to_owned());
+                    let what = herald::panic_text(&*panic);
                     (format!("handler panicked: {what}"), ErrorClass::Permanent)
                 }
             };

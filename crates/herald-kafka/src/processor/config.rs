@@ -87,17 +87,6 @@ pub struct ProcessorConfig {
     pub(crate) restart: Option<RetryPolicy>,
 }
 
-/// The default restart backoff: 1 s, doubling, up to 30 s.
-fn default_restart() -> RetryPolicy {
-    RetryPolicy {
-        max_attempts: u32::MAX,
-        initial_delay: Duration::from_secs(1),
-        max_delay: Duration::from_secs(30),
-        multiplier: 2.0,
-        deadline: None,
-    }
-}
-
 impl ProcessorConfig {
     /// A processor of `topics` in consumer group `group_id`.
     ///
@@ -137,7 +126,10 @@ impl ProcessorConfig {
             shutdown_timeout: Duration::from_secs(30),
             settings: BTreeMap::new(),
             producer_settings: BTreeMap::new(),
-            restart: Some(default_restart()),
+            restart: Some(RetryPolicy::forever(
+                Duration::from_secs(1),
+                Duration::from_secs(30),
+            )),
         }
     }
 

@@ -554,11 +554,8 @@ async fn supervise<E: Event, T: Transform<E>>(
             failures = 0;
         }
         failures = failures.saturating_add(1);
-        let delay = policy
-            .next_delay(failures, Duration::ZERO)
-            .unwrap_or(policy.max_delay);
+        let delay = policy.pause(failures);
         stats.restarts.fetch_add(1, Ordering::Relaxed);
-        stats.restarting.store(1, Ordering::Relaxed);
         tracing::error!(
             error = %error,
             failures,
@@ -567,15 +564,26 @@ async fn supervise<E: Event, T: Transform<E>>(
             "processor failed; starting it again with fresh clients (committed offsets and \
              changelogs are where it resumes)"
         );
-        let stopped = tokio::select! {
-            () = tokio::time::sleep(delay) => false,
-            () = stop.cancelled() => true,
-        };
-        stats.restarting.store(0, Ordering::Relaxed);
-        if stopped {
+        if !wait_to_restart(delay, &stats, stop).await {
             return Ok(());
         }
     }
+}
+
+/// Waits `delay` before a restart, reported as restarting meanwhile;
+/// `false` when `stop` came first.
+async fn wait_to_restart(
+    delay: Duration,
+    stats: &ProcessorStats,
+    stop: &CancellationToken,
+) -> bool {
+    stats.restarting.store(1, Ordering::Relaxed);
+    let waited = tokio::select! {
+        () = tokio::time::sleep(delay) => true,
+        () = stop.cancelled() => false,
+    };
+    stats.restarting.store(0, Ordering::Relaxed);
+    waited
 }
 
 /// A run shorter than this counts towards the restart backoff.
@@ -606,17 +614,9 @@ async fn ensure_completed_topic(
             return Err(error);
         };
         failures = failures.saturating_add(1);
-        let delay = policy
-            .next_delay(failures, Duration::ZERO)
-            .unwrap_or(policy.max_delay);
-        stats.restarting.store(1, Ordering::Relaxed);
+        let delay = policy.pause(failures);
         tracing::error!(%error, ?delay, "cannot create the processor's completed-ids topic; trying again");
-        let stopped = tokio::select! {
-            () = tokio::time::sleep(delay) => false,
-            () = stop.cancelled() => true,
-        };
-        stats.restarting.store(0, Ordering::Relaxed);
-        if stopped {
+        if !wait_to_restart(delay, stats, stop).await {
             return Ok(());
         }
     }

@@ -504,11 +504,7 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
             }
             Some(Ok(Err(error))) => (error.to_string(), error.class()),
             Some(Err(panic)) => {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".to_owned());
+                let what = herald::panic_text(&*panic);
                 (format!("transform panicked: {what}"), ErrorClass::Permanent)
             }
         };
@@ -1130,11 +1126,7 @@ pub(crate) async fn run<E: Event, T: Transform<E>>(
                 )
             }))
             .unwrap_or_else(|panic| {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".to_owned());
+                let what = herald::panic_text(&*panic);
                 // What the transform holds may be half-changed: not reused.
                 transform = None;
                 Err(ProcessorError::Thread(format!("panicked: {what}")))

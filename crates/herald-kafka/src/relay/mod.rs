@@ -70,16 +70,7 @@ impl RelayConfig {
     /// from 100 ms up to [`RelayConfig::max_backoff`], with full jitter so
     /// several relays do not hammer a recovering server together.
     pub fn backoff(&self, failures: u32) -> Duration {
-        let policy = RetryPolicy {
-            max_attempts: u32::MAX,
-            initial_delay: Duration::from_millis(100),
-            max_delay: self.max_backoff,
-            multiplier: 2.0,
-            deadline: None,
-        };
-        policy
-            .next_delay(failures.max(1), Duration::ZERO)
-            .unwrap_or(self.max_backoff)
+        RetryPolicy::forever(Duration::from_millis(100), self.max_backoff).pause(failures)
     }
 }
 
