@@ -124,6 +124,7 @@ async fn every_accepted_order_is_fulfilled_notified_and_projected_once_under_fau
     if herald_test::kafka().is_none() || herald_test::postgres().is_none() {
         return;
     }
+    let _serial = crate::support::one_at_a_time().await;
     let seed: u64 = std::env::var("HERALD_FAULT_SEED")
         .ok()
         .and_then(|s| s.parse().ok())

@@ -45,6 +45,7 @@ async fn a_postgres_outage_longer_than_the_retry_budget_dead_letters_nothing() {
     if herald_test::kafka().is_none() || herald_test::postgres().is_none() {
         return;
     }
+    let _serial = crate::support::one_at_a_time().await;
     let timeline = Timeline::new();
     let kafka = tokio::task::spawn_blocking(PrivateKafka::start)
         .await

@@ -25,6 +25,7 @@ async fn a_rolling_restart_of_every_process_twice_loses_and_repeats_nothing() {
     let (Some(kafka), Some(postgres)) = (herald_test::kafka(), herald_test::postgres()) else {
         return;
     };
+    let _serial = crate::support::one_at_a_time().await;
     let timeline = Timeline::new();
     let db = postgres.database().await;
     let topic = herald_test::unique_name("order-events");

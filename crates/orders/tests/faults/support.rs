@@ -203,6 +203,14 @@ pub async fn wait_ready(client: &reqwest::Client, base: &str) {
     .await;
 }
 
+/// One scenario at a time: each loads the machine's two cores with a
+/// fleet of processes (and most with servers of their own), and two side
+/// by side would judge the machine rather than the service.
+pub async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
+    static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    SERIAL.lock().await
+}
+
 /// What a load run had accepted, to judge the pipeline by once it is done.
 pub struct Accepted {
     /// Every order the API accepted.
