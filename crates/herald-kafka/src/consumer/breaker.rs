@@ -141,6 +141,12 @@ impl Breaker {
         if !self.suspect.load(Ordering::Acquire) && !self.is_open() {
             return;
         }
+        self.close("circuit breaker closed: handlers succeed again; consuming resumes");
+    }
+
+    /// Forgets the failures and, if it was open, closes the breaker (logging
+    /// `why`) and wakes the waiting records.
+    fn close(&self, why: &'static str) {
         let mut state = self.state();
         state.failures.clear();
         self.suspect.store(false, Ordering::Release);
@@ -150,7 +156,7 @@ impl Breaker {
             state.next_probe = None;
             drop(state);
             self.stats.breaker_open.store(0, Ordering::Relaxed);
-            tracing::info!("circuit breaker closed: handlers succeed again; consuming resumes");
+            tracing::info!("{why}");
             self.changed.notify_waiters();
         }
     }
@@ -216,19 +222,9 @@ impl Breaker {
         let turn = self.wait(stopping).await;
         let left = self.waiting.fetch_sub(1, Ordering::AcqRel) - 1;
         if matches!(turn, Turn::Stopping) && left == 0 && self.is_open() {
-            let mut state = self.state();
-            if self.open.swap(false, Ordering::AcqRel) {
-                state.failures.clear();
-                state.probing = false;
-                state.failed_probes = 0;
-                state.next_probe = None;
-                drop(state);
-                self.stats.breaker_open.store(0, Ordering::Relaxed);
-                tracing::info!(
-                    "circuit breaker closed: no record is left waiting to probe; the next ones will"
-                );
-                self.changed.notify_waiters();
-            }
+            self.close(
+                "circuit breaker closed: no record is left waiting to probe; the next ones will",
+            );
         }
         turn
     }

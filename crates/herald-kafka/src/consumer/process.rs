@@ -14,7 +14,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::breaker::{Breaker, Turn};
+use super::breaker::{Breaker, ProbeGuard, Turn};
 use super::record::Record;
 use super::router::{RecordInfo, RouteFailure, Router};
 use super::ConsumerStats;
@@ -98,7 +98,7 @@ impl Outcome {
 pub(crate) async fn process(
     shared: Arc<Shared>,
     message: Record,
-    owned: CancellationToken,
+    owned: Arc<CancellationToken>,
 ) -> Outcome {
     let envelope =
         Envelope::from_record(message.key(), message.payload(), message.headers()).map(Arc::new);
@@ -195,7 +195,7 @@ async fn process_in_span(
         let mut spent = 0;
         let mut first_failure: Option<(chrono::DateTime<Utc>, Instant)> = None;
         // Set while this record runs as the open breaker's probe.
-        let mut probe = None;
+        let mut probe: Option<ProbeGuard> = None;
         loop {
             let info = RecordInfo {
                 topic: Arc::clone(&message.topic),
@@ -237,7 +237,7 @@ async fn process_in_span(
             };
             if let (ErrorClass::Transient, Some(breaker)) = (class, &shared.breaker) {
                 if let Some(probe) = probe.take() {
-                    crate::consumer::breaker::ProbeGuard::failed(probe);
+                    probe.failed();
                 }
                 if breaker.failed(key_hash(message)) {
                     // A dependency is down, not this record: wait for it

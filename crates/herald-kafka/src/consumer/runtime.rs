@@ -108,8 +108,9 @@ struct Dispatch {
     /// Owned partitions and their offsets.
     partitions: FastMap<Tp, PartitionOffsets>,
     /// Per owned partition, cancelled when it is revoked: its records stop
-    /// waiting (see [`process`]). Children of `stopping`.
-    owned: FastMap<Tp, CancellationToken>,
+    /// waiting (see [`process`]). Children of `stopping`; shared through an
+    /// `Arc`, as every record takes one (a token's own clone locks).
+    owned: FastMap<Tp, Arc<CancellationToken>>,
     /// Fires at shutdown.
     stopping: CancellationToken,
     /// Active keys: each has a running record or waits in `ready`, with
@@ -237,8 +238,7 @@ impl Dispatch {
                 let owned = self
                     .owned
                     .get(&slot.0)
-                    .cloned()
-                    .unwrap_or_else(|| self.stopping.child_token());
+                    .map_or_else(|| Arc::new(self.stopping.child_token()), Arc::clone);
                 let mut handling: Handling =
                     Box::pin(process(Arc::clone(&self.shared), message, owned));
                 if !self.inline_start {
@@ -550,7 +550,7 @@ impl Dispatch {
         for e in tpl.elements() {
             let tp = (self.topic(e.topic()), e.partition());
             self.partitions.entry(tp.clone()).or_default();
-            let stopping = self.stopping.child_token();
+            let stopping = Arc::new(self.stopping.child_token());
             self.owned.entry(tp).or_insert(stopping);
         }
         let stats = &self.shared.stats;

@@ -1114,11 +1114,10 @@ pub(crate) async fn run<E: Event, T: Transform<E>>(
     let spawned = std::thread::Builder::new()
         .name(format!("herald-processor-{transactional_id}"))
         .spawn(move || {
-            let mut transform = Some(transform);
-            let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                thread_main(
+            let ended = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                run_engine(
                     config,
-                    &mut transform,
+                    transform,
                     stats,
                     tokio,
                     thread_stopping,
@@ -1127,11 +1126,14 @@ pub(crate) async fn run<E: Event, T: Transform<E>>(
             }))
             .unwrap_or_else(|panic| {
                 let what = herald::panic_text(&*panic);
-                // What the transform holds may be half-changed: not reused.
-                transform = None;
-                Err(ProcessorError::Thread(format!("panicked: {what}")))
+                // The transform went down with the thread: what it held may
+                // be half-changed, so it is not reused.
+                (
+                    Err(ProcessorError::Thread(format!("panicked: {what}"))),
+                    None,
+                )
             });
-            let _ = finished_tx.send((result, transform));
+            let _ = finished_tx.send(ended);
         });
     if let Err(e) = spawned {
         let error = ProcessorError::Thread(format!("cannot start the processor thread: {e}"));
@@ -1156,24 +1158,6 @@ pub(crate) async fn run<E: Event, T: Transform<E>>(
     ended
 }
 
-/// Runs the engine on this thread. `slot` holds the transform; it is put
-/// back there when the engine ends, so that the caller can run it again.
-fn thread_main<E: Event, T: Transform<E>>(
-    config: ProcessorConfig,
-    slot: &mut Option<T>,
-    stats: Arc<ProcessorStats>,
-    tokio: tokio::runtime::Handle,
-    stopping: CancellationToken,
-    stop: &AtomicBool,
-) -> Result<(), ProcessorError> {
-    let Some(transform) = slot.take() else {
-        return Err(ProcessorError::Thread("no transform to run".to_owned()));
-    };
-    let (result, transform) = run_engine(config, transform, stats, tokio, stopping, stop);
-    *slot = transform;
-    result
-}
-
 /// Early returns of [`run_engine`] before the engine owns the transform.
 macro_rules! or_return {
     ($result:expr, $transform:expr) => {
@@ -1184,6 +1168,8 @@ macro_rules! or_return {
     };
 }
 
+/// Runs the engine on this thread until it stops; hands the transform back
+/// with the result, so that the caller can run it again.
 fn run_engine<E: Event, T: Transform<E>>(
     config: ProcessorConfig,
     mut transform: T,
