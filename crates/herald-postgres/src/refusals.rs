@@ -62,7 +62,8 @@ pub struct AuditEntry {
 
 /// Counts a refusal of outbox row `id` with `error`, and parks the event
 /// (and with it its aggregate) once it was refused `park_after` times.
-/// Returns whether it is parked now.
+/// Returns whether this refusal parked it (`false` for the refusals before
+/// and for a late one of an event already parked).
 pub async fn record(
     pool: &PgPool,
     id: i64,
@@ -95,16 +96,21 @@ pub async fn record(
         // The row is gone (retention, a discard): nothing to count.
         return Ok(false);
     };
-    let parked = u32::try_from(attempts).unwrap_or(u32::MAX) >= park_after.max(1);
-    if parked {
-        sqlx::query(
+    let mut parked = false;
+    if u32::try_from(attempts).unwrap_or(u32::MAX) >= park_after.max(1) {
+        // Two relay workers may both have claimed the event before the
+        // first one's park committed: only the refusal that parks it says
+        // so, so that the event is counted as parked once.
+        parked = sqlx::query(
             "UPDATE herald_outbox_refused SET parked_at = now()
              WHERE id = $1 AND parked_at IS NULL",
         )
         .bind(id)
         .execute(&mut *tx)
         .await
-        .map_err(StoreError::db("parking a refused event"))?;
+        .map_err(StoreError::db("parking a refused event"))?
+        .rows_affected()
+            == 1;
         // Out of the queue: the claims skip its aggregate from now on.
         sqlx::query("DELETE FROM herald_outbox_pending WHERE id = $1")
             .bind(id)

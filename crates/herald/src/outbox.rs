@@ -112,8 +112,9 @@ pub trait OutboxStore: Send + Sync + 'static {
     fn wait_for_work(&self, timeout: Duration) -> impl Future<Output = ()> + Send;
 
     /// The broker refused `record` for good (`error`: larger than the topic
-    /// takes, invalid, not authorized). Returns whether the store has now
-    /// parked it, and with it its aggregate: no later event of the
+    /// takes, invalid, not authorized). Returns whether this refusal parked
+    /// it (once per park, however many relays saw it refused), and with it
+    /// its aggregate: no later event of the
     /// aggregate is claimed until a person ends the park, and the other
     /// aggregates flow. The default parks nothing: the record is claimed
     /// and refused again on every pass, holding its aggregate back.
