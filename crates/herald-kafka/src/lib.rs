@@ -9,7 +9,10 @@
 //!   handlers; `consumer/runtime.rs` is the poll thread, `offsets.rs` the
 //!   commit tracker, `record.rs` a consumed record copied into one buffer,
 //!   `process.rs` one record's retries and dead letter.
-//! - [`dlq`]: the dead-letter record format (`dlq.*` headers).
+//! - [`dlq`]: the dead-letter record format (`dlq.*` headers), reading
+//!   dead letters back and redriving them.
+//! - [`parking`]: per-key parking behind a dead letter: the parked-key
+//!   table (a compacted topic) and the redrive headers.
 //! - [`processor`]: exactly-once consume → transform → produce in Kafka
 //!   transactions ([`Processor`], [`Transform`], changelog state,
 //!   `processor/dedup.rs` the duplicate-input filter).
@@ -27,14 +30,15 @@ pub mod consumer;
 pub mod dlq;
 pub mod error;
 pub mod metrics;
+pub mod parking;
 pub mod processor;
 pub mod publisher;
 pub mod relay;
 mod settings;
 
 pub use consumer::{
-    envelope_of, CircuitBreaker, Consumer, ConsumerConfig, ConsumerStats, Handler, RecordInfo,
-    Router,
+    envelope_of, CircuitBreaker, Consumer, ConsumerConfig, ConsumerStats, DeadLetterMode, Handler,
+    RecordInfo, Router,
 };
 pub use error::{is_retriable, ClientError, PublishError};
 pub use processor::{Guarantee, Processor, ProcessorConfig, ProcessorError, Transform};

@@ -358,6 +358,30 @@ impl Publisher {
             .await
     }
 
+    /// Publishes one raw record to `partition` of its topic (not the one its
+    /// key would choose) and waits for its acknowledgement: a redrive goes
+    /// back to the partition its record came from.
+    pub async fn publish_record_to(
+        &self,
+        record: &OutgoingRecord,
+        partition: i32,
+    ) -> Result<Delivered, PublishError> {
+        let started = Instant::now();
+        let borrowed = record.borrowed();
+        let mut future_record = FutureRecord::to(borrowed.topic)
+            .payload(borrowed.payload)
+            .headers(borrowed.headers)
+            .partition(partition);
+        if let Some(key) = borrowed.key {
+            future_record = future_record.key(key);
+        }
+        let pending = self
+            .send(future_record, borrowed.topic, borrowed.event_id)
+            .await?;
+        self.await_delivery(&record.topic, record.event_id, pending, started)
+            .await
+    }
+
     /// Publishes raw records with all of them in flight at once; one result
     /// per record, in input order. Records of one key keep their order.
     pub async fn publish_records(

@@ -17,6 +17,9 @@ pub enum ErrorClass {
     Decode,
     /// The record's `event_type` is not one this consumer knows.
     UnknownType,
+    /// The record did not fail: an earlier record of its key did, and it
+    /// waits (parked) behind that one's dead letter, to keep the key's order.
+    Parked,
 }
 
 impl ErrorClass {
@@ -27,6 +30,7 @@ impl ErrorClass {
             ErrorClass::Permanent => "permanent",
             ErrorClass::Decode => "decode",
             ErrorClass::UnknownType => "unknown_type",
+            ErrorClass::Parked => "parked",
         }
     }
 }

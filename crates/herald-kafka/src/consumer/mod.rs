@@ -54,6 +54,7 @@ use crate::metrics::{
     encode_counter, encode_gauge, encode_metric, latency_histogram, DeadLetterLabels,
     HandlerLabels, PartitionLabels,
 };
+pub use crate::parking::DeadLetterMode;
 use crate::publisher::PRODUCER_DEFAULTS;
 use crate::settings;
 pub use breaker::CircuitBreaker;
@@ -115,6 +116,9 @@ pub struct ConsumerConfig {
     pub(crate) detailed_metrics: bool,
     pub(crate) inline_start: bool,
     pub(crate) circuit_breaker: Option<CircuitBreaker>,
+    pub(crate) dead_letter_mode: DeadLetterMode,
+    pub(crate) parked_topic: String,
+    pub(crate) parked_read_timeout: Duration,
 }
 
 impl ConsumerConfig {
@@ -144,6 +148,9 @@ impl ConsumerConfig {
             detailed_metrics: true,
             inline_start: true,
             circuit_breaker: Some(CircuitBreaker::default()),
+            dead_letter_mode: DeadLetterMode::default(),
+            parked_topic: crate::parking::DEFAULT_PARKED_TOPIC.to_owned(),
+            parked_read_timeout: Duration::from_secs(30),
         }
     }
 
@@ -182,6 +189,30 @@ impl ConsumerConfig {
     /// skipping (and counting) them.
     pub fn dead_letter_unknown(mut self, enabled: bool) -> Self {
         self.dead_letter_unknown = enabled;
+        self
+    }
+
+    /// What happens to a key whose record was dead-lettered: parked, its
+    /// later records waiting behind the dead letter until it is redriven or
+    /// discarded ([`DeadLetterMode::ParkKey`], the default; see
+    /// [`crate::parking`]), or nothing ([`DeadLetterMode::Continue`]).
+    pub fn dead_letter_mode(mut self, mode: DeadLetterMode) -> Self {
+        self.dead_letter_mode = mode;
+        self
+    }
+
+    /// The compacted topic that holds the parked keys
+    /// ([`crate::parking::DEFAULT_PARKED_TOPIC`] unless set), created at
+    /// start when missing.
+    pub fn parked_topic(mut self, topic: impl Into<String>) -> Self {
+        self.parked_topic = topic.into();
+        self
+    }
+
+    /// How long an assignment may take to read the parked keys of its
+    /// partitions (30 s) before the consumer stops with an error.
+    pub fn parked_read_timeout(mut self, timeout: Duration) -> Self {
+        self.parked_read_timeout = timeout;
         self
     }
 
@@ -276,6 +307,9 @@ impl ConsumerConfig {
                 "must not be empty (the DLQ would be the topic itself)",
             );
         }
+        if self.dead_letter_mode == DeadLetterMode::ParkKey && self.parked_topic.is_empty() {
+            return bad("parked_topic", "must not be empty while keys are parked");
+        }
         for (key, _) in CONSUMER_FIXED {
             if self.settings.contains_key(*key) {
                 return bad("settings", &format!("{key} is managed by the runtime"));
@@ -343,6 +377,19 @@ pub struct ConsumerStats {
     pub breaker_open: AtomicU64,
     /// Times the circuit breaker opened.
     pub breaker_trips: AtomicU64,
+    /// Records parked behind an earlier dead letter of their key.
+    pub parked: AtomicU64,
+    /// Redriven records handled (each moves its key's parked list on).
+    pub redriven: AtomicU64,
+    /// Parked records discarded by a person.
+    pub discarded: AtomicU64,
+    /// Keys parked in this member's partitions, right now.
+    pub parked_keys: AtomicU64,
+    /// Records those keys hold (their dead letters included), right now.
+    pub parked_records: AtomicU64,
+    /// When the oldest of those keys was parked (Unix milliseconds; 0 when
+    /// none is).
+    pub parked_oldest_since_ms: AtomicU64,
     /// Handler durations per handler and event type, successes and failures
     /// alike (detailed metrics).
     pub handler_seconds: Family<HandlerLabels, Histogram, fn() -> Histogram>,
@@ -370,6 +417,12 @@ impl Default for ConsumerStats {
             rebalances: AtomicU64::default(),
             breaker_open: AtomicU64::default(),
             breaker_trips: AtomicU64::default(),
+            parked: AtomicU64::default(),
+            redriven: AtomicU64::default(),
+            discarded: AtomicU64::default(),
+            parked_keys: AtomicU64::default(),
+            parked_records: AtomicU64::default(),
+            parked_oldest_since_ms: AtomicU64::default(),
             handler_seconds: Family::new_with_constructor(latency_histogram),
             dead_letters: Family::default(),
             lag: Family::default(),
@@ -428,6 +481,21 @@ impl Collector for ConsumerStats {
                 "Times the circuit breaker opened (handlers failing transiently across keys).",
                 &self.breaker_trips,
             ),
+            (
+                "herald_consumer_records_parked",
+                "Records parked behind an earlier dead letter of their key.",
+                &self.parked,
+            ),
+            (
+                "herald_consumer_records_redriven",
+                "Redriven records handled.",
+                &self.redriven,
+            ),
+            (
+                "herald_consumer_records_discarded",
+                "Parked records discarded by a person.",
+                &self.discarded,
+            ),
         ] {
             encode_counter(e, name, help, Self::get(value))?;
         }
@@ -442,6 +510,31 @@ impl Collector for ConsumerStats {
             "herald_consumer_breaker_open",
             "1 while the circuit breaker holds the partitions paused.",
             Self::get(&self.breaker_open),
+        )?;
+        encode_gauge(
+            e,
+            "herald_consumer_parked_keys",
+            "Keys parked behind a dead letter in this member's partitions.",
+            Self::get(&self.parked_keys),
+        )?;
+        encode_gauge(
+            e,
+            "herald_consumer_parked_records",
+            "Records the parked keys hold, their dead letters included.",
+            Self::get(&self.parked_records),
+        )?;
+        let oldest = Self::get(&self.parked_oldest_since_ms);
+        let age_seconds = if oldest == 0 {
+            0
+        } else {
+            let now = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0);
+            now.saturating_sub(oldest) / 1000
+        };
+        encode_gauge(
+            e,
+            "herald_consumer_parked_oldest_age_seconds",
+            "Age of the oldest parked key (0 when none is parked).",
+            age_seconds,
         )?;
         encode_gauge(
             e,

@@ -35,6 +35,9 @@ pub(crate) struct Shared {
     pub detailed_metrics: bool,
     /// The circuit breaker, unless turned off.
     pub breaker: Option<Arc<Breaker>>,
+    /// The parked-key table's topic while keys are parked
+    /// ([`crate::parking::DeadLetterMode::ParkKey`]); `None` to continue.
+    pub parked_topic: Option<String>,
     /// Per handler (by registration index): its duration histogram per event
     /// type, so that timing a record does not build a label set.
     pub handler_timers: Vec<RwLock<HashMap<String, Histogram>>>,
@@ -76,6 +79,9 @@ pub(crate) enum Outcome {
     Handled,
     /// Written to the dead-letter topic (acknowledged).
     DeadLettered,
+    /// Written to the dead-letter topic as parked behind an earlier dead
+    /// letter of its key, and the key's parked list updated.
+    Parked,
     /// No handler knows its type; skipped by configuration.
     Skipped,
     /// Given up at shutdown before it was handled or dead-lettered: not done,
@@ -87,6 +93,179 @@ impl Outcome {
     /// Whether the record's offset may be committed.
     pub fn is_done(self) -> bool {
         !matches!(self, Outcome::Abandoned)
+    }
+}
+
+/// A parked key's list: the original offsets of its parked records (the
+/// dead letter first) and since when it is parked.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ParkedList {
+    pub offsets: Vec<i64>,
+    pub since: chrono::DateTime<Utc>,
+}
+
+/// What the poll thread decided for a record when it started it, from its
+/// key's parked list as the key's earlier records left it.
+#[derive(Debug)]
+pub(crate) enum Plan {
+    /// Handle it; when it is dead-lettered and `park`, park its key.
+    Handle { park: bool },
+    /// Its key is parked: write it to the dead-letter topic behind `list`.
+    Park(ParkedList),
+    /// A redrive of its key's head: handle it, then move the head on.
+    Redrive(ParkedList),
+    /// A discard: `list` is the key's list without the discarded offset.
+    Discard(ParkedList),
+    /// Nothing to do: another group's redrive, or a record already parked
+    /// (delivered again after a restart).
+    Skip,
+}
+
+/// How a record's handling ended, and the key's parked list after it when
+/// that changed (an empty list: unparked).
+#[derive(Debug)]
+pub(crate) struct Finished {
+    pub outcome: Outcome,
+    pub parked: Option<ParkedList>,
+}
+
+impl From<Outcome> for Finished {
+    fn from(outcome: Outcome) -> Self {
+        Self {
+            outcome,
+            parked: None,
+        }
+    }
+}
+
+/// Runs `plan` for `message` to its end (see [`crate::parking`]).
+pub(crate) async fn run_planned(
+    shared: Arc<Shared>,
+    message: Record,
+    owned: Arc<CancellationToken>,
+    plan: Plan,
+) -> Finished {
+    let offset = message.offset;
+    let place = Place::of(&message);
+    match plan {
+        Plan::Skip => Outcome::Skipped.into(),
+        Plan::Handle { park } => {
+            let outcome = process(Arc::clone(&shared), message, Arc::clone(&owned)).await;
+            if !(park && outcome == Outcome::DeadLettered) {
+                return outcome.into();
+            }
+            let list = ParkedList {
+                offsets: vec![offset],
+                since: Utc::now(),
+            };
+            tracing::warn!(
+                topic = %place.topic,
+                partition = place.partition,
+                offset,
+                "key parked: its later records wait behind this dead letter until it is \
+                 redriven or discarded"
+            );
+            set_parked(&shared, &place, list, &owned, Outcome::DeadLettered).await
+        }
+        Plan::Park(mut list) => {
+            let head = list.offsets.first().copied().unwrap_or(offset);
+            let now = Utc::now();
+            let failure = Failure {
+                error: format!(
+                    "parked: an earlier record of its key (offset {head}) was dead-lettered"
+                ),
+                class: ErrorClass::Parked,
+                handler: None,
+                attempts: 0,
+                first_failed_at: now,
+                last_failed_at: now,
+            };
+            let event_type = message
+                .header(herald::headers::EVENT_TYPE)
+                .map(String::from_utf8_lossy)
+                .unwrap_or_default()
+                .into_owned();
+            let written =
+                write_dead_letter(&shared, &message, &owned, &event_type, failure, Some(head))
+                    .await;
+            if written != Outcome::DeadLettered {
+                return written.into();
+            }
+            list.offsets.push(offset);
+            shared.stats.parked.fetch_add(1, Ordering::Relaxed);
+            set_parked(&shared, &place, list, &owned, Outcome::Parked).await
+        }
+        Plan::Redrive(mut list) => {
+            let outcome = process(Arc::clone(&shared), message, Arc::clone(&owned)).await;
+            if outcome != Outcome::Handled {
+                // Failed again (a new dead letter of the same original
+                // offset), or abandoned: the key stays parked as it was.
+                return outcome.into();
+            }
+            shared.stats.redriven.fetch_add(1, Ordering::Relaxed);
+            list.offsets.remove(0);
+            set_parked(&shared, &place, list, &owned, Outcome::Handled).await
+        }
+        Plan::Discard(list) => {
+            shared.stats.discarded.fetch_add(1, Ordering::Relaxed);
+            set_parked(&shared, &place, list, &owned, Outcome::Skipped).await
+        }
+    }
+}
+
+/// A record's topic, partition and key: where its parked-list entry is.
+struct Place {
+    topic: Arc<str>,
+    partition: i32,
+    key: Vec<u8>,
+}
+
+impl Place {
+    fn of(message: &Record) -> Self {
+        Self {
+            topic: Arc::clone(&message.topic),
+            partition: message.partition,
+            key: message.key().unwrap_or_default().to_vec(),
+        }
+    }
+}
+
+/// Writes `list` as the key's parked-key table entry and waits for the
+/// acknowledgement (trying again until the partition is given up), then
+/// reports `outcome` with the new list: the record's offset is committed only
+/// once the table says what it did.
+async fn set_parked(
+    shared: &Shared,
+    place: &Place,
+    list: ParkedList,
+    owned: &CancellationToken,
+    outcome: Outcome,
+) -> Finished {
+    let Some(table) = &shared.parked_topic else {
+        return outcome.into();
+    };
+    let record = crate::parking::entry(
+        table,
+        &shared.group_id,
+        &place.topic,
+        place.partition,
+        &place.key,
+        &list.offsets,
+        list.since,
+    );
+    if !publish_acknowledged(shared, &record, owned, "parked-key table").await {
+        return Outcome::Abandoned.into();
+    }
+    if list.offsets.is_empty() {
+        tracing::info!(
+            topic = %place.topic,
+            partition = place.partition,
+            "key unparked: its parked records were all handled or discarded"
+        );
+    }
+    Finished {
+        outcome,
+        parked: Some(list),
     }
 }
 
@@ -160,7 +339,7 @@ async fn process_in_span(
                 first_failed_at: now,
                 last_failed_at: now,
             };
-            return write_dead_letter(shared, message, owned, "undecodable", failure).await;
+            return write_dead_letter(shared, message, owned, "undecodable", failure, None).await;
         }
     };
 
@@ -180,7 +359,7 @@ async fn process_in_span(
                 first_failed_at: now,
                 last_failed_at: now,
             };
-            return write_dead_letter(shared, message, owned, "other", failure).await;
+            return write_dead_letter(shared, message, owned, "other", failure, None).await;
         }
         tracing::debug!(event_type = %envelope.event_type, "skipping unknown event type");
         shared.stats.skipped_unknown.fetch_add(1, Ordering::Relaxed);
@@ -311,6 +490,7 @@ async fn process_in_span(
                         owned,
                         &envelope.event_type,
                         failure,
+                        None,
                     )
                     .await;
                 }
@@ -341,39 +521,70 @@ fn trace_id(envelope: &Envelope) -> &str {
 
 /// Writes the dead letter and waits for its acknowledgement, trying again
 /// until it succeeds or the consumer stops: a record whose dead letter was
-/// not written is never marked done, so it is not committed.
+/// not written is never marked done, so it is not committed. A parked
+/// record's letter says which offset it waits behind.
 async fn write_dead_letter(
     shared: &Shared,
     message: &Record,
     owned: &CancellationToken,
     event_type: &str,
     failure: Failure,
+    parked_behind: Option<i64>,
 ) -> Outcome {
     let dlq_topic = format!("{}{}", message.topic, shared.dlq_suffix);
-    let record = dead_letter(&dlq_topic, &shared.group_id, &message.original(), &failure);
+    let mut record = dead_letter(&dlq_topic, &shared.group_id, &message.original(), &failure);
+    let parking = match parked_behind {
+        Some(head) => Some((crate::parking::headers::PARKED_BEHIND, head.to_string())),
+        // This dead letter parks its key (see `run_planned`).
+        None if shared.parked_topic.is_some() && message.key().is_some() => {
+            Some((crate::parking::headers::PARKS_KEY, "true".to_owned()))
+        }
+        None => None,
+    };
+    if let Some((name, value)) = parking {
+        record
+            .headers
+            .push((name.to_owned(), Some(value.into_bytes())));
+    }
+    let span = tracing::info_span!(
+        "dead_letter",
+        messaging.system = "kafka",
+        messaging.operation.type = "send",
+        messaging.destination.name = %dlq_topic,
+        error.type = %failure.class,
+    );
+    if !publish_acknowledged(shared, &record, owned, "dead-letter topic")
+        .instrument(span)
+        .await
+    {
+        return Outcome::Abandoned;
+    }
+    shared.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+    shared
+        .stats
+        .dead_letters
+        .get_or_create(&DeadLetterLabels {
+            topic: message.topic.to_string(),
+            event_type: event_type.to_owned(),
+            error_class: failure.class.to_string(),
+        })
+        .inc();
+    Outcome::DeadLettered
+}
+
+/// Publishes `record` (to the dead-letter topic or the parked-key table)
+/// and waits for its acknowledgement, with backoff up to 5 s, until it is
+/// acknowledged (`true`) or the record's partition is given up (`false`).
+async fn publish_acknowledged(
+    shared: &Shared,
+    record: &crate::publisher::OutgoingRecord,
+    owned: &CancellationToken,
+    what: &'static str,
+) -> bool {
     let mut backoff = Duration::from_millis(100);
     loop {
-        let span = tracing::info_span!(
-            "dead_letter",
-            messaging.system = "kafka",
-            messaging.operation.type = "send",
-            messaging.destination.name = %dlq_topic,
-            error.type = %failure.class,
-        );
-        match shared.dlq.publish_record(&record).instrument(span).await {
-            Ok(_) => {
-                shared.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                shared
-                    .stats
-                    .dead_letters
-                    .get_or_create(&DeadLetterLabels {
-                        topic: message.topic.to_string(),
-                        event_type: event_type.to_owned(),
-                        error_class: failure.class.to_string(),
-                    })
-                    .inc();
-                return Outcome::DeadLettered;
-            }
+        match shared.dlq.publish_record(record).await {
+            Ok(_) => return true,
             Err(error) => {
                 shared
                     .stats
@@ -381,17 +592,15 @@ async fn write_dead_letter(
                     .fetch_add(1, Ordering::Relaxed);
                 tracing::error!(
                     %error,
-                    dlq = %dlq_topic,
-                    topic = %message.topic,
-                    partition = message.partition,
-                    offset = message.offset,
+                    to = what,
+                    topic = %record.topic,
                     retry_in = ?backoff,
-                    "dead-letter write failed; the record stays uncommitted (its partition's \
-                     commit cannot pass it) and the write is tried again"
+                    "write failed; the record stays uncommitted (its partition's commit cannot \
+                     pass it) and the write is tried again"
                 );
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
-                    _ = owned.cancelled() => return Outcome::Abandoned,
+                    _ = owned.cancelled() => return false,
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }

@@ -115,6 +115,13 @@ impl Record {
         })
     }
 
+    /// The value of the first header named `name`.
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers()
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, value)| value)
+    }
+
     /// The record as the dead-letter topic gets it: bytes untouched.
     pub fn original(&self) -> OriginalRecord {
         OriginalRecord {

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::breaker::Breaker;
 use super::offsets::PartitionOffsets;
-use super::process::{process, Outcome, Shared};
+use super::process::{run_planned, Finished, Outcome, ParkedList, Plan, Shared};
 use super::record::Record;
 use super::router::Router;
 use super::{ConsumerConfig, ConsumerStats};
@@ -79,13 +79,20 @@ type KeySlot = (Tp, Option<Bytes>);
 
 /// A record's handling, boxed so that it can move to a tokio task after its
 /// first poll.
-type Handling = Pin<Box<dyn Future<Output = Outcome> + Send>>;
+type Handling = Pin<Box<dyn Future<Output = Finished> + Send>>;
 
 /// A record task's report to the poll thread.
 struct Completion {
     slot: KeySlot,
     offset: i64,
-    outcome: Outcome,
+    finished: Finished,
+}
+
+/// Where the parked keys are read from when partitions are assigned.
+struct ParkedTable {
+    topic: String,
+    client: rdkafka::ClientConfig,
+    timeout: Duration,
 }
 
 /// A key with records to handle.
@@ -121,7 +128,14 @@ struct Dispatch {
     running: usize,
     running_by_partition: FastMap<Tp, usize>,
     /// Records to start, by [`Dispatch::flush_starts`].
-    starting: Vec<(KeySlot, Record)>,
+    starting: Vec<(KeySlot, Record, Plan)>,
+    /// Parked keys of the owned partitions ([`crate::parking`]).
+    parked: FastMap<KeySlot, ParkedList>,
+    /// The parked-key table, while keys are parked.
+    parked_table: Option<ParkedTable>,
+    /// Why the consumer must stop (the parked keys of an assigned partition
+    /// could not be read): the poll loop ends, and `run` returns it.
+    fatal: Option<ClientError>,
     /// Whether a record's first poll runs on the poll thread
     /// (`ConsumerConfig::inline_start`).
     inline_start: bool,
@@ -165,6 +179,10 @@ impl Dispatch {
 
     /// A record arrived from Kafka.
     fn accept(&mut self, message: &BorrowedMessage<'_>) {
+        if self.fatal.is_some() {
+            // Stopping: nothing more is handled, nothing more committed.
+            return;
+        }
         self.shared.stats.consumed.fetch_add(1, Ordering::Relaxed);
         let tp: Tp = (self.topic(message.topic()), message.partition());
         let Some(offsets) = self.partitions.get_mut(&tp) else {
@@ -214,8 +232,80 @@ impl Dispatch {
             key.running = true;
             self.running += 1;
             *self.running_by_partition.entry(slot.0.clone()).or_default() += 1;
-            self.starting.push((slot, message));
+            let plan = self.plan(&slot, &message);
+            self.starting.push((slot, message, plan));
         }
+    }
+
+    /// What to do with `message` of `slot`, now that every earlier record
+    /// of its key has finished (see [`crate::parking`]).
+    fn plan(&self, slot: &KeySlot, message: &Record) -> Plan {
+        use crate::parking::headers::{REDRIVE_ACTION, REDRIVE_GROUP, REDRIVE_OF, REDRIVE_PARKED};
+        let parking = self.parked_table.is_some() && slot.1.is_some();
+        let parked = self.parked.get(slot);
+        let Some(group) = message.header(REDRIVE_GROUP) else {
+            return match parked {
+                // Delivered again after a restart: already parked.
+                Some(list)
+                    if list
+                        .offsets
+                        .last()
+                        .is_some_and(|last| message.offset <= *last) =>
+                {
+                    Plan::Skip
+                }
+                Some(list) => Plan::Park(list.clone()),
+                None => Plan::Handle { park: parking },
+            };
+        };
+        if group != self.shared.group_id.as_bytes() {
+            // Another group's redrive: that group handles it, no one else.
+            return Plan::Skip;
+        }
+        let of = message
+            .header(REDRIVE_OF)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| v.parse::<i64>().ok());
+        let discard = message.header(REDRIVE_ACTION) == Some(b"discard".as_slice());
+        match (parked, of) {
+            (Some(list), Some(of)) if discard && list.offsets.contains(&of) => {
+                let mut rest = list.clone();
+                rest.offsets.retain(|o| *o != of);
+                Plan::Discard(rest)
+            }
+            (Some(list), Some(of)) if !discard && list.offsets.first() == Some(&of) => {
+                Plan::Redrive(list.clone())
+            }
+            // Not its turn (an earlier record of the key failed again) or
+            // already done (a redrive sent twice): it stays where it is.
+            (Some(_), _) => Plan::Skip,
+            // A key that is not parked: a letter that parked its key (or was
+            // parked) was resolved already; any other (keyless, or of a
+            // consumer that continued) is handled.
+            (None, _) if discard || message.header(REDRIVE_PARKED).is_some() => Plan::Skip,
+            (None, _) => Plan::Handle { park: parking },
+        }
+    }
+
+    /// Sets the parked-key gauges from the parked lists.
+    fn count_parked(&self) {
+        let stats = &self.shared.stats;
+        stats
+            .parked_keys
+            .store(self.parked.len() as u64, Ordering::Relaxed);
+        stats.parked_records.store(
+            self.parked.values().map(|l| l.offsets.len() as u64).sum(),
+            Ordering::Relaxed,
+        );
+        let oldest = self
+            .parked
+            .values()
+            .map(|l| l.since.timestamp_millis())
+            .min()
+            .map_or(0, |ms| u64::try_from(ms).unwrap_or(0));
+        stats
+            .parked_oldest_since_ms
+            .store(oldest, Ordering::Relaxed);
     }
 
     /// Starts the records queued by [`Dispatch::start_ready`].
@@ -233,14 +323,14 @@ impl Dispatch {
         let mut waiting: Vec<(KeySlot, i64, Handling)> = Vec::new();
         let mut context = Context::from_waker(Waker::noop());
         while !self.starting.is_empty() {
-            for (slot, message) in std::mem::take(&mut self.starting) {
+            for (slot, message, plan) in std::mem::take(&mut self.starting) {
                 let offset = message.offset;
                 let owned = self
                     .owned
                     .get(&slot.0)
                     .map_or_else(|| Arc::new(self.stopping.child_token()), Arc::clone);
                 let mut handling: Handling =
-                    Box::pin(process(Arc::clone(&self.shared), message, owned));
+                    Box::pin(run_planned(Arc::clone(&self.shared), message, owned, plan));
                 if !self.inline_start {
                     waiting.push((slot, offset, handling));
                     continue;
@@ -250,23 +340,23 @@ impl Dispatch {
                 let polled = std::panic::catch_unwind(AssertUnwindSafe(|| {
                     handling.as_mut().poll(&mut context)
                 }));
-                let outcome = match polled {
+                let finished = match polled {
                     Ok(Poll::Pending) => {
                         // Polled again by its task, with a real waker, before
                         // anything can depend on the no-op one used here.
                         waiting.push((slot, offset, handling));
                         continue;
                     }
-                    Ok(Poll::Ready(outcome)) => outcome,
+                    Ok(Poll::Ready(finished)) => finished,
                     Err(_) => {
                         tracing::error!(offset, "record handling panicked; left uncommitted");
-                        Outcome::Abandoned
+                        Outcome::Abandoned.into()
                     }
                 };
                 self.complete(Completion {
                     slot,
                     offset,
-                    outcome,
+                    finished,
                 });
             }
         }
@@ -281,7 +371,7 @@ impl Dispatch {
                     Completion {
                         slot,
                         offset,
-                        outcome: handling.await,
+                        finished: handling.await,
                     }
                 })
                 .collect();
@@ -296,7 +386,7 @@ impl Dispatch {
         let Completion {
             slot,
             offset,
-            outcome,
+            finished: Finished { outcome, parked },
         } = completion;
         self.running -= 1;
         if let Some(n) = self.running_by_partition.get_mut(&slot.0) {
@@ -304,8 +394,19 @@ impl Dispatch {
         }
         self.buffered -= 1;
         let owned = self.partitions.get_mut(&slot.0);
+        let is_owned = owned.is_some();
         if let (true, Some(offsets)) = (outcome.is_done(), owned) {
             offsets.done(offset);
+        }
+        // Only for a partition still owned: a revoked one's list is the next
+        // owner's to read from the table.
+        if let (Some(list), true) = (parked, is_owned) {
+            if list.offsets.is_empty() {
+                self.parked.remove(&slot);
+            } else {
+                self.parked.insert(slot.clone(), list);
+            }
+            self.count_parked();
         }
         let queued = match self.keys.get_mut(&slot) {
             Some(key) => {
@@ -515,6 +616,8 @@ impl Dispatch {
             key.running
         });
         self.ready.retain(|slot| !revoked.contains(&slot.0));
+        self.parked.retain(|slot, _| !revoked.contains(&slot.0));
+        self.count_parked();
         self.buffered -= dropped;
         self.set_in_flight();
 
@@ -547,6 +650,14 @@ impl Dispatch {
     }
 
     fn assign(&mut self, tpl: &TopicPartitionList) {
+        if let Err(error) = self.read_parked(tpl) {
+            tracing::error!(
+                %error,
+                "cannot read the parked keys of the assigned partitions; the consumer stops \
+                 rather than handle a key it may not know is parked"
+            );
+            self.fatal = Some(error);
+        }
         for e in tpl.elements() {
             let tp = (self.topic(e.topic()), e.partition());
             self.partitions.entry(tp.clone()).or_default();
@@ -562,6 +673,54 @@ impl Dispatch {
         }
         stats.rebalances.fetch_add(1, Ordering::Relaxed);
         tracing::info!(partitions = tpl.count(), "partitions assigned");
+    }
+}
+
+impl Dispatch {
+    /// Reads the parked keys of the partitions in `tpl` from the table
+    /// (blocking the poll thread, inside the assignment: no record of theirs
+    /// is handled before).
+    fn read_parked(&mut self, tpl: &TopicPartitionList) -> Result<(), ClientError> {
+        let Some(table) = &self.parked_table else {
+            return Ok(());
+        };
+        if tpl.count() == 0 {
+            return Ok(());
+        }
+        let assigned: HashSet<(String, i32)> = tpl
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_owned(), e.partition()))
+            .collect();
+        let keys = crate::parking::read_parked(
+            &table.client,
+            &table.topic,
+            Some(&self.shared.group_id),
+            table.timeout,
+        )?;
+        let mut restored = 0;
+        for key in keys {
+            if !assigned.contains(&(key.topic.clone(), key.partition)) {
+                continue;
+            }
+            let slot: KeySlot = (
+                (self.topic(&key.topic), key.partition),
+                Some(Bytes::from(key.key_bytes())),
+            );
+            self.parked.insert(
+                slot,
+                ParkedList {
+                    offsets: key.offsets,
+                    since: key.since,
+                },
+            );
+            restored += 1;
+        }
+        if restored > 0 {
+            tracing::warn!(keys = restored, "parked keys in the assigned partitions");
+        }
+        self.count_parked();
+        Ok(())
     }
 }
 
@@ -680,6 +839,31 @@ pub(crate) async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ClientError> {
     let dlq = Publisher::from_client_config(config.producer_client_config(), "")?;
+    let parked_table = match config.dead_letter_mode {
+        crate::parking::DeadLetterMode::ParkKey => {
+            let client = config.producer_client_config();
+            crate::admin::ensure_compacted_topic(
+                &client,
+                &config.parked_topic,
+                1,
+                config.parked_read_timeout,
+            )
+            .await
+            .map_err(|error| ClientError::Setting {
+                setting: "parked_topic",
+                reason: format!(
+                    "the parked-key table {:?} cannot be made: {error}",
+                    config.parked_topic
+                ),
+            })?;
+            Some(ParkedTable {
+                topic: config.parked_topic.clone(),
+                client,
+                timeout: config.parked_read_timeout,
+            })
+        }
+        crate::parking::DeadLetterMode::Continue => None,
+    };
     let stopping = CancellationToken::new();
     let handler_count = router.handlers.len();
     let shared = Arc::new(Shared {
@@ -695,6 +879,7 @@ pub(crate) async fn run(
             .circuit_breaker
             .clone()
             .map(|c| Arc::new(Breaker::new(c, Arc::clone(&stats)))),
+        parked_topic: parked_table.as_ref().map(|t| t.topic.clone()),
         handler_timers: (0..handler_count).map(|_| RwLock::default()).collect(),
     });
     let (done_tx, done_rx) = channel();
@@ -713,6 +898,9 @@ pub(crate) async fn run(
         running: 0,
         running_by_partition: FastMap::default(),
         starting: Vec::new(),
+        parked: FastMap::default(),
+        parked_table,
+        fatal: None,
         inline_start: config.inline_start,
         buffered: 0,
         paused: false,
@@ -744,6 +932,7 @@ pub(crate) async fn run(
     let stop = Arc::new(AtomicBool::new(false));
     let (finished_tx, finished_rx) = tokio::sync::oneshot::channel();
     let loop_stop = Arc::clone(&stop);
+    let fatal_of = Arc::clone(&dispatch);
     let commit_interval = config.commit_interval;
     let shutdown_timeout = config.shutdown_timeout;
     let tokio = tokio::runtime::Handle::current();
@@ -766,15 +955,25 @@ pub(crate) async fn run(
             reason: format!("cannot start the poll thread: {e}"),
         })?;
 
-    shutdown.await;
+    let mut finished_rx = finished_rx;
+    let ended_by_itself = tokio::select! {
+        () = shutdown => false,
+        _ = &mut finished_rx => true,
+    };
     tracing::info!(group = %config.group_id, "consumer stopping");
     stop.store(true, Ordering::SeqCst);
     // Retries in backoff stop now; running handlers get the shutdown deadline.
     stopping.cancel();
-    let _ = finished_rx.await;
+    if !ended_by_itself {
+        let _ = finished_rx.await;
+    }
     let _ = dlq.flush(Duration::from_secs(5));
     tracing::info!(group = %config.group_id, "consumer stopped");
-    Ok(())
+    let fatal = lock(&fatal_of).fatal.take();
+    match fatal {
+        Some(error) => Err(error),
+        None => Ok(()),
+    }
 }
 
 /// Records taken from librdkafka per lock of the dispatch state.
@@ -796,6 +995,9 @@ fn poll_loop(
     while !stop.load(Ordering::SeqCst) {
         let (busy, room) = {
             let mut d = lock(dispatch);
+            if d.fatal.is_some() {
+                return;
+            }
             d.drain_completions();
             d.follow_breaker(consumer);
             if last_commit.elapsed() >= commit_interval {

@@ -4,6 +4,7 @@
 mod crash;
 mod delivery;
 mod outage;
+mod parking;
 mod poison;
 mod publisher;
 mod rebalance;

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use herald::{Envelope, HandlerError};
 use herald_kafka::dlq::headers as dlq;
-use herald_kafka::{Consumer, ConsumerConfig, ConsumerStats, OutgoingRecord, RecordInfo, Router};
+use herald_kafka::{
+    Consumer, ConsumerConfig, ConsumerStats, DeadLetterMode, OutgoingRecord, RecordInfo, Router,
+};
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
 use rdkafka::message::Headers;
 use rdkafka::Message;
@@ -118,8 +120,10 @@ async fn poison_goes_to_the_dlq_with_original_bytes_and_the_key_keeps_flowing() 
         }
     });
     let group = herald_test::unique_name("poison");
-    let config =
-        ConsumerConfig::new(kafka.brokers(), &group, [topic.name()]).dead_letter_unknown(true);
+    // Dead-letter and continue: parking the key is `parking.rs`'s test.
+    let config = ConsumerConfig::new(kafka.brokers(), &group, [topic.name()])
+        .dead_letter_unknown(true)
+        .dead_letter_mode(DeadLetterMode::Continue);
     let consumer = Consumer::new(config, router).expect("consumer");
     let stats = consumer.stats();
     run_until(
@@ -248,6 +252,7 @@ async fn transient_failures_are_dead_lettered_after_the_retry_budget() {
         herald_test::unique_name("exhausted"),
         [topic.name()],
     )
+    .dead_letter_mode(DeadLetterMode::Continue)
     .retry(herald::RetryPolicy {
         max_attempts: 3,
         initial_delay: Duration::from_millis(5),
