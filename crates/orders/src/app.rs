@@ -343,14 +343,16 @@ impl Config {
     }
 }
 
-/// The fulfillment processor's state topics: its two changelogs and its
-/// completed ids. Compacted, one partition each.
-fn state_topics(config: &Config) -> [String; 3] {
+/// The topics that keep state: the fulfillment processor's two changelogs
+/// and its completed ids, and the consumers' parked-key table. Compacted,
+/// one partition each.
+fn state_topics(config: &Config) -> [String; 4] {
     let [stock, reservations] = crate::fulfillment::changelog_topics(&config.fulfillment_topic);
     [
         stock,
         reservations,
         crate::fulfillment::completed_topic(&config.fulfillment_topic),
+        herald_kafka::parking::DEFAULT_PARKED_TOPIC.to_owned(),
     ]
 }
 
@@ -377,7 +379,7 @@ pub async fn ensure_topics(config: &Config) -> anyhow::Result<()> {
         .iter()
         .map(|(name, partitions)| {
             let topic = NewTopic::new(name, *partitions, TopicReplication::Fixed(-1));
-            // The processor's state: compacted, so the latest value per key stays.
+            // State: compacted, so the latest value per key stays.
             if compacted.contains(name) {
                 topic.set("cleanup.policy", "compact")
             } else {

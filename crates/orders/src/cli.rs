@@ -66,27 +66,92 @@ pub enum WorkerKind {
 /// `orders dlq …`
 #[derive(Debug, Subcommand)]
 pub enum DlqCommand {
-    /// List dead letters: key, error, class, attempts, original position.
+    /// List dead letters (the newest per original record) and the keys
+    /// parked behind them, with their parked records.
     List {
-        /// The dead-letter topic (default: the events topic's).
-        #[arg(long)]
-        topic: Option<String>,
-        /// At most this many, oldest first.
+        /// Which letters.
+        #[command(flatten)]
+        filter: DlqFilterArgs,
+        /// At most this many letters, oldest first.
         #[arg(long, default_value_t = 50)]
         limit: usize,
-    },
-    /// Re-publish dead letters to their original topic and record the replay.
-    Replay {
-        /// The dead-letter topic (default: the events topic's).
+        /// One JSON document instead of lines.
         #[arg(long)]
-        topic: Option<String>,
-        /// Replay these event ids.
-        #[arg(long = "event-id", required_unless_present = "all")]
-        event_ids: Vec<uuid::Uuid>,
-        /// Replay every dead letter not replayed yet.
-        #[arg(long, conflicts_with = "event_ids")]
-        all: bool,
+        json: bool,
     },
+    /// Send dead letters back to the group that failed them. A parked key's
+    /// dead letter goes first and its parked records follow in their
+    /// order; the consumer unparks the key once all are handled.
+    Replay(DlqActionArgs),
+    /// Drop dead letters for good: a parked key's records are taken off its
+    /// list unhandled, and the key is unparked once the list is empty.
+    Discard(DlqActionArgs),
+    /// The audit trail of replays and discards, newest first.
+    History {
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        /// One JSON document instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Which dead letters a `dlq` command takes.
+#[derive(Debug, Clone, Args)]
+pub struct DlqFilterArgs {
+    /// The dead-letter topic (default: the events topic's).
+    #[arg(long)]
+    pub topic: Option<String>,
+    /// The consumer group that failed them.
+    #[arg(long)]
+    pub group: Option<String>,
+    /// The record key (order id).
+    #[arg(long)]
+    pub key: Option<String>,
+    /// The event type (`OrderCreated`, …).
+    #[arg(long = "event-type")]
+    pub event_type: Option<String>,
+    /// The error class (`transient`, `permanent`, `decode`, `unknown_type`,
+    /// `parked`).
+    #[arg(long)]
+    pub class: Option<String>,
+    /// Failed at or after this time (RFC 3339).
+    #[arg(long)]
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
+    /// Failed before this time (RFC 3339).
+    #[arg(long)]
+    pub until: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// `orders dlq replay` and `orders dlq discard`.
+#[derive(Debug, Clone, Args)]
+pub struct DlqActionArgs {
+    /// Which letters.
+    #[command(flatten)]
+    pub filter: DlqFilterArgs,
+    /// These event ids, by name: the loop guard does not hold them back.
+    #[arg(long = "event-id", required_unless_present_any = ["all", "key"])]
+    pub event_ids: Vec<uuid::Uuid>,
+    /// Every letter the filters select.
+    #[arg(long)]
+    pub all: bool,
+    /// At most this many records per second.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Print what would be sent, send nothing.
+    #[arg(long = "dry-run")]
+    pub dry_run: bool,
+    /// Letters of records redriven this many times already are held back
+    /// unless named with --event-id.
+    #[arg(long = "max-redrives", default_value_t = 3)]
+    pub max_redrives: u32,
+    /// Why (kept in the audit trail).
+    #[arg(long, default_value = "")]
+    pub reason: String,
+    /// Who (kept in the audit trail; default: the OS user).
+    #[arg(long, env = "USER", default_value = "unknown")]
+    pub actor: String,
 }
 
 /// `orders outbox …`

@@ -119,7 +119,7 @@ impl Store {
         let Store::Postgres(pool) = self else {
             return None;
         };
-        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM dlq_replays")
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM dlq_replays WHERE action = 'replay'")
             .fetch_one(pool)
             .await
             .ok()

@@ -1,7 +1,8 @@
 //! The whole pipeline against real Kafka and PostgreSQL: orders go through
 //! the API, the outbox, the relay and Kafka into the read model and the
-//! notification log; a poison event lands in the DLQ and is replayed once its
-//! cause is fixed.
+//! notification log; a poison event parks its order behind its dead letter
+//! and a replay applies the order's events in their order once the cause is
+//! fixed.
 
 use std::time::Duration;
 
@@ -102,56 +103,24 @@ async fn orders_flow_to_the_read_model_and_notifications() {
     p.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_poison_event_is_dead_lettered_and_replayed_after_the_fix() {
-    let Some(p) = pipeline().await else { return };
-    let publisher =
-        Publisher::new(&PublisherConfig::new(p.kafka.brokers(), "/tests")).expect("publisher");
-    // A shipment for an order the read model has never seen: impossible,
-    // retried as transient a bounded number of times, then dead-lettered.
-    let order_id = Uuid::now_v7();
-    let shipped = OrderEvent::OrderShipped(OrderShipped {
-        event_id: Uuid::new_v4(),
-        order_id,
-        version: 2,
-        timestamp: chrono::Utc::now(),
-    });
-    publisher
-        .publish(&p.config.topics.events, &shipped)
-        .await
-        .expect("published");
+/// The parked keys of `group` (read from the parked-key table).
+async fn parked_keys(p: &Pipeline, group: &str) -> Vec<herald_kafka::parking::ParkedKey> {
+    let (config, group) = (p.kafka.config(), group.to_owned());
+    tokio::task::spawn_blocking(move || {
+        herald_kafka::parking::read_parked(
+            &config,
+            herald_kafka::parking::DEFAULT_PARKED_TOPIC,
+            Some(&group),
+            Duration::from_secs(30),
+        )
+    })
+    .await
+    .expect("task")
+    .expect("parked keys")
+}
 
-    let dlq = format!("{}.dlq", p.config.topics.events);
-    let client_config = p.kafka.config();
-    let letters = {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let (config, topic) = (client_config.clone(), dlq.clone());
-            let letters = tokio::task::spawn_blocking(move || {
-                herald_kafka::dlq::read_dead_letters(&config, &topic, 10)
-            })
-            .await
-            .expect("task")
-            .unwrap_or_default();
-            if !letters.is_empty() {
-                break letters;
-            }
-            assert!(std::time::Instant::now() < deadline, "no dead letter");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
-    assert_eq!(letters.len(), 1);
-    let letter = &letters[0];
-    assert_eq!(letter.event_id(), Some(herald::Event::event_id(&shipped)));
-    assert_eq!(
-        letter.header("dlq.error_class").as_deref(),
-        Some("transient")
-    );
-    assert_eq!(letter.header("dlq.attempts").as_deref(), Some("3"));
-    assert!(orders::dlq::describe(letter).contains("class=transient"));
-
-    // Fix the cause (the missing OrderCreated arrives), then replay.
-    let created = OrderEvent::OrderCreated(OrderCreated {
+fn created(order_id: Uuid, currency: &str) -> OrderEvent {
+    OrderEvent::OrderCreated(OrderCreated {
         event_id: Uuid::new_v4(),
         order_id,
         customer_id: Uuid::new_v4(),
@@ -161,45 +130,175 @@ async fn a_poison_event_is_dead_lettered_and_replayed_after_the_fix() {
             unit_price: "5.00".parse().expect("decimal"),
         }],
         total: "5.00".parse().expect("decimal"),
-        currency: "EUR".into(),
+        currency: currency.into(),
         version: 1,
         timestamp: chrono::Utc::now(),
-    });
-    publisher
-        .publish(&p.config.topics.events, &created)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_order_created_parks_its_order_and_a_replay_applies_both_in_order() {
+    let Some(p) = pipeline().await else { return };
+    let publisher =
+        Publisher::new(&PublisherConfig::new(p.kafka.brokers(), "/tests")).expect("publisher");
+    let projection = p.config.group("projection");
+    // The read model refuses this order (a stand-in for any defect the
+    // projection cannot get past): its OrderCreated fails for good.
+    sqlx::query("ALTER TABLE order_views ADD CONSTRAINT poison CHECK (currency <> 'XTS')")
+        .execute(&p.pool)
         .await
-        .expect("published");
+        .expect("constraint");
+    let order_id = Uuid::now_v7();
+    let poison = created(order_id, "XTS");
+    let shipped = OrderEvent::OrderShipped(OrderShipped {
+        event_id: Uuid::new_v4(),
+        order_id,
+        version: 2,
+        timestamp: chrono::Utc::now(),
+    });
+    let other = Uuid::now_v7();
+    for event in [&poison, &shipped, &created(other, "EUR")] {
+        publisher
+            .publish(&p.config.topics.events, event)
+            .await
+            .expect("published");
+    }
     let client = reqwest::Client::new();
+    // Other orders flow past the parked one.
     eventually(
         &client,
-        &format!("{}/orders/{order_id}", p.base),
-        "the created order",
+        &format!("{}/orders/{other}", p.base),
+        "the other order",
         |b| b["status"] == "created",
     )
     .await;
+    let parked = herald_test::poll_until(
+        "the order parked with both its events",
+        Duration::from_secs(60),
+        async || {
+            let keys = parked_keys(&p, &projection).await;
+            match keys.iter().find(|k| k.key == order_id.to_string()) {
+                Some(key) if key.offsets.len() == 2 => Ok(key.clone()),
+                found => Err(format!("{found:?}")),
+            }
+        },
+    )
+    .await;
+    // The shipment was never applied to an order that does not exist.
+    let status = client
+        .get(format!("{}/orders/{order_id}", p.base))
+        .send()
+        .await
+        .expect("get")
+        .status();
+    assert_eq!(status, reqwest::StatusCode::NOT_FOUND);
 
-    let letter_refs: Vec<&herald_kafka::dlq::DeadLetter> = letters.iter().collect();
-    let replayed = orders::dlq::replay(&p.pool, &publisher, &dlq, &letter_refs)
+    let dlq = format!("{}.dlq", p.config.topics.events);
+    let letters = {
+        let (config, topic) = (p.kafka.config(), dlq.clone());
+        tokio::task::spawn_blocking(move || {
+            herald_kafka::dlq::read_dead_letters(&config, &topic, 100)
+        })
+        .await
+        .expect("task")
+        .expect("letters")
+    };
+    let ours: Vec<&herald_kafka::dlq::DeadLetter> = letters
+        .iter()
+        .filter(|l| l.group().as_deref() == Some(projection.as_str()))
+        .collect();
+    let classes: Vec<Option<String>> = ours.iter().map(|l| l.header("dlq.error_class")).collect();
+    assert_eq!(
+        classes,
+        [Some("permanent".to_owned()), Some("parked".to_owned())],
+        "the dead letter, then the record parked behind it"
+    );
+    assert_eq!(ours[0].event_id(), Some(herald::Event::event_id(&poison)));
+    assert_eq!(ours[1].event_id(), Some(herald::Event::event_id(&shipped)));
+    assert_eq!(
+        ours[1].header("dlq.parked_behind"),
+        Some(parked.offsets[0].to_string())
+    );
+
+    // A dry run sends nothing; fixing the cause and replaying the order
+    // applies its events in their order, once.
+    let replay = |dry_run| {
+        orders::cli::DlqCommand::Replay(orders::cli::DlqActionArgs {
+            filter: orders::cli::DlqFilterArgs {
+                topic: None,
+                group: Some(projection.clone()),
+                key: Some(order_id.to_string()),
+                event_type: None,
+                class: None,
+                since: None,
+                until: None,
+            },
+            event_ids: Vec::new(),
+            all: false,
+            rate: Some(50.0),
+            dry_run,
+            max_redrives: 3,
+            reason: "constraint dropped".into(),
+            actor: "tester".into(),
+        })
+    };
+    orders::dlq::run(&p.config, replay(true))
+        .await
+        .expect("dry run");
+    assert!(orders::dlq::history(&p.pool, 10)
+        .await
+        .expect("history")
+        .is_empty());
+    sqlx::query("ALTER TABLE order_views DROP CONSTRAINT poison")
+        .execute(&p.pool)
+        .await
+        .expect("fix");
+    orders::dlq::run(&p.config, replay(false))
         .await
         .expect("replay");
-    assert_eq!(replayed, 1);
-    assert_eq!(
-        orders::dlq::replay(&p.pool, &publisher, &dlq, &letter_refs)
-            .await
-            .expect("replay again"),
-        0,
-        "a replay is recorded and not repeated"
-    );
     let view = eventually(
         &client,
         &format!("{}/orders/{order_id}", p.base),
-        "the replayed shipment",
+        "the replayed order, shipped",
         |b| b["status"] == "shipped",
     )
     .await;
     assert_eq!(
         view["last_event_id"],
         herald::Event::event_id(&shipped).to_string()
+    );
+    herald_test::poll_until("the order unparked", Duration::from_secs(60), async || {
+        let keys = parked_keys(&p, &projection).await;
+        if keys.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{keys:?}"))
+        }
+    })
+    .await;
+    let history = orders::dlq::history(&p.pool, 10).await.expect("history");
+    assert_eq!(history.len(), 2, "{history:?}");
+    assert!(history
+        .iter()
+        .all(|h| h["action"] == "replay" && h["actor"] == "tester"));
+    // The notifications group handled each event once: the redrive was the
+    // projection's alone.
+    let notes: i64 = sqlx::query_scalar("SELECT count(*) FROM notifications WHERE order_id = $1")
+        .bind(order_id)
+        .fetch_one(&p.pool)
+        .await
+        .expect("notifications");
+    assert_eq!(notes, 2);
+    // Replaying again finds nothing parked: nothing is sent twice.
+    orders::dlq::run(&p.config, replay(false))
+        .await
+        .expect("replay again");
+    assert_eq!(
+        orders::dlq::history(&p.pool, 10)
+            .await
+            .expect("history")
+            .len(),
+        2
     );
     p.stop().await;
 }
