@@ -136,14 +136,23 @@ fn created(order_id: Uuid, currency: &str) -> OrderEvent {
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_poison_order_created_parks_its_order_and_a_replay_applies_both_in_order() {
-    let Some(p) = pipeline().await else { return };
-    let publisher =
-        Publisher::new(&PublisherConfig::new(p.kafka.brokers(), "/tests")).expect("publisher");
+/// An order whose `OrderCreated` the read model refuses (a stand-in for any
+/// defect the projection cannot get past), its `OrderShipped` behind it, and
+/// another order's `OrderCreated`; returns once the other order is visible
+/// and the poisoned one is parked with both its events.
+struct Poisoned {
+    order_id: Uuid,
+    poison: OrderEvent,
+    shipped: OrderEvent,
+    parked: herald_kafka::parking::ParkedKey,
+}
+
+async fn poison_an_order(
+    p: &Pipeline,
+    publisher: &Publisher,
+    client: &reqwest::Client,
+) -> Poisoned {
     let projection = p.config.group("projection");
-    // The read model refuses this order (a stand-in for any defect the
-    // projection cannot get past): its OrderCreated fails for good.
     sqlx::query("ALTER TABLE order_views ADD CONSTRAINT poison CHECK (currency <> 'XTS')")
         .execute(&p.pool)
         .await
@@ -163,10 +172,9 @@ async fn a_poison_order_created_parks_its_order_and_a_replay_applies_both_in_ord
             .await
             .expect("published");
     }
-    let client = reqwest::Client::new();
     // Other orders flow past the parked one.
     eventually(
-        &client,
+        client,
         &format!("{}/orders/{other}", p.base),
         "the other order",
         |b| b["status"] == "created",
@@ -176,7 +184,7 @@ async fn a_poison_order_created_parks_its_order_and_a_replay_applies_both_in_ord
         "the order parked with both its events",
         Duration::from_secs(60),
         async || {
-            let keys = parked_keys(&p, &projection).await;
+            let keys = parked_keys(p, &projection).await;
             match keys.iter().find(|k| k.key == order_id.to_string()) {
                 Some(key) if key.offsets.len() == 2 => Ok(key.clone()),
                 found => Err(format!("{found:?}")),
@@ -184,6 +192,84 @@ async fn a_poison_order_created_parks_its_order_and_a_replay_applies_both_in_ord
         },
     )
     .await;
+    Poisoned {
+        order_id,
+        poison,
+        shipped,
+        parked,
+    }
+}
+
+/// Waits until the projection has no parked key.
+async fn wait_unparked(p: &Pipeline) {
+    let projection = p.config.group("projection");
+    herald_test::poll_until("the order unparked", Duration::from_secs(60), async || {
+        let keys = parked_keys(p, &projection).await;
+        if keys.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{keys:?}"))
+        }
+    })
+    .await;
+}
+
+/// `orders dlq replay|discard` arguments for the projection's letters of `key`.
+fn dlq_args(
+    p: &Pipeline,
+    key: Uuid,
+    event_ids: Vec<Uuid>,
+    dry_run: bool,
+) -> orders::cli::DlqActionArgs {
+    orders::cli::DlqActionArgs {
+        filter: orders::cli::DlqFilterArgs {
+            topic: None,
+            group: Some(p.config.group("projection")),
+            key: Some(key.to_string()),
+            event_type: None,
+            class: None,
+            since: None,
+            until: None,
+        },
+        event_ids,
+        all: false,
+        rate: Some(50.0),
+        dry_run,
+        max_redrives: 2,
+        reason: "constraint dropped".into(),
+        actor: "tester".into(),
+    }
+}
+
+/// The projection's letters in the events topic's DLQ, newest per record.
+async fn projection_letters(p: &Pipeline) -> Vec<herald_kafka::dlq::DeadLetter> {
+    let (config, topic) = (p.kafka.config(), format!("{}.dlq", p.config.topics.events));
+    let letters = tokio::task::spawn_blocking(move || {
+        herald_kafka::dlq::read_dead_letters(&config, &topic, 100)
+    })
+    .await
+    .expect("task")
+    .expect("letters");
+    let projection = p.config.group("projection");
+    herald_kafka::dlq::latest_per_origin(&letters)
+        .into_iter()
+        .filter(|l| l.group().as_deref() == Some(projection.as_str()))
+        .cloned()
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_order_created_parks_its_order_and_a_replay_applies_both_in_order() {
+    let Some(p) = pipeline().await else { return };
+    let publisher =
+        Publisher::new(&PublisherConfig::new(p.kafka.brokers(), "/tests")).expect("publisher");
+    let client = reqwest::Client::new();
+    let Poisoned {
+        order_id,
+        poison,
+        shipped,
+        parked,
+    } = poison_an_order(&p, &publisher, &client).await;
     // The shipment was never applied to an order that does not exist.
     let status = client
         .get(format!("{}/orders/{order_id}", p.base))
@@ -193,20 +279,7 @@ async fn a_poison_order_created_parks_its_order_and_a_replay_applies_both_in_ord
         .status();
     assert_eq!(status, reqwest::StatusCode::NOT_FOUND);
 
-    let dlq = format!("{}.dlq", p.config.topics.events);
-    let letters = {
-        let (config, topic) = (p.kafka.config(), dlq.clone());
-        tokio::task::spawn_blocking(move || {
-            herald_kafka::dlq::read_dead_letters(&config, &topic, 100)
-        })
-        .await
-        .expect("task")
-        .expect("letters")
-    };
-    let ours: Vec<&herald_kafka::dlq::DeadLetter> = letters
-        .iter()
-        .filter(|l| l.group().as_deref() == Some(projection.as_str()))
-        .collect();
+    let ours = projection_letters(&p).await;
     let classes: Vec<Option<String>> = ours.iter().map(|l| l.header("dlq.error_class")).collect();
     assert_eq!(
         classes,
@@ -222,26 +295,7 @@ async fn a_poison_order_created_parks_its_order_and_a_replay_applies_both_in_ord
 
     // A dry run sends nothing; fixing the cause and replaying the order
     // applies its events in their order, once.
-    let replay = |dry_run| {
-        orders::cli::DlqCommand::Replay(orders::cli::DlqActionArgs {
-            filter: orders::cli::DlqFilterArgs {
-                topic: None,
-                group: Some(projection.clone()),
-                key: Some(order_id.to_string()),
-                event_type: None,
-                class: None,
-                since: None,
-                until: None,
-            },
-            event_ids: Vec::new(),
-            all: false,
-            rate: Some(50.0),
-            dry_run,
-            max_redrives: 3,
-            reason: "constraint dropped".into(),
-            actor: "tester".into(),
-        })
-    };
+    let replay = |dry_run| orders::cli::DlqCommand::Replay(dlq_args(&p, order_id, vec![], dry_run));
     orders::dlq::run(&p.config, replay(true))
         .await
         .expect("dry run");
@@ -267,15 +321,7 @@ async fn a_poison_order_created_parks_its_order_and_a_replay_applies_both_in_ord
         view["last_event_id"],
         herald::Event::event_id(&shipped).to_string()
     );
-    herald_test::poll_until("the order unparked", Duration::from_secs(60), async || {
-        let keys = parked_keys(&p, &projection).await;
-        if keys.is_empty() {
-            Ok(())
-        } else {
-            Err(format!("{keys:?}"))
-        }
-    })
-    .await;
+    wait_unparked(&p).await;
     let history = orders::dlq::history(&p.pool, 10).await.expect("history");
     assert_eq!(history.len(), 2, "{history:?}");
     assert!(history
@@ -299,6 +345,92 @@ async fn a_poison_order_created_parks_its_order_and_a_replay_applies_both_in_ord
             .expect("history")
             .len(),
         2
+    );
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_that_keeps_failing_is_held_back_by_the_loop_guard_and_can_be_discarded() {
+    let Some(p) = pipeline().await else { return };
+    let publisher =
+        Publisher::new(&PublisherConfig::new(p.kafka.brokers(), "/tests")).expect("publisher");
+    let client = reqwest::Client::new();
+    let Poisoned {
+        order_id, poison, ..
+    } = poison_an_order(&p, &publisher, &client).await;
+    let poison_id = herald::Event::event_id(&poison);
+    let head_redrives = async |p: &Pipeline, n: u32| {
+        herald_test::poll_until(
+            &format!("the order's first record failed again after redrive {n}"),
+            Duration::from_secs(60),
+            async || {
+                let letters = projection_letters(p).await;
+                let head = letters.iter().find(|l| l.event_id() == Some(poison_id));
+                match head.map(herald_kafka::dlq::DeadLetter::redrives) {
+                    Some(r) if r == n => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            },
+        )
+        .await;
+    };
+    let replay =
+        |event_ids| orders::cli::DlqCommand::Replay(dlq_args(&p, order_id, event_ids, false));
+    // Not fixed: each replay fails again (the dead letter and the record
+    // parked behind it are sent; the second waits, not its turn).
+    for n in 1..=2 {
+        orders::dlq::run(&p.config, replay(vec![]))
+            .await
+            .expect("replay");
+        head_redrives(&p, n).await;
+    }
+    let history = |p: &Pipeline| {
+        let pool = p.pool.clone();
+        async move { orders::dlq::history(&pool, 100).await.expect("history") }
+    };
+    assert_eq!(history(&p).await.len(), 4);
+    // Redriven twice (--max-redrives 2): a replay by key holds it back...
+    orders::dlq::run(&p.config, replay(vec![]))
+        .await
+        .expect("guarded");
+    assert_eq!(
+        history(&p).await.len(),
+        4,
+        "nothing sent past the loop guard"
+    );
+    // ...naming it sends it once more.
+    orders::dlq::run(&p.config, replay(vec![poison_id]))
+        .await
+        .expect("named");
+    assert_eq!(history(&p).await.len(), 5);
+    head_redrives(&p, 3).await;
+
+    // A person gives up on the order: both records are dropped, unhandled,
+    // and the order is unparked.
+    orders::dlq::run(
+        &p.config,
+        orders::cli::DlqCommand::Discard(dlq_args(&p, order_id, vec![], false)),
+    )
+    .await
+    .expect("discard");
+    wait_unparked(&p).await;
+    let trail = history(&p).await;
+    let discards: Vec<&serde_json::Value> =
+        trail.iter().filter(|h| h["action"] == "discard").collect();
+    assert_eq!(discards.len(), 2, "{trail:?}");
+    assert!(discards
+        .iter()
+        .all(|h| h["reason"] == "constraint dropped" && h["key"] == order_id.to_string()));
+    let status = client
+        .get(format!("{}/orders/{order_id}", p.base))
+        .send()
+        .await
+        .expect("get")
+        .status();
+    assert_eq!(
+        status,
+        reqwest::StatusCode::NOT_FOUND,
+        "discarded, never applied"
     );
     p.stop().await;
 }
