@@ -3,9 +3,7 @@
 //! after every kill the committed offsets never pass an unhandled record.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use herald_kafka::{Consumer, ConsumerConfig, RecordInfo, Router};
@@ -18,45 +16,26 @@ const PER_KEY: u64 = 400;
 const PARTITIONS: i32 = 3;
 const KILLS: usize = 4;
 
-const ENV_TOPIC: &str = "HERALD_CRASH_TOPIC";
-const ENV_GROUP: &str = "HERALD_CRASH_GROUP";
-const ENV_LOG: &str = "HERALD_CRASH_LOG";
-
 /// The child process: a consumer that appends `partition offset key seq` to
 /// a log once per handled record. Only runs when spawned by the test below.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a child process of crash::consumer_killed_at_random_points_loses_nothing"]
 async fn crash_child() {
-    let (Ok(topic), Ok(group), Ok(log)) = (
-        std::env::var(ENV_TOPIC),
-        std::env::var(ENV_GROUP),
-        std::env::var(ENV_LOG),
-    ) else {
+    let Some((topic, group, log)) = child_settings() else {
         return;
     };
     let brokers = herald_test::kafka().expect("kafka").brokers().to_owned();
-    let file = std::sync::Arc::new(std::sync::Mutex::new(
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .expect("log"),
-    ));
+    let file = LineLog::open(&log);
     let router = Router::new().handle::<TestEvent, _>(
         "logger",
         move |TestEvent::Step(step): TestEvent, record: RecordInfo| {
             let file = file.clone();
             async move {
                 tokio::time::sleep(Duration::from_micros(200)).await;
-                // One write per line on an O_APPEND file: a kill never tears it.
-                let line = format!(
-                    "{} {} {} {}\n",
+                file.line(&format!(
+                    "{} {} {} {}",
                     record.partition, record.offset, step.key, step.seq
-                );
-                file.lock()
-                    .expect("lock")
-                    .write_all(line.as_bytes())
-                    .expect("write");
+                ));
                 Ok(())
             }
         },
@@ -69,18 +48,6 @@ async fn crash_child() {
         .run(std::future::pending())
         .await
         .expect("consumer ran");
-}
-
-fn spawn_child(topic: &str, group: &str, log: &Path) -> Child {
-    Command::new(std::env::current_exe().expect("test binary"))
-        .args(["crash::crash_child", "--exact", "--ignored", "--nocapture"])
-        .env(ENV_TOPIC, topic)
-        .env(ENV_GROUP, group)
-        .env(ENV_LOG, log)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn child consumer")
 }
 
 /// Handled (partition, offset) pairs, and how many lines.
@@ -129,7 +96,7 @@ async fn consumer_killed_at_random_points_loses_nothing() {
     let mut rng = rand::thread_rng();
     for kill in 0..KILLS {
         let (_, before) = handled(&log);
-        let mut child = spawn_child(topic.name(), &group, &log);
+        let mut child = spawn_child("crash::crash_child", topic.name(), &group, &log);
         // Kill after a random amount of progress, while records are in flight.
         let target = before + rng.gen_range(500..total / KILLS);
         wait_until("child progress", Duration::from_secs(120), || {
@@ -147,7 +114,7 @@ async fn consumer_killed_at_random_points_loses_nothing() {
         );
     }
 
-    let mut child = spawn_child(topic.name(), &group, &log);
+    let mut child = spawn_child("crash::crash_child", topic.name(), &group, &log);
     wait_until("every record handled", Duration::from_secs(180), || {
         handled(&log).0.len() >= total
     })

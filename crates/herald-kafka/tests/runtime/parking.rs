@@ -5,9 +5,8 @@
 //! the partition over after a SIGKILL knows the key is parked.
 
 use std::collections::BTreeSet;
-use std::io::Write;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +15,6 @@ use herald::HandlerError;
 use herald_kafka::dlq::{latest_per_origin, read_dead_letters, redrive, DeadLetter};
 use herald_kafka::parking::{read_parked, ParkedKey, RedriveAction, DEFAULT_PARKED_TOPIC};
 use herald_kafka::{Consumer, ConsumerConfig, ConsumerStats, RecordInfo, Router};
-use tokio_util::sync::CancellationToken;
 
 use crate::support::*;
 
@@ -118,8 +116,7 @@ async fn a_poison_record_parks_its_key_and_a_redrive_applies_the_key_in_order_on
     let (seen, broken) = (Seen::default(), Arc::new(AtomicBool::new(true)));
     let consumer = consumer(&kafka, topic.name(), &group, &seen, &broken);
     let stats = consumer.stats();
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(consumer.run(stop.clone().cancelled_owned()));
+    let running = Running::start(consumer);
 
     wait_until(
         "the other keys handled and K's three records parked",
@@ -194,8 +191,7 @@ async fn a_poison_record_parks_its_key_and_a_redrive_applies_the_key_in_order_on
     })
     .await;
     assert_eq!(seen.by_key()[POISONED], vec![0, 1, 2, 3, 4], "each once");
-    stop.cancel();
-    task.await.expect("task").expect("consumer ran");
+    running.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -212,8 +208,7 @@ async fn a_discard_unparks_the_key_without_handling_its_records() {
     let (seen, broken) = (Seen::default(), Arc::new(AtomicBool::new(true)));
     let consumer = consumer(&kafka, topic.name(), &group, &seen, &broken);
     let stats = consumer.stats();
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(consumer.run(stop.clone().cancelled_owned()));
+    let running = Running::start(consumer);
     wait_until(
         "K parked with its two later records",
         Duration::from_secs(60),
@@ -237,34 +232,19 @@ async fn a_discard_unparks_the_key_without_handling_its_records() {
     })
     .await;
     assert_eq!(seen.by_key()[POISONED], vec![3], "the discarded never ran");
-    stop.cancel();
-    task.await.expect("task").expect("consumer ran");
+    running.finish().await;
 }
-
-const ENV_TOPIC: &str = "HERALD_PARKING_TOPIC";
-const ENV_GROUP: &str = "HERALD_PARKING_GROUP";
-const ENV_LOG: &str = "HERALD_PARKING_LOG";
 
 /// The child process: the poisoned-key consumer, appending `key seq` per
 /// handled record to a log. Only runs when spawned by the test below.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a child process of parking::a_member_that_takes_over_after_a_sigkill_keeps_the_key_parked"]
 async fn parking_child() {
-    let (Ok(topic), Ok(group), Ok(log)) = (
-        std::env::var(ENV_TOPIC),
-        std::env::var(ENV_GROUP),
-        std::env::var(ENV_LOG),
-    ) else {
+    let Some((topic, group, log)) = child_settings() else {
         return;
     };
     let kafka = herald_test::kafka().expect("kafka");
-    let file = Arc::new(std::sync::Mutex::new(
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .expect("log"),
-    ));
+    let file = LineLog::open(&log);
     let router = Router::new().handle::<TestEvent, _>(
         "logger",
         move |TestEvent::Step(step): TestEvent, _record: RecordInfo| {
@@ -273,11 +253,7 @@ async fn parking_child() {
                 if step.key == POISONED {
                     return Err(HandlerError::permanent("a defect refuses this key"));
                 }
-                let line = format!("{} {}\n", step.key, step.seq);
-                file.lock()
-                    .expect("lock")
-                    .write_all(line.as_bytes())
-                    .expect("write");
+                file.line(&format!("{} {}", step.key, step.seq));
                 Ok(())
             }
         },
@@ -289,23 +265,6 @@ async fn parking_child() {
         .run(std::future::pending())
         .await
         .expect("consumer ran");
-}
-
-fn spawn_child(topic: &str, group: &str, log: &Path) -> Child {
-    Command::new(std::env::current_exe().expect("test binary"))
-        .args([
-            "parking::parking_child",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-        ])
-        .env(ENV_TOPIC, topic)
-        .env(ENV_GROUP, group)
-        .env(ENV_LOG, log)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("child")
 }
 
 fn logged(log: &Path) -> BTreeSet<(String, u64)> {
@@ -334,25 +293,36 @@ async fn a_member_that_takes_over_after_a_sigkill_keeps_the_key_parked() {
         &[step(POISONED, 0), step(POISONED, 1), step("key-a", 0)],
     )
     .await;
-    let mut first = spawn_child(topic.name(), &group, &log);
-    herald_test::poll_until(
-        "the first member parked K behind its dead letter",
-        Duration::from_secs(60),
-        async || {
-            let parked = try_parked_of(&kafka, &group).await?;
-            let handled = logged(&log);
-            match parked.first() {
-                Some(key) if key.offsets.len() == 2 && handled.contains(&("key-a".into(), 0)) => {
-                    Ok(())
+    // Waits until K is parked with `records` records and the other key's
+    // record `seq` was handled, then SIGKILLs the member.
+    let parked_then_kill = async |mut member: Child, records: usize, seq: u64| {
+        herald_test::poll_until(
+            &format!("K parked with {records} records and key-a {seq} handled"),
+            Duration::from_secs(90),
+            async || {
+                let parked = try_parked_of(&kafka, &group).await?;
+                let handled = logged(&log);
+                match parked.first() {
+                    Some(key)
+                        if key.offsets.len() == records
+                            && handled.contains(&("key-a".into(), seq)) =>
+                    {
+                        Ok(())
+                    }
+                    _ => Err(format!("{parked:?} {handled:?}")),
                 }
-                _ => Err(format!("{parked:?} {handled:?}")),
-            }
-        },
+            },
+        )
+        .await;
+        member.kill().expect("SIGKILL");
+        member.wait().expect("reaped");
+    };
+    parked_then_kill(
+        spawn_child("parking::parking_child", topic.name(), &group, &log),
+        2,
+        0,
     )
     .await;
-    first.kill().expect("SIGKILL");
-    first.wait().expect("reaped");
-
     // A new record of K, and one of another key behind it: the member that
     // gets the partition handles the other key and parks K's.
     publish_all(
@@ -361,29 +331,17 @@ async fn a_member_that_takes_over_after_a_sigkill_keeps_the_key_parked() {
         &[step(POISONED, 2), step("key-a", 1)],
     )
     .await;
-    let mut second = spawn_child(topic.name(), &group, &log);
-    herald_test::poll_until(
-        "the second member handled the other key and parked K's new record",
-        Duration::from_secs(90),
-        async || {
-            let parked = try_parked_of(&kafka, &group).await?;
-            let handled = logged(&log);
-            match parked.first() {
-                Some(key) if key.offsets.len() == 3 && handled.contains(&("key-a".into(), 1)) => {
-                    Ok(())
-                }
-                _ => Err(format!("{parked:?} {handled:?}")),
-            }
-        },
+    parked_then_kill(
+        spawn_child("parking::parking_child", topic.name(), &group, &log),
+        3,
+        1,
     )
     .await;
-    second.kill().expect("SIGKILL");
-    second.wait().expect("reaped");
-    let _ = std::fs::remove_file(&log);
     assert!(
         logged(&log).iter().all(|(key, _)| key != POISONED),
         "no record of the parked key was handled"
     );
+    let _ = std::fs::remove_file(&log);
     let letters = letters_of(&kafka, &format!("{}.dlq", topic.name()), &group, POISONED).await;
     let seqs: Vec<(String, Option<String>)> = letters
         .iter()

@@ -88,3 +88,82 @@ pub async fn run_until(
     stop.cancel();
     task.await.expect("task").expect("consumer ran");
 }
+
+/// What a child consumer process is told: its topic, group and log file.
+const CHILD_ENV: [&str; 3] = [
+    "HERALD_CHILD_TOPIC",
+    "HERALD_CHILD_GROUP",
+    "HERALD_CHILD_LOG",
+];
+
+/// Inside a child consumer process: its topic, group and log file; `None`
+/// when the test runs on its own (it is then not a child and does nothing).
+pub fn child_settings() -> Option<(String, String, String)> {
+    let [topic, group, log] = CHILD_ENV.map(|name| std::env::var(name).ok());
+    Some((topic?, group?, log?))
+}
+
+/// Starts this test binary again as a child process that runs only the
+/// ignored test `test` (a consumer the caller SIGKILLs), on `topic` in
+/// `group`, logging to `log`.
+pub fn spawn_child(
+    test: &str,
+    topic: &str,
+    group: &str,
+    log: &std::path::Path,
+) -> std::process::Child {
+    use std::process::Stdio;
+    std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([test, "--exact", "--ignored", "--nocapture"])
+        .env(CHILD_ENV[0], topic)
+        .env(CHILD_ENV[1], group)
+        .env(CHILD_ENV[2], log)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn child consumer")
+}
+
+/// An append-only log a child process writes one line per handled record
+/// to: one write per line on an O_APPEND file, so a SIGKILL never tears one.
+pub struct LineLog(Mutex<std::fs::File>);
+
+impl LineLog {
+    pub fn open(path: &str) -> Arc<Self> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .expect("log");
+        Arc::new(Self(Mutex::new(file)))
+    }
+
+    pub fn line(&self, line: &str) {
+        use std::io::Write;
+        self.0
+            .lock()
+            .expect("lock")
+            .write_all(format!("{line}\n").as_bytes())
+            .expect("write");
+    }
+}
+
+/// A consumer running on its own task until [`Running::finish`].
+pub struct Running {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), herald_kafka::ClientError>>,
+}
+
+impl Running {
+    pub fn start(consumer: Consumer) -> Self {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(consumer.run(stop.clone().cancelled_owned()));
+        Self { stop, task }
+    }
+
+    /// Stops it and asserts that its shutdown succeeded.
+    pub async fn finish(self) {
+        self.stop.cancel();
+        self.task.await.expect("task").expect("consumer ran");
+    }
+}

@@ -200,6 +200,20 @@ async fn poison_an_order(
     }
 }
 
+/// The read model's HTTP status for `order_id`.
+async fn order_status(
+    p: &Pipeline,
+    client: &reqwest::Client,
+    order_id: Uuid,
+) -> reqwest::StatusCode {
+    client
+        .get(format!("{}/orders/{order_id}", p.base))
+        .send()
+        .await
+        .expect("get")
+        .status()
+}
+
 /// Waits until the projection has no parked key.
 async fn wait_unparked(p: &Pipeline) {
     let projection = p.config.group("projection");
@@ -271,12 +285,7 @@ async fn a_poison_order_created_parks_its_order_and_a_replay_applies_both_in_ord
         parked,
     } = poison_an_order(&p, &publisher, &client).await;
     // The shipment was never applied to an order that does not exist.
-    let status = client
-        .get(format!("{}/orders/{order_id}", p.base))
-        .send()
-        .await
-        .expect("get")
-        .status();
+    let status = order_status(&p, &client, order_id).await;
     assert_eq!(status, reqwest::StatusCode::NOT_FOUND);
 
     let ours = projection_letters(&p).await;
@@ -421,12 +430,7 @@ async fn a_record_that_keeps_failing_is_held_back_by_the_loop_guard_and_can_be_d
     assert!(discards
         .iter()
         .all(|h| h["reason"] == "constraint dropped" && h["key"] == order_id.to_string()));
-    let status = client
-        .get(format!("{}/orders/{order_id}", p.base))
-        .send()
-        .await
-        .expect("get")
-        .status();
+    let status = order_status(&p, &client, order_id).await;
     assert_eq!(
         status,
         reqwest::StatusCode::NOT_FOUND,
