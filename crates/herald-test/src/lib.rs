@@ -207,6 +207,18 @@ impl Kafka {
         topic: &str,
         partitions: i32,
     ) -> std::collections::BTreeMap<i32, i64> {
+        self.try_committed(group, topic, partitions)
+            .expect("committed offsets")
+    }
+
+    /// [`Kafka::committed`], or the error of a broker that does not answer
+    /// in time (one just restarted, say): for probes that poll.
+    pub fn try_committed(
+        &self,
+        group: &str,
+        topic: &str,
+        partitions: i32,
+    ) -> Result<std::collections::BTreeMap<i32, i64>, String> {
         use rdkafka::consumer::{BaseConsumer, Consumer};
         let consumer: BaseConsumer = self
             .config()
@@ -217,16 +229,17 @@ impl Kafka {
         for p in 0..partitions {
             tpl.add_partition(topic, p);
         }
-        consumer
+        let committed = consumer
             .committed_offsets(tpl, Duration::from_secs(10))
-            .expect("committed offsets")
+            .map_err(|e| e.to_string())?;
+        Ok(committed
             .elements()
             .iter()
             .filter_map(|e| match e.offset() {
                 rdkafka::Offset::Offset(o) => Some((e.partition(), o)),
                 _ => None,
             })
-            .collect()
+            .collect())
     }
 
     /// The end offset (high watermark) of every partition of `topic`.

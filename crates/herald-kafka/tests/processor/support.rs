@@ -282,8 +282,9 @@ pub async fn wait_all_committed(
     let end = kafka.end_offsets(topic, partitions);
     let start = Instant::now();
     loop {
-        let now = kafka.committed(group, topic, partitions);
-        if now == end {
+        // A broker just restarted may not answer at once: ask again.
+        let now = kafka.try_committed(group, topic, partitions);
+        if now.as_ref() == Ok(&end) {
             return;
         }
         assert!(
