@@ -10,4 +10,3 @@ mod publisher;
 mod rebalance;
 mod shutdown;
 mod support;
-mod trace_context;

@@ -1,5 +1,10 @@
 //! The consumer's span for a record joins the producer's trace: its parent is
 //! the span named by the record's `traceparent` (in-memory span exporter).
+//!
+//! A test binary of its own: tracing caches per call site whether anyone
+//! listens, and with the other runtime tests' consumers running in the same
+//! process on other threads, this test's thread-scoped subscriber sometimes
+//! saw no span at all (once in a full run, never alone).
 
 use std::time::Duration;
 
@@ -9,7 +14,12 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
 use tracing_subscriber::layer::SubscriberExt;
 
-use crate::support::*;
+// The runtime tests' helpers; this binary uses a few of them.
+#[allow(dead_code)]
+#[path = "runtime/support.rs"]
+mod support;
+
+use support::*;
 
 #[tokio::test(flavor = "current_thread")]
 async fn the_consume_span_continues_the_producers_trace() {
