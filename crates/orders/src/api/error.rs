@@ -30,6 +30,9 @@ pub enum ApiError {
     Internal(anyhow::Error),
     /// A dependency is down: 503.
     Unavailable(String),
+    /// A 401 or 403 of the bearer-token authentication, with its
+    /// `WWW-Authenticate` challenge.
+    Auth(super::auth::Rejection),
 }
 
 impl ApiError {
@@ -77,10 +80,13 @@ fn is_unavailable(error: &anyhow::Error) -> bool {
     error
         .chain()
         .any(|cause| match cause.downcast_ref::<sqlx::Error>() {
+            // A TLS session cut in the middle (the connection or its
+            // handshake lost, with TLS on) is the same lost connection.
             Some(
                 sqlx::Error::PoolTimedOut
                 | sqlx::Error::PoolClosed
                 | sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
                 | sqlx::Error::WorkerCrashed,
             ) => true,
             // Class 08: connection exception; 57P01–57P03: admin or crash
@@ -88,7 +94,9 @@ fn is_unavailable(error: &anyhow::Error) -> bool {
             Some(sqlx::Error::Database(db)) => db
                 .code()
                 .is_some_and(|code| code.starts_with("08") || code.starts_with("57P")),
-            _ => false,
+            // An I/O error wrapped in another sqlx error (a protocol or
+            // TLS error whose cause is the socket).
+            _ => cause.downcast_ref::<std::io::Error>().is_some(),
         })
 }
 
@@ -160,6 +168,7 @@ impl IntoResponse for ApiError {
                 );
                 response
             }
+            ApiError::Auth(rejection) => rejection.into_response(),
         }
     }
 }
