@@ -2,10 +2,17 @@
 # Real Apache Kafka (KRaft, single combined node) and PostgreSQL on 127.0.0.1
 # for herald's tests, benchmarks and CI.
 #
-#   scripts/services.sh up       install (first time) and start both; idempotent
-#   scripts/services.sh down     stop what `up` started
-#   scripts/services.sh status   say what runs
-#   scripts/services.sh env      print the environment to use
+#   scripts/services.sh up [--secure]  install (first time) and start both; idempotent
+#   scripts/services.sh down           stop what `up` started
+#   scripts/services.sh status         say what runs
+#   scripts/services.sh env            print the environment to use
+#
+# `up --secure` starts the same services with TLS on as well: a throwaway CA
+# (made here with openssl, in <cache>/tls) signs a certificate for 127.0.0.1
+# and localhost; Kafka gets a SASL_SSL listener (SCRAM-SHA-512 user) on
+# 127.0.0.1:9094 beside the plaintext one, PostgreSQL gets `ssl = on` and a
+# role that may only connect over TLS. `env` then prints what a client needs.
+# The plaintext endpoints stay as they are, so every other test keeps working.
 #
 # Kafka comes from the jars on Maven Central (scripts/kafka/pom.xml, fetched
 # with the machine's Maven) and runs on the machine's Java 17. PostgreSQL comes
@@ -37,6 +44,21 @@ PG_PASSWORD=herald
 PG_DB=herald
 DATABASE_URL="postgres://$PG_USER:$PG_PASSWORD@127.0.0.1:$PG_PORT/$PG_DB"
 
+# --secure: throwaway test credentials, printed by `env` (never use them
+# anywhere else).
+TLS_DIR=$CACHE/tls
+TLS_CA=$TLS_DIR/ca.crt
+KAFKA_SECURE_PORT=9094
+KAFKA_SECURE_BROKERS=127.0.0.1:$KAFKA_SECURE_PORT
+KAFKA_SASL_MECHANISM=SCRAM-SHA-512
+KAFKA_SASL_USERNAME=herald
+KAFKA_SASL_PASSWORD=herald-scram-secret
+KAFKA_MODE=$KAFKA_HOME/mode
+PG_TLS_USER=herald_tls
+PG_TLS_PASSWORD=herald-tls-secret
+DATABASE_URL_TLS="postgres://$PG_TLS_USER:$PG_TLS_PASSWORD@localhost:$PG_PORT/$PG_DB?sslmode=verify-full&sslrootcert=$TLS_CA"
+SECURE=0
+
 log() { printf '[services] %s\n' "$*" >&2; }
 fail() {
   # $1 = step, $2 = log file to read
@@ -58,6 +80,33 @@ pg_bindir() {
 }
 
 as_postgres() { runuser -u postgres -- "$@"; }
+
+# ---------------------------------------------------------------- TLS
+
+# A CA and one server certificate (127.0.0.1 and localhost), made once. The
+# PKCS#12 keystore is the same key and certificate for Kafka's JVM.
+tls_material() {
+  if [[ -f "$TLS_DIR/.complete" ]]; then return 0; fi
+  command -v openssl >/dev/null || fail "tls: openssl not found"
+  rm -rf "$TLS_DIR" && mkdir -p "$TLS_DIR"
+  log "tls: making a throwaway CA and a server certificate in $TLS_DIR"
+  {
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=herald test CA" \
+      -keyout "$TLS_DIR/ca.key" -out "$TLS_CA" &&
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+      -keyout "$TLS_DIR/server.key" -out "$TLS_DIR/server.csr" &&
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n' >"$TLS_DIR/server.ext" &&
+    openssl x509 -req -in "$TLS_DIR/server.csr" -CA "$TLS_CA" -CAkey "$TLS_DIR/ca.key" \
+      -CAcreateserial -days 3650 -extfile "$TLS_DIR/server.ext" -out "$TLS_DIR/server.crt" &&
+    openssl pkcs12 -export -in "$TLS_DIR/server.crt" -inkey "$TLS_DIR/server.key" \
+      -name kafka -passout pass:herald-keystore -out "$TLS_DIR/server.p12"
+  } >"$TLS_DIR/make.log" 2>&1 || fail "tls: openssl" "$TLS_DIR/make.log"
+  # PostgreSQL refuses a key that others can read.
+  cp "$TLS_DIR/server.key" "$TLS_DIR/postgres.key" && cp "$TLS_DIR/server.crt" "$TLS_DIR/postgres.crt"
+  chown postgres:postgres "$TLS_DIR/postgres.key" "$TLS_DIR/postgres.crt" 2>/dev/null || true
+  chmod 600 "$TLS_DIR/postgres.key"
+  touch "$TLS_DIR/.complete"
+}
 
 # ---------------------------------------------------------------- Kafka
 
@@ -90,6 +139,23 @@ kafka_configure() {
       -e "s:@KAFKA_PORT@:$KAFKA_PORT:g" \
       -e "s:@KAFKA_CONTROLLER_PORT@:$KAFKA_CONTROLLER_PORT:g" \
       "$ROOT/scripts/kafka/server.properties" >"$KAFKA_HOME/config/server.properties"
+  if ((SECURE)); then
+    # Later keys win in a Java properties file: this block widens the
+    # listeners of the template above.
+    cat >>"$KAFKA_HOME/config/server.properties" <<PROPERTIES
+
+# --secure (scripts/services.sh): a SASL_SSL listener beside the plaintext one.
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT,SASL_SSL://127.0.0.1:$KAFKA_SECURE_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,SASL_SSL://127.0.0.1:$KAFKA_SECURE_PORT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL
+sasl.enabled.mechanisms=$KAFKA_SASL_MECHANISM
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+ssl.keystore.type=PKCS12
+ssl.keystore.location=$TLS_DIR/server.p12
+ssl.keystore.password=herald-keystore
+ssl.key.password=herald-keystore
+PROPERTIES
+  fi
 }
 
 kafka_running_pid() {
@@ -103,10 +169,26 @@ kafka_metadata_ok() {
   kafka_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$KAFKA_BROKERS" --list >/dev/null 2>&1
 }
 
+# The SCRAM user of the SASL_SSL listener, set through the plaintext one
+# (KRaft keeps SCRAM credentials in its metadata log; setting it again is a
+# no-op change).
+kafka_scram_user() {
+  kafka_tool org.apache.kafka.tools.ConfigCommand --bootstrap-server "$KAFKA_BROKERS" --alter \
+    --add-config "$KAFKA_SASL_MECHANISM=[iterations=4096,password=$KAFKA_SASL_PASSWORD]" \
+    --entity-type users --entity-name "$KAFKA_SASL_USERNAME" >"$KAFKA_LOGS/scram.log" 2>&1 \
+    || fail "kafka: creating the SCRAM user $KAFKA_SASL_USERNAME" "$KAFKA_LOGS/scram.log"
+}
+
 kafka_up() {
   if kafka_running_pid >/dev/null; then
-    log "kafka: already running (pid $(cat "$KAFKA_PID"))"
-    return 0
+    if ((SECURE)) && [[ "$(cat "$KAFKA_MODE" 2>/dev/null)" != secure ]]; then
+      # Started without the SASL_SSL listener: restart with it (data kept).
+      log "kafka: restarting with the SASL_SSL listener (--secure)"
+      kafka_down
+    else
+      log "kafka: already running (pid $(cat "$KAFKA_PID"))"
+      return 0
+    fi
   fi
   if port_open "$KAFKA_PORT"; then
     # Not ours, but usable if it speaks Kafka: use it instead of fighting for the port.
@@ -143,6 +225,16 @@ kafka_up() {
     ((SECONDS < deadline)) || fail "kafka: no answer to a metadata request within 120 s" "$KAFKA_LOGS/server.log"
     sleep 1
   done
+  if ((SECURE)); then
+    kafka_scram_user
+    until port_open "$KAFKA_SECURE_PORT"; do
+      ((SECONDS < deadline)) || fail "kafka: SASL_SSL listener not open within 120 s" "$KAFKA_LOGS/server.log"
+      sleep 0.5
+    done
+    echo secure >"$KAFKA_MODE"
+  else
+    echo plain >"$KAFKA_MODE"
+  fi
   log "kafka: up (log: $KAFKA_LOGS/server.log)"
 }
 
@@ -220,6 +312,40 @@ pg_provision() {
     || fail "postgres: cannot connect as $DATABASE_URL" "$PG_LOG"
 }
 
+# ssl = on with the throwaway certificate (a reload applies it), and a role
+# that pg_hba.conf lets in over TLS only, so a test that reaches the database
+# as it proves the connection was encrypted.
+pg_secure() {
+  local data hba
+  data=$(cat "$PG_MARKER" 2>/dev/null || echo "$PG_DATA")
+  hba=$data/pg_hba.conf
+  [[ -f "$hba" ]] || fail "postgres --secure: $hba not found (a server not started by this script cannot be reconfigured)"
+  as_postgres psql -h "$PG_SOCKET_DIR" -p "$PG_PORT" -v ON_ERROR_STOP=1 -Atq >"$CACHE/postgres-secure.log" 2>&1 <<SQL || fail "postgres --secure: ssl settings and role $PG_TLS_USER" "$CACHE/postgres-secure.log"
+ALTER SYSTEM SET ssl = on;
+ALTER SYSTEM SET ssl_cert_file = '$TLS_DIR/postgres.crt';
+ALTER SYSTEM SET ssl_key_file = '$TLS_DIR/postgres.key';
+DO \$\$ BEGIN
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$PG_TLS_USER') THEN
+    CREATE ROLE $PG_TLS_USER LOGIN CREATEDB PASSWORD '$PG_TLS_PASSWORD';
+  END IF;
+END \$\$;
+GRANT $PG_USER TO $PG_TLS_USER;
+SQL
+  if ! grep -q "herald --secure" "$hba"; then
+    { printf '# herald --secure: %s connects over TLS only\n' "$PG_TLS_USER"
+      printf 'hostnossl all %s 127.0.0.1/32 reject\n' "$PG_TLS_USER"
+      printf 'hostnossl all %s ::1/128 reject\n' "$PG_TLS_USER"
+      cat "$hba"; } >"$hba.new" && chown postgres:postgres "$hba.new" && mv "$hba.new" "$hba"
+  fi
+  as_postgres psql -h "$PG_SOCKET_DIR" -p "$PG_PORT" -Atqc 'SELECT pg_reload_conf()' >>"$CACHE/postgres-secure.log" 2>&1 \
+    || fail "postgres --secure: reload" "$CACHE/postgres-secure.log"
+  local deadline=$((SECONDS + 30))
+  until [[ "$(as_postgres psql -h "$PG_SOCKET_DIR" -p "$PG_PORT" -Atqc 'SHOW ssl' 2>/dev/null)" == on ]]; do
+    ((SECONDS < deadline)) || fail "postgres --secure: ssl still off after a reload" "$PG_LOG"
+    sleep 0.2
+  done
+}
+
 pg_up() {
   mkdir -p "$CACHE"
   pg_install
@@ -234,6 +360,7 @@ pg_up() {
     sleep 0.5
   done
   pg_provision
+  if ((SECURE)); then pg_secure; fi
   log "postgres: up (log: $PG_LOG)"
 }
 
@@ -255,12 +382,26 @@ pg_down() {
 print_env() {
   echo "KAFKA_BROKERS=$KAFKA_BROKERS"
   echo "DATABASE_URL=$DATABASE_URL"
+  if [[ "$(cat "$KAFKA_MODE" 2>/dev/null)" == secure ]]; then
+    # A client of the secure services passes these librdkafka settings
+    # (orders: --kafka-setting key=value, or KAFKA_SETTINGS=k=v,k=v) and
+    # DATABASE_URL_TLS as its DATABASE_URL.
+    echo "KAFKA_SECURE_BROKERS=$KAFKA_SECURE_BROKERS"
+    echo "KAFKA_SECURITY_PROTOCOL=SASL_SSL"
+    echo "KAFKA_SASL_MECHANISM=$KAFKA_SASL_MECHANISM"
+    echo "KAFKA_SASL_USERNAME=$KAFKA_SASL_USERNAME"
+    echo "KAFKA_SASL_PASSWORD=$KAFKA_SASL_PASSWORD"
+    echo "HERALD_TLS_CA=$TLS_CA"
+    echo "DATABASE_URL_TLS=$DATABASE_URL_TLS"
+  fi
 }
 
 status() {
   local rc=0 pid
   if pid=$(kafka_running_pid); then
-    echo "kafka:    running (pid $pid, $KAFKA_BROKERS, version $KAFKA_VERSION, log $KAFKA_LOGS/server.log)"
+    local secure=""
+    [[ "$(cat "$KAFKA_MODE" 2>/dev/null)" == secure ]] && secure=", SASL_SSL on $KAFKA_SECURE_BROKERS"
+    echo "kafka:    running (pid $pid, $KAFKA_BROKERS$secure, version $KAFKA_VERSION, log $KAFKA_LOGS/server.log)"
   elif port_open "$KAFKA_PORT"; then
     echo "kafka:    something not started by this script listens on $KAFKA_BROKERS"
   else
@@ -282,7 +423,13 @@ status() {
 
 case "${1:-}" in
   up)
+    case "${2:-}" in
+      "") ;;
+      --secure) SECURE=1 ;;
+      *) echo "usage: $0 up [--secure]" >&2; exit 2 ;;
+    esac
     started=$SECONDS
+    if ((SECURE)); then tls_material; fi
     pg_up
     kafka_up
     log "ready in $((SECONDS - started)) s; use:"
@@ -295,7 +442,7 @@ case "${1:-}" in
   status) status ;;
   env) print_env ;;
   *)
-    echo "usage: $0 up|down|status|env" >&2
+    echo "usage: $0 up [--secure]|down|status|env" >&2
     exit 2
     ;;
 esac
