@@ -21,6 +21,7 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::auth::{Auth, AuthConfig};
 use crate::api::{self, AppState};
 use crate::cli::SettingsArgs;
 use crate::db::{self, Topics};
@@ -76,6 +77,9 @@ pub struct Config {
     pub db_pool: u32,
     /// Apply migrations at start.
     pub migrate: bool,
+    /// How the API authenticates callers (checked when the process serves
+    /// the API).
+    pub auth: AuthConfig,
 }
 
 impl std::fmt::Debug for Config {
@@ -103,6 +107,7 @@ impl std::fmt::Debug for Config {
             .field("http_addr", &self.http_addr)
             .field("kafka_settings", &keys)
             .field("topics", &self.topics)
+            .field("auth", &self.auth)
             .finish_non_exhaustive()
     }
 }
@@ -197,6 +202,7 @@ impl Config {
             inbox_retention: Duration::from_secs(args.inbox_retention_hours * 3600),
             db_pool: args.db_pool,
             migrate: true,
+            auth: AuthConfig::from_args(&args.auth, embedded)?,
         })
     }
 
@@ -447,6 +453,11 @@ pub struct Application {
     metrics: Arc<Metrics>,
     /// The embedded mode's in-process Kafka; dropped after everything else.
     mock_cluster: Option<EmbeddedKafka>,
+    /// The API's authentication.
+    auth: Auth,
+    /// An API process's `--metrics-addr` listener (its /metrics is then
+    /// served there, not on the public port).
+    metrics_listener: Option<TcpListener>,
 }
 
 /// librdkafka's in-process mock cluster, kept on a thread of its own (the
@@ -587,6 +598,20 @@ fn consumer_router(kind: ConsumerKind, store: &Store, group: String) -> Router {
     }
 }
 
+/// The banner of an API on real services without authentication.
+fn no_auth_banner(config: &Config, port: u16) -> String {
+    format!(
+        "\n  ================================================================\n  \
+         orders: AUTHENTICATION IS OFF (--auth none / ORDERS_AUTH=none)\n  \
+         api       http://{ip}:{port}\n  \
+         Anyone who reaches this port may place, read, cancel and ship\n  \
+         any customer's orders. Set ORDERS_JWT_SECRET (--jwt-secret) or\n  \
+         ORDERS_JWT_PUBLIC_KEY (--jwt-public-key) and drop --auth none.\n  \
+         ================================================================\n",
+        ip = config.http_addr.ip(),
+    )
+}
+
 /// The development-mode banner: what runs where, and that it is not for
 /// production.
 fn banner(config: &Config, port: u16) -> String {
@@ -616,6 +641,12 @@ impl Application {
     /// cluster), migrates (if configured), creates topics, and binds the
     /// listening socket (port 0 picks a free one: see [`Application::port`]).
     pub async fn build(mut config: Config, components: Components) -> anyhow::Result<Self> {
+        // First: a missing or bad key fails the start-up before connecting.
+        let auth = if components.api {
+            config.auth.build()?
+        } else {
+            Auth::None
+        };
         let mock_cluster = if config.embedded {
             let kafka = EmbeddedKafka::start(topic_plan(&config))?;
             config.brokers = kafka.bootstrap_servers().to_owned();
@@ -645,10 +676,23 @@ impl Application {
         let listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding {addr} (HTTP_ADDR / METRICS_ADDR)"))?;
+        // Off the public port, so that it can be kept from the callers.
+        let metrics_listener = match (components.api, config.metrics_addr) {
+            (true, Some(addr)) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding {addr} (METRICS_ADDR / --metrics-addr)"))?,
+            ),
+            _ => None,
+        };
         if config.embedded {
             let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
             println!("{}", banner(&config, port));
             tracing::warn!("embedded development mode: not for production");
+        } else if components.api && matches!(auth, Auth::None) {
+            let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
+            println!("{}", no_auth_banner(&config, port));
+            tracing::warn!("authentication is off (--auth none): anyone may act as any customer");
         }
         Ok(Self {
             listener,
@@ -658,7 +702,15 @@ impl Application {
             publisher,
             metrics: Arc::default(),
             mock_cluster,
+            auth,
+            metrics_listener,
         })
+    }
+
+    /// The `--metrics-addr` port of an API process given one.
+    pub fn metrics_port(&self) -> Option<u16> {
+        let listener = self.metrics_listener.as_ref()?;
+        listener.local_addr().ok().map(|a| a.port())
     }
 
     /// The bound port.
@@ -692,6 +744,8 @@ impl Application {
             publisher,
             metrics,
             mock_cluster,
+            auth,
+            metrics_listener,
         } = self;
         let mut tasks = tokio::task::JoinSet::new();
         let mut consumers = Vec::new();
@@ -863,12 +917,23 @@ impl Application {
             metrics,
             consumers,
             health,
+            auth,
         };
-        let app = if components.api {
-            api::router(state)
-        } else {
-            api::ops_router(state)
+        // Only an API process has a metrics listener of its own.
+        let app = match &metrics_listener {
+            Some(_) => api::router_without_metrics(state.clone()),
+            None if components.api => api::router(state.clone()),
+            None => api::ops_router(state.clone()),
         };
+        if let Some(listener) = metrics_listener {
+            let (ops, stop) = (api::ops_router(state), shutdown.clone());
+            tasks.spawn(async move {
+                axum::serve(listener, ops)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await
+                    .context("serving the metrics port (METRICS_ADDR)")
+            });
+        }
         let stop = shutdown.clone();
         tasks.spawn(async move {
             axum::serve(listener, app)

@@ -2,6 +2,7 @@
 //! a bad value fails at start-up with a message naming the setting.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -52,6 +53,9 @@ pub enum Command {
     },
     /// Post orders to the API and measure until the read model has them all.
     Load(LoadArgs),
+    /// Print a bearer token for trying the API (signed with --jwt-secret,
+    /// or --jwt-private-key).
+    Token(TokenArgs),
 }
 
 /// The consumers of `orders worker`.
@@ -205,6 +209,69 @@ pub struct LoadArgs {
     /// Give up waiting for the read model after this many seconds.
     #[arg(long, default_value_t = 300)]
     pub timeout_secs: u64,
+    /// Sign the synthetic customers' tokens with this PEM private key (RSA:
+    /// RS256, P-256: ES256) instead of --jwt-secret (HS256). Without
+    /// either, requests carry no token (for an API run with --auth none).
+    #[arg(long, env = "ORDERS_JWT_PRIVATE_KEY")]
+    pub jwt_private_key: Option<PathBuf>,
+}
+
+/// `orders token`
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// The customer (the token's subject).
+    #[arg(long)]
+    pub customer: uuid::Uuid,
+    /// A scope to grant (repeatable; e.g. orders:ship).
+    #[arg(long = "scope")]
+    pub scopes: Vec<String>,
+    /// Valid this many seconds.
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub ttl_secs: u64,
+    /// Sign with this PEM private key (RSA: RS256, P-256: ES256) instead of
+    /// --jwt-secret (HS256).
+    #[arg(long, env = "ORDERS_JWT_PRIVATE_KEY")]
+    pub jwt_private_key: Option<PathBuf>,
+}
+
+/// How the API authenticates (`orders run` and `orders api` use these; the
+/// other subcommands ignore them, but for `orders load` and `orders token`,
+/// which sign with the secret). Its Debug output redacts the secret.
+#[derive(Clone, Args)]
+pub struct AuthArgs {
+    /// `jwt`: the order routes need `Authorization: Bearer <JWT>`; `none`:
+    /// no authentication, anyone acts as any customer [default: jwt; none
+    /// in the embedded development mode unless a key is given].
+    #[arg(long = "auth", env = "ORDERS_AUTH", value_enum, global = true)]
+    pub mode: Option<crate::api::auth::AuthMode>,
+    /// The HS256 shared secret (at least 32 bytes). Never logged.
+    #[arg(long, env = "ORDERS_JWT_SECRET", global = true, hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// A PEM file of the issuer's public key: RSA for RS256, P-256 for
+    /// ES256 (instead of --jwt-secret).
+    #[arg(long, env = "ORDERS_JWT_PUBLIC_KEY", global = true)]
+    pub jwt_public_key: Option<PathBuf>,
+    /// When set, tokens need this `iss`.
+    #[arg(long, env = "ORDERS_JWT_ISSUER", global = true)]
+    pub jwt_issuer: Option<String>,
+    /// When set, tokens need this `aud`.
+    #[arg(long, env = "ORDERS_JWT_AUDIENCE", global = true)]
+    pub jwt_audience: Option<String>,
+}
+
+impl std::fmt::Debug for AuthArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthArgs")
+            .field("mode", &self.mode)
+            .field(
+                "jwt_secret",
+                &self.jwt_secret.as_ref().map(|_| "[redacted]"),
+            )
+            .field("jwt_public_key", &self.jwt_public_key)
+            .field("jwt_issuer", &self.jwt_issuer)
+            .field("jwt_audience", &self.jwt_audience)
+            .finish()
+    }
 }
 
 /// Log line format.
@@ -235,7 +302,8 @@ pub struct SettingsArgs {
     )]
     pub http_addr: SocketAddr,
     /// Where relay and worker processes serve /metrics, /healthz and /readyz
-    /// (default: HTTP_ADDR's port + 1; 0 picks a free port).
+    /// (default: HTTP_ADDR's port + 1; 0 picks a free port). Given to a
+    /// process with the API, /metrics moves there off the public port.
     #[arg(long, env = "METRICS_ADDR", global = true)]
     pub metrics_addr: Option<SocketAddr>,
     /// A librdkafka setting passed through to every client, `key=value`
@@ -346,6 +414,9 @@ pub struct SettingsArgs {
     /// Log format (level from RUST_LOG).
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
+    /// Authentication of the order routes.
+    #[command(flatten)]
+    pub auth: AuthArgs,
 }
 
 fn parse_key_value(s: &str) -> Result<(String, String), String> {
@@ -433,6 +504,77 @@ mod tests {
         };
         assert_eq!((args.orders, args.rate, args.concurrency), (10, 5, 4));
         assert_eq!(args.api.as_deref(), Some("http://x"));
+    }
+
+    #[test]
+    fn auth_flags_are_global_and_the_secret_stays_out_of_debug_output() {
+        use crate::api::auth::AuthMode;
+        const SECRET: &str = "a-cli-test-secret-of-32-bytes-or-more";
+        // Empty brokers and URL: the embedded mode, whatever the
+        // environment says.
+        let embedded = ["--kafka-brokers", "", "--database-url", ""];
+        let real = [
+            "--kafka-brokers",
+            "k:9092",
+            "--database-url",
+            "postgres://u:p@h/db",
+        ];
+        let parse = |args: &[&str]| {
+            let mut all = vec!["orders"];
+            all.extend_from_slice(args);
+            Cli::try_parse_from(all).expect("parses")
+        };
+        let cli = parse(&[&real[..], &["api", "--jwt-secret", SECRET]].concat());
+        let config = crate::app::Config::from_args(&cli.settings).expect("config");
+        assert_eq!(config.auth.mode, AuthMode::Jwt);
+        let shown = format!("{cli:?} {config:?}");
+        assert!(!shown.contains(SECRET), "{shown}");
+
+        // Defaults: jwt on real services (the key is checked by the API
+        // only), none in the embedded mode unless a key is given.
+        let cli = parse(&[&real[..], &["relay"]].concat());
+        let config = crate::app::Config::from_args(&cli.settings).expect("config");
+        assert_eq!(config.auth.mode, AuthMode::Jwt);
+        let cli = parse(&[&embedded[..], &["--jwt-secret", ""]].concat());
+        let config = crate::app::Config::from_args(&cli.settings).expect("config");
+        assert_eq!(config.auth.mode, AuthMode::None);
+        let cli = parse(&[&embedded[..], &["--jwt-secret", SECRET]].concat());
+        let config = crate::app::Config::from_args(&cli.settings).expect("config");
+        assert_eq!(config.auth.mode, AuthMode::Jwt);
+        let cli = parse(&[&real[..], &["run", "--auth", "none"]].concat());
+        let config = crate::app::Config::from_args(&cli.settings).expect("config");
+        assert_eq!(config.auth.mode, AuthMode::None);
+
+        let err = Cli::try_parse_from(["orders", "--auth", "basic"]).expect_err("bad mode");
+        assert!(err.to_string().contains("--auth"), "{err}");
+    }
+
+    #[test]
+    fn token_and_load_take_their_keys() {
+        let id = uuid::Uuid::new_v4().to_string();
+        let cli = Cli::try_parse_from([
+            "orders",
+            "token",
+            "--customer",
+            &id,
+            "--scope",
+            "orders:ship",
+            "--jwt-secret",
+            "s",
+        ])
+        .expect("parses");
+        let Some(Command::Token(args)) = cli.command else {
+            panic!("not token");
+        };
+        assert_eq!(args.customer.to_string(), id);
+        assert_eq!(args.scopes, ["orders:ship"]);
+        assert_eq!(cli.settings.auth.jwt_secret.as_deref(), Some("s"));
+        let cli =
+            Cli::try_parse_from(["orders", "load", "--jwt-private-key", "k.pem"]).expect("parses");
+        let Some(Command::Load(args)) = cli.command else {
+            panic!("not load");
+        };
+        assert_eq!(args.jwt_private_key, Some(PathBuf::from("k.pem")));
     }
 
     #[test]

@@ -310,11 +310,14 @@ pub(crate) fn new_order(order: &NewOrder, now: DateTime<Utc>) -> (OrderView, Ord
 }
 
 /// Moves an order along the state machine; the change and its event commit
-/// together.
+/// together. With `owner`, an order of another customer is
+/// [`TransitionOutcome::NotFound`] (the API's authorization: it does not
+/// tell others' orders from missing ones).
 pub async fn transition(
     pool: &PgPool,
     topics: &Topics,
     order_id: Uuid,
+    owner: Option<Uuid>,
     to: Transition,
     trace: Option<TraceContext>,
 ) -> Result<TransitionOutcome, DbError> {
@@ -334,6 +337,9 @@ pub async fn transition(
         return Ok(TransitionOutcome::NotFound);
     };
     let mut view = view_from_row(&row, false)?;
+    if owner.is_some_and(|owner| owner != view.customer_id) {
+        return Ok(TransitionOutcome::NotFound);
+    }
     let next = match to {
         Transition::Ship => OrderStatus::Shipped,
         Transition::Cancel(_) => OrderStatus::Cancelled,

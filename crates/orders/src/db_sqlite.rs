@@ -174,6 +174,7 @@ pub async fn transition(
     pool: &SqlitePool,
     topics: &Topics,
     order_id: Uuid,
+    owner: Option<Uuid>,
     to: Transition,
     trace: Option<TraceContext>,
 ) -> Result<TransitionOutcome, DbError> {
@@ -192,6 +193,9 @@ pub async fn transition(
         return Ok(TransitionOutcome::NotFound);
     };
     let mut view = view_from_row(&row, false)?;
+    if owner.is_some_and(|owner| owner != view.customer_id) {
+        return Ok(TransitionOutcome::NotFound);
+    }
     let next = match to {
         Transition::Ship => OrderStatus::Shipped,
         Transition::Cancel(_) => OrderStatus::Cancelled,

@@ -8,8 +8,9 @@
 //!   idempotency keys, read model, notifications) and migrations.
 //! - [`db_sqlite`]: the same on SQLite, for the embedded development mode;
 //!   [`store`] picks one.
-//! - [`api`]: the axum routes, the error shape, the strict JSON extractor,
-//!   health/readiness/metrics, OpenAPI.
+//! - [`api`]: the axum routes, bearer-JWT authentication and per-customer
+//!   authorization ([`api::auth`]), the error shape, the strict JSON
+//!   extractor, health/readiness/metrics, OpenAPI.
 //! - [`app`]: typed config and [`app::Application`], which runs the parts of
 //!   one process (API, relay, consumers) under one shutdown signal.
 //! - [`dlq`]: `orders dlq list|replay`.

@@ -5,6 +5,10 @@
 //! Latency of an order is its read-model `projected_at` (set by the
 //! projection when it applied `OrderCreated`) minus the moment its POST was
 //! sent. Both clocks are this machine's when the service runs here.
+//!
+//! Given a [`TokenSigner`], each synthetic customer gets a bearer token of
+//! its own (`sub` = its id, no scopes: the load only places and reads its
+//! orders), minted once before the run.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,7 +20,30 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::Rng;
 use uuid::Uuid;
 
+use crate::api::auth::TokenSigner;
 use crate::cli::LoadArgs;
+
+/// How many synthetic customers place the orders.
+const CUSTOMERS: usize = 100;
+
+/// An order posted: its id, its customer (an index in the customers), and
+/// when its POST was sent.
+type Posted = (Uuid, usize, DateTime<Utc>);
+
+/// One synthetic customer: its id and, with authentication, its token.
+struct Customer {
+    id: Uuid,
+    authorization: Option<String>,
+}
+
+impl Customer {
+    fn authorize(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.authorization {
+            Some(value) => request.header(reqwest::header::AUTHORIZATION, value),
+            None => request,
+        }
+    }
+}
 
 /// What a load run measured.
 #[derive(Debug, Clone)]
@@ -52,7 +79,7 @@ impl std::fmt::Display for LoadReport {
     }
 }
 
-fn order_body(customers: &[Uuid]) -> serde_json::Value {
+fn order_body(customer: Uuid) -> serde_json::Value {
     let mut rng = rand::thread_rng();
     let items: Vec<serde_json::Value> = (0..rng.gen_range(1..=3))
         .map(|i| {
@@ -64,7 +91,7 @@ fn order_body(customers: &[Uuid]) -> serde_json::Value {
         })
         .collect();
     serde_json::json!({
-        "customer_id": customers[rng.gen_range(0..customers.len())],
+        "customer_id": customer,
         "currency": "EUR",
         "items": items,
     })
@@ -79,8 +106,13 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// Runs the load against `api` (e.g. `http://127.0.0.1:8080`), prints the
-/// one-line summary and returns the figures.
-pub async fn run(api: &str, args: &LoadArgs) -> anyhow::Result<LoadReport> {
+/// one-line summary and returns the figures. With `signer`, requests carry
+/// the synthetic customers' tokens.
+pub async fn run(
+    api: &str,
+    args: &LoadArgs,
+    signer: Option<&TokenSigner>,
+) -> anyhow::Result<LoadReport> {
     if args.orders == 0 || args.concurrency == 0 {
         bail!("--orders and --concurrency must be at least 1");
     }
@@ -90,7 +122,19 @@ pub async fn run(api: &str, args: &LoadArgs) -> anyhow::Result<LoadReport> {
         .timeout(Duration::from_secs(30))
         .build()
         .context("building the HTTP client")?;
-    let customers: Arc<Vec<Uuid>> = Arc::new((0..100).map(|_| Uuid::new_v4()).collect());
+    // Valid for the whole run however long it takes: a benchmark's tokens.
+    let ttl = Duration::from_secs(24 * 3600 + args.timeout_secs);
+    let customers: Arc<Vec<Customer>> = Arc::new(
+        (0..CUSTOMERS)
+            .map(|_| {
+                let id = Uuid::new_v4();
+                let authorization = signer
+                    .map(|s| s.mint(id, &[], ttl).map(|t| format!("Bearer {t}")))
+                    .transpose()?;
+                anyhow::Ok(Customer { id, authorization })
+            })
+            .collect::<anyhow::Result<_>>()?,
+    );
     let bar = ProgressBar::new(args.orders as u64);
     bar.set_style(
         ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})")
@@ -101,7 +145,7 @@ pub async fn run(api: &str, args: &LoadArgs) -> anyhow::Result<LoadReport> {
 
     let started = Instant::now();
     let interval = (args.rate > 0).then(|| Duration::from_secs_f64(1.0 / f64::from(args.rate)));
-    let posted: Vec<anyhow::Result<(Uuid, DateTime<Utc>)>> = futures::stream::iter(0..args.orders)
+    let posted: Vec<anyhow::Result<Posted>> = futures::stream::iter(0..args.orders)
         .map(|i| {
             let (client, api, customers, bar) = (
                 client.clone(),
@@ -115,17 +159,25 @@ pub async fn run(api: &str, args: &LoadArgs) -> anyhow::Result<LoadReport> {
                     let due = started + interval.mul_f64(i as f64);
                     tokio::time::sleep_until(due.into()).await;
                 }
+                let who = rand::thread_rng().gen_range(0..customers.len());
+                let customer = &customers[who];
                 let sent_at = Utc::now();
-                let response = client
-                    .post(format!("{api}/orders"))
+                let response = customer
+                    .authorize(client.post(format!("{api}/orders")))
                     .header("Idempotency-Key", Uuid::new_v4().to_string())
-                    .json(&order_body(&customers))
+                    .json(&order_body(customer.id))
                     .send()
                     .await
                     .context("POST /orders")?;
                 let status = response.status();
                 let body: serde_json::Value =
                     response.json().await.context("reading the POST answer")?;
+                if status == reqwest::StatusCode::UNAUTHORIZED && customer.authorization.is_none() {
+                    bail!(
+                        "POST /orders answered {status}: the API wants bearer tokens; give \
+                         ORDERS_JWT_SECRET (--jwt-secret) or --jwt-private-key to mint them: {body}"
+                    );
+                }
                 if status != reqwest::StatusCode::CREATED {
                     bail!("POST /orders answered {status}: {body}");
                 }
@@ -134,13 +186,13 @@ pub async fn run(api: &str, args: &LoadArgs) -> anyhow::Result<LoadReport> {
                     .and_then(|s| Uuid::parse_str(s).ok())
                     .context("the POST answer has no id")?;
                 bar.inc(1);
-                Ok((id, sent_at))
+                Ok((id, who, sent_at))
             }
         })
         .buffer_unordered(args.concurrency)
         .collect()
         .await;
-    let posted: Vec<(Uuid, DateTime<Utc>)> = posted.into_iter().collect::<anyhow::Result<_>>()?;
+    let posted: Vec<Posted> = posted.into_iter().collect::<anyhow::Result<_>>()?;
 
     bar.set_position(0);
     bar.set_message("projected");
@@ -155,35 +207,38 @@ pub async fn run(api: &str, args: &LoadArgs) -> anyhow::Result<LoadReport> {
                 args.timeout_secs
             );
         }
-        let checks: Vec<(Uuid, DateTime<Utc>, Option<DateTime<Utc>>)> =
-            futures::stream::iter(pending.clone())
-                .map(|(id, sent_at)| {
-                    let (client, api) = (client.clone(), api.clone());
-                    async move {
-                        let found = async {
-                            let response =
-                                client.get(format!("{api}/orders/{id}")).send().await.ok()?;
-                            if !response.status().is_success() {
-                                return None;
-                            }
-                            let body: serde_json::Value = response.json().await.ok()?;
-                            body["projected_at"].as_str()?.parse::<DateTime<Utc>>().ok()
+        let checks: Vec<(Posted, Option<DateTime<Utc>>)> = futures::stream::iter(pending.clone())
+            .map(|(id, who, sent_at)| {
+                let (client, api, customers) =
+                    (client.clone(), api.clone(), Arc::clone(&customers));
+                async move {
+                    let found = async {
+                        let response = customers[who]
+                            .authorize(client.get(format!("{api}/orders/{id}")))
+                            .send()
+                            .await
+                            .ok()?;
+                        if !response.status().is_success() {
+                            return None;
                         }
-                        .await;
-                        (id, sent_at, found)
+                        let body: serde_json::Value = response.json().await.ok()?;
+                        body["projected_at"].as_str()?.parse::<DateTime<Utc>>().ok()
                     }
-                })
-                .buffer_unordered(args.concurrency)
-                .collect()
-                .await;
+                    .await;
+                    ((id, who, sent_at), found)
+                }
+            })
+            .buffer_unordered(args.concurrency)
+            .collect()
+            .await;
         pending.clear();
-        for (id, sent_at, found) in checks {
+        for (order, found) in checks {
             match found {
                 Some(at) => {
-                    projected.push((sent_at, at));
+                    projected.push((order.2, at));
                     bar.inc(1);
                 }
-                None => pending.push((id, sent_at)),
+                None => pending.push(order),
             }
         }
         if !pending.is_empty() {
@@ -194,7 +249,7 @@ pub async fn run(api: &str, args: &LoadArgs) -> anyhow::Result<LoadReport> {
 
     let first_sent = posted
         .iter()
-        .map(|(_, t)| *t)
+        .map(|(_, _, t)| *t)
         .min()
         .unwrap_or_else(Utc::now);
     let last_projected = projected
@@ -218,7 +273,7 @@ pub async fn run(api: &str, args: &LoadArgs) -> anyhow::Result<LoadReport> {
         p50_ms: percentile(&latencies, 50.0),
         p95_ms: percentile(&latencies, 95.0),
         p99_ms: percentile(&latencies, 99.0),
-        order_ids: posted.iter().map(|(id, _)| *id).collect(),
+        order_ids: posted.iter().map(|(id, _, _)| *id).collect(),
     };
     println!("{report}");
     Ok(report)

@@ -101,7 +101,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .api
                 .clone()
                 .unwrap_or_else(|| format!("http://{}", cli.settings.http_addr));
-            orders::load::run(&api, &args).await?;
+            let signer =
+                orders::api::auth::signer_of(&cli.settings.auth, args.jwt_private_key.as_deref())?;
+            orders::load::run(&api, &args, signer.as_ref()).await?;
+        }
+        Command::Token(args) => {
+            const NO_KEY: &str = "orders token signs with ORDERS_JWT_SECRET (--jwt-secret) \
+                                  or ORDERS_JWT_PRIVATE_KEY (--jwt-private-key): set one";
+            let signer =
+                orders::api::auth::signer_of(&cli.settings.auth, args.jwt_private_key.as_deref())?
+                    .context(NO_KEY)?;
+            let scopes: Vec<&str> = args.scopes.iter().map(String::as_str).collect();
+            let ttl = std::time::Duration::from_secs(args.ttl_secs);
+            println!("{}", signer.mint(args.customer, &scopes, ttl)?);
         }
         Command::Run
         | Command::Api

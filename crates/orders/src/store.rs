@@ -45,13 +45,14 @@ impl Store {
         &self,
         topics: &Topics,
         order_id: Uuid,
+        owner: Option<Uuid>,
         to: Transition,
         trace: Option<TraceContext>,
     ) -> Result<TransitionOutcome, DbError> {
         match self {
-            Store::Postgres(pool) => db::transition(pool, topics, order_id, to, trace).await,
+            Store::Postgres(pool) => db::transition(pool, topics, order_id, owner, to, trace).await,
             Store::Sqlite(db) => {
-                db_sqlite::transition(db.pool(), topics, order_id, to, trace).await
+                db_sqlite::transition(db.pool(), topics, order_id, owner, to, trace).await
             }
         }
     }

@@ -15,6 +15,12 @@
 //! transaction script on the same database: the rate at which this server
 //! commits single durable inserts, the ceiling. The two alternate from round
 //! to round; the ratio is orders/s ÷ pgbench TPS.
+//!
+//! Authentication is on as in production (`--auth jwt`, the default): each
+//! round generates a random HS256 secret and gives it to the service and to
+//! `orders load` (in `ORDERS_JWT_SECRET`, off the command line), which
+//! mints one token per synthetic customer. `--auth none` runs without, for
+//! comparison.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -27,8 +33,10 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::process::{Child, Command};
 
+use orders::api::auth::AuthMode;
+
 use super::SideSpec as AnySide;
-use crate::shared::child::{peak_rss_kib_of, run_side, SideResult};
+use crate::shared::child::{peak_rss_kib_of, run_side_with_env, SideResult};
 use crate::shared::database::{libpq_env, BenchDatabase, DbArgs};
 use crate::shared::progress;
 use crate::shared::report::{setup_line, Report};
@@ -74,10 +82,35 @@ pub struct OrdersArgs {
     /// (`orders load --timeout-secs`).
     #[arg(long, default_value_t = 600)]
     pub load_timeout_secs: u64,
+    /// The service's authentication: `jwt` (a random HS256 secret per
+    /// round, tokens minted by `orders load`) or `none`.
+    #[arg(long, value_enum, default_value_t = AuthMode::Jwt)]
+    pub auth: AuthMode,
     /// Print one JSON document instead of the table.
     #[arg(long)]
     pub json: bool,
 }
+
+/// A random HS256 secret: 32 bytes as 64 hex digits.
+fn random_secret() -> String {
+    use rand::Rng;
+    let bytes: [u8; 32] = rand::thread_rng().gen();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The environment variable that carries the secret to both sides.
+const SECRET_ENV: &str = "ORDERS_JWT_SECRET";
+
+/// Authentication settings of the caller's environment that would change
+/// how the children authenticate: removed, the benchmark sets its own.
+const AUTH_ENV: &[&str] = &[
+    "ORDERS_AUTH",
+    "ORDERS_JWT_SECRET",
+    "ORDERS_JWT_PUBLIC_KEY",
+    "ORDERS_JWT_PRIVATE_KEY",
+    "ORDERS_JWT_ISSUER",
+    "ORDERS_JWT_AUDIENCE",
+];
 
 impl OrdersArgs {
     /// Rejects values the benchmark cannot run with.
@@ -302,6 +335,13 @@ async fn rounds(
     setup.insert("database".into(), json!(db.name()));
     setup.insert("orders_bin".into(), json!(binary.display().to_string()));
     setup.insert(
+        "auth".into(),
+        json!(match args.auth {
+            AuthMode::Jwt => "jwt (HS256)",
+            AuthMode::None => "none",
+        }),
+    );
+    setup.insert(
         "synchronous_commit".into(),
         json!(durability.synchronous_commit),
     );
@@ -311,7 +351,13 @@ async fn rounds(
         rounds: Vec::new(),
         notes: vec![
             format!("PostgreSQL: {}", durability.describe()),
-            "orders: `orders run` (every component in one process: API, outbox relay, inbox-guarded consumers, ...), driven by `orders load`; latency = POST sent → read model's projected_at".to_owned(),
+            format!(
+                "orders: `orders run` (every component in one process: API, outbox relay, inbox-guarded consumers, ...), driven by `orders load`; latency = POST sent → read model's projected_at; auth {}",
+                match args.auth {
+                    AuthMode::Jwt => "jwt (a random HS256 secret per round, one bearer token per synthetic customer)",
+                    AuthMode::None => "none",
+                }
+            ),
             format!(
                 "ceiling: pgbench -n -f one-insert.sql -c {} -T {} on the same database, one INSERT (256-byte text) per transaction, the service stopped",
                 args.clients(),
@@ -451,7 +497,16 @@ async fn run_service(
     let log_path = scratch.join(format!("orders-r{round}.log"));
     let log = std::fs::File::create(&log_path)
         .with_context(|| format!("creating {}", log_path.display()))?;
-    let mut service = Command::new(binary)
+    let secret = (args.auth == AuthMode::Jwt).then(random_secret);
+    let mut service = Command::new(binary);
+    for key in AUTH_ENV {
+        service.env_remove(key);
+    }
+    match &secret {
+        Some(secret) => service.env("ORDERS_AUTH", "jwt").env(SECRET_ENV, secret),
+        None => service.env("ORDERS_AUTH", "none"),
+    };
+    let mut service = service
         .arg("run")
         .env("KAFKA_BROKERS", &args.brokers)
         .env("DATABASE_URL", db.url())
@@ -475,7 +530,7 @@ async fn run_service(
     let pid = service.id().context("the service exited at once")?;
     let outcome = async {
         wait_ready(&mut service, port, &log_path).await?;
-        let mut figures = load(args, binary, port).await?;
+        let mut figures = load(args, binary, port, secret.as_deref()).await?;
         figures.peak_rss_kib = peak_rss_kib_of(pid).unwrap_or(0);
         anyhow::Ok(figures)
     }
@@ -532,10 +587,22 @@ const CLAP_CLASH: &str = "Mismatch between definition and access of";
 
 /// Runs the service's load generator: the `orders load` command, or — when
 /// that command cannot start (see [`CLAP_CLASH`]) — the same generator,
-/// `orders::load::run`, in a child process of this binary.
-async fn load(args: &OrdersArgs, binary: &Path, port: u16) -> anyhow::Result<LoadFigures> {
+/// `orders::load::run`, in a child process of this binary. With `secret`,
+/// it mints its customers' tokens with it.
+async fn load(
+    args: &OrdersArgs,
+    binary: &Path,
+    port: u16,
+    secret: Option<&str>,
+) -> anyhow::Result<LoadFigures> {
     let api = format!("http://127.0.0.1:{port}");
     let mut command = Command::new(binary);
+    for key in AUTH_ENV {
+        command.env_remove(key);
+    }
+    if let Some(secret) = secret {
+        command.env(SECRET_ENV, secret);
+    }
     command
         .arg("load")
         .args(["--orders", &args.orders.to_string()])
@@ -569,7 +636,13 @@ async fn load(args: &OrdersArgs, binary: &Path, port: u16) -> anyhow::Result<Loa
             concurrency: args.concurrency,
             timeout_secs: args.load_timeout_secs,
         };
-        let result = run_side(&AnySide::OrdersLoad(spec), args.load_timeout_secs + 120).await?;
+        let env: Vec<(&str, &str)> = secret.map(|s| (SECRET_ENV, s)).into_iter().collect();
+        let result = run_side_with_env(
+            &AnySide::OrdersLoad(spec),
+            args.load_timeout_secs + 120,
+            &env,
+        )
+        .await?;
         let extra = |k: &str| result.extra.get(k).copied().unwrap_or(f64::NAN);
         let mut figures = LoadFigures {
             orders: result.records,
@@ -614,7 +687,9 @@ pub struct LoadSpec {
 }
 
 /// Runs the service's load generator in this (child) process. It prints its
-/// summary line before the result line; the figures go in the result.
+/// summary line before the result line; the figures go in the result. The
+/// secret to mint tokens with, if any, is in `ORDERS_JWT_SECRET` (kept off
+/// the command line the spec is on).
 pub async fn run_load_side(spec: LoadSpec) -> anyhow::Result<SideResult> {
     let args = orders::cli::LoadArgs {
         orders: spec.orders,
@@ -622,8 +697,16 @@ pub async fn run_load_side(spec: LoadSpec) -> anyhow::Result<SideResult> {
         concurrency: spec.concurrency,
         api: Some(spec.api.clone()),
         timeout_secs: spec.timeout_secs,
+        jwt_private_key: None,
     };
-    let report = orders::load::run(&spec.api, &args).await?;
+    let signer = match std::env::var(SECRET_ENV).ok().filter(|s| !s.is_empty()) {
+        Some(secret) => Some(
+            orders::api::auth::TokenSigner::hs256(secret.as_bytes())
+                .context("the benchmark's ORDERS_JWT_SECRET")?,
+        ),
+        None => None,
+    };
+    let report = orders::load::run(&spec.api, &args, signer.as_ref()).await?;
     Ok(
         SideResult::finish(report.orders as u64, report.elapsed.as_secs_f64())?
             .with("rate", report.rate)

@@ -1,8 +1,11 @@
 //! The HTTP API (axum): orders, health, readiness, metrics, OpenAPI.
 //!
 //! [`router`] builds the whole app from its state, so tests drive it with
-//! `tower::ServiceExt::oneshot` and no socket.
+//! `tower::ServiceExt::oneshot` and no socket. The order routes need a
+//! bearer token when [`AppState::auth`] says so (see [`auth`]); the
+//! operations routes never do.
 
+pub mod auth;
 pub mod error;
 pub mod json;
 pub mod openapi;
@@ -45,6 +48,8 @@ pub struct AppState {
     pub consumers: Vec<(String, Arc<ConsumerStats>)>,
     /// The supervised parts of this process, for `/readyz`.
     pub health: Health,
+    /// How the order routes authenticate callers.
+    pub auth: auth::Auth,
 }
 
 /// How long a request may take, body upload included: slow clients get 408.
@@ -52,27 +57,46 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The whole API.
 pub fn router(state: AppState) -> Router {
-    with_ops(
-        Router::new()
-            .route("/orders", post(orders::create).get(orders::list))
-            .route("/orders/{id}", get(orders::get))
-            .route("/orders/{id}/ship", post(orders::ship))
-            .route("/orders/{id}/cancel", post(orders::cancel)),
-        state,
-    )
+    with_ops(order_routes(&state), state, true)
+}
+
+/// The whole API but `/metrics`: the public port of an API process whose
+/// metrics are served on `--metrics-addr` (by [`ops_router`]).
+pub fn router_without_metrics(state: AppState) -> Router {
+    with_ops(order_routes(&state), state, false)
 }
 
 /// Only `/healthz`, `/readyz`, `/metrics` and `/openapi.json`: the
-/// metrics port of relay and worker processes.
+/// metrics port of relay and worker processes (and of an API process
+/// given `--metrics-addr`).
 pub fn ops_router(state: AppState) -> Router {
-    with_ops(Router::new(), state)
+    with_ops(Router::new(), state, true)
 }
 
-fn with_ops(routes: Router<AppState>, state: AppState) -> Router {
-    routes
+/// The order routes, behind the authentication middleware (a route
+/// layer: unknown routes answer 404 without a token).
+fn order_routes(state: &AppState) -> Router<AppState> {
+    Router::new()
+        .route("/orders", post(orders::create).get(orders::list))
+        .route("/orders/{id}", get(orders::get))
+        .route("/orders/{id}/ship", post(orders::ship))
+        .route("/orders/{id}/cancel", post(orders::cancel))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ))
+}
+
+fn with_ops(routes: Router<AppState>, state: AppState, with_metrics: bool) -> Router {
+    let routes = routes
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .route("/readyz", get(readyz));
+    let routes = if with_metrics {
+        routes.route("/metrics", get(metrics))
+    } else {
+        routes
+    };
+    routes
         .route("/openapi.json", get(openapi::document))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

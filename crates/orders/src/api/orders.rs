@@ -1,4 +1,5 @@
-//! The order routes.
+//! The order routes. Each takes the request's [`Access`] (see
+//! [`super::auth`] for who may do what).
 
 use std::collections::HashMap;
 
@@ -9,6 +10,7 @@ use axum::{Extension, Json};
 use herald::TraceContext;
 use uuid::Uuid;
 
+use super::auth::{Access, SCOPE_SHIP};
 use super::error::ApiError;
 use super::json::StrictJson;
 use super::{AppState, RequestTrace};
@@ -64,15 +66,28 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     Ok(Some(key.to_owned()))
 }
 
+/// The answer to acting for another customer (creating or listing).
+fn forbidden(what: &str) -> ApiError {
+    ApiError::client(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        format!("{what}: the customer_id is not the token's subject"),
+    )
+}
+
 /// `POST /orders`
 pub async fn create(
     State(state): State<AppState>,
+    access: Access,
     trace: Option<Extension<RequestTrace>>,
     headers: HeaderMap,
     StrictJson(request): StrictJson<CreateOrderRequest>,
 ) -> Result<Response, ApiError> {
     let key = idempotency_key(&headers)?;
     let order = NewOrder::parse(&request).map_err(ApiError::validation)?;
+    if !access.may_act_for(order.customer_id) {
+        return Err(forbidden("a customer places orders for itself only"));
+    }
     let started = std::time::Instant::now();
     let trace = trace_of(trace);
     let outcome = state
@@ -97,9 +112,12 @@ pub async fn create(
     })
 }
 
+/// Moves `raw_id` along; `owner`: only that customer's order (another's
+/// answers 404, as a missing one does).
 async fn transition(
     state: &AppState,
     raw_id: &str,
+    owner: Option<Uuid>,
     trace: Option<Extension<RequestTrace>>,
     to: Transition,
 ) -> Result<Response, ApiError> {
@@ -110,7 +128,7 @@ async fn transition(
     };
     match state
         .store
-        .transition(&state.topics, order_id, to, Some(trace_of(trace)))
+        .transition(&state.topics, order_id, owner, to, Some(trace_of(trace)))
         .await?
     {
         TransitionOutcome::Done(view) => Ok((StatusCode::OK, Json(view)).into_response()),
@@ -127,35 +145,48 @@ async fn transition(
     }
 }
 
-/// `POST /orders/{id}/ship`
+/// `POST /orders/{id}/ship` — a back-office action: needs the scope
+/// `orders:ship`, and a shipper ships any customer's order.
 pub async fn ship(
     State(state): State<AppState>,
+    access: Access,
     Path(id): Path<String>,
     trace: Option<Extension<RequestTrace>>,
 ) -> Result<Response, ApiError> {
-    transition(&state, &id, trace, Transition::Ship).await
+    access.require_scope(SCOPE_SHIP)?;
+    transition(&state, &id, None, trace, Transition::Ship).await
 }
 
-/// `POST /orders/{id}/cancel`
+/// `POST /orders/{id}/cancel` — the caller's own orders only.
 pub async fn cancel(
     State(state): State<AppState>,
+    access: Access,
     Path(id): Path<String>,
     trace: Option<Extension<RequestTrace>>,
     StrictJson(request): StrictJson<CancelOrderRequest>,
 ) -> Result<Response, ApiError> {
     let reason = parse_reason(&request).map_err(ApiError::validation)?;
-    transition(&state, &id, trace, Transition::Cancel(reason)).await
+    transition(
+        &state,
+        &id,
+        access.owner_filter(),
+        trace,
+        Transition::Cancel(reason),
+    )
+    .await
 }
 
-/// `GET /orders/{id}` — from the read model (eventually consistent).
+/// `GET /orders/{id}` — from the read model (eventually consistent); the
+/// caller's own orders only (another's is 404, as a missing one).
 pub async fn get(
     State(state): State<AppState>,
+    access: Access,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let order_id = parse_order_id(&id)?;
     match state.store.get_view(order_id).await? {
-        Some(view) => Ok(Json(view).into_response()),
-        None => Err(ApiError::client(
+        Some(view) if access.may_act_for(view.customer_id) => Ok(Json(view).into_response()),
+        _ => Err(ApiError::client(
             StatusCode::NOT_FOUND,
             "order_not_found",
             "no such order in the read model (a new order appears a moment after it is placed)",
@@ -163,9 +194,12 @@ pub async fn get(
     }
 }
 
-/// `GET /orders?customer_id=…&limit=…` — from the read model.
+/// `GET /orders?customer_id=…&limit=…` — from the read model. With a
+/// token, `customer_id` defaults to the caller and may not be another
+/// customer (403).
 pub async fn list(
     State(state): State<AppState>,
+    access: Access,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     for name in params.keys() {
@@ -180,16 +214,19 @@ pub async fn list(
             ));
         }
     }
-    let customer_id = params
-        .get("customer_id")
-        .and_then(|c| Uuid::parse_str(c).ok())
-        .ok_or_else(|| {
+    let customer_id = match (params.get("customer_id"), access.customer()) {
+        (None, Some(caller)) => caller,
+        (raw, _) => raw.and_then(|c| Uuid::parse_str(c).ok()).ok_or_else(|| {
             ApiError::client(
                 StatusCode::BAD_REQUEST,
                 "invalid_customer_id",
-                "customer_id is required and is a UUID",
+                "customer_id is required (without a token) and is a UUID",
             )
-        })?;
+        })?,
+    };
+    if !access.may_act_for(customer_id) {
+        return Err(forbidden("a customer lists its own orders only"));
+    }
     let limit = match params.get("limit") {
         None => 100,
         Some(l) => l

@@ -86,6 +86,8 @@ impl Member {
             .expect("log");
         let child = Command::new(env!("CARGO_BIN_EXE_orders"))
             .args(&self.args)
+            // Not about authentication (a member's env may still set it).
+            .env("ORDERS_AUTH", "none")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))

@@ -2,6 +2,7 @@
 //! database, and the whole pipeline against real Kafka and PostgreSQL.
 
 mod api;
+mod auth;
 mod embedded;
 mod fulfillment;
 mod observability;

@@ -11,6 +11,9 @@ use crate::support::*;
 
 const ORDERS: usize = 20_000;
 
+/// The API processes' HS256 secret (a test's: at least 32 bytes).
+const SECRET: &str = "scale-out-test-secret-of-32-bytes-or-more";
+
 struct Processes(Vec<Child>);
 
 impl Drop for Processes {
@@ -43,6 +46,10 @@ async fn separate_processes_scale_out_and_lose_nothing() {
             .env("ORDERS_TOPIC_PARTITIONS", "6")
             .env("ORDERS_DB_POOL", "8")
             .env("RUST_LOG", "warn")
+            // Authentication on, as in production: the load mints its
+            // customers' tokens with the same secret.
+            .env("ORDERS_AUTH", "jwt")
+            .env("ORDERS_JWT_SECRET", SECRET)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
@@ -101,9 +108,11 @@ async fn separate_processes_scale_out_and_lose_nothing() {
             concurrency: 16,
             api: None,
             timeout_secs: 600,
+            jwt_private_key: None,
         };
+        let signer = orders::api::auth::TokenSigner::hs256(SECRET.as_bytes()).expect("signer");
         loads.push(tokio::spawn(async move {
-            orders::load::run(&format!("http://127.0.0.1:{port}"), &args).await
+            orders::load::run(&format!("http://127.0.0.1:{port}"), &args, Some(&signer)).await
         }));
     }
     let mut ids = std::collections::BTreeSet::new();

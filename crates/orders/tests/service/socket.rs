@@ -31,6 +31,7 @@ async fn serve(db: &herald_test::TestDatabase, proxy: &herald_test::FaultProxy) 
         metrics: Arc::default(),
         consumers: Vec::new(),
         health: Default::default(),
+        auth: orders::api::auth::Auth::None,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

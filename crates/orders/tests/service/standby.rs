@@ -97,6 +97,8 @@ async fn a_second_orders_run_stands_by_and_takes_over_the_processor() {
             .env("ORDERS_GROUP_PREFIX", &group_prefix)
             .env("ORDERS_TOPIC_PARTITIONS", PARTITIONS.to_string())
             .env("RUST_LOG", "warn")
+            // Not about authentication.
+            .env("ORDERS_AUTH", "none")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)

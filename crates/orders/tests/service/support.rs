@@ -20,7 +20,13 @@ pub struct Api {
     pub _db: herald_test::TestDatabase,
 }
 
+/// The API without authentication (`--auth none`).
 pub async fn api() -> Option<Api> {
+    api_with(orders::api::auth::Auth::None).await
+}
+
+/// The API authenticating with `auth`.
+pub async fn api_with(auth: orders::api::auth::Auth) -> Option<Api> {
     let postgres = herald_test::postgres()?;
     let db = postgres.database().await;
     let pool = db.pool().await;
@@ -34,6 +40,7 @@ pub async fn api() -> Option<Api> {
         metrics: Arc::default(),
         consumers: Vec::new(),
         health: Default::default(),
+        auth,
     };
     Some(Api {
         router: router(state),
@@ -145,6 +152,8 @@ fn config_for(brokers: &str, db: &herald_test::TestDatabase, topic: &str) -> Con
         inbox_retention: Duration::from_secs(3600),
         db_pool: 10,
         migrate: true,
+        // Not about authentication: the tests that are use auth.rs's.
+        auth: orders::api::auth::AuthConfig::none(),
     }
 }
 
@@ -167,7 +176,11 @@ pub async fn pipeline_of(components: Components) -> Option<Pipeline> {
     let postgres = herald_test::postgres()?;
     let db = postgres.database().await;
     let topic = herald_test::unique_name("order-events");
-    let config = config(&kafka, &db, &topic);
+    let mut config = config(&kafka, &db, &topic);
+    if components.api {
+        // /metrics on the API's own port, where these tests scrape it.
+        config.metrics_addr = None;
+    }
     let app = Application::build(config.clone(), components)
         .await
         .expect("build");
