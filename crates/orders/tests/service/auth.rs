@@ -877,6 +877,9 @@ async fn without_a_key_the_api_does_not_start_and_names_the_setting() {
 /// over real sockets, with a token the API answers.
 #[tokio::test]
 async fn an_api_given_metrics_addr_serves_metrics_there_only() {
+    async fn get(client: &reqwest::Client, url: String) -> reqwest::Response {
+        client.get(url).send().await.expect("get")
+    }
     let Some(postgres) = herald_test::postgres() else {
         return;
     };
@@ -902,17 +905,9 @@ async fn an_api_given_metrics_addr_serves_metrics_there_only() {
     let task = tokio::spawn(app.run_until_stopped(stop.clone()));
     let client = reqwest::Client::new();
 
-    let response = client
-        .get(format!("{public}/metrics"))
-        .send()
-        .await
-        .expect("get");
+    let response = get(&client, format!("{public}/metrics")).await;
     assert_eq!(response.status(), 404, "no /metrics on the public port");
-    let response = client
-        .get(format!("{ops}/metrics"))
-        .send()
-        .await
-        .expect("get");
+    let response = get(&client, format!("{ops}/metrics")).await;
     assert_eq!(response.status(), 200);
     let text = response.text().await.expect("text");
     assert!(
@@ -920,18 +915,10 @@ async fn an_api_given_metrics_addr_serves_metrics_there_only() {
         "{text}"
     );
     for base in [&public, &ops] {
-        let response = client
-            .get(format!("{base}/healthz"))
-            .send()
-            .await
-            .expect("get");
+        let response = get(&client, format!("{base}/healthz")).await;
         assert_eq!(response.status(), 200, "{base}/healthz");
     }
-    let response = client
-        .get(format!("{ops}/orders"))
-        .send()
-        .await
-        .expect("get");
+    let response = get(&client, format!("{ops}/orders")).await;
     assert_eq!(
         response.status(),
         404,
@@ -955,11 +942,8 @@ async fn an_api_given_metrics_addr_serves_metrics_there_only() {
         .expect("post");
     assert_eq!(response.status(), 201);
     // The request is counted on the metrics port.
-    let text = client
-        .get(format!("{ops}/metrics"))
-        .send()
+    let text = get(&client, format!("{ops}/metrics"))
         .await
-        .expect("get")
         .text()
         .await
         .expect("text");
