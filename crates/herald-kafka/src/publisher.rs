@@ -532,3 +532,22 @@ where
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// librdkafka is built with OpenSSL: the settings of a managed,
+    /// SASL_SSL-only cluster are accepted (nothing connects here).
+    #[test]
+    fn sasl_ssl_with_scram_and_plain_is_built_in() {
+        for mechanism in ["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] {
+            let config = PublisherConfig::new("127.0.0.1:1", "/tests")
+                .set("security.protocol", "SASL_SSL")
+                .set("sasl.mechanism", mechanism)
+                .set("sasl.username", "herald")
+                .set("sasl.password", "not-a-secret");
+            Publisher::new(&config).unwrap_or_else(|e| panic!("{mechanism}: {e}"));
+        }
+    }
+}

@@ -94,3 +94,23 @@ async fn events_an_earlier_version_left_unpublished_are_queued() {
     batch.commit(&[]).await.expect("release");
     pool.close().await;
 }
+
+/// sqlx is built with TLS (rustls): `sslmode=require` gets as far as asking
+/// the server for TLS. The test server has none, so the connection is
+/// refused for that reason, not because the client cannot speak TLS.
+#[tokio::test]
+async fn sslmode_require_asks_the_server_for_tls() {
+    let Some(postgres) = herald_test::postgres() else {
+        return;
+    };
+    let db = postgres.database().await;
+    let url = format!("{}?sslmode=require", db.url());
+    let error = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(std::time::Duration::from_secs(10))
+        .connect(&url)
+        .await
+        .expect_err("the test server has no TLS");
+    let text = error.to_string();
+    assert!(!text.contains("without TLS support"), "{text}");
+    assert!(text.contains("TLS"), "{text}");
+}
