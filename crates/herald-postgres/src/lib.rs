@@ -103,18 +103,33 @@ pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Whether a database error may go away if the work is tried again.
+/// Whether a database error may go away if the work is tried again: the
+/// connection was lost ([`is_connection_lost`]), or the server refused the
+/// work for now (serialization failure, deadlock, resources, a lock).
 pub fn is_transient(error: &sqlx::Error) -> bool {
+    is_connection_lost(error)
+        || matches!(error, sqlx::Error::Database(db) if db.code().is_some_and(|code| {
+            // 40: serialization failure / deadlock; 53: resources; 55P03:
+            // lock not available.
+            code.starts_with("40") || code.starts_with("53") || code == "55P03"
+        }))
+}
+
+/// Whether a database error says the server cannot be reached now: no
+/// connection in time, a connection lost or refused, a server shutting
+/// down or starting up.
+///
+/// A protocol error counts: sqlx reports a connection closed during TLS
+/// negotiation (`sslmode=prefer`, the default, asks every new connection
+/// for TLS) as "unexpected response from SSLRequest: 0x00", because it
+/// reads the answer byte from a socket at its end. Nothing the caller sends
+/// can cause a protocol error; only the wire or the server can.
+pub fn is_connection_lost(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            // 40: serialization failure / deadlock; 08: connection; 53:
-            // resources; 57P: operator intervention (shutdown, restart);
-            // 55P03: lock not available.
-            code.starts_with("40")
-                || code.starts_with("08")
-                || code.starts_with("53")
-                || code.starts_with("57P")
-                || code == "55P03"
+            // 08: connection exception; 57P: operator intervention
+            // (admin or crash shutdown, cannot connect now).
+            code.starts_with("08") || code.starts_with("57P")
         }),
         sqlx::Error::Io(_)
         | sqlx::Error::PoolTimedOut

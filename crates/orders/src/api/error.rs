@@ -73,31 +73,18 @@ impl<E: Into<anyhow::Error>> From<E> for ApiError {
     }
 }
 
-/// Whether `error` says the database cannot be reached (no connection in
-/// time, a lost connection, a server shutting down or starting up), which
-/// a client should retry, rather than a defect.
+/// Whether `error` says the database cannot be reached (see
+/// [`herald_postgres::is_connection_lost`]), which a client should retry,
+/// rather than a defect.
 fn is_unavailable(error: &anyhow::Error) -> bool {
-    error
-        .chain()
-        .any(|cause| match cause.downcast_ref::<sqlx::Error>() {
-            // A TLS session cut in the middle (the connection or its
-            // handshake lost, with TLS on) is the same lost connection.
-            Some(
-                sqlx::Error::PoolTimedOut
-                | sqlx::Error::PoolClosed
-                | sqlx::Error::Io(_)
-                | sqlx::Error::Tls(_)
-                | sqlx::Error::WorkerCrashed,
-            ) => true,
-            // Class 08: connection exception; 57P01–57P03: admin or crash
-            // shutdown, cannot connect now.
-            Some(sqlx::Error::Database(db)) => db
-                .code()
-                .is_some_and(|code| code.starts_with("08") || code.starts_with("57P")),
-            // An I/O error wrapped in another sqlx error (a protocol or
-            // TLS error whose cause is the socket).
-            _ => cause.downcast_ref::<std::io::Error>().is_some(),
-        })
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<sqlx::Error>()
+            .is_some_and(herald_postgres::is_connection_lost)
+            // An I/O error wrapped in another error (a store error whose
+            // cause is the socket).
+            || cause.downcast_ref::<std::io::Error>().is_some()
+    })
 }
 
 /// What a 503 asks the client to wait before retrying, in seconds.
@@ -170,5 +157,30 @@ impl IntoResponse for ApiError {
             }
             ApiError::Auth(rejection) => rejection.into_response(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(error: impl Into<anyhow::Error>) -> StatusCode {
+        ApiError::from(error).into_response().status()
+    }
+
+    #[test]
+    fn a_lost_database_is_503_and_a_defect_is_500() {
+        // What sqlx returns when the connection closes while it asks for TLS.
+        let closed_during_tls =
+            sqlx::Error::Protocol("unexpected response from SSLRequest: 0x00".into());
+        assert_eq!(status(closed_during_tls), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            status(anyhow::Error::new(sqlx::Error::PoolTimedOut).context("creating an order")),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            status(sqlx::Error::RowNotFound),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
     }
 }
