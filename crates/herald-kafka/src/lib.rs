@@ -19,6 +19,8 @@
 //! - [`relay`]: the outbox relays: [`TransactionalRelay`] (exactly once, over
 //!   a [`herald::SlotStore`]; `relay/checkpoint.rs` its checkpoint topic) and
 //!   [`Relay`] (at least once, over any [`herald::OutboxStore`]).
+//! - [`connect`]: [`check_cluster`], the start-up check that names the
+//!   setting (credentials, CA, security protocol) a failed connection points at.
 //! - [`error`]: error types and the retriable/fatal classification.
 //! - [`metrics`]: Prometheus label sets and buckets; every stats value is a
 //!   collector for the service's registry.
@@ -26,6 +28,7 @@
 //!   checkpoints, processor completed ids).
 
 mod admin;
+pub mod connect;
 pub mod consumer;
 pub mod dlq;
 pub mod error;
@@ -36,6 +39,7 @@ pub mod publisher;
 pub mod relay;
 mod settings;
 
+pub use connect::{check_cluster, ConnectError};
 pub use consumer::{
     envelope_of, CircuitBreaker, Consumer, ConsumerConfig, ConsumerStats, DeadLetterMode, Handler,
     RecordInfo, Router,

@@ -230,7 +230,19 @@ impl Config {
             .acquire_timeout(Duration::from_secs(5))
             .connect_with((**options).clone())
             .await
-            .context("connecting to DATABASE_URL")
+            .map_err(|error| {
+                // The URL's TLS parameters decide a failed handshake.
+                // rustls's verdict on a certificate comes back as an I/O error.
+                let tls = matches!(error, sqlx::Error::Tls(_))
+                    || error.to_string().contains("certificate");
+                let what = if tls {
+                    "connecting to DATABASE_URL (the TLS handshake failed: check its sslmode \
+                     and sslrootcert, and the server certificate's name)"
+                } else {
+                    "connecting to DATABASE_URL"
+                };
+                anyhow::Error::new(error).context(what)
+            })
     }
 
     /// The store: PostgreSQL, or the embedded mode's SQLite file (created
@@ -287,7 +299,9 @@ impl Config {
         format!("{}-{kind}", self.group_prefix)
     }
 
-    fn admin_config(&self) -> ClientConfig {
+    /// A librdkafka configuration of the brokers with the pass-through
+    /// settings, for admin clients and the command-line readers.
+    pub fn kafka_client_config(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", &self.brokers);
         for (k, v) in &self.kafka_settings {
@@ -373,10 +387,29 @@ fn topic_plan(config: &Config) -> Vec<(String, i32)> {
     plan
 }
 
+/// How long the start-up waits for a broker to answer.
+const KAFKA_CHECK_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Checks that the Kafka settings reach the cluster, so that a wrong
+/// password, CA or security protocol fails the start-up naming the setting
+/// to fix. A cluster that is only away fails just the processes that need
+/// it now: an API alone keeps taking orders into the outbox.
+async fn check_kafka(config: &Config, required: bool) -> anyhow::Result<()> {
+    match herald_kafka::check_cluster(&config.kafka_client_config(), KAFKA_CHECK_TIMEOUT).await {
+        Ok(()) => Ok(()),
+        Err(error) if required || error.is_configuration() => Err(anyhow::Error::new(error)
+            .context("connecting to KAFKA_BROKERS (--kafka-brokers) with the --kafka-setting / KAFKA_SETTINGS values")),
+        Err(error) => {
+            tracing::warn!(error = %error, "Kafka is not reachable now; the API keeps taking orders into the outbox");
+            Ok(())
+        }
+    }
+}
+
 /// Creates the service's topics if they do not exist.
 pub async fn ensure_topics(config: &Config) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = config
-        .admin_config()
+        .kafka_client_config()
         .create()
         .context("creating the Kafka admin client (check --kafka-setting)")?;
     let plan = topic_plan(config);
@@ -660,8 +693,11 @@ impl Application {
             || components.projection
             || components.notifications
             || components.processor;
-        if needs_topics && !config.embedded {
-            ensure_topics(&config).await?;
+        if !config.embedded {
+            check_kafka(&config, needs_topics).await?;
+            if needs_topics {
+                ensure_topics(&config).await?;
+            }
         }
         let addr = if components.api {
             config.http_addr

@@ -6,23 +6,13 @@ use std::time::Duration;
 use anyhow::Context;
 use herald_kafka::dlq::{headers, latest_per_origin, read_dead_letters, DeadLetter, LetterFilter};
 use herald_kafka::parking::{read_parked, ParkedKey, RedriveAction, DEFAULT_PARKED_TOPIC};
-use rdkafka::ClientConfig;
 use serde_json::json;
 
 use crate::app::Config;
 use crate::cli::{DlqActionArgs, DlqCommand, DlqFilterArgs};
 
-fn client_config(config: &Config) -> ClientConfig {
-    let mut client = ClientConfig::new();
-    client.set("bootstrap.servers", &config.brokers);
-    for (k, v) in &config.kafka_settings {
-        client.set(k, v);
-    }
-    client
-}
-
 async fn read(config: &Config, topic: &str, limit: usize) -> anyhow::Result<Vec<DeadLetter>> {
-    let client = client_config(config);
+    let client = config.kafka_client_config();
     let topic = topic.to_owned();
     tokio::task::spawn_blocking(move || read_dead_letters(&client, &topic, limit))
         .await
@@ -32,9 +22,9 @@ async fn read(config: &Config, topic: &str, limit: usize) -> anyhow::Result<Vec<
 
 /// The parked keys (of `group` when given).
 async fn parked(config: &Config, group: Option<&str>) -> anyhow::Result<Vec<ParkedKey>> {
-    let client = client_config(config);
+    let client = config.kafka_client_config();
     let group = group.map(str::to_owned);
-    tokio::task::spawn_blocking(move || {
+    let read = tokio::task::spawn_blocking(move || {
         read_parked(
             &client,
             DEFAULT_PARKED_TOPIC,
@@ -43,8 +33,16 @@ async fn parked(config: &Config, group: Option<&str>) -> anyhow::Result<Vec<Park
         )
     })
     .await
-    .context("the parked-key reader panicked")?
-    .context("reading the parked-key table")
+    .context("the parked-key reader panicked")?;
+    match read {
+        // No table yet: no consumer has parked a key on this cluster (the
+        // consumers create it at start), so none is parked.
+        Err(herald_kafka::ClientError::Setting {
+            setting: "parked_topic",
+            ..
+        }) => Ok(Vec::new()),
+        other => other.context("reading the parked-key table"),
+    }
 }
 
 /// One line per dead letter.
