@@ -6,7 +6,6 @@
 //! lands on the partition a Java client would choose. Every default can be
 //! overridden through the pass-through librdkafka settings.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,7 +45,7 @@ pub const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
 pub struct PublisherConfig {
     pub(crate) brokers: String,
     pub(crate) source: String,
-    pub(crate) settings: BTreeMap<String, String>,
+    pub(crate) settings: crate::settings::Settings,
 }
 
 impl PublisherConfig {
@@ -56,7 +55,7 @@ impl PublisherConfig {
         Self {
             brokers: brokers.into(),
             source: source.into(),
-            settings: BTreeMap::new(),
+            settings: crate::settings::Settings::default(),
         }
     }
 

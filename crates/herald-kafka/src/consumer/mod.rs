@@ -32,7 +32,6 @@ mod record;
 pub mod router;
 mod runtime;
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -111,8 +110,8 @@ pub struct ConsumerConfig {
     pub(crate) commit_interval: Duration,
     pub(crate) shutdown_timeout: Duration,
     pub(crate) revoke_timeout: Duration,
-    pub(crate) settings: BTreeMap<String, String>,
-    pub(crate) producer_settings: BTreeMap<String, String>,
+    pub(crate) settings: crate::settings::Settings,
+    pub(crate) producer_settings: crate::settings::Settings,
     pub(crate) detailed_metrics: bool,
     pub(crate) inline_start: bool,
     pub(crate) circuit_breaker: Option<CircuitBreaker>,
@@ -143,8 +142,8 @@ impl ConsumerConfig {
             commit_interval: Duration::from_secs(1),
             shutdown_timeout: Duration::from_secs(30),
             revoke_timeout: Duration::from_secs(10),
-            settings: BTreeMap::new(),
-            producer_settings: BTreeMap::new(),
+            settings: crate::settings::Settings::default(),
+            producer_settings: crate::settings::Settings::default(),
             detailed_metrics: true,
             inline_start: true,
             circuit_breaker: Some(CircuitBreaker::default()),

@@ -1,7 +1,6 @@
 //! The processor's configuration: a typed builder with production defaults and
 //! librdkafka pass-through settings for its consumer and its producer.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use herald::RetryPolicy;
@@ -82,8 +81,8 @@ pub struct ProcessorConfig {
     pub(crate) operation_timeout: Duration,
     pub(crate) restore_timeout: Duration,
     pub(crate) shutdown_timeout: Duration,
-    pub(crate) settings: BTreeMap<String, String>,
-    pub(crate) producer_settings: BTreeMap<String, String>,
+    pub(crate) settings: crate::settings::Settings,
+    pub(crate) producer_settings: crate::settings::Settings,
     pub(crate) restart: Option<RetryPolicy>,
 }
 
@@ -124,8 +123,8 @@ impl ProcessorConfig {
             operation_timeout: Duration::from_secs(30),
             restore_timeout: Duration::from_secs(300),
             shutdown_timeout: Duration::from_secs(30),
-            settings: BTreeMap::new(),
-            producer_settings: BTreeMap::new(),
+            settings: crate::settings::Settings::default(),
+            producer_settings: crate::settings::Settings::default(),
             restart: Some(RetryPolicy::forever(
                 Duration::from_secs(1),
                 Duration::from_secs(30),
