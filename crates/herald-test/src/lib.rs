@@ -139,6 +139,119 @@ pub fn postgres() -> Option<Postgres> {
     }
 }
 
+/// The secured services of `scripts/services.sh up --secure`, as its `env`
+/// prints them: Kafka's SASL_SSL listener and PostgreSQL's TLS-only role.
+#[derive(Debug, Clone)]
+pub struct Secure {
+    /// `KAFKA_SECURE_BROKERS`: the SASL_SSL listener.
+    pub brokers: String,
+    /// `KAFKA_SASL_MECHANISM`.
+    pub sasl_mechanism: String,
+    /// `KAFKA_SASL_USERNAME`.
+    pub sasl_username: String,
+    /// `KAFKA_SASL_PASSWORD` (a throwaway test secret).
+    pub sasl_password: String,
+    /// `HERALD_TLS_CA`: the throwaway CA that signed both servers'
+    /// certificates.
+    pub ca: std::path::PathBuf,
+    /// `DATABASE_URL_TLS`: the TLS-only role, `sslmode=verify-full`.
+    pub database_url: String,
+}
+
+/// The defaults `scripts/services.sh` uses for `--secure`.
+const SECURE_DEFAULTS: [(&str, &str); 5] = [
+    ("KAFKA_SECURE_BROKERS", "127.0.0.1:9094"),
+    ("KAFKA_SASL_MECHANISM", "SCRAM-SHA-512"),
+    ("KAFKA_SASL_USERNAME", "herald"),
+    ("KAFKA_SASL_PASSWORD", "herald-scram-secret"),
+    ("PG_TLS_CREDENTIALS", "herald_tls:herald-tls-secret"),
+];
+
+fn secure_setting(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        SECURE_DEFAULTS
+            .iter()
+            .find(|(key, _)| *key == name)
+            .map(|(_, value)| (*value).to_owned())
+            .unwrap_or_default()
+    })
+}
+
+/// The secured services, or `None` (after a loud message; a panic when
+/// `CI` is set) when `scripts/services.sh up --secure` has not run.
+pub fn secure() -> Option<Secure> {
+    let brokers = secure_setting("KAFKA_SECURE_BROKERS");
+    let ca = std::env::var_os("HERALD_TLS_CA")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/tls/ca.crt")
+        });
+    if !ca.is_file() || !reachable(&brokers) {
+        unavailable(
+            "the --secure services",
+            "KAFKA_SECURE_BROKERS / HERALD_TLS_CA",
+            &format!("{brokers} / {}", ca.display()),
+        );
+        return None;
+    }
+    let database_url = std::env::var("DATABASE_URL_TLS").unwrap_or_else(|_| {
+        format!(
+            "postgres://{}@localhost:5432/herald?sslmode=verify-full&sslrootcert={}",
+            secure_setting("PG_TLS_CREDENTIALS"),
+            ca.display()
+        )
+    });
+    Some(Secure {
+        brokers,
+        sasl_mechanism: secure_setting("KAFKA_SASL_MECHANISM"),
+        sasl_username: secure_setting("KAFKA_SASL_USERNAME"),
+        sasl_password: secure_setting("KAFKA_SASL_PASSWORD"),
+        ca,
+        database_url,
+    })
+}
+
+impl Secure {
+    /// The librdkafka settings that reach the SASL_SSL listener.
+    pub fn kafka_settings(&self) -> Vec<(String, String)> {
+        [
+            ("security.protocol", "SASL_SSL"),
+            ("sasl.mechanism", self.sasl_mechanism.as_str()),
+            ("sasl.username", self.sasl_username.as_str()),
+            ("sasl.password", self.sasl_password.as_str()),
+            ("ssl.ca.location", &self.ca.to_string_lossy()),
+        ]
+        .into_iter()
+        .map(|(key, value)| (key.to_owned(), value.to_owned()))
+        .collect()
+    }
+
+    /// Options for `db` (a database of the plain server) through the
+    /// TLS-only role, verifying the server's certificate.
+    pub fn database_options(&self, db: &TestDatabase) -> PgConnectOptions {
+        PgConnectOptions::from_str(&self.database_url)
+            .unwrap_or_else(|e| panic!("DATABASE_URL_TLS is not a PostgreSQL URL: {e}"))
+            .database(db.name())
+    }
+
+    /// The password in [`Secure::database_url`] (a throwaway test secret).
+    pub fn database_password(&self) -> &str {
+        let authority = self
+            .database_url
+            .split_once("://")
+            .map_or("", |(_, rest)| rest);
+        authority
+            .split_once('@')
+            .and_then(|(credentials, _)| credentials.split_once(':'))
+            .map_or("", |(_, password)| password)
+    }
+
+    /// [`Secure::database_options`] as a URL, for child processes.
+    pub fn database_url_of(&self, db: &TestDatabase) -> String {
+        with_database(&self.database_url, db.name())
+    }
+}
+
 /// Waits until `done()` holds, checking every 20 ms; panics after `limit`
 /// with `what`, so a stuck component fails loudly instead of hanging.
 pub async fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {

@@ -9,6 +9,7 @@ mod observability;
 mod outbox_cli;
 mod pipeline;
 mod scale_out;
+mod secure;
 mod socket;
 mod standby;
 mod support;

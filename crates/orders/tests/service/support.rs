@@ -114,8 +114,14 @@ pub fn config_without_kafka(db: &herald_test::TestDatabase, brokers: &str) -> Co
     Config {
         // The mock cluster has no transactions.
         delivery: herald_kafka::Delivery::AtLeastOnce,
-        ..config_for(brokers, db, &herald_test::unique_name("order-events"))
+        ..config_at(brokers, db)
     }
+}
+
+/// A configuration on `db` whose Kafka is at `brokers`, with random topic
+/// and group names.
+pub fn config_at(brokers: &str, db: &herald_test::TestDatabase) -> Config {
+    config_for(brokers, db, &herald_test::unique_name("order-events"))
 }
 
 fn config_for(brokers: &str, db: &herald_test::TestDatabase, topic: &str) -> Config {
@@ -163,6 +169,15 @@ pub async fn pipeline() -> Option<Pipeline> {
 
 /// The pipeline with only `components` running in it.
 pub async fn pipeline_of(components: Components) -> Option<Pipeline> {
+    pipeline_configured(components, |_, _| {}).await
+}
+
+/// The pipeline with `components`, its configuration changed by
+/// `configure` (given the test's database) before it starts.
+pub async fn pipeline_configured(
+    components: Components,
+    configure: impl FnOnce(&mut Config, &herald_test::TestDatabase),
+) -> Option<Pipeline> {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             // The consumers' retries are logged at info: a test that
@@ -181,6 +196,7 @@ pub async fn pipeline_of(components: Components) -> Option<Pipeline> {
         // /metrics on the API's own port, where these tests scrape it.
         config.metrics_addr = None;
     }
+    configure(&mut config, &db);
     let app = Application::build(config.clone(), components)
         .await
         .expect("build");
