@@ -197,20 +197,11 @@ impl AuthConfig {
             Some(KeySource::Secret(secret)) => {
                 Verifier::hs256(secret.as_bytes()).context("ORDERS_JWT_SECRET (--jwt-secret)")?
             }
-            Some(KeySource::PublicKeyFile(path)) => {
-                let pem = std::fs::read(path).with_context(|| {
-                    format!(
-                        "reading {} (ORDERS_JWT_PUBLIC_KEY / --jwt-public-key)",
-                        path.display()
-                    )
-                })?;
-                Verifier::from_public_key_pem(&pem).with_context(|| {
-                    format!(
-                        "{} (ORDERS_JWT_PUBLIC_KEY / --jwt-public-key)",
-                        path.display()
-                    )
-                })?
-            }
+            Some(KeySource::PublicKeyFile(path)) => read_pem(
+                path,
+                "ORDERS_JWT_PUBLIC_KEY / --jwt-public-key",
+                Verifier::from_public_key_pem,
+            )?,
             Some(KeySource::PublicKeyPem(pem)) => Verifier::from_public_key_pem(pem)
                 .context("the public key (ORDERS_JWT_PUBLIC_KEY / --jwt-public-key)")?,
         };
@@ -813,6 +804,21 @@ impl TokenSigner {
     }
 }
 
+/// The key in the PEM file at `path`, parsed by `parse`; errors name the
+/// file and the `setting` that gave it.
+fn read_pem<K, E>(
+    path: &std::path::Path,
+    setting: &str,
+    parse: impl FnOnce(&[u8]) -> Result<K, E>,
+) -> anyhow::Result<K>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let pem =
+        std::fs::read(path).with_context(|| format!("reading {} ({setting})", path.display()))?;
+    parse(&pem).with_context(|| format!("{} ({setting})", path.display()))
+}
+
 /// The signer of `orders token` and `orders load`: the private key file if
 /// given (RS256/ES256), else the shared secret (HS256), with the issuer
 /// and audience the API requires; `None` when neither key is given.
@@ -822,20 +828,11 @@ pub fn signer_of(
 ) -> anyhow::Result<Option<TokenSigner>> {
     let given = |v: &Option<String>| v.clone().filter(|v| !v.trim().is_empty());
     let signer = match (private_key, given(&auth.jwt_secret)) {
-        (Some(path), _) => {
-            let pem = std::fs::read(path).with_context(|| {
-                format!(
-                    "reading {} (ORDERS_JWT_PRIVATE_KEY / --jwt-private-key)",
-                    path.display()
-                )
-            })?;
-            TokenSigner::from_private_key_pem(&pem).with_context(|| {
-                format!(
-                    "{} (ORDERS_JWT_PRIVATE_KEY / --jwt-private-key)",
-                    path.display()
-                )
-            })?
-        }
+        (Some(path), _) => read_pem(
+            path,
+            "ORDERS_JWT_PRIVATE_KEY / --jwt-private-key",
+            TokenSigner::from_private_key_pem,
+        )?,
         (None, Some(secret)) => {
             TokenSigner::hs256(secret.as_bytes()).context("ORDERS_JWT_SECRET (--jwt-secret)")?
         }

@@ -80,6 +80,19 @@ fn challenge(headers: &HeaderMap) -> String {
         .unwrap_or_default()
 }
 
+/// Sends `request`, asserts the error shape with `status` and `code`, and
+/// returns the `WWW-Authenticate` challenge (empty when there is none).
+async fn assert_rejected(
+    router: &axum::Router,
+    request: Request<Body>,
+    status: StatusCode,
+    code: &str,
+) -> String {
+    let (answered, headers, body, _) = exchange(router, request).await;
+    assert_error(answered, &body, status, code);
+    challenge(&headers)
+}
+
 /// Asserts a 401 with `code` and, for a presented token, RFC 6750's
 /// `invalid_token` challenge; the answer never echoes the token.
 async fn assert_unauthorized(router: &axum::Router, case: &str, raw: Option<&str>, code: &str) {
@@ -418,8 +431,13 @@ async fn operations_routes_stay_open_and_unknown_routes_are_404() {
         let (status, _, body, _) = exchange(&api.router, request("GET", path, None, None)).await;
         assert_eq!(status, StatusCode::OK, "{path}: {body}");
     }
-    let (status, _, body, _) = exchange(&api.router, request("GET", "/nope", None, None)).await;
-    assert_error(status, &body, StatusCode::NOT_FOUND, "route_not_found");
+    assert_rejected(
+        &api.router,
+        request("GET", "/nope", None, None),
+        StatusCode::NOT_FOUND,
+        "route_not_found",
+    )
+    .await;
     // Every order route needs the token.
     let id = Uuid::new_v4();
     for (method, path) in [
@@ -429,14 +447,14 @@ async fn operations_routes_stay_open_and_unknown_routes_are_404() {
         ("POST", format!("/orders/{id}/ship")),
         ("POST", format!("/orders/{id}/cancel")),
     ] {
-        let (status, headers, body, _) =
-            exchange(&api.router, request(method, &path, None, Some(json!({})))).await;
-        assert_error(status, &body, StatusCode::UNAUTHORIZED, "unauthorized");
-        assert_eq!(
-            challenge(&headers),
-            "Bearer realm=\"orders\"",
-            "{method} {path}"
-        );
+        let challenge = assert_rejected(
+            &api.router,
+            request(method, &path, None, Some(json!({}))),
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+        )
+        .await;
+        assert_eq!(challenge, "Bearer realm=\"orders\"", "{method} {path}");
     }
 }
 
@@ -448,13 +466,14 @@ async fn customers_place_read_list_and_cancel_their_own_orders_only() {
     let (alice_token, bob_token) = (token(alice, &[]), token(bob, &[]));
 
     // Bob cannot place an order for Alice.
-    let (status, headers, body, _) = exchange(
+    let challenge = assert_rejected(
         router,
         request("POST", "/orders", Some(&bob_token), Some(order_of(alice))),
+        StatusCode::FORBIDDEN,
+        "forbidden",
     )
     .await;
-    assert_error(status, &body, StatusCode::FORBIDDEN, "forbidden");
-    assert!(challenge(&headers).is_empty(), "not a scope matter");
+    assert!(challenge.is_empty(), "not a scope matter");
     let id = place(router, alice).await;
     project_all(&api.pool).await;
 
@@ -510,7 +529,7 @@ async fn customers_place_read_list_and_cancel_their_own_orders_only() {
         (StatusCode::OK, json!([])),
         "{body}"
     );
-    let (status, _, body, _) = exchange(
+    assert_rejected(
         router,
         request(
             "GET",
@@ -518,19 +537,21 @@ async fn customers_place_read_list_and_cancel_their_own_orders_only() {
             Some(&bob_token),
             None,
         ),
+        StatusCode::FORBIDDEN,
+        "forbidden",
     )
     .await;
-    assert_error(status, &body, StatusCode::FORBIDDEN, "forbidden");
 
     // Bob cannot cancel it (404, and it stays created); Alice can.
     let reason = json!({ "reason": "changed my mind" });
     let cancel = format!("/orders/{id}/cancel");
-    let (status, _, body, _) = exchange(
+    assert_rejected(
         router,
         request("POST", &cancel, Some(&bob_token), Some(reason.clone())),
+        StatusCode::NOT_FOUND,
+        "order_not_found",
     )
     .await;
-    assert_error(status, &body, StatusCode::NOT_FOUND, "order_not_found");
     let status_now: String = sqlx::query_scalar("SELECT status FROM orders WHERE id = $1")
         .bind(Uuid::parse_str(&id).expect("uuid"))
         .fetch_one(&api.pool)
@@ -539,18 +560,20 @@ async fn customers_place_read_list_and_cancel_their_own_orders_only() {
     assert_eq!(status_now, "created");
     // A shipper's scope does not let it cancel (or read) others' orders.
     let shipper = token(bob, &[SCOPE_SHIP]);
-    let (status, _, body, _) = exchange(
+    assert_rejected(
         router,
         request("POST", &cancel, Some(&shipper), Some(reason.clone())),
+        StatusCode::NOT_FOUND,
+        "order_not_found",
     )
     .await;
-    assert_error(status, &body, StatusCode::NOT_FOUND, "order_not_found");
-    let (status, _, body, _) = exchange(
+    assert_rejected(
         router,
         request("GET", &format!("/orders/{id}"), Some(&shipper), None),
+        StatusCode::NOT_FOUND,
+        "order_not_found",
     )
     .await;
-    assert_error(status, &body, StatusCode::NOT_FOUND, "order_not_found");
     let (status, _, body, _) = exchange(
         router,
         request("POST", &cancel, Some(&alice_token), Some(reason)),
@@ -572,10 +595,13 @@ async fn shipping_needs_the_ship_scope_and_ships_any_customers_order() {
     let ship = format!("/orders/{id}/ship");
     // Not even the owner ships without the scope.
     for who in [token(alice, &[]), token(clerk, &["orders:read"])] {
-        let (status, headers, body, _) =
-            exchange(router, request("POST", &ship, Some(&who), None)).await;
-        assert_error(status, &body, StatusCode::FORBIDDEN, "insufficient_scope");
-        let challenge = challenge(&headers);
+        let challenge = assert_rejected(
+            router,
+            request("POST", &ship, Some(&who), None),
+            StatusCode::FORBIDDEN,
+            "insufficient_scope",
+        )
+        .await;
         assert!(
             challenge.starts_with(
                 "Bearer realm=\"orders\", error=\"insufficient_scope\", scope=\"orders:ship\""
@@ -597,7 +623,7 @@ async fn shipping_needs_the_ship_scope_and_ships_any_customers_order() {
         "{body}"
     );
     // Shipping a missing order is still 404.
-    let (status, _, body, _) = exchange(
+    assert_rejected(
         router,
         request(
             "POST",
@@ -605,9 +631,10 @@ async fn shipping_needs_the_ship_scope_and_ships_any_customers_order() {
             Some(&clerk_token),
             None,
         ),
+        StatusCode::NOT_FOUND,
+        "order_not_found",
     )
     .await;
-    assert_error(status, &body, StatusCode::NOT_FOUND, "order_not_found");
 }
 
 #[tokio::test]
@@ -646,7 +673,7 @@ async fn an_admin_acts_for_every_customer() {
         "{status} {body}"
     );
     // Shipping still needs its own scope.
-    let (status, _, body, _) = exchange(
+    assert_rejected(
         router,
         request(
             "POST",
@@ -654,9 +681,10 @@ async fn an_admin_acts_for_every_customer() {
             Some(&admin_token),
             None,
         ),
+        StatusCode::FORBIDDEN,
+        "insufficient_scope",
     )
     .await;
-    assert_error(status, &body, StatusCode::FORBIDDEN, "insufficient_scope");
     let (status, _, body, _) = exchange(
         router,
         request(
