@@ -292,17 +292,22 @@ pg_start_own() {
   echo "$PG_DATA" >"$PG_MARKER"
 }
 
+# SQL that creates login role $1 with password $2 (CREATEDB), or sets the
+# password and rights of the role if it exists.
+pg_role_sql() {
+  printf '%s\n' "DO \$\$ BEGIN
+      IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$1') THEN
+        CREATE ROLE $1 LOGIN CREATEDB PASSWORD '$2';
+      ELSE
+        ALTER ROLE $1 LOGIN CREATEDB PASSWORD '$2';
+      END IF;
+    END \$\$;"
+}
+
 pg_provision() {
   if PGPASSWORD=$PG_PASSWORD psql "$DATABASE_URL" -Atqc 'select 1' >/dev/null 2>&1; then return 0; fi
   log "postgres: creating role $PG_USER and database $PG_DB"
-  local sql="DO \$\$ BEGIN
-      IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$PG_USER') THEN
-        CREATE ROLE $PG_USER LOGIN CREATEDB PASSWORD '$PG_PASSWORD';
-      ELSE
-        ALTER ROLE $PG_USER LOGIN CREATEDB PASSWORD '$PG_PASSWORD';
-      END IF;
-    END \$\$;"
-  as_postgres psql -h "$PG_SOCKET_DIR" -p "$PG_PORT" -v ON_ERROR_STOP=1 -Atqc "$sql" >"$CACHE/postgres-provision.log" 2>&1 \
+  as_postgres psql -h "$PG_SOCKET_DIR" -p "$PG_PORT" -v ON_ERROR_STOP=1 -Atqc "$(pg_role_sql "$PG_USER" "$PG_PASSWORD")" >"$CACHE/postgres-provision.log" 2>&1 \
     || fail "postgres: create role $PG_USER (as the postgres user over $PG_SOCKET_DIR)" "$CACHE/postgres-provision.log"
   if ! as_postgres psql -h "$PG_SOCKET_DIR" -p "$PG_PORT" -Atqc "SELECT 1 FROM pg_database WHERE datname = '$PG_DB'" | grep -q 1; then
     as_postgres psql -h "$PG_SOCKET_DIR" -p "$PG_PORT" -v ON_ERROR_STOP=1 -qc "CREATE DATABASE $PG_DB OWNER $PG_USER" \
@@ -324,11 +329,7 @@ pg_secure() {
 ALTER SYSTEM SET ssl = on;
 ALTER SYSTEM SET ssl_cert_file = '$TLS_DIR/postgres.crt';
 ALTER SYSTEM SET ssl_key_file = '$TLS_DIR/postgres.key';
-DO \$\$ BEGIN
-  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$PG_TLS_USER') THEN
-    CREATE ROLE $PG_TLS_USER LOGIN CREATEDB PASSWORD '$PG_TLS_PASSWORD';
-  END IF;
-END \$\$;
+$(pg_role_sql "$PG_TLS_USER" "$PG_TLS_PASSWORD")
 GRANT $PG_USER TO $PG_TLS_USER;
 SQL
   if ! grep -q "herald --secure" "$hba"; then
