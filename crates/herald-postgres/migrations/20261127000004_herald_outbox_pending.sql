@@ -22,6 +22,14 @@
 -- both rows in one statement; an event inserted into herald_outbox by hand
 -- has no pending row and is never published.
 
+-- Upgrading: stop the writers and relays of the earlier version first. The
+-- lock below waits for their open transactions and holds new ones off
+-- until this migration commits, so the copy into the queue sees every
+-- event they committed; but a writer of the earlier version that inserts
+-- after it (the old INSERT, with published_at left out) writes an event
+-- without a pending row, which is never published.
+LOCK TABLE herald_outbox IN ACCESS EXCLUSIVE MODE;
+
 -- The shard of an aggregate. Immutable: changing it would move aggregates
 -- between shards under running relays.
 CREATE FUNCTION herald_outbox_shard(aggregate_type TEXT, aggregate_id TEXT) RETURNS SMALLINT

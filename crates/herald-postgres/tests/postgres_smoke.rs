@@ -55,18 +55,7 @@ async fn events_an_earlier_version_left_unpublished_are_queued() {
     };
     let db = postgres.database().await;
     let pool = db.pool().await;
-    let queue = 20261127000004;
-    let mut earlier = sqlx::migrate::Migrator {
-        migrations: herald_postgres::MIGRATOR
-            .iter()
-            .filter(|m| m.version < queue)
-            .cloned()
-            .collect::<Vec<_>>()
-            .into(),
-        ..sqlx::migrate::Migrator::DEFAULT
-    };
-    earlier.set_ignore_missing(true);
-    earlier.run(&pool).await.expect("earlier migrations");
+    migrate_before_the_queue(&pool).await;
     sqlx::query(
         "INSERT INTO herald_outbox
              (event_id, aggregate_type, aggregate_id, aggregate_seq, event_type, topic, record_key,
@@ -95,22 +84,113 @@ async fn events_an_earlier_version_left_unpublished_are_queued() {
     pool.close().await;
 }
 
-/// sqlx is built with TLS (rustls): `sslmode=require` gets as far as asking
-/// the server for TLS. The test server has none, so the connection is
-/// refused for that reason, not because the client cannot speak TLS.
+/// sqlx is built with TLS (rustls): `sslmode=require` on the `--secure`
+/// server (`ssl = on`) makes an encrypted connection.
 #[tokio::test]
-async fn sslmode_require_asks_the_server_for_tls() {
-    let Some(postgres) = herald_test::postgres() else {
+async fn sslmode_require_connects_over_tls() {
+    let (Some(_), Some(postgres)) = (herald_test::secure(), herald_test::postgres()) else {
         return;
     };
     let db = postgres.database().await;
     let url = format!("{}?sslmode=require", db.url());
-    let error = sqlx::postgres::PgPoolOptions::new()
+    let pool = sqlx::postgres::PgPoolOptions::new()
         .acquire_timeout(std::time::Duration::from_secs(10))
         .connect(&url)
         .await
-        .expect_err("the test server has no TLS");
-    let text = error.to_string();
-    assert!(!text.contains("without TLS support"), "{text}");
-    assert!(text.contains("TLS"), "{text}");
+        .expect("sslmode=require on a server with ssl on");
+    let ssl: bool = sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        .fetch_one(&pool)
+        .await
+        .expect("pg_stat_ssl");
+    assert!(ssl, "the connection is encrypted");
+    pool.close().await;
+}
+
+/// The migrations before the relay's queue, as an earlier version ran them.
+async fn migrate_before_the_queue(pool: &sqlx::PgPool) {
+    let queue = 20261127000004;
+    let mut earlier = sqlx::migrate::Migrator {
+        migrations: herald_postgres::MIGRATOR
+            .iter()
+            .filter(|m| m.version < queue)
+            .cloned()
+            .collect::<Vec<_>>()
+            .into(),
+        ..sqlx::migrate::Migrator::DEFAULT
+    };
+    earlier.set_ignore_missing(true);
+    earlier.run(pool).await.expect("earlier migrations");
+}
+
+/// The queue's migration started while a writer of the earlier version
+/// holds its insert open (issue #20, scenario 8): the migration waits for
+/// the writer's commit, and the writer's event is queued, not lost.
+#[tokio::test]
+async fn an_insert_in_flight_across_the_queue_migration_is_queued() {
+    let Some(postgres) = herald_test::postgres() else {
+        return;
+    };
+    let db = postgres.database().await;
+    let pool = db.pool().await;
+    migrate_before_the_queue(&pool).await;
+    let mut writer = pool.begin().await.expect("begin");
+    sqlx::query(
+        "INSERT INTO herald_outbox
+             (event_id, aggregate_type, aggregate_id, aggregate_seq, event_type, topic, record_key,
+              payload, occurred_at)
+         VALUES (gen_random_uuid(), 'smoke', 'a-1', 1, 'Smoke', 't', 'a-1', '\\x07', now())",
+    )
+    .execute(&mut *writer)
+    .await
+    .expect("the earlier version's insert");
+
+    let migrating = tokio::spawn({
+        let pool = pool.clone();
+        async move { herald_postgres::migrate(&pool).await }
+    });
+    // The migration waits on the writer's lock on the outbox.
+    herald_test::poll_until(
+        "the migration waiting for the open insert",
+        std::time::Duration::from_secs(30),
+        async || {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
+                 WHERE c.relname = 'herald_outbox' AND NOT l.granted
+                   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            )
+            .fetch_one(&pool)
+            .await
+            .map_err(|e| e.to_string())?;
+            if waiting > 0 {
+                Ok(())
+            } else {
+                Err("no waiting lock".to_owned())
+            }
+        },
+    )
+    .await;
+    assert!(
+        !migrating.is_finished(),
+        "the migration waits for the writer"
+    );
+    writer.commit().await.expect("the writer commits");
+    migrating
+        .await
+        .expect("migration task")
+        .expect("the migration");
+
+    let status = herald_postgres::outbox::status(&pool)
+        .await
+        .expect("status");
+    assert_eq!(status.backlog, 1, "the in-flight event is queued");
+    let store = herald_postgres::PgOutbox::new(pool.clone());
+    let batch = store.claim(10).await.expect("claim");
+    let payloads: Vec<&[u8]> = batch
+        .records()
+        .iter()
+        .map(|r| r.payload.as_slice())
+        .collect();
+    assert_eq!(payloads, vec![&[7u8][..]]);
+    batch.commit(&[]).await.expect("release");
+    pool.close().await;
 }
