@@ -135,6 +135,14 @@ impl CheckpointReader {
             {
                 None => {}
                 Some(Err(KafkaError::PartitionEOF(p))) if p == partition => break,
+                // The reader lives as long as the relay: an outage leaves
+                // its queue full of client-wide errors ("all brokers
+                // down") that it hands out after the brokers are back.
+                // librdkafka recovers from them by itself; the deadline
+                // bounds a broker that stays away.
+                Some(Err(source)) if crate::is_retriable(&source) => {
+                    tracing::debug!(%source, "relay checkpoint reader: retriable error, reading on");
+                }
                 Some(Err(source)) => {
                     return Err(ClientError::Kafka {
                         operation: "reading a relay checkpoint partition",
