@@ -15,7 +15,8 @@
 //! When the service is unreachable the test is skipped with a loud message,
 //! unless `CI` is set: then it fails, because CI must never skip silently.
 //!
-//! This crate reads `KAFKA_BROKERS`, `DATABASE_URL` and `CI`: it is test
+//! This crate reads `KAFKA_BROKERS`, `DATABASE_URL`, the `--secure`
+//! endpoints ([`secure`]), `HERALD_FAULT_SEED` and `CI`: it is test
 //! support, never a dependency of the libraries themselves.
 //!
 //! # Layout
@@ -24,11 +25,14 @@
 //! - [`postgres`] / [`Postgres`]: fresh databases ([`TestDatabase`]).
 //! - [`private`]: a Kafka broker and a PostgreSQL cluster of one test's
 //!   own, to kill, pause and start again.
+//! - [`faults`]: a seeded fault [`faults::Schedule`] (`HERALD_FAULT_SEED`
+//!   replays it) and the [`faults::Timeline`] a failing run prints.
 //! - [`invariants`]: the checker of a fault run: lost, duplicated and
 //!   misordered events, and dead letters with their bytes.
 //! - [`FaultProxy`]: a TCP proxy whose connections can be cut.
 
 pub mod events;
+pub mod faults;
 pub mod invariants;
 pub mod private;
 

@@ -22,14 +22,16 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use herald_test::faults::Schedule;
 use herald_test::private::{PrivateKafka, PrivatePostgres};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-use uuid::Uuid;
 
-use crate::support::{place, until_answered, wait_ready, Accepted, Fleet, Member, Timeline};
+use crate::support::{place, wait_ready, Accepted, Fleet, Member};
 
 const ORDERS: usize = 3_000;
+/// [`ORDERS`], times the soak factor.
+fn orders() -> usize {
+    ORDERS * crate::support::soak()
+}
 /// Orders posted per second: the load lasts long enough for the faults.
 const RATE: u64 = 100;
 const PARTITIONS: i32 = 6;
@@ -44,8 +46,7 @@ struct Chaos {
     fleet: Fleet,
     kafka: PrivateKafka,
     postgres: PrivatePostgres,
-    rng: StdRng,
-    timeline: Timeline,
+    schedule: Schedule,
     accepted: Arc<AtomicUsize>,
     done: Arc<AtomicBool>,
 }
@@ -58,33 +59,38 @@ impl Chaos {
         while !self.done.load(Ordering::SeqCst) {
             self.restart_the_gone();
             let accepted = self.accepted.load(Ordering::SeqCst);
-            if !crashed_postgres && accepted >= ORDERS / 3 {
+            if !crashed_postgres && accepted >= orders() / 3 {
                 crashed_postgres = true;
-                self.timeline
-                    .note(format!("PostgreSQL: immediate stop ({accepted} accepted)"));
+                self.schedule
+                    .step("PostgreSQL immediate stop", &format!("{accepted} accepted"));
                 self.postgres.crash();
                 std::thread::sleep(Duration::from_secs(2));
                 self.postgres.restart();
-                self.timeline.note("PostgreSQL: started again");
+                self.schedule.step("PostgreSQL restart", "");
             }
-            if !killed_broker && accepted >= 2 * ORDERS / 3 {
+            if !killed_broker && accepted >= 2 * orders() / 3 {
                 killed_broker = true;
-                self.timeline
-                    .note(format!("broker: SIGKILL ({accepted} accepted)"));
+                self.schedule
+                    .step("broker SIGKILL", &format!("{accepted} accepted"));
                 self.kafka.kill();
                 std::thread::sleep(Duration::from_secs(2));
                 self.kafka.restart();
-                self.timeline.note("broker: started again");
+                self.schedule.step("broker restart", "");
             }
             if Instant::now() >= next_kill {
-                let victim = self.rng.gen_range(0..self.fleet.0.len());
-                let pause = Duration::from_millis(self.rng.gen_range(100..500));
+                let victim = self.schedule.pick(self.fleet.0.len());
+                let pause = self
+                    .schedule
+                    .between(Duration::from_millis(100), Duration::from_millis(500));
                 let member = &mut self.fleet.0[victim];
-                self.timeline.note(format!("SIGKILL {}", member.name));
+                self.schedule.step("SIGKILL", &member.name);
                 member.kill();
                 std::thread::sleep(pause);
                 member.start();
-                next_kill = Instant::now() + Duration::from_millis(self.rng.gen_range(300..1200));
+                next_kill = Instant::now()
+                    + self
+                        .schedule
+                        .between(Duration::from_millis(300), Duration::from_millis(1200));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -95,7 +101,7 @@ impl Chaos {
     fn restart_the_gone(&mut self) {
         for member in &mut self.fleet.0 {
             if let Some(status) = member.exited() {
-                self.timeline.note(format!(
+                self.schedule.timeline().note(format!(
                     "{} ended by itself ({status}); starting it again",
                     member.name
                 ));
@@ -106,17 +112,6 @@ impl Chaos {
     }
 }
 
-/// Cancels `order` until the API has done it. A 409 means an earlier
-/// attempt did, and only its answer was lost (nothing else cancels it).
-async fn cancel(client: &reqwest::Client, base: &str, order: Uuid) {
-    until_answered(&format!("POST /orders/{order}/cancel"), &[200, 409], || {
-        client
-            .post(format!("{base}/orders/{order}/cancel"))
-            .json(&serde_json::json!({ "reason": "changed my mind" }))
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_accepted_order_is_fulfilled_notified_and_projected_once_under_faults() {
     // The shared services prove the installation is there; the faults run
@@ -125,12 +120,9 @@ async fn every_accepted_order_is_fulfilled_notified_and_projected_once_under_fau
         return;
     }
     let _serial = crate::support::one_at_a_time().await;
-    let seed: u64 = std::env::var("HERALD_FAULT_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::thread_rng().r#gen());
-    eprintln!("fault schedule seed {seed} (replay: HERALD_FAULT_SEED={seed})");
-    let timeline = Timeline::new();
+    let schedule = Schedule::from_env();
+    let seed = schedule.seed();
+    let timeline = schedule.timeline().clone();
     let kafka = tokio::task::spawn_blocking(PrivateKafka::start)
         .await
         .expect("kafka");
@@ -202,8 +194,7 @@ async fn every_accepted_order_is_fulfilled_notified_and_projected_once_under_fau
         fleet: Fleet(members),
         kafka,
         postgres,
-        rng: StdRng::seed_from_u64(seed),
-        timeline: timeline.clone(),
+        schedule,
         accepted: Arc::clone(&accepted),
         done: Arc::clone(&done),
     };
@@ -212,7 +203,7 @@ async fn every_accepted_order_is_fulfilled_notified_and_projected_once_under_fau
     let limit = Arc::new(tokio::sync::Semaphore::new(16));
     let mut posts = tokio::task::JoinSet::new();
     let load_start = tokio::time::Instant::now();
-    for i in 0..ORDERS {
+    for i in 0..orders() {
         tokio::time::sleep_until(load_start + Duration::from_millis(i as u64 * 1000 / RATE)).await;
         let permit = Arc::clone(&limit).acquire_owned().await.expect("permit");
         let (client, base, accepted) = (client.clone(), base.clone(), Arc::clone(&accepted));
@@ -221,7 +212,7 @@ async fn every_accepted_order_is_fulfilled_notified_and_projected_once_under_fau
             accepted.fetch_add(1, Ordering::SeqCst);
             let cancelled = i % CANCEL_EVERY == 0;
             if cancelled {
-                cancel(&client, &base, id).await;
+                crate::support::cancel(&client, &base, id).await;
             }
             drop(permit);
             (id, cancelled)
@@ -237,7 +228,7 @@ async fn every_accepted_order_is_fulfilled_notified_and_projected_once_under_fau
         }
     }
     timeline.note(format!("load done: {} orders accepted", ids.len()));
-    assert_eq!(ids.len(), ORDERS, "one order per Idempotency-Key");
+    assert_eq!(ids.len(), orders(), "one order per Idempotency-Key");
     done.store(true, Ordering::SeqCst);
     let chaos = tokio::task::spawn_blocking(move || chaos.join().expect("chaos loop"))
         .await
@@ -262,7 +253,7 @@ async fn every_accepted_order_is_fulfilled_notified_and_projected_once_under_fau
     }
 
     // Judged on what is durable, with nothing running.
-    let report = timeline.events.lock().expect("timeline").join("\n");
+    let report = chaos.schedule.report();
     let unreleased = run.assert_effectively_once(&pool, &report).await;
     timeline.note(format!(
         "{unreleased} cancelled orders kept their reservation (see Accepted::assert_effectively_once)"

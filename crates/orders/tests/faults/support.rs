@@ -2,7 +2,7 @@
 //! timeline a failing run prints, and clients that retry through faults.
 
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+
 use std::time::{Duration, Instant};
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -10,31 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use orders::fulfillment::FulfillmentEvent;
 use uuid::Uuid;
 
-/// What happened when, for the report of a failing run.
-#[derive(Clone)]
-pub struct Timeline {
-    start: Instant,
-    pub events: Arc<Mutex<Vec<String>>>,
-}
-
-impl Timeline {
-    pub fn new() -> Self {
-        Self {
-            start: Instant::now(),
-            events: Arc::default(),
-        }
-    }
-
-    pub fn note(&self, what: impl Into<String>) {
-        let line = format!(
-            "{:>7.2}s {}",
-            self.start.elapsed().as_secs_f64(),
-            what.into()
-        );
-        eprintln!("{line}");
-        self.events.lock().expect("timeline").push(line);
-    }
-}
+pub use herald_test::faults::Timeline;
 
 /// One `orders` process of the fleet, started again whenever it is gone.
 pub struct Member {
@@ -189,6 +165,28 @@ pub async fn place(client: &reqwest::Client, base: &str, key: &str) -> Uuid {
     .await;
     let body: serde_json::Value = response.json().await.expect("json");
     body["id"].as_str().expect("id").parse().expect("uuid")
+}
+
+/// Cancels `order` until the API has done it. A 409 means an earlier
+/// attempt did, and only its answer was lost (nothing else cancels it).
+pub async fn cancel(client: &reqwest::Client, base: &str, order: Uuid) {
+    until_answered(&format!("POST /orders/{order}/cancel"), &[200, 409], || {
+        client
+            .post(format!("{base}/orders/{order}/cancel"))
+            .json(&serde_json::json!({ "reason": "changed my mind" }))
+    })
+    .await;
+}
+
+/// How many times larger a soak run is than the CI-sized one: the
+/// `HERALD_SOAK` factor (1 when unset). Scenarios multiply their event
+/// counts and outage lengths by it.
+pub fn soak() -> usize {
+    std::env::var("HERALD_SOAK")
+        .ok()
+        .and_then(|factor| factor.parse().ok())
+        .filter(|factor| *factor >= 1)
+        .unwrap_or(1)
 }
 
 /// Waits until the API at `base` answers `/readyz` with a success.
