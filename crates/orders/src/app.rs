@@ -387,15 +387,24 @@ fn topic_plan(config: &Config) -> Vec<(String, i32)> {
     plan
 }
 
-/// How long the start-up waits for a broker to answer.
+/// How long the start-up of a process that needs Kafka waits for a broker
+/// to answer.
 const KAFKA_CHECK_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long an API alone waits: it does not need Kafka to take orders, so
+/// it waits only long enough to catch a bad setting.
+const API_KAFKA_CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Checks that the Kafka settings reach the cluster, so that a wrong
 /// password, CA or security protocol fails the start-up naming the setting
 /// to fix. A cluster that is only away fails just the processes that need
 /// it now: an API alone keeps taking orders into the outbox.
 async fn check_kafka(config: &Config, required: bool) -> anyhow::Result<()> {
-    match herald_kafka::check_cluster(&config.kafka_client_config(), KAFKA_CHECK_TIMEOUT).await {
+    let timeout = if required {
+        KAFKA_CHECK_TIMEOUT
+    } else {
+        API_KAFKA_CHECK_TIMEOUT
+    };
+    match herald_kafka::check_cluster(&config.kafka_client_config(), timeout).await {
         Ok(()) => Ok(()),
         Err(error) if required || error.is_configuration() => Err(anyhow::Error::new(error)
             .context("connecting to KAFKA_BROKERS (--kafka-brokers) with the --kafka-setting / KAFKA_SETTINGS values")),
