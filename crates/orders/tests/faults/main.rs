@@ -4,6 +4,7 @@
 //! run beside the other service tests; its scenarios take turns
 //! (`support::one_at_a_time`).
 
+mod broker_outage;
 mod effectively_once;
 mod outage;
 mod rolling;

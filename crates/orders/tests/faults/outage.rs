@@ -14,6 +14,10 @@ use herald_test::private::{PrivateKafka, PrivatePostgres};
 use crate::support::{place, wait_ready, Fleet, Member, Timeline};
 
 const ORDERS: usize = 300;
+/// [`ORDERS`], times the soak factor.
+fn orders() -> usize {
+    ORDERS * crate::support::soak()
+}
 const PARTITIONS: i32 = 3;
 /// How long PostgreSQL stays down: well past the worker's retry budget
 /// below (2 attempts, each bounded by the pool's 10 s acquire timeout).
@@ -96,7 +100,7 @@ async fn a_postgres_outage_longer_than_the_retry_budget_dead_letters_nothing() {
     signal(&fleet.0[2], "STOP");
     let mut posts = tokio::task::JoinSet::new();
     let limit = Arc::new(tokio::sync::Semaphore::new(16));
-    for i in 0..ORDERS {
+    for i in 0..orders() {
         let permit = Arc::clone(&limit).acquire_owned().await.expect("permit");
         let (client, base) = (client.clone(), base.clone());
         posts.spawn(async move {
@@ -189,7 +193,7 @@ async fn a_postgres_outage_longer_than_the_retry_budget_dead_letters_nothing() {
             .fetch_one(&pool)
             .await
             .map_err(|e| e.to_string())?;
-            if views >= ORDERS as i64 && notified >= ORDERS as i64 {
+            if views >= orders() as i64 && notified >= orders() as i64 {
                 Ok(())
             } else {
                 Err(format!("views {views}, notifications {notified}"))
@@ -230,10 +234,10 @@ async fn a_postgres_outage_longer_than_the_retry_budget_dead_letters_nothing() {
             PARTITIONS,
             Some(&format!("{topic}.dlq")),
         );
-    let report = timeline.events.lock().expect("timeline").join("\n");
+    let report = timeline.text();
     timeline.note(format!("invariants: {checked}"));
     checked.assert_clean(&report);
-    assert_eq!(checked.committed, ORDERS, "{checked}");
+    assert_eq!(checked.committed, orders(), "{checked}");
     assert!(
         checked.dead_letters.is_empty(),
         "{} records dead-lettered during a dependency outage\n{report}",

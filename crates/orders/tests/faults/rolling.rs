@@ -14,7 +14,11 @@ use uuid::Uuid;
 
 use crate::support::{place, until_answered, wait_ready, Accepted, Fleet, Member, Timeline};
 
-const ORDERS: usize = 1_500;
+const ORDERS: usize = 2_100;
+/// [`ORDERS`], times the soak factor.
+fn orders() -> usize {
+    ORDERS * crate::support::soak()
+}
 const RATE: u64 = 60;
 const PARTITIONS: i32 = 3;
 const CANCEL_EVERY: usize = 5;
@@ -129,8 +133,9 @@ async fn a_rolling_restart_of_every_process_twice_loses_and_repeats_nothing() {
             let mut posts = tokio::task::JoinSet::new();
             let start = tokio::time::Instant::now();
             let mut i = 0;
-            // The load goes on until both rounds are through (and at least ORDERS).
-            while i < ORDERS || !done.load(Ordering::SeqCst) {
+            // The load goes on until both rounds are through (and at least orders()
+            // are placed).
+            while i < orders() || !done.load(Ordering::SeqCst) {
                 tokio::time::sleep_until(start + Duration::from_millis(i as u64 * 1000 / RATE))
                     .await;
                 let permit = Arc::clone(&limit).acquire_owned().await.expect("permit");
@@ -176,7 +181,7 @@ async fn a_rolling_restart_of_every_process_twice_loses_and_repeats_nothing() {
         partitions: PARTITIONS,
     };
     run.wait_caught_up(&pool).await;
-    let report = timeline.events.lock().expect("timeline").join("\n");
+    let report = timeline.text();
     let unclean = fleet.stop();
     assert!(
         unclean.is_empty(),
