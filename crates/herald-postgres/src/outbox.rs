@@ -377,7 +377,7 @@ impl PgOutbox {
 
     /// Replaces the rotation with the shards that have unpublished rows.
     async fn search(&self, tx: &mut Transaction<'static, Postgres>) -> Result<(), StoreError> {
-        let found = sqlx::query_scalar(include_str!("sql/relay_shards.sql"))
+        let found = sqlx::query_scalar(crate::sql::RELAY_SHARDS.as_str())
             .fetch_all(&mut **tx)
             .await;
         match found {
@@ -404,21 +404,9 @@ impl PgOutbox {
 
     /// Whether unpublished rows exist (claimable or not yet).
     async fn has_backlog(&self) -> Result<bool, sqlx::Error> {
-        // Parked aggregates' events do not count: they wait for a person,
-        // and a quick second look would only spin.
-        sqlx::query_scalar(
-            "SELECT EXISTS (
-                 SELECT 1 FROM herald_outbox_pending p
-                 JOIN herald_outbox o ON o.id = p.id
-                 WHERE NOT EXISTS (
-                     SELECT 1 FROM herald_outbox_refused r
-                     WHERE r.parked_at IS NOT NULL
-                       AND r.shard = p.shard
-                       AND r.aggregate_type = o.aggregate_type
-                       AND r.aggregate_id = o.aggregate_id AND r.id < p.id))",
-        )
-        .fetch_one(&self.pool)
-        .await
+        sqlx::query_scalar(crate::sql::HAS_BACKLOG.as_str())
+            .fetch_one(&self.pool)
+            .await
     }
 }
 
@@ -461,7 +449,7 @@ pub(crate) async fn claim_shard(
     shard: i16,
     limit: usize,
 ) -> Result<Vec<herald::PendingRecord>, StoreError> {
-    let rows = sqlx::query(include_str!("sql/relay_claim.sql"))
+    let rows = sqlx::query(crate::sql::RELAY_CLAIM.as_str())
         .bind(shard)
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .fetch_all(&mut **tx)

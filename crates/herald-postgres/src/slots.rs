@@ -152,7 +152,7 @@ impl herald::SlotStore for PgOutbox {
     }
 
     async fn slots_with_work(&self) -> Result<Vec<u16>, StoreError> {
-        let shards: Vec<i16> = sqlx::query_scalar(include_str!("sql/relay_shards.sql"))
+        let shards: Vec<i16> = sqlx::query_scalar(crate::sql::RELAY_SHARDS.as_str())
             .fetch_all(&self.pool)
             .await
             .map_err(StoreError::db("finding relay slots with unpublished rows"))?;
@@ -253,7 +253,7 @@ impl herald::SlotLease for PgSlotLease {
         // starve the slot's others; each takes its lowest pending ids, a
         // prefix of each of its aggregates (sql/relay_claim_slot.sql).
         let share = (max / self.shards.len().max(1)).max(1);
-        let rows = sqlx::query(include_str!("sql/relay_claim_slot.sql"))
+        let rows = sqlx::query(crate::sql::RELAY_CLAIM_SLOT.as_str())
             .bind(&self.shards)
             .bind(i64::try_from(share).unwrap_or(i64::MAX))
             .fetch_all(&mut *self.tx)

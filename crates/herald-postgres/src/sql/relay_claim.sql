@@ -37,12 +37,7 @@ SELECT o.id, o.event_id, o.topic, o.record_key, o.payload, o.headers
 FROM herald_outbox_pending p
 JOIN herald_outbox o ON o.id = p.id
 WHERE p.shard = $1
-  AND NOT EXISTS (
-      SELECT 1 FROM herald_outbox_refused r
-      WHERE r.parked_at IS NOT NULL
-        AND r.shard = p.shard
-        AND r.aggregate_type = o.aggregate_type
-        AND r.aggregate_id = o.aggregate_id AND r.id < p.id)
+  AND {NOT_HELD_BACK}
 ORDER BY p.id
 LIMIT $2
 FOR UPDATE OF p

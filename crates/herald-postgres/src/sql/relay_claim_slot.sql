@@ -15,12 +15,7 @@ CROSS JOIN LATERAL (
     FROM herald_outbox_pending p
     JOIN herald_outbox o ON o.id = p.id
     WHERE p.shard = s.shard
-      AND NOT EXISTS (
-          SELECT 1 FROM herald_outbox_refused r
-          WHERE r.parked_at IS NOT NULL
-            AND r.shard = p.shard
-            AND r.aggregate_type = o.aggregate_type
-            AND r.aggregate_id = o.aggregate_id AND r.id < p.id)
+      AND {NOT_HELD_BACK}
     ORDER BY p.id
     LIMIT $2
     FOR UPDATE OF p
