@@ -17,6 +17,8 @@
 //!   leases ([`herald::SlotStore`]), and why its checkpoints make the relay
 //!   publish each event once.
 //! - `shards`: which shards a relay process tries next, between searches.
+//! - `sql`: the claim's statements, assembled once from `src/sql/` around
+//!   the one rule for parked aggregates (`src/sql/not_held_back.sql`).
 //! - [`inbox`]: [`Inbox`] — effects and the inbox row in one transaction,
 //!   one per event or batched with savepoints; retention.
 //! - [`classify`]: database errors as transient or permanent handler errors.
@@ -26,6 +28,7 @@ pub mod outbox;
 pub mod refusals;
 mod shards;
 pub mod slots;
+mod sql;
 
 use herald::HandlerError;
 use sqlx::migrate::Migrator;
@@ -97,9 +100,55 @@ impl StoreError {
     }
 }
 
+/// Migrations whose text changed after databases applied them, without
+/// changing what they did to those databases: the version and the SHA-384
+/// checksum of the text they applied.
+///
+/// - 20261127000004 gained `LOCK TABLE herald_outbox` before its copy into
+///   the queue: a database that applied the earlier text is already past
+///   the copy, so nothing is left to do but to accept its checksum.
+const REWRITTEN_MIGRATIONS: [(i64, &str); 1] = [(
+    20261127000004,
+    "6d4ae486a697dd0f9ef2fc276559460d53b3b16de1a98de4cfd0c6bbc4b439be4a32b9ef14f5f19ccff91b7e0182ee32",
+)];
+
 /// Applies herald's migrations (idempotent).
 pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
+    accept_rewritten_migrations(pool).await?;
     MIGRATOR.run(pool).await?;
+    Ok(())
+}
+
+/// Records the current checksum of each of [`REWRITTEN_MIGRATIONS`] where
+/// a database applied its earlier text, which sqlx would otherwise refuse
+/// as a modified migration.
+async fn accept_rewritten_migrations(pool: &PgPool) -> Result<(), StoreError> {
+    let failed = |source| StoreError::Database {
+        operation: "accepting the checksums of rewritten migrations",
+        source,
+    };
+    let table: Option<String> = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations')::text")
+        .fetch_one(pool)
+        .await
+        .map_err(failed)?;
+    if table.is_none() {
+        return Ok(());
+    }
+    for (version, earlier) in REWRITTEN_MIGRATIONS {
+        let Some(current) = MIGRATOR.iter().find(|m| m.version == version) else {
+            continue;
+        };
+        sqlx::query(
+            "UPDATE _sqlx_migrations SET checksum = $1
+             WHERE version = $2 AND checksum = decode($3, 'hex')",
+        )
+        .bind(current.checksum.as_ref())
+        .bind(version)
+        .bind(earlier)
+        .execute(pool)
+        .await
+        .map_err(failed)?;
+    }
     Ok(())
 }
 

@@ -194,3 +194,38 @@ async fn an_insert_in_flight_across_the_queue_migration_is_queued() {
     batch.commit(&[]).await.expect("release");
     pool.close().await;
 }
+
+/// A database that applied the queue migration's earlier text (before its
+/// LOCK) keeps working: migrate accepts that text's checksum instead of
+/// refusing the migration as modified.
+#[tokio::test]
+async fn a_database_migrated_with_the_earlier_queue_migration_still_migrates() {
+    let Some(postgres) = herald_test::postgres() else {
+        return;
+    };
+    let db = postgres.database().await;
+    let pool = db.pool().await;
+    herald_postgres::migrate(&pool).await.expect("migrations");
+    // What a database migrated by an earlier build records.
+    sqlx::query(
+        "UPDATE _sqlx_migrations SET checksum = decode($1, 'hex') WHERE version = 20261127000004",
+    )
+    .bind("6d4ae486a697dd0f9ef2fc276559460d53b3b16de1a98de4cfd0c6bbc4b439be4a32b9ef14f5f19ccff91b7e0182ee32")
+    .execute(&pool)
+    .await
+    .expect("the earlier checksum");
+    // On a connection of its own: sqlx keeps its migration lock when it
+    // refuses, until the session ends.
+    let mut alone = sqlx::ConnectOptions::connect(&db.options())
+        .await
+        .expect("connect");
+    assert!(
+        herald_postgres::MIGRATOR.run(&mut alone).await.is_err(),
+        "sqlx alone refuses a migration whose text changed"
+    );
+    sqlx::Connection::close(alone).await.expect("close");
+    herald_postgres::migrate(&pool)
+        .await
+        .expect("migrate accepts the earlier text");
+    pool.close().await;
+}
