@@ -70,3 +70,66 @@ pub(crate) async fn ensure_compacted_topic(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// librdkafka's default `message.max.bytes`.
+const LIBRDKAFKA_MESSAGE_MAX_BYTES: u64 = 1_000_000;
+
+/// Checks that each of `topics` takes the largest record batch `publisher`
+/// may send. The broker applies a topic's `max.message.bytes` to a whole
+/// record batch and refuses the batch, every record in it reporting
+/// `MessageSizeTooLarge`: a topic whose limit is below the producer's
+/// `message.max.bytes` or `batch.size` would have innocent records refused
+/// beside an oversized one (and a relay park their aggregates), where a
+/// producer held to the topic's limit refuses the oversized record alone,
+/// before it is sent. Topics that do not exist yet are skipped.
+pub async fn check_record_limits(
+    publisher: &crate::PublisherConfig,
+    topics: &[&str],
+    timeout: Duration,
+) -> Result<(), ClientError> {
+    use rdkafka::admin::ResourceSpecifier;
+    let client = publisher.client_config();
+    let setting = |name: &str, default: u64| {
+        client
+            .get(name)
+            .and_then(|value| value.trim().parse::<u64>().ok())
+            .unwrap_or(default)
+    };
+    let largest = setting("message.max.bytes", LIBRDKAFKA_MESSAGE_MAX_BYTES)
+        .max(setting("batch.size", LIBRDKAFKA_MESSAGE_MAX_BYTES));
+    let admin: AdminClient<DefaultClientContext> = client.create().map_err(ClientError::Config)?;
+    let specifiers: Vec<ResourceSpecifier<'_>> =
+        topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
+    let described = admin
+        .describe_configs(
+            &specifiers,
+            &AdminOptions::new().request_timeout(Some(timeout)),
+        )
+        .await
+        .map_err(|source| ClientError::Kafka {
+            operation: "reading the topics' max.message.bytes",
+            source,
+        })?;
+    for (topic, result) in topics.iter().zip(described) {
+        let Ok(resource) = result else { continue };
+        let Some(limit) = resource
+            .get("max.message.bytes")
+            .and_then(|entry| entry.value.as_deref())
+            .and_then(|value| value.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if limit < largest {
+            return Err(ClientError::Setting {
+                setting: "message.max.bytes",
+                reason: format!(
+                    "topic {topic:?} takes record batches of at most {limit} bytes \
+                     (max.message.bytes), but the producer may send {largest} \
+                     (message.max.bytes / batch.size): set both to at most {limit}, or \
+                     raise the topic's max.message.bytes"
+                ),
+            });
+        }
+    }
+    Ok(())
+}

@@ -25,7 +25,8 @@
 //! - [`metrics`]: Prometheus label sets and buckets; every stats value is a
 //!   collector for the service's registry.
 //! - `admin.rs`: the compacted topics herald creates for itself (relay
-//!   checkpoints, processor completed ids).
+//!   checkpoints, processor completed ids), and [`check_record_limits`]
+//!   (a topic's `max.message.bytes` against the producer's batches).
 
 mod admin;
 pub mod connect;
@@ -39,6 +40,7 @@ pub mod publisher;
 pub mod relay;
 mod settings;
 
+pub use admin::check_record_limits;
 pub use connect::{check_cluster, ConnectError};
 pub use consumer::{
     envelope_of, CircuitBreaker, Consumer, ConsumerConfig, ConsumerStats, DeadLetterMode, Handler,

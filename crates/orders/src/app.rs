@@ -707,6 +707,20 @@ impl Application {
             if needs_topics {
                 ensure_topics(&config).await?;
             }
+            if components.relay {
+                let topic = config.topics.events.as_str();
+                herald_kafka::check_record_limits(
+                    &config.publisher_config(),
+                    &[topic],
+                    KAFKA_CHECK_TIMEOUT,
+                )
+                .await
+                .with_context(|| {
+                    format!(
+                        "checking that {topic} takes the relay's record batches                          (--kafka-setting message.max.bytes / batch.size)"
+                    )
+                })?;
+            }
         }
         let addr = if components.api {
             config.http_addr

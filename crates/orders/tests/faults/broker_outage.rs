@@ -7,14 +7,15 @@
 //! and once the broker is back every accepted order is fulfilled,
 //! notified and projected exactly once.
 
-use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use herald_test::private::PrivateKafka;
 
-use crate::support::{place, soak, wait_ready, Accepted, Fleet, Member, Timeline};
+use crate::support::{
+    place, placed, readiness, soak, wait_ready, Accepted, Fleet, Member, Timeline,
+};
 
 /// Orders placed; every fifth is cancelled once accepted, so the run moves
 /// about 2.4 events per order through Kafka (order events, outcomes and
@@ -30,13 +31,7 @@ const OUTAGE: Duration = Duration::from_secs(60);
 
 /// Whether the API at `base` reports Kafka away in `/readyz`.
 async fn kafka_reported_away(client: &reqwest::Client, base: &str) -> Result<(), String> {
-    let response = client
-        .get(format!("{base}/readyz"))
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
-    let body: serde_json::Value = response.json().await.map_err(|e| e.to_string())?;
+    let body = readiness(client, base).await?;
     if body["checks"]["kafka"] == false && body["status"] == "not_ready" {
         Ok(())
     } else {
@@ -44,16 +39,31 @@ async fn kafka_reported_away(client: &reqwest::Client, base: &str) -> Result<(),
     }
 }
 
+/// The broker's outage: when it began (`None` while the broker is up), and
+/// how many orders were accepted while it lasted.
+#[derive(Default)]
+struct Outage {
+    since: Mutex<Option<Instant>>,
+    accepted: AtomicUsize,
+}
+
+impl Outage {
+    fn since(&self) -> Option<Instant> {
+        *self.since.lock().expect("outage")
+    }
+}
+
 /// Checks that `run` rode out the outage so far (still running, `/readyz`
 /// saying Kafka is away), then starts the broker again.
 async fn end_outage(
     kafka: &mut PrivateKafka,
-    since: Instant,
+    outage: &Outage,
     run: &mut Member,
     client: &reqwest::Client,
     base: &str,
     timeline: &Timeline,
 ) {
+    let since = outage.since().expect("the broker is down");
     assert_eq!(
         run.exited(),
         None,
@@ -69,6 +79,11 @@ async fn end_outage(
         since.elapsed()
     ));
     tokio::task::block_in_place(|| kafka.restart());
+    *outage.since.lock().expect("outage") = None;
+    timeline.note(format!(
+        "broker: up again ({} orders accepted while it was down)",
+        outage.accepted.load(Ordering::SeqCst)
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -77,7 +92,7 @@ async fn orders_run_rides_out_a_long_broker_outage() {
         return;
     };
     let _serial = crate::support::one_at_a_time().await;
-    let (orders, outage) = (ORDERS * soak(), OUTAGE * soak() as u32);
+    let (orders, length) = (ORDERS * soak(), OUTAGE * soak() as u32);
     let timeline = Timeline::new();
     let mut kafka = tokio::task::spawn_blocking(PrivateKafka::start)
         .await
@@ -115,9 +130,7 @@ async fn orders_run_rides_out_a_long_broker_outage() {
     timeline.note("orders run up");
 
     let accepted = Arc::new(AtomicUsize::new(0));
-    // Accepted while the broker was down (set while it is).
-    let down = Arc::new(Mutex::new(None::<Instant>));
-    let during_outage = Arc::new(AtomicUsize::new(0));
+    let outage = Arc::new(Outage::default());
     let limit = Arc::new(tokio::sync::Semaphore::new(16));
     let mut posts = tokio::task::JoinSet::new();
     let load_start = tokio::time::Instant::now();
@@ -127,85 +140,62 @@ async fn orders_run_rides_out_a_long_broker_outage() {
         if !killed && accepted.load(Ordering::SeqCst) >= orders / 4 {
             killed = true;
             kafka.kill();
-            *down.lock().expect("down") = Some(Instant::now());
+            *outage.since.lock().expect("outage") = Some(Instant::now());
             timeline.note(format!(
                 "broker: SIGKILL ({} accepted)",
                 accepted.load(Ordering::SeqCst)
             ));
         }
-        let down_since = *down.lock().expect("down");
-        if let Some(since) = down_since.filter(|since| since.elapsed() >= outage) {
+        if outage
+            .since()
+            .is_some_and(|since| since.elapsed() >= length)
+        {
             end_outage(
                 &mut kafka,
-                since,
+                &outage,
                 &mut fleet.0[0],
                 &client,
                 &base,
                 &timeline,
             )
             .await;
-            *down.lock().expect("down") = None;
-            timeline.note(format!(
-                "broker: up again ({} orders accepted while it was down)",
-                during_outage.load(Ordering::SeqCst)
-            ));
         }
         let permit = Arc::clone(&limit).acquire_owned().await.expect("permit");
         let (client, base) = (client.clone(), base.clone());
-        let (accepted, down, during_outage) = (
-            Arc::clone(&accepted),
-            Arc::clone(&down),
-            Arc::clone(&during_outage),
-        );
+        let (accepted, outage) = (Arc::clone(&accepted), Arc::clone(&outage));
         posts.spawn(async move {
             let id = place(&client, &base, &format!("broker-outage-{i}")).await;
             accepted.fetch_add(1, Ordering::SeqCst);
-            if down.lock().expect("down").is_some() {
-                during_outage.fetch_add(1, Ordering::SeqCst);
+            if outage.since().is_some() {
+                outage.accepted.fetch_add(1, Ordering::SeqCst);
             }
-            let cancelled = i % CANCEL_EVERY == 0;
-            if cancelled {
+            if i % CANCEL_EVERY == 0 {
                 crate::support::cancel(&client, &base, id).await;
             }
             drop(permit);
-            (id, cancelled)
+            (id, i % CANCEL_EVERY == 0)
         });
     }
     // A load that ended first waits out the outage.
-    let down_since = *down.lock().expect("down");
-    if let Some(since) = down_since {
-        herald_test::wait_until("the outage's length", outage * 2, || {
-            since.elapsed() >= outage
+    if let Some(since) = outage.since() {
+        herald_test::wait_until("the outage's length", length * 2, || {
+            since.elapsed() >= length
         })
         .await;
         end_outage(
             &mut kafka,
-            since,
+            &outage,
             &mut fleet.0[0],
             &client,
             &base,
             &timeline,
         )
         .await;
-        *down.lock().expect("down") = None;
-        timeline.note("broker: up again");
     }
-    let mut ids = BTreeSet::new();
-    let mut cancelled = BTreeSet::new();
-    while let Some(placed) = posts.join_next().await {
-        let (id, was_cancelled) = placed.expect("post task");
-        ids.insert(id);
-        if was_cancelled {
-            cancelled.insert(id);
-        }
-    }
+    let (ids, cancelled) = placed(posts).await;
     assert!(killed, "the broker was killed during the load");
     assert!(
-        down.lock().expect("down").is_none(),
-        "the broker was started again during the load"
-    );
-    assert!(
-        during_outage.load(Ordering::SeqCst) > 0,
+        outage.accepted.load(Ordering::SeqCst) > 0,
         "the API accepted orders while the broker was down"
     );
     assert_eq!(ids.len(), orders, "one order per Idempotency-Key");

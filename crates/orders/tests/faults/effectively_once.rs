@@ -17,7 +17,6 @@
 //! A failing run prints its seed and the timeline of faults;
 //! `HERALD_FAULT_SEED=<seed>` replays the same schedule.
 
-use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,7 +24,7 @@ use std::time::{Duration, Instant};
 use herald_test::faults::Schedule;
 use herald_test::private::{PrivateKafka, PrivatePostgres};
 
-use crate::support::{place, wait_ready, Accepted, Fleet, Member};
+use crate::support::{place, placed, wait_ready, Accepted, Fleet, Member};
 
 const ORDERS: usize = 3_000;
 /// [`ORDERS`], times the soak factor.
@@ -208,25 +207,17 @@ async fn every_accepted_order_is_fulfilled_notified_and_projected_once_under_fau
         let permit = Arc::clone(&limit).acquire_owned().await.expect("permit");
         let (client, base, accepted) = (client.clone(), base.clone(), Arc::clone(&accepted));
         posts.spawn(async move {
-            let id = place(&client, &base, &format!("eo-order-{i}-{seed}")).await;
+            let key = format!("eo-order-{i}-{seed}");
+            let id = place(&client, &base, &key).await;
             accepted.fetch_add(1, Ordering::SeqCst);
-            let cancelled = i % CANCEL_EVERY == 0;
-            if cancelled {
+            if i % CANCEL_EVERY == 0 {
                 crate::support::cancel(&client, &base, id).await;
             }
             drop(permit);
-            (id, cancelled)
+            (id, i % CANCEL_EVERY == 0)
         });
     }
-    let mut ids = BTreeSet::new();
-    let mut cancelled = BTreeSet::new();
-    while let Some(placed) = posts.join_next().await {
-        let (id, was_cancelled) = placed.expect("post task");
-        ids.insert(id);
-        if was_cancelled {
-            cancelled.insert(id);
-        }
-    }
+    let (ids, cancelled) = placed(posts).await;
     timeline.note(format!("load done: {} orders accepted", ids.len()));
     assert_eq!(ids.len(), orders(), "one order per Idempotency-Key");
     done.store(true, Ordering::SeqCst);

@@ -1,5 +1,5 @@
 //! A PostgreSQL outage is not a poison record (issue #20, scenario 2): the
-//! projection and notification consumers meet 300 valid events while
+//! projection and notification consumers meet 2,500 valid events while
 //! PostgreSQL is down for longer than their whole retry budget. The circuit
 //! breaker pauses them (`/readyz` says `paused`), nothing is dead-lettered,
 //! and once PostgreSQL is back every event reaches the read model and the
@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use herald_test::private::{PrivateKafka, PrivatePostgres};
 
-use crate::support::{place, wait_ready, Fleet, Member, Timeline};
+use crate::support::{place, readiness, wait_ready, Fleet, Member, Timeline};
 
-const ORDERS: usize = 300;
+const ORDERS: usize = 2_500;
 /// [`ORDERS`], times the soak factor.
 fn orders() -> usize {
     ORDERS * crate::support::soak()
@@ -31,17 +31,6 @@ fn signal(member: &Member, signal: &str) {
         .status()
         .expect("kill");
     assert!(status.success(), "kill -{signal} {pid}");
-}
-
-/// The worker's `/readyz` body (it answers 503 while not ready).
-async fn readiness(client: &reqwest::Client, base: &str) -> Result<serde_json::Value, String> {
-    let response = client
-        .get(format!("{base}/readyz"))
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
-    response.json().await.map_err(|e| e.to_string())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

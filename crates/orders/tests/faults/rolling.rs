@@ -5,14 +5,11 @@
 //! or applied twice, and the consumers' shutdowns commit what they
 //! finished: at the end the groups' commits reach the end of the topic.
 
-use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use uuid::Uuid;
-
-use crate::support::{place, until_answered, wait_ready, Accepted, Fleet, Member, Timeline};
+use crate::support::{place_then_cancel, placed, wait_ready, Accepted, Fleet, Member, Timeline};
 
 const ORDERS: usize = 2_100;
 /// [`ORDERS`], times the soak factor.
@@ -141,32 +138,19 @@ async fn a_rolling_restart_of_every_process_twice_loses_and_repeats_nothing() {
                 let permit = Arc::clone(&limit).acquire_owned().await.expect("permit");
                 let (client, base) = (client.clone(), base.clone());
                 posts.spawn(async move {
-                    let id = place(&client, &base, &format!("rolling-{i}")).await;
-                    let cancelled = i % CANCEL_EVERY == 0;
-                    if cancelled {
-                        until_answered(&format!("cancel {id}"), &[200, 409], || {
-                            client
-                                .post(format!("{base}/orders/{id}/cancel"))
-                                .json(&serde_json::json!({ "reason": "rolling" }))
-                        })
-                        .await;
-                    }
+                    let placed = place_then_cancel(
+                        &client,
+                        &base,
+                        &format!("rolling-{i}"),
+                        i % CANCEL_EVERY == 0,
+                    )
+                    .await;
                     drop(permit);
-                    (id, cancelled)
+                    placed
                 });
                 i += 1;
             }
-            let mut ids: BTreeSet<Uuid> = BTreeSet::new();
-            let mut cancelled = BTreeSet::new();
-            while let Some(placed) = posts.join_next().await {
-                let (id, was_cancelled) = placed.expect("post");
-                ids.insert(id);
-                if was_cancelled {
-                    cancelled.insert(id);
-                }
-            }
-
-            (ids, cancelled)
+            placed(posts).await
         }
     };
     let (mut fleet, (ids, cancelled)) = tokio::join!(rolling, load);

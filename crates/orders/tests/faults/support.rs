@@ -178,6 +178,49 @@ pub async fn cancel(client: &reqwest::Client, base: &str, order: Uuid) {
     .await;
 }
 
+/// Places an order under `key` until it is accepted and, when `cancel`,
+/// cancels it: one task of a scenario's load. Returns the order and
+/// whether it was cancelled.
+pub async fn place_then_cancel(
+    client: &reqwest::Client,
+    base: &str,
+    key: &str,
+    cancel: bool,
+) -> (Uuid, bool) {
+    let id = place(client, base, key).await;
+    if cancel {
+        self::cancel(client, base, id).await;
+    }
+    (id, cancel)
+}
+
+/// Waits for a load's tasks: the orders they placed, and those of them
+/// they cancelled.
+pub async fn placed(
+    mut posts: tokio::task::JoinSet<(Uuid, bool)>,
+) -> (BTreeSet<Uuid>, BTreeSet<Uuid>) {
+    let (mut ids, mut cancelled) = (BTreeSet::new(), BTreeSet::new());
+    while let Some(done) = posts.join_next().await {
+        let (id, was_cancelled) = done.expect("load task");
+        ids.insert(id);
+        if was_cancelled {
+            cancelled.insert(id);
+        }
+    }
+    (ids, cancelled)
+}
+
+/// A process's `/readyz` body (it answers 503 while not ready).
+pub async fn readiness(client: &reqwest::Client, base: &str) -> Result<serde_json::Value, String> {
+    let response = client
+        .get(format!("{base}/readyz"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    response.json().await.map_err(|e| e.to_string())
+}
+
 /// How many times larger a soak run is than the CI-sized one: the
 /// `HERALD_SOAK` factor (1 when unset). Scenarios multiply their event
 /// counts and outage lengths by it.

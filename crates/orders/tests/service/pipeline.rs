@@ -438,3 +438,54 @@ async fn a_record_that_keeps_failing_is_held_back_by_the_loop_guard_and_can_be_d
     );
     p.stop().await;
 }
+
+/// A relay whose events topic takes smaller record batches than its
+/// producer may send does not start: the broker would refuse whole
+/// batches, innocent events with the oversized one. The error names the
+/// settings on both sides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_does_not_start_on_a_topic_that_refuses_its_batches() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let (Some(kafka), Some(postgres)) = (herald_test::kafka(), herald_test::postgres()) else {
+        return;
+    };
+    let db = postgres.database().await;
+    let config = config_at(kafka.brokers(), &db);
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        kafka.config().create().expect("admin");
+    let topic = NewTopic::new(&config.topics.events, 3, TopicReplication::Fixed(1))
+        .set("max.message.bytes", "10000");
+    for result in admin
+        .create_topics([&topic], &AdminOptions::new())
+        .await
+        .expect("create")
+    {
+        result.expect("topic created");
+    }
+    let relay = orders::app::Components {
+        relay: true,
+        ..orders::app::Components::NONE
+    };
+    let error = orders::app::Application::build(config.clone(), relay)
+        .await
+        .err()
+        .expect("no start");
+    let error = format!("{error:#}");
+    assert!(
+        error.contains("max.message.bytes") && error.contains("message.max.bytes"),
+        "{error}"
+    );
+    assert!(error.contains(&config.topics.events), "{error}");
+    // Held to the topic's limit, the producer's batches fit: it starts.
+    let mut fitted = config.clone();
+    fitted.kafka_settings = vec![
+        ("message.max.bytes".to_owned(), "10000".to_owned()),
+        ("batch.size".to_owned(), "10000".to_owned()),
+    ];
+    orders::app::Application::build(fitted, relay)
+        .await
+        .expect("a producer held to the topic's limit starts");
+    let _ = admin
+        .delete_topics(&[&config.topics.events], &AdminOptions::new())
+        .await;
+}
