@@ -162,14 +162,18 @@ pub struct Secure {
     pub database_url: String,
 }
 
-/// The defaults `scripts/services.sh` uses for `--secure`.
-const SECURE_DEFAULTS: [(&str, &str); 5] = [
+/// The defaults `scripts/services.sh` uses for `--secure`, by the name its
+/// `env` prints them under.
+const SECURE_DEFAULTS: [(&str, &str); 4] = [
     ("KAFKA_SECURE_BROKERS", "127.0.0.1:9094"),
     ("KAFKA_SASL_MECHANISM", "SCRAM-SHA-512"),
     ("KAFKA_SASL_USERNAME", "herald"),
     ("KAFKA_SASL_PASSWORD", "herald-scram-secret"),
-    ("PG_TLS_CREDENTIALS", "herald_tls:herald-tls-secret"),
 ];
+
+/// The TLS-only role `scripts/services.sh up --secure` creates, as
+/// `user:password`, for the default `DATABASE_URL_TLS`.
+const SECURE_DATABASE_CREDENTIALS: &str = "herald_tls:herald-tls-secret";
 
 fn secure_setting(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {
@@ -201,7 +205,7 @@ pub fn secure() -> Option<Secure> {
     let database_url = std::env::var("DATABASE_URL_TLS").unwrap_or_else(|_| {
         format!(
             "postgres://{}@localhost:5432/herald?sslmode=verify-full&sslrootcert={}",
-            secure_setting("PG_TLS_CREDENTIALS"),
+            SECURE_DATABASE_CREDENTIALS,
             ca.display()
         )
     });

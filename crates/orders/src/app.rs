@@ -717,7 +717,8 @@ impl Application {
                 .await
                 .with_context(|| {
                     format!(
-                        "checking that {topic} takes the relay's record batches                          (--kafka-setting message.max.bytes / batch.size)"
+                        "checking that {topic} takes the relay's record batches \
+                         (--kafka-setting message.max.bytes / batch.size)"
                     )
                 })?;
             }
