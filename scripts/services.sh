@@ -282,6 +282,12 @@ pg_start_own() {
       || fail "postgres: initdb" "$PG_DATA.initdb.log"
   fi
   touch "$PG_LOG" && chown postgres:postgres "$PG_LOG"
+  # TLS is switched on by pg_secure after every start, with this checkout's
+  # certificate: settings left by an earlier one may name files that are
+  # gone, and the server would refuse to start.
+  if [[ -f "$PG_DATA/postgresql.auto.conf" ]]; then
+    sed -i -E '/^(ssl|ssl_cert_file|ssl_key_file) = /d' "$PG_DATA/postgresql.auto.conf"
+  fi
   log "postgres: starting $("$bin/postgres" --version | awk '{print $3}') on 127.0.0.1:$PG_PORT"
   # Durable defaults (fsync, synchronous_commit on): tests relax durability
   # per session themselves; benchmarks never do.
