@@ -29,12 +29,16 @@
 //!   replays it) and the [`faults::Timeline`] a failing run prints.
 //! - [`invariants`]: the checker of a fault run: lost, duplicated and
 //!   misordered events, and dead letters with their bytes.
-//! - [`FaultProxy`]: a TCP proxy whose connections can be cut.
+//! - [`proxy`] / [`FaultProxy`]: a TCP proxy whose connections can be cut,
+//!   reset, black-holed or delayed.
 
 pub mod events;
 pub mod faults;
 pub mod invariants;
 pub mod private;
+pub mod proxy;
+
+pub use proxy::FaultProxy;
 
 use std::net::{TcpStream, ToSocketAddrs};
 use std::str::FromStr;
@@ -645,84 +649,6 @@ mod tests {
             super::with_database("postgres://h", "t2"),
             "postgres://h/t2"
         );
-    }
-}
-
-/// A TCP proxy on 127.0.0.1 in front of a real server, for fault tests: it
-/// can cut every connection and refuse new ones (the server "goes away"),
-/// then let traffic through again, without disturbing other tests that use
-/// the server directly.
-#[derive(Debug, Clone)]
-pub struct FaultProxy {
-    address: std::net::SocketAddr,
-    state: std::sync::Arc<ProxyState>,
-}
-
-#[derive(Debug)]
-struct ProxyState {
-    /// Bumped on every cut: connections of an older generation close.
-    generation: std::sync::atomic::AtomicU64,
-    refusing: std::sync::atomic::AtomicBool,
-    cut: tokio::sync::watch::Sender<u64>,
-}
-
-impl FaultProxy {
-    /// Starts a proxy to `target` (`host:port`) on a free local port.
-    pub async fn start(target: &str) -> FaultProxy {
-        use std::sync::atomic::Ordering;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind proxy");
-        let address = listener.local_addr().expect("proxy address");
-        let (cut, _) = tokio::sync::watch::channel(0);
-        let state = std::sync::Arc::new(ProxyState {
-            generation: std::sync::atomic::AtomicU64::new(0),
-            refusing: std::sync::atomic::AtomicBool::new(false),
-            cut,
-        });
-        let target = target.to_owned();
-        let accept_state = std::sync::Arc::clone(&state);
-        tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                if accept_state.refusing.load(Ordering::SeqCst) {
-                    drop(inbound);
-                    continue;
-                }
-                let generation = accept_state.generation.load(Ordering::SeqCst);
-                let mut cut = accept_state.cut.subscribe();
-                let target = target.clone();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = cut.wait_for(|g| *g > generation) => {}
-                    }
-                });
-            }
-        });
-        FaultProxy { address, state }
-    }
-
-    /// `host:port` of the proxy.
-    pub fn address(&self) -> std::net::SocketAddr {
-        self.address
-    }
-
-    /// Closes every open connection and refuses new ones.
-    pub fn cut(&self) {
-        use std::sync::atomic::Ordering;
-        self.state.refusing.store(true, Ordering::SeqCst);
-        let generation = self.state.generation.fetch_add(1, Ordering::SeqCst) + 1;
-        self.state.cut.send_replace(generation);
-    }
-
-    /// Accepts connections again.
-    pub fn restore(&self) {
-        self.state
-            .refusing
-            .store(false, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

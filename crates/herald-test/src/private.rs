@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::free_port;
+use crate::{free_port, FaultProxy};
 
 /// A fresh temporary folder, owned by `owner` when given.
 fn scratch(prefix: &str, owner: Option<&str>) -> PathBuf {
@@ -53,7 +53,10 @@ fn repository() -> PathBuf {
 pub struct PrivateKafka {
     dir: PathBuf,
     libs: PathBuf,
+    /// The port the broker listens on.
     port: u16,
+    /// The proxy the broker advertises, when started behind one.
+    proxy: Option<FaultProxy>,
     process: Option<Child>,
 }
 
@@ -61,6 +64,19 @@ impl PrivateKafka {
     /// Formats and starts a broker on free ports; waits until it answers.
     /// Needs the jars `scripts/services.sh up` fetched.
     pub fn start() -> PrivateKafka {
+        Self::start_with(false)
+    }
+
+    /// As [`PrivateKafka::start`], with a [`FaultProxy`] in front that the
+    /// broker advertises as its address: clients that bootstrap from
+    /// [`PrivateKafka::brokers`] reach it only through the proxy (every
+    /// connection librdkafka makes, metadata included), so
+    /// [`PrivateKafka::proxy`] can cut, black-hole or delay them all.
+    pub fn start_behind_proxy() -> PrivateKafka {
+        Self::start_with(true)
+    }
+
+    fn start_with(proxied: bool) -> PrivateKafka {
         let cache = repository().join(".cache/kafka");
         let libs = std::fs::read_dir(&cache)
             .ok()
@@ -79,12 +95,15 @@ impl PrivateKafka {
             });
         let dir = scratch("private-kafka", None);
         let (port, controller) = (free_port(), free_port());
+        let proxy =
+            proxied.then(|| FaultProxy::start_on(free_port(), &format!("127.0.0.1:{port}")));
+        let advertised = proxy.as_ref().map_or(port, |p| p.address().port());
         let properties = format!(
             "process.roles=broker,controller\n\
              node.id=1\n\
              controller.quorum.bootstrap.servers=127.0.0.1:{controller}\n\
              listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}\n\
-             advertised.listeners=PLAINTEXT://127.0.0.1:{port}\n\
+             advertised.listeners=PLAINTEXT://127.0.0.1:{advertised}\n\
              controller.listener.names=CONTROLLER\n\
              inter.broker.listener.name=PLAINTEXT\n\
              listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT\n\
@@ -106,6 +125,7 @@ impl PrivateKafka {
             dir,
             libs,
             port,
+            proxy,
             process: None,
         };
         let id = kafka.tool(&["kafka.tools.StorageTool", "random-uuid"]);
@@ -124,9 +144,23 @@ impl PrivateKafka {
         kafka
     }
 
-    /// `host:port` of the broker.
+    /// `host:port` of the broker as clients reach it (its proxy's, when
+    /// started behind one).
     pub fn brokers(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        match &self.proxy {
+            Some(proxy) => proxy.address().to_string(),
+            None => format!("127.0.0.1:{}", self.port),
+        }
+    }
+
+    /// The proxy in front of the broker.
+    ///
+    /// # Panics
+    /// When it was not started with [`PrivateKafka::start_behind_proxy`].
+    pub fn proxy(&self) -> &FaultProxy {
+        self.proxy
+            .as_ref()
+            .expect("a broker started with PrivateKafka::start_behind_proxy")
     }
 
     /// A client configuration for this broker.
@@ -182,15 +216,20 @@ impl PrivateKafka {
             .spawn()
             .expect("java kafka.Kafka");
         self.process = Some(process);
-        let address = self.brokers();
+        let address = format!("127.0.0.1:{}", self.port);
         wait_for("the private Kafka broker", Duration::from_secs(120), || {
-            crate::reachable(&address) && self.metadata_ok()
+            crate::reachable(&address) && self.metadata_ok(&address)
         });
     }
 
-    fn metadata_ok(&self) -> bool {
+    /// Whether the broker answers a metadata request at `address` (its own
+    /// port: the check must not depend on the proxy's faults).
+    fn metadata_ok(&self, address: &str) -> bool {
         use rdkafka::consumer::{BaseConsumer, Consumer as _};
-        let Ok(consumer) = self.config().create::<BaseConsumer>() else {
+        let Ok(consumer) = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", address)
+            .create::<BaseConsumer>()
+        else {
             return false;
         };
         consumer

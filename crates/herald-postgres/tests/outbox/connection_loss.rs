@@ -20,8 +20,7 @@ async fn the_relay_recovers_from_a_database_outage() {
     };
     let options = env.db.options();
     let proxy =
-        herald_test::FaultProxy::start(&format!("{}:{}", options.get_host(), options.get_port()))
-            .await;
+        herald_test::FaultProxy::start(&format!("{}:{}", options.get_host(), options.get_port()));
     let relay_pool = PgPoolOptions::new()
         .max_connections(4)
         .acquire_timeout(Duration::from_secs(2))

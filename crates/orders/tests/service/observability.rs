@@ -307,8 +307,7 @@ async fn readiness_follows_the_database_and_kafka_away_and_back() {
         "{}:{}",
         db.options().get_host(),
         db.options().get_port()
-    ))
-    .await;
+    ));
     // Kafka here is librdkafka's mock cluster, whose broker this test can
     // take down and bring back; a real broker is shared with other tests.
     let (kafka_tx, kafka_rx) = std::sync::mpsc::channel::<bool>();

@@ -66,7 +66,7 @@ async fn over_a_socket_limits_timeouts_and_a_lost_database_keep_the_error_shape(
         let options = db.options();
         format!("{}:{}", options.get_host(), options.get_port())
     };
-    let proxy = herald_test::FaultProxy::start(&target).await;
+    let proxy = herald_test::FaultProxy::start(&target);
     let base = serve(&db, &proxy).await;
     let client = reqwest::Client::new();
 
