@@ -7,14 +7,12 @@
 //! and once the broker is back every accepted order is fulfilled,
 //! notified and projected exactly once.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use herald_test::private::PrivateKafka;
 
 use crate::support::{
-    place, placed, readiness, soak, wait_ready, Accepted, Fleet, Member, Timeline,
+    lasting, readiness, soak, wait_ready, Accepted, Fleet, Member, PacedLoad, Timeline,
 };
 
 /// Orders placed; every fifth is cancelled once accepted, so the run moves
@@ -39,31 +37,16 @@ async fn kafka_reported_away(client: &reqwest::Client, base: &str) -> Result<(),
     }
 }
 
-/// The broker's outage: when it began (`None` while the broker is up), and
-/// how many orders were accepted while it lasted.
-#[derive(Default)]
-struct Outage {
-    since: Mutex<Option<Instant>>,
-    accepted: AtomicUsize,
-}
-
-impl Outage {
-    fn since(&self) -> Option<Instant> {
-        *self.since.lock().expect("outage")
-    }
-}
-
 /// Checks that `run` rode out the outage so far (still running, `/readyz`
 /// saying Kafka is away), then starts the broker again.
 async fn end_outage(
     kafka: &mut PrivateKafka,
-    outage: &Outage,
+    since: Instant,
     run: &mut Member,
     client: &reqwest::Client,
     base: &str,
     timeline: &Timeline,
 ) {
-    let since = outage.since().expect("the broker is down");
     assert_eq!(
         run.exited(),
         None,
@@ -79,11 +62,6 @@ async fn end_outage(
         since.elapsed()
     ));
     tokio::task::block_in_place(|| kafka.restart());
-    *outage.since.lock().expect("outage") = None;
-    timeline.note(format!(
-        "broker: up again ({} orders accepted while it was down)",
-        outage.accepted.load(Ordering::SeqCst)
-    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -129,75 +107,31 @@ async fn orders_run_rides_out_a_long_broker_outage() {
     wait_ready(&client, &base).await;
     timeline.note("orders run up");
 
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let outage = Arc::new(Outage::default());
-    let limit = Arc::new(tokio::sync::Semaphore::new(16));
-    let mut posts = tokio::task::JoinSet::new();
-    let load_start = tokio::time::Instant::now();
-    let mut killed = false;
-    for i in 0..orders {
-        tokio::time::sleep_until(load_start + Duration::from_millis(i as u64 * 1000 / RATE)).await;
-        if !killed && accepted.load(Ordering::SeqCst) >= orders / 4 {
-            killed = true;
-            kafka.kill();
-            *outage.since.lock().expect("outage") = Some(Instant::now());
-            timeline.note(format!(
-                "broker: SIGKILL ({} accepted)",
-                accepted.load(Ordering::SeqCst)
-            ));
-        }
-        if outage
-            .since()
-            .is_some_and(|since| since.elapsed() >= length)
-        {
-            end_outage(
-                &mut kafka,
-                &outage,
-                &mut fleet.0[0],
-                &client,
-                &base,
-                &timeline,
-            )
-            .await;
-        }
-        let permit = Arc::clone(&limit).acquire_owned().await.expect("permit");
-        let (client, base) = (client.clone(), base.clone());
-        let (accepted, outage) = (Arc::clone(&accepted), Arc::clone(&outage));
-        posts.spawn(async move {
-            let id = place(&client, &base, &format!("broker-outage-{i}")).await;
-            accepted.fetch_add(1, Ordering::SeqCst);
-            if outage.since().is_some() {
-                outage.accepted.fetch_add(1, Ordering::SeqCst);
-            }
-            if i % CANCEL_EVERY == 0 {
-                crate::support::cancel(&client, &base, id).await;
-            }
-            drop(permit);
-            (id, i % CANCEL_EVERY == 0)
-        });
-    }
-    // A load that ended first waits out the outage.
-    if let Some(since) = outage.since() {
-        herald_test::wait_until("the outage's length", length * 2, || {
-            since.elapsed() >= length
-        })
-        .await;
-        end_outage(
-            &mut kafka,
-            &outage,
-            &mut fleet.0[0],
-            &client,
-            &base,
-            &timeline,
-        )
-        .await;
-    }
-    let (ids, cancelled) = placed(posts).await;
-    assert!(killed, "the broker was killed during the load");
+    let load = PacedLoad::start(&client, &base, orders, RATE, CANCEL_EVERY, "broker-outage");
+    load.wait_accepted(orders / 4).await;
+    kafka.kill();
+    let since = Instant::now();
+    let before = load.accepted();
+    timeline.note(format!("broker: SIGKILL ({before} accepted)"));
+    lasting(length, &mut fleet.0[0]).await;
+    end_outage(
+        &mut kafka,
+        since,
+        &mut fleet.0[0],
+        &client,
+        &base,
+        &timeline,
+    )
+    .await;
+    let during = load.accepted() - before;
+    timeline.note(format!(
+        "broker: up again ({during} orders accepted while it was down)"
+    ));
     assert!(
-        outage.accepted.load(Ordering::SeqCst) > 0,
+        during > 0,
         "the API accepted orders while the broker was down"
     );
+    let (ids, cancelled) = load.finish().await;
     assert_eq!(ids.len(), orders, "one order per Idempotency-Key");
     timeline.note(format!("load done: {} orders accepted", ids.len()));
 

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use herald_test::faults::Schedule;
 use herald_test::private::{PrivateKafka, PrivatePostgres};
 
-use crate::support::{place, placed, wait_ready, Accepted, Fleet, Member};
+use crate::support::{wait_ready, Accepted, Fleet, Member, PacedLoad};
 
 const ORDERS: usize = 3_000;
 /// [`ORDERS`], times the soak factor.
@@ -187,37 +187,25 @@ async fn every_accepted_order_is_fulfilled_notified_and_projected_once_under_fau
     wait_ready(&client, &base).await;
     timeline.note("fleet up: api, 2 relays, 3 workers, 2 processors");
 
-    let accepted = Arc::new(AtomicUsize::new(0));
+    let load = PacedLoad::start(
+        &client,
+        &base,
+        orders(),
+        RATE,
+        CANCEL_EVERY,
+        &format!("eo-order-{seed}"),
+    );
     let done = Arc::new(AtomicBool::new(false));
     let chaos = Chaos {
         fleet: Fleet(members),
         kafka,
         postgres,
         schedule,
-        accepted: Arc::clone(&accepted),
+        accepted: load.counter(),
         done: Arc::clone(&done),
     };
     let chaos = std::thread::spawn(move || chaos.run());
-
-    let limit = Arc::new(tokio::sync::Semaphore::new(16));
-    let mut posts = tokio::task::JoinSet::new();
-    let load_start = tokio::time::Instant::now();
-    for i in 0..orders() {
-        tokio::time::sleep_until(load_start + Duration::from_millis(i as u64 * 1000 / RATE)).await;
-        let permit = Arc::clone(&limit).acquire_owned().await.expect("permit");
-        let (client, base, accepted) = (client.clone(), base.clone(), Arc::clone(&accepted));
-        posts.spawn(async move {
-            let key = format!("eo-order-{i}-{seed}");
-            let id = place(&client, &base, &key).await;
-            accepted.fetch_add(1, Ordering::SeqCst);
-            if i % CANCEL_EVERY == 0 {
-                crate::support::cancel(&client, &base, id).await;
-            }
-            drop(permit);
-            (id, i % CANCEL_EVERY == 0)
-        });
-    }
-    let (ids, cancelled) = placed(posts).await;
+    let (ids, cancelled) = load.finish().await;
     timeline.note(format!("load done: {} orders accepted", ids.len()));
     assert_eq!(ids.len(), orders(), "one order per Idempotency-Key");
     done.store(true, Ordering::SeqCst);

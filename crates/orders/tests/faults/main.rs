@@ -6,6 +6,7 @@
 
 mod broker_outage;
 mod effectively_once;
+mod network;
 mod outage;
 mod rolling;
 mod support;

@@ -1,6 +1,6 @@
 //! A PostgreSQL outage is not a poison record (issue #20, scenario 2): the
-//! projection and notification consumers meet 2,500 valid events while
-//! PostgreSQL is down for longer than their whole retry budget. The circuit
+//! projection and notification consumers meet 5,000 valid events while
+//! PostgreSQL is down for two minutes, many times their whole retry budget. The circuit
 //! breaker pauses them (`/readyz` says `paused`), nothing is dead-lettered,
 //! and once PostgreSQL is back every event reaches the read model and the
 //! notification log.
@@ -13,15 +13,16 @@ use herald_test::private::{PrivateKafka, PrivatePostgres};
 
 use crate::support::{place, readiness, wait_ready, Fleet, Member, Timeline};
 
-const ORDERS: usize = 2_500;
+const ORDERS: usize = 5_000;
 /// [`ORDERS`], times the soak factor.
 fn orders() -> usize {
     ORDERS * crate::support::soak()
 }
 const PARTITIONS: i32 = 3;
-/// How long PostgreSQL stays down: well past the worker's retry budget
-/// below (2 attempts, each bounded by the pool's 10 s acquire timeout).
-const OUTAGE: Duration = Duration::from_secs(30);
+/// How long PostgreSQL stays down (the issue's two minutes): many times
+/// the worker's retry budget below (2 attempts, each bounded by the pool's
+/// 10 s acquire timeout).
+const OUTAGE: Duration = Duration::from_secs(120);
 
 /// Sends `signal` (STOP, CONT) to a member's process.
 fn signal(member: &Member, signal: &str) {

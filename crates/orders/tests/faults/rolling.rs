@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::support::{place_then_cancel, placed, wait_ready, Accepted, Fleet, Member, Timeline};
+use crate::support::{wait_ready, Accepted, Fleet, Member, PacedLoad, Timeline};
 
 const ORDERS: usize = 2_100;
 /// [`ORDERS`], times the soak factor.
@@ -122,38 +122,18 @@ async fn a_rolling_restart_of_every_process_twice_loses_and_repeats_nothing() {
         }
     };
 
-    let load = {
-        let (client, done) = (client.clone(), Arc::clone(&done));
-        async move {
-            let base = bases[0].clone();
-            let limit = Arc::new(tokio::sync::Semaphore::new(16));
-            let mut posts = tokio::task::JoinSet::new();
-            let start = tokio::time::Instant::now();
-            let mut i = 0;
-            // The load goes on until both rounds are through (and at least orders()
-            // are placed).
-            while i < orders() || !done.load(Ordering::SeqCst) {
-                tokio::time::sleep_until(start + Duration::from_millis(i as u64 * 1000 / RATE))
-                    .await;
-                let permit = Arc::clone(&limit).acquire_owned().await.expect("permit");
-                let (client, base) = (client.clone(), base.clone());
-                posts.spawn(async move {
-                    let placed = place_then_cancel(
-                        &client,
-                        &base,
-                        &format!("rolling-{i}"),
-                        i % CANCEL_EVERY == 0,
-                    )
-                    .await;
-                    drop(permit);
-                    placed
-                });
-                i += 1;
-            }
-            placed(posts).await
-        }
-    };
-    let (mut fleet, (ids, cancelled)) = tokio::join!(rolling, load);
+    // The load goes on until both rounds are through (and at least orders()
+    // are placed).
+    let load = PacedLoad::start_until(
+        &client,
+        &bases[0],
+        orders(),
+        RATE,
+        CANCEL_EVERY,
+        "rolling",
+        Arc::clone(&done),
+    );
+    let (mut fleet, (ids, cancelled)) = tokio::join!(rolling, load.finish());
     timeline.note(format!("load done: {} orders accepted", ids.len()));
 
     let pool = db.pool().await;

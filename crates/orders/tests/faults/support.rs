@@ -178,16 +178,18 @@ pub async fn cancel(client: &reqwest::Client, base: &str, order: Uuid) {
     .await;
 }
 
-/// Places an order under `key` until it is accepted and, when `cancel`,
-/// cancels it: one task of a scenario's load. Returns the order and
-/// whether it was cancelled.
+/// Places an order under `key` until it is accepted (counted in
+/// `accepted`) and, when `cancel`, cancels it: one task of a scenario's
+/// load. Returns the order and whether it was cancelled.
 pub async fn place_then_cancel(
     client: &reqwest::Client,
     base: &str,
     key: &str,
     cancel: bool,
+    accepted: &std::sync::atomic::AtomicUsize,
 ) -> (Uuid, bool) {
     let id = place(client, base, key).await;
+    accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     if cancel {
         self::cancel(client, base, id).await;
     }
@@ -208,6 +210,105 @@ pub async fn placed(
         }
     }
     (ids, cancelled)
+}
+
+/// A paced load in the background: `orders` orders posted at `rate` per
+/// second (at most 16 in flight), every `cancel_every`-th cancelled once
+/// accepted, each under the Idempotency-Key `<prefix>-<i>`, while the test
+/// injects its faults in the foreground.
+pub struct PacedLoad {
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<(BTreeSet<Uuid>, BTreeSet<Uuid>)>,
+}
+
+impl PacedLoad {
+    /// Starts posting to the API at `base`.
+    pub fn start(
+        client: &reqwest::Client,
+        base: &str,
+        orders: usize,
+        rate: u64,
+        cancel_every: usize,
+        prefix: &str,
+    ) -> PacedLoad {
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        Self::start_until(client, base, orders, rate, cancel_every, prefix, done)
+    }
+
+    /// As [`PacedLoad::start`], posting on past `orders` until `done` is set.
+    pub fn start_until(
+        client: &reqwest::Client,
+        base: &str,
+        orders: usize,
+        rate: u64,
+        cancel_every: usize,
+        prefix: &str,
+        done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> PacedLoad {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (client, base, prefix) = (client.clone(), base.to_owned(), prefix.to_owned());
+        let counter = Arc::clone(&accepted);
+        let task = tokio::spawn(async move {
+            let limit = Arc::new(tokio::sync::Semaphore::new(16));
+            let mut posts = tokio::task::JoinSet::new();
+            let start = tokio::time::Instant::now();
+            let mut i = 0;
+            while i < orders || !done.load(Ordering::SeqCst) {
+                tokio::time::sleep_until(start + Duration::from_millis(i as u64 * 1000 / rate))
+                    .await;
+                let permit = Arc::clone(&limit).acquire_owned().await.expect("permit");
+                let (client, base, counter) = (client.clone(), base.clone(), Arc::clone(&counter));
+                let key = format!("{prefix}-{i}");
+                posts.spawn(async move {
+                    let placed =
+                        place_then_cancel(&client, &base, &key, i % cancel_every == 0, &counter)
+                            .await;
+                    drop(permit);
+                    placed
+                });
+                i += 1;
+            }
+            placed(posts).await
+        });
+        PacedLoad { accepted, task }
+    }
+
+    /// How many orders the API has accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The count behind [`PacedLoad::accepted`], for a chaos thread.
+    pub fn counter(&self) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+        std::sync::Arc::clone(&self.accepted)
+    }
+
+    /// Waits until `count` orders are accepted.
+    pub async fn wait_accepted(&self, count: usize) {
+        herald_test::wait_until(
+            &format!("{count} orders accepted"),
+            Duration::from_secs(300),
+            || self.accepted() >= count,
+        )
+        .await;
+    }
+
+    /// Waits for the whole load: every order placed (and those cancelled).
+    pub async fn finish(self) -> (BTreeSet<Uuid>, BTreeSet<Uuid>) {
+        self.task.await.expect("the load")
+    }
+}
+
+/// Waits out a fault of `length`, checking all along that `run` is up.
+pub async fn lasting(length: Duration, run: &mut Member) {
+    let start = Instant::now();
+    herald_test::wait_until("the fault's length", length * 2, || {
+        assert_eq!(run.exited(), None, "{} exited during a fault", run.name);
+        start.elapsed() >= length
+    })
+    .await;
 }
 
 /// A process's `/readyz` body (it answers 503 while not ready).
