@@ -637,21 +637,6 @@ impl Drop for TestDatabase {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn replaces_the_database_of_a_url() {
-        assert_eq!(
-            super::with_database("postgres://u:p@h:5432/herald?sslmode=disable", "t1"),
-            "postgres://u:p@h:5432/t1?sslmode=disable"
-        );
-        assert_eq!(
-            super::with_database("postgres://h", "t2"),
-            "postgres://h/t2"
-        );
-    }
-}
-
 impl TestDatabase {
     /// This database's URL with the host and port replaced by `address`
     /// (e.g. a [`FaultProxy`]).
@@ -670,5 +655,20 @@ impl TestDatabase {
             address,
             &rest[host_end..]
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn replaces_the_database_of_a_url() {
+        assert_eq!(
+            super::with_database("postgres://u:p@h:5432/herald?sslmode=disable", "t1"),
+            "postgres://u:p@h:5432/t1?sslmode=disable"
+        );
+        assert_eq!(
+            super::with_database("postgres://h", "t2"),
+            "postgres://h/t2"
+        );
     }
 }
