@@ -1,0 +1,218 @@
+//! Run with: `cargo run -p herald-examples --example consumer`
+//! (on an embedded Kafka; set `KAFKA_BROKERS=127.0.0.1:9092` after
+//! `scripts/services.sh up` to run it on a real broker).
+//!
+//! A typed consumer with retries and dead letters: payments are published
+//! for a few orders; the handler fails once, transiently, for one of them
+//! (retried, then applied) and permanently for a payment it cannot accept
+//! (dead-lettered to `payments.dlq` with its original bytes and the
+//! reason, and — per-key parking — the same order's later payment waits
+//! behind it in the DLQ instead of overtaking it). Every other order's
+//! payments are applied in their order.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use herald::{HandlerError, RetryPolicy};
+use herald_kafka::{
+    Consumer, ConsumerConfig, ConsumerStats, Publisher, PublisherConfig, RecordInfo, Router,
+};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Creates `topics` (3 partitions each) on a real cluster.
+async fn create_topics(brokers: &str, topics: &[&str]) -> Result<(), Box<dyn std::error::Error>> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, 3, TopicReplication::Fixed(1)))
+        .collect();
+    for result in admin.create_topics(&new, &AdminOptions::new()).await? {
+        result.map_err(|(topic, code)| format!("creating {topic}: {code}"))?;
+    }
+    Ok(())
+}
+
+/// A payment for an order.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PaymentReceived {
+    event_id: Uuid,
+    order_id: String,
+    amount_cents: i64,
+    at: DateTime<Utc>,
+}
+herald::event_payload!(PaymentReceived, id = event_id, key = order_id, time = at);
+
+/// The payments topic's event family (one type here).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "event_type")]
+enum PaymentEvent {
+    PaymentReceived(PaymentReceived),
+}
+herald::event_family!(PaymentEvent, aggregate = "order", [PaymentReceived]);
+
+fn payment(order: &str, amount_cents: i64) -> PaymentEvent {
+    PaymentEvent::PaymentReceived(PaymentReceived {
+        event_id: Uuid::new_v4(),
+        order_id: order.to_owned(),
+        amount_cents,
+        at: Utc::now(),
+    })
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // A topic of this run's own, on an embedded cluster unless
+    // KAFKA_BROKERS names one. The embedded one has no transactions and no
+    // durability: fine for this example, never for proof of a guarantee.
+    let run = Uuid::new_v4().simple().to_string();
+    let topic = format!("payments-{run}");
+    let dlq = herald_kafka::dlq::default_dlq_topic(&topic);
+    let embedded = match std::env::var("KAFKA_BROKERS") {
+        Ok(_) => None,
+        Err(_) => Some(rdkafka::mocking::MockCluster::new(1)?),
+    };
+    let brokers = match &embedded {
+        Some(cluster) => {
+            for (name, partitions) in [
+                (&topic[..], 3),
+                (&dlq[..], 3),
+                (herald_kafka::parking::DEFAULT_PARKED_TOPIC, 1),
+            ] {
+                cluster.create_topic(name, partitions, 1)?;
+            }
+            cluster.bootstrap_servers()
+        }
+        None => {
+            let brokers = std::env::var("KAFKA_BROKERS")?;
+            create_topics(&brokers, &[&topic, &dlq]).await?;
+            brokers
+        }
+    };
+    let order = |n: u32| format!("order-{n}-{run}");
+
+    // Three orders, two payments each; order 2's first payment is refused
+    // for good (a negative amount), order 3's first fails once.
+    let publisher = Publisher::new(&PublisherConfig::new(&brokers, "/examples/consumer"))?;
+    let events = [
+        payment(&order(1), 1_000),
+        payment(&order(2), -5),
+        payment(&order(3), 2_500),
+        payment(&order(1), 250),
+        payment(&order(2), 700),
+        payment(&order(3), 100),
+    ];
+    for result in publisher.publish_batch(&topic, &events).await {
+        result?;
+    }
+    println!("published {} payments to {topic}", events.len());
+
+    // The handler's "database": each order's applied amounts, in order.
+    let ledger: Arc<Mutex<BTreeMap<String, Vec<i64>>>> = Arc::default();
+    let flaky_once = Arc::new(Mutex::new(Some(order(3))));
+    let router = Router::new().handle::<PaymentEvent, _>("ledger", {
+        let (ledger, flaky_once) = (Arc::clone(&ledger), Arc::clone(&flaky_once));
+        move |PaymentEvent::PaymentReceived(payment): PaymentEvent, record: RecordInfo| {
+            let (ledger, flaky_once) = (Arc::clone(&ledger), Arc::clone(&flaky_once));
+            async move {
+                if payment.amount_cents < 0 {
+                    // Retrying cannot help: straight to the DLQ.
+                    return Err(HandlerError::permanent(format!(
+                        "negative amount {}",
+                        payment.amount_cents
+                    )));
+                }
+                let mut flaky = flaky_once.lock().expect("flaky");
+                if flaky.as_deref() == Some(payment.order_id.as_str()) {
+                    *flaky = None;
+                    // A dependency hiccup: retried with backoff.
+                    return Err(HandlerError::transient("the ledger timed out"));
+                }
+                drop(flaky);
+                println!(
+                    "applied {} cents to {} (partition {}, offset {})",
+                    payment.amount_cents, payment.order_id, record.partition, record.offset
+                );
+                ledger
+                    .lock()
+                    .expect("ledger")
+                    .entry(payment.order_id)
+                    .or_default()
+                    .push(payment.amount_cents);
+                Ok(())
+            }
+        }
+    });
+    let config = ConsumerConfig::new(&brokers, format!("examples-{run}"), [topic.as_str()])
+        .retry(RetryPolicy {
+            max_attempts: 4,
+            initial_delay: Duration::from_millis(50),
+            ..RetryPolicy::default()
+        })
+        .commit_interval(Duration::from_millis(200));
+    let consumer = Consumer::new(config, router)?;
+    let stats = consumer.stats();
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(consumer.run(stop.clone().cancelled_owned()));
+
+    // Order 2's payments go to the DLQ (the refused one and the one parked
+    // behind it); the other four are applied.
+    let start = Instant::now();
+    while ConsumerStats::get(&stats.handled) < 4 || ConsumerStats::get(&stats.dead_lettered) < 2 {
+        if start.elapsed() > Duration::from_secs(60) {
+            return Err("the consumer did not finish within 60 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    running.await??;
+    println!(
+        "consumer: {} handled, {} retried, {} dead-lettered",
+        ConsumerStats::get(&stats.handled),
+        ConsumerStats::get(&stats.retried),
+        ConsumerStats::get(&stats.dead_lettered)
+    );
+
+    let mut reader = rdkafka::ClientConfig::new();
+    reader.set("bootstrap.servers", &brokers);
+    let letters = tokio::task::spawn_blocking(move || {
+        herald_kafka::dlq::read_dead_letters(&reader, &dlq, 100)
+    })
+    .await??;
+    let ours: Vec<_> = letters
+        .iter()
+        .filter(|l| l.key.as_deref() == Some(order(2).as_bytes()))
+        .collect();
+    for letter in &ours {
+        println!(
+            "dead letter: event {:?}, class {:?}, error {:?}, parked {}",
+            letter.event_id(),
+            letter.header("dlq.error_class"),
+            letter.header("dlq.error"),
+            letter.is_parked()
+        );
+    }
+    let ledger = ledger.lock().expect("ledger").clone();
+    println!("ledger: {ledger:?}");
+    assert_eq!(ledger.get(&order(1)), Some(&vec![1_000, 250]));
+    assert_eq!(ledger.get(&order(3)), Some(&vec![2_500, 100]));
+    assert_eq!(
+        ledger.get(&order(2)),
+        None,
+        "order 2 waits behind its poison payment"
+    );
+    assert_eq!(
+        ours.len(),
+        2,
+        "the refused payment and the one parked behind it"
+    );
+    println!("ok");
+    drop(embedded);
+    Ok(())
+}
