@@ -16,28 +16,13 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use herald::{HandlerError, RetryPolicy};
+use herald_examples::{Error, ExampleKafka};
 use herald_kafka::{
     Consumer, ConsumerConfig, ConsumerStats, Publisher, PublisherConfig, RecordInfo, Router,
 };
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-
-/// Creates `topics` (3 partitions each) on a real cluster.
-async fn create_topics(brokers: &str, topics: &[&str]) -> Result<(), Box<dyn std::error::Error>> {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()?;
-    let new: Vec<NewTopic> = topics
-        .iter()
-        .map(|t| NewTopic::new(t, 3, TopicReplication::Fixed(1)))
-        .collect();
-    for result in admin.create_topics(&new, &AdminOptions::new()).await? {
-        result.map_err(|(topic, code)| format!("creating {topic}: {code}"))?;
-    }
-    Ok(())
-}
 
 /// A payment for an order.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -67,34 +52,18 @@ fn payment(order: &str, amount_cents: i64) -> PaymentEvent {
 }
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    // A topic of this run's own, on an embedded cluster unless
-    // KAFKA_BROKERS names one. The embedded one has no transactions and no
-    // durability: fine for this example, never for proof of a guarantee.
+async fn main() -> Result<(), Error> {
+    // Topics of this run's own, on an embedded cluster unless
+    // KAFKA_BROKERS names one.
     let run = Uuid::new_v4().simple().to_string();
     let topic = format!("payments-{run}");
     let dlq = herald_kafka::dlq::default_dlq_topic(&topic);
-    let embedded = match std::env::var("KAFKA_BROKERS") {
-        Ok(_) => None,
-        Err(_) => Some(rdkafka::mocking::MockCluster::new(1)?),
-    };
-    let brokers = match &embedded {
-        Some(cluster) => {
-            for (name, partitions) in [
-                (&topic[..], 3),
-                (&dlq[..], 3),
-                (herald_kafka::parking::DEFAULT_PARKED_TOPIC, 1),
-            ] {
-                cluster.create_topic(name, partitions, 1)?;
-            }
-            cluster.bootstrap_servers()
-        }
-        None => {
-            let brokers = std::env::var("KAFKA_BROKERS")?;
-            create_topics(&brokers, &[&topic, &dlq]).await?;
-            brokers
-        }
-    };
+    let kafka = ExampleKafka::start(
+        std::env::var("KAFKA_BROKERS").ok(),
+        &[(&topic, 3), (&dlq, 3)],
+    )
+    .await?;
+    let brokers = kafka.brokers().to_owned();
     let order = |n: u32| format!("order-{n}-{run}");
 
     // Three orders, two payments each; order 2's first payment is refused
@@ -213,6 +182,5 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "the refused payment and the one parked behind it"
     );
     println!("ok");
-    drop(embedded);
     Ok(())
 }

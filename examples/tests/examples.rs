@@ -50,3 +50,28 @@ fn consumer_on_the_real_broker() {
     let out = run("consumer", &[("KAFKA_BROKERS", kafka.brokers())]);
     assert!(out.trim_end().ends_with("ok"), "{out}");
 }
+
+#[test]
+fn outbox_on_the_embedded_cluster() {
+    let out = run("outbox", &[]);
+    assert!(out.trim_end().ends_with("ok"), "{out}");
+}
+
+#[test]
+fn outbox_on_the_real_broker() {
+    let Some(kafka) = herald_test::kafka() else {
+        return;
+    };
+    let out = run("outbox", &[("KAFKA_BROKERS", kafka.brokers())]);
+    assert!(out.trim_end().ends_with("ok"), "{out}");
+}
+
+#[test]
+fn processor_on_the_real_broker() {
+    let Some(kafka) = herald_test::kafka() else {
+        return;
+    };
+    let out = run("processor", &[("KAFKA_BROKERS", kafka.brokers())]);
+    assert!(out.contains("3 duplicates dropped"), "{out}");
+    assert!(out.trim_end().ends_with("ok"), "{out}");
+}
