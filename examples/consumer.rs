@@ -25,22 +25,24 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 /// A payment for an order.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, herald::EventPayload)]
 struct PaymentReceived {
+    #[event(id)]
     event_id: Uuid,
+    #[event(key)]
     order_id: String,
     amount_cents: i64,
+    #[event(time)]
     at: DateTime<Utc>,
 }
-herald::event_payload!(PaymentReceived, id = event_id, key = order_id, time = at);
 
 /// The payments topic's event family (one type here).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, herald::Event)]
 #[serde(tag = "event_type")]
+#[event(aggregate = "order")]
 enum PaymentEvent {
     PaymentReceived(PaymentReceived),
 }
-herald::event_family!(PaymentEvent, aggregate = "order", [PaymentReceived]);
 
 fn payment(order: &str, amount_cents: i64) -> PaymentEvent {
     PaymentEvent::PaymentReceived(PaymentReceived {

@@ -22,22 +22,24 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 /// A deposit into an account.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, herald::EventPayload)]
 struct DepositRecorded {
+    #[event(id)]
     event_id: Uuid,
+    #[event(key)]
     account: String,
     amount_cents: i64,
+    #[event(time)]
     at: DateTime<Utc>,
 }
-herald::event_payload!(DepositRecorded, id = event_id, key = account, time = at);
 
 /// The accounts topic's event family.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, herald::Event)]
 #[serde(tag = "event_type")]
+#[event(aggregate = "account")]
 enum AccountEvent {
     DepositRecorded(DepositRecorded),
 }
-herald::event_family!(AccountEvent, aggregate = "account", [DepositRecorded]);
 
 const PARTITIONS: i32 = 3;
 

@@ -22,40 +22,44 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 /// An order was placed.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, herald::EventPayload)]
 struct OrderPlaced {
+    #[event(id)]
     event_id: Uuid,
+    #[event(key)]
     order_id: String,
     total_cents: i64,
+    #[event(time)]
     at: DateTime<Utc>,
 }
-herald::event_payload!(OrderPlaced, id = event_id, key = order_id, time = at);
 
 /// The orders topic's family.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, herald::Event)]
 #[serde(tag = "event_type")]
+#[event(aggregate = "order")]
 enum OrderEvent {
     OrderPlaced(OrderPlaced),
 }
-herald::event_family!(OrderEvent, aggregate = "order", [OrderPlaced]);
 
 /// An invoice for an order: the processor's output.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, herald::EventPayload)]
 struct InvoiceIssued {
+    #[event(id)]
     event_id: Uuid,
+    #[event(key)]
     order_id: String,
     total_cents: i64,
+    #[event(time)]
     at: DateTime<Utc>,
 }
-herald::event_payload!(InvoiceIssued, id = event_id, key = order_id, time = at);
 
 /// The invoices topic's family.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, herald::Event)]
 #[serde(tag = "event_type")]
+#[event(aggregate = "order")]
 enum InvoiceEvent {
     InvoiceIssued(InvoiceIssued),
 }
-herald::event_family!(InvoiceEvent, aggregate = "order", [InvoiceIssued]);
 
 const ORDERS: usize = 10;
 

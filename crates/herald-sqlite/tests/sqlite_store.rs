@@ -8,20 +8,22 @@ use herald_sqlite::{OutboxRecord, SqliteConfig};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, herald::EventPayload)]
 struct Ping {
+    #[event(id)]
     event_id: Uuid,
+    #[event(key)]
     key: String,
+    #[event(time)]
     at: chrono::DateTime<chrono::Utc>,
 }
-herald::event_payload!(Ping, id = event_id, key = key, time = at);
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, herald::Event)]
 #[serde(tag = "event_type")]
+#[event(aggregate = "ping")]
 enum PingEvent {
     Ping(Ping),
 }
-herald::event_family!(PingEvent, aggregate = "ping", [Ping]);
 
 fn record(key: &str) -> OutboxRecord {
     let event = PingEvent::Ping(Ping {

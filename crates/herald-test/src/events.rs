@@ -6,27 +6,29 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 /// Step `seq` (counting up from 0) of the sequence of `key`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, herald::EventPayload)]
 pub struct Step {
     /// Event id.
+    #[event(id)]
     pub event_id: Uuid,
     /// Aggregate key.
+    #[event(key)]
     pub key: String,
     /// Position in the key's sequence.
     pub seq: u64,
     /// When it was made.
+    #[event(time)]
     pub at: DateTime<Utc>,
 }
-herald::event_payload!(Step, id = event_id, key = key, time = at);
 
 /// A family with one type.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, herald::Event)]
 #[serde(tag = "event_type")]
+#[event(aggregate = "test")]
 pub enum TestEvent {
     /// See [`Step`].
     Step(Step),
 }
-herald::event_family!(TestEvent, aggregate = "test", [Step]);
 
 /// Step `seq` of `key`.
 pub fn step(key: &str, seq: u64) -> TestEvent {

@@ -383,31 +383,32 @@ mod tests {
     use super::*;
     use serde::{Deserialize, Serialize};
 
-    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, herald::EventPayload)]
     struct Opened {
+        #[event(id)]
         event_id: Uuid,
+        #[event(key)]
         account_id: Uuid,
+        #[event(time)]
         timestamp: DateTime<Utc>,
     }
-    crate::event_payload!(Opened, id = event_id, key = account_id, time = timestamp);
-
-    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, herald::EventPayload)]
     struct Closed {
+        #[event(id)]
         event_id: Uuid,
+        #[event(key)]
         account_id: Uuid,
+        #[event(time)]
         timestamp: DateTime<Utc>,
         reason: String,
     }
-    crate::event_payload!(Closed, id = event_id, key = account_id, time = timestamp);
-
-    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, herald::Event)]
     #[serde(tag = "event_type")]
+    #[event(aggregate = "account")]
     enum AccountEvent {
         Opened(Opened),
         Closed(Closed),
     }
-    crate::event_family!(AccountEvent, aggregate = "account", [Opened, Closed]);
-
     fn opened() -> AccountEvent {
         AccountEvent::Opened(Opened {
             event_id: Uuid::new_v4(),
@@ -497,18 +498,21 @@ mod tests {
         // fast path steps aside and the enum decode still reads it.
         #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
         #[serde(deny_unknown_fields)]
+        #[derive(herald::EventPayload)]
         struct Strict {
+            #[event(id)]
             event_id: Uuid,
+            #[event(key)]
             account_id: Uuid,
+            #[event(time)]
             timestamp: DateTime<Utc>,
         }
-        crate::event_payload!(Strict, id = event_id, key = account_id, time = timestamp);
-        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, herald::Event)]
         #[serde(tag = "event_type")]
+        #[event(aggregate = "account")]
         enum StrictEvent {
             Strict(Strict),
         }
-        crate::event_family!(StrictEvent, aggregate = "account", [Strict]);
         let strict = StrictEvent::Strict(Strict {
             event_id: Uuid::new_v4(),
             account_id: Uuid::new_v4(),

@@ -2,10 +2,48 @@
 //!
 //! An event *family* is a Rust enum, internally tagged by `event_type`, whose
 //! variants each wrap one event struct named like the variant. The struct
-//! implements [`EventPayload`] (id, aggregate key, time — usually through
-//! [`event_payload!`](crate::event_payload)) and the enum implements [`Event`]
-//! through [`event_family!`](crate::event_family), which delegates to the
-//! variant so nobody writes the `match` by hand.
+//! implements [`EventPayload`] (id, aggregate key, time), usually through
+//! `#[derive(herald::EventPayload)]` with its three fields marked, and the
+//! enum implements [`Event`] through `#[derive(herald::Event)]`, which lists
+//! the variants once (they are the family's event types), delegates to the
+//! variant so nobody writes the `match` by hand, and checks at compile time
+//! that the enum is tagged `#[serde(tag = "event_type")]`:
+//!
+//! ```
+//! use chrono::{DateTime, Utc};
+//! use serde::{Deserialize, Serialize};
+//! use uuid::Uuid;
+//!
+//! #[derive(Debug, Clone, Serialize, Deserialize, herald::EventPayload)]
+//! struct OrderShipped {
+//!     #[event(id)]
+//!     event_id: Uuid,
+//!     #[event(key)] // the aggregate id: anything `ToString`
+//!     order_id: Uuid,
+//!     #[event(time)]
+//!     shipped_at: DateTime<Utc>,
+//!     carrier: String,
+//! }
+//!
+//! #[derive(Debug, Clone, Serialize, Deserialize, herald::Event)]
+//! #[serde(tag = "event_type")]
+//! #[event(aggregate = "order")]
+//! enum OrderEvent {
+//!     OrderShipped(OrderShipped),
+//! }
+//!
+//! use herald::Event as _;
+//! assert_eq!(OrderEvent::EVENT_TYPES, ["OrderShipped"]);
+//! ```
+//!
+//! A family without the tag does not compile:
+//!
+//! ```compile_fail
+//! # use serde::{Deserialize, Serialize};
+//! #[derive(Serialize, Deserialize, herald::Event)]
+//! #[event(aggregate = "order")]
+//! enum Untagged {}
+//! ```
 
 use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
@@ -52,7 +90,7 @@ pub trait Event: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// Decodes `payload`, whose header names it an `event_type`, straight
     /// into that variant's struct. `None` means "no fast path here": the
     /// caller then decodes the enum as a whole, which also produces the
-    /// error. [`event_family!`] implements it; a hand-written family need
+    /// error. `#[derive(herald::Event)]` implements it; a hand-written family need
     /// not.
     ///
     /// Why: serde decodes an internally tagged enum by first buffering the
@@ -63,79 +101,6 @@ pub trait Event: Serialize + DeserializeOwned + Send + Sync + 'static {
         let _ = (event_type, payload);
         None
     }
-}
-
-/// Implements [`EventPayload`] for a struct from the names of its fields.
-///
-/// `key` may be any field that implements `ToString` (a UUID, a string...).
-///
-/// ```
-/// # use chrono::{DateTime, Utc}; use uuid::Uuid;
-/// struct Shipped { event_id: Uuid, order_id: Uuid, at: DateTime<Utc> }
-/// herald::event_payload!(Shipped, id = event_id, key = order_id, time = at);
-/// ```
-#[macro_export]
-macro_rules! event_payload {
-    ($ty:ty, id = $id:ident, key = $key:ident, time = $time:ident) => {
-        impl $crate::EventPayload for $ty {
-            fn event_id(&self) -> $crate::__private::uuid::Uuid {
-                self.$id
-            }
-            fn aggregate_id(&self) -> ::std::string::String {
-                ::std::string::ToString::to_string(&self.$key)
-            }
-            fn occurred_at(
-                &self,
-            ) -> $crate::__private::chrono::DateTime<$crate::__private::chrono::Utc> {
-                self.$time
-            }
-        }
-    };
-}
-
-/// Implements [`Event`] for an enum whose variants each wrap a struct
-/// implementing [`EventPayload`]; the variant name is the `event_type`.
-///
-/// ```ignore
-/// herald::event_family!(OrderEvent, aggregate = "order", [OrderCreated, OrderShipped]);
-/// ```
-#[macro_export]
-macro_rules! event_family {
-    ($family:ident, aggregate = $aggregate:literal, [$($variant:ident),+ $(,)?]) => {
-        impl $crate::Event for $family {
-            const AGGREGATE_TYPE: &'static str = $aggregate;
-            const EVENT_TYPES: &'static [&'static str] = &[$(stringify!($variant)),+];
-
-            fn event_type(&self) -> &'static str {
-                match self {
-                    $(Self::$variant(_) => stringify!($variant),)+
-                }
-            }
-            fn event_id(&self) -> $crate::__private::uuid::Uuid {
-                match self {
-                    $(Self::$variant(e) => $crate::EventPayload::event_id(e),)+
-                }
-            }
-            fn aggregate_id(&self) -> ::std::string::String {
-                match self {
-                    $(Self::$variant(e) => $crate::EventPayload::aggregate_id(e),)+
-                }
-            }
-            fn occurred_at(
-                &self,
-            ) -> $crate::__private::chrono::DateTime<$crate::__private::chrono::Utc> {
-                match self {
-                    $(Self::$variant(e) => $crate::EventPayload::occurred_at(e),)+
-                }
-            }
-            fn decode_variant(event_type: &str, payload: &[u8]) -> ::std::option::Option<Self> {
-                match event_type {
-                    $(stringify!($variant) => $crate::event::decode_variant(payload, event_type, Self::$variant),)+
-                    _ => ::std::option::Option::None,
-                }
-            }
-        }
-    };
 }
 
 /// The fast path of [`Event::decode_variant`] for one variant: `payload`

@@ -10,16 +10,20 @@
 //! use serde::{Deserialize, Serialize};
 //! use uuid::Uuid;
 //!
-//! #[derive(Debug, Clone, Serialize, Deserialize)]
-//! pub struct AccountOpened { pub event_id: Uuid, pub account_id: Uuid, pub timestamp: DateTime<Utc> }
+//! #[derive(Debug, Clone, Serialize, Deserialize, herald::EventPayload)]
+//! pub struct AccountOpened {
+//!     #[event(id)]
+//!     pub event_id: Uuid,
+//!     #[event(key)]
+//!     pub account_id: Uuid,
+//!     #[event(time)]
+//!     pub timestamp: DateTime<Utc>,
+//! }
 //!
-//! herald::event_payload!(AccountOpened, id = event_id, key = account_id, time = timestamp);
-//!
-//! #[derive(Debug, Clone, Serialize, Deserialize)]
+//! #[derive(Debug, Clone, Serialize, Deserialize, herald::Event)]
 //! #[serde(tag = "event_type")]
+//! #[event(aggregate = "account")]
 //! pub enum AccountEvent { AccountOpened(AccountOpened) }
-//!
-//! herald::event_family!(AccountEvent, aggregate = "account", [AccountOpened]);
 //!
 //! use herald::Event;
 //! let opened = AccountEvent::AccountOpened(AccountOpened {
@@ -32,8 +36,9 @@
 //! ```
 //!
 //! # Layout
-//! - [`event`]: the [`Event`] and [`EventPayload`] traits and the macros that
-//!   implement them for a family without hand-written `match`es.
+//! - [`event`]: the [`Event`] and [`EventPayload`] traits, and their
+//!   derives (from `herald-derive`), which implement them for a family
+//!   without hand-written `match`es.
 //! - [`envelope`]: [`Envelope`], the bytes and headers of one record on the
 //!   wire (DESIGN.md "Events and the wire format"), with typed decode errors.
 //! - [`trace`]: the W3C trace context carried in `traceparent`/`tracestate`.
@@ -55,6 +60,12 @@ pub mod trace;
 
 pub use envelope::{headers, DecodeError, EncodeError, Envelope};
 pub use event::{Event, EventPayload};
+/// Derives [`EventPayload`](trait@EventPayload) for a struct and
+/// [`Event`](trait@Event) for a family enum: see [`event`].
+pub use herald_derive::{Event, EventPayload};
+
+// The derives name `::herald`, which must resolve in this crate too.
+extern crate self as herald;
 pub use handler::{panic_text, ErrorClass, HandlerError};
 pub use inbox::{Applied, EffectsFuture, InboxStore};
 pub use outbox::{
@@ -66,7 +77,7 @@ pub use trace::TraceContext;
 
 #[doc(hidden)]
 pub mod __private {
-    //! Re-exports used by the macros so that user crates need no extra deps.
+    //! Re-exports used by the derives so that user crates need no extra deps.
     pub use chrono;
     pub use uuid;
 }

@@ -20,11 +20,13 @@ pub struct OrderItem {
 }
 
 /// An order was placed.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, herald::EventPayload)]
 pub struct OrderCreated {
     /// Event id.
+    #[event(id)]
     pub event_id: Uuid,
     /// The order.
+    #[event(key)]
     pub order_id: Uuid,
     /// Who placed it.
     pub customer_id: Uuid,
@@ -37,59 +39,48 @@ pub struct OrderCreated {
     /// The order's version after this event (1).
     pub version: u32,
     /// When it happened.
+    #[event(time)]
     pub timestamp: DateTime<Utc>,
 }
 
 /// An order was shipped.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, herald::EventPayload)]
 pub struct OrderShipped {
     /// Event id.
+    #[event(id)]
     pub event_id: Uuid,
     /// The order.
+    #[event(key)]
     pub order_id: Uuid,
     /// The order's version after this event.
     pub version: u32,
     /// When it happened.
+    #[event(time)]
     pub timestamp: DateTime<Utc>,
 }
 
 /// An order was cancelled.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, herald::EventPayload)]
 pub struct OrderCancelled {
     /// Event id.
+    #[event(id)]
     pub event_id: Uuid,
     /// The order.
+    #[event(key)]
     pub order_id: Uuid,
     /// Why.
     pub reason: String,
     /// The order's version after this event.
     pub version: u32,
     /// When it happened.
+    #[event(time)]
     pub timestamp: DateTime<Utc>,
 }
 
-herald::event_payload!(
-    OrderCreated,
-    id = event_id,
-    key = order_id,
-    time = timestamp
-);
-herald::event_payload!(
-    OrderShipped,
-    id = event_id,
-    key = order_id,
-    time = timestamp
-);
-herald::event_payload!(
-    OrderCancelled,
-    id = event_id,
-    key = order_id,
-    time = timestamp
-);
-
 /// The events of an order, on the `order-events` topic.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, herald::Event)]
 #[serde(tag = "event_type")]
+#[event(aggregate = "order")]
 pub enum OrderEvent {
     /// See [`OrderCreated`].
     OrderCreated(OrderCreated),
@@ -98,12 +89,6 @@ pub enum OrderEvent {
     /// See [`OrderCancelled`].
     OrderCancelled(OrderCancelled),
 }
-
-herald::event_family!(
-    OrderEvent,
-    aggregate = "order",
-    [OrderCreated, OrderShipped, OrderCancelled]
-);
 
 impl OrderEvent {
     /// The order the event belongs to.

@@ -35,26 +35,31 @@ use uuid::Uuid;
 use crate::domain::{OrderEvent, OrderItem};
 
 /// Stock was set aside for an order.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, herald::EventPayload)]
 pub struct InventoryReserved {
     /// Event id.
+    #[event(id)]
     pub event_id: Uuid,
     /// The order.
+    #[event(key)]
     pub order_id: Uuid,
     /// What was reserved.
     pub items: Vec<OrderItem>,
     /// The input event it answers.
     pub caused_by: Uuid,
     /// When.
+    #[event(time)]
     pub timestamp: chrono::DateTime<Utc>,
 }
 
 /// An order cannot be fulfilled.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, herald::EventPayload)]
 pub struct OrderRejected {
     /// Event id.
+    #[event(id)]
     pub event_id: Uuid,
     /// The order.
+    #[event(key)]
     pub order_id: Uuid,
     /// Why, for a human.
     pub reason: String,
@@ -63,46 +68,32 @@ pub struct OrderRejected {
     /// The input event it answers.
     pub caused_by: Uuid,
     /// When.
+    #[event(time)]
     pub timestamp: chrono::DateTime<Utc>,
 }
 
 /// Reserved stock went back (the order was cancelled).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, herald::EventPayload)]
 pub struct InventoryReleased {
     /// Event id.
+    #[event(id)]
     pub event_id: Uuid,
     /// The order.
+    #[event(key)]
     pub order_id: Uuid,
     /// What was released.
     pub items: Vec<OrderItem>,
     /// The input event it answers.
     pub caused_by: Uuid,
     /// When.
+    #[event(time)]
     pub timestamp: chrono::DateTime<Utc>,
 }
 
-herald::event_payload!(
-    InventoryReserved,
-    id = event_id,
-    key = order_id,
-    time = timestamp
-);
-herald::event_payload!(
-    OrderRejected,
-    id = event_id,
-    key = order_id,
-    time = timestamp
-);
-herald::event_payload!(
-    InventoryReleased,
-    id = event_id,
-    key = order_id,
-    time = timestamp
-);
-
 /// The events on `fulfillment-events`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, herald::Event)]
 #[serde(tag = "event_type")]
+#[event(aggregate = "order")]
 pub enum FulfillmentEvent {
     /// See [`InventoryReserved`].
     InventoryReserved(InventoryReserved),
@@ -111,12 +102,6 @@ pub enum FulfillmentEvent {
     /// See [`InventoryReleased`].
     InventoryReleased(InventoryReleased),
 }
-
-herald::event_family!(
-    FulfillmentEvent,
-    aggregate = "order",
-    [InventoryReserved, OrderRejected, InventoryReleased]
-);
 
 /// The changelog topics of the fulfillment state, for an output topic.
 pub fn changelog_topics(output: &str) -> [String; 2] {

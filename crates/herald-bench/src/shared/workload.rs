@@ -25,29 +25,31 @@ use uuid::Uuid;
 pub const SOURCE: &str = "/herald-bench";
 
 /// One benchmark record as a typed event.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, herald::EventPayload)]
 pub struct BenchRecord {
     /// Unique id.
+    #[event(id)]
     pub event_id: Uuid,
     /// The aggregate id: the record key.
+    #[event(key)]
     pub key: String,
     /// The record's index in the run.
     pub seq: u64,
     /// When it happened (fixed per process, so every body has one length).
+    #[event(time)]
     pub at: DateTime<Utc>,
     /// Filler that brings the JSON body to the requested size.
     pub pad: String,
 }
-herald::event_payload!(BenchRecord, id = event_id, key = key, time = at);
 
 /// The benchmark's event family (one type).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, herald::Event)]
 #[serde(tag = "event_type")]
+#[event(aggregate = "bench")]
 pub enum BenchEvent {
     /// A benchmark record.
     BenchRecord(BenchRecord),
 }
-herald::event_family!(BenchEvent, aggregate = "bench", [BenchRecord]);
 
 const POOL_BYTES: usize = 64 * 1024;
 

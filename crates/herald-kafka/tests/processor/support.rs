@@ -20,24 +20,26 @@ use uuid::Uuid;
 pub use herald_test::events::{steps, Step, TestEvent};
 
 /// The output of one step: which input it came from, and who made it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, herald::EventPayload)]
 pub struct Done {
+    #[event(id)]
     pub event_id: Uuid,
     pub input_id: Uuid,
+    #[event(key)]
     pub key: String,
     pub seq: u64,
     pub instance: String,
+    #[event(time)]
     pub at: DateTime<Utc>,
 }
-herald::event_payload!(Done, id = event_id, key = key, time = at);
 
 /// The output family.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, herald::Event)]
 #[serde(tag = "event_type")]
+#[event(aggregate = "test")]
 pub enum OutEvent {
     Done(Done),
 }
-herald::event_family!(OutEvent, aggregate = "test", [Done]);
 
 /// Logs to the test's output when `RUST_LOG` is set (e.g. `herald_kafka=debug`).
 pub fn init_tracing() {
