@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::support::*;
 
-const KEYS: usize = 20;
+const KEYS: usize = 50;
 const PER_PHASE: u64 = 50;
 const PARTITIONS: i32 = 3;
 const OUTAGE: Duration = Duration::from_secs(40);

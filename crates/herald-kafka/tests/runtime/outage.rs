@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::support::*;
 
-const KEYS: usize = 40;
-const PER_KEY: u64 = 10;
+const KEYS: usize = 100;
+const PER_KEY: u64 = 50;
 
 /// Gives up on a transient failure within half a second: without the
 /// breaker, an outage of a few seconds dead-letters what it meets.

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::support::*;
 
-const KEYS: usize = 90;
+const KEYS: usize = 125;
 const PER_KEY: u64 = 40;
 
 fn member(
@@ -133,14 +133,14 @@ async fn a_partition_given_back_to_its_member_keeps_every_waiting_key_flowing() 
     let Some(kafka) = herald_test::kafka() else {
         return;
     };
-    const KEYS: usize = 24;
-    const PER_KEY: u64 = 12;
+    const KEYS: usize = 100;
+    const PER_KEY: u64 = 50;
     let topic = kafka.topic("given-back", 2).await;
     publish_all(&publisher(&kafka), topic.name(), &steps(KEYS, PER_KEY)).await;
     let total = KEYS * PER_KEY as usize;
     let group = herald_test::unique_name("given-back");
     let seen = Seen::default();
-    // Two keys at a time over 24: most keys of a partition wait for a slot,
+    // Two keys at a time over 100: most keys of a partition wait for a slot,
     // and a revoked partition mostly has a record running (what kept its
     // waiting keys' entries).
     let slow = |seen: &Seen| {
@@ -149,7 +149,7 @@ async fn a_partition_given_back_to_its_member_keeps_every_waiting_key_flowing() 
             move |TestEvent::Step(step): TestEvent, record: RecordInfo| {
                 let seen = seen.clone();
                 async move {
-                    tokio::time::sleep(Duration::from_millis(80)).await;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
                     seen.record(&step, record.partition, record.offset);
                     Ok(())
                 }
