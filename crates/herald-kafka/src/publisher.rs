@@ -169,6 +169,28 @@ pub struct BorrowedRecord<'a> {
 /// Publishes typed events (and raw records) to Kafka.
 ///
 /// Cheap to clone; clones share one producer.
+///
+/// ```no_run
+/// # use serde::{Deserialize, Serialize};
+/// # #[derive(Debug, Clone, Serialize, Deserialize, herald::EventPayload)]
+/// # struct OrderPlaced {
+/// #     #[event(id)] event_id: uuid::Uuid,
+/// #     #[event(key)] order_id: uuid::Uuid,
+/// #     #[event(time)] at: chrono::DateTime<chrono::Utc>,
+/// # }
+/// # #[derive(Debug, Clone, Serialize, Deserialize, herald::Event)]
+/// # #[serde(tag = "event_type")]
+/// # #[event(aggregate = "order")]
+/// # enum OrderEvent { OrderPlaced(OrderPlaced) }
+/// use herald_kafka::{Publisher, PublisherConfig};
+/// # async fn run(placed: OrderEvent) -> Result<(), Box<dyn std::error::Error>> {
+/// // Idempotent, acks=all, Java-compatible partitioning by default.
+/// let publisher = Publisher::new(&PublisherConfig::new("127.0.0.1:9092", "/orders"))?;
+/// // Keyed by the aggregate id; returns once the broker acknowledged it.
+/// let delivered = publisher.publish("order-events", &placed).await?;
+/// println!("at partition {}, offset {}", delivered.partition, delivered.offset);
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct Publisher {
     producer: FutureProducer,

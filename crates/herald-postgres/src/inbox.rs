@@ -58,7 +58,31 @@ struct Job {
     reply: oneshot::Sender<Result<Applied, HandlerError>>,
 }
 
-/// The inbox of one consumer group.
+/// The inbox of one consumer group: a handler's effects and the event's
+/// inbox row commit in one transaction, so a redelivered event (the same
+/// `event_id`) is applied once.
+///
+/// ```no_run
+/// use herald::HandlerError;
+/// use herald_postgres::{Applied, Inbox};
+/// # async fn handle(pool: sqlx::PgPool, event_id: uuid::Uuid) -> Result<(), HandlerError> {
+/// let inbox = Inbox::new(pool, "projection");
+/// let applied = inbox
+///     .apply(event_id, move |conn| {
+///         Box::pin(async move {
+///             sqlx::query("UPDATE views SET seen = seen + 1")
+///                 .execute(conn)
+///                 .await
+///                 .map_err(herald_postgres::classify)?;
+///             Ok(())
+///         })
+///     })
+///     .await?;
+/// if applied == Applied::AlreadyProcessed {
+///     // Already applied by this group: nothing ran.
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct Inbox {
     pool: PgPool,

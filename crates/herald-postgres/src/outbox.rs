@@ -38,6 +38,31 @@ pub use herald::OutboxRecord;
 
 /// Inserts `record` in the caller's transaction and notifies the relay (the
 /// notification is delivered only if the transaction commits).
+///
+/// ```no_run
+/// # use serde::{Deserialize, Serialize};
+/// # #[derive(Debug, Clone, Serialize, Deserialize, herald::EventPayload)]
+/// # struct OrderPlaced {
+/// #     #[event(id)] event_id: uuid::Uuid,
+/// #     #[event(key)] order_id: uuid::Uuid,
+/// #     #[event(time)] at: chrono::DateTime<chrono::Utc>,
+/// # }
+/// # #[derive(Debug, Clone, Serialize, Deserialize, herald::Event)]
+/// # #[serde(tag = "event_type")]
+/// # #[event(aggregate = "order")]
+/// # enum OrderEvent { OrderPlaced(OrderPlaced) }
+/// use herald_postgres::outbox::{enqueue, OutboxRecord};
+/// # async fn place(pool: &sqlx::PgPool, placed: OrderEvent) -> Result<(), Box<dyn std::error::Error>> {
+/// let mut tx = pool.begin().await?;
+/// sqlx::query("INSERT INTO orders (id) VALUES (gen_random_uuid())")
+///     .execute(&mut *tx)
+///     .await?;
+/// // The event is published if and only if this transaction commits.
+/// let record = OutboxRecord::new("order-events", &placed, "/orders", None)?;
+/// enqueue(&mut tx, &record).await?;
+/// tx.commit().await?;
+/// # Ok(()) }
+/// ```
 pub async fn enqueue(
     tx: &mut Transaction<'_, Postgres>,
     record: &OutboxRecord,

@@ -562,7 +562,43 @@ impl Collector for ConsumerStats {
     }
 }
 
-/// A consumer group member that runs a [`Router`] over its topics.
+/// A consumer group member that runs a [`Router`] over its topics: records
+/// of one key in order, keys concurrently, retries with backoff, dead
+/// letters to `<topic>.dlq`, and commits of finished offsets only.
+///
+/// ```no_run
+/// # use serde::{Deserialize, Serialize};
+/// # #[derive(Debug, Clone, Serialize, Deserialize, herald::EventPayload)]
+/// # struct OrderPlaced {
+/// #     #[event(id)] event_id: uuid::Uuid,
+/// #     #[event(key)] order_id: uuid::Uuid,
+/// #     #[event(time)] at: chrono::DateTime<chrono::Utc>,
+/// # }
+/// # #[derive(Debug, Clone, Serialize, Deserialize, herald::Event)]
+/// # #[serde(tag = "event_type")]
+/// # #[event(aggregate = "order")]
+/// # enum OrderEvent { OrderPlaced(OrderPlaced) }
+/// use herald::HandlerError;
+/// use herald_kafka::{Consumer, ConsumerConfig, RecordInfo, Router};
+/// # async fn run() -> Result<(), herald_kafka::ClientError> {
+/// let router = Router::new().handle::<OrderEvent, _>(
+///     "projection",
+///     |event: OrderEvent, record: RecordInfo| async move {
+///         let OrderEvent::OrderPlaced(placed) = event;
+///         println!("{} at offset {}", placed.order_id, record.offset);
+///         // Err(HandlerError::transient(..)) retries; ::permanent dead-letters.
+///         Ok::<_, HandlerError>(())
+///     },
+/// );
+/// let config = ConsumerConfig::new("127.0.0.1:9092", "projection", ["order-events"])
+///     .concurrency(32);
+/// let consumer = Consumer::new(config, router)?;
+/// // Runs until the future completes, then drains and commits.
+/// consumer
+///     .run(async { tokio::signal::ctrl_c().await.ok(); })
+///     .await
+/// # }
+/// ```
 pub struct Consumer {
     config: ConsumerConfig,
     router: Router,

@@ -98,6 +98,42 @@ impl<E: Event, H: Handler<E>> ErasedHandler for Typed<E, H> {
 
 /// Typed handlers for the records of the topics a consumer reads.
 ///
+/// ```
+/// # use serde::{Deserialize, Serialize};
+/// # #[derive(Debug, Clone, Serialize, Deserialize, herald::EventPayload)]
+/// # struct OrderPlaced {
+/// #     #[event(id)] event_id: uuid::Uuid,
+/// #     #[event(key)] order_id: uuid::Uuid,
+/// #     #[event(time)] at: chrono::DateTime<chrono::Utc>,
+/// # }
+/// # #[derive(Debug, Clone, Serialize, Deserialize, herald::Event)]
+/// # #[serde(tag = "event_type")]
+/// # #[event(aggregate = "order")]
+/// # enum OrderEvent { OrderPlaced(OrderPlaced) }
+/// # #[derive(Debug, Clone, Serialize, Deserialize, herald::EventPayload)]
+/// # struct Invoiced {
+/// #     #[event(id)] event_id: uuid::Uuid,
+/// #     #[event(key)] order_id: uuid::Uuid,
+/// #     #[event(time)] at: chrono::DateTime<chrono::Utc>,
+/// # }
+/// # #[derive(Debug, Clone, Serialize, Deserialize, herald::Event)]
+/// # #[serde(tag = "event_type")]
+/// # #[event(aggregate = "order")]
+/// # enum BillingEvent { Invoiced(Invoiced) }
+/// use herald::HandlerError;
+/// use herald_kafka::{RecordInfo, Router};
+/// // One handler per family; a record runs every handler whose family
+/// // knows its event_type.
+/// let router = Router::new()
+///     .handle::<OrderEvent, _>("orders", |_: OrderEvent, _: RecordInfo| async {
+///         Ok::<_, HandlerError>(())
+///     })
+///     .handle::<BillingEvent, _>("billing", |_: BillingEvent, _: RecordInfo| async {
+///         Ok::<_, HandlerError>(())
+///     });
+/// assert_eq!(format!("{router:?}"), r#"["orders", "billing"]"#);
+/// ```
+///
 /// Every handler whose family knows a record's `event_type` runs for it, in
 /// registration order. A record no handler knows is *unknown*: skipped and
 /// counted, or dead-lettered (see `ConsumerConfig::dead_letter_unknown`).

@@ -362,7 +362,21 @@ pub struct Pass {
     pub published: usize,
 }
 
-/// Drains an [`OutboxStore`] into Kafka.
+/// Drains an [`OutboxStore`] into Kafka, at least once: a crash between
+/// the broker's acknowledgement and the store's mark publishes that batch
+/// again (consumers deduplicate by event id). [`TransactionalRelay`]
+/// publishes exactly once.
+///
+/// ```no_run
+/// use herald_kafka::{Publisher, PublisherConfig, Relay, RelayConfig};
+/// // `outbox`: herald_postgres::PgOutbox or herald_sqlite::SqliteOutbox.
+/// # async fn run(outbox: impl herald::OutboxStore) -> Result<(), herald_kafka::ClientError> {
+/// let publisher = Publisher::new(&PublisherConfig::new("127.0.0.1:9092", "/orders"))?;
+/// let relay = Relay::new(outbox, publisher, RelayConfig::default());
+/// // Woken by the outbox's commit notifications; per-aggregate order kept.
+/// relay.run(async { tokio::signal::ctrl_c().await.ok(); }).await;
+/// # Ok(()) }
+/// ```
 pub struct Relay<S: OutboxStore> {
     store: S,
     publisher: Publisher,
