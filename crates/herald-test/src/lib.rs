@@ -345,9 +345,17 @@ impl Kafka {
         partitions: i32,
     ) -> Result<std::collections::BTreeMap<i32, i64>, String> {
         use rdkafka::consumer::{BaseConsumer, Consumer};
+        // `read_uncommitted` makes librdkafka ask without `require_stable`:
+        // the broker answers with the offsets committed so far instead of
+        // UNSTABLE_OFFSET_COMMIT while a transaction holds pending offsets.
+        // A pending offset is not committed, so the answer is the same; a
+        // probe that polls must not stall behind a transaction the broker
+        // is slow to resolve after a restart (seen as OperationTimedOut for
+        // minutes in `processor/outage.rs`).
         let consumer: BaseConsumer = self
             .config()
             .set("group.id", group)
+            .set("isolation.level", "read_uncommitted")
             .create()
             .expect("consumer");
         let mut tpl = rdkafka::TopicPartitionList::new();
