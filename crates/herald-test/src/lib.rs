@@ -528,7 +528,10 @@ impl Drop for TestTopic {
                     return;
                 };
                 let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-                let _ = admin.delete_topics(&refs, &AdminOptions::new()).await;
+                // Bounded: a test whose private broker is already gone must
+                // not wait out librdkafka's default (minutes) to learn it.
+                let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+                let _ = admin.delete_topics(&refs, &options).await;
             });
         })
         .join();

@@ -178,6 +178,21 @@ impl PrivateKafka {
         }
     }
 
+    /// Whether the broker's process is alive (started and not exited).
+    pub fn is_running(&mut self) -> bool {
+        self.process
+            .as_mut()
+            .is_some_and(|process| matches!(process.try_wait(), Ok(None)))
+    }
+
+    /// The last `lines` lines of the broker's log: for a failing test to
+    /// print what the broker was doing.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = std::fs::read_to_string(self.dir.join("server.out")).unwrap_or_default();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
     /// Pauses the broker (SIGSTOP): its connections stay open and answer
     /// nothing, as a stalled host's or a GC pause's would.
     pub fn pause(&self) {

@@ -41,10 +41,15 @@ pub enum OutEvent {
     Done(Done),
 }
 
-/// Logs to the test's output when `RUST_LOG` is set (e.g. `herald_kafka=debug`).
+/// Logs to the test's output what `RUST_LOG` asks for (e.g.
+/// `herald_kafka=debug`); without it, herald's errors only. librdkafka's
+/// own errors are left out by default: a test that kills its broker makes
+/// thousands, and they would bury the failure's message in CI's log.
 pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error,librdkafka=off,rdkafka=off"));
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(filter)
         .with_test_writer()
         .try_init();
 }
@@ -281,18 +286,33 @@ pub async fn wait_all_committed(
     partitions: i32,
     limit: Duration,
 ) {
+    if let Err(why) = all_committed_within(kafka, group, topic, partitions, limit).await {
+        panic!("{why}");
+    }
+}
+
+/// [`wait_all_committed`], with the time-out as an error for a test that
+/// has more to say about it (stats, a broker's log).
+pub async fn all_committed_within(
+    kafka: &herald_test::Kafka,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+    limit: Duration,
+) -> Result<(), String> {
     let end = kafka.end_offsets(topic, partitions);
     let start = Instant::now();
     loop {
         // A broker just restarted may not answer at once: ask again.
         let now = kafka.try_committed(group, topic, partitions);
         if now.as_ref() == Ok(&end) {
-            return;
+            return Ok(());
         }
-        assert!(
-            start.elapsed() < limit,
-            "timed out after {limit:?} waiting for the group to commit every input: committed {now:?}, end {end:?}"
-        );
+        if start.elapsed() >= limit {
+            return Err(format!(
+                "timed out after {limit:?} waiting for the group to commit every input: committed {now:?}, end {end:?}"
+            ));
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
