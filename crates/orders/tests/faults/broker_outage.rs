@@ -11,9 +11,7 @@ use std::time::{Duration, Instant};
 
 use herald_test::private::PrivateKafka;
 
-use crate::support::{
-    lasting, readiness, soak, wait_ready, Accepted, Fleet, Member, PacedLoad, Timeline,
-};
+use crate::support::{lasting, readiness, soak, Accepted, Member, OrdersRun, PacedLoad, Timeline};
 
 /// Orders placed; every fifth is cancelled once accepted, so the run moves
 /// about 2.4 events per order through Kafka (order events, outcomes and
@@ -77,34 +75,8 @@ async fn orders_run_rides_out_a_long_broker_outage() {
         .expect("kafka");
     let db = postgres.database().await;
     let brokers = kafka.brokers();
-    let topic = herald_test::unique_name("order-events");
-    let fulfillment_topic = format!("{topic}-fulfillment");
-    let log_dir = std::env::temp_dir().join(herald_test::unique_name("orders-broker-outage"));
-    std::fs::create_dir_all(&log_dir).expect("log dir");
-    let env: Vec<(String, String)> = [
-        ("KAFKA_BROKERS", brokers.clone()),
-        ("DATABASE_URL", db.url().to_owned()),
-        ("ORDERS_EVENTS_TOPIC", topic.clone()),
-        ("ORDERS_FULFILLMENT_TOPIC", fulfillment_topic.clone()),
-        ("ORDERS_GROUP_PREFIX", herald_test::unique_name("outage")),
-        ("ORDERS_TOPIC_PARTITIONS", PARTITIONS.to_string()),
-        ("RUST_LOG", "warn".to_owned()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
-    let http = format!("127.0.0.1:{}", herald_test::free_port());
-    let mut fleet = Fleet(vec![Member::new(
-        "run",
-        &["run", "--http-addr", &http, "--metrics-addr", "127.0.0.1:0"],
-        &env,
-        &[],
-        &log_dir,
-    )]);
-    fleet.0[0].start();
-    let base = format!("http://{http}");
-    let client = reqwest::Client::new();
-    wait_ready(&client, &base).await;
+    let mut run = OrdersRun::start(&brokers, db.url(), "broker-outage", PARTITIONS).await;
+    let (client, base) = (run.client.clone(), run.base.clone());
     timeline.note("orders run up");
 
     let load = PacedLoad::start(&client, &base, orders, RATE, CANCEL_EVERY, "broker-outage");
@@ -113,16 +85,8 @@ async fn orders_run_rides_out_a_long_broker_outage() {
     let since = Instant::now();
     let before = load.accepted();
     timeline.note(format!("broker: SIGKILL ({before} accepted)"));
-    lasting(length, &mut fleet.0[0]).await;
-    end_outage(
-        &mut kafka,
-        since,
-        &mut fleet.0[0],
-        &client,
-        &base,
-        &timeline,
-    )
-    .await;
+    lasting(length, run.process()).await;
+    end_outage(&mut kafka, since, run.process(), &client, &base, &timeline).await;
     let during = load.accepted() - before;
     timeline.note(format!(
         "broker: up again ({during} orders accepted while it was down)"
@@ -136,29 +100,24 @@ async fn orders_run_rides_out_a_long_broker_outage() {
     timeline.note(format!("load done: {} orders accepted", ids.len()));
 
     let pool = db.pool().await;
-    let run = Accepted {
+    let accepted = Accepted {
         ids,
         cancelled,
         brokers: brokers.clone(),
-        fulfillment_topic,
+        fulfillment_topic: run.fulfillment_topic.clone(),
         partitions: PARTITIONS,
     };
-    run.wait_caught_up(&pool).await;
-    assert_eq!(fleet.0[0].exited(), None, "orders run exited");
+    accepted.wait_caught_up(&pool).await;
+    assert_eq!(run.process().exited(), None, "orders run exited");
     timeline.note("caught up; stopping orders run gracefully");
-    let unclean = fleet.stop();
-    assert!(
-        unclean.is_empty(),
-        "orders run did not stop cleanly: {unclean:?}"
-    );
+    run.stop();
 
     let report = timeline.text();
-    let unreleased = run.assert_effectively_once(&pool, &report).await;
+    let unreleased = accepted.assert_effectively_once(&pool, &report).await;
     timeline.note(format!(
         "{unreleased} cancelled orders kept their reservation (see Accepted::assert_effectively_once)"
     ));
     pool.close().await;
-    drop(fleet);
+    drop(run);
     drop(kafka);
-    std::fs::remove_dir_all(&log_dir).ok();
 }

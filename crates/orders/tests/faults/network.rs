@@ -11,7 +11,7 @@ use std::time::Duration;
 use herald_test::faults::Schedule;
 use herald_test::private::PrivateKafka;
 
-use crate::support::{lasting, soak, wait_ready, Accepted, Fleet, Member, PacedLoad};
+use crate::support::{lasting, soak, Accepted, OrdersRun, PacedLoad};
 
 /// Orders placed; every fifth is cancelled once accepted, so about 6,000
 /// events cross the link (order events, outcomes and releases).
@@ -36,34 +36,8 @@ async fn orders_run_rides_out_a_delayed_black_holed_and_cut_kafka_link() {
     let link = kafka.proxy().clone();
     let db = postgres.database().await;
     let brokers = kafka.brokers();
-    let topic = herald_test::unique_name("order-events");
-    let fulfillment_topic = format!("{topic}-fulfillment");
-    let log_dir = std::env::temp_dir().join(herald_test::unique_name("orders-network"));
-    std::fs::create_dir_all(&log_dir).expect("log dir");
-    let env: Vec<(String, String)> = [
-        ("KAFKA_BROKERS", brokers.clone()),
-        ("DATABASE_URL", db.url().to_owned()),
-        ("ORDERS_EVENTS_TOPIC", topic.clone()),
-        ("ORDERS_FULFILLMENT_TOPIC", fulfillment_topic.clone()),
-        ("ORDERS_GROUP_PREFIX", herald_test::unique_name("network")),
-        ("ORDERS_TOPIC_PARTITIONS", PARTITIONS.to_string()),
-        ("RUST_LOG", "warn".to_owned()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
-    let http = format!("127.0.0.1:{}", herald_test::free_port());
-    let mut fleet = Fleet(vec![Member::new(
-        "run",
-        &["run", "--http-addr", &http, "--metrics-addr", "127.0.0.1:0"],
-        &env,
-        &[],
-        &log_dir,
-    )]);
-    fleet.0[0].start();
-    let base = format!("http://{http}");
-    let client = reqwest::Client::new();
-    wait_ready(&client, &base).await;
+    let mut run = OrdersRun::start(&brokers, db.url(), "network", PARTITIONS).await;
+    let (client, base) = (run.client.clone(), run.base.clone());
     schedule
         .timeline()
         .note("orders run up, its Kafka link through the proxy");
@@ -76,14 +50,14 @@ async fn orders_run_rides_out_a_delayed_black_holed_and_cut_kafka_link() {
         CANCEL_EVERY,
         &format!("network-{seed}"),
     );
-    let run = &mut fleet.0[0];
+    let process = run.process();
     let pool = db.pool().await;
 
     load.wait_accepted(orders / 10).await;
     let delay = schedule.between(Duration::from_millis(150), Duration::from_millis(400));
     schedule.step("link delayed", &format!("{delay:?} each way, for 10 s"));
     link.delay(delay);
-    lasting(Duration::from_secs(10), run).await;
+    lasting(Duration::from_secs(10), process).await;
     link.restore();
 
     load.wait_accepted(orders * 3 / 10).await;
@@ -96,7 +70,7 @@ async fn orders_run_rides_out_a_delayed_black_holed_and_cut_kafka_link() {
         &format!("{silence:?}, {} accepted", load.accepted()),
     );
     link.black_hole();
-    lasting(silence, run).await;
+    lasting(silence, process).await;
     // The fault bit: the relay could publish nothing while it lasted, so
     // the orders accepted meanwhile wait in the outbox.
     let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM herald_outbox_pending")
@@ -115,20 +89,20 @@ async fn orders_run_rides_out_a_delayed_black_holed_and_cut_kafka_link() {
 
     // The pipeline catches up on a healthy link for a while, then its
     // connections are reset, and after a while more the link is cut.
-    lasting(Duration::from_secs(3), run).await;
+    lasting(Duration::from_secs(3), process).await;
     schedule.step(
         "connections reset",
         &format!("{} accepted", load.accepted()),
     );
     link.reset_connections();
-    lasting(Duration::from_secs(3), run).await;
+    lasting(Duration::from_secs(3), process).await;
     let cut = schedule.between(Duration::from_secs(3), Duration::from_secs(10));
     schedule.step(
         "link cut",
         &format!("{cut:?}, {} accepted", load.accepted()),
     );
     link.cut();
-    lasting(cut, run).await;
+    lasting(cut, process).await;
     link.restore();
     schedule.step("link restored", "");
 
@@ -142,27 +116,22 @@ async fn orders_run_rides_out_a_delayed_black_holed_and_cut_kafka_link() {
         ids,
         cancelled,
         brokers,
-        fulfillment_topic,
+        fulfillment_topic: run.fulfillment_topic.clone(),
         partitions: PARTITIONS,
     };
     accepted.wait_caught_up(&pool).await;
-    assert_eq!(fleet.0[0].exited(), None, "orders run exited");
+    assert_eq!(run.process().exited(), None, "orders run exited");
     assert!(link.accepted() > 0, "the traffic went through the proxy");
     schedule
         .timeline()
         .note("caught up; stopping orders run gracefully");
-    let unclean = fleet.stop();
-    assert!(
-        unclean.is_empty(),
-        "orders run did not stop cleanly: {unclean:?}"
-    );
+    run.stop();
     let report = schedule.report();
     let unreleased = accepted.assert_effectively_once(&pool, &report).await;
     schedule.timeline().note(format!(
         "effectively once; {unreleased} cancelled orders kept their reservation"
     ));
     pool.close().await;
-    drop(fleet);
+    drop(run);
     drop(kafka);
-    std::fs::remove_dir_all(&log_dir).ok();
 }

@@ -212,6 +212,80 @@ pub async fn placed(
     (ids, cancelled)
 }
 
+/// One `orders run` process (API, relay, consumers, processor) on
+/// `brokers` and `database_url`, with topics and groups of its own, started
+/// and ready: the fleet of the single-process scenarios.
+pub struct OrdersRun {
+    /// The process, as the only member of its fleet.
+    pub fleet: Fleet,
+    /// The API's base URL, and a client for it.
+    pub base: String,
+    pub client: reqwest::Client,
+    /// Its fulfillment topic (the order-events topic is `<this>` without
+    /// the `-fulfillment` suffix).
+    pub fulfillment_topic: String,
+    /// Where the process logs (removed by [`OrdersRun::clean_up`]).
+    pub log_dir: std::path::PathBuf,
+}
+
+impl OrdersRun {
+    /// Starts `orders run` (its topics with `partitions` partitions;
+    /// `name` names its log folder and groups) and waits until it is ready.
+    pub async fn start(brokers: &str, database_url: &str, name: &str, partitions: i32) -> Self {
+        let topic = herald_test::unique_name("order-events");
+        let fulfillment_topic = format!("{topic}-fulfillment");
+        let log_dir =
+            std::env::temp_dir().join(herald_test::unique_name(&format!("orders-{name}")));
+        std::fs::create_dir_all(&log_dir).expect("log dir");
+        let env: Vec<(String, String)> = [
+            ("KAFKA_BROKERS", brokers.to_owned()),
+            ("DATABASE_URL", database_url.to_owned()),
+            ("ORDERS_EVENTS_TOPIC", topic.clone()),
+            ("ORDERS_FULFILLMENT_TOPIC", fulfillment_topic.clone()),
+            ("ORDERS_GROUP_PREFIX", herald_test::unique_name(name)),
+            ("ORDERS_TOPIC_PARTITIONS", partitions.to_string()),
+            ("RUST_LOG", "warn".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let http = format!("127.0.0.1:{}", herald_test::free_port());
+        let mut fleet = Fleet(vec![Member::new(
+            "run",
+            &["run", "--http-addr", &http, "--metrics-addr", "127.0.0.1:0"],
+            &env,
+            &[],
+            &log_dir,
+        )]);
+        fleet.0[0].start();
+        let base = format!("http://{http}");
+        let client = reqwest::Client::new();
+        wait_ready(&client, &base).await;
+        OrdersRun {
+            fleet,
+            base,
+            client,
+            fulfillment_topic,
+            log_dir,
+        }
+    }
+
+    /// The `orders run` process.
+    pub fn process(&mut self) -> &mut Member {
+        &mut self.fleet.0[0]
+    }
+
+    /// Stops the process (it must stop cleanly) and removes its logs.
+    pub fn stop(&mut self) {
+        let unclean = self.fleet.stop();
+        assert!(
+            unclean.is_empty(),
+            "orders run did not stop cleanly: {unclean:?}"
+        );
+        std::fs::remove_dir_all(&self.log_dir).ok();
+    }
+}
+
 /// A paced load in the background: `orders` orders posted at `rate` per
 /// second (at most 16 in flight), every `cancel_every`-th cancelled once
 /// accepted, each under the Idempotency-Key `<prefix>-<i>`, while the test
