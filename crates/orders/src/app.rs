@@ -8,10 +8,10 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use herald::RetryPolicy;
 use herald_kafka::{
-    Consumer, ConsumerConfig, Delivery, ExactlyOnceConfig, Publisher, PublisherConfig, RecordInfo,
-    Relay, RelayConfig, Router, TransactionalRelay,
+    Consumer, ConsumerConfig, Delivery, ExactlyOnceConfig, Publisher, PublisherConfig, Relay,
+    RelayConfig, Router, TransactionalRelay,
 };
-use herald_postgres::{Inbox, PgOutbox};
+use herald_postgres::PgOutbox;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
@@ -24,10 +24,10 @@ use tokio_util::sync::CancellationToken;
 use crate::api::auth::{Auth, AuthConfig};
 use crate::api::{self, AppState};
 use crate::cli::SettingsArgs;
-use crate::db::{self, Topics};
 use crate::domain::OrderEvent;
+use crate::domain::{Topics, SOURCE};
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::{Effect, Store};
 use crate::supervisor::{single_active, supervise, Health};
 
 /// The typed configuration of a process, checked at start-up.
@@ -208,7 +208,7 @@ impl Config {
 
     /// The publisher's configuration, with the pass-through settings.
     pub fn publisher_config(&self) -> PublisherConfig {
-        PublisherConfig::new(&self.brokers, db::SOURCE).set_all(self.kafka_settings.clone())
+        PublisherConfig::new(&self.brokers, SOURCE).set_all(self.kafka_settings.clone())
     }
 
     /// A publisher with the pass-through settings.
@@ -252,7 +252,7 @@ impl Config {
             Database::Postgres(_) => {
                 let pool = self.pool().await?;
                 if self.migrate {
-                    db::migrate(&pool)
+                    crate::store::postgres::migrate(&pool)
                         .await
                         .context("applying database migrations")?;
                 }
@@ -274,7 +274,7 @@ impl Config {
                         format!("opening {} (ORDERS_DATA_DIR / --data-dir)", path.display())
                     })?;
                 if self.migrate {
-                    crate::db_sqlite::migrate(database.pool())
+                    crate::store::sqlite::migrate(database.pool())
                         .await
                         .context("applying the SQLite migrations")?;
                 }
@@ -565,81 +565,6 @@ impl Drop for EmbeddedKafka {
     }
 }
 
-/// The two consumers of `order-events`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ConsumerKind {
-    Projection,
-    Notifications,
-}
-
-impl ConsumerKind {
-    fn name(self) -> &'static str {
-        match self {
-            ConsumerKind::Projection => "projection",
-            ConsumerKind::Notifications => "notifications",
-        }
-    }
-}
-
-/// The consumer's handler: its effects and the inbox row in one transaction.
-fn consumer_router(kind: ConsumerKind, store: &Store, group: String) -> Router {
-    match store {
-        Store::Postgres(pool) => {
-            // One transaction per event: herald-bench inbox measured the
-            // batched inbox slower here (its savepoint round trips run in
-            // sequence on one connection), see crates/herald-bench/README.md.
-            let inbox = Inbox::new(pool.clone(), group);
-            Router::new().handle::<OrderEvent, _>(
-                kind.name(),
-                move |event: OrderEvent, record: RecordInfo| {
-                    let inbox = inbox.clone();
-                    async move {
-                        inbox
-                            .apply(record.envelope.event_id, move |conn| {
-                                Box::pin(async move {
-                                    match kind {
-                                        ConsumerKind::Projection => db::project(conn, &event).await,
-                                        ConsumerKind::Notifications => {
-                                            db::notify(conn, &event).await
-                                        }
-                                    }
-                                })
-                            })
-                            .await
-                            .map(|_| ())
-                    }
-                },
-            )
-        }
-        Store::Sqlite(database) => {
-            let inbox = database.inbox(group);
-            Router::new().handle::<OrderEvent, _>(
-                kind.name(),
-                move |event: OrderEvent, record: RecordInfo| {
-                    let inbox = inbox.clone();
-                    async move {
-                        inbox
-                            .apply(record.envelope.event_id, move |conn| {
-                                Box::pin(async move {
-                                    match kind {
-                                        ConsumerKind::Projection => {
-                                            crate::db_sqlite::project(conn, &event).await
-                                        }
-                                        ConsumerKind::Notifications => {
-                                            crate::db_sqlite::notify(conn, &event).await
-                                        }
-                                    }
-                                })
-                            })
-                            .await
-                            .map(|_| ())
-                    }
-                },
-            )
-        }
-    }
-}
-
 /// The banner of an API on real services without authentication.
 fn no_auth_banner(config: &Config, port: u16) -> String {
     format!(
@@ -869,13 +794,13 @@ impl Application {
             }
         }
         for (enabled, kind) in [
-            (components.projection, ConsumerKind::Projection),
-            (components.notifications, ConsumerKind::Notifications),
+            (components.projection, Effect::Projection),
+            (components.notifications, Effect::Notifications),
         ] {
             if !enabled {
                 continue;
             }
-            let router = consumer_router(kind, &store, config.group(kind.name()));
+            let router = store.consumer_router(kind, config.group(kind.name()));
             // Made once here, so that bad configuration fails the start-up.
             let first = config.consumer(kind.name(), router)?;
             let stats = first.stats();
@@ -889,7 +814,7 @@ impl Application {
                     let consumer = match first.take() {
                         Some(consumer) => consumer,
                         None => {
-                            let router = consumer_router(kind, &store, config.group(kind.name()));
+                            let router = store.consumer_router(kind, config.group(kind.name()));
                             config
                                 .consumer(kind.name(), router)?
                                 .with_stats(Arc::clone(&stats))

@@ -3,11 +3,13 @@
 //! model and a notification log).
 //!
 //! # Layout
-//! - [`domain`]: order events, the state machine, validated inputs.
-//! - [`db`]: the service's SQL (write model + outbox in one transaction,
-//!   idempotency keys, read model, notifications) and migrations.
-//! - [`db_sqlite`]: the same on SQLite, for the embedded development mode;
-//!   [`store`] picks one.
+//! - [`domain`]: order events, the state machine, validated inputs, and the
+//!   model and rules both stores share (no SQL, no Kafka).
+//! - [`store`]: [`store::OrderStore`], which the service's SQL implements on
+//!   PostgreSQL ([`store::postgres`]: write model + outbox in one
+//!   transaction, idempotency keys, read model, notifications, migrations)
+//!   and on SQLite for the embedded development mode ([`store::sqlite`]);
+//!   the consumers are wired once, for either.
 //! - [`api`]: the axum routes, bearer-JWT authentication and per-customer
 //!   authorization ([`api::auth`]), the error shape, the strict JSON
 //!   extractor, health/readiness/metrics, OpenAPI.
@@ -24,8 +26,6 @@
 pub mod api;
 pub mod app;
 pub mod cli;
-pub mod db;
-pub mod db_sqlite;
 pub mod dlq;
 pub mod domain;
 pub mod fulfillment;

@@ -83,7 +83,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate => {
             let config = Config::from_args(&cli.settings)?;
             let pool = config.pool().await?;
-            orders::db::migrate(&pool)
+            orders::store::postgres::migrate(&pool)
                 .await
                 .context("applying migrations")?;
             println!("migrations applied");

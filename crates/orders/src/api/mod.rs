@@ -27,8 +27,8 @@ use tower_http::timeout::TimeoutLayer;
 use tracing::Instrument;
 
 use self::error::{error_response, ApiError};
-use crate::db::Topics;
 use crate::domain::limits;
+use crate::domain::Topics;
 use crate::metrics::{Metrics, RouteLabels, CONTENT_TYPE};
 use crate::store::Store;
 use crate::supervisor::Health;

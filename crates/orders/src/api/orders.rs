@@ -14,10 +14,10 @@ use super::auth::{Access, SCOPE_SHIP};
 use super::error::ApiError;
 use super::json::StrictJson;
 use super::{AppState, RequestTrace};
-use crate::db::{CreateOutcome, Transition, TransitionOutcome};
 use crate::domain::{
     limits, parse_reason, CancelOrderRequest, CreateOrderRequest, NewOrder, OrderStatus,
 };
+use crate::domain::{CreateOutcome, Transition, TransitionOutcome};
 
 /// The request's trace context, set by the API's request middleware (a new
 /// trace if the handler runs without it).

@@ -54,7 +54,9 @@ async fn outbox_commands_show_retry_discard_and_audit_parked_events() {
     };
     let db = postgres.database().await;
     let pool = db.pool().await;
-    orders::db::migrate(&pool).await.expect("migrate");
+    orders::store::postgres::migrate(&pool)
+        .await
+        .expect("migrate");
     let (first, second) = (parked_event(&pool).await, parked_event(&pool).await);
 
     let status = orders(&db, &kafka, &["outbox", "status"]);

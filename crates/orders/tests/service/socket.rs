@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use orders::api::{router, AppState, REQUEST_TIMEOUT};
-use orders::db::Topics;
+use orders::domain::Topics;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -15,7 +15,9 @@ use crate::support::*;
 /// The API served on a free port, its database reached through `proxy`.
 async fn serve(db: &herald_test::TestDatabase, proxy: &herald_test::FaultProxy) -> String {
     let direct = db.pool().await;
-    orders::db::migrate(&direct).await.expect("migrate");
+    orders::store::postgres::migrate(&direct)
+        .await
+        .expect("migrate");
     direct.close().await;
     let pool = sqlx::postgres::PgPoolOptions::new()
         .acquire_timeout(Duration::from_secs(2))

@@ -7,7 +7,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use orders::api::{router, AppState};
 use orders::app::{Application, Components, Config};
-use orders::db::Topics;
+use orders::domain::Topics;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -30,7 +30,9 @@ pub async fn api_with(auth: orders::api::auth::Auth) -> Option<Api> {
     let postgres = herald_test::postgres()?;
     let db = postgres.database().await;
     let pool = db.pool().await;
-    orders::db::migrate(&pool).await.expect("migrate");
+    orders::store::postgres::migrate(&pool)
+        .await
+        .expect("migrate");
     let state = AppState {
         store: orders::store::Store::Postgres(pool.clone()),
         topics: Topics {

@@ -1,18 +1,20 @@
 //! The service's PostgreSQL queries: the write model (orders and their
 //! outbox events in one transaction), idempotency keys, the read model and
-//! the notification log.
+//! the notification log; [`OrderStore`] for a [`PgPool`].
 
-use chrono::{DateTime, Utc};
-use herald::{HandlerError, TraceContext};
-use herald_postgres::{outbox, OutboxRecord, StoreError};
+use chrono::Utc;
+use herald::{HandlerError, OutboxStatus, TraceContext};
+use herald_postgres::{outbox, Inbox, OutboxRecord, StoreError};
 use rust_decimal::Decimal;
-use serde::Serialize;
 use sqlx::migrate::Migrator;
 use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
+use super::{query, DbError, Effect, OrderStore};
 use crate::domain::{
-    NewOrder, OrderCancelled, OrderCreated, OrderEvent, OrderItem, OrderShipped, OrderStatus,
+    fingerprint, new_order, notification_text, projection_step, transition_event, CreateOutcome,
+    NewOrder, OrderEvent, OrderItem, OrderStatus, OrderView, Topics, Transition, TransitionOutcome,
+    ViewChange, SOURCE,
 };
 
 /// The service's own migrations (herald's run beside them).
@@ -27,108 +29,6 @@ pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
     herald_postgres::migrate(pool).await?;
     MIGRATOR.run(pool).await?;
     Ok(())
-}
-
-/// The CloudEvents source of this service's events.
-pub const SOURCE: &str = "/orders";
-
-/// Where the service's events go.
-#[derive(Debug, Clone)]
-pub struct Topics {
-    /// The order events topic (`order-events`).
-    pub events: String,
-}
-
-/// An order as the API shows it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct OrderView {
-    /// Order id.
-    pub id: Uuid,
-    /// Customer id.
-    pub customer_id: Uuid,
-    /// ISO 4217 code.
-    pub currency: String,
-    /// Lines.
-    pub items: Vec<OrderItem>,
-    /// Sum of the lines.
-    pub total: Decimal,
-    /// Status.
-    pub status: OrderStatus,
-    /// Version: 1 when created, +1 per transition.
-    pub version: u32,
-    /// Why it was cancelled, if it was.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cancel_reason: Option<String>,
-    /// The last event applied (read model only).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub last_event_id: Option<Uuid>,
-    /// Its type (read model only).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub last_event_type: Option<String>,
-    /// When the order was placed.
-    pub created_at: DateTime<Utc>,
-    /// When it last changed.
-    pub updated_at: DateTime<Utc>,
-    /// When the read model applied the last event (read model only).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub projected_at: Option<DateTime<Utc>>,
-}
-
-/// Result of `POST /orders`.
-#[derive(Debug)]
-pub enum CreateOutcome {
-    /// A new order.
-    Created(Box<OrderView>),
-    /// The same Idempotency-Key and request as before: the first answer.
-    Replayed {
-        /// HTTP status of the first answer.
-        status: u16,
-        /// Its body.
-        body: serde_json::Value,
-    },
-    /// The Idempotency-Key was used for another request.
-    KeyReused,
-}
-
-/// Result of a state transition.
-#[derive(Debug)]
-pub enum TransitionOutcome {
-    /// Done; the order after it.
-    Done(Box<OrderView>),
-    /// No such order.
-    NotFound,
-    /// The state machine forbids it from the current status.
-    Forbidden(OrderStatus),
-}
-
-/// Errors of the service's store.
-#[derive(Debug, thiserror::Error)]
-pub enum DbError {
-    /// A query failed.
-    #[error("{operation}: {source}")]
-    Query {
-        /// What the service was doing.
-        operation: &'static str,
-        /// The driver's error.
-        #[source]
-        source: sqlx::Error,
-    },
-    /// The outbox failed.
-    #[error(transparent)]
-    Outbox(#[from] StoreError),
-    /// An event could not be encoded.
-    #[error(transparent)]
-    Encode(#[from] herald::EncodeError),
-    /// The embedded store failed.
-    #[error("store: {0}")]
-    Store(String),
-    /// A stored value is not what the schema promises.
-    #[error("corrupt row: {0}")]
-    Corrupt(String),
-}
-
-fn query(operation: &'static str) -> impl FnOnce(sqlx::Error) -> DbError {
-    move |source| DbError::Query { operation, source }
 }
 
 fn view_from_row(row: &sqlx::postgres::PgRow, read_model: bool) -> Result<OrderView, DbError> {
@@ -159,10 +59,8 @@ fn view_from_row(row: &sqlx::postgres::PgRow, read_model: bool) -> Result<OrderV
     })
 }
 
-/// Places an order: the order row and its `OrderCreated` event commit
-/// together. With an idempotency key, a repeat of the same request returns
-/// the first answer and creates nothing.
-pub async fn create_order(
+/// See [`OrderStore::create_order`].
+async fn create_order(
     pool: &PgPool,
     topics: &Topics,
     order: &NewOrder,
@@ -236,84 +134,8 @@ pub async fn create_order(
     Ok(CreateOutcome::Created(Box::new(view)))
 }
 
-/// The target of a transition.
-#[derive(Debug, Clone)]
-pub enum Transition {
-    /// Ship the order.
-    Ship,
-    /// Cancel it, with a reason.
-    Cancel(String),
-}
-
-/// The event of a transition to `version`.
-pub(crate) fn transition_event(
-    order_id: Uuid,
-    to: &Transition,
-    version: u32,
-    now: DateTime<Utc>,
-) -> OrderEvent {
-    match to {
-        Transition::Ship => OrderEvent::OrderShipped(OrderShipped {
-            event_id: Uuid::new_v4(),
-            order_id,
-            version,
-            timestamp: now,
-        }),
-        Transition::Cancel(reason) => OrderEvent::OrderCancelled(OrderCancelled {
-            event_id: Uuid::new_v4(),
-            order_id,
-            reason: reason.clone(),
-            version,
-            timestamp: now,
-        }),
-    }
-}
-
-/// The request part an idempotency key is bound to.
-pub(crate) fn fingerprint(order: &NewOrder) -> serde_json::Value {
-    serde_json::json!({
-        "customer_id": order.customer_id,
-        "currency": order.currency,
-        "items": order.items,
-    })
-}
-
-/// The answer to a new order, and its `OrderCreated` event.
-pub(crate) fn new_order(order: &NewOrder, now: DateTime<Utc>) -> (OrderView, OrderEvent) {
-    let order_id = Uuid::now_v7();
-    let event = OrderEvent::OrderCreated(OrderCreated {
-        event_id: Uuid::new_v4(),
-        order_id,
-        customer_id: order.customer_id,
-        items: order.items.clone(),
-        total: order.total,
-        currency: order.currency.clone(),
-        version: 1,
-        timestamp: now,
-    });
-    let view = OrderView {
-        id: order_id,
-        customer_id: order.customer_id,
-        currency: order.currency.clone(),
-        items: order.items.clone(),
-        total: order.total,
-        status: OrderStatus::Created,
-        version: 1,
-        cancel_reason: None,
-        last_event_id: None,
-        last_event_type: None,
-        created_at: now,
-        updated_at: now,
-        projected_at: None,
-    };
-    (view, event)
-}
-
-/// Moves an order along the state machine; the change and its event commit
-/// together. With `owner`, an order of another customer is
-/// [`TransitionOutcome::NotFound`] (the API's authorization: it does not
-/// tell others' orders from missing ones).
-pub async fn transition(
+/// See [`OrderStore::transition`].
+async fn transition(
     pool: &PgPool,
     topics: &Topics,
     order_id: Uuid,
@@ -377,8 +199,8 @@ const VIEW_COLUMNS: &str =
     "order_id, customer_id, currency, total, items, status, version, cancel_reason,
      last_event_id, last_event_type, created_at, updated_at, projected_at";
 
-/// One order from the read model.
-pub async fn get_view(pool: &PgPool, order_id: Uuid) -> Result<Option<OrderView>, DbError> {
+/// See [`OrderStore::get_view`].
+async fn get_view(pool: &PgPool, order_id: Uuid) -> Result<Option<OrderView>, DbError> {
     let row = sqlx::query(&format!(
         "SELECT {VIEW_COLUMNS} FROM order_views WHERE order_id = $1"
     ))
@@ -389,8 +211,8 @@ pub async fn get_view(pool: &PgPool, order_id: Uuid) -> Result<Option<OrderView>
     row.map(|r| view_from_row(&r, true)).transpose()
 }
 
-/// A customer's orders from the read model, oldest first, at most `limit`.
-pub async fn list_views(
+/// See [`OrderStore::list_views`].
+async fn list_views(
     pool: &PgPool,
     customer_id: Uuid,
     limit: i64,
@@ -407,67 +229,9 @@ pub async fn list_views(
     rows.iter().map(|r| view_from_row(r, true)).collect()
 }
 
-/// A transition of an order's read-model row.
-pub(crate) struct ViewChange<'a> {
-    /// The new status.
-    pub next: OrderStatus,
-    /// The cancellation reason, if any.
-    pub reason: Option<&'a str>,
-    /// When the event happened.
-    pub at: DateTime<Utc>,
-}
-
-/// What a shipped/cancelled event does to a read-model row in `current`
-/// (status, version): `None` when the row already reflects it.
-///
-/// Events of one order arrive in order (one key, one partition, sequential
-/// handling), but a replay or a hand-made record can break that: an event
-/// whose predecessor is missing is a transient failure (retried a bounded
-/// number of times, then dead-lettered); an impossible transition is
-/// permanent.
-pub(crate) fn projection_step(
-    current: Option<(String, u32)>,
-    event: &OrderEvent,
-) -> Result<Option<ViewChange<'_>>, HandlerError> {
-    let event_type = herald::Event::event_type(event);
-    let Some((status, version)) = current else {
-        return Err(HandlerError::transient(format!(
-            "{event_type} for order {} before its OrderCreated",
-            event.order_id()
-        )));
-    };
-    if version >= event.version() {
-        return Ok(None);
-    }
-    if version + 1 != event.version() {
-        return Err(HandlerError::transient(format!(
-            "{event_type} v{} for order {} arrived before v{}",
-            event.version(),
-            event.order_id(),
-            version + 1
-        )));
-    }
-    let (next, reason, at) = match event {
-        OrderEvent::OrderShipped(e) => (OrderStatus::Shipped, None, e.timestamp),
-        OrderEvent::OrderCancelled(e) => {
-            (OrderStatus::Cancelled, Some(e.reason.as_str()), e.timestamp)
-        }
-        OrderEvent::OrderCreated(_) => return Ok(None),
-    };
-    let from = OrderStatus::parse(&status).unwrap_or(OrderStatus::Created);
-    if !from.can_become(next) {
-        return Err(HandlerError::permanent(format!(
-            "{event_type} for order {} in status {}",
-            event.order_id(),
-            from.as_str()
-        )));
-    }
-    Ok(Some(ViewChange { next, reason, at }))
-}
-
 /// Applies one event to the read model, inside the inbox transaction (see
 /// [`projection_step`] for out-of-order events).
-pub async fn project(conn: &mut PgConnection, event: &OrderEvent) -> Result<(), HandlerError> {
+async fn project(conn: &mut PgConnection, event: &OrderEvent) -> Result<(), HandlerError> {
     let classify = herald_postgres::classify;
     let (event_id, event_type) = (
         herald::Event::event_id(event),
@@ -522,30 +286,8 @@ pub async fn project(conn: &mut PgConnection, event: &OrderEvent) -> Result<(), 
     Ok(())
 }
 
-/// The notification of one event: its kind and text (a stand-in for the
-/// e-mail a real service would send).
-pub(crate) fn notification_text(event: &OrderEvent) -> (&'static str, String) {
-    match event {
-        OrderEvent::OrderCreated(e) => (
-            "order_created",
-            format!(
-                "Thank you! Order {} for {} {} is placed.",
-                e.order_id, e.total, e.currency
-            ),
-        ),
-        OrderEvent::OrderShipped(e) => (
-            "order_shipped",
-            format!("Order {} is on its way.", e.order_id),
-        ),
-        OrderEvent::OrderCancelled(e) => (
-            "order_cancelled",
-            format!("Order {} was cancelled: {}", e.order_id, e.reason),
-        ),
-    }
-}
-
 /// Writes the notification of one event, inside the inbox transaction.
-pub async fn notify(conn: &mut PgConnection, event: &OrderEvent) -> Result<(), HandlerError> {
+async fn notify(conn: &mut PgConnection, event: &OrderEvent) -> Result<(), HandlerError> {
     let (kind, message) = notification_text(event);
     sqlx::query(
         "INSERT INTO notifications (event_id, order_id, kind, message) VALUES ($1, $2, $3, $4)
@@ -561,33 +303,77 @@ pub async fn notify(conn: &mut PgConnection, event: &OrderEvent) -> Result<(), H
     Ok(())
 }
 
-/// A notification row.
-#[derive(Debug, Clone, Serialize)]
-pub struct Notification {
-    /// The event it is about.
-    pub event_id: Uuid,
-    /// The order.
-    pub order_id: Uuid,
-    /// `order_created`, `order_shipped` or `order_cancelled`.
-    pub kind: String,
-    /// The text.
-    pub message: String,
-}
+impl OrderStore for PgPool {
+    type Inbox = Inbox;
 
-/// The notifications of an order, oldest first.
-pub async fn notifications(pool: &PgPool, order_id: Uuid) -> Result<Vec<Notification>, DbError> {
-    let rows = sqlx::query("SELECT event_id, order_id, kind, message FROM notifications WHERE order_id = $1 ORDER BY id")
-        .bind(order_id)
-        .fetch_all(pool)
-        .await
-        .map_err(query("reading notifications"))?;
-    Ok(rows
-        .iter()
-        .map(|r| Notification {
-            event_id: r.get("event_id"),
-            order_id: r.get("order_id"),
-            kind: r.get("kind"),
-            message: r.get("message"),
-        })
-        .collect())
+    async fn create_order(
+        &self,
+        topics: &Topics,
+        order: &NewOrder,
+        idempotency_key: Option<&str>,
+        trace: Option<TraceContext>,
+    ) -> Result<CreateOutcome, DbError> {
+        create_order(self, topics, order, idempotency_key, trace).await
+    }
+
+    async fn transition(
+        &self,
+        topics: &Topics,
+        order_id: Uuid,
+        owner: Option<Uuid>,
+        to: Transition,
+        trace: Option<TraceContext>,
+    ) -> Result<TransitionOutcome, DbError> {
+        transition(self, topics, order_id, owner, to, trace).await
+    }
+
+    async fn get_view(&self, order_id: Uuid) -> Result<Option<OrderView>, DbError> {
+        get_view(self, order_id).await
+    }
+
+    async fn list_views(&self, customer_id: Uuid, limit: i64) -> Result<Vec<OrderView>, DbError> {
+        list_views(self, customer_id, limit).await
+    }
+
+    fn inbox(&self, group: String) -> Inbox {
+        // One transaction per event: herald-bench inbox measured the
+        // batched inbox slower here (its savepoint round trips run in
+        // sequence on one connection), see crates/herald-bench/README.md.
+        Inbox::new(self.clone(), group)
+    }
+
+    async fn apply_once(
+        inbox: &Inbox,
+        effect: Effect,
+        event: OrderEvent,
+        event_id: Uuid,
+    ) -> Result<(), HandlerError> {
+        inbox
+            .apply(event_id, move |conn| {
+                Box::pin(async move {
+                    match effect {
+                        Effect::Projection => project(conn, &event).await,
+                        Effect::Notifications => notify(conn, &event).await,
+                    }
+                })
+            })
+            .await
+            .map(|_| ())
+    }
+
+    async fn ping(&self) -> bool {
+        sqlx::query("SELECT 1").execute(self).await.is_ok()
+    }
+
+    async fn close(&self) {
+        PgPool::close(self).await;
+    }
+
+    async fn inbox_rows(&self) -> Option<Vec<(String, i64)>> {
+        herald_postgres::inbox::rows_per_group(self).await.ok()
+    }
+
+    async fn backlog(&self) -> Option<OutboxStatus> {
+        herald_postgres::outbox::status(self).await.ok()
+    }
 }

@@ -1,24 +1,26 @@
 //! The service's queries on SQLite, for the embedded development mode: the
-//! same model and rules as [`crate::db`] (whose pure helpers it shares), in
-//! SQLite's dialect. Writers start with `BEGIN IMMEDIATE`, which serializes
-//! them the way `SELECT … FOR UPDATE` does on PostgreSQL.
+//! same model and rules as [`super::postgres`] (both take them from
+//! [`crate::domain`]), in SQLite's dialect; [`OrderStore`] for a
+//! [`SqliteDatabase`]. Writers start with `BEGIN IMMEDIATE`, which
+//! serializes them the way `SELECT … FOR UPDATE` does on PostgreSQL.
 
 use std::str::FromStr;
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use herald::{HandlerError, TraceContext};
-use herald_sqlite::{outbox, OutboxRecord};
+use herald::{HandlerError, OutboxStatus, TraceContext};
+use herald_sqlite::{outbox, OutboxRecord, SqliteDatabase, SqliteInbox};
 use rust_decimal::Decimal;
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection, SqlitePool};
 use uuid::Uuid;
 
-use crate::db::{
-    fingerprint, new_order, notification_text, projection_step, transition_event, CreateOutcome,
-    DbError, OrderView, Topics, Transition, TransitionOutcome, ViewChange, SOURCE,
+use super::{query, DbError, Effect, OrderStore};
+use crate::domain::{
+    currency_minor_digits, fingerprint, new_order, notification_text, projection_step,
+    transition_event, CreateOutcome, NewOrder, OrderEvent, OrderItem, OrderStatus, OrderView,
+    Topics, Transition, TransitionOutcome, ViewChange, SOURCE,
 };
-use crate::domain::{currency_minor_digits, NewOrder, OrderEvent, OrderItem, OrderStatus};
 
 /// The service's own SQLite migrations (herald's run beside them).
 pub static MIGRATOR: Migrator = {
@@ -26,10 +28,6 @@ pub static MIGRATOR: Migrator = {
     migrator.ignore_missing = true;
     migrator
 };
-
-fn query(operation: &'static str) -> impl FnOnce(sqlx::Error) -> DbError {
-    move |source| DbError::Query { operation, source }
-}
 
 fn text_time(t: &DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Micros, true)
@@ -92,8 +90,8 @@ pub async fn migrate(pool: &SqlitePool) -> Result<(), herald_sqlite::StoreError>
     Ok(())
 }
 
-/// See [`crate::db::create_order`].
-pub async fn create_order(
+/// See [`OrderStore::create_order`].
+async fn create_order(
     pool: &SqlitePool,
     topics: &Topics,
     order: &NewOrder,
@@ -169,8 +167,8 @@ pub async fn create_order(
     Ok(CreateOutcome::Created(Box::new(view)))
 }
 
-/// See [`crate::db::transition`].
-pub async fn transition(
+/// See [`OrderStore::transition`].
+async fn transition(
     pool: &SqlitePool,
     topics: &Topics,
     order_id: Uuid,
@@ -232,8 +230,8 @@ const VIEW_COLUMNS: &str =
     "order_id, customer_id, currency, total, items, status, version, cancel_reason,
      last_event_id, last_event_type, created_at, updated_at, projected_at";
 
-/// See [`crate::db::get_view`].
-pub async fn get_view(pool: &SqlitePool, order_id: Uuid) -> Result<Option<OrderView>, DbError> {
+/// See [`OrderStore::get_view`].
+async fn get_view(pool: &SqlitePool, order_id: Uuid) -> Result<Option<OrderView>, DbError> {
     let row = sqlx::query(&format!(
         "SELECT {VIEW_COLUMNS} FROM order_views WHERE order_id = ?1"
     ))
@@ -244,8 +242,8 @@ pub async fn get_view(pool: &SqlitePool, order_id: Uuid) -> Result<Option<OrderV
     row.map(|r| view_from_row(&r, true)).transpose()
 }
 
-/// See [`crate::db::list_views`].
-pub async fn list_views(
+/// See [`OrderStore::list_views`].
+async fn list_views(
     pool: &SqlitePool,
     customer_id: Uuid,
     limit: i64,
@@ -261,8 +259,8 @@ pub async fn list_views(
     rows.iter().map(|r| view_from_row(r, true)).collect()
 }
 
-/// See [`crate::db::project`].
-pub async fn project(conn: &mut SqliteConnection, event: &OrderEvent) -> Result<(), HandlerError> {
+/// As [`super::postgres`]'s `project`, in SQLite's dialect.
+async fn project(conn: &mut SqliteConnection, event: &OrderEvent) -> Result<(), HandlerError> {
     let classify = herald_sqlite::classify;
     let event_id = herald::Event::event_id(event).to_string();
     let event_type = herald::Event::event_type(event);
@@ -319,8 +317,8 @@ pub async fn project(conn: &mut SqliteConnection, event: &OrderEvent) -> Result<
     Ok(())
 }
 
-/// See [`crate::db::notify`].
-pub async fn notify(conn: &mut SqliteConnection, event: &OrderEvent) -> Result<(), HandlerError> {
+/// As [`super::postgres`]'s `notify`, in SQLite's dialect.
+async fn notify(conn: &mut SqliteConnection, event: &OrderEvent) -> Result<(), HandlerError> {
     let (kind, message) = notification_text(event);
     sqlx::query(
         "INSERT INTO notifications (event_id, order_id, kind, message) VALUES (?1, ?2, ?3, ?4)
@@ -334,4 +332,76 @@ pub async fn notify(conn: &mut SqliteConnection, event: &OrderEvent) -> Result<(
     .await
     .map_err(herald_sqlite::classify)?;
     Ok(())
+}
+
+impl OrderStore for SqliteDatabase {
+    type Inbox = SqliteInbox;
+
+    async fn create_order(
+        &self,
+        topics: &Topics,
+        order: &NewOrder,
+        idempotency_key: Option<&str>,
+        trace: Option<TraceContext>,
+    ) -> Result<CreateOutcome, DbError> {
+        create_order(self.pool(), topics, order, idempotency_key, trace).await
+    }
+
+    async fn transition(
+        &self,
+        topics: &Topics,
+        order_id: Uuid,
+        owner: Option<Uuid>,
+        to: Transition,
+        trace: Option<TraceContext>,
+    ) -> Result<TransitionOutcome, DbError> {
+        transition(self.pool(), topics, order_id, owner, to, trace).await
+    }
+
+    async fn get_view(&self, order_id: Uuid) -> Result<Option<OrderView>, DbError> {
+        get_view(self.pool(), order_id).await
+    }
+
+    async fn list_views(&self, customer_id: Uuid, limit: i64) -> Result<Vec<OrderView>, DbError> {
+        list_views(self.pool(), customer_id, limit).await
+    }
+
+    fn inbox(&self, group: String) -> SqliteInbox {
+        SqliteDatabase::inbox(self, group)
+    }
+
+    async fn apply_once(
+        inbox: &SqliteInbox,
+        effect: Effect,
+        event: OrderEvent,
+        event_id: Uuid,
+    ) -> Result<(), HandlerError> {
+        inbox
+            .apply(event_id, move |conn| {
+                Box::pin(async move {
+                    match effect {
+                        Effect::Projection => project(conn, &event).await,
+                        Effect::Notifications => notify(conn, &event).await,
+                    }
+                })
+            })
+            .await
+            .map(|_| ())
+    }
+
+    async fn ping(&self) -> bool {
+        sqlx::query("SELECT 1").execute(self.pool()).await.is_ok()
+    }
+
+    async fn close(&self) {
+        SqliteDatabase::close(self).await;
+    }
+
+    async fn inbox_rows(&self) -> Option<Vec<(String, i64)>> {
+        herald_sqlite::inbox::rows_per_group(self.pool()).await.ok()
+    }
+
+    async fn backlog(&self) -> Option<OutboxStatus> {
+        herald_sqlite::outbox::status(self.pool()).await.ok()
+    }
 }

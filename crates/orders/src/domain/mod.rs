@@ -1,12 +1,37 @@
-//! The order domain: events, the state machine, and validated inputs.
+//! The order domain: events, the state machine, validated inputs, and the
+//! model and rules both stores share. Nothing here knows SQL or Kafka.
 //!
 //! Inputs are parsed into domain types once, at the edge ([`NewOrder::parse`]),
 //! so everything past the API works with values that are already valid.
+//!
+//! # Layout
+//! - this file: the events ([`OrderEvent`]), the state machine
+//!   ([`OrderStatus`]), the requests and their validation ([`NewOrder`]).
+//! - [`view`]: the order as the API shows it ([`OrderView`]), the commands'
+//!   outcomes, and the events a new order or a transition makes.
+//! - `rules`: what an event does to the read model, and its notification.
+
+mod rules;
+pub mod view;
+
+pub(crate) use rules::{notification_text, projection_step, ViewChange};
+pub(crate) use view::{fingerprint, new_order, transition_event};
+pub use view::{CreateOutcome, OrderView, Transition, TransitionOutcome};
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
+
+/// The CloudEvents source of this service's events.
+pub const SOURCE: &str = "/orders";
+
+/// Where the service's events go.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    /// The order events topic (`order-events`).
+    pub events: String,
+}
 
 /// One line of an order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
