@@ -15,7 +15,9 @@
 //!   table (a compacted topic) and the redrive headers.
 //! - [`processor`]: exactly-once consume → transform → produce in Kafka
 //!   transactions ([`Processor`], [`Transform`], changelog state,
-//!   `processor/dedup.rs` the duplicate-input filter).
+//!   `processor/dedup.rs` the duplicate-input filter; the engine in
+//!   `processor/runtime/`, a file per concern: inputs, failures,
+//!   transactions, rebalances).
 //! - [`relay`]: the outbox relays: [`TransactionalRelay`] (exactly once, over
 //!   a [`herald::SlotStore`]; `relay/checkpoint.rs` its checkpoint topic) and
 //!   [`Relay`] (at least once, over any [`herald::OutboxStore`]).

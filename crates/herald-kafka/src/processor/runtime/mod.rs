@@ -1,0 +1,407 @@
+//! The processor thread: owns the `read_committed` consumer and the
+//! transactional producer, runs the transform per input, and begins, commits
+//! or aborts the transactions (see the module documentation of
+//! [`processor`](super) for the rules). At least once, the same loop runs
+//! batches instead of transactions: "commit" awaits the deliveries, then
+//! commits the offsets through the consumer; "abort" rewinds.
+//!
+//! # Layout
+//! - this file: the `Engine` the poll loop and the rebalance callbacks
+//!   share, the thread that runs it (`run`) and the poll loop.
+//! - `input`: one input, from decoding to being part of the open batch.
+//! - `failures`: failed transform calls, retries and dead letters.
+//! - `transactions`: the producer, and beginning, committing and aborting
+//!   a transaction (or, at least once, a batch).
+//! - `rebalance`: partitions revoked and assigned, rewinds and pauses.
+
+mod failures;
+mod input;
+mod rebalance;
+mod transactions;
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::marker::PhantomData;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use herald::{Event, RetryPolicy};
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{Producer as _, ThreadedProducer};
+use tokio_util::sync::CancellationToken;
+
+use super::changelog::read_to_end;
+use super::{Guarantee, ProcessorConfig, ProcessorError, ProcessorStats, Transform};
+use crate::error::is_fenced_code;
+use crate::error::ClientError;
+
+use self::failures::Attempts;
+use self::rebalance::ProcessorContext;
+use self::transactions::{init_transactions, Txn, TxnProducerContext};
+
+/// A topic-partition.
+type Tp = (Arc<str>, i32);
+/// One input: topic, partition, offset.
+type InputRef = (Arc<str>, i32, i64);
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic never leaves this state half-updated in a way that matters more
+    // than stopping the processor would.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Everything the poll loop and the rebalance callback both touch. They run
+/// on the same thread; the mutex only makes the context `Sync`.
+struct Engine<E, T> {
+    transform: T,
+    /// Threaded: its own thread serves delivery reports, which librdkafka
+    /// needs while `abort_transaction` / `commit_transaction` wait.
+    producer: ThreadedProducer<TxnProducerContext>,
+    tokio: tokio::runtime::Handle,
+    stats: Arc<ProcessorStats>,
+    stopping: CancellationToken,
+    guarantee: Guarantee,
+    group_id: Arc<str>,
+    source: Arc<str>,
+    transactional_id: String,
+    topics_label: String,
+    retry: RetryPolicy,
+    dead_letter_unknown: bool,
+    dlq_suffix: String,
+    batch_size: usize,
+    batch_time: Duration,
+    operation_timeout: Duration,
+    shutdown_timeout: Duration,
+    topics: Vec<Arc<str>>,
+    txn: Option<Txn>,
+    failures: HashMap<InputRef, Attempts>,
+    /// Partitions to seek back to these offsets before the next poll.
+    rewind: HashMap<Tp, i64>,
+    /// Inputs whose failure aborted a transaction with earlier inputs: when
+    /// they come again, the earlier inputs are committed first, so one
+    /// failing input makes its neighbours redo their work once, not on
+    /// every retry.
+    commit_before: HashSet<InputRef>,
+    paused: HashSet<Tp>,
+    resume_at: Option<Instant>,
+    /// Consecutive failed transactions (Kafka errors), for the backoff.
+    kafka_failures: u32,
+    fatal: Option<ProcessorError>,
+    /// The consumer is closing: rebalance callbacks touch no transaction.
+    closing: bool,
+    _family: PhantomData<fn() -> E>,
+}
+
+impl<E: Event, T: Transform<E>> Engine<E, T> {
+    /// Whether batches are Kafka transactions (exactly once).
+    fn transactional(&self) -> bool {
+        self.guarantee == Guarantee::ExactlyOnce
+    }
+
+    fn topic(&mut self, name: &str) -> Arc<str> {
+        if let Some(t) = self.topics.iter().find(|t| &***t == name) {
+            return Arc::clone(t);
+        }
+        let t: Arc<str> = Arc::from(name);
+        self.topics.push(Arc::clone(&t));
+        t
+    }
+
+    /// Records a fatal error if `error` (or the producer's state) is fatal.
+    fn check_fatal(&mut self, operation: &'static str, error: &KafkaError) -> bool {
+        if self.fatal.is_some() {
+            return true;
+        }
+        let txn_fatal = matches!(error, KafkaError::Transaction(e) if e.is_fatal());
+        let code = error.rdkafka_error_code();
+        let client_fatal = self.producer.client().fatal_error();
+        if !txn_fatal && client_fatal.is_none() && !code.is_some_and(is_fenced_code) {
+            return false;
+        }
+        let (code, reason) =
+            client_fatal.unwrap_or((code.unwrap_or(RDKafkaErrorCode::Fatal), error.to_string()));
+        let fenced = is_fenced_code(code) || error.rdkafka_error_code().is_some_and(is_fenced_code);
+        if fenced {
+            tracing::error!(
+                transactional_id = %self.transactional_id, ?code, %reason, operation,
+                "processor fenced: another instance with the same transactional.id has started; this instance stops without committing"
+            );
+            self.fatal = Some(ProcessorError::Fenced {
+                transactional_id: self.transactional_id.clone(),
+                code,
+                reason,
+            });
+        } else {
+            tracing::error!(
+                transactional_id = %self.transactional_id, ?code, %reason, operation,
+                "fatal Kafka error: the processor stops"
+            );
+            self.fatal = Some(ProcessorError::Fatal {
+                transactional_id: self.transactional_id.clone(),
+                operation,
+                code,
+                reason,
+            });
+        }
+        true
+    }
+
+    fn txn_due(&self) -> bool {
+        self.txn
+            .as_ref()
+            .is_some_and(|t| t.inputs >= self.batch_size || t.started.elapsed() >= self.batch_time)
+    }
+
+    fn poll_timeout(&self) -> Duration {
+        let mut timeout = Duration::from_millis(100);
+        if let Some(txn) = &self.txn {
+            timeout = timeout.min(self.batch_time.saturating_sub(txn.started.elapsed()));
+        }
+        if let Some(at) = self.resume_at {
+            timeout = timeout.min(at.saturating_duration_since(Instant::now()));
+        }
+        timeout
+    }
+}
+
+/// How one run of the engine ended, with the transform when it came back
+/// (it does not after a panic on the processor thread).
+pub(crate) type Ended<T> = (Result<(), ProcessorError>, Option<T>);
+
+pub(crate) async fn run<E: Event, T: Transform<E>>(
+    config: ProcessorConfig,
+    transform: T,
+    stats: Arc<ProcessorStats>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Ended<T> {
+    let stopping = CancellationToken::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (finished_tx, finished_rx) = tokio::sync::oneshot::channel();
+    let tokio = tokio::runtime::Handle::current();
+    let transactional_id = config.transactional_id();
+    let thread_stop = Arc::clone(&stop);
+    let thread_stopping = stopping.clone();
+    let spawned = std::thread::Builder::new()
+        .name(format!("herald-processor-{transactional_id}"))
+        .spawn(move || {
+            let ended = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                run_engine(
+                    config,
+                    transform,
+                    stats,
+                    tokio,
+                    thread_stopping,
+                    &thread_stop,
+                )
+            }))
+            .unwrap_or_else(|panic| {
+                let what = herald::panic_text(&*panic);
+                // The transform went down with the thread: what it held may
+                // be half-changed, so it is not reused.
+                (
+                    Err(ProcessorError::Thread(format!("panicked: {what}"))),
+                    None,
+                )
+            });
+            let _ = finished_tx.send(ended);
+        });
+    if let Err(e) = spawned {
+        let error = ProcessorError::Thread(format!("cannot start the processor thread: {e}"));
+        return (Err(error), None);
+    }
+
+    let thread_gone = || {
+        let error = ProcessorError::Thread("the processor thread vanished".to_owned());
+        (Err(error), None)
+    };
+    let mut finished_rx = finished_rx;
+    tokio::pin!(shutdown);
+    tokio::select! {
+        ended = &mut finished_rx => return ended.unwrap_or_else(|_| thread_gone()),
+        () = &mut shutdown => {}
+    }
+    tracing::info!(%transactional_id, "processor stopping");
+    stop.store(true, Ordering::SeqCst);
+    stopping.cancel();
+    let ended = finished_rx.await.unwrap_or_else(|_| thread_gone());
+    tracing::info!(%transactional_id, ok = ended.0.is_ok(), "processor stopped");
+    ended
+}
+
+/// Early returns of [`run_engine`] before the engine owns the transform.
+macro_rules! or_return {
+    ($result:expr, $transform:expr) => {
+        match $result {
+            Ok(value) => value,
+            Err(error) => return (Err(error.into()), Some($transform)),
+        }
+    };
+}
+
+/// Runs the engine on this thread until it stops; hands the transform back
+/// with the result, so that the caller can run it again.
+fn run_engine<E: Event, T: Transform<E>>(
+    config: ProcessorConfig,
+    mut transform: T,
+    stats: Arc<ProcessorStats>,
+    tokio: tokio::runtime::Handle,
+    stopping: CancellationToken,
+    stop: &AtomicBool,
+) -> Ended<T> {
+    let transactional_id = config.transactional_id();
+    let producer: ThreadedProducer<TxnProducerContext> = or_return!(
+        config
+            .producer_client_config()
+            .create_with_context(TxnProducerContext {
+                refused: Mutex::new(Vec::new()),
+                undelivered: Mutex::new(None),
+            })
+            .map_err(ClientError::Config),
+        transform
+    );
+    if config.guarantee == Guarantee::AtLeastOnce {
+        tracing::warn!(
+            instance = %transactional_id,
+            "processor runs at least once (no Kafka transactions): after a crash or a failed commit, outputs may be duplicated"
+        );
+    } else {
+        or_return!(
+            init_transactions(&producer, &config, &transactional_id),
+            transform
+        );
+    }
+
+    // State is restored after the fencing (exactly once), so no zombie can
+    // commit a change the restore would miss, and before the first input.
+    for topic in &config.changelogs {
+        let read = read_to_end(
+            &config.restore_client_config(),
+            topic,
+            config.restore_timeout,
+            |record| transform.restore(record),
+        );
+        let read = or_return!(read, transform);
+        tracing::info!(changelog = %topic, records = read, "state restored");
+    }
+
+    let engine = Arc::new(Mutex::new(Engine {
+        transform,
+        producer,
+        tokio,
+        stats,
+        stopping,
+        guarantee: config.guarantee,
+        group_id: Arc::from(config.group_id.as_str()),
+        source: Arc::from(config.source.as_str()),
+        transactional_id: transactional_id.clone(),
+        topics_label: config.topics.join(","),
+        retry: config.retry.clone(),
+        dead_letter_unknown: config.dead_letter_unknown,
+        dlq_suffix: config.dlq_suffix.clone(),
+        batch_size: config.batch_size,
+        batch_time: config.batch_time,
+        operation_timeout: config.operation_timeout,
+        shutdown_timeout: config.shutdown_timeout,
+        topics: Vec::new(),
+        txn: None,
+        failures: HashMap::new(),
+        rewind: HashMap::new(),
+        commit_before: HashSet::new(),
+        paused: HashSet::new(),
+        resume_at: None,
+        kafka_failures: 0,
+        fatal: None,
+        closing: false,
+        _family: PhantomData,
+    }));
+    let result = (|| {
+        let consumer: BaseConsumer<ProcessorContext<E, T>> = config
+            .consumer_client_config()
+            .create_with_context(ProcessorContext {
+                engine: Arc::clone(&engine),
+            })
+            .map_err(ClientError::Config)?;
+        let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&topics)
+            .map_err(|source| ClientError::Kafka {
+                operation: "subscribing",
+                source,
+            })?;
+        tracing::info!(%transactional_id, group = %config.group_id, topics = ?config.topics, "processor started");
+
+        let result = poll_loop(&consumer, &engine, stop);
+        lock(&engine).closing = true;
+        consumer.unsubscribe();
+        // Dropping the consumer closes it: it leaves the group.
+        drop(consumer);
+        result
+    })();
+    // The consumer (and its context's handle on the engine) is gone: the
+    // engine is ours alone again, and with it the transform.
+    let transform = Arc::try_unwrap(engine).ok().map(|engine| {
+        let engine = engine
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        engine.transform
+    });
+    (result, transform)
+}
+
+fn poll_loop<E: Event, T: Transform<E>>(
+    consumer: &BaseConsumer<ProcessorContext<E, T>>,
+    engine: &Mutex<Engine<E, T>>,
+    stop: &AtomicBool,
+) -> Result<(), ProcessorError> {
+    loop {
+        let timeout = {
+            let mut e = lock(engine);
+            if let Some(error) = e.fatal.take() {
+                return Err(error);
+            }
+            e.before_poll(consumer);
+            if e.fatal.is_none() && e.txn_due() {
+                e.commit(consumer);
+            }
+            if let Some(error) = e.fatal.take() {
+                return Err(error);
+            }
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+            e.poll_timeout()
+        };
+        // Never hold the lock across poll: rebalance callbacks run inside it.
+        match consumer.poll(timeout) {
+            Some(Ok(message)) => lock(engine).handle(consumer, &message),
+            Some(Err(error)) => {
+                tracing::warn!(%error, "consumer error");
+                if let Some((code, reason)) = consumer.client().fatal_error() {
+                    let e = lock(engine);
+                    return Err(ProcessorError::Fatal {
+                        transactional_id: e.transactional_id.clone(),
+                        operation: "consuming",
+                        code,
+                        reason,
+                    });
+                }
+            }
+            None => {}
+        }
+    }
+    // Graceful shutdown: what is done is committed. (A failing final commit
+    // is aborted; the next owner of the partitions redoes its inputs.)
+    let mut e = lock(engine);
+    if e.txn.is_some() {
+        e.commit(consumer);
+    }
+    match e.fatal.take() {
+        Some(error) => Err(error),
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,439 @@
+//! The producer, and the batch's life: begin, commit, abort. Exactly
+//! once a batch is a Kafka transaction; at least once, "commit" awaits the
+//! deliveries, then commits the offsets through the consumer, and "abort"
+//! rewinds.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use herald::Event;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{DeliveryResult, Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, Producer as _, ProducerContext, ThreadedProducer};
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+
+use crate::error::is_fenced_code;
+use crate::error::is_retriable;
+use crate::processor::{ProcessorConfig, ProcessorError, Transform};
+use crate::publisher::OutgoingRecord;
+
+use super::rebalance::ProcessorContext;
+use super::{lock, Engine, InputRef, Tp};
+
+/// The producer's context: remembers outputs Kafka refused for good, by the
+/// input that made them, so that input can be dead-lettered instead of being
+/// retried forever.
+pub(super) struct TxnProducerContext {
+    pub(super) refused: Mutex<Vec<(InputRef, String)>>,
+    /// The first delivery failure since the last batch ended. At least once
+    /// it keeps the batch's offsets from being committed (exactly once, the
+    /// transaction's commit fails by itself).
+    pub(super) undelivered: Mutex<Option<KafkaError>>,
+}
+
+impl ClientContext for TxnProducerContext {}
+
+impl ProducerContext for TxnProducerContext {
+    type DeliveryOpaque = Box<InputRef>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, input: Self::DeliveryOpaque) {
+        let Err((error, message)) = result else {
+            return;
+        };
+        if matches!(
+            error.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight)
+        ) {
+            // The records of an aborted transaction are purged: expected.
+            return;
+        }
+        tracing::warn!(%error, topic = message.topic(), "output not delivered; its batch is redone (aborted in exactly-once mode)");
+        lock(&self.undelivered).get_or_insert_with(|| error.clone());
+        if !is_retriable(error) {
+            lock(&self.refused).push((*input, error.to_string()));
+        }
+    }
+}
+
+/// The open transaction.
+pub(super) struct Txn {
+    pub(super) started: Instant,
+    /// Inputs done in it (processed, dead-lettered or skipped).
+    pub(super) inputs: usize,
+    pub(super) outputs: usize,
+    /// Per partition: the first offset in this transaction (where an abort
+    /// rewinds to: the last committed offset) and the next offset to commit.
+    pub(super) offsets: HashMap<Tp, (i64, i64)>,
+    /// Inputs with failure bookkeeping that this transaction finishes.
+    pub(super) finished_failures: Vec<InputRef>,
+    pub(super) span: tracing::Span,
+}
+
+/// How long partitions wait after an abort.
+pub(super) enum Backoff {
+    None,
+    Partition(Tp, Duration),
+    All(Duration),
+}
+
+impl<E: Event, T: Transform<E>> Engine<E, T> {
+    pub(super) fn begin(&mut self, consumer: &BaseConsumer<ProcessorContext<E, T>>) -> bool {
+        // At least once, a batch starts with nothing to tell Kafka.
+        let began = if self.transactional() {
+            self.producer.begin_transaction()
+        } else {
+            Ok(())
+        };
+        if let Err(error) = began {
+            if !self.check_fatal("beginning a transaction", &error) {
+                self.kafka_failure(consumer, "beginning a transaction", error, None);
+            }
+            return false;
+        }
+        let span = tracing::info_span!(
+            "transaction",
+            otel.name = %format_args!("{} process", self.topics_label),
+            otel.kind = "consumer",
+            messaging.system = "kafka",
+            messaging.operation.type = "process",
+            messaging.destination.name = %self.topics_label,
+            messaging.consumer.group.name = %self.group_id,
+            messaging.batch.message_count = tracing::field::Empty,
+            messaging.kafka.transactional_id = %self.transactional_id,
+            outputs = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
+        self.txn = Some(Txn {
+            started: Instant::now(),
+            inputs: 0,
+            outputs: 0,
+            offsets: HashMap::new(),
+            finished_failures: Vec::new(),
+            span,
+        });
+        true
+    }
+
+    /// Puts a record on the producer's queue (inside the open transaction),
+    /// waiting while the queue is full.
+    pub(super) fn send(
+        &mut self,
+        record: &OutgoingRecord,
+        input_ref: &InputRef,
+    ) -> Result<(), KafkaError> {
+        let headers = record.headers.iter().fold(
+            OwnedHeaders::new_with_capacity(record.headers.len()),
+            |headers, (key, value)| {
+                headers.insert(Header {
+                    key,
+                    value: value.as_deref(),
+                })
+            },
+        );
+        loop {
+            let mut base = BaseRecord::with_opaque_to(&record.topic, Box::new(input_ref.clone()))
+                .payload(&record.payload)
+                .headers(headers.clone());
+            if let Some(key) = &record.key {
+                base = base.key(key);
+            }
+            match self.producer.send(base) {
+                Ok(()) => {
+                    if let Some(txn) = self.txn.as_mut() {
+                        txn.outputs += 1;
+                    }
+                    return Ok(());
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    // Backpressure: deliveries drain the queue while we poll.
+                    self.producer.poll(Duration::from_millis(10));
+                }
+                Err((error, _)) => return Err(error),
+            }
+        }
+    }
+
+    /// Commits the open transaction with the inputs' offsets. On failure the
+    /// transaction is aborted and rewound (see [`Engine::kafka_failure`]).
+    pub(super) fn commit(&mut self, consumer: &BaseConsumer<ProcessorContext<E, T>>) -> bool {
+        let Some(txn) = self.txn.take() else {
+            return true;
+        };
+        let span = txn.span.clone();
+        let _entered = span.enter();
+        match self.commit_txn(consumer, &txn) {
+            Ok(()) => {
+                self.stats.committed.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .committed_inputs
+                    .fetch_add(txn.inputs as u64, Ordering::Relaxed);
+                self.transform.commit();
+                for input in &txn.finished_failures {
+                    self.failures.remove(input);
+                }
+                self.kafka_failures = 0;
+                lock(&self.producer.context().refused).clear();
+                span.record("outcome", "committed");
+                span.record("messaging.batch.message_count", txn.inputs);
+                span.record("outputs", txn.outputs);
+                tracing::debug!(
+                    inputs = txn.inputs,
+                    outputs = txn.outputs,
+                    "transaction committed"
+                );
+                true
+            }
+            Err((operation, error)) => {
+                self.txn = Some(txn);
+                self.blame_refused_outputs();
+                self.kafka_failure(consumer, operation, error, None);
+                false
+            }
+        }
+    }
+
+    pub(super) fn commit_txn(
+        &mut self,
+        consumer: &BaseConsumer<ProcessorContext<E, T>>,
+        txn: &Txn,
+    ) -> Result<(), (&'static str, KafkaError)> {
+        if !self.transactional() {
+            return self.commit_batch(consumer, txn);
+        }
+        if !txn.offsets.is_empty() {
+            let Some(metadata) = consumer.group_metadata() else {
+                self.fatal = Some(ProcessorError::Fatal {
+                    transactional_id: self.transactional_id.clone(),
+                    operation: "reading the consumer group metadata",
+                    code: RDKafkaErrorCode::State,
+                    reason: "the consumer has no group metadata".to_owned(),
+                });
+                return Err((
+                    "reading the consumer group metadata",
+                    KafkaError::MetadataFetch(RDKafkaErrorCode::State),
+                ));
+            };
+            let mut tpl = TopicPartitionList::new();
+            for (tp, (_, next)) in &txn.offsets {
+                tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(*next))
+                    .map_err(|e| ("listing the offsets to commit", e))?;
+            }
+            let timeout = self.operation_timeout;
+            retry_retriable(|| {
+                self.producer
+                    .send_offsets_to_transaction(&tpl, &metadata, timeout)
+            })
+            .map_err(|e| ("sending the offsets to the transaction", e))?;
+        }
+        // So that commit_transaction's flush finds nothing to do.
+        self.await_deliveries()
+            .map_err(|e| ("awaiting the outputs' deliveries", e))?;
+        let timeout = self.operation_timeout;
+        retry_retriable(|| self.producer.commit_transaction(timeout))
+            .map_err(|e| ("committing the transaction", e))
+    }
+
+    /// At least once: awaits every delivery of the batch, then commits its
+    /// inputs' offsets through the consumer — in that order, so a crash in
+    /// between redoes inputs but never skips one.
+    pub(super) fn commit_batch(
+        &mut self,
+        consumer: &BaseConsumer<ProcessorContext<E, T>>,
+        txn: &Txn,
+    ) -> Result<(), (&'static str, KafkaError)> {
+        self.await_deliveries()
+            .map_err(|e| ("awaiting the outputs' deliveries", e))?;
+        if let Some(error) = lock(&self.producer.context().undelivered).take() {
+            return Err(("delivering the outputs", error));
+        }
+        if txn.offsets.is_empty() {
+            return Ok(());
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (tp, (_, next)) in &txn.offsets {
+            tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(*next))
+                .map_err(|e| ("listing the offsets to commit", e))?;
+        }
+        // Synchronous: the batch counts as done only once the group
+        // coordinator has the offsets (a member that lost the partitions
+        // is refused, and its inputs are redone by their new owner).
+        consumer
+            .commit(&tpl, CommitMode::Sync)
+            .map_err(|e| ("committing the input offsets", e))
+    }
+
+    /// Waits until every output handed to the producer has been
+    /// acknowledged or has failed ([`crate::publisher::await_released`]).
+    pub(super) fn await_deliveries(&self) -> Result<(), KafkaError> {
+        crate::publisher::await_released(&self.producer, self.operation_timeout)
+    }
+
+    /// A Kafka error broke the transaction: abort, rewind, back off.
+    pub(super) fn kafka_failure(
+        &mut self,
+        consumer: &BaseConsumer<ProcessorContext<E, T>>,
+        operation: &'static str,
+        error: KafkaError,
+        current: Option<(Tp, i64)>,
+    ) {
+        if self.check_fatal(operation, &error) {
+            return;
+        }
+        self.kafka_failures = self.kafka_failures.saturating_add(1);
+        let delay = self
+            .retry
+            .next_delay(
+                self.kafka_failures
+                    .min(self.retry.max_attempts.saturating_sub(1))
+                    .max(1),
+                Duration::ZERO,
+            )
+            .unwrap_or_else(|| self.retry.delay_bound(self.kafka_failures));
+        tracing::warn!(%error, operation, ?delay, failures = self.kafka_failures,
+            "transaction failed: aborting, rewinding to the last committed offsets, retrying after a backoff");
+        self.abort(consumer, operation, current, Backoff::All(delay));
+    }
+
+    /// Aborts the open transaction, undoes the transform's in-memory state,
+    /// schedules the rewind of every partition in it (plus `current`, the
+    /// input being handled) and pauses per `backoff`.
+    pub(super) fn abort(
+        &mut self,
+        consumer: &BaseConsumer<ProcessorContext<E, T>>,
+        why: &'static str,
+        current: Option<(Tp, i64)>,
+        backoff: Backoff,
+    ) {
+        let txn = self.txn.take();
+        if txn.is_some() && !self.transactional() {
+            // Nothing to abort: what was sent stays written (the inputs are
+            // redone, so their outputs may be duplicated, never lost). Let
+            // the deliveries in flight finish so that their failures are
+            // not blamed on the next batch.
+            let _ = self.await_deliveries();
+            lock(&self.producer.context().undelivered).take();
+            self.stats.aborted.fetch_add(1, Ordering::Relaxed);
+        } else if txn.is_some() {
+            // Let in-flight outputs land first: aborting while the partitions
+            // of a just-begun transaction are still being added to it races
+            // in the coordinator (INVALID_TXN_STATE, which librdkafka makes
+            // fatal). Delivery failures surface through the abort anyway.
+            let _ = self.await_deliveries();
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                match self.producer.abort_transaction(self.operation_timeout) {
+                    Ok(()) => break,
+                    Err(error) => {
+                        if self.check_fatal("aborting a transaction", &error) {
+                            break;
+                        }
+                        if tries >= 3 {
+                            tracing::error!(%error, "cannot abort the transaction: the processor stops");
+                            self.fatal = Some(ProcessorError::Kafka {
+                                transactional_id: self.transactional_id.clone(),
+                                operation: "aborting a transaction",
+                                source: error,
+                            });
+                            break;
+                        }
+                        tracing::warn!(%error, "aborting the transaction failed; trying again");
+                    }
+                }
+            }
+            self.stats.aborted.fetch_add(1, Ordering::Relaxed);
+        }
+        self.transform.rollback();
+        // Outputs refused before the abort were blamed already (or are
+        // purged records of this transaction).
+        lock(&self.producer.context().refused).clear();
+        if let Some(txn) = &txn {
+            txn.span.record("outcome", "aborted");
+            txn.span.record("messaging.batch.message_count", txn.inputs);
+            tracing::info!(parent: &txn.span, why, inputs = txn.inputs, outputs = txn.outputs, "transaction aborted");
+            for (tp, (first, _)) in &txn.offsets {
+                self.rewind_to(tp, *first);
+            }
+        }
+        if let Some((tp, offset)) = current {
+            self.rewind_to(&tp, offset);
+        }
+        let (to_pause, delay): (Vec<Tp>, Duration) = match backoff {
+            Backoff::None => (Vec::new(), Duration::ZERO),
+            Backoff::Partition(tp, delay) => (vec![tp], delay),
+            Backoff::All(delay) => {
+                let assigned = consumer
+                    .assignment()
+                    .map(|tpl| {
+                        tpl.elements()
+                            .iter()
+                            .map(|e| (Arc::<str>::from(e.topic()), e.partition()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                (assigned, delay)
+            }
+        };
+        if !to_pause.is_empty() && !delay.is_zero() {
+            let mut tpl = TopicPartitionList::new();
+            for tp in &to_pause {
+                tpl.add_partition(&tp.0, tp.1);
+            }
+            if let Err(error) = consumer.pause(&tpl) {
+                tracing::warn!(%error, "pausing for the backoff failed");
+            }
+            self.paused.extend(to_pause);
+            let until = Instant::now() + delay;
+            self.resume_at = Some(self.resume_at.map_or(until, |at| at.max(until)));
+        }
+    }
+}
+
+pub(super) fn retry_retriable(
+    mut call: impl FnMut() -> Result<(), KafkaError>,
+) -> Result<(), KafkaError> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match call() {
+            Err(KafkaError::Transaction(e))
+                if tries < 3 && e.is_retriable() && !e.txn_requires_abort() && !e.is_fatal() =>
+            {
+                tracing::info!(error = %e, "transactional call failed; trying again");
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Fences every earlier producer with this transactional.id and aborts
+/// whatever transaction it left open: from here on, no zombie commits.
+pub(super) fn init_transactions(
+    producer: &ThreadedProducer<TxnProducerContext>,
+    config: &ProcessorConfig,
+    transactional_id: &str,
+) -> Result<(), ProcessorError> {
+    producer
+        .init_transactions(config.operation_timeout)
+        .map_err(|source| {
+            let code = source.rdkafka_error_code();
+            if code.is_some_and(is_fenced_code) {
+                ProcessorError::Fenced {
+                    transactional_id: transactional_id.to_owned(),
+                    code: code.unwrap_or(RDKafkaErrorCode::Fenced),
+                    reason: source.to_string(),
+                }
+            } else {
+                ProcessorError::Kafka {
+                    transactional_id: transactional_id.to_owned(),
+                    operation: "initializing transactions (fencing earlier instances)",
+                    source,
+                }
+            }
+        })?;
+    tracing::info!(%transactional_id, "transactions initialized; earlier instances are fenced");
+    Ok(())
+}
