@@ -198,24 +198,13 @@ pub(crate) fn pg_interval(d: Duration) -> String {
     format!("{} milliseconds", d.as_millis())
 }
 
-/// What the relay does with a published event.
+/// What the relay does with a published event ([`herald::AfterPublish`]).
 ///
 /// Either way its row in `herald_outbox_pending`, the relay's queue, is
 /// deleted in the claiming transaction; see the migration
-/// `herald_outbox_pending` for why that is the mark.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum AfterPublish {
-    /// Keep the event in `herald_outbox` until retention
-    /// ([`purge_published`]) removes it: an audit trail, and
-    /// `outbox status` can show recent traffic. When it was published is
-    /// its Kafka record's timestamp.
-    #[default]
-    MarkPublished,
-    /// Delete the event too, in the same transaction: for when no audit
-    /// trail is needed (consumers deduplicate by event id either way). It
-    /// costs the relay a second delete per event and saves retention's.
-    Delete,
-}
+/// `herald_outbox_pending` for why that is the mark. Kept events go when
+/// retention ([`purge_published`]) removes them.
+pub use herald::AfterPublish;
 
 /// The PostgreSQL outbox as the relay sees it ([`herald::OutboxStore`]).
 ///

@@ -126,16 +126,10 @@ pub async fn purge_published(
     Ok(done.rows_affected())
 }
 
-/// What the relay does with a published row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum AfterPublish {
-    /// Set `published_at` and keep the row until retention removes it (an
-    /// audit trail, and `status` can show recent traffic).
-    #[default]
-    MarkPublished,
-    /// Delete the row when the batch commits.
-    Delete,
-}
+/// What the relay does with a published row ([`herald::AfterPublish`]):
+/// set `published_at` and keep it until retention, or delete it when the
+/// batch commits.
+pub use herald::AfterPublish;
 
 /// The SQLite outbox as the relay sees it ([`herald::OutboxStore`]).
 ///

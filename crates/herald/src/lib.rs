@@ -69,8 +69,8 @@ extern crate self as herald;
 pub use handler::{panic_text, ErrorClass, HandlerError};
 pub use inbox::{Applied, EffectsFuture, InboxStore};
 pub use outbox::{
-    Checkpoint, OutboxBatch, OutboxRecord, OutboxStatus, OutboxStore, PendingRecord, SlotLease,
-    SlotStore,
+    AfterPublish, Checkpoint, OutboxBatch, OutboxRecord, OutboxStatus, OutboxStore, PendingRecord,
+    SlotLease, SlotStore,
 };
 pub use retry::RetryPolicy;
 pub use trace::TraceContext;

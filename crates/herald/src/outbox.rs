@@ -43,6 +43,22 @@ impl OutboxRecord {
     }
 }
 
+/// What a store's relay does with an event once it is published, whatever
+/// the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AfterPublish {
+    /// Keep the event until retention removes it: an audit trail, and an
+    /// outbox status can show recent traffic. When it was published is its
+    /// Kafka record's timestamp (PostgreSQL) or its `published_at`
+    /// (SQLite).
+    #[default]
+    MarkPublished,
+    /// Delete the event too, in the transaction that claimed it: for when no
+    /// audit trail is needed (consumers deduplicate by event id either way).
+    /// It costs the relay a delete per event and saves retention's.
+    Delete,
+}
+
 /// How far behind the relay is, whatever the store.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutboxStatus {
