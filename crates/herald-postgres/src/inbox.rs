@@ -27,9 +27,7 @@
 //! Effects that panic fail their own event (a permanent error, its savepoint
 //! rolled back); the batch and the batcher go on.
 
-use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,11 +39,10 @@ use uuid::Uuid;
 
 use crate::{classify, StoreError};
 
-/// A future borrowing the connection the effects run on.
-pub type EffectsFuture<'c> = Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send + 'c>>;
+pub use herald::inbox::EffectsFuture;
 
 /// A handler's database effects, run inside the inbox transaction.
-pub type Effects = Box<dyn for<'c> FnOnce(&'c mut PgConnection) -> EffectsFuture<'c> + Send>;
+pub type Effects = herald::inbox::Effects<PgConnection>;
 
 /// What happened to an event offered to the inbox: the core's type, shared
 /// by every store so that code generic over [`herald::InboxStore`] and code

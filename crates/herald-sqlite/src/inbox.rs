@@ -31,7 +31,7 @@ use uuid::Uuid;
 use crate::{ago_modifier, classify, StoreError};
 
 /// A handler's database effects, run inside the inbox transaction.
-pub type Effects = Box<dyn for<'c> FnOnce(&'c mut SqliteConnection) -> EffectsFuture<'c> + Send>;
+pub type Effects = herald::inbox::Effects<SqliteConnection>;
 
 const INSERT: &str =
     "INSERT INTO herald_inbox (consumer_group, event_id) VALUES (?1, ?2) ON CONFLICT DO NOTHING";

@@ -26,6 +26,11 @@ use crate::HandlerError;
 /// A future borrowing the connection that a handler's effects run on.
 pub type EffectsFuture<'c> = Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send + 'c>>;
 
+/// A handler's database effects on a store's connection `C`, run inside
+/// the inbox transaction (each store names its own: `herald_postgres::Effects`,
+/// `herald_sqlite::Effects`).
+pub type Effects<C> = Box<dyn for<'c> FnOnce(&'c mut C) -> EffectsFuture<'c> + Send>;
+
 /// What happened to an event offered to an inbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applied {
