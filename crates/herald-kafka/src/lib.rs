@@ -35,6 +35,7 @@ pub mod connect;
 pub mod consumer;
 pub mod dlq;
 pub mod error;
+mod group;
 pub mod metrics;
 pub mod parking;
 pub mod processor;

@@ -49,6 +49,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 
 use crate::error::ClientError;
+use crate::group::GroupConfig;
 use crate::metrics::{
     encode_counter, encode_gauge, encode_metric, latency_histogram, DeadLetterLabels,
     HandlerLabels, PartitionLabels,
@@ -96,22 +97,19 @@ const CONSUMER_FIXED: &[(&str, &str)] = &[
     ("enable.auto.offset.store", "false"),
 ];
 
+/// The default limit of one handler call ([`ConsumerConfig::handler_timeout`]).
+pub const DEFAULT_HANDLER_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Configuration of a [`Consumer`].
 #[derive(Debug, Clone)]
 pub struct ConsumerConfig {
-    pub(crate) brokers: String,
-    pub(crate) group_id: String,
-    pub(crate) topics: Vec<String>,
+    /// What the processor is configured with too.
+    pub(crate) group: GroupConfig,
     pub(crate) concurrency: usize,
     pub(crate) max_in_flight: usize,
-    pub(crate) retry: RetryPolicy,
-    pub(crate) dead_letter_unknown: bool,
-    pub(crate) dlq_suffix: String,
     pub(crate) commit_interval: Duration,
-    pub(crate) shutdown_timeout: Duration,
     pub(crate) revoke_timeout: Duration,
-    pub(crate) settings: crate::settings::Settings,
-    pub(crate) producer_settings: crate::settings::Settings,
+    pub(crate) handler_timeout: Option<Duration>,
     pub(crate) detailed_metrics: bool,
     pub(crate) inline_start: bool,
     pub(crate) circuit_breaker: Option<CircuitBreaker>,
@@ -124,26 +122,19 @@ impl ConsumerConfig {
     /// A consumer of `topics` in group `group_id` with production defaults:
     /// 64 keys in parallel, 10,000 records in flight, [`RetryPolicy::default`],
     /// unknown event types skipped, dead letters to `<topic>.dlq`, commits
-    /// every second.
+    /// every second, a handler call cut off after 60 s.
     pub fn new<T: Into<String>>(
         brokers: impl Into<String>,
         group_id: impl Into<String>,
         topics: impl IntoIterator<Item = T>,
     ) -> Self {
         Self {
-            brokers: brokers.into(),
-            group_id: group_id.into(),
-            topics: topics.into_iter().map(Into::into).collect(),
+            group: GroupConfig::new(brokers, group_id, topics),
             concurrency: 64,
             max_in_flight: 10_000,
-            retry: RetryPolicy::default(),
-            dead_letter_unknown: false,
-            dlq_suffix: ".dlq".to_owned(),
             commit_interval: Duration::from_secs(1),
-            shutdown_timeout: Duration::from_secs(30),
             revoke_timeout: Duration::from_secs(10),
-            settings: crate::settings::Settings::default(),
-            producer_settings: crate::settings::Settings::default(),
+            handler_timeout: Some(DEFAULT_HANDLER_TIMEOUT),
             detailed_metrics: true,
             inline_start: true,
             circuit_breaker: Some(CircuitBreaker::default()),
@@ -171,7 +162,7 @@ impl ConsumerConfig {
 
     /// How transient handler failures are retried before dead-lettering.
     pub fn retry(mut self, policy: RetryPolicy) -> Self {
-        self.retry = policy;
+        self.group.retry = policy;
         self
     }
 
@@ -187,7 +178,7 @@ impl ConsumerConfig {
     /// Dead-letter records whose `event_type` no handler knows, instead of
     /// skipping (and counting) them.
     pub fn dead_letter_unknown(mut self, enabled: bool) -> Self {
-        self.dead_letter_unknown = enabled;
+        self.group.dead_letter_unknown = enabled;
         self
     }
 
@@ -217,7 +208,7 @@ impl ConsumerConfig {
 
     /// The dead-letter topic is the record's topic plus this suffix (`.dlq`).
     pub fn dlq_suffix(mut self, suffix: impl Into<String>) -> Self {
-        self.dlq_suffix = suffix.into();
+        self.group.dlq_suffix = suffix.into();
         self
     }
 
@@ -230,13 +221,26 @@ impl ConsumerConfig {
     /// How long shutdown waits for running handlers before committing what
     /// finished and leaving.
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
-        self.shutdown_timeout = timeout;
+        self.group.shutdown_timeout = timeout;
         self
     }
 
     /// How long a revoke waits for the revoked partitions' running handlers.
     pub fn revoke_timeout(mut self, timeout: Duration) -> Self {
         self.revoke_timeout = timeout;
+        self
+    }
+
+    /// How long one handler call may take (60 s by default; `None`: no
+    /// limit). A call that takes longer is cut off (its future is dropped,
+    /// so a database transaction it held rolls back) and counts as a
+    /// transient failure: it is retried with backoff like any other, feeds
+    /// the circuit breaker (a dependency that hangs is a dependency that is
+    /// away) and is dead-lettered when the retry policy gives up. Without a
+    /// limit, a handler that hangs holds its key, and the partition's
+    /// commit, for good.
+    pub fn handler_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
+        self.handler_timeout = timeout.into();
         self
     }
 
@@ -268,13 +272,15 @@ impl ConsumerConfig {
     /// Overrides or adds a librdkafka consumer setting (SASL, TLS, timeouts…).
     /// `enable.auto.commit` and `enable.auto.offset.store` are the runtime's own.
     pub fn set(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.settings.insert(key.into(), value.into());
+        self.group.settings.insert(key.into(), value.into());
         self
     }
 
     /// Overrides or adds a librdkafka setting of the dead-letter producer.
     pub fn set_producer(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.producer_settings.insert(key.into(), value.into());
+        self.group
+            .producer_settings
+            .insert(key.into(), value.into());
         self
     }
 
@@ -285,11 +291,12 @@ impl ConsumerConfig {
                 reason: reason.to_owned(),
             })
         };
-        if self.group_id.is_empty() {
-            return bad("group_id", "must not be empty");
-        }
-        if self.topics.is_empty() || self.topics.iter().any(String::is_empty) {
-            return bad("topics", "need at least one non-empty topic name");
+        self.group.validate("runtime", CONSUMER_FIXED)?;
+        if self.handler_timeout.is_some_and(|t| t.is_zero()) {
+            return bad(
+                "handler_timeout",
+                "must be longer than zero (None: no limit)",
+            );
         }
         if self.concurrency == 0 {
             return bad("concurrency", "must be at least 1");
@@ -297,22 +304,8 @@ impl ConsumerConfig {
         if self.max_in_flight < self.concurrency {
             return bad("max_in_flight", "must be at least `concurrency`");
         }
-        if self.retry.max_attempts == 0 {
-            return bad("retry.max_attempts", "must be at least 1");
-        }
-        if self.dlq_suffix.is_empty() {
-            return bad(
-                "dlq_suffix",
-                "must not be empty (the DLQ would be the topic itself)",
-            );
-        }
         if self.dead_letter_mode == DeadLetterMode::ParkKey && self.parked_topic.is_empty() {
             return bad("parked_topic", "must not be empty while keys are parked");
-        }
-        for (key, _) in CONSUMER_FIXED {
-            if self.settings.contains_key(*key) {
-                return bad("settings", &format!("{key} is managed by the runtime"));
-            }
         }
         Ok(())
     }
@@ -322,23 +315,17 @@ impl ConsumerConfig {
         let statistics = self
             .detailed_metrics
             .then_some(("statistics.interval.ms", "5000"));
-        settings::layered(
-            &self.brokers,
-            std::iter::once(("group.id", self.group_id.as_str()))
-                .chain(settings::table(CONSUMER_DEFAULTS))
-                .chain(statistics)
-                .chain(settings::pairs(&self.settings))
-                .chain(settings::table(CONSUMER_FIXED)),
-        )
+        self.group
+            .consumer_client_config(statistics, CONSUMER_FIXED)
     }
 
     /// The dead-letter producer: it shares the consumer's security settings.
     pub(crate) fn producer_client_config(&self) -> ClientConfig {
         settings::layered(
-            &self.brokers,
+            &self.group.brokers,
             settings::table(PRODUCER_DEFAULTS)
-                .chain(settings::security(&self.settings))
-                .chain(settings::pairs(&self.producer_settings)),
+                .chain(settings::security(&self.group.settings))
+                .chain(settings::pairs(&self.group.producer_settings)),
         )
     }
 }
@@ -376,6 +363,8 @@ pub struct ConsumerStats {
     pub breaker_open: AtomicU64,
     /// Times the circuit breaker opened.
     pub breaker_trips: AtomicU64,
+    /// Handler calls cut off by [`ConsumerConfig::handler_timeout`].
+    pub handler_timeouts: AtomicU64,
     /// Records parked behind an earlier dead letter of their key.
     pub parked: AtomicU64,
     /// Redriven records handled (each moves its key's parked list on).
@@ -416,6 +405,7 @@ impl Default for ConsumerStats {
             rebalances: AtomicU64::default(),
             breaker_open: AtomicU64::default(),
             breaker_trips: AtomicU64::default(),
+            handler_timeouts: AtomicU64::default(),
             parked: AtomicU64::default(),
             redriven: AtomicU64::default(),
             discarded: AtomicU64::default(),
@@ -479,6 +469,11 @@ impl Collector for ConsumerStats {
                 "herald_consumer_breaker_trips",
                 "Times the circuit breaker opened (handlers failing transiently across keys).",
                 &self.breaker_trips,
+            ),
+            (
+                "herald_consumer_handler_timeouts",
+                "Handler calls cut off after the handler timeout (retried as transient failures).",
+                &self.handler_timeouts,
             ),
             (
                 "herald_consumer_records_parked",
@@ -608,8 +603,8 @@ pub struct Consumer {
 impl std::fmt::Debug for Consumer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Consumer")
-            .field("group_id", &self.config.group_id)
-            .field("topics", &self.config.topics)
+            .field("group_id", &self.config.group.group_id)
+            .field("topics", &self.config.group.topics)
             .field("router", &self.router)
             .finish_non_exhaustive()
     }

@@ -27,6 +27,8 @@ pub(crate) struct Shared {
     pub router: Router,
     pub group_id: Arc<str>,
     pub retry: RetryPolicy,
+    /// The limit of one handler call, if any.
+    pub handler_timeout: Option<Duration>,
     pub dead_letter_unknown: bool,
     pub dlq_suffix: String,
     pub dlq: Publisher,
@@ -391,27 +393,44 @@ async fn process_in_span(
                 attempt,
             );
             let started = shared.detailed_metrics.then(Instant::now);
-            let result = AssertUnwindSafe(handler.call(info))
-                .catch_unwind()
-                .instrument(span)
-                .await;
+            let call = AssertUnwindSafe(handler.call(info)).catch_unwind();
+            // `None`: cut off after the handler timeout (the call's future
+            // is dropped, so whatever it held is released).
+            let result = match shared.handler_timeout {
+                Some(limit) => tokio::time::timeout(limit, call)
+                    .instrument(span)
+                    .await
+                    .ok(),
+                None => Some(call.instrument(span).await),
+            };
             if let Some(started) = started {
                 shared
                     .handler_timer(index, &envelope.event_type)
                     .observe(started.elapsed().as_secs_f64());
             }
             let (error, class) = match result {
-                Ok(Ok(())) => {
+                Some(Ok(Ok(()))) => {
                     if let Some(breaker) = &shared.breaker {
                         breaker.succeeded();
                     }
                     break;
                 }
-                Ok(Err(RouteFailure::Decode(e))) => (e.to_string(), e.class()),
-                Ok(Err(RouteFailure::Handler(e))) => (e.to_string(), e.class()),
-                Err(panic) => {
+                Some(Ok(Err(RouteFailure::Decode(e)))) => (e.to_string(), e.class()),
+                Some(Ok(Err(RouteFailure::Handler(e)))) => (e.to_string(), e.class()),
+                Some(Err(panic)) => {
                     let what = herald::panic_text(&*panic);
                     (format!("handler panicked: {what}"), ErrorClass::Permanent)
+                }
+                None => {
+                    shared
+                        .stats
+                        .handler_timeouts
+                        .fetch_add(1, Ordering::Relaxed);
+                    let limit = shared.handler_timeout.unwrap_or_default();
+                    (
+                        format!("handler timed out after {limit:?}"),
+                        ErrorClass::Transient,
+                    )
                 }
             };
             if let (ErrorClass::Transient, Some(breaker)) = (class, &shared.breaker) {

@@ -868,11 +868,12 @@ pub(crate) async fn run(
     let handler_count = router.handlers.len();
     let shared = Arc::new(Shared {
         router,
-        group_id: Arc::from(config.group_id.as_str()),
-        retry: config.retry.clone(),
-        dead_letter_unknown: config.dead_letter_unknown,
+        group_id: Arc::from(config.group.group_id.as_str()),
+        retry: config.group.retry.clone(),
+        handler_timeout: config.handler_timeout,
+        dead_letter_unknown: config.group.dead_letter_unknown,
         detailed_metrics: config.detailed_metrics,
-        dlq_suffix: config.dlq_suffix.clone(),
+        dlq_suffix: config.group.dlq_suffix.clone(),
         dlq: dlq.clone(),
         stats: Arc::clone(&stats),
         breaker: config
@@ -920,27 +921,27 @@ pub(crate) async fn run(
             commit_rejected,
         })
         .map_err(ClientError::Config)?;
-    let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
+    let topics: Vec<&str> = config.group.topics.iter().map(String::as_str).collect();
     consumer
         .subscribe(&topics)
         .map_err(|source| ClientError::Kafka {
             operation: "subscribing",
             source,
         })?;
-    tracing::info!(group = %config.group_id, topics = ?config.topics, "consumer started");
+    tracing::info!(group = %config.group.group_id, topics = ?config.group.topics, "consumer started");
 
     let stop = Arc::new(AtomicBool::new(false));
     let (finished_tx, finished_rx) = tokio::sync::oneshot::channel();
     let loop_stop = Arc::clone(&stop);
     let fatal_of = Arc::clone(&dispatch);
     let commit_interval = config.commit_interval;
-    let shutdown_timeout = config.shutdown_timeout;
+    let shutdown_timeout = config.group.shutdown_timeout;
     let tokio = tokio::runtime::Handle::current();
     // The caller's subscriber, also when it is a scoped (thread-local) one:
     // the poll thread logs, and handlers start there.
     let subscriber = tracing::dispatcher::get_default(Clone::clone);
     std::thread::Builder::new()
-        .name(format!("herald-consumer-{}", config.group_id))
+        .name(format!("herald-consumer-{}", config.group.group_id))
         .spawn(move || {
             // Handlers first polled on this thread find the tokio runtime
             // (timers, I/O, spawn) as they would on a worker.
@@ -960,7 +961,7 @@ pub(crate) async fn run(
         () = shutdown => false,
         _ = &mut finished_rx => true,
     };
-    tracing::info!(group = %config.group_id, "consumer stopping");
+    tracing::info!(group = %config.group.group_id, "consumer stopping");
     stop.store(true, Ordering::SeqCst);
     // Retries in backoff stop now; running handlers get the shutdown deadline.
     stopping.cancel();
@@ -968,7 +969,7 @@ pub(crate) async fn run(
         let _ = finished_rx.await;
     }
     let _ = dlq.flush(Duration::from_secs(5));
-    tracing::info!(group = %config.group_id, "consumer stopped");
+    tracing::info!(group = %config.group.group_id, "consumer stopped");
     let fatal = lock(&fatal_of).fatal.take();
     match fatal {
         Some(error) => Err(error),

@@ -7,8 +7,8 @@ use herald::RetryPolicy;
 use rdkafka::ClientConfig;
 
 use super::dedup::Deduplication;
-use crate::consumer::CONSUMER_DEFAULTS;
 use crate::error::ClientError;
+use crate::group::GroupConfig;
 use crate::publisher::PRODUCER_DEFAULTS;
 use crate::settings;
 
@@ -64,25 +64,18 @@ pub enum Guarantee {
 /// ```
 #[derive(Debug, Clone)]
 pub struct ProcessorConfig {
-    pub(crate) brokers: String,
-    pub(crate) group_id: String,
-    pub(crate) topics: Vec<String>,
+    /// What the consumer runtime is configured with too.
+    pub(crate) group: GroupConfig,
     pub(crate) instance_id: String,
     pub(crate) source: String,
     pub(crate) guarantee: Guarantee,
     pub(crate) batch_size: usize,
     pub(crate) batch_time: Duration,
-    pub(crate) retry: RetryPolicy,
-    pub(crate) dead_letter_unknown: bool,
-    pub(crate) dlq_suffix: String,
     pub(crate) changelogs: Vec<String>,
     pub(crate) deduplication: Option<Deduplication>,
     pub(crate) transaction_timeout: Duration,
     pub(crate) operation_timeout: Duration,
     pub(crate) restore_timeout: Duration,
-    pub(crate) shutdown_timeout: Duration,
-    pub(crate) settings: crate::settings::Settings,
-    pub(crate) producer_settings: crate::settings::Settings,
     pub(crate) restart: Option<RetryPolicy>,
 }
 
@@ -106,25 +99,17 @@ impl ProcessorConfig {
         instance_id: impl Into<String>,
     ) -> Self {
         Self {
-            brokers: brokers.into(),
-            group_id: group_id.into(),
-            topics: topics.into_iter().map(Into::into).collect(),
+            group: GroupConfig::new(brokers, group_id, topics),
             instance_id: instance_id.into(),
             source: String::new(),
             guarantee: Guarantee::ExactlyOnce,
             batch_size: 500,
             batch_time: Duration::from_millis(100),
-            retry: RetryPolicy::default(),
-            dead_letter_unknown: false,
-            dlq_suffix: ".dlq".to_owned(),
             changelogs: Vec::new(),
             deduplication: Some(Deduplication::default()),
             transaction_timeout: Duration::from_secs(60),
             operation_timeout: Duration::from_secs(30),
             restore_timeout: Duration::from_secs(300),
-            shutdown_timeout: Duration::from_secs(30),
-            settings: crate::settings::Settings::default(),
-            producer_settings: crate::settings::Settings::default(),
             restart: Some(RetryPolicy::forever(
                 Duration::from_secs(1),
                 Duration::from_secs(30),
@@ -177,20 +162,20 @@ impl ProcessorConfig {
     /// How transient transform failures are retried before the input is
     /// dead-lettered; its backoff also paces retries after Kafka errors.
     pub fn retry(mut self, policy: RetryPolicy) -> Self {
-        self.retry = policy;
+        self.group.retry = policy;
         self
     }
 
     /// Dead-letter inputs whose `event_type` the family does not know, instead
     /// of skipping them (their offsets are committed either way).
     pub fn dead_letter_unknown(mut self, enabled: bool) -> Self {
-        self.dead_letter_unknown = enabled;
+        self.group.dead_letter_unknown = enabled;
         self
     }
 
     /// The dead-letter topic is the input's topic plus this suffix (`.dlq`).
     pub fn dlq_suffix(mut self, suffix: impl Into<String>) -> Self {
-        self.dlq_suffix = suffix.into();
+        self.group.dlq_suffix = suffix.into();
         self
     }
 
@@ -223,7 +208,7 @@ impl ProcessorConfig {
         let topic = settings
             .topic
             .clone()
-            .unwrap_or_else(|| format!("{}-completed", self.group_id));
+            .unwrap_or_else(|| format!("{}-completed", self.group.group_id));
         Some((topic, settings))
     }
 
@@ -251,7 +236,7 @@ impl ProcessorConfig {
     /// open transaction (its inputs are then processed again by the next
     /// owner of their partitions).
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
-        self.shutdown_timeout = timeout;
+        self.group.shutdown_timeout = timeout;
         self
     }
 
@@ -261,26 +246,28 @@ impl ProcessorConfig {
     /// `enable.auto.commit` and `enable.auto.offset.store` are the
     /// processor's own.
     pub fn set(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.settings.insert(key.into(), value.into());
+        self.group.settings.insert(key.into(), value.into());
         self
     }
 
     /// Overrides or adds a librdkafka setting of the transactional producer.
     /// `transactional.id` and `enable.idempotence` are the processor's own.
     pub fn set_producer(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.producer_settings.insert(key.into(), value.into());
+        self.group
+            .producer_settings
+            .insert(key.into(), value.into());
         self
     }
 
     /// The producer's `transactional.id`: `<group_id>-<instance_id>` (at
     /// least once, the producer has none and this only names the instance).
     pub fn transactional_id(&self) -> String {
-        format!("{}-{}", self.group_id, self.instance_id)
+        format!("{}-{}", self.group.group_id, self.instance_id)
     }
 
     /// The consumer group.
     pub fn group_id(&self) -> &str {
-        &self.group_id
+        &self.group.group_id
     }
 
     pub(crate) fn validate(&self) -> Result<(), ClientError> {
@@ -290,35 +277,18 @@ impl ProcessorConfig {
                 reason: reason.to_owned(),
             })
         };
-        if self.brokers.trim().is_empty() {
-            return bad("brokers", "must not be empty");
-        }
-        if self.group_id.is_empty() {
-            return bad("group_id", "must not be empty");
-        }
+        self.group.validate("processor", CONSUMER_FIXED)?;
         if self.instance_id.is_empty() {
             return bad(
                 "instance_id",
                 "must not be empty (it makes the transactional.id that fences zombies)",
             );
         }
-        if self.topics.is_empty() || self.topics.iter().any(String::is_empty) {
-            return bad("topics", "need at least one non-empty topic name");
-        }
         if self.batch_size == 0 {
             return bad("batch_size", "must be at least 1");
         }
         if self.batch_time.is_zero() {
             return bad("batch_time", "must be positive");
-        }
-        if self.retry.max_attempts == 0 {
-            return bad("retry.max_attempts", "must be at least 1");
-        }
-        if self.dlq_suffix.is_empty() {
-            return bad(
-                "dlq_suffix",
-                "must not be empty (the DLQ would be the topic itself)",
-            );
         }
         if self.transaction_timeout < Duration::from_secs(1) {
             return bad("transaction_timeout", "must be at least one second");
@@ -335,16 +305,8 @@ impl ProcessorConfig {
         if self.changelogs.iter().any(String::is_empty) {
             return bad("changelog", "topic names must not be empty");
         }
-        for (key, _) in CONSUMER_FIXED {
-            if self.settings.contains_key(*key) {
-                return bad("settings", &format!("{key} is managed by the processor"));
-            }
-        }
-        if self.settings.contains_key("group.id") {
-            return bad("settings", "group.id is set through ProcessorConfig::new");
-        }
         for key in PRODUCER_FIXED {
-            if self.producer_settings.contains_key(*key) {
+            if self.group.producer_settings.contains_key(*key) {
                 return bad(
                     "producer_settings",
                     &format!("{key} is managed by the processor"),
@@ -355,17 +317,10 @@ impl ProcessorConfig {
     }
 
     pub(crate) fn consumer_client_config(&self) -> ClientConfig {
-        settings::layered(
-            &self.brokers,
-            std::iter::once(("group.id", self.group_id.as_str()))
-                .chain(settings::table(CONSUMER_DEFAULTS))
-                // After an abort the consumer seeks back; the new fetch waits
-                // for the long poll in flight at the end of the log, so keep
-                // it short.
-                .chain(std::iter::once(("fetch.wait.max.ms", "100")))
-                .chain(settings::pairs(&self.settings))
-                .chain(settings::table(CONSUMER_FIXED)),
-        )
+        // After an abort the consumer seeks back; the new fetch waits for
+        // the long poll in flight at the end of the log, so keep it short.
+        self.group
+            .consumer_client_config([("fetch.wait.max.ms", "100")], CONSUMER_FIXED)
     }
 
     pub(crate) fn producer_client_config(&self) -> ClientConfig {
@@ -373,10 +328,10 @@ impl ProcessorConfig {
             // Idempotent, so the producer's own retries never duplicate or
             // reorder an output; no transactional.id, so nothing to fence.
             return settings::layered(
-                &self.brokers,
+                &self.group.brokers,
                 settings::table(PRODUCER_DEFAULTS)
-                    .chain(settings::security(&self.settings))
-                    .chain(settings::pairs(&self.producer_settings))
+                    .chain(settings::security(&self.group.settings))
+                    .chain(settings::pairs(&self.group.producer_settings))
                     .chain([("enable.idempotence", "true")]),
             );
         }
@@ -386,14 +341,14 @@ impl ProcessorConfig {
         let message_timeout = txn_ms.min(30_000).to_string();
         let transactional_id = self.transactional_id();
         settings::layered(
-            &self.brokers,
+            &self.group.brokers,
             settings::table(PRODUCER_DEFAULTS)
                 .chain([
                     ("transaction.timeout.ms", transaction_timeout.as_str()),
                     ("message.timeout.ms", message_timeout.as_str()),
                 ])
-                .chain(settings::security(&self.settings))
-                .chain(settings::pairs(&self.producer_settings))
+                .chain(settings::security(&self.group.settings))
+                .chain(settings::pairs(&self.group.producer_settings))
                 .chain([
                     ("transactional.id", transactional_id.as_str()),
                     ("enable.idempotence", "true"),
@@ -403,7 +358,10 @@ impl ProcessorConfig {
 
     /// A group-less `read_committed` consumer for restoring changelogs.
     pub(crate) fn restore_client_config(&self) -> ClientConfig {
-        settings::layered(&self.brokers, settings::security(&self.settings))
+        settings::layered(
+            &self.group.brokers,
+            settings::security(&self.group.settings),
+        )
     }
 }
 

@@ -439,10 +439,10 @@ pub struct Processor<E, T> {
 impl<E, T> std::fmt::Debug for Processor<E, T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Processor")
-            .field("group_id", &self.config.group_id)
+            .field("group_id", &self.config.group.group_id)
             .field("guarantee", &self.config.guarantee)
             .field("transactional_id", &self.config.transactional_id())
-            .field("topics", &self.config.topics)
+            .field("topics", &self.config.group.topics)
             .finish_non_exhaustive()
     }
 }

@@ -296,17 +296,17 @@ fn run_engine<E: Event, T: Transform<E>>(
         stats,
         stopping,
         guarantee: config.guarantee,
-        group_id: Arc::from(config.group_id.as_str()),
+        group_id: Arc::from(config.group.group_id.as_str()),
         source: Arc::from(config.source.as_str()),
         transactional_id: transactional_id.clone(),
-        topics_label: config.topics.join(","),
-        retry: config.retry.clone(),
-        dead_letter_unknown: config.dead_letter_unknown,
-        dlq_suffix: config.dlq_suffix.clone(),
+        topics_label: config.group.topics.join(","),
+        retry: config.group.retry.clone(),
+        dead_letter_unknown: config.group.dead_letter_unknown,
+        dlq_suffix: config.group.dlq_suffix.clone(),
         batch_size: config.batch_size,
         batch_time: config.batch_time,
         operation_timeout: config.operation_timeout,
-        shutdown_timeout: config.shutdown_timeout,
+        shutdown_timeout: config.group.shutdown_timeout,
         topics: Vec::new(),
         txn: None,
         failures: HashMap::new(),
@@ -326,14 +326,14 @@ fn run_engine<E: Event, T: Transform<E>>(
                 engine: Arc::clone(&engine),
             })
             .map_err(ClientError::Config)?;
-        let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
+        let topics: Vec<&str> = config.group.topics.iter().map(String::as_str).collect();
         consumer
             .subscribe(&topics)
             .map_err(|source| ClientError::Kafka {
                 operation: "subscribing",
                 source,
             })?;
-        tracing::info!(%transactional_id, group = %config.group_id, topics = ?config.topics, "processor started");
+        tracing::info!(%transactional_id, group = %config.group.group_id, topics = ?config.group.topics, "processor started");
 
         let result = poll_loop(&consumer, &engine, stop);
         lock(&engine).closing = true;
