@@ -179,7 +179,7 @@ impl Check {
     }
 
     /// Reads `topic` (`partitions` of them) and, if given, the DLQ topic
-    /// (with as many partitions) to their ends with `read_committed`, and
+    /// (all of its partitions) to their ends with `read_committed`, and
     /// judges.
     pub fn read(&self, kafka: &Kafka, topic: &str, partitions: i32, dlq: Option<&str>) -> Report {
         use rdkafka::message::Headers;
@@ -211,11 +211,13 @@ impl Check {
                 }
             })
             .collect();
-        // No DLQ topic: nothing was ever dead-lettered.
-        let dlq = dlq.filter(|dlq| topic_exists(kafka, dlq));
-        let dead_letters = dlq.map_or_else(Vec::new, |dlq| {
+        // No DLQ topic: nothing was ever dead-lettered. (A DLQ the broker
+        // created on first write has the broker's partition count, not the
+        // topic's.)
+        let dlq = dlq.and_then(|dlq| Some((dlq, partition_count(kafka, dlq)?)));
+        let dead_letters = dlq.map_or_else(Vec::new, |(dlq, dlq_partitions)| {
             kafka
-                .read_to_end(dlq, partitions, "read_committed")
+                .read_to_end(dlq, dlq_partitions, "read_committed")
                 .iter()
                 .map(|message| DeadLetter {
                     event_id: header(message, herald::envelope::headers::EVENT_ID)
@@ -303,18 +305,18 @@ impl Check {
 }
 
 /// Whether `topic` exists on the cluster.
-fn topic_exists(kafka: &Kafka, topic: &str) -> bool {
+/// How many partitions `topic` has; `None` when it does not exist.
+fn partition_count(kafka: &Kafka, topic: &str) -> Option<i32> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    let Ok(consumer) = kafka.config().create::<BaseConsumer>() else {
-        return false;
-    };
-    consumer
+    let consumer = kafka.config().create::<BaseConsumer>().ok()?;
+    let metadata = consumer
         .fetch_metadata(Some(topic), std::time::Duration::from_secs(10))
-        .is_ok_and(|m| {
-            m.topics()
-                .iter()
-                .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
-        })
+        .ok()?;
+    let found = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())?;
+    i32::try_from(found.partitions().len()).ok()
 }
 
 #[cfg(test)]

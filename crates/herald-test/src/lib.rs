@@ -27,13 +27,19 @@
 //!   own, to kill, pause and start again.
 //! - [`faults`]: a seeded fault [`faults::Schedule`] (`HERALD_FAULT_SEED`
 //!   replays it) and the [`faults::Timeline`] a failing run prints.
+//! - [`handler_faults`]: panics, hangs and failures injected into your own
+//!   handler, per key.
+//! - [`churn`]: consumer-group churn, a [`churn::GhostMember`] that takes
+//!   partitions from your members and gives them back.
 //! - [`invariants`]: the checker of a fault run: lost, duplicated and
 //!   misordered events, and dead letters with their bytes.
 //! - [`proxy`] / [`FaultProxy`]: a TCP proxy whose connections can be cut,
 //!   reset, black-holed or delayed.
 
+pub mod churn;
 pub mod events;
 pub mod faults;
+pub mod handler_faults;
 pub mod invariants;
 pub mod private;
 pub mod proxy;
