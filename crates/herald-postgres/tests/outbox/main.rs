@@ -6,6 +6,7 @@ mod connection_loss;
 mod crash;
 mod exactly_once;
 mod faults;
+mod handler_faults;
 mod inbox;
 mod late_commit;
 mod notify;
