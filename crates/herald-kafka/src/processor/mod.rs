@@ -256,6 +256,20 @@ pub enum ProcessorError {
         /// librdkafka's explanation.
         reason: String,
     },
+    /// The broker aborted the open transaction while the processor could
+    /// not reach it (the transaction outlived `transaction_timeout`), and
+    /// bumped the producer's epoch: the producer reports itself fenced,
+    /// though no other instance took over. Restartable: a fresh producer
+    /// resumes from the committed offsets.
+    #[error("processor {transactional_id:?}: the broker aborted its transaction while it could not be reached, and its producer is fenced ({code:?}: {reason})")]
+    TransactionExpired {
+        /// The producer's transactional id.
+        transactional_id: String,
+        /// librdkafka's error code.
+        code: RDKafkaErrorCode,
+        /// librdkafka's explanation.
+        reason: String,
+    },
     /// The producer or consumer hit an error librdkafka calls fatal.
     #[error("fatal Kafka error in processor {transactional_id:?} while {operation} ({code:?}): {reason}")]
     Fatal {
@@ -304,7 +318,8 @@ impl ProcessorError {
 
     /// Whether a processor that stopped on this error may be started again
     /// with fresh clients ([`ProcessorConfig::restart`]): yes after Kafka
-    /// errors, fatal producer states and changelogs that could not be read
+    /// errors, fatal producer states, a transaction the broker aborted
+    /// while it was unreachable, and changelogs that could not be read
     /// (what a broker outage leaves behind); no when another live instance
     /// fenced this one (starting again would fence it back, and the two
     /// would take turns), for bad configuration, for a transform that
@@ -312,7 +327,9 @@ impl ProcessorError {
     /// thread (the transform's state is then unknown).
     pub fn is_restartable(&self) -> bool {
         match self {
-            ProcessorError::Fatal { .. } | ProcessorError::Kafka { .. } => true,
+            ProcessorError::Fatal { .. }
+            | ProcessorError::Kafka { .. }
+            | ProcessorError::TransactionExpired { .. } => true,
             ProcessorError::Client(ClientError::Kafka { .. }) => true,
             ProcessorError::Restore { source, .. } => source
                 .as_ref()

@@ -126,7 +126,30 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
         let (code, reason) =
             client_fatal.unwrap_or((code.unwrap_or(RDKafkaErrorCode::Fatal), error.to_string()));
         let fenced = is_fenced_code(code) || error.rdkafka_error_code().is_some_and(is_fenced_code);
-        if fenced {
+        // A transaction that outlives `transaction.timeout.ms` while the
+        // broker cannot be reached is aborted by its coordinator, which bumps
+        // the producer's epoch: the producer then reports itself fenced,
+        // though no other instance exists. Told apart by what came before:
+        // Kafka errors or lost brokers since the last commit. A live zombie
+        // (paused, or hung in its transform) meets the fence with no such
+        // errors and stops as before. Should a network-partitioned zombie
+        // restart on this rule, its fresh producer fences the newer instance,
+        // which sees a fence out of the blue and stops: one instance goes
+        // on, and the transactions keep every output exactly once.
+        let unreachable =
+            self.kafka_failures > 0 || self.producer.context().unreachable.load(Ordering::Relaxed);
+        if fenced && unreachable {
+            tracing::warn!(
+                transactional_id = %self.transactional_id, ?code, %reason, operation,
+                "the broker aborted the open transaction while it could not be reached (it outlived transaction_timeout); \
+                 starting again with a fresh producer"
+            );
+            self.fatal = Some(ProcessorError::TransactionExpired {
+                transactional_id: self.transactional_id.clone(),
+                code,
+                reason,
+            });
+        } else if fenced {
             tracing::error!(
                 transactional_id = %self.transactional_id, ?code, %reason, operation,
                 "processor fenced: another instance with the same transactional.id has started; this instance stops without committing"
@@ -260,6 +283,7 @@ fn run_engine<E: Event, T: Transform<E>>(
             .create_with_context(TxnProducerContext {
                 refused: Mutex::new(Vec::new()),
                 undelivered: Mutex::new(None),
+                unreachable: AtomicBool::new(false),
             })
             .map_err(ClientError::Config),
         transform

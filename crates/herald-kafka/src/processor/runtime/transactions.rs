@@ -4,7 +4,7 @@
 //! rewinds.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,9 +32,29 @@ pub(super) struct TxnProducerContext {
     /// it keeps the batch's offsets from being committed (exactly once, the
     /// transaction's commit fails by itself).
     pub(super) undelivered: Mutex<Option<KafkaError>>,
+    /// Whether the producer lost every broker (or its connection to one)
+    /// since the last transaction it committed.
+    pub(super) unreachable: AtomicBool,
 }
 
-impl ClientContext for TxnProducerContext {}
+impl ClientContext for TxnProducerContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        // Kept quiet as rdkafka's default does, but remembered: a broker the
+        // producer could not reach explains a fence that follows (see
+        // `Engine::check_fatal`).
+        if matches!(
+            error.rdkafka_error_code(),
+            Some(
+                RDKafkaErrorCode::AllBrokersDown
+                    | RDKafkaErrorCode::BrokerTransportFailure
+                    | RDKafkaErrorCode::Resolve
+            )
+        ) {
+            self.unreachable.store(true, Ordering::Relaxed);
+        }
+        tracing::error!(target: "rdkafka::client", "librdkafka: {}: {}", error, reason);
+    }
+}
 
 impl ProducerContext for TxnProducerContext {
     type DeliveryOpaque = Box<InputRef>;
@@ -175,6 +195,10 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
                     self.failures.remove(input);
                 }
                 self.kafka_failures = 0;
+                self.producer
+                    .context()
+                    .unreachable
+                    .store(false, Ordering::Relaxed);
                 lock(&self.producer.context().refused).clear();
                 span.record("outcome", "committed");
                 span.record("messaging.batch.message_count", txn.inputs);
