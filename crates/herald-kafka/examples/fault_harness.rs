@@ -1,9 +1,13 @@
 //! Run with: `scripts/services.sh up && cargo run -p herald-kafka --example fault_harness`
 //!
-//! Puts a consumer and its handler through a fault, the way you would put
-//! your own through it: a broker of its own (`herald_test::private`) is
-//! killed with SIGKILL and started again while the handler's database is
-//! away (the handler fails across keys: the circuit breaker pauses it). Then the
+//! Puts a consumer and its handler through faults, the way you would put
+//! your own through them: the handler hangs once for one key (cut off by
+//! the handler timeout and retried) and fails twice for another
+//! (`herald_test::handler_faults`); a ghost member takes half the
+//! partitions and gives them back (`herald_test::churn`); and a broker of
+//! its own (`herald_test::private`) is killed with SIGKILL and started
+//! again while the handler's database is away (the handler fails across
+//! keys: the circuit breaker pauses it). Then the
 //! invariant checker (`herald_test::invariants`) reads the topic and its
 //! DLQ with `read_committed`, compares them with what was committed and
 //! with what the handler applied, and prints the report: events lost,
@@ -19,7 +23,9 @@ use std::time::{Duration, Instant};
 
 use herald::{Event as _, HandlerError};
 use herald_kafka::{Consumer, ConsumerConfig, Publisher, PublisherConfig, RecordInfo, Router};
+use herald_test::churn::GhostMember;
 use herald_test::events::{steps, TestEvent};
+use herald_test::handler_faults::HandlerFaults;
 use herald_test::invariants::Check;
 use herald_test::private::PrivateKafka;
 use tokio_util::sync::CancellationToken;
@@ -55,11 +61,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // was applied; it is away while `database_up` is false.
     let applied: Arc<Mutex<BTreeMap<uuid::Uuid, u64>>> = Arc::default();
     let database_up = Arc::new(AtomicBool::new(true));
+    // Faults in the handler itself, per key: a hang past the handler
+    // timeout, and two transient failures.
+    let faults = HandlerFaults::new()
+        .hang("key-2", Duration::from_secs(3600), 1)
+        .fail_transiently("key-5", 2);
     let router = Router::new().handle::<TestEvent, _>("harnessed", {
         let (applied, up) = (Arc::clone(&applied), Arc::clone(&database_up));
+        let faults = faults.clone();
         move |event: TestEvent, _record: RecordInfo| {
-            let (applied, up) = (Arc::clone(&applied), Arc::clone(&up));
+            let (applied, up, faults) = (Arc::clone(&applied), Arc::clone(&up), faults.clone());
             async move {
+                let TestEvent::Step(step) = &event;
+                faults.inject(&step.key).await?;
                 if !up.load(Ordering::SeqCst) {
                     return Err(HandlerError::transient("database unavailable"));
                 }
@@ -75,7 +89,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     let group = herald_test::unique_name("harness");
     let consumer = Consumer::new(
-        ConsumerConfig::new(kafka.brokers(), &group, [topic.name()]).concurrency(16),
+        ConsumerConfig::new(kafka.brokers(), &group, [topic.name()])
+            .concurrency(16)
+            .handler_timeout(Duration::from_secs(2)),
         router,
     )?;
     let stop = CancellationToken::new();
@@ -84,6 +100,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let total = events.len();
 
     wait("the first half handled", || count() >= first.len()).await;
+    println!("fault: a ghost member joins the group, holds its partitions, leaves");
+    let ghost = GhostMember::join(kafka.config(), &group, &[topic.name()]);
+    ghost.wait_assigned(Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::task::spawn_blocking(move || ghost.leave()).await?;
+    println!("handler faults so far: {:?}", faults.fired());
     println!("fault: the database goes away; the second half arrives");
     database_up.store(false, Ordering::SeqCst);
     for result in publisher.publish_batch(topic.name(), second).await {

@@ -23,6 +23,9 @@
 //!   [`Relay`] (at least once, over any [`herald::OutboxStore`]).
 //! - [`connect`]: [`check_cluster`], the start-up check that names the
 //!   setting (credentials, CA, security protocol) a failed connection points at.
+//! - `group.rs`: the settings the consumer runtime and the processor share
+//!   as members of a consumer group (brokers, group, topics, retries, dead
+//!   letters, pass-through settings), held once by both configurations.
 //! - [`error`]: error types and the retriable/fatal classification.
 //! - [`metrics`]: Prometheus label sets and buckets; every stats value is a
 //!   collector for the service's registry.
