@@ -15,7 +15,7 @@ mod rules;
 pub mod view;
 
 pub(crate) use rules::{notification_text, projection_step, ViewChange};
-pub(crate) use view::{fingerprint, new_order, transition_event};
+pub(crate) use view::{fingerprint, new_order, plan_transition, transition_event};
 pub use view::{CreateOutcome, OrderView, Transition, TransitionOutcome};
 
 use chrono::{DateTime, Utc};

@@ -82,6 +82,29 @@ pub enum Transition {
     Cancel(String),
 }
 
+/// What `to` does to `order` as it stands, on behalf of `owner` (the API's
+/// caller, when it is a customer): the status and version it moves to, or
+/// the outcome that stops it. An order of another customer is
+/// [`TransitionOutcome::NotFound`]: the API does not tell others' orders
+/// from missing ones. Both stores apply it to the row they locked.
+pub(crate) fn plan_transition(
+    order: &OrderView,
+    owner: Option<Uuid>,
+    to: &Transition,
+) -> Result<(OrderStatus, u32), TransitionOutcome> {
+    if owner.is_some_and(|owner| owner != order.customer_id) {
+        return Err(TransitionOutcome::NotFound);
+    }
+    let next = match to {
+        Transition::Ship => OrderStatus::Shipped,
+        Transition::Cancel(_) => OrderStatus::Cancelled,
+    };
+    if !order.status.can_become(next) {
+        return Err(TransitionOutcome::Forbidden(order.status));
+    }
+    Ok((next, order.version + 1))
+}
+
 /// The event of a transition to `version`.
 pub(crate) fn transition_event(
     order_id: Uuid,
@@ -144,4 +167,40 @@ pub(crate) fn new_order(order: &NewOrder, now: DateTime<Utc>) -> (OrderView, Ord
         projected_at: None,
     };
     (view, event)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn placed() -> OrderView {
+        let order = NewOrder {
+            customer_id: Uuid::new_v4(),
+            currency: "EUR".to_owned(),
+            items: Vec::new(),
+            total: Decimal::ZERO,
+        };
+        new_order(&order, Utc::now()).0
+    }
+
+    #[test]
+    fn a_transition_is_planned_from_the_order_as_it_stands() {
+        let order = placed();
+        let ship = plan_transition(&order, Some(order.customer_id), &Transition::Ship);
+        assert!(matches!(ship, Ok((OrderStatus::Shipped, 2))));
+        let by_admin = plan_transition(&order, None, &Transition::Cancel("x".into()));
+        assert!(matches!(by_admin, Ok((OrderStatus::Cancelled, 2))));
+        let stranger = plan_transition(&order, Some(Uuid::new_v4()), &Transition::Ship);
+        assert!(matches!(stranger, Err(TransitionOutcome::NotFound)));
+        let shipped = OrderView {
+            status: OrderStatus::Shipped,
+            version: 2,
+            ..order
+        };
+        let again = plan_transition(&shipped, None, &Transition::Cancel("late".into()));
+        assert!(matches!(
+            again,
+            Err(TransitionOutcome::Forbidden(OrderStatus::Shipped))
+        ));
+    }
 }

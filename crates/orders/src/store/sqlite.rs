@@ -17,9 +17,9 @@ use uuid::Uuid;
 
 use super::{query, DbError, Effect, OrderStore};
 use crate::domain::{
-    currency_minor_digits, fingerprint, new_order, notification_text, projection_step,
-    transition_event, CreateOutcome, NewOrder, OrderEvent, OrderItem, OrderStatus, OrderView,
-    Topics, Transition, TransitionOutcome, ViewChange, SOURCE,
+    currency_minor_digits, fingerprint, new_order, notification_text, plan_transition,
+    projection_step, transition_event, CreateOutcome, NewOrder, OrderEvent, OrderItem, OrderStatus,
+    OrderView, Topics, Transition, TransitionOutcome, ViewChange, SOURCE,
 };
 
 /// The service's own SQLite migrations (herald's run beside them).
@@ -191,18 +191,11 @@ async fn transition(
         return Ok(TransitionOutcome::NotFound);
     };
     let mut view = view_from_row(&row, false)?;
-    if owner.is_some_and(|owner| owner != view.customer_id) {
-        return Ok(TransitionOutcome::NotFound);
-    }
-    let next = match to {
-        Transition::Ship => OrderStatus::Shipped,
-        Transition::Cancel(_) => OrderStatus::Cancelled,
+    let (next, version) = match plan_transition(&view, owner, &to) {
+        Ok(plan) => plan,
+        Err(stopped) => return Ok(stopped),
     };
-    if !view.status.can_become(next) {
-        return Ok(TransitionOutcome::Forbidden(view.status));
-    }
     let now = Utc::now();
-    let version = view.version + 1;
     sqlx::query("UPDATE orders SET status = ?2, version = ?3, updated_at = ?4 WHERE id = ?1")
         .bind(order_id.to_string())
         .bind(next.as_str())
