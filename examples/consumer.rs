@@ -87,7 +87,7 @@ async fn main() -> Result<(), Error> {
     // The handler's "database": each order's applied amounts, in order.
     let ledger: Arc<Mutex<BTreeMap<String, Vec<i64>>>> = Arc::default();
     let flaky_once = Arc::new(Mutex::new(Some(order(3))));
-    let router = Router::new().handle::<PaymentEvent, _>("ledger", {
+    let router = Router::new().handle("ledger", {
         let (ledger, flaky_once) = (Arc::clone(&ledger), Arc::clone(&flaky_once));
         move |PaymentEvent::PaymentReceived(payment): PaymentEvent, record: RecordInfo| {
             let (ledger, flaky_once) = (Arc::clone(&ledger), Arc::clone(&flaky_once));

@@ -66,7 +66,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let faults = HandlerFaults::new()
         .hang("key-2", Duration::from_secs(3600), 1)
         .fail_transiently("key-5", 2);
-    let router = Router::new().handle::<TestEvent, _>("harnessed", {
+    let router = Router::new().handle("harnessed", {
         let (applied, up) = (Arc::clone(&applied), Arc::clone(&database_up));
         let faults = faults.clone();
         move |event: TestEvent, _record: RecordInfo| {

@@ -47,7 +47,7 @@ async fn the_consume_span_continues_the_producers_trace() {
         .expect("published");
 
     let seen = Seen::default();
-    let router = Router::new().handle::<TestEvent, _>("traced", {
+    let router = Router::new().handle("traced", {
         let seen = seen.clone();
         move |TestEvent::Step(step): TestEvent, record: RecordInfo| {
             let seen = seen.clone();

@@ -235,14 +235,13 @@ impl Probe {
 async fn herald_side(spec: &SideSpec) -> anyhow::Result<SideResult> {
     let probe = Arc::new(Probe::new(spec.records));
     let handler_probe = Arc::clone(&probe);
-    let router =
-        Router::new().handle::<BenchEvent, _>("noop", move |_: BenchEvent, _: RecordInfo| {
-            let probe = Arc::clone(&handler_probe);
-            async move {
-                probe.hit();
-                Ok(())
-            }
-        });
+    let router = Router::new().handle("noop", move |_: BenchEvent, _: RecordInfo| {
+        let probe = Arc::clone(&handler_probe);
+        async move {
+            probe.hit();
+            Ok(())
+        }
+    });
     let mut config = ConsumerConfig::new(&spec.brokers, &spec.group, [&spec.topic])
         .concurrency(spec.concurrency)
         .max_in_flight(spec.max_in_flight);

@@ -231,7 +231,7 @@ pub async fn run_side(spec: SideSpec) -> anyhow::Result<SideResult> {
         Mode::Plain => None,
     };
     let handler_probe = Arc::clone(&probe);
-    let router = Router::new().handle::<BenchEvent, _>(
+    let router = Router::new().handle(
         spec.mode.name(),
         move |event: BenchEvent, record: RecordInfo| {
             let (probe, inbox, pool) = (Arc::clone(&handler_probe), inbox.clone(), pool.clone());

@@ -576,7 +576,7 @@ impl Collector for ConsumerStats {
 /// use herald::HandlerError;
 /// use herald_kafka::{Consumer, ConsumerConfig, RecordInfo, Router};
 /// # async fn run() -> Result<(), herald_kafka::ClientError> {
-/// let router = Router::new().handle::<OrderEvent, _>(
+/// let router = Router::new().handle(
 ///     "projection",
 ///     |event: OrderEvent, record: RecordInfo| async move {
 ///         let OrderEvent::OrderPlaced(placed) = event;

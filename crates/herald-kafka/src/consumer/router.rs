@@ -125,10 +125,10 @@ impl<E: Event, H: Handler<E>> ErasedHandler for Typed<E, H> {
 /// // One handler per family; a record runs every handler whose family
 /// // knows its event_type.
 /// let router = Router::new()
-///     .handle::<OrderEvent, _>("orders", |_: OrderEvent, _: RecordInfo| async {
+///     .handle("orders", |_: OrderEvent, _: RecordInfo| async {
 ///         Ok::<_, HandlerError>(())
 ///     })
-///     .handle::<BillingEvent, _>("billing", |_: BillingEvent, _: RecordInfo| async {
+///     .handle("billing", |_: BillingEvent, _: RecordInfo| async {
 ///         Ok::<_, HandlerError>(())
 ///     });
 /// assert_eq!(format!("{router:?}"), r#"["orders", "billing"]"#);
@@ -157,7 +157,9 @@ impl Router {
     }
 
     /// Registers `handler` for family `E` under `name` (used in logs and in
-    /// the dead-letter headers).
+    /// the dead-letter headers). `E` is inferred from the handler: name the
+    /// family in the closure's first argument (`|event: OrderEvent, record:
+    /// RecordInfo| …`).
     pub fn handle<E: Event, H: Handler<E>>(mut self, name: impl Into<String>, handler: H) -> Self {
         self.handlers.push(Arc::new(Typed::<E, H> {
             name: name.into(),

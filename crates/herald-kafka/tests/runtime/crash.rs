@@ -26,7 +26,7 @@ async fn crash_child() {
     };
     let brokers = herald_test::kafka().expect("kafka").brokers().to_owned();
     let file = LineLog::open(&log);
-    let router = Router::new().handle::<TestEvent, _>(
+    let router = Router::new().handle(
         "logger",
         move |TestEvent::Step(step): TestEvent, record: RecordInfo| {
             let file = file.clone();

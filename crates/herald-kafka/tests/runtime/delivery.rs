@@ -29,7 +29,7 @@ async fn every_record_is_handled_in_key_order_despite_transient_failures() {
     let attempts: Arc<Mutex<HashMap<uuid::Uuid, u32>>> = Arc::default();
     let running = Arc::new(AtomicUsize::new(0));
     let max_running = Arc::new(AtomicUsize::new(0));
-    let router = Router::new().handle::<TestEvent, _>("recorder", {
+    let router = Router::new().handle("recorder", {
         let (seen, attempts, running, max_running) = (
             seen.clone(),
             attempts.clone(),
@@ -125,7 +125,7 @@ async fn slow_handlers_pause_fetching_instead_of_buffering() {
     publish_all(&publisher(&kafka), topic.name(), &steps(50, 20)).await;
 
     let seen = Seen::default();
-    let router = Router::new().handle::<TestEvent, _>("slow", {
+    let router = Router::new().handle("slow", {
         let seen = seen.clone();
         move |TestEvent::Step(step): TestEvent, record: RecordInfo| {
             let seen = seen.clone();
@@ -166,7 +166,7 @@ async fn many_keys_through_a_small_in_flight_limit_all_arrive() {
     let events = steps(5000, 8);
     publish_all(&publisher(&kafka), topic.name(), &events).await;
     let handled = Arc::new(AtomicUsize::new(0));
-    let router = Router::new().handle::<TestEvent, _>("count", {
+    let router = Router::new().handle("count", {
         let handled = handled.clone();
         move |_event: TestEvent, _record: RecordInfo| {
             let handled = handled.clone();
@@ -210,7 +210,7 @@ async fn records_that_finish_at_once_and_records_that_wait_keep_key_order() {
 
     for inline in [true, false] {
         let seen = Seen::default();
-        let router = Router::new().handle::<TestEvent, _>("mixed", {
+        let router = Router::new().handle("mixed", {
             let seen = seen.clone();
             move |TestEvent::Step(step): TestEvent, record: RecordInfo| {
                 let seen = seen.clone();

@@ -40,7 +40,7 @@ fn consumer_of(
     breaker: Option<CircuitBreaker>,
 ) -> (Consumer, Arc<ConsumerStats>, String) {
     let group = herald_test::unique_name("outage");
-    let router = Router::new().handle::<TestEvent, _>("dependent", {
+    let router = Router::new().handle("dependent", {
         let (seen, up) = (seen.clone(), Arc::clone(up));
         move |TestEvent::Step(step): TestEvent, record: RecordInfo| {
             let (seen, up) = (seen.clone(), Arc::clone(&up));

@@ -85,7 +85,7 @@ fn consumer(
     seen: &Seen,
     broken: &Arc<AtomicBool>,
 ) -> Consumer {
-    let router = Router::new().handle::<TestEvent, _>("picky", {
+    let router = Router::new().handle("picky", {
         let (seen, broken) = (seen.clone(), Arc::clone(broken));
         move |TestEvent::Step(step): TestEvent, record: RecordInfo| {
             let (seen, broken) = (seen.clone(), Arc::clone(&broken));
@@ -245,7 +245,7 @@ async fn parking_child() {
     };
     let kafka = herald_test::kafka().expect("kafka");
     let file = LineLog::open(&log);
-    let router = Router::new().handle::<TestEvent, _>(
+    let router = Router::new().handle(
         "logger",
         move |TestEvent::Step(step): TestEvent, _record: RecordInfo| {
             let file = Arc::clone(&file);

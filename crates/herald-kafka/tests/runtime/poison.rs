@@ -106,7 +106,7 @@ async fn poison_goes_to_the_dlq_with_original_bytes_and_the_key_keeps_flowing() 
     publish_all(&publisher, topic.name(), &events).await;
 
     let seen = Seen::default();
-    let router = Router::new().handle::<TestEvent, _>("picky", {
+    let router = Router::new().handle("picky", {
         let seen = seen.clone();
         move |TestEvent::Step(step): TestEvent, record: RecordInfo| {
             let seen = seen.clone();
@@ -237,7 +237,7 @@ async fn transient_failures_are_dead_lettered_after_the_retry_budget() {
     };
     let topic = kafka.topic("exhausted", 1).await;
     publish_all(&publisher(&kafka), topic.name(), &steps(1, 2)).await;
-    let router = Router::new().handle::<TestEvent, _>(
+    let router = Router::new().handle(
         "flaky",
         |TestEvent::Step(step): TestEvent, _r: RecordInfo| async move {
             if step.seq == 0 {
@@ -313,7 +313,7 @@ async fn a_dead_letter_the_broker_refuses_keeps_its_record_uncommitted_and_is_co
     publish_all(&publisher(&kafka), topic.name(), &events).await;
     let seen = Seen::default();
     // Step 3 (key-3, offset 3) breaks a business rule: dead-lettered at once.
-    let router = Router::new().handle::<TestEvent, _>("picky", {
+    let router = Router::new().handle("picky", {
         let seen = seen.clone();
         move |TestEvent::Step(step): TestEvent, record: RecordInfo| {
             let seen = seen.clone();

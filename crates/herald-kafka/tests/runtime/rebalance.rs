@@ -19,7 +19,7 @@ fn member(
     topic: &str,
     seen: &Seen,
 ) -> (Consumer, std::sync::Arc<ConsumerStats>) {
-    let router = Router::new().handle::<TestEvent, _>("recorder", {
+    let router = Router::new().handle("recorder", {
         let seen = seen.clone();
         move |TestEvent::Step(step): TestEvent, record: RecordInfo| {
             let seen = seen.clone();
@@ -144,7 +144,7 @@ async fn a_partition_given_back_to_its_member_keeps_every_waiting_key_flowing() 
     // and a revoked partition mostly has a record running (what kept its
     // waiting keys' entries).
     let slow = |seen: &Seen| {
-        let router = Router::new().handle::<TestEvent, _>("recorder", {
+        let router = Router::new().handle("recorder", {
             let seen = seen.clone();
             move |TestEvent::Step(step): TestEvent, record: RecordInfo| {
                 let seen = seen.clone();

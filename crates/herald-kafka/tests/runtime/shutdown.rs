@@ -21,7 +21,7 @@ async fn in_flight_handlers_complete_and_are_committed_before_exit() {
     let started = Arc::new(AtomicUsize::new(0));
     let finished = Arc::new(AtomicUsize::new(0));
     let seen = Seen::default();
-    let router = Router::new().handle::<TestEvent, _>("slow", {
+    let router = Router::new().handle("slow", {
         let (started, finished, seen) = (started.clone(), finished.clone(), seen.clone());
         move |TestEvent::Step(step): TestEvent, record: RecordInfo| {
             let (started, finished, seen) = (started.clone(), finished.clone(), seen.clone());

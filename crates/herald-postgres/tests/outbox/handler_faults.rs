@@ -70,7 +70,7 @@ async fn an_inbox_consumer_survives_handler_faults_and_group_churn_exactly_once(
         .fail_permanently(POISONED[1], 1)
         .on_timeline(schedule.timeline().clone());
     let inbox = Inbox::new(env.pool.clone(), "harnessed");
-    let router = Router::new().handle::<TestEvent, _>("harnessed", {
+    let router = Router::new().handle("harnessed", {
         let faults = faults.clone();
         move |TestEvent::Step(step): TestEvent, record: RecordInfo| {
             let (inbox, faults) = (inbox.clone(), faults.clone());

@@ -147,7 +147,7 @@ pub trait OrderStore: Clone + Send + Sync + 'static {
 /// transaction.
 pub fn consumer_router<S: OrderStore>(effect: Effect, store: &S, group: String) -> Router {
     let inbox = store.inbox(group);
-    Router::new().handle::<OrderEvent, _>(
+    Router::new().handle(
         effect.name(),
         move |event: OrderEvent, record: RecordInfo| {
             let inbox = inbox.clone();
