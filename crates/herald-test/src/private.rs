@@ -117,8 +117,7 @@ impl PrivateKafka {
              transaction.state.log.num.partitions=3\n\
              share.coordinator.state.topic.replication.factor=1\n\
              share.coordinator.state.topic.min.isr=1\n\
-             group.initial.rebalance.delay.ms=0\n\
-             transaction.abort.timed.out.transaction.cleanup.interval.ms=1000\n",
+             group.initial.rebalance.delay.ms=0\n",
             data = dir.join("data").display(),
         );
         std::fs::write(dir.join("server.properties"), properties).expect("server.properties");

@@ -275,14 +275,25 @@ impl OrdersRun {
         &mut self.fleet.0[0]
     }
 
-    /// Stops the process (it must stop cleanly) and removes its logs.
+    /// Stops the process (it must stop cleanly).
     pub fn stop(&mut self) {
         let unclean = self.fleet.stop();
         assert!(
             unclean.is_empty(),
             "orders run did not stop cleanly: {unclean:?}"
         );
-        std::fs::remove_dir_all(&self.log_dir).ok();
+    }
+}
+
+impl Drop for OrdersRun {
+    /// Removes the process's logs, unless the test failed: then they are
+    /// kept (the judgement runs after the stop) and their folder is named.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("orders run's log kept in {}", self.log_dir.display());
+        } else {
+            std::fs::remove_dir_all(&self.log_dir).ok();
+        }
     }
 }
 

@@ -132,17 +132,19 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
         // though no other instance exists. Told apart by what came before:
         // Kafka errors or lost brokers since the last commit. A live zombie
         // (paused, or hung in its transform) meets the fence with no such
-        // errors and stops as before. Should a network-partitioned zombie
-        // restart on this rule, its fresh producer fences the newer instance,
-        // which sees a fence out of the blue and stops: one instance goes
-        // on, and the transactions keep every output exactly once.
+        // errors and stops as fenced. Either way this processor stops; the
+        // distinction tells its supervisor to start a fresh one at once
+        // (should a network-partitioned zombie be restarted on this rule,
+        // its fresh producer fences the newer instance, which sees a fence
+        // out of the blue and stops: one instance goes on, and the
+        // transactions keep every output exactly once).
         let unreachable =
             self.kafka_failures > 0 || self.producer.context().unreachable.load(Ordering::Relaxed);
         if fenced && unreachable {
             tracing::warn!(
                 transactional_id = %self.transactional_id, ?code, %reason, operation,
                 "the broker aborted the open transaction while it could not be reached (it outlived transaction_timeout); \
-                 starting again with a fresh producer"
+                 the processor stops for a fresh one to take over"
             );
             self.fatal = Some(ProcessorError::TransactionExpired {
                 transactional_id: self.transactional_id.clone(),
