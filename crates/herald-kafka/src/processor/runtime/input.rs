@@ -42,6 +42,11 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
         if self.fatal.is_some() {
             return;
         }
+        if self.rewind.contains_key(&tp) {
+            // Fetched before an abort scheduled this partition's rewind: it
+            // comes again after the seek, in order.
+            return;
+        }
         let input_ref: InputRef = (Arc::clone(&tp.0), tp.1, offset);
         if self.commit_before.remove(&input_ref)
             && self.txn.as_ref().is_some_and(|t| t.inputs > 0)

@@ -390,9 +390,15 @@ fn poll_loop<E: Event, T: Transform<E>>(
             if let Some(error) = e.fatal.take() {
                 return Err(error);
             }
-            e.before_poll(consumer);
-            if e.fatal.is_none() && e.txn_due() {
+            if e.txn_due() {
                 e.commit(consumer);
+            }
+            // After the commit: a commit that ends in an abort schedules
+            // rewinds, and the poll below must not hand out an input from
+            // beyond them (it would be committed ahead of the inputs the
+            // abort sends round again: out of order, or lost on a crash).
+            if e.fatal.is_none() {
+                e.before_poll(consumer);
             }
             if let Some(error) = e.fatal.take() {
                 return Err(error);
