@@ -209,11 +209,19 @@ pub(crate) struct Deduplicated<T> {
     inner: T,
     ids: CompletedIds,
     stats: Arc<ProcessorStats>,
+    /// Inputs dropped in the open transaction: counted when it commits (an
+    /// aborted transaction's inputs come again and are dropped again).
+    dropped: u64,
 }
 
 impl<T> Deduplicated<T> {
     pub(crate) fn new(inner: T, ids: CompletedIds, stats: Arc<ProcessorStats>) -> Self {
-        Self { inner, ids, stats }
+        Self {
+            inner,
+            ids,
+            stats,
+            dropped: 0,
+        }
     }
 }
 
@@ -225,7 +233,7 @@ impl<E: Event, T: Transform<E>> Transform<E> for Deduplicated<T> {
     ) -> Result<Vec<OutgoingRecord>, HandlerError> {
         let id = input.envelope.event_id;
         if self.ids.contains(&id) {
-            self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            self.dropped += 1;
             tracing::info!(
                 event_id = %id,
                 topic = %input.topic,
@@ -248,11 +256,15 @@ impl<E: Event, T: Transform<E>> Transform<E> for Deduplicated<T> {
     }
 
     fn commit(&mut self) {
+        self.stats
+            .duplicates
+            .fetch_add(std::mem::take(&mut self.dropped), Ordering::Relaxed);
         self.ids.commit();
         self.inner.commit();
     }
 
     fn rollback(&mut self) {
+        self.dropped = 0;
         self.ids.rollback();
         self.inner.rollback();
     }

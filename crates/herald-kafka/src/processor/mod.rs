@@ -376,8 +376,8 @@ pub struct ProcessorStats {
     /// Aborted transactions (at least once: batches rewound to be redone).
     pub aborted: AtomicU64,
     /// Inputs dropped as duplicates of an already processed event
-    /// ([`ProcessorConfig::deduplication`]); counted again if their
-    /// transaction aborts and they come round again.
+    /// ([`ProcessorConfig::deduplication`]), counted when their
+    /// transaction commits (an aborted one's inputs come round again).
     pub duplicates: AtomicU64,
     /// Times the processor stopped on a restartable error and was started
     /// again with fresh clients ([`ProcessorConfig::restart`]).
