@@ -45,6 +45,7 @@ pub mod processor;
 pub mod publisher;
 pub mod relay;
 mod settings;
+mod sweep;
 
 pub use admin::check_record_limits;
 pub use connect::{check_cluster, ConnectError};

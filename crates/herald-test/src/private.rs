@@ -98,6 +98,11 @@ impl PrivateKafka {
         let proxy =
             proxied.then(|| FaultProxy::start_on(free_port(), &format!("127.0.0.1:{port}")));
         let advertised = proxy.as_ref().map_or(port, |p| p.address().port());
+        // Timed-out transactions are looked for every second (the broker's
+        // default is 10 s): sooner after a restart, before the broker's
+        // metadata is loaded, which is when the coordinator completes an
+        // abort without some of its markers (see herald-kafka's `sweep`
+        // module). The faults tests must meet that case, not miss it.
         let properties = format!(
             "process.roles=broker,controller\n\
              node.id=1\n\
@@ -117,7 +122,8 @@ impl PrivateKafka {
              transaction.state.log.num.partitions=3\n\
              share.coordinator.state.topic.replication.factor=1\n\
              share.coordinator.state.topic.min.isr=1\n\
-             group.initial.rebalance.delay.ms=0\n",
+             group.initial.rebalance.delay.ms=0\n\
+             transaction.abort.timed.out.transaction.cleanup.interval.ms=1000\n",
             data = dir.join("data").display(),
         );
         std::fs::write(dir.join("server.properties"), properties).expect("server.properties");

@@ -26,7 +26,7 @@
 //! nothing marked, drops the slot's producer and backs off: the whole batch
 //! is claimed again, in order, by whichever relay gets the slot next.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -179,6 +179,9 @@ pub type FaultHook =
 struct SlotProducer {
     publisher: Publisher,
     sequence: i64,
+    /// Event topics this producer has swept of what an earlier producer of
+    /// the slot left open ([`crate::sweep`]).
+    swept: HashSet<String>,
 }
 
 /// Drains a [`SlotStore`] into Kafka exactly once (see the module
@@ -339,16 +342,29 @@ impl<S: SlotStore> TransactionalRelay<S> {
         let (outgoing, _spans): (Vec<BorrowedRecord<'_>>, Vec<tracing::Span>) =
             records.iter().map(outgoing).unzip();
         let mut refusals = Vec::new();
-        let published = self
-            .transaction(
-                &producer.publisher,
-                slot,
-                outgoing,
-                &checkpoint,
-                &mut refusals,
-            )
-            .instrument(span)
-            .await;
+        let unswept: Vec<String> = records
+            .iter()
+            .map(|r| r.topic.as_str())
+            .filter(|topic| !producer.swept.contains(*topic))
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        let published = match self.sweep(&producer.publisher, slot, &unswept, false).await {
+            Ok(()) => {
+                producer.swept.extend(unswept);
+                self.transaction(
+                    &producer.publisher,
+                    slot,
+                    outgoing,
+                    &checkpoint,
+                    &mut refusals,
+                )
+                .instrument(span)
+                .await
+            }
+            Err(error) => Err(error),
+        };
         if let Err(error) = published {
             // The lease is released with nothing marked, the producer is
             // dropped (a new one fences and reads again).
@@ -606,6 +622,60 @@ impl<S: SlotStore> TransactionalRelay<S> {
         result
     }
 
+    /// One aborted transaction that sweeps ([`crate::sweep`]) every
+    /// partition of `topics`, and the slot's checkpoint partition when
+    /// `checkpoint`: an earlier producer of the slot that died with a
+    /// batch open, whose markers the broker then lost, would otherwise have
+    /// that batch and its checkpoint committed by this producer's next
+    /// commit (seen in `orders/tests/faults/broker_outage.rs`: a record
+    /// from before a broker outage committed with the first batch after it).
+    async fn sweep(
+        &self,
+        publisher: &Publisher,
+        slot: u16,
+        topics: &[String],
+        checkpoint: bool,
+    ) -> Result<(), RelayError<S::Error>> {
+        if topics.is_empty() && !checkpoint {
+            return Ok(());
+        }
+        let producer = publisher.producer().clone();
+        let timeout = self.exactly_once.operation_timeout;
+        let mut targets: Vec<(String, i32)> = Vec::new();
+        if checkpoint {
+            targets.push((self.exactly_once.checkpoint_topic.clone(), i32::from(slot)));
+        }
+        let topics = topics.to_vec();
+        off_thread(move || {
+            for topic in topics {
+                for partition in crate::sweep::partitions(producer.client(), &topic, timeout)? {
+                    targets.push((topic.clone(), partition));
+                }
+            }
+            producer.begin_transaction()?;
+            let sent = targets.iter().try_for_each(|(topic, partition)| {
+                let record = FutureRecord::to(topic)
+                    .partition(*partition)
+                    .key(crate::sweep::SWEEP_KEY)
+                    .payload(&[] as &[u8]);
+                producer
+                    .send_result(record)
+                    .map(drop)
+                    .map_err(|(error, _)| error)
+            });
+            // Aborted whatever the sends did; their failure is told after.
+            let _ = crate::publisher::await_released(&producer, timeout);
+            producer.abort_transaction(timeout)?;
+            sent
+        })
+        .await
+        .map_err(|source| RelayError::Transaction {
+            slot,
+            operation: "sweeping what an earlier producer of the slot left open",
+            source,
+        })
+    }
+
     /// The kept producer of `slot`, when its sequence is still the store's.
     fn kept(&self, slot: u16, sequence: i64) -> Option<SlotProducer> {
         let kept = self.idle().remove(&slot)?;
@@ -635,6 +705,10 @@ impl<S: SlotStore> TransactionalRelay<S> {
     ) -> Result<(SlotProducer, Vec<i64>), RelayError<S::Error>> {
         let slot = lease.slot();
         let publisher = self.fence(slot).await?;
+        // Before the checkpoint is read: a checkpoint an earlier producer
+        // left open must neither hold the read back nor be committed by
+        // this producer's first batch.
+        self.sweep(&publisher, slot, &[], true).await?;
         let reader = Arc::clone(&self.reader);
         let latest = tokio::task::spawn_blocking(move || {
             reader
@@ -670,6 +744,7 @@ impl<S: SlotStore> TransactionalRelay<S> {
             SlotProducer {
                 publisher,
                 sequence: lease.sequence(),
+                swept: HashSet::new(),
             },
             recovered,
         ))

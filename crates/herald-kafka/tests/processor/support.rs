@@ -192,6 +192,9 @@ impl Collector {
             move || {
                 while !stop.load(Ordering::SeqCst) {
                     match consumer.poll(Duration::from_millis(50)) {
+                        // Sweep records (key `herald.sweep`, always
+                        // aborted) are no processor's output.
+                        Some(Ok(m)) if m.key() == Some(b"herald.sweep") => {}
                         Some(Ok(m)) => {
                             let collected = Collected::of(&m);
                             records.lock().expect("lock").push(collected);
@@ -274,6 +277,9 @@ pub fn read_all(
     kafka
         .read_to_end(topic, partitions, isolation)
         .iter()
+        // Sweep records (key `herald.sweep`, always aborted) are no
+        // processor's output.
+        .filter(|m| m.key() != Some(b"herald.sweep"))
         .map(Collected::of)
         .collect()
 }

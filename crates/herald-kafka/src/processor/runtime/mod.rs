@@ -40,7 +40,7 @@ use crate::error::ClientError;
 
 use self::failures::Attempts;
 use self::rebalance::ProcessorContext;
-use self::transactions::{init_transactions, Txn, TxnProducerContext};
+use self::transactions::{init_transactions, sweep_at_start, Txn, TxnProducerContext};
 
 /// A topic-partition.
 type Tp = (Arc<str>, i32);
@@ -78,6 +78,9 @@ struct Engine<E, T> {
     operation_timeout: Duration,
     shutdown_timeout: Duration,
     topics: Vec<Arc<str>>,
+    /// Topics this instance has swept of earlier instances' open
+    /// transactions (see `crate::sweep`).
+    swept: HashSet<Arc<str>>,
     txn: Option<Txn>,
     failures: HashMap<InputRef, Attempts>,
     /// Partitions to seek back to these offsets before the next poll.
@@ -302,6 +305,31 @@ fn run_engine<E: Event, T: Transform<E>>(
         );
     }
 
+    // Before the restore and the group: a changelog record or an offset an
+    // earlier instance left in an open transaction must neither be
+    // committed later nor hold back the restore or the consumer (see
+    // `sweep_at_start`). Output topics are swept before this instance's
+    // first output to them.
+    let mut swept = HashSet::new();
+    if config.guarantee == Guarantee::ExactlyOnce {
+        let changelogs: Vec<Arc<str>> = config
+            .changelogs
+            .iter()
+            .map(|t| Arc::from(t.as_str()))
+            .collect();
+        let partitions = or_return!(
+            sweep_at_start(
+                &producer,
+                &config,
+                &transactional_id,
+                &changelogs.iter().collect::<Vec<_>>()
+            ),
+            transform
+        );
+        tracing::info!(%transactional_id, partitions, "changelogs and group offsets swept of earlier instances' open transactions");
+        swept.extend(changelogs);
+    }
+
     // State is restored after the fencing (exactly once), so no zombie can
     // commit a change the restore would miss, and before the first input.
     for topic in &config.changelogs {
@@ -334,6 +362,7 @@ fn run_engine<E: Event, T: Transform<E>>(
         operation_timeout: config.operation_timeout,
         shutdown_timeout: config.group.shutdown_timeout,
         topics: Vec::new(),
+        swept,
         txn: None,
         failures: HashMap::new(),
         rewind: HashMap::new(),

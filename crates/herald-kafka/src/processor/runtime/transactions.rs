@@ -19,6 +19,7 @@ use crate::error::is_fenced_code;
 use crate::error::is_retriable;
 use crate::processor::{ProcessorConfig, ProcessorError, Transform};
 use crate::publisher::OutgoingRecord;
+use crate::sweep::{partitions, SWEEP_KEY};
 
 use super::rebalance::ProcessorContext;
 use super::{lock, Engine, InputRef, Tp};
@@ -70,6 +71,12 @@ impl ProducerContext for TxnProducerContext {
             // The records of an aborted transaction are purged: expected.
             return;
         }
+        if is_sweep(&input) {
+            // A sweep record (see `crate::sweep`) belongs to no input, and its
+            // transaction is aborted anyway.
+            tracing::warn!(%error, topic = message.topic(), "a sweep record was not delivered; its transaction is aborted");
+            return;
+        }
         tracing::warn!(%error, topic = message.topic(), "output not delivered; its batch is redone (aborted in exactly-once mode)");
         lock(&self.undelivered).get_or_insert_with(|| error.clone());
         if !is_retriable(error) {
@@ -89,6 +96,9 @@ pub(super) struct Txn {
     pub(super) offsets: HashMap<Tp, (i64, i64)>,
     /// Inputs with failure bookkeeping that this transaction finishes.
     pub(super) finished_failures: Vec<InputRef>,
+    /// Whether it holds sweep records ([`crate::sweep`]): it is then aborted
+    /// where it would be committed, and its inputs are redone.
+    pub(super) sweeping: bool,
     pub(super) span: tracing::Span,
 }
 
@@ -132,6 +142,7 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
             outputs: 0,
             offsets: HashMap::new(),
             finished_failures: Vec::new(),
+            sweeping: false,
             span,
         });
         true
@@ -144,6 +155,15 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
         record: &OutgoingRecord,
         input_ref: &InputRef,
     ) -> Result<(), KafkaError> {
+        if self.transactional() && !self.swept.contains(record.topic.as_str()) {
+            let topic: Arc<str> = Arc::from(record.topic.as_str());
+            let partitions = sweep(&self.producer, &[&topic], self.operation_timeout)?;
+            tracing::info!(%topic, partitions, "first output to this topic: the transaction sweeps it and is redone");
+            self.swept.insert(topic);
+            if let Some(txn) = self.txn.as_mut() {
+                txn.sweeping = true;
+            }
+        }
         let headers = record.headers.iter().fold(
             OwnedHeaders::new_with_capacity(record.headers.len()),
             |headers, (key, value)| {
@@ -182,6 +202,16 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
         let Some(txn) = self.txn.take() else {
             return true;
         };
+        if txn.sweeping {
+            self.txn = Some(txn);
+            self.abort(
+                consumer,
+                "sweeping an earlier instance's hanging transaction",
+                None,
+                Backoff::None,
+            );
+            return false;
+        }
         let span = txn.span.clone();
         let _entered = span.enter();
         match self.commit_txn(consumer, &txn) {
@@ -460,4 +490,102 @@ pub(super) fn init_transactions(
         })?;
     tracing::info!(%transactional_id, "transactions initialized; earlier instances are fenced");
     Ok(())
+}
+
+/// The input a sweep record is delivered for: none (partition -1).
+fn sweep_input() -> InputRef {
+    (Arc::from(""), -1, -1)
+}
+
+fn is_sweep(input: &InputRef) -> bool {
+    input.1 < 0
+}
+
+/// Puts a sweep record ([`crate::sweep`]) into every partition of `topics`
+/// inside the producer's open transaction, and returns how many partitions
+/// that was.
+pub(super) fn sweep<C: ProducerContext<DeliveryOpaque = Box<InputRef>>>(
+    producer: &ThreadedProducer<C>,
+    topics: &[&Arc<str>],
+    timeout: Duration,
+) -> Result<usize, KafkaError> {
+    let mut swept = 0;
+    for topic in topics {
+        for partition in partitions(producer.client(), topic, timeout)? {
+            loop {
+                let record = BaseRecord::with_opaque_to(topic.as_ref(), Box::new(sweep_input()))
+                    .partition(partition)
+                    .key(SWEEP_KEY)
+                    .payload(&[] as &[u8]);
+                match producer.send(record) {
+                    Ok(()) => break,
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                        producer.poll(Duration::from_millis(10));
+                    }
+                    Err((error, _)) => return Err(error),
+                }
+            }
+            swept += 1;
+        }
+    }
+    Ok(swept)
+}
+
+/// At start, right after the fencing and before the changelogs are read
+/// or the group joined: one transaction that sweeps `topics`
+/// ([`crate::sweep`]) and the group's offsets, and is aborted. No record an
+/// earlier instance left open in them can be committed later or hold back
+/// their readers, and no offset it left pending can be committed later or
+/// keep this instance's consumer from reading the group's committed
+/// offsets (the broker answers `UNSTABLE_OFFSET_COMMIT` while one is
+/// pending, so the consumer would never start).
+///
+/// The offsets go with the metadata of a consumer that has not joined
+/// (generation -1): the group coordinator accepts that from a
+/// transactional producer whatever the group's state, and what they say
+/// does not matter, since the transaction is aborted.
+pub(super) fn sweep_at_start(
+    producer: &ThreadedProducer<TxnProducerContext>,
+    config: &ProcessorConfig,
+    transactional_id: &str,
+    topics: &[&Arc<str>],
+) -> Result<usize, ProcessorError> {
+    let failed = |operation: &'static str| {
+        move |source: KafkaError| ProcessorError::Kafka {
+            transactional_id: transactional_id.to_owned(),
+            operation,
+            source,
+        }
+    };
+    let timeout = config.operation_timeout;
+    let group: BaseConsumer = config
+        .consumer_client_config()
+        .create()
+        .map_err(failed("creating the start-up sweep's consumer"))?;
+    let metadata = group.group_metadata().ok_or_else(|| {
+        failed("reading the group metadata for the start-up sweep")(KafkaError::MetadataFetch(
+            RDKafkaErrorCode::State,
+        ))
+    })?;
+    let mut offsets = TopicPartitionList::new();
+    if let Some(input) = config.group.topics.first() {
+        offsets
+            .add_partition_offset(input, 0, Offset::Offset(0))
+            .map_err(failed("listing the start-up sweep's offsets"))?;
+    }
+    producer
+        .begin_transaction()
+        .map_err(failed("beginning the start-up sweep"))?;
+    let swept = sweep(producer, topics, timeout)
+        .and_then(|swept| {
+            retry_retriable(|| producer.send_offsets_to_transaction(&offsets, &metadata, timeout))
+                .map(|()| swept)
+        })
+        .map_err(failed("sweeping at start-up"));
+    // Whatever the sweep managed, the transaction is aborted; a failure is
+    // reported after it (the processor does not start then).
+    let _ = crate::publisher::await_released(producer, timeout);
+    retry_retriable(|| producer.abort_transaction(timeout))
+        .map_err(failed("aborting the start-up sweep"))?;
+    swept
 }
