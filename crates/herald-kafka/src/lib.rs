@@ -26,6 +26,9 @@
 //! - `group.rs`: the settings the consumer runtime and the processor share
 //!   as members of a consumer group (brokers, group, topics, retries, dead
 //!   letters, pass-through settings), held once by both configurations.
+//! - `sweep.rs`: why and how a transactional instance aborts what an earlier
+//!   instance of its id left open before it commits in a partition (used by
+//!   the processor and the exactly-once relay).
 //! - [`error`]: error types and the retriable/fatal classification.
 //! - [`metrics`]: Prometheus label sets and buckets; every stats value is a
 //!   collector for the service's registry.
