@@ -40,8 +40,14 @@ impl PartitionOffsets {
     /// application polls past it, after every record before it, so a
     /// position taken when every polled record was [`Self::received`]
     /// passes no record that was not.
+    ///
+    /// That holds before the first record too: librdkafka forgets the
+    /// position when a partition stops being fetched (revoked) and on a
+    /// seek, so a position on a partition that handed over nothing in this
+    /// assignment was reached by markers and aborted records alone, as in
+    /// a partition that holds nothing but an aborted transaction.
     pub fn passed(&mut self, position: i64) {
-        if self.pending.is_empty() && self.next.is_some_and(|next| position > next) {
+        if self.pending.is_empty() && self.next.is_none_or(|next| position > next) {
             self.next = Some(position);
         }
     }
@@ -93,8 +99,13 @@ mod tests {
     #[test]
     fn the_position_moves_the_commit_past_markers_only_when_nothing_is_pending() {
         let mut p = PartitionOffsets::default();
-        p.passed(5);
         assert_eq!(p.committable(), None, "nothing received: nothing to commit");
+        p.passed(2);
+        assert_eq!(
+            p.committable(),
+            Some(2),
+            "an aborted record and its marker, before any record"
+        );
         p.received(3);
         p.passed(5);
         assert_eq!(p.committable(), Some(3), "offset 3 is still pending");
