@@ -15,12 +15,16 @@
 //! The relay (`herald_kafka::TransactionalRelay`) publishes a lease's batch
 //! in a Kafka transaction under the slot's own `transactional.id`, with a
 //! checkpoint record (slot, sequence, ids) in the same transaction, then
-//! commits the lease: the batch's pending rows are deleted and the
-//! sequence is stored in `herald_relay_slots`, in one PostgreSQL
-//! transaction committed with `synchronous_commit = on`.
+//! marks the batch in the lease ([`herald::SlotLease::published`]: its
+//! pending rows are deleted) and may claim and publish further batches;
+//! committing the lease stores the last sequence in `herald_relay_slots`,
+//! all in one PostgreSQL transaction committed with
+//! `synchronous_commit = on`. Each checkpoint lists the ids of every batch
+//! the lease published so far, not only its own.
 //!
 //! - **Crash between the two commits.** Kafka holds checkpoint `s`,
-//!   PostgreSQL still `s - 1` and the rows are pending. The next owner of
+//!   PostgreSQL still the sequence before the lease and the rows of all
+//!   the lease's batches are pending. The next owner of
 //!   the slot first fences every earlier producer of the slot
 //!   (`init_transactions`, which also completes or aborts whatever
 //!   transaction was open), then reads the slot's latest committed
@@ -28,7 +32,9 @@
 //!   ids ([`herald::SlotLease::recover`]) in the lease's transaction, before the
 //!   claim: the claim cannot return them. A checkpoint lists every id its
 //!   lease marks, recovered ones included, so if that lease dies in the
-//!   same window, the next checkpoint still covers the earlier one.
+//!   same window, the next checkpoint still covers the earlier one; and
+//!   since a lease's checkpoints list all its batches, the latest one
+//!   alone covers every batch the lost lease published.
 //! - **Zombies.** A relay that stalls (paused, partitioned, its host
 //!   frozen) keeps its lease only while PostgreSQL keeps its session: the
 //!   lease sets `idle_in_transaction_session_timeout`
@@ -44,7 +50,7 @@
 //!   (`synchronous_commit = off` and a crash) could drop several leases'
 //!   marks while Kafka kept their checkpoints; only the latest is read on
 //!   recovery. So leases always commit synchronously: one WAL flush per
-//!   batch.
+//!   lease, which carries one batch or, on a busy slot, several.
 //!
 //! The number of slots is fixed ([`RELAY_SLOTS`]): it is part of every
 //! relay's transactional ids, and two relays that split shards differently
@@ -130,6 +136,9 @@ pub struct PgSlotLease {
     records: Vec<PendingRecord>,
     /// The shard of each claimed record.
     record_shards: Vec<i16>,
+    /// How many of `records` (the first ones) are marked published in the
+    /// lease's transaction.
+    marked: usize,
     after_publish: AfterPublish,
 }
 
@@ -219,8 +228,25 @@ impl herald::SlotStore for PgOutbox {
             shards,
             records: Vec::new(),
             record_shards: Vec::new(),
+            marked: 0,
             after_publish: self.after_publish,
         }))
+    }
+}
+
+impl PgSlotLease {
+    /// Marks the claimed records not marked yet, in the lease's
+    /// transaction: their pending rows go, so the lease's next claim
+    /// (a new snapshot of the same transaction) does not find them again.
+    async fn mark_unmarked(&mut self) -> Result<(), StoreError> {
+        if self.marked == self.records.len() {
+            return Ok(());
+        }
+        let ids: Vec<i64> = self.records[self.marked..].iter().map(|r| r.id).collect();
+        let shards = &self.record_shards[self.marked..];
+        mark_published(&mut self.tx, self.after_publish, shards, &ids).await?;
+        self.marked = self.records.len();
+        Ok(())
     }
 }
 
@@ -262,11 +288,16 @@ impl herald::SlotLease for PgSlotLease {
         // With fewer than one row per shard to give (max below the shard
         // count), the last shards' rows are left: a shard's rows come in
         // id order, so what is kept of each is still a prefix.
+        let claimed = self.records.len();
         for row in rows.iter().take(max) {
             self.record_shards.push(row.get("shard"));
             self.records.push(pending_record(row));
         }
-        Ok(&self.records)
+        Ok(&self.records[claimed..])
+    }
+
+    async fn published(&mut self) -> Result<(), StoreError> {
+        self.mark_unmarked().await
     }
 
     async fn release(self) -> Result<(), StoreError> {
@@ -277,10 +308,7 @@ impl herald::SlotLease for PgSlotLease {
     }
 
     async fn commit(mut self, sequence: i64) -> Result<(), StoreError> {
-        if !self.records.is_empty() {
-            let ids: Vec<i64> = self.records.iter().map(|r| r.id).collect();
-            mark_published(&mut self.tx, self.after_publish, &self.record_shards, &ids).await?;
-        }
+        self.mark_unmarked().await?;
         sqlx::query(
             "INSERT INTO herald_relay_slots (slot, sequence) VALUES ($1, $2)
              ON CONFLICT (slot) DO UPDATE

@@ -238,16 +238,25 @@ pub trait SlotLease: Send {
     ) -> impl Future<Output = Result<u64, Self::Error>> + Send;
 
     /// Claims up to `max` pending records of the slot's aggregates, in
-    /// publish order (as [`OutboxStore::claim`]).
+    /// publish order (as [`OutboxStore::claim`]), and returns them: only
+    /// records this lease has not claimed before.
     fn claim(
         &mut self,
         max: usize,
     ) -> impl Future<Output = Result<&[PendingRecord], Self::Error>> + Send;
 
+    /// Marks the records claimed since the last call published inside the
+    /// lease, where later claims of the lease no longer find them; only
+    /// [`SlotLease::commit`] makes it durable. A relay calls it once Kafka
+    /// committed their batch, so that one lease carries several batches
+    /// (each of whose checkpoints then lists every id the lease published).
+    fn published(&mut self) -> impl Future<Output = Result<(), Self::Error>> + Send;
+
     /// Ends the lease with nothing marked, releasing the slot at once.
     fn release(self) -> impl Future<Output = Result<(), Self::Error>> + Send;
 
-    /// Marks every claimed record published, records `sequence` as the
-    /// slot's checkpoint, and releases the slot, atomically and durably.
+    /// Marks every claimed record published (those [`SlotLease::published`]
+    /// marked and the rest), records `sequence` as the slot's checkpoint,
+    /// and releases the slot, atomically and durably.
     fn commit(self, sequence: i64) -> impl Future<Output = Result<(), Self::Error>> + Send;
 }

@@ -1,7 +1,8 @@
 //! The exactly-once outbox relay: each batch is one Kafka transaction under
 //! its relay slot's `transactional.id`, holding the batch's records and a
 //! checkpoint of what it published; the store marks the batch in a lease
-//! transaction committed after Kafka's.
+//! transaction committed after Kafka's. A lease carries as many batches as
+//! its slot has ready, up to [`ExactlyOnceConfig::lease_span`].
 //!
 //! Why no event is published twice, and why a stalled relay cannot commit
 //! after another has taken over, is argued where the ownership lives, in
@@ -21,10 +22,17 @@
 //!    Kafka commit) makes a new producer, which fences and reads again. A
 //!    kept producer that another relay fenced meanwhile fails its next
 //!    transaction and is dropped; that batch is claimed again later.
+//! 3. **A checkpoint lists everything its lease has not made durable.** The
+//!    lease's batches are marked in its transaction as Kafka commits them
+//!    and become durable only with the lease's commit, so each batch's
+//!    checkpoint lists the ids of every earlier batch of the lease (and
+//!    the recovered ones) beside its own: whichever checkpoint is the
+//!    latest when the relay dies, its recovery marks all of them.
 //!
-//! Any Kafka error inside a transaction aborts it, releases the lease with
-//! nothing marked, drops the slot's producer and backs off: the whole batch
-//! is claimed again, in order, by whichever relay gets the slot next.
+//! Any Kafka error inside a transaction aborts it, drops the slot's
+//! producer and backs off; the lease records the batches Kafka committed
+//! before that one (or ends with nothing marked): the failed batch is
+//! claimed again, in order, by whichever relay gets the slot next.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -108,6 +116,12 @@ pub struct ExactlyOnceConfig {
     /// The longest wait for `init_transactions`, a commit, an abort or a
     /// checkpoint read (default 30 s).
     pub operation_timeout: Duration,
+    /// How long one lease goes on starting batches while its slot has
+    /// records (default 500 ms; see [`TransactionalRelay::run_slot`]). The
+    /// store's commit, which makes the lease's marks durable, comes at
+    /// least this often on a busy slot; a crash before it costs a
+    /// recovery of at most [`RelayConfig::batch_size`] ids.
+    pub lease_span: Duration,
 }
 
 impl Default for ExactlyOnceConfig {
@@ -117,6 +131,7 @@ impl Default for ExactlyOnceConfig {
             checkpoint_topic: "herald-relay-checkpoints".to_owned(),
             transaction_timeout: Duration::from_secs(60),
             operation_timeout: Duration::from_secs(30),
+            lease_span: Duration::from_millis(500),
         }
     }
 }
@@ -283,11 +298,21 @@ impl<S: SlotStore> TransactionalRelay<S> {
         &self.store
     }
 
-    /// One pass over `slot`: lease it, fence and recover if needed, claim,
-    /// publish in one Kafka transaction, mark. `Ok(None)` when another
-    /// relay holds the slot.
+    /// One pass over `slot`: lease it, fence and recover if needed, then
+    /// batches while the slot has records (claim, publish in one Kafka
+    /// transaction, mark in the lease), then commit the lease. `Ok(None)`
+    /// when another relay holds the slot.
+    ///
+    /// One lease carries several batches (up to [`RelayConfig::batch_size`]
+    /// records or [`ExactlyOnceConfig::lease_span`]): a busy slot then
+    /// pays the lease and its synchronous commit once, not per batch, and
+    /// a record that arrives while a batch is out waits less for its turn.
+    /// What a crash costs stays covered: each batch's checkpoint lists
+    /// every id the lease published, the earlier batches' included, so the
+    /// latest checkpoint alone recovers all of them (see the module
+    /// documentation).
     pub async fn run_slot(&self, slot: u16) -> Result<Option<Pass>, RelayError<S::Error>> {
-        let started = Instant::now();
+        let leased = Instant::now();
         let Some(mut lease) = self
             .store
             .lease(slot)
@@ -301,47 +326,114 @@ impl<S: SlotStore> TransactionalRelay<S> {
             None => self.take_over(&mut lease).await?,
         };
         let stored = lease.sequence();
-        let records = lease
-            .claim(self.config.batch_size)
-            .await
-            .map_err(|e| self.store_error(e))?;
-        let claimed = records.len();
-        if claimed == 0 {
-            // Kept before the lease ends, so that the slot's next lease in
-            // this process finds it (see keep's comment on the order).
-            self.keep(slot, producer);
-            let released = if recovered.is_empty() {
-                lease.release().await
-            } else {
-                lease.commit(stored).await
+        // The lease has something to record even without a batch.
+        let recovering = !recovered.is_empty();
+        // Every id this lease's checkpoints list: recovered, then published.
+        let mut unrecorded = recovered;
+        let mut sequence = stored;
+        let mut published = 0;
+        let mut started = leased;
+        loop {
+            let room = self.config.batch_size.saturating_sub(published);
+            if room == 0 || (published > 0 && leased.elapsed() >= self.exactly_once.lease_span) {
+                break;
+            }
+            let records = lease.claim(room).await.map_err(|e| self.store_error(e))?;
+            let claimed = records.len();
+            if claimed == 0 {
+                break;
+            }
+            self.fault(RelayPoint::Claimed, slot).await;
+            let checkpoint = Checkpoint {
+                slot,
+                sequence: sequence + 1,
+                ids: unrecorded
+                    .iter()
+                    .copied()
+                    .chain(records.iter().map(|r| r.id))
+                    .collect(),
             };
-            released.map_err(|e| self.store_error(e))?;
-            return Ok(Some(Pass {
-                claimed: 0,
-                published: 0,
-            }));
+            let mut refusals = Vec::new();
+            let sent = self
+                .batch(&mut producer, records, &checkpoint, &mut refusals)
+                .await;
+            if let Err(error) = sent {
+                // The producer is dropped (a new one fences and reads
+                // again). The lease records the batches Kafka committed
+                // before this one, or ends with nothing marked.
+                self.stats
+                    .publish_failures
+                    .fetch_add(claimed as u64, Ordering::Relaxed);
+                let refused: Vec<(PendingRecord, String)> = refusals
+                    .into_iter()
+                    .filter_map(|(i, e)| records.get(i).map(|r| (r.clone(), e)))
+                    .collect();
+                // Ended before parking: parking deletes a pending row the
+                // lease holds locked.
+                let ended = if published > 0 || recovering {
+                    lease.commit(sequence).await
+                } else {
+                    lease.release().await
+                };
+                ended.map_err(|e| self.store_error(e))?;
+                if !refused.is_empty() {
+                    super::note_refusals(&self.store, &self.stats, refused).await;
+                }
+                return Err(error);
+            }
+            self.fault(RelayPoint::KafkaCommitted, slot).await;
+            sequence = checkpoint.sequence;
+            producer.sequence = sequence;
+            unrecorded = checkpoint.ids;
+            // A failure from here on leaves Kafka ahead of the store: the
+            // producer is dropped with it, so the slot's next lease here
+            // does not reuse it but fences and recovers.
+            lease.published().await.map_err(|e| self.store_error(e))?;
+            published += claimed;
+            self.stats.record_batch(claimed, started);
+            started = Instant::now();
         }
-        self.fault(RelayPoint::Claimed, slot).await;
-        let sequence = stored + 1;
-        let checkpoint = Checkpoint {
-            slot,
-            sequence,
-            ids: recovered
-                .iter()
-                .copied()
-                .chain(records.iter().map(|r| r.id))
-                .collect(),
+        // Kept before the lease ends, so that the slot's next lease in this
+        // process finds it (see keep's comment on the order).
+        self.keep(slot, producer);
+        let ended = if published > 0 || recovering {
+            lease.commit(sequence).await
+        } else {
+            lease.release().await
         };
-        let span = batch_span(claimed);
+        // On a failed commit Kafka holds a checkpoint the store does not:
+        // the kept producer's sequence is ahead of the store's, so the
+        // slot's next lease here does not reuse it but fences and recovers.
+        ended.map_err(|e| self.store_error(e))?;
+        if published > 0 {
+            self.fault(RelayPoint::StoreCommitted, slot).await;
+        }
+        Ok(Some(Pass {
+            claimed: published,
+            published,
+        }))
+    }
+
+    /// One batch: the sweep of topics this producer has not written yet,
+    /// then the records and `checkpoint` in one Kafka transaction,
+    /// committed.
+    async fn batch(
+        &self,
+        producer: &mut SlotProducer,
+        records: &[PendingRecord],
+        checkpoint: &Checkpoint,
+        refusals: &mut Vec<(usize, String)>,
+    ) -> Result<(), RelayError<S::Error>> {
+        let slot = checkpoint.slot;
+        let span = batch_span(records.len());
         span.record(
             "messaging.kafka.transactional_id",
             self.transactional_id(slot),
         );
         span.record("relay.slot", slot);
-        span.record("relay.sequence", sequence);
+        span.record("relay.sequence", checkpoint.sequence);
         let (outgoing, _spans): (Vec<BorrowedRecord<'_>>, Vec<tracing::Span>) =
             records.iter().map(outgoing).unzip();
-        let mut refusals = Vec::new();
         let unswept: Vec<String> = records
             .iter()
             .map(|r| r.topic.as_str())
@@ -350,54 +442,12 @@ impl<S: SlotStore> TransactionalRelay<S> {
             .into_iter()
             .map(str::to_owned)
             .collect();
-        let published = match self.sweep(&producer.publisher, slot, &unswept, false).await {
-            Ok(()) => {
-                producer.swept.extend(unswept);
-                self.transaction(
-                    &producer.publisher,
-                    slot,
-                    outgoing,
-                    &checkpoint,
-                    &mut refusals,
-                )
-                .instrument(span)
-                .await
-            }
-            Err(error) => Err(error),
-        };
-        if let Err(error) = published {
-            // The lease is released with nothing marked, the producer is
-            // dropped (a new one fences and reads again).
-            self.stats
-                .publish_failures
-                .fetch_add(claimed as u64, Ordering::Relaxed);
-            if !refusals.is_empty() {
-                let refused: Vec<(PendingRecord, String)> = refusals
-                    .into_iter()
-                    .filter_map(|(i, e)| records.get(i).map(|r| (r.clone(), e)))
-                    .collect();
-                // Released first: parking deletes a pending row the lease
-                // holds locked.
-                lease.release().await.map_err(|e| self.store_error(e))?;
-                super::note_refusals(&self.store, &self.stats, refused).await;
-            }
-            return Err(error);
-        }
-        self.fault(RelayPoint::KafkaCommitted, slot).await;
-        producer.sequence = sequence;
-        self.keep(slot, producer);
-        if let Err(error) = lease.commit(sequence).await {
-            // Kafka holds a checkpoint the store does not: the kept
-            // producer's sequence is ahead of the store's, so the slot's
-            // next lease here does not reuse it but fences and recovers.
-            return Err(self.store_error(error));
-        }
-        self.fault(RelayPoint::StoreCommitted, slot).await;
-        self.stats.record_batch(claimed, started);
-        Ok(Some(Pass {
-            claimed,
-            published: claimed,
-        }))
+        self.sweep(&producer.publisher, slot, &unswept, false)
+            .await?;
+        producer.swept.extend(unswept);
+        self.transaction(&producer.publisher, slot, outgoing, checkpoint, refusals)
+            .instrument(span)
+            .await
     }
 
     /// Runs [`RelayConfig::workers`] workers until the store has no slot

@@ -9,10 +9,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use herald::Event;
-use herald_kafka::{FaultHook, RelayPoint};
+use herald_kafka::{ExactlyOnceConfig, FaultHook, RelayPoint};
 use herald_postgres::slots::SLOT_LOCK_CLASS;
 use herald_postgres::PgOutbox;
 use rand::Rng;
+use rdkafka::Message;
 use sqlx::postgres::PgPoolOptions;
 use tokio::sync::Notify;
 use uuid::Uuid;
@@ -100,6 +101,115 @@ async fn a_relay_that_dies_at_any_point_of_a_batch_publishes_nothing_twice() {
         }
     }
     let reads = read_to_end(&env.kafka, env.topic.name(), 3);
+    assert_exactly_once_in_order(&reads, &committed);
+}
+
+/// A lease carries a second batch when its slot has more records after the
+/// first; a relay that dies after Kafka committed the second, before the
+/// lease's commit, loses the lease's marks of both: the latest checkpoint
+/// alone must bring both back. (Without the first batch's ids in it, the
+/// first batch is published twice.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_that_dies_after_its_second_batch_is_recovered_whole() {
+    let Some(env) = env(3).await else {
+        return;
+    };
+    let exactly = Exactly::new(&env.kafka).await;
+    // One aggregate: one shard, one slot.
+    let events: Vec<TestEvent> = (0..10).map(|seq| step("two-batches", seq)).collect();
+    let (first, second) = events.split_at(5);
+    enqueue_committed_all(&env.pool, env.topic.name(), first).await;
+
+    // After the first batch's Kafka commit the hook commits the second
+    // half, which the lease's next claim takes; after the second batch's
+    // Kafka commit it stops the relay for good.
+    let reached = Arc::new(Notify::new());
+    let hook: FaultHook = {
+        let fired = Arc::new(AtomicU32::new(0));
+        let (pool, topic) = (env.pool.clone(), env.topic.name().to_owned());
+        let (second, reached) = (second.to_vec(), Arc::clone(&reached));
+        Arc::new(move |at, _slot| {
+            let n = if at == RelayPoint::KafkaCommitted {
+                fired.fetch_add(1, Ordering::SeqCst)
+            } else {
+                u32::MAX
+            };
+            let (pool, topic, second) = (pool.clone(), topic.clone(), second.clone());
+            let reached = Arc::clone(&reached);
+            Box::pin(async move {
+                match n {
+                    0 => enqueue_committed_all(&pool, &topic, &second).await,
+                    1 => {
+                        reached.notify_one();
+                        std::future::pending::<()>().await;
+                    }
+                    _ => {}
+                }
+            })
+        })
+    };
+    let pool = env.db.pool().await;
+    let dying = exactly
+        .relay_with(
+            env.kafka.brokers(),
+            PgOutbox::new(pool.clone()),
+            Some(hook),
+            ExactlyOnceConfig {
+                // Long enough for a first init_transactions on a fresh
+                // broker: the lease must not end after its first batch.
+                lease_span: Duration::from_secs(120),
+                ..exactly.config()
+            },
+        )
+        .await;
+    let mut slot = 0;
+    loop {
+        tokio::select! {
+            pass = dying.run_slot(slot) => {
+                let pass = pass.expect("relay pass").expect("the slot is free");
+                assert_eq!(pass.published, 0, "slot {slot} ended its lease before dying");
+                slot += 1;
+                assert!(slot < herald_postgres::RELAY_SLOTS, "the relay never died");
+            }
+            _ = reached.notified() => break,
+        }
+    }
+    drop(dying);
+    pool.close().await;
+
+    // The lease's two checkpoints: the second lists the first's ids too.
+    let checkpoints: Vec<Vec<i64>> = env
+        .kafka
+        .read_to_end(
+            exactly.checkpoints.name(),
+            i32::from(herald_postgres::RELAY_SLOTS),
+            "read_committed",
+        )
+        .iter()
+        .filter_map(|m| {
+            let checkpoint: serde_json::Value = serde_json::from_slice(m.payload()?).ok()?;
+            serde_json::from_value(checkpoint["ids"].clone()).ok()
+        })
+        .collect();
+    let [first, second] = checkpoints.as_slice() else {
+        panic!("one lease, two batches, two checkpoints: {checkpoints:?}");
+    };
+    assert!(
+        second.len() > first.len() && second.starts_with(first),
+        "the second checkpoint lists the first batch too: {checkpoints:?}"
+    );
+
+    let next = exactly
+        .relay(env.kafka.brokers(), PgOutbox::new(env.pool.clone()), None)
+        .await;
+    drain_exactly(&next, &env.pool).await;
+    assert_eq!(
+        next.stats().recovered.load(Ordering::Relaxed),
+        second.len() as u64,
+        "every row of the lost lease was marked from the latest checkpoint"
+    );
+    let reads = read_to_end(&env.kafka, env.topic.name(), 3);
+    let committed: BTreeSet<Uuid> = events.iter().map(Event::event_id).collect();
     assert_exactly_once_in_order(&reads, &committed);
 }
 

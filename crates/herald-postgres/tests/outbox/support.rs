@@ -187,6 +187,17 @@ impl Exactly {
         outbox: PgOutbox,
         hook: Option<FaultHook>,
     ) -> TransactionalRelay<PgOutbox> {
+        self.relay_with(brokers, outbox, hook, self.config()).await
+    }
+
+    /// [`Exactly::relay`] with `config` (built on [`Exactly::config`]).
+    pub async fn relay_with(
+        &self,
+        brokers: &str,
+        outbox: PgOutbox,
+        hook: Option<FaultHook>,
+        config: ExactlyOnceConfig,
+    ) -> TransactionalRelay<PgOutbox> {
         let relay = TransactionalRelay::new(
             outbox,
             &PublisherConfig::new(brokers, "/outbox-tests"),
@@ -196,7 +207,7 @@ impl Exactly {
                 workers: 2,
                 ..RelayConfig::default()
             },
-            self.config(),
+            config,
         )
         .await
         .expect("exactly-once relay");
