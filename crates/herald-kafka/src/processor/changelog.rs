@@ -100,6 +100,12 @@ where
     config
         .set("isolation.level", "read_committed")
         .set("enable.partition.eof", "true")
+        // A read to the end, never a wait for new records: the broker answers
+        // a fetch at the end at once instead of after librdkafka's 500 ms
+        // default. A partition that ends in a swept (aborted) transaction
+        // reports its end only from such an empty fetch (the relay's start
+        // took 500 ms per slot, one slot after another).
+        .set("fetch.wait.max.ms", "10")
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest");
     let consumer: BaseConsumer = config
