@@ -17,9 +17,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use herald::{HandlerError, RetryPolicy};
 use herald_examples::{Error, ExampleKafka};
-use herald_kafka::{
-    Consumer, ConsumerConfig, ConsumerStats, Publisher, PublisherConfig, RecordInfo, Router,
-};
+use herald_kafka::{Consumer, ConsumerConfig, Publisher, PublisherConfig, RecordInfo, Router};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -135,7 +133,7 @@ async fn main() -> Result<(), Error> {
     // Order 2's payments go to the DLQ (the refused one and the one parked
     // behind it); the other four are applied.
     let start = Instant::now();
-    while ConsumerStats::get(&stats.handled) < 4 || ConsumerStats::get(&stats.dead_lettered) < 2 {
+    while stats.handled() < 4 || stats.dead_lettered() < 2 {
         if start.elapsed() > Duration::from_secs(60) {
             return Err("the consumer did not finish within 60 s".into());
         }
@@ -145,9 +143,9 @@ async fn main() -> Result<(), Error> {
     running.await??;
     println!(
         "consumer: {} handled, {} retried, {} dead-lettered",
-        ConsumerStats::get(&stats.handled),
-        ConsumerStats::get(&stats.retried),
-        ConsumerStats::get(&stats.dead_lettered)
+        stats.handled(),
+        stats.retried(),
+        stats.dead_lettered()
     );
 
     let mut reader = rdkafka::ClientConfig::new();

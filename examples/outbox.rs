@@ -131,10 +131,7 @@ async fn main() -> Result<(), Error> {
     }
     stop.cancel();
     relaying.await?;
-    println!(
-        "relay: {} published",
-        stats.published.load(std::sync::atomic::Ordering::Relaxed)
-    );
+    println!("relay: {} published", stats.published());
 
     // What reached Kafka: each account's events in commit order, and not
     // the rolled-back one.

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use herald::{Event as _, HandlerError};
 use herald_examples::{Error, ExampleKafka};
-use herald_kafka::processor::{Input, Processor, ProcessorConfig, ProcessorStats};
+use herald_kafka::processor::{Input, Processor, ProcessorConfig};
 use herald_kafka::{Publisher, PublisherConfig};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -116,7 +116,7 @@ async fn main() -> Result<(), Error> {
 
     // Until every input, duplicates included, is committed.
     let start = Instant::now();
-    while ProcessorStats::get(&stats.committed_inputs) < (ORDERS + 3) as u64 {
+    while stats.committed_inputs() < (ORDERS + 3) as u64 {
         if start.elapsed() > Duration::from_secs(120) {
             return Err("the processor did not commit every input within 120 s".into());
         }
@@ -126,9 +126,9 @@ async fn main() -> Result<(), Error> {
     running.await??;
     println!(
         "processor: {} inputs committed, {} duplicates dropped, {} transactions",
-        ProcessorStats::get(&stats.committed_inputs),
-        ProcessorStats::get(&stats.duplicates),
-        ProcessorStats::get(&stats.committed)
+        stats.committed_inputs(),
+        stats.duplicates(),
+        stats.committed()
     );
 
     let issued = kafka.read_to_end(&invoices, "read_committed").await?;

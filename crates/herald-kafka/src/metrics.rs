@@ -96,6 +96,84 @@ pub fn encode_metric(
     metric.encode(metric_encoder)
 }
 
+/// Declares a component's stats value: counters and gauges kept in
+/// `AtomicU64`s (written by the component, `pub(crate)`), a reading method
+/// per figure for users, `Default`, and `encode_figures`, which writes every
+/// figure that names a metric. Fields that are Prometheus metrics already
+/// (histograms, families) go in the `metrics` part with their initial value
+/// and are written by the same call. The component's `Collector` calls
+/// `encode_figures` and adds what is computed at scrape time.
+///
+/// Each figure is `name: counter("metric", "help")`, `name: gauge("metric",
+/// "help")`, or `name: internal` (read by methods, not exported as is).
+macro_rules! stats {
+    (
+        $(#[$meta:meta])*
+        pub struct $stats:ident {
+            $(
+                $(#[doc = $doc:literal])*
+                $field:ident: $kind:ident $(($metric:literal, $help:literal))?,
+            )*
+        }
+        $(metrics {
+            $(
+                $(#[doc = $mdoc:literal])*
+                $mfield:ident: $mty:ty = $minit:expr => ($mmetric:literal, $mhelp:literal),
+            )*
+        })?
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug)]
+        pub struct $stats {
+            $(
+                $(#[doc = $doc])*
+                pub(crate) $field: ::std::sync::atomic::AtomicU64,
+            )*
+            $($(
+                $(#[doc = $mdoc])*
+                pub $mfield: $mty,
+            )*)?
+        }
+
+        impl Default for $stats {
+            fn default() -> Self {
+                Self {
+                    $($field: ::std::sync::atomic::AtomicU64::new(0),)*
+                    $($($mfield: $minit,)*)?
+                }
+            }
+        }
+
+        impl $stats {
+            $(
+                $(#[doc = $doc])*
+                pub fn $field(&self) -> u64 {
+                    self.$field.load(::std::sync::atomic::Ordering::Relaxed)
+                }
+            )*
+
+            /// Writes every declared figure that names a metric.
+            #[allow(dead_code)]
+            fn encode_figures(
+                &self,
+                encoder: &mut ::prometheus_client::encoding::DescriptorEncoder<'_>,
+            ) -> ::std::fmt::Result {
+                $($crate::metrics::stats!(@encode encoder, self.$field(), $kind $(($metric, $help))?);)*
+                $($(crate::metrics::encode_metric(encoder, $mmetric, $mhelp, &self.$mfield)?;)*)?
+                Ok(())
+            }
+        }
+    };
+    (@encode $encoder:ident, $value:expr, counter($metric:literal, $help:literal)) => {
+        crate::metrics::encode_counter($encoder, $metric, $help, $value)?
+    };
+    (@encode $encoder:ident, $value:expr, gauge($metric:literal, $help:literal)) => {
+        crate::metrics::encode_gauge($encoder, $metric, $help, $value)?
+    };
+    (@encode $encoder:ident, $value:expr, internal) => {};
+}
+pub(crate) use stats;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,7 @@
 //! lands on the partition a Java client would choose. Every default can be
 //! overridden through the pass-through librdkafka settings.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,7 +22,7 @@ use rdkafka::ClientConfig;
 use uuid::Uuid;
 
 use crate::error::{is_retriable, ClientError, PublishError};
-use crate::metrics::{encode_counter, encode_metric, latency_histogram};
+use crate::metrics::latency_histogram;
 use crate::settings;
 
 /// librdkafka settings the publisher uses unless overridden.
@@ -198,25 +198,24 @@ pub struct Publisher {
     stats: Arc<PublisherStats>,
 }
 
-/// What a [`Publisher`] (and its clones) did, readable while it runs; a
-/// Prometheus collector (see [`crate::metrics`]).
-#[derive(Debug)]
-pub struct PublisherStats {
-    /// Records the broker acknowledged.
-    pub published: AtomicU64,
-    /// Records that failed (after librdkafka's own retries).
-    pub failed: AtomicU64,
-    /// Seconds from the publish call to each record's acknowledgement.
-    pub latency: Histogram,
-}
-
-impl Default for PublisherStats {
-    fn default() -> Self {
-        Self {
-            published: AtomicU64::default(),
-            failed: AtomicU64::default(),
-            latency: latency_histogram(),
-        }
+crate::metrics::stats! {
+    /// What a [`Publisher`] (and its clones) did, readable while it runs (one
+    /// method per figure); a Prometheus collector (see [`crate::metrics`]).
+    pub struct PublisherStats {
+        /// Records the broker acknowledged.
+        published: counter(
+            "herald_publisher_records_published",
+            "Records the broker acknowledged."
+        ),
+        /// Records that failed (after librdkafka's own retries).
+        failed: counter("herald_publisher_records_failed", "Records whose delivery failed."),
+    }
+    metrics {
+        /// Seconds from the publish call to each record's acknowledgement.
+        latency: Histogram = latency_histogram() => (
+            "herald_publisher_latency_seconds",
+            "Seconds from the publish call to the broker's acknowledgement."
+        ),
     }
 }
 
@@ -236,24 +235,7 @@ impl PublisherStats {
 
 impl Collector for PublisherStats {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
-        encode_counter(
-            &mut encoder,
-            "herald_publisher_records_published",
-            "Records the broker acknowledged.",
-            self.published.load(Ordering::Relaxed),
-        )?;
-        encode_counter(
-            &mut encoder,
-            "herald_publisher_records_failed",
-            "Records whose delivery failed.",
-            self.failed.load(Ordering::Relaxed),
-        )?;
-        encode_metric(
-            &mut encoder,
-            "herald_publisher_latency_seconds",
-            "Seconds from the publish call to the broker's acknowledgement.",
-            &self.latency,
-        )
+        self.encode_figures(&mut encoder)
     }
 }
 

@@ -16,9 +16,7 @@ use anyhow::{bail, ensure, Context};
 use clap::Args;
 use futures::StreamExt;
 use herald_kafka::consumer::CONSUMER_DEFAULTS;
-use herald_kafka::{
-    Consumer, ConsumerConfig, ConsumerStats, Publisher, PublisherConfig, RecordInfo, Router,
-};
+use herald_kafka::{Consumer, ConsumerConfig, Publisher, PublisherConfig, RecordInfo, Router};
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
@@ -289,17 +287,16 @@ async fn herald_side(spec: &SideSpec) -> anyhow::Result<SideResult> {
             "no handler histogram in:\n{text}"
         );
     }
-    let count = |c: &AtomicU64| ConsumerStats::get(c) as f64;
     Ok(SideResult::finish(spec.records, seconds)?
         .with(
             "startup_seconds",
             first.duration_since(started).as_secs_f64(),
         )
-        .with("consumed", count(&stats.consumed))
-        .with("handled", count(&stats.handled))
-        .with("skipped_unknown", count(&stats.skipped_unknown))
-        .with("dead_lettered", count(&stats.dead_lettered))
-        .with("commit_failures", count(&stats.commit_failures)))
+        .with("consumed", stats.consumed() as f64)
+        .with("handled", stats.handled() as f64)
+        .with("skipped_unknown", stats.skipped_unknown() as f64)
+        .with("dead_lettered", stats.dead_lettered() as f64)
+        .with("commit_failures", stats.commit_failures() as f64))
 }
 
 fn bare_side(spec: &SideSpec) -> anyhow::Result<SideResult> {

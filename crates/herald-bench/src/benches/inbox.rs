@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context};
 use clap::Args;
 use herald::HandlerError;
-use herald_kafka::{Consumer, ConsumerConfig, ConsumerStats, RecordInfo, Router};
+use herald_kafka::{Consumer, ConsumerConfig, RecordInfo, Router};
 use herald_postgres::{classify, Inbox};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -289,14 +289,13 @@ pub async fn run_side(spec: SideSpec) -> anyhow::Result<SideResult> {
         bail!("the handler never saw the last record");
     };
     let seconds = last.duration_since(*first).as_secs_f64();
-    let count = |c: &std::sync::atomic::AtomicU64| ConsumerStats::get(c) as f64;
     Ok(SideResult::finish(spec.records, seconds)?
         .with(
             "startup_seconds",
             first.duration_since(started).as_secs_f64(),
         )
-        .with("consumed", count(&stats.consumed))
-        .with("handled", count(&stats.handled))
-        .with("dead_lettered", count(&stats.dead_lettered))
-        .with("commit_failures", count(&stats.commit_failures)))
+        .with("consumed", stats.consumed() as f64)
+        .with("handled", stats.handled() as f64)
+        .with("dead_lettered", stats.dead_lettered() as f64)
+        .with("commit_failures", stats.commit_failures() as f64))
 }

@@ -29,16 +29,13 @@
 //! the `--rate` × `--seconds` records after that are measured.
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, ensure, Context};
 use clap::{Args, ValueEnum};
 use herald::HandlerError;
-use herald_kafka::processor::{
-    Deduplication, Guarantee, Input, Processor, ProcessorConfig, ProcessorStats,
-};
+use herald_kafka::processor::{Deduplication, Guarantee, Input, Processor, ProcessorConfig};
 use herald_kafka::{Publisher, PublisherConfig};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -621,7 +618,7 @@ pub async fn run_side(spec: SideSpec) -> anyhow::Result<SideResult> {
             // The clock stops when the last input's offset is committed
             // (with its output, or after it), read every millisecond.
             let finished = loop {
-                if ProcessorStats::get(&stats.committed_inputs) >= records {
+                if stats.committed_inputs() >= records {
                     break Instant::now();
                 }
                 if running.is_finished() {
@@ -639,17 +636,13 @@ pub async fn run_side(spec: SideSpec) -> anyhow::Result<SideResult> {
         }
         None => {
             processor.run(stdin_closed()).await?;
-            (
-                started.elapsed().as_secs_f64(),
-                ProcessorStats::get(&stats.committed_inputs),
-            )
+            (started.elapsed().as_secs_f64(), stats.committed_inputs())
         }
     };
-    let count = |c: &AtomicU64| ProcessorStats::get(c) as f64;
     ensure!(
-        ProcessorStats::get(&stats.dead_lettered) == 0,
+        stats.dead_lettered() == 0,
         "{} inputs were dead-lettered",
-        ProcessorStats::get(&stats.dead_lettered)
+        stats.dead_lettered()
     );
     let startup = probe
         .first
@@ -657,13 +650,13 @@ pub async fn run_side(spec: SideSpec) -> anyhow::Result<SideResult> {
         .map_or(0.0, |f| f.duration_since(started).as_secs_f64());
     Ok(SideResult::finish(records, seconds)?
         .with("startup_seconds", startup)
-        .with("consumed", count(&stats.consumed))
-        .with("processed", count(&stats.processed))
-        .with("produced", count(&stats.produced))
-        .with("commits", count(&stats.committed))
-        .with("committed_inputs", count(&stats.committed_inputs))
-        .with("aborted", count(&stats.aborted))
-        .with("retried", count(&stats.retried)))
+        .with("consumed", stats.consumed() as f64)
+        .with("processed", stats.processed() as f64)
+        .with("produced", stats.produced() as f64)
+        .with("commits", stats.committed() as f64)
+        .with("committed_inputs", stats.committed_inputs() as f64)
+        .with("aborted", stats.aborted() as f64)
+        .with("retried", stats.retried() as f64))
 }
 
 /// The report of `herald-bench processor`.

@@ -544,19 +544,18 @@ fn relay_result(
         "the relay published {published} of {} events",
         spec.records
     );
-    let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
-    let batches = get(&stats.batches);
+    let batches = stats.batches();
     let mean_batch_ms = if batches > 0 {
-        get(&stats.batch_micros_total) as f64 / batches as f64 / 1000.0
+        stats.batch_micros_total() as f64 / batches as f64 / 1000.0
     } else {
         0.0
     };
     Ok(SideResult::finish(spec.records, seconds)?
         .with("batches", batches as f64)
         .with("mean_batch_ms", mean_batch_ms)
-        .with("publish_failures", get(&stats.publish_failures) as f64)
-        .with("store_failures", get(&stats.store_failures) as f64)
-        .with("aborted_transactions", get(&stats.aborted) as f64))
+        .with("publish_failures", stats.publish_failures() as f64)
+        .with("store_failures", stats.store_failures() as f64)
+        .with("aborted_transactions", stats.aborted() as f64))
 }
 
 async fn bare_side(

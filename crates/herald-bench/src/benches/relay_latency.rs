@@ -24,7 +24,6 @@
 //! exactly-once p99 ≤ 2 × at-least-once p99).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, ensure, Context};
@@ -605,9 +604,8 @@ pub async fn run_side(spec: SideSpec) -> anyhow::Result<SideResult> {
         }
     };
     let seconds = started.elapsed().as_secs_f64();
-    let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    Ok(SideResult::finish(get(&stats.published), seconds)?
-        .with("batches", get(&stats.batches) as f64)
-        .with("publish_failures", get(&stats.publish_failures) as f64)
-        .with("store_failures", get(&stats.store_failures) as f64))
+    Ok(SideResult::finish(stats.published(), seconds)?
+        .with("batches", stats.batches() as f64)
+        .with("publish_failures", stats.publish_failures() as f64)
+        .with("store_failures", stats.store_failures() as f64))
 }

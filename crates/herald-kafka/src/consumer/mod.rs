@@ -33,7 +33,6 @@ pub mod router;
 mod runtime;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,8 +50,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use crate::error::ClientError;
 use crate::group::GroupConfig;
 use crate::metrics::{
-    encode_counter, encode_gauge, encode_metric, latency_histogram, DeadLetterLabels,
-    HandlerLabels, PartitionLabels,
+    encode_gauge, latency_histogram, DeadLetterLabels, HandlerLabels, PartitionLabels,
 };
 pub use crate::parking::DeadLetterMode;
 use crate::publisher::PRODUCER_DEFAULTS;
@@ -330,194 +328,125 @@ impl ConsumerConfig {
     }
 }
 
-/// Counters of what a consumer did, readable while it runs. Register it with
-/// a Prometheus registry to export them (see [`crate::metrics`]).
-#[derive(Debug)]
-pub struct ConsumerStats {
-    /// Records received from Kafka.
-    pub consumed: AtomicU64,
-    /// Records all of whose handlers succeeded.
-    pub handled: AtomicU64,
-    /// Handler retries after a transient failure.
-    pub retried: AtomicU64,
-    /// Records written to a dead-letter topic.
-    pub dead_lettered: AtomicU64,
-    /// Dead-letter writes that failed (each is tried again, with backoff up
-    /// to 5 s; the record stays uncommitted meanwhile).
-    pub dead_letter_failures: AtomicU64,
-    /// Records skipped because no handler knows their type.
-    pub skipped_unknown: AtomicU64,
-    /// Offset commits that failed (they are retried).
-    pub commit_failures: AtomicU64,
-    /// Records received but not finished, right now.
-    pub in_flight: AtomicU64,
-    /// Partitions assigned to this member, right now.
-    pub assigned_partitions: AtomicU64,
-    /// Assignments received (each rebalance that gave this member partitions).
-    pub assignments: AtomicU64,
-    /// Assignment callbacks of any size: above zero once this member joined
-    /// its group, even when the group left it without partitions.
-    pub rebalances: AtomicU64,
-    /// 1 while the circuit breaker is open (partitions paused because
-    /// handlers fail transiently across keys), else 0.
-    pub breaker_open: AtomicU64,
-    /// Times the circuit breaker opened.
-    pub breaker_trips: AtomicU64,
-    /// Handler calls cut off by [`ConsumerConfig::handler_timeout`].
-    pub handler_timeouts: AtomicU64,
-    /// Records parked behind an earlier dead letter of their key.
-    pub parked: AtomicU64,
-    /// Redriven records handled (each moves its key's parked list on).
-    pub redriven: AtomicU64,
-    /// Parked records discarded by a person.
-    pub discarded: AtomicU64,
-    /// Keys parked in this member's partitions, right now.
-    pub parked_keys: AtomicU64,
-    /// Records those keys hold (their dead letters included), right now.
-    pub parked_records: AtomicU64,
-    /// When the oldest of those keys was parked (Unix milliseconds; 0 when
-    /// none is).
-    pub parked_oldest_since_ms: AtomicU64,
-    /// Handler durations per handler and event type, successes and failures
-    /// alike (detailed metrics).
-    pub handler_seconds: Family<HandlerLabels, Histogram, fn() -> Histogram>,
-    /// Dead letters written, per source topic, event type and error class.
-    pub dead_letters: Family<DeadLetterLabels, Counter>,
-    /// Per owned partition: high watermark (last stable offset under
-    /// `read_committed`) − committed offset, as of librdkafka's last
-    /// statistics (detailed metrics).
-    pub lag: Family<PartitionLabels, Gauge>,
-}
-
-impl Default for ConsumerStats {
-    fn default() -> Self {
-        Self {
-            consumed: AtomicU64::default(),
-            handled: AtomicU64::default(),
-            retried: AtomicU64::default(),
-            dead_lettered: AtomicU64::default(),
-            dead_letter_failures: AtomicU64::default(),
-            skipped_unknown: AtomicU64::default(),
-            commit_failures: AtomicU64::default(),
-            in_flight: AtomicU64::default(),
-            assigned_partitions: AtomicU64::default(),
-            assignments: AtomicU64::default(),
-            rebalances: AtomicU64::default(),
-            breaker_open: AtomicU64::default(),
-            breaker_trips: AtomicU64::default(),
-            handler_timeouts: AtomicU64::default(),
-            parked: AtomicU64::default(),
-            redriven: AtomicU64::default(),
-            discarded: AtomicU64::default(),
-            parked_keys: AtomicU64::default(),
-            parked_records: AtomicU64::default(),
-            parked_oldest_since_ms: AtomicU64::default(),
-            handler_seconds: Family::new_with_constructor(latency_histogram),
-            dead_letters: Family::default(),
-            lag: Family::default(),
-        }
+crate::metrics::stats! {
+    /// Counters of what a consumer did, readable while it runs (one method
+    /// per figure). Register it with a Prometheus registry to export them
+    /// (see [`crate::metrics`]).
+    pub struct ConsumerStats {
+        /// Records received from Kafka.
+        consumed: counter("herald_consumer_records_consumed", "Records received from Kafka."),
+        /// Records all of whose handlers succeeded.
+        handled: counter(
+            "herald_consumer_records_handled",
+            "Records all of whose handlers succeeded."
+        ),
+        /// Handler retries after a transient failure.
+        retried: counter("herald_consumer_retries", "Handler retries after transient failures."),
+        /// Records written to a dead-letter topic.
+        dead_lettered: internal,
+        /// Dead-letter writes that failed (each is tried again, with backoff up
+        /// to 5 s; the record stays uncommitted meanwhile).
+        dead_letter_failures: counter(
+            "herald_consumer_dead_letter_write_failures",
+            "Dead-letter writes that failed (retried; the record stays uncommitted)."
+        ),
+        /// Records skipped because no handler knows their type.
+        skipped_unknown: counter(
+            "herald_consumer_skipped_unknown",
+            "Records of unknown event types skipped."
+        ),
+        /// Offset commits that failed (they are retried).
+        commit_failures: counter(
+            "herald_consumer_commit_failures",
+            "Offset commits that failed (retried)."
+        ),
+        /// Records received but not finished, right now.
+        in_flight: gauge(
+            "herald_consumer_in_flight_records",
+            "Records received and not finished."
+        ),
+        /// Partitions assigned to this member, right now.
+        assigned_partitions: gauge(
+            "herald_consumer_assigned_partitions",
+            "Partitions this member owns."
+        ),
+        /// Assignments received (each rebalance that gave this member partitions).
+        assignments: counter(
+            "herald_consumer_assignments",
+            "Rebalances that assigned partitions to this member."
+        ),
+        /// Assignment callbacks of any size: above zero once this member joined
+        /// its group, even when the group left it without partitions.
+        rebalances: internal,
+        /// 1 while the circuit breaker is open (partitions paused because
+        /// handlers fail transiently across keys), else 0.
+        breaker_open: gauge(
+            "herald_consumer_breaker_open",
+            "1 while the circuit breaker holds the partitions paused."
+        ),
+        /// Times the circuit breaker opened.
+        breaker_trips: counter(
+            "herald_consumer_breaker_trips",
+            "Times the circuit breaker opened (handlers failing transiently across keys)."
+        ),
+        /// Handler calls cut off by [`ConsumerConfig::handler_timeout`].
+        handler_timeouts: counter(
+            "herald_consumer_handler_timeouts",
+            "Handler calls cut off after the handler timeout (retried as transient failures)."
+        ),
+        /// Records parked behind an earlier dead letter of their key.
+        parked: counter(
+            "herald_consumer_records_parked",
+            "Records parked behind an earlier dead letter of their key."
+        ),
+        /// Redriven records handled (each moves its key's parked list on).
+        redriven: counter("herald_consumer_records_redriven", "Redriven records handled."),
+        /// Parked records discarded by a person.
+        discarded: counter(
+            "herald_consumer_records_discarded",
+            "Parked records discarded by a person."
+        ),
+        /// Keys parked in this member's partitions, right now.
+        parked_keys: gauge(
+            "herald_consumer_parked_keys",
+            "Keys parked behind a dead letter in this member's partitions."
+        ),
+        /// Records those keys hold (their dead letters included), right now.
+        parked_records: gauge(
+            "herald_consumer_parked_records",
+            "Records the parked keys hold, their dead letters included."
+        ),
+        /// When the oldest of those keys was parked (Unix milliseconds; 0 when
+        /// none is).
+        parked_oldest_since_ms: internal,
     }
-}
-
-impl ConsumerStats {
-    /// Reads one counter.
-    pub fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
+    metrics {
+        /// Handler durations per handler and event type, successes and failures
+        /// alike (detailed metrics).
+        handler_seconds: Family<HandlerLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(latency_histogram) => (
+                "herald_consumer_handler_duration_seconds",
+                "Handler durations, by handler and event type."
+            ),
+        /// Dead letters written, per source topic, event type and error class.
+        dead_letters: Family<DeadLetterLabels, Counter> = Family::default() => (
+            "herald_consumer_dead_lettered",
+            "Records written to a dead-letter topic, by topic, event type and error class."
+        ),
+        /// Per owned partition: high watermark (last stable offset under
+        /// `read_committed`) − committed offset, as of librdkafka's last
+        /// statistics (detailed metrics).
+        lag: Family<PartitionLabels, Gauge> = Family::default() => (
+            "herald_consumer_lag",
+            "Records behind per owned partition: high watermark minus committed offset."
+        ),
     }
 }
 
 impl Collector for ConsumerStats {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
-        let e = &mut encoder;
-        for (name, help, value) in [
-            (
-                "herald_consumer_records_consumed",
-                "Records received from Kafka.",
-                &self.consumed,
-            ),
-            (
-                "herald_consumer_records_handled",
-                "Records all of whose handlers succeeded.",
-                &self.handled,
-            ),
-            (
-                "herald_consumer_retries",
-                "Handler retries after transient failures.",
-                &self.retried,
-            ),
-            (
-                "herald_consumer_skipped_unknown",
-                "Records of unknown event types skipped.",
-                &self.skipped_unknown,
-            ),
-            (
-                "herald_consumer_dead_letter_write_failures",
-                "Dead-letter writes that failed (retried; the record stays uncommitted).",
-                &self.dead_letter_failures,
-            ),
-            (
-                "herald_consumer_commit_failures",
-                "Offset commits that failed (retried).",
-                &self.commit_failures,
-            ),
-            (
-                "herald_consumer_assignments",
-                "Rebalances that assigned partitions to this member.",
-                &self.assignments,
-            ),
-            (
-                "herald_consumer_breaker_trips",
-                "Times the circuit breaker opened (handlers failing transiently across keys).",
-                &self.breaker_trips,
-            ),
-            (
-                "herald_consumer_handler_timeouts",
-                "Handler calls cut off after the handler timeout (retried as transient failures).",
-                &self.handler_timeouts,
-            ),
-            (
-                "herald_consumer_records_parked",
-                "Records parked behind an earlier dead letter of their key.",
-                &self.parked,
-            ),
-            (
-                "herald_consumer_records_redriven",
-                "Redriven records handled.",
-                &self.redriven,
-            ),
-            (
-                "herald_consumer_records_discarded",
-                "Parked records discarded by a person.",
-                &self.discarded,
-            ),
-        ] {
-            encode_counter(e, name, help, Self::get(value))?;
-        }
-        encode_gauge(
-            e,
-            "herald_consumer_in_flight_records",
-            "Records received and not finished.",
-            Self::get(&self.in_flight),
-        )?;
-        encode_gauge(
-            e,
-            "herald_consumer_breaker_open",
-            "1 while the circuit breaker holds the partitions paused.",
-            Self::get(&self.breaker_open),
-        )?;
-        encode_gauge(
-            e,
-            "herald_consumer_parked_keys",
-            "Keys parked behind a dead letter in this member's partitions.",
-            Self::get(&self.parked_keys),
-        )?;
-        encode_gauge(
-            e,
-            "herald_consumer_parked_records",
-            "Records the parked keys hold, their dead letters included.",
-            Self::get(&self.parked_records),
-        )?;
-        let oldest = Self::get(&self.parked_oldest_since_ms);
+        self.encode_figures(&mut encoder)?;
+        let oldest = self.parked_oldest_since_ms();
         let age_seconds = if oldest == 0 {
             0
         } else {
@@ -525,34 +454,10 @@ impl Collector for ConsumerStats {
             now.saturating_sub(oldest) / 1000
         };
         encode_gauge(
-            e,
+            &mut encoder,
             "herald_consumer_parked_oldest_age_seconds",
             "Age of the oldest parked key (0 when none is parked).",
             age_seconds,
-        )?;
-        encode_gauge(
-            e,
-            "herald_consumer_assigned_partitions",
-            "Partitions this member owns.",
-            Self::get(&self.assigned_partitions),
-        )?;
-        encode_metric(
-            e,
-            "herald_consumer_dead_lettered",
-            "Records written to a dead-letter topic, by topic, event type and error class.",
-            &self.dead_letters,
-        )?;
-        encode_metric(
-            e,
-            "herald_consumer_handler_duration_seconds",
-            "Handler durations, by handler and event type.",
-            &self.handler_seconds,
-        )?;
-        encode_metric(
-            e,
-            "herald_consumer_lag",
-            "Records behind per owned partition: high watermark minus committed offset.",
-            &self.lag,
         )
     }
 }

@@ -122,7 +122,7 @@ pub mod dedup;
 mod runtime;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -353,43 +353,65 @@ impl ProcessorError {
     }
 }
 
-/// Counters of what a processor did, readable while it runs.
-#[derive(Debug, Default)]
-pub struct ProcessorStats {
-    /// Inputs received from Kafka (redeliveries after a rewind count again).
-    pub consumed: AtomicU64,
-    /// Successful transform calls.
-    pub processed: AtomicU64,
-    /// Output records produced (into transactions that may still abort).
-    pub produced: AtomicU64,
-    /// Dead letters produced (into transactions that may still abort).
-    pub dead_lettered: AtomicU64,
-    /// Inputs skipped because their type is unknown to the family.
-    pub skipped_unknown: AtomicU64,
-    /// Transient transform failures that will be retried.
-    pub retried: AtomicU64,
-    /// Committed transactions (at least once: batches whose offsets were
-    /// committed).
-    pub committed: AtomicU64,
-    /// Inputs whose offsets were committed.
-    pub committed_inputs: AtomicU64,
-    /// Aborted transactions (at least once: batches rewound to be redone).
-    pub aborted: AtomicU64,
-    /// Inputs dropped as duplicates of an already processed event
-    /// ([`ProcessorConfig::deduplication`]), counted when their
-    /// transaction commits (an aborted one's inputs come round again).
-    pub duplicates: AtomicU64,
-    /// Times the processor stopped on a restartable error and was started
-    /// again with fresh clients ([`ProcessorConfig::restart`]).
-    pub restarts: AtomicU64,
-    /// 1 while the processor waits to be started again after a failure.
-    pub restarting: AtomicU64,
-}
-
-impl ProcessorStats {
-    /// Reads one counter.
-    pub fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
+crate::metrics::stats! {
+    /// Counters of what a processor did, readable while it runs (one method
+    /// per figure); a Prometheus collector (see [`crate::metrics`]).
+    pub struct ProcessorStats {
+        /// Inputs received from Kafka (redeliveries after a rewind count again).
+        consumed: counter(
+            "herald_processor_inputs_consumed",
+            "Inputs received (redeliveries after a rewind count again)."
+        ),
+        /// Successful transform calls.
+        processed: internal,
+        /// Output records produced (into transactions that may still abort).
+        produced: counter(
+            "herald_processor_outputs_produced",
+            "Outputs produced into transactions (which may still abort)."
+        ),
+        /// Dead letters produced (into transactions that may still abort).
+        dead_lettered: counter(
+            "herald_processor_dead_lettered",
+            "Poison inputs dead-lettered inside a transaction."
+        ),
+        /// Inputs skipped because their type is unknown to the family.
+        skipped_unknown: internal,
+        /// Transient transform failures that will be retried.
+        retried: counter("herald_processor_retries", "Transient transform failures retried."),
+        /// Committed transactions (at least once: batches whose offsets were
+        /// committed).
+        committed: counter(
+            "herald_processor_transactions_committed",
+            "Committed processor transactions."
+        ),
+        /// Inputs whose offsets were committed.
+        committed_inputs: counter(
+            "herald_processor_inputs_committed",
+            "Inputs whose offsets were committed with their outputs."
+        ),
+        /// Aborted transactions (at least once: batches rewound to be redone).
+        aborted: counter(
+            "herald_processor_transactions_aborted",
+            "Aborted processor transactions."
+        ),
+        /// Inputs dropped as duplicates of an already processed event
+        /// ([`ProcessorConfig::deduplication`]), counted when their
+        /// transaction commits (an aborted one's inputs come round again).
+        duplicates: counter(
+            "herald_processor_duplicates_dropped",
+            "Inputs dropped because their event was already processed."
+        ),
+        /// Times the processor stopped on a restartable error and was started
+        /// again with fresh clients ([`ProcessorConfig::restart`]).
+        restarts: counter(
+            "herald_processor_restarts",
+            "Times the processor was started again with fresh clients after a failure."
+        ),
+        /// 1 while the processor waits to be started again after a failure.
+        restarting: gauge(
+            "herald_processor_restarting",
+            "1 while the processor waits to be started again after a failure."
+        ),
     }
 }
 
@@ -398,61 +420,7 @@ impl prometheus_client::collector::Collector for ProcessorStats {
         &self,
         mut encoder: prometheus_client::encoding::DescriptorEncoder<'_>,
     ) -> std::fmt::Result {
-        for (name, help, value) in [
-            (
-                "herald_processor_inputs_consumed",
-                "Inputs received (redeliveries after a rewind count again).",
-                &self.consumed,
-            ),
-            (
-                "herald_processor_outputs_produced",
-                "Outputs produced into transactions (which may still abort).",
-                &self.produced,
-            ),
-            (
-                "herald_processor_transactions_committed",
-                "Committed processor transactions.",
-                &self.committed,
-            ),
-            (
-                "herald_processor_transactions_aborted",
-                "Aborted processor transactions.",
-                &self.aborted,
-            ),
-            (
-                "herald_processor_inputs_committed",
-                "Inputs whose offsets were committed with their outputs.",
-                &self.committed_inputs,
-            ),
-            (
-                "herald_processor_dead_lettered",
-                "Poison inputs dead-lettered inside a transaction.",
-                &self.dead_lettered,
-            ),
-            (
-                "herald_processor_retries",
-                "Transient transform failures retried.",
-                &self.retried,
-            ),
-            (
-                "herald_processor_duplicates_dropped",
-                "Inputs dropped because their event was already processed.",
-                &self.duplicates,
-            ),
-            (
-                "herald_processor_restarts",
-                "Times the processor was started again with fresh clients after a failure.",
-                &self.restarts,
-            ),
-        ] {
-            crate::metrics::encode_counter(&mut encoder, name, help, Self::get(value))?;
-        }
-        crate::metrics::encode_gauge(
-            &mut encoder,
-            "herald_processor_restarting",
-            "1 while the processor waits to be started again after a failure.",
-            Self::get(&self.restarting),
-        )
+        self.encode_figures(&mut encoder)
     }
 }
 

@@ -17,7 +17,7 @@
 
 use std::collections::HashSet;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::error::{ClientError, PublishError};
-use crate::metrics::{encode_counter, encode_metric, latency_histogram};
+use crate::metrics::latency_histogram;
 use crate::publisher::{BorrowedRecord, Publisher};
 
 mod checkpoint;
@@ -85,124 +85,78 @@ impl Default for RelayConfig {
     }
 }
 
-/// Counters of a relay, readable while it runs; a Prometheus collector (see
-/// [`crate::metrics`]).
-#[derive(Debug)]
-pub struct RelayStats {
-    /// Records published and marked.
-    pub published: AtomicU64,
-    /// Batches that published at least one record.
-    pub batches: AtomicU64,
-    /// Deliveries that failed (their rows stay for the next pass).
-    pub publish_failures: AtomicU64,
-    /// Store errors (claim or commit failed).
-    pub store_failures: AtomicU64,
-    /// Records the broker refused for good (too large, invalid, not
-    /// authorized), each time.
-    pub refused: AtomicU64,
-    /// Events the store parked, with their aggregates, after refusals.
-    pub parked: AtomicU64,
-    /// Exactly once: slot producers initialized (each fences the slot's
-    /// earlier producers).
-    pub fences: AtomicU64,
-    /// Exactly once: transactions refused because another relay fenced
-    /// this one's slot producer.
-    pub fenced: AtomicU64,
-    /// Exactly once: transactions aborted after a Kafka error.
-    pub aborted: AtomicU64,
-    /// Exactly once: rows a previous owner of a slot published but did not
-    /// mark, marked from its checkpoint by the next owner.
-    pub recovered: AtomicU64,
-    /// Duration of the last non-empty batch, claim to commit, in microseconds.
-    pub last_batch_micros: AtomicU64,
-    /// Sum of non-empty batch durations, in microseconds.
-    pub batch_micros_total: AtomicU64,
-    /// Non-empty batch durations, claim to commit, in seconds.
-    pub batch_seconds: Histogram,
-}
-
-impl Default for RelayStats {
-    fn default() -> Self {
-        Self {
-            published: AtomicU64::default(),
-            batches: AtomicU64::default(),
-            publish_failures: AtomicU64::default(),
-            store_failures: AtomicU64::default(),
-            refused: AtomicU64::default(),
-            parked: AtomicU64::default(),
-            fences: AtomicU64::default(),
-            fenced: AtomicU64::default(),
-            aborted: AtomicU64::default(),
-            recovered: AtomicU64::default(),
-            last_batch_micros: AtomicU64::default(),
-            batch_micros_total: AtomicU64::default(),
-            batch_seconds: latency_histogram(),
-        }
+crate::metrics::stats! {
+    /// Counters of a relay, readable while it runs (one method per figure);
+    /// a Prometheus collector (see [`crate::metrics`]).
+    pub struct RelayStats {
+        /// Records published and marked.
+        published: counter(
+            "herald_relay_published",
+            "Outbox records published to Kafka and marked."
+        ),
+        /// Batches that published at least one record.
+        batches: counter("herald_relay_batches", "Relay batches that published records."),
+        /// Deliveries that failed (their rows stay for the next pass).
+        publish_failures: counter(
+            "herald_relay_publish_failures",
+            "Deliveries that failed (retried on a later pass)."
+        ),
+        /// Store errors (claim or commit failed).
+        store_failures: counter(
+            "herald_relay_store_failures",
+            "Outbox store errors (claim or mark)."
+        ),
+        /// Records the broker refused for good (too large, invalid, not
+        /// authorized), each time.
+        refused: counter(
+            "herald_relay_refused",
+            "Outbox records the broker refused for good (too large, invalid, not authorized)."
+        ),
+        /// Events the store parked, with their aggregates, after refusals.
+        parked: counter(
+            "herald_relay_parked",
+            "Outbox events parked with their aggregates after repeated refusals."
+        ),
+        /// Exactly once: slot producers initialized (each fences the slot's
+        /// earlier producers).
+        fences: counter(
+            "herald_relay_fences",
+            "Exactly-once relay slot producers initialized (each fences earlier ones)."
+        ),
+        /// Exactly once: transactions refused because another relay fenced
+        /// this one's slot producer.
+        fenced: counter(
+            "herald_relay_fenced",
+            "Exactly-once relay transactions refused because another relay took the slot."
+        ),
+        /// Exactly once: transactions aborted after a Kafka error.
+        aborted: counter(
+            "herald_relay_transactions_aborted",
+            "Exactly-once relay transactions aborted after a Kafka error."
+        ),
+        /// Exactly once: rows a previous owner of a slot published but did not
+        /// mark, marked from its checkpoint by the next owner.
+        recovered: counter(
+            "herald_relay_recovered",
+            "Rows marked from a checkpoint that a previous slot owner published but did not mark."
+        ),
+        /// Duration of the last non-empty batch, claim to commit, in microseconds.
+        last_batch_micros: internal,
+        /// Sum of non-empty batch durations, in microseconds.
+        batch_micros_total: internal,
+    }
+    metrics {
+        /// Non-empty batch durations, claim to commit, in seconds.
+        batch_seconds: Histogram = latency_histogram() => (
+            "herald_relay_batch_duration_seconds",
+            "Relay batch durations, claim to commit."
+        ),
     }
 }
 
 impl Collector for RelayStats {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
-        for (name, help, value) in [
-            (
-                "herald_relay_published",
-                "Outbox records published to Kafka and marked.",
-                &self.published,
-            ),
-            (
-                "herald_relay_batches",
-                "Relay batches that published records.",
-                &self.batches,
-            ),
-            (
-                "herald_relay_publish_failures",
-                "Deliveries that failed (retried on a later pass).",
-                &self.publish_failures,
-            ),
-            (
-                "herald_relay_store_failures",
-                "Outbox store errors (claim or mark).",
-                &self.store_failures,
-            ),
-            (
-                "herald_relay_refused",
-                "Outbox records the broker refused for good (too large, invalid, not authorized).",
-                &self.refused,
-            ),
-            (
-                "herald_relay_parked",
-                "Outbox events parked with their aggregates after repeated refusals.",
-                &self.parked,
-            ),
-            (
-                "herald_relay_fences",
-                "Exactly-once relay slot producers initialized (each fences earlier ones).",
-                &self.fences,
-            ),
-            (
-                "herald_relay_fenced",
-                "Exactly-once relay transactions refused because another relay took the slot.",
-                &self.fenced,
-            ),
-            (
-                "herald_relay_transactions_aborted",
-                "Exactly-once relay transactions aborted after a Kafka error.",
-                &self.aborted,
-            ),
-            (
-                "herald_relay_recovered",
-                "Rows marked from a checkpoint that a previous slot owner published but did not mark.",
-                &self.recovered,
-            ),
-        ] {
-            encode_counter(&mut encoder, name, help, value.load(Ordering::Relaxed))?;
-        }
-        encode_metric(
-            &mut encoder,
-            "herald_relay_batch_duration_seconds",
-            "Relay batch durations, claim to commit.",
-            &self.batch_seconds,
-        )
+        self.encode_figures(&mut encoder)
     }
 }
 

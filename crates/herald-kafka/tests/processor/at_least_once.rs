@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use herald::{Envelope, HandlerError};
 use herald_kafka::dlq::headers as dlq;
-use herald_kafka::processor::{Guarantee, Input, Processor, ProcessorStats, Transform};
+use herald_kafka::processor::{Guarantee, Input, Processor, Transform};
 use herald_kafka::OutgoingRecord;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use tokio_util::sync::CancellationToken;
@@ -173,7 +173,7 @@ async fn at_least_once_outputs_every_input_and_commits_offsets_after_the_outputs
     let dones: Vec<Done> = outputs.iter().map(Collected::done).collect();
     assert_exactly_once_in_order(&dones, &good);
     assert_eq!(
-        ProcessorStats::get(&stats.aborted),
+        stats.aborted(),
         0,
         "a poison input never makes the inputs around it redo their work"
     );

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use herald::Event;
-use herald_kafka::processor::{Deduplication, Input, Processor, ProcessorStats};
+use herald_kafka::processor::{Deduplication, Input, Processor};
 use tokio_util::sync::CancellationToken;
 
 use crate::support::*;
@@ -37,7 +37,7 @@ async fn run_until_committed(
     wait_all_committed(kafka, group, input, PARTITIONS, Duration::from_secs(120)).await;
     stop.cancel();
     task.await.expect("task").expect("processor stops cleanly");
-    ProcessorStats::get(&stats.duplicates)
+    stats.duplicates()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,6 +12,7 @@
 //! coordinator then aborts it first and bumps the producer's epoch, which
 //! the producer reports as fenced).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -51,6 +52,9 @@ struct MidStream {
     group: String,
     first: Vec<TestEvent>,
     stats: Arc<ProcessorStats>,
+    /// Processors this test replaced after a timed-out transaction (the
+    /// processor counts its own restarts in `stats`).
+    replaced: Arc<AtomicU64>,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<Result<(), herald_kafka::ProcessorError>>,
 }
@@ -80,12 +84,13 @@ impl MidStream {
             .transaction_timeout(Duration::from_secs(10))
             .operation_timeout(Duration::from_secs(10));
         let stats = Arc::new(ProcessorStats::default());
+        let replaced = Arc::new(AtomicU64::new(0));
         let stop = CancellationToken::new();
         // As a supervisor does: a processor whose transaction the broker
         // timed out while it was unreachable is replaced by a fresh one (it
         // restarts itself after other outage errors).
         let task = tokio::spawn({
-            let (stats, stop) = (Arc::clone(&stats), stop.clone());
+            let (stats, replaced, stop) = (Arc::clone(&stats), Arc::clone(&replaced), stop.clone());
             async move {
                 loop {
                     let processor = Processor::new(config.clone(), transform.clone())
@@ -94,9 +99,7 @@ impl MidStream {
                     match processor.run(stop.clone().cancelled_owned()).await {
                         Err(error) if error.is_transaction_expired() => {
                             eprintln!("{error}: starting a fresh processor");
-                            stats
-                                .restarts
-                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            replaced.fetch_add(1, Ordering::Relaxed);
                         }
                         ended => return ended,
                     }
@@ -106,7 +109,7 @@ impl MidStream {
         wait_until(
             "a third of the inputs committed",
             Duration::from_secs(120),
-            || ProcessorStats::get(&stats.committed_inputs) >= first.len() as u64 / 3,
+            || stats.committed_inputs() >= first.len() as u64 / 3,
         )
         .await;
         MidStream {
@@ -117,6 +120,7 @@ impl MidStream {
             group,
             first,
             stats,
+            replaced,
             stop,
             task,
         }
@@ -147,14 +151,16 @@ impl MidStream {
             );
         }
         eprintln!(
-            "every input committed {:?} after the second phase was published; processor restarts: {}",
+            "every input committed {:?} after the second phase was published; processor restarts: {}, replaced: {}",
             back.elapsed(),
-            ProcessorStats::get(&stats.restarts)
+            stats.restarts(),
+            self.replaced.load(Ordering::Relaxed)
         );
         assert!(
             !self.task.is_finished(),
-            "the processor is still running after the outage (restarts: {})",
-            ProcessorStats::get(&stats.restarts)
+            "the processor is still running after the outage (restarts: {}, replaced: {})",
+            stats.restarts(),
+            self.replaced.load(Ordering::Relaxed)
         );
         let dones: Vec<Done> = read_all(
             &self.kafka,

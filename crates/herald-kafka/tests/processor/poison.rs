@@ -10,7 +10,7 @@ use std::time::Duration;
 use chrono::Utc;
 use herald::{Envelope, Event as _, HandlerError, RetryPolicy, TraceContext};
 use herald_kafka::dlq::headers as dlq;
-use herald_kafka::processor::{Input, Processor, ProcessorStats};
+use herald_kafka::processor::{Input, Processor};
 use herald_kafka::OutgoingRecord;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -192,18 +192,15 @@ async fn poison_is_dead_lettered_once_inside_the_transaction_and_later_inputs_fl
     }
     let transient = &by_offset[&150];
     assert_eq!(transient.header(dlq::ATTEMPTS).as_deref(), Some("3"));
+    assert!(stats.retried() >= 4, "flaky and transient were retried");
     assert!(
-        ProcessorStats::get(&stats.retried) >= 4,
-        "flaky and transient were retried"
-    );
-    assert!(
-        ProcessorStats::get(&stats.aborted) >= 1,
+        stats.aborted() >= 1,
         "poison mid-batch aborted a transaction"
     );
     eprintln!(
         "committed {} transactions, aborted {}",
-        ProcessorStats::get(&stats.committed),
-        ProcessorStats::get(&stats.aborted)
+        stats.committed(),
+        stats.aborted()
     );
 }
 

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use herald::{HandlerError, RetryPolicy};
-use herald_kafka::{Consumer, ConsumerConfig, ConsumerStats, RecordInfo, Router};
+use herald_kafka::{Consumer, ConsumerConfig, RecordInfo, Router};
 
 use crate::support::*;
 
@@ -96,11 +96,8 @@ async fn every_record_is_handled_in_key_order_despite_transient_failures() {
         .iter()
         .filter(|TestEvent::Step(s)| s.seq % 7 == 3)
         .count() as u64;
-    assert_eq!(
-        ConsumerStats::get(&stats.retried),
-        retried_steps * FAILURES as u64
-    );
-    assert_eq!(ConsumerStats::get(&stats.dead_lettered), 0);
+    assert_eq!(stats.retried(), retried_steps * FAILURES as u64);
+    assert_eq!(stats.dead_lettered(), 0);
     assert!(
         max_running.load(Ordering::SeqCst) > 1,
         "keys ran in parallel"
@@ -147,7 +144,7 @@ async fn slow_handlers_pause_fetching_instead_of_buffering() {
     let stats = consumer.stats();
     let mut peak = 0;
     run_until(consumer, "all handled", Duration::from_secs(120), || {
-        peak = peak.max(ConsumerStats::get(&stats.in_flight));
+        peak = peak.max(stats.in_flight());
         seen.len() >= 1000
     })
     .await;
@@ -192,7 +189,7 @@ async fn many_keys_through_a_small_in_flight_limit_all_arrive() {
         || handled.load(Ordering::Relaxed) >= events.len(),
     )
     .await;
-    assert_eq!(ConsumerStats::get(&stats.handled), events.len() as u64);
+    assert_eq!(stats.handled(), events.len() as u64);
 }
 
 /// Handlers that finish without waiting complete on the poll thread; the

@@ -87,29 +87,29 @@ async fn an_outage_across_keys_pauses_the_consumer_and_dead_letters_nothing() {
     let task = tokio::spawn(consumer.run(stop.clone().cancelled_owned()));
 
     wait_until("the breaker open", Duration::from_secs(60), || {
-        ConsumerStats::get(&stats.breaker_open) == 1
+        stats.breaker_open() == 1
     })
     .await;
     // The outage goes on for many times the retry policy's deadline, with
     // the waiting records probing: none of them may give up.
-    let retried_at_open = ConsumerStats::get(&stats.retried);
+    let retried_at_open = stats.retried();
     let outage = std::time::Instant::now();
     wait_until("three seconds of outage", Duration::from_secs(10), || {
         outage.elapsed() >= Duration::from_secs(3)
     })
     .await;
     assert_eq!(
-        ConsumerStats::get(&stats.breaker_open),
+        stats.breaker_open(),
         1,
         "still open while the dependency is down"
     );
     assert_eq!(
-        ConsumerStats::get(&stats.dead_lettered),
+        stats.dead_lettered(),
         0,
         "nothing dead-lettered during the outage"
     );
     assert!(
-        ConsumerStats::get(&stats.retried) - retried_at_open < 200,
+        stats.retried() - retried_at_open < 200,
         "the open breaker probes, it does not retry every record on its own schedule"
     );
     assert_eq!(
@@ -124,9 +124,9 @@ async fn an_outage_across_keys_pauses_the_consumer_and_dead_letters_nothing() {
         seen.len() >= total
     })
     .await;
-    assert_eq!(ConsumerStats::get(&stats.breaker_open), 0, "closed again");
-    assert!(ConsumerStats::get(&stats.breaker_trips) >= 1);
-    assert_eq!(ConsumerStats::get(&stats.dead_lettered), 0);
+    assert_eq!(stats.breaker_open(), 0, "closed again");
+    assert!(stats.breaker_trips() >= 1);
+    assert_eq!(stats.dead_lettered(), 0);
     herald_test::poll_until(
         "the commits at the end of every partition",
         Duration::from_secs(30),
@@ -161,10 +161,10 @@ async fn without_the_breaker_the_same_outage_dead_letters_records() {
     let up = Arc::new(AtomicBool::new(false));
     let (consumer, stats, _) = consumer_of(&kafka, topic.name(), &seen, &up, None, None);
     run_until(consumer, "dead letters", Duration::from_secs(60), || {
-        ConsumerStats::get(&stats.dead_lettered) >= 8
+        stats.dead_lettered() >= 8
     })
     .await;
-    assert_eq!(ConsumerStats::get(&stats.breaker_trips), 0);
+    assert_eq!(stats.breaker_trips(), 0);
 }
 
 /// One key that keeps failing while the others succeed is a poison key,
@@ -191,12 +191,12 @@ async fn one_key_failing_alone_is_dead_lettered_and_the_breaker_stays_closed() {
         consumer,
         "every record handled or dead-lettered",
         Duration::from_secs(90),
-        || seen.len() + ConsumerStats::get(&stats.dead_lettered) as usize >= total,
+        || seen.len() + stats.dead_lettered() as usize >= total,
     )
     .await;
-    assert_eq!(ConsumerStats::get(&stats.breaker_trips), 0, "never opened");
+    assert_eq!(stats.breaker_trips(), 0, "never opened");
     assert_eq!(
-        ConsumerStats::get(&stats.dead_lettered),
+        stats.dead_lettered(),
         PER_KEY,
         "key-7's records, and only those, dead-lettered"
     );
@@ -228,7 +228,7 @@ async fn a_broker_restart_while_the_breaker_is_open_neither_stalls_nor_repeats()
     let stop = CancellationToken::new();
     let task = tokio::spawn(consumer.run(stop.clone().cancelled_owned()));
     wait_until("the breaker open", Duration::from_secs(60), || {
-        ConsumerStats::get(&stats.breaker_open) == 1
+        stats.breaker_open() == 1
     })
     .await;
     broker.kill();
@@ -258,6 +258,6 @@ async fn a_broker_restart_while_the_breaker_is_open_neither_stalls_nor_repeats()
         total,
         "records that waited when their partitions were revoked gave up instead of applying twice"
     );
-    assert_eq!(ConsumerStats::get(&stats.dead_lettered), 0);
+    assert_eq!(stats.dead_lettered(), 0);
     drop(broker);
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use herald::HandlerError;
 use herald_kafka::dlq::{latest_per_origin, read_dead_letters, redrive, DeadLetter};
 use herald_kafka::parking::{read_parked, ParkedKey, RedriveAction, DEFAULT_PARKED_TOPIC};
-use herald_kafka::{Consumer, ConsumerConfig, ConsumerStats, RecordInfo, Router};
+use herald_kafka::{Consumer, ConsumerConfig, RecordInfo, Router};
 
 use crate::support::*;
 
@@ -121,7 +121,7 @@ async fn a_poison_record_parks_its_key_and_a_redrive_applies_the_key_in_order_on
     wait_until(
         "the other keys handled and K's three records parked",
         Duration::from_secs(60),
-        || seen.len() >= 50 && ConsumerStats::get(&stats.parked) >= 3,
+        || seen.len() >= 50 && stats.parked() >= 3,
     )
     .await;
     let ends: std::collections::BTreeMap<i32, i64> = kafka
@@ -144,13 +144,9 @@ async fn a_poison_record_parks_its_key_and_a_redrive_applies_the_key_in_order_on
     .await;
     assert!(!seen.by_key().contains_key(POISONED), "{:?}", seen.by_key());
     assert_eq!(seen.len(), 50);
-    assert_eq!(
-        ConsumerStats::get(&stats.dead_lettered),
-        4,
-        "1 dead letter + 3 parked"
-    );
-    assert_eq!(ConsumerStats::get(&stats.parked_keys), 1);
-    assert_eq!(ConsumerStats::get(&stats.parked_records), 4);
+    assert_eq!(stats.dead_lettered(), 4, "1 dead letter + 3 parked");
+    assert_eq!(stats.parked_keys(), 1);
+    assert_eq!(stats.parked_records(), 4);
     let parked = parked_of(&kafka, &group).await;
     assert_eq!(parked.len(), 1, "{parked:?}");
     assert_eq!(parked[0].key, POISONED);
@@ -171,7 +167,7 @@ async fn a_poison_record_parks_its_key_and_a_redrive_applies_the_key_in_order_on
         assert!(sent.is_some());
     }
     wait_until("K unparked", Duration::from_secs(60), || {
-        ConsumerStats::get(&stats.parked_keys) == 0
+        stats.parked_keys() == 0
     })
     .await;
     assert_eq!(seen.by_key()[POISONED], vec![0, 1, 2, 3]);
@@ -212,7 +208,7 @@ async fn a_discard_unparks_the_key_without_handling_its_records() {
     wait_until(
         "K parked with its two later records",
         Duration::from_secs(60),
-        || ConsumerStats::get(&stats.parked) == 2,
+        || stats.parked() == 2,
     )
     .await;
     broken.store(false, Ordering::SeqCst);
@@ -222,10 +218,10 @@ async fn a_discard_unparks_the_key_without_handling_its_records() {
             .expect("discard");
     }
     wait_until("K unparked", Duration::from_secs(60), || {
-        ConsumerStats::get(&stats.parked_keys) == 0
+        stats.parked_keys() == 0
     })
     .await;
-    assert_eq!(ConsumerStats::get(&stats.discarded), 3);
+    assert_eq!(stats.discarded(), 3);
     publish_all(&publisher, topic.name(), &[step(POISONED, 3)]).await;
     wait_until("K's next record", Duration::from_secs(60), || {
         seen.len() >= 1

@@ -7,9 +7,7 @@ use std::time::Duration;
 
 use herald::{Envelope, HandlerError};
 use herald_kafka::dlq::headers as dlq;
-use herald_kafka::{
-    Consumer, ConsumerConfig, ConsumerStats, DeadLetterMode, OutgoingRecord, RecordInfo, Router,
-};
+use herald_kafka::{Consumer, ConsumerConfig, DeadLetterMode, OutgoingRecord, RecordInfo, Router};
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
 use rdkafka::message::Headers;
 use rdkafka::Message;
@@ -140,7 +138,7 @@ async fn poison_goes_to_the_dlq_with_original_bytes_and_the_key_keeps_flowing() 
         vec![1, 3, 4, 5],
         "the key kept flowing past the poison"
     );
-    assert_eq!(ConsumerStats::get(&stats.dead_lettered), 5);
+    assert_eq!(stats.dead_lettered(), 5);
 
     // Read the dead letters back.
     let reader: StreamConsumer = kafka
@@ -266,14 +264,10 @@ async fn transient_failures_are_dead_lettered_after_the_retry_budget() {
         consumer,
         "both records finished",
         Duration::from_secs(60),
-        || ConsumerStats::get(&stats.handled) == 1 && ConsumerStats::get(&stats.dead_lettered) == 1,
+        || stats.handled() == 1 && stats.dead_lettered() == 1,
     )
     .await;
-    assert_eq!(
-        ConsumerStats::get(&stats.retried),
-        2,
-        "3 attempts = 2 retries"
-    );
+    assert_eq!(stats.retried(), 2, "3 attempts = 2 retries");
 }
 
 /// Issue #20, scenario 7: a dead letter the broker refuses for good (its
@@ -337,10 +331,10 @@ async fn a_dead_letter_the_broker_refuses_keeps_its_record_uncommitted_and_is_co
         consumer,
         "other keys handled, three refused dead-letter writes",
         Duration::from_secs(60),
-        || seen.len() >= 15 && ConsumerStats::get(&stats.dead_letter_failures) >= 3,
+        || seen.len() >= 15 && stats.dead_letter_failures() >= 3,
     )
     .await;
-    assert_eq!(ConsumerStats::get(&stats.dead_lettered), 0);
+    assert_eq!(stats.dead_lettered(), 0);
     assert!(
         !seen.by_key().contains_key("key-3"),
         "key-3's later records never overtook its unwritten dead letter"

@@ -69,7 +69,7 @@ async fn members_join_and_leave_mid_stream_without_loss() {
     // The third member joined once it holds partitions: a rebalance moved
     // them while the others were mid-stream.
     wait_until("the third member assigned", Duration::from_secs(60), || {
-        ConsumerStats::get(&third.assigned_partitions) > 0
+        third.assigned_partitions() > 0
     })
     .await;
     eprintln!(
@@ -102,10 +102,7 @@ async fn members_join_and_leave_mid_stream_without_loss() {
 
     assert_complete_and_ordered(&seen, KEYS, PER_KEY);
     for stats in &all_stats {
-        assert!(
-            ConsumerStats::get(&stats.assignments) > 0,
-            "every member was given partitions"
-        );
+        assert!(stats.assignments() > 0, "every member was given partitions");
         // The broker may refuse an asynchronous commit sent while a
         // rebalance starts (REBALANCE_IN_PROGRESS): that is its fencing at
         // work, and the next commit supersedes it. What must hold is below:
@@ -113,7 +110,7 @@ async fn members_join_and_leave_mid_stream_without_loss() {
         // the end of every partition.
         eprintln!(
             "member: {} commits refused during rebalances",
-            ConsumerStats::get(&stats.commit_failures)
+            stats.commit_failures()
         );
     }
     assert_eq!(
@@ -166,7 +163,7 @@ async fn a_partition_given_back_to_its_member_keeps_every_waiting_key_flowing() 
     let stop_first = CancellationToken::new();
     let first_task = tokio::spawn(first.run(stop_first.clone().cancelled_owned()));
     wait_until("the first member assigned", Duration::from_secs(60), || {
-        ConsumerStats::get(&first_stats.assigned_partitions) == 2
+        first_stats.assigned_partitions() == 2
     })
     .await;
     // Three times: a second member joins (one partition moves to it) and
@@ -182,13 +179,13 @@ async fn a_partition_given_back_to_its_member_keeps_every_waiting_key_flowing() 
         wait_until(
             "the second member assigned",
             Duration::from_secs(60),
-            || ConsumerStats::get(&second_stats.assigned_partitions) > 0,
+            || second_stats.assigned_partitions() > 0,
         )
         .await;
         stop_second.cancel();
         second_task.await.expect("task").expect("member left");
         wait_until("the partition given back", Duration::from_secs(60), || {
-            ConsumerStats::get(&first_stats.assigned_partitions) == 2
+            first_stats.assigned_partitions() == 2
         })
         .await;
     }

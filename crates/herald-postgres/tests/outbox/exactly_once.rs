@@ -89,7 +89,7 @@ async fn a_relay_that_dies_at_any_point_of_a_batch_publishes_nothing_twice() {
             .relay(env.kafka.brokers(), PgOutbox::new(env.pool.clone()), None)
             .await;
         drain_exactly(&next, &env.pool).await;
-        let recovered = next.stats().recovered.load(Ordering::Relaxed);
+        let recovered = next.stats().recovered();
         eprintln!("died at {point:?}: the next relay recovered {recovered} rows");
         if point == RelayPoint::KafkaCommitted {
             assert!(
@@ -204,7 +204,7 @@ async fn a_lease_that_dies_after_its_second_batch_is_recovered_whole() {
         .await;
     drain_exactly(&next, &env.pool).await;
     assert_eq!(
-        next.stats().recovered.load(Ordering::Relaxed),
+        next.stats().recovered(),
         second.len() as u64,
         "every row of the lost lease was marked from the latest checkpoint"
     );
@@ -301,7 +301,7 @@ async fn a_stalled_relay_that_lost_its_slot_cannot_commit() {
     let woke = stalled.await.expect("join");
     let error = woke.expect_err("a fenced relay must not commit");
     eprintln!("the stalled relay woke to: {error}");
-    assert_eq!(zombie.stats().published.load(Ordering::Relaxed), 0);
+    assert_eq!(zombie.stats().published(), 0);
 
     let reads = read_to_end(&env.kafka, env.topic.name(), 3);
     assert_exactly_once_in_order(&reads, &committed);

@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use herald_kafka::{Consumer, ConsumerConfig, ConsumerStats, RecordInfo, Router};
+use herald_kafka::{Consumer, ConsumerConfig, RecordInfo, Router};
 use herald_postgres::Inbox;
 use herald_test::churn::GhostMember;
 use herald_test::faults::Schedule;
@@ -152,7 +152,7 @@ async fn an_inbox_consumer_survives_handler_faults_and_group_churn_exactly_once(
         // next ghost comes (else the coordinator may hand the leaver's
         // partitions straight to the next one).
         herald_test::wait_until("the partitions given back", Duration::from_secs(60), || {
-            ConsumerStats::get(&stats.assigned_partitions) == PARTITIONS as u64
+            stats.assigned_partitions() == PARTITIONS as u64
         })
         .await;
         schedule.step("partitions given back", "");
@@ -264,18 +264,15 @@ async fn an_inbox_consumer_survives_handler_faults_and_group_churn_exactly_once(
         faults.fired()
     );
     assert!(
-        ConsumerStats::get(&stats.handler_timeouts) >= 2,
+        stats.handler_timeouts() >= 2,
         "the two hangs were cut off by the handler timeout"
     );
+    assert!(stats.retried() >= 4, "the hangs and key-9 were retried");
     assert!(
-        ConsumerStats::get(&stats.retried) >= 4,
-        "the hangs and key-9 were retried"
-    );
-    assert!(
-        ConsumerStats::get(&stats.assignments) >= 4,
+        stats.assignments() >= 4,
         "the first assignment, then the partitions given back three times: {} assignments, {} rebalances",
-        ConsumerStats::get(&stats.assignments),
-        ConsumerStats::get(&stats.rebalances),
+        stats.assignments(),
+        stats.rebalances(),
     );
     eprintln!(
         "judged: {} events, {} applied once each in key order, {} dead letters ({} keys parked); \
@@ -284,8 +281,8 @@ async fn an_inbox_consumer_survives_handler_faults_and_group_churn_exactly_once(
         expected_effects,
         report.dead_letters.len(),
         POISONED.len(),
-        ConsumerStats::get(&stats.handler_timeouts),
-        ConsumerStats::get(&stats.retried),
-        ConsumerStats::get(&stats.assignments),
+        stats.handler_timeouts(),
+        stats.retried(),
+        stats.assignments(),
     );
 }

@@ -32,7 +32,7 @@ async fn an_idle_relay_wakes_on_each_commit() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         enqueue_committed(&env.pool, env.topic.name(), &step("notified", round)).await;
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while stats.published.load(std::sync::atomic::Ordering::Relaxed) < round {
+        while stats.published() < round {
             assert!(
                 std::time::Instant::now() < deadline,
                 "round {round}: the relay did not wake"

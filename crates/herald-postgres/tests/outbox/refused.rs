@@ -150,13 +150,7 @@ async fn at_least_once_a_refused_event_parks_its_aggregate_and_a_discard_lets_it
         parked_now[0].last_error.contains("too large"),
         "{parked_now:?}"
     );
-    assert_eq!(
-        relay
-            .stats()
-            .parked
-            .load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
+    assert_eq!(relay.stats().parked(), 1);
     // Nothing of the poisoned aggregate after its first event; all others.
     assert_published(&env, &expected(&all, &[0]));
 
@@ -219,13 +213,7 @@ async fn exactly_once_a_refused_event_stalls_no_one_and_a_retry_publishes_it_in_
         },
     )
     .await;
-    assert_eq!(
-        limited
-            .stats()
-            .parked
-            .load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
+    assert_eq!(limited.stats().parked(), 1);
     // The aborted transactions' records are invisible: every other
     // aggregate exactly once, the poisoned one up to its refused event.
     assert_published(&env, &expected(&all, &[0]));

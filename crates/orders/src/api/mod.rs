@@ -240,12 +240,12 @@ async fn readyz(State(state): State<AppState>) -> Response {
         .consumers
         .iter()
         .map(|(name, stats)| {
-            let status = if ConsumerStats::get(&stats.breaker_open) > 0 {
+            let status = if stats.breaker_open() > 0 {
                 // Its handlers fail across keys: a dependency is down.
                 "paused"
-            } else if ConsumerStats::get(&stats.assigned_partitions) > 0 {
+            } else if stats.assigned_partitions() > 0 {
                 "assigned"
-            } else if ConsumerStats::get(&stats.rebalances) > 0 {
+            } else if stats.rebalances() > 0 {
                 "idle"
             } else {
                 "joining"
