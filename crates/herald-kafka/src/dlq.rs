@@ -450,7 +450,7 @@ pub async fn redrive(
         return Ok(None);
     };
     publisher
-        .publish_record_to(&redrive.record, redrive.partition)
+        .publish_record(redrive.record.borrowed().to_partition(redrive.partition))
         .await
         .map(Some)
 }

@@ -127,7 +127,7 @@ impl OutgoingRecord {
         }
     }
 
-    /// The record as [`Publisher::publish_borrowed`] takes it.
+    /// The record as [`Publisher::publish_records`] takes it.
     pub fn borrowed(&self) -> BorrowedRecord<'_> {
         BorrowedRecord {
             topic: &self.topic,
@@ -143,7 +143,14 @@ impl OutgoingRecord {
                 },
             ),
             event_id: self.event_id,
+            partition: None,
         }
+    }
+}
+
+impl<'a> From<&'a OutgoingRecord> for BorrowedRecord<'a> {
+    fn from(record: &'a OutgoingRecord) -> Self {
+        record.borrowed()
     }
 }
 
@@ -164,6 +171,19 @@ pub struct BorrowedRecord<'a> {
     pub headers: OwnedHeaders,
     /// The event id, for error messages (nil when the record has none).
     pub event_id: Uuid,
+    /// The partition to write to; `None` lets the key choose (the usual
+    /// case). A redrive sets it: the record goes back to the partition it
+    /// came from.
+    pub partition: Option<i32>,
+}
+
+impl BorrowedRecord<'_> {
+    /// The same record, written to `partition` of its topic instead of the
+    /// one its key would choose.
+    pub fn to_partition(mut self, partition: i32) -> Self {
+        self.partition = Some(partition);
+        self
+    }
 }
 
 /// Publishes typed events (and raw records) to Kafka.
@@ -297,16 +317,7 @@ impl Publisher {
         event: &E,
     ) -> Result<Delivered, PublishError> {
         let envelope = Envelope::encode(event, &self.source)?;
-        self.publish_envelope(topic, &envelope).await
-    }
-
-    /// Publishes an already encoded envelope.
-    pub async fn publish_envelope(
-        &self,
-        topic: &str,
-        envelope: &Envelope,
-    ) -> Result<Delivered, PublishError> {
-        self.publish_record(&OutgoingRecord::from_envelope(topic, envelope))
+        self.publish_record(&OutgoingRecord::from_envelope(topic, &envelope))
             .await
     }
 
@@ -353,55 +364,31 @@ impl Publisher {
         .await
     }
 
-    /// Publishes one raw record and waits for its acknowledgement.
-    pub async fn publish_record(&self, record: &OutgoingRecord) -> Result<Delivered, PublishError> {
-        let started = Instant::now();
-        let pending = self.enqueue(record.borrowed()).await?;
-        self.await_delivery(&record.topic, record.event_id, pending, started)
-            .await
-    }
-
-    /// Publishes one raw record to `partition` of its topic (not the one its
-    /// key would choose) and waits for its acknowledgement: a redrive goes
-    /// back to the partition its record came from.
-    pub async fn publish_record_to(
+    /// Publishes one record as it is (an [`OutgoingRecord`], or a
+    /// [`BorrowedRecord`], which may name its partition) and waits for its
+    /// acknowledgement. The dead-letter writer and the redrive use it.
+    pub async fn publish_record<'a>(
         &self,
-        record: &OutgoingRecord,
-        partition: i32,
+        record: impl Into<BorrowedRecord<'a>>,
     ) -> Result<Delivered, PublishError> {
         let started = Instant::now();
-        let borrowed = record.borrowed();
-        let mut future_record = FutureRecord::to(borrowed.topic)
-            .payload(borrowed.payload)
-            .headers(borrowed.headers)
-            .partition(partition);
-        if let Some(key) = borrowed.key {
-            future_record = future_record.key(key);
-        }
-        let pending = self
-            .send(future_record, borrowed.topic, borrowed.event_id)
-            .await?;
-        self.await_delivery(&record.topic, record.event_id, pending, started)
-            .await
+        let record = record.into();
+        let (topic, event_id) = (record.topic, record.event_id);
+        let pending = self.enqueue(record).await?;
+        self.await_delivery(topic, event_id, pending, started).await
     }
 
-    /// Publishes raw records with all of them in flight at once; one result
-    /// per record, in input order. Records of one key keep their order.
-    pub async fn publish_records(
-        &self,
-        records: &[OutgoingRecord],
-    ) -> Vec<Result<Delivered, PublishError>> {
-        self.publish_borrowed(records.iter().map(OutgoingRecord::borrowed))
-            .await
-    }
-
-    /// [`Publisher::publish_records`] for records borrowed from their owner.
+    /// Publishes records as they are, all of them in flight at once; one
+    /// result per record, in input order. Records of one key keep their
+    /// order. The records are borrowed from whoever keeps their bytes (the
+    /// outbox relay keeps its claimed batch until the mark): pass
+    /// `records.iter().map(OutgoingRecord::borrowed)` for owned ones.
     ///
     /// A record that cannot be enqueued (librdkafka refuses it at once: too
     /// large, say) holds back the later records of the call with the same
     /// topic and key ([`PublishError::HeldBack`]): they are not sent, so
     /// none of them reaches Kafka before it.
-    pub async fn publish_borrowed<'a>(
+    pub async fn publish_records<'a>(
         &self,
         records: impl IntoIterator<Item = BorrowedRecord<'a>>,
     ) -> Vec<Result<Delivered, PublishError>> {
@@ -453,6 +440,9 @@ impl Publisher {
             .headers(record.headers);
         if let Some(key) = record.key {
             future_record = future_record.key(key);
+        }
+        if let Some(partition) = record.partition {
+            future_record = future_record.partition(partition);
         }
         self.send(future_record, record.topic, record.event_id)
             .await

@@ -575,7 +575,9 @@ async fn bare_side(
             .collect::<Result<Vec<_>, _>>()
             .context("encoding an event")?;
         let started = Instant::now();
-        let results = publisher.publish_records(&records).await;
+        let results = publisher
+            .publish_records(records.iter().map(OutgoingRecord::borrowed))
+            .await;
         publishing += started.elapsed();
         if let Some(error) = results.iter().find_map(|r| r.as_ref().err()) {
             bail!("publishing failed: {error}");

@@ -618,7 +618,7 @@ impl<S: SlotStore> TransactionalRelay<S> {
             let marker = producer
                 .send_result(marker)
                 .map_err(|(source, _)| failed("writing the relay checkpoint")(source))?;
-            let (results, delivered) = futures::join!(publisher.publish_borrowed(records), marker);
+            let (results, delivered) = futures::join!(publisher.publish_records(records), marker);
             let delivered = match delivered {
                 Ok(Ok(_)) => Ok(()),
                 Ok(Err((source, _))) => Err(source),

@@ -405,6 +405,7 @@ fn outgoing(record: &PendingRecord) -> (BorrowedRecord<'_>, tracing::Span) {
         payload: &record.payload,
         headers: out,
         event_id: record.event_id,
+        partition: None,
     };
     (outgoing, span)
 }
@@ -452,7 +453,7 @@ impl<S: OutboxStore> Relay<S> {
             batch.records().iter().map(outgoing).unzip();
         let results = self
             .publisher
-            .publish_borrowed(records)
+            .publish_records(records)
             .instrument(span.clone())
             .await;
 
