@@ -42,6 +42,14 @@ enum PaymentEvent {
     PaymentReceived(PaymentReceived),
 }
 
+/// The handler's state: its "database" (each order's applied amounts, in
+/// order) and the order whose first payment meets a dependency hiccup.
+#[derive(Debug, Clone, Default)]
+struct Ledger {
+    applied: Arc<Mutex<BTreeMap<String, Vec<i64>>>>,
+    flaky_once: Arc<Mutex<Option<String>>>,
+}
+
 fn payment(order: &str, amount_cents: i64) -> PaymentEvent {
     PaymentEvent::PaymentReceived(PaymentReceived {
         event_id: Uuid::new_v4(),
@@ -82,42 +90,42 @@ async fn main() -> Result<(), Error> {
     }
     println!("published {} payments to {topic}", events.len());
 
-    // The handler's "database": each order's applied amounts, in order.
-    let ledger: Arc<Mutex<BTreeMap<String, Vec<i64>>>> = Arc::default();
-    let flaky_once = Arc::new(Mutex::new(Some(order(3))));
-    let router = Router::new().handle("ledger", {
-        let (ledger, flaky_once) = (Arc::clone(&ledger), Arc::clone(&flaky_once));
-        move |PaymentEvent::PaymentReceived(payment): PaymentEvent, record: RecordInfo| {
-            let (ledger, flaky_once) = (Arc::clone(&ledger), Arc::clone(&flaky_once));
-            async move {
-                if payment.amount_cents < 0 {
-                    // Retrying cannot help: straight to the DLQ.
-                    return Err(HandlerError::permanent(format!(
-                        "negative amount {}",
-                        payment.amount_cents
-                    )));
-                }
-                let mut flaky = flaky_once.lock().expect("flaky");
-                if flaky.as_deref() == Some(payment.order_id.as_str()) {
-                    *flaky = None;
-                    // A dependency hiccup: retried with backoff.
-                    return Err(HandlerError::transient("the ledger timed out"));
-                }
-                drop(flaky);
-                println!(
-                    "applied {} cents to {} (partition {}, offset {})",
-                    payment.amount_cents, payment.order_id, record.partition, record.offset
-                );
-                ledger
-                    .lock()
-                    .expect("ledger")
-                    .entry(payment.order_id)
-                    .or_default()
-                    .push(payment.amount_cents);
-                Ok(())
+    // The handler's state, handed to each call by the router.
+    let state = Ledger::default();
+    *state.flaky_once.lock().expect("flaky") = Some(order(3));
+    let router = Router::with_state(state.clone()).handle(
+        "ledger",
+        |state: Ledger,
+         PaymentEvent::PaymentReceived(payment): PaymentEvent,
+         record: RecordInfo| async move {
+            if payment.amount_cents < 0 {
+                // Retrying cannot help: straight to the DLQ.
+                return Err(HandlerError::permanent(format!(
+                    "negative amount {}",
+                    payment.amount_cents
+                )));
             }
-        }
-    });
+            let mut flaky = state.flaky_once.lock().expect("flaky");
+            if flaky.as_deref() == Some(payment.order_id.as_str()) {
+                *flaky = None;
+                // A dependency hiccup: retried with backoff.
+                return Err(HandlerError::transient("the ledger timed out"));
+            }
+            drop(flaky);
+            println!(
+                "applied {} cents to {} (partition {}, offset {})",
+                payment.amount_cents, payment.order_id, record.partition, record.offset
+            );
+            state
+                .applied
+                .lock()
+                .expect("ledger")
+                .entry(payment.order_id)
+                .or_default()
+                .push(payment.amount_cents);
+            Ok(())
+        },
+    );
     let config = ConsumerConfig::new(&brokers, format!("examples-{run}"), [topic.as_str()])
         .retry(RetryPolicy {
             max_attempts: 4,
@@ -167,7 +175,7 @@ async fn main() -> Result<(), Error> {
             letter.is_parked()
         );
     }
-    let ledger = ledger.lock().expect("ledger").clone();
+    let ledger = state.applied.lock().expect("ledger").clone();
     println!("ledger: {ledger:?}");
     assert_eq!(ledger.get(&order(1)), Some(&vec![1_000, 250]));
     assert_eq!(ledger.get(&order(3)), Some(&vec![2_500, 100]));

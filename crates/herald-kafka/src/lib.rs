@@ -54,7 +54,7 @@ pub use admin::check_record_limits;
 pub use connect::{check_cluster, ConnectError};
 pub use consumer::{
     envelope_of, CircuitBreaker, Consumer, ConsumerConfig, ConsumerStats, DeadLetterMode, Handler,
-    RecordInfo, Router,
+    IntoHandler, RecordInfo, Router,
 };
 pub use error::{is_retriable, ClientError, PublishError};
 pub use processor::{Guarantee, Processor, ProcessorConfig, ProcessorError, Transform};

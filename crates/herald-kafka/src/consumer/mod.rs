@@ -56,7 +56,7 @@ pub use crate::parking::DeadLetterMode;
 use crate::publisher::PRODUCER_DEFAULTS;
 use crate::settings;
 pub use breaker::CircuitBreaker;
-pub use router::{Handler, RecordInfo, Router};
+pub use router::{Handler, IntoHandler, RecordInfo, Router, Stateful, Stateless, WithState};
 
 /// The envelope of a record read with rdkafka: its key, payload and headers
 /// as [`Envelope::from_record`] reads them.
@@ -517,8 +517,9 @@ impl std::fmt::Debug for Consumer {
 
 impl Consumer {
     /// Validates the configuration. Nothing connects until [`Consumer::run`].
-    pub fn new(config: ConsumerConfig, router: Router) -> Result<Self, ClientError> {
+    pub fn new<S>(config: ConsumerConfig, router: Router<S>) -> Result<Self, ClientError> {
         config.validate()?;
+        let router = router.erase_state();
         if router.handlers.is_empty() {
             return Err(ClientError::Setting {
                 setting: "router",

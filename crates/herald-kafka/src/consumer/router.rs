@@ -51,6 +51,76 @@ where
     }
 }
 
+/// What [`Router::handle`] takes: a [`Handler`] of the family `E`, or a
+/// closure that also takes the router's state, `Fn(S, E, RecordInfo) ->
+/// impl Future<Output = Result<(), HandlerError>>` (each call gets a clone
+/// of the state given to [`Router::with_state`]). `M` tells the two forms
+/// apart ([`Stateless`] or [`WithState`]); it is inferred, never written.
+pub trait IntoHandler<E: Event, S, M>: Sized {
+    /// The handler the router keeps.
+    type Handler: Handler<E>;
+
+    /// Makes the handler, with the router's `state` if it takes it.
+    fn into_handler(self, state: &S) -> Self::Handler;
+}
+
+/// [`IntoHandler`]'s marker for a handler that takes no state.
+#[derive(Debug)]
+pub enum Stateless {}
+
+/// [`IntoHandler`]'s marker for a closure that takes the router's state first.
+#[derive(Debug)]
+pub enum WithState {}
+
+impl<E: Event, S, H: Handler<E>> IntoHandler<E, S, Stateless> for H {
+    type Handler = H;
+
+    fn into_handler(self, _state: &S) -> H {
+        self
+    }
+}
+
+impl<E, S, F, Fut> IntoHandler<E, S, WithState> for F
+where
+    E: Event,
+    S: Clone + Send + Sync + 'static,
+    F: Fn(S, E, RecordInfo) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send,
+{
+    type Handler = Stateful<S, F>;
+
+    fn into_handler(self, state: &S) -> Stateful<S, F> {
+        Stateful {
+            state: state.clone(),
+            handler: self,
+        }
+    }
+}
+
+/// A closure with the state it is handed on each call (see
+/// [`Router::with_state`]).
+#[derive(Debug)]
+pub struct Stateful<S, F> {
+    state: S,
+    handler: F,
+}
+
+impl<E, S, F, Fut> Handler<E> for Stateful<S, F>
+where
+    E: Event,
+    S: Clone + Send + Sync + 'static,
+    F: Fn(S, E, RecordInfo) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send,
+{
+    fn handle(
+        &self,
+        event: E,
+        record: RecordInfo,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        (self.handler)(self.state.clone(), event, record)
+    }
+}
+
 /// A failure of one routed handler call.
 #[derive(Debug)]
 pub(crate) enum RouteFailure {
@@ -137,12 +207,49 @@ impl<E: Event, H: Handler<E>> ErasedHandler for Typed<E, H> {
 /// Every handler whose family knows a record's `event_type` runs for it, in
 /// registration order. A record no handler knows is *unknown*: skipped and
 /// counted, or dead-lettered (see `ConsumerConfig::dead_letter_unknown`).
-#[derive(Default, Clone)]
-pub struct Router {
+///
+/// Handlers that share state (a pool, a client) take it from the router
+/// instead of cloning it into each closure, as axum's handlers do:
+///
+/// ```
+/// # use serde::{Deserialize, Serialize};
+/// # #[derive(Debug, Clone, Serialize, Deserialize, herald::EventPayload)]
+/// # struct OrderPlaced {
+/// #     #[event(id)] event_id: uuid::Uuid,
+/// #     #[event(key)] order_id: uuid::Uuid,
+/// #     #[event(time)] at: chrono::DateTime<chrono::Utc>,
+/// # }
+/// # #[derive(Debug, Clone, Serialize, Deserialize, herald::Event)]
+/// # #[serde(tag = "event_type")]
+/// # #[event(aggregate = "order")]
+/// # enum OrderEvent { OrderPlaced(OrderPlaced) }
+/// use std::sync::{Arc, Mutex};
+/// use herald::HandlerError;
+/// use herald_kafka::{RecordInfo, Router};
+/// type Seen = Arc<Mutex<Vec<uuid::Uuid>>>;
+/// let seen = Seen::default();
+/// let router = Router::with_state(Arc::clone(&seen)).handle(
+///     "audit",
+///     |seen: Seen, OrderEvent::OrderPlaced(placed): OrderEvent, _: RecordInfo| async move {
+///         seen.lock().unwrap().push(placed.order_id);
+///         Ok::<_, HandlerError>(())
+///     },
+/// );
+/// # let _ = router;
+/// ```
+#[derive(Clone)]
+pub struct Router<S = ()> {
     pub(crate) handlers: Vec<Arc<dyn ErasedHandler>>,
+    state: S,
 }
 
-impl std::fmt::Debug for Router {
+impl Default for Router {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<S> std::fmt::Debug for Router<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_list()
             .entries(self.handlers.iter().map(|h| h.name()))
@@ -151,22 +258,50 @@ impl std::fmt::Debug for Router {
 }
 
 impl Router {
-    /// An empty router.
+    /// An empty router whose handlers take no state.
     pub fn new() -> Self {
-        Self::default()
+        Self::with_state(())
+    }
+}
+
+impl<S: Clone + Send + Sync + 'static> Router<S> {
+    /// An empty router that hands a clone of `state` to each call of the
+    /// handlers that ask for it (closures whose first argument is `S`).
+    pub fn with_state(state: S) -> Self {
+        Self {
+            handlers: Vec::new(),
+            state,
+        }
     }
 
     /// Registers `handler` for family `E` under `name` (used in logs and in
     /// the dead-letter headers). `E` is inferred from the handler: name the
-    /// family in the closure's first argument (`|event: OrderEvent, record:
-    /// RecordInfo| …`).
-    pub fn handle<E: Event, H: Handler<E>>(mut self, name: impl Into<String>, handler: H) -> Self {
-        self.handlers.push(Arc::new(Typed::<E, H> {
+    /// family in the closure's event argument (`|event: OrderEvent, record:
+    /// RecordInfo| …`, or `|state: S, event: OrderEvent, record: RecordInfo|
+    /// …` for one that takes the router's state).
+    pub fn handle<E: Event, M>(
+        mut self,
+        name: impl Into<String>,
+        handler: impl IntoHandler<E, S, M>,
+    ) -> Self {
+        self.handlers.push(Arc::new(Typed::<E, _> {
             name: name.into(),
-            handler: Arc::new(handler),
+            handler: Arc::new(handler.into_handler(&self.state)),
             _family: std::marker::PhantomData,
         }));
         self
+    }
+}
+
+impl<S> Router<S> {
+    /// The same handlers in a router of no state: each handler already holds
+    /// its clone of the state. For code that keeps routers of several state
+    /// types in one place ([`crate::Consumer::new`] takes any `Router<S>`).
+    pub fn erase_state(self) -> Router {
+        Router {
+            handlers: self.handlers,
+            state: (),
+        }
     }
 
     /// The handlers that take `event_type`, with their registration index.

@@ -145,13 +145,15 @@ pub trait OrderStore: Clone + Send + Sync + 'static {
 
 /// The consumer of `effect`: each event's effect and its inbox row in one
 /// transaction.
-pub fn consumer_router<S: OrderStore>(effect: Effect, store: &S, group: String) -> Router {
-    let inbox = store.inbox(group);
-    Router::new().handle(
+pub fn consumer_router<S: OrderStore>(
+    effect: Effect,
+    store: &S,
+    group: String,
+) -> Router<S::Inbox> {
+    Router::with_state(store.inbox(group)).handle(
         effect.name(),
-        move |event: OrderEvent, record: RecordInfo| {
-            let inbox = inbox.clone();
-            async move { S::apply_once(&inbox, effect, event, record.envelope.event_id).await }
+        move |inbox: S::Inbox, event: OrderEvent, record: RecordInfo| async move {
+            S::apply_once(&inbox, effect, event, record.envelope.event_id).await
         },
     )
 }
@@ -215,7 +217,7 @@ impl Store {
 
     /// The consumer of `effect` in group `group` (see [`consumer_router`]).
     pub fn consumer_router(&self, effect: Effect, group: String) -> Router {
-        on_store!(self, store => consumer_router(effect, store, group))
+        on_store!(self, store => consumer_router(effect, store, group).erase_state())
     }
 
     /// Whether the database answers within two seconds.
