@@ -166,6 +166,9 @@ pub enum ClientError {
         #[source]
         source: KafkaError,
     },
+    /// The thread that polls Kafka could not start, or panicked.
+    #[error("the poll thread: {0}")]
+    Thread(String),
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 //! - [`publisher`]: [`Publisher`] and [`PublisherConfig`] (production defaults,
 //!   Java-compatible partitioning, batched publishing), [`OutgoingRecord`].
 //! - [`consumer`]: [`Consumer`], [`ConsumerConfig`], the [`Router`] of typed
-//!   handlers; `consumer/runtime.rs` is the poll thread, `offsets.rs` the
+//!   handlers; `consumer/runtime.rs` is the poll loop, `offsets.rs` the
 //!   commit tracker, `record.rs` a consumed record copied into one buffer,
 //!   `process.rs` one record's retries and dead letter.
 //! - [`dlq`]: the dead-letter record format (`dlq.*` headers), reading
@@ -23,6 +23,9 @@
 //!   [`Relay`] (at least once, over any [`herald::OutboxStore`]).
 //! - [`connect`]: [`check_cluster`], the start-up check that names the
 //!   setting (credentials, CA, security protocol) a failed connection points at.
+//! - `poll_thread.rs`: the thread the consumer and the processor poll on
+//!   (named, in the caller's tokio runtime and tracing subscriber, a panic
+//!   reported as an error), their subscribe, and topic-name interning.
 //! - `group.rs`: the settings the consumer runtime and the processor share
 //!   as members of a consumer group (brokers, group, topics, retries, dead
 //!   letters, pass-through settings), held once by both configurations.
@@ -30,8 +33,9 @@
 //!   instance of its id left open before it commits in a partition (used by
 //!   the processor and the exactly-once relay).
 //! - [`error`]: error types and the retriable/fatal classification.
-//! - [`metrics`]: Prometheus label sets and buckets; every stats value is a
-//!   collector for the service's registry.
+//! - [`metrics`]: Prometheus label sets and buckets, and the `stats!` macro
+//!   that declares each component's stats value (reading methods and a
+//!   collector for the service's registry) from one list of figures.
 //! - `admin.rs`: the compacted topics herald creates for itself (relay
 //!   checkpoints, processor completed ids), and [`check_record_limits`]
 //!   (a topic's `max.message.bytes` against the producer's batches).
@@ -44,6 +48,7 @@ pub mod error;
 mod group;
 pub mod metrics;
 pub mod parking;
+mod poll_thread;
 pub mod processor;
 pub mod publisher;
 pub mod relay;

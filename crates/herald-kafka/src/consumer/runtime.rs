@@ -25,6 +25,7 @@ use super::router::Router;
 use super::{ConsumerConfig, ConsumerStats};
 use crate::error::ClientError;
 use crate::metrics::PartitionLabels;
+use crate::poll_thread::{self, PollThread, TopicNames};
 use crate::publisher::Publisher;
 
 /// A topic-partition.
@@ -111,7 +112,7 @@ struct Dispatch {
     tokio: tokio::runtime::Handle,
     done_tx: Sender<Completion>,
     done_rx: Receiver<Completion>,
-    topics: Vec<Arc<str>>,
+    topics: TopicNames,
     /// Owned partitions and their offsets.
     partitions: FastMap<Tp, PartitionOffsets>,
     /// Per owned partition, cancelled when it is revoked: its records stop
@@ -161,15 +162,6 @@ struct Dispatch {
 }
 
 impl Dispatch {
-    fn topic(&mut self, name: &str) -> Arc<str> {
-        if let Some(t) = self.topics.iter().find(|t| &***t == name) {
-            return Arc::clone(t);
-        }
-        let t: Arc<str> = Arc::from(name);
-        self.topics.push(Arc::clone(&t));
-        t
-    }
-
     fn set_in_flight(&self) {
         self.shared
             .stats
@@ -184,7 +176,7 @@ impl Dispatch {
             return;
         }
         self.shared.stats.consumed.fetch_add(1, Ordering::Relaxed);
-        let tp: Tp = (self.topic(message.topic()), message.partition());
+        let tp: Tp = (self.topics.intern(message.topic()), message.partition());
         let Some(offsets) = self.partitions.get_mut(&tp) else {
             // Polled just before its partition was revoked: not ours any
             // more, so neither handled nor committed here.
@@ -591,7 +583,7 @@ impl Dispatch {
         let revoked: HashSet<Tp> = tpl
             .elements()
             .iter()
-            .map(|e| (self.topic(e.topic()), e.partition()))
+            .map(|e| (self.topics.intern(e.topic()), e.partition()))
             .collect();
         tracing::info!(partitions = revoked.len(), "partitions revoked");
         // Records of these partitions that wait (backoff, breaker, a dead
@@ -659,7 +651,7 @@ impl Dispatch {
             self.fatal = Some(error);
         }
         for e in tpl.elements() {
-            let tp = (self.topic(e.topic()), e.partition());
+            let tp = (self.topics.intern(e.topic()), e.partition());
             self.partitions.entry(tp.clone()).or_default();
             let stopping = Arc::new(self.stopping.child_token());
             self.owned.entry(tp).or_insert(stopping);
@@ -704,7 +696,7 @@ impl Dispatch {
                 continue;
             }
             let slot: KeySlot = (
-                (self.topic(&key.topic), key.partition),
+                (self.topics.intern(&key.topic), key.partition),
                 Some(Bytes::from(key.key_bytes())),
             );
             self.parked.insert(
@@ -890,7 +882,7 @@ pub(crate) async fn run(
         tokio: tokio::runtime::Handle::current(),
         done_tx,
         done_rx,
-        topics: Vec::new(),
+        topics: TopicNames::default(),
         partitions: FastMap::default(),
         owned: FastMap::default(),
         stopping: stopping.clone(),
@@ -921,55 +913,33 @@ pub(crate) async fn run(
             commit_rejected,
         })
         .map_err(ClientError::Config)?;
-    let topics: Vec<&str> = config.group.topics.iter().map(String::as_str).collect();
-    consumer
-        .subscribe(&topics)
-        .map_err(|source| ClientError::Kafka {
-            operation: "subscribing",
-            source,
-        })?;
+    poll_thread::subscribe(&consumer, &config.group.topics)?;
     tracing::info!(group = %config.group.group_id, topics = ?config.group.topics, "consumer started");
 
     let stop = Arc::new(AtomicBool::new(false));
-    let (finished_tx, finished_rx) = tokio::sync::oneshot::channel();
     let loop_stop = Arc::clone(&stop);
     let fatal_of = Arc::clone(&dispatch);
     let commit_interval = config.commit_interval;
     let shutdown_timeout = config.group.shutdown_timeout;
-    let tokio = tokio::runtime::Handle::current();
-    // The caller's subscriber, also when it is a scoped (thread-local) one:
-    // the poll thread logs, and handlers start there.
-    let subscriber = tracing::dispatcher::get_default(Clone::clone);
-    std::thread::Builder::new()
-        .name(format!("herald-consumer-{}", config.group.group_id))
-        .spawn(move || {
-            // Handlers first polled on this thread find the tokio runtime
-            // (timers, I/O, spawn) as they would on a worker.
-            let _runtime = tokio.enter();
-            let _subscriber = tracing::dispatcher::set_default(&subscriber);
+    let thread = PollThread::spawn(
+        format!("herald-consumer-{}", config.group.group_id),
+        move || {
             poll_loop(&consumer, &dispatch, &loop_stop, commit_interval);
             drain_and_close(consumer, &dispatch, shutdown_timeout);
-            let _ = finished_tx.send(());
-        })
-        .map_err(|e| ClientError::Setting {
-            setting: "thread",
-            reason: format!("cannot start the poll thread: {e}"),
-        })?;
-
-    let mut finished_rx = finished_rx;
-    let ended_by_itself = tokio::select! {
-        () = shutdown => false,
-        _ = &mut finished_rx => true,
-    };
-    tracing::info!(group = %config.group.group_id, "consumer stopping");
+        },
+    )
+    .map_err(ClientError::Thread)?;
+    let group = &config.group.group_id;
+    let ended = thread
+        .supervise(shutdown, || tracing::info!(%group, "consumer stopping"))
+        .await;
+    // Whether asked to or not, the thread has ended: retries in backoff stop
+    // now, and running handlers see the shutdown (they had its deadline).
     stop.store(true, Ordering::SeqCst);
-    // Retries in backoff stop now; running handlers get the shutdown deadline.
     stopping.cancel();
-    if !ended_by_itself {
-        let _ = finished_rx.await;
-    }
     let _ = dlq.flush(Duration::from_secs(5));
-    tracing::info!(group = %config.group.group_id, "consumer stopped");
+    tracing::info!(%group, by_itself = ended.by_itself, "consumer stopped");
+    ended.outcome.map_err(ClientError::Thread)?;
     let fatal = lock(&fatal_of).fatal.take();
     match fatal {
         Some(error) => Err(error),

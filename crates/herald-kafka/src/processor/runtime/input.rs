@@ -37,7 +37,7 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
         message: &BorrowedMessage<'_>,
     ) {
         self.stats.consumed.fetch_add(1, Ordering::Relaxed);
-        let tp: Tp = (self.topic(message.topic()), message.partition());
+        let tp: Tp = (self.topics.intern(message.topic()), message.partition());
         let offset = message.offset();
         if self.fatal.is_some() {
             return;

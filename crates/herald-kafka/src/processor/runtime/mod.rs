@@ -22,7 +22,6 @@ mod transactions;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::marker::PhantomData;
-use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -37,6 +36,7 @@ use super::changelog::read_to_end;
 use super::{Guarantee, ProcessorConfig, ProcessorError, ProcessorStats, Transform};
 use crate::error::is_fenced_code;
 use crate::error::ClientError;
+use crate::poll_thread::{self, PollThread, TopicNames};
 
 use self::failures::Attempts;
 use self::rebalance::ProcessorContext;
@@ -77,7 +77,7 @@ struct Engine<E, T> {
     batch_time: Duration,
     operation_timeout: Duration,
     shutdown_timeout: Duration,
-    topics: Vec<Arc<str>>,
+    topics: TopicNames,
     /// Topics this instance has swept of earlier instances' open
     /// transactions (see `crate::sweep`).
     swept: HashSet<Arc<str>>,
@@ -104,15 +104,6 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
     /// Whether batches are Kafka transactions (exactly once).
     fn transactional(&self) -> bool {
         self.guarantee == Guarantee::ExactlyOnce
-    }
-
-    fn topic(&mut self, name: &str) -> Arc<str> {
-        if let Some(t) = self.topics.iter().find(|t| &***t == name) {
-            return Arc::clone(t);
-        }
-        let t: Arc<str> = Arc::from(name);
-        self.topics.push(Arc::clone(&t));
-        t
     }
 
     /// Records a fatal error if `error` (or the producer's state) is fatal.
@@ -209,54 +200,36 @@ pub(crate) async fn run<E: Event, T: Transform<E>>(
 ) -> Ended<T> {
     let stopping = CancellationToken::new();
     let stop = Arc::new(AtomicBool::new(false));
-    let (finished_tx, finished_rx) = tokio::sync::oneshot::channel();
     let tokio = tokio::runtime::Handle::current();
     let transactional_id = config.transactional_id();
     let thread_stop = Arc::clone(&stop);
     let thread_stopping = stopping.clone();
-    let spawned = std::thread::Builder::new()
-        .name(format!("herald-processor-{transactional_id}"))
-        .spawn(move || {
-            let ended = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                run_engine(
-                    config,
-                    transform,
-                    stats,
-                    tokio,
-                    thread_stopping,
-                    &thread_stop,
-                )
-            }))
-            .unwrap_or_else(|panic| {
-                let what = herald::panic_text(&*panic);
-                // The transform went down with the thread: what it held may
-                // be half-changed, so it is not reused.
-                (
-                    Err(ProcessorError::Thread(format!("panicked: {what}"))),
-                    None,
-                )
-            });
-            let _ = finished_tx.send(ended);
-        });
-    if let Err(e) = spawned {
-        let error = ProcessorError::Thread(format!("cannot start the processor thread: {e}"));
-        return (Err(error), None);
-    }
-
-    let thread_gone = || {
-        let error = ProcessorError::Thread("the processor thread vanished".to_owned());
-        (Err(error), None)
+    let thread = PollThread::spawn(format!("herald-processor-{transactional_id}"), move || {
+        run_engine(
+            config,
+            transform,
+            stats,
+            tokio,
+            thread_stopping,
+            &thread_stop,
+        )
+    });
+    let thread = match thread {
+        Ok(thread) => thread,
+        Err(reason) => return (Err(ProcessorError::Thread(reason)), None),
     };
-    let mut finished_rx = finished_rx;
-    tokio::pin!(shutdown);
-    tokio::select! {
-        ended = &mut finished_rx => return ended.unwrap_or_else(|_| thread_gone()),
-        () = &mut shutdown => {}
-    }
-    tracing::info!(%transactional_id, "processor stopping");
-    stop.store(true, Ordering::SeqCst);
-    stopping.cancel();
-    let ended = finished_rx.await.unwrap_or_else(|_| thread_gone());
+    let ended = thread
+        .supervise(shutdown, || {
+            tracing::info!(%transactional_id, "processor stopping");
+            stop.store(true, Ordering::SeqCst);
+            stopping.cancel();
+        })
+        .await;
+    // After a panic the transform went down with the thread: what it held
+    // may be half-changed, so it is not reused.
+    let ended = ended
+        .outcome
+        .unwrap_or_else(|reason| (Err(ProcessorError::Thread(reason)), None));
     tracing::info!(%transactional_id, ok = ended.0.is_ok(), "processor stopped");
     ended
 }
@@ -361,7 +334,7 @@ fn run_engine<E: Event, T: Transform<E>>(
         batch_time: config.batch_time,
         operation_timeout: config.operation_timeout,
         shutdown_timeout: config.group.shutdown_timeout,
-        topics: Vec::new(),
+        topics: TopicNames::default(),
         swept,
         txn: None,
         failures: HashMap::new(),
@@ -381,13 +354,7 @@ fn run_engine<E: Event, T: Transform<E>>(
                 engine: Arc::clone(&engine),
             })
             .map_err(ClientError::Config)?;
-        let topics: Vec<&str> = config.group.topics.iter().map(String::as_str).collect();
-        consumer
-            .subscribe(&topics)
-            .map_err(|source| ClientError::Kafka {
-                operation: "subscribing",
-                source,
-            })?;
+        poll_thread::subscribe(&consumer, &config.group.topics)?;
         tracing::info!(%transactional_id, group = %config.group.group_id, topics = ?config.group.topics, "processor started");
 
         let result = poll_loop(&consumer, &engine, stop);

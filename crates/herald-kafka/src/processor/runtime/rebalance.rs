@@ -110,7 +110,7 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
         let revoked: HashSet<Tp> = tpl
             .elements()
             .iter()
-            .map(|e| (self.topic(e.topic()), e.partition()))
+            .map(|e| (self.topics.intern(e.topic()), e.partition()))
             .collect();
         if self.txn.is_some() && self.fatal.is_none() && !self.closing {
             if consumer.assignment_lost() {
