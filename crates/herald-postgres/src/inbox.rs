@@ -8,13 +8,13 @@
 //! ```no_run
 //! # async fn f(inbox: herald_postgres::Inbox, event_id: uuid::Uuid) -> Result<(), herald::HandlerError> {
 //! inbox
-//!     .apply(event_id, |conn| Box::pin(async move {
+//!     .apply(event_id, async |conn| {
 //!         sqlx::query("UPDATE stock SET n = n - 1 WHERE sku = 'A'")
 //!             .execute(&mut *conn)
 //!             .await
 //!             .map_err(herald_postgres::classify)?;
 //!         Ok(())
-//!     }))
+//!     })
 //!     .await?;
 //! # Ok(()) }
 //! ```
@@ -27,11 +27,13 @@
 //! Effects that panic fail their own event (a permanent error, its savepoint
 //! rolled back); the batch and the batcher go on.
 
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
+use herald::inbox::Effects;
 use herald::HandlerError;
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio::sync::{mpsc, oneshot};
@@ -39,10 +41,13 @@ use uuid::Uuid;
 
 use crate::{classify, StoreError};
 
-pub use herald::inbox::EffectsFuture;
+/// The future of boxed effects, borrowing the connection they run on.
+type EffectsFuture<'c> =
+    std::pin::Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send + 'c>>;
 
-/// A handler's database effects, run inside the inbox transaction.
-pub type Effects = herald::inbox::Effects<PgConnection>;
+/// A handler's effects with their type erased: the batcher queues effects
+/// of different closures, one job each.
+type BoxedEffects = Box<dyn for<'c> FnOnce(&'c mut PgConnection) -> EffectsFuture<'c> + Send>;
 
 /// What happened to an event offered to the inbox: the core's type, shared
 /// by every store so that code generic over [`herald::InboxStore`] and code
@@ -51,7 +56,7 @@ pub use herald::inbox::Applied;
 
 struct Job {
     event_id: Uuid,
-    effects: Effects,
+    effects: BoxedEffects,
     reply: oneshot::Sender<Result<Applied, HandlerError>>,
 }
 
@@ -65,14 +70,19 @@ struct Job {
 /// # async fn handle(pool: sqlx::PgPool, event_id: uuid::Uuid) -> Result<(), HandlerError> {
 /// let inbox = Inbox::new(pool, "projection");
 /// let applied = inbox
-///     .apply(event_id, move |conn| {
-///         Box::pin(async move {
-///             sqlx::query("UPDATE views SET seen = seen + 1")
-///                 .execute(conn)
-///                 .await
-///                 .map_err(herald_postgres::classify)?;
-///             Ok(())
-///         })
+///     // An async closure: it borrows the transaction's connection across
+///     // its awaits (the type of `conn` may be left out).
+///     .apply(event_id, async move |conn: &mut sqlx::PgConnection| {
+///         sqlx::query("UPDATE views SET seen = seen + 1")
+///             .execute(&mut *conn)
+///             .await
+///             .map_err(herald_postgres::classify)?;
+///         sqlx::query("INSERT INTO audit (event_id) VALUES ($1)")
+///             .bind(event_id)
+///             .execute(&mut *conn)
+///             .await
+///             .map_err(herald_postgres::classify)?;
+///         Ok(())
 ///     })
 ///     .await?;
 /// if applied == Applied::AlreadyProcessed {
@@ -139,36 +149,56 @@ impl Inbox {
         &self.group
     }
 
-    /// Runs `effects` for `event_id` exactly once for this group.
+    /// Runs `effects`, an async closure over the transaction's connection
+    /// ([`herald::inbox::Effects`]), for `event_id` exactly once for this
+    /// group.
     ///
     /// Errors: the effects' own error, or a classified database error
     /// (transient for lost connections, deadlocks and serialization
     /// failures; permanent otherwise).
-    pub async fn apply<F>(&self, event_id: Uuid, effects: F) -> Result<Applied, HandlerError>
+    //
+    // Not an `async fn`: the declared `Send` is proven here, once, from the
+    // bounds of `Effects`. An `async fn`'s future would leave callers to
+    // prove it from the closure's own future type, which the compiler
+    // cannot always do when a caller's future borrows across the call
+    // ("implementation of `Send` is not general enough").
+    #[allow(clippy::manual_async_fn)]
+    pub fn apply<F>(
+        &self,
+        event_id: Uuid,
+        effects: F,
+    ) -> impl Future<Output = Result<Applied, HandlerError>> + Send + '_
     where
-        F: for<'c> FnOnce(&'c mut PgConnection) -> EffectsFuture<'c> + Send + 'static,
+        F: Effects<PgConnection>,
     {
-        let effects: Effects = Box::new(effects);
-        match &self.batcher {
-            None => self.apply_alone(event_id, effects).await,
-            Some(batcher) => {
-                let (reply, answer) = oneshot::channel();
-                batcher
-                    .send(Job {
-                        event_id,
-                        effects,
-                        reply,
-                    })
-                    .await
-                    .map_err(|_| HandlerError::transient("inbox batcher stopped"))?;
-                answer
-                    .await
-                    .map_err(|_| HandlerError::transient("inbox batch dropped"))?
+        async move {
+            match &self.batcher {
+                None => self.apply_alone(event_id, effects).await,
+                Some(batcher) => {
+                    // Boxed only here: the batcher's queue holds effects of
+                    // any closure type.
+                    let effects: BoxedEffects = Box::new(move |conn| Box::pin(effects.call(conn)));
+                    let (reply, answer) = oneshot::channel();
+                    batcher
+                        .send(Job {
+                            event_id,
+                            effects,
+                            reply,
+                        })
+                        .await
+                        .map_err(|_| HandlerError::transient("inbox batcher stopped"))?;
+                    answer
+                        .await
+                        .map_err(|_| HandlerError::transient("inbox batch dropped"))?
+                }
             }
         }
     }
 
-    async fn apply_alone(&self, event_id: Uuid, effects: Effects) -> Result<Applied, HandlerError> {
+    async fn apply_alone<F>(&self, event_id: Uuid, effects: F) -> Result<Applied, HandlerError>
+    where
+        F: Effects<PgConnection>,
+    {
         let mut tx = self.pool.begin().await.map_err(classify)?;
         let inserted = sqlx::query(INSERT)
             .bind(&*self.group)
@@ -180,7 +210,7 @@ impl Inbox {
             tx.rollback().await.map_err(classify)?;
             return Ok(Applied::AlreadyProcessed);
         }
-        effects(&mut tx).await?;
+        effects.call(&mut *tx).await?;
         tx.commit().await.map_err(classify)?;
         Ok(Applied::Now)
     }
@@ -210,7 +240,7 @@ impl herald::InboxStore for Inbox {
 
     async fn apply<F>(&self, event_id: Uuid, effects: F) -> Result<Applied, HandlerError>
     where
-        F: for<'c> FnOnce(&'c mut PgConnection) -> EffectsFuture<'c> + Send + 'static,
+        F: Effects<PgConnection>,
     {
         Inbox::apply(self, event_id, effects).await
     }
@@ -301,7 +331,7 @@ async fn apply_in_savepoint(
     conn: &mut PgConnection,
     group: &str,
     event_id: Uuid,
-    effects: Effects,
+    effects: BoxedEffects,
 ) -> Result<Applied, HandlerError> {
     let mut savepoint = conn.begin().await.map_err(classify)?;
     let inserted = sqlx::query(INSERT)

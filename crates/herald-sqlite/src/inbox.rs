@@ -9,29 +9,27 @@
 //! ```no_run
 //! # async fn f(inbox: herald_sqlite::SqliteInbox, event_id: uuid::Uuid) -> Result<(), herald::HandlerError> {
 //! inbox
-//!     .apply(event_id, |conn| Box::pin(async move {
+//!     .apply(event_id, async |conn| {
 //!         sqlx::query("UPDATE stock SET n = n - 1 WHERE sku = 'A'")
 //!             .execute(&mut *conn)
 //!             .await
 //!             .map_err(herald_sqlite::classify)?;
 //!         Ok(())
-//!     }))
+//!     })
 //!     .await?;
 //! # Ok(()) }
 //! ```
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use herald::inbox::{Applied, EffectsFuture};
+use herald::inbox::{Applied, Effects};
 use herald::HandlerError;
 use sqlx::{SqliteConnection, SqlitePool};
 use uuid::Uuid;
 
 use crate::{ago_modifier, classify, StoreError};
-
-/// A handler's database effects, run inside the inbox transaction.
-pub type Effects = herald::inbox::Effects<SqliteConnection>;
 
 const INSERT: &str =
     "INSERT INTO herald_inbox (consumer_group, event_id) VALUES (?1, ?2) ON CONFLICT DO NOTHING";
@@ -65,38 +63,50 @@ impl SqliteInbox {
         &self.group
     }
 
-    /// Runs `effects` for `event_id` exactly once for this group.
+    /// Runs `effects`, an async closure over the transaction's connection
+    /// ([`herald::inbox::Effects`]), for `event_id` exactly once for this
+    /// group.
     ///
     /// Errors: the effects' own error, or a classified database error
     /// (transient when the file stayed busy past the busy timeout, or on
     /// I/O errors; permanent otherwise).
-    pub async fn apply<F>(&self, event_id: Uuid, effects: F) -> Result<Applied, HandlerError>
+    //
+    // Not an `async fn`: the declared `Send` is proven here, once, from the
+    // bounds of `Effects` (see `herald_postgres::Inbox::apply`).
+    #[allow(clippy::manual_async_fn)]
+    pub fn apply<F>(
+        &self,
+        event_id: Uuid,
+        effects: F,
+    ) -> impl Future<Output = Result<Applied, HandlerError>> + Send + '_
     where
-        F: for<'c> FnOnce(&'c mut SqliteConnection) -> EffectsFuture<'c> + Send + 'static,
+        F: Effects<SqliteConnection>,
     {
-        let effects: Effects = Box::new(effects);
-        // IMMEDIATE: the write lock up front, so the insert below can never
-        // meet a stale snapshot and concurrent deliveries simply queue.
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(classify)?;
-        let inserted = sqlx::query(INSERT)
-            .bind(&*self.group)
-            .bind(event_id.hyphenated().to_string())
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?;
-        if inserted.rows_affected() == 0 {
-            tx.rollback().await.map_err(classify)?;
-            return Ok(Applied::AlreadyProcessed);
+        async move {
+            // IMMEDIATE: the write lock up front, so the insert below can
+            // never meet a stale snapshot and concurrent deliveries simply
+            // queue.
+            let mut tx = self
+                .pool
+                .begin_with("BEGIN IMMEDIATE")
+                .await
+                .map_err(classify)?;
+            let inserted = sqlx::query(INSERT)
+                .bind(&*self.group)
+                .bind(event_id.hyphenated().to_string())
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?;
+            if inserted.rows_affected() == 0 {
+                tx.rollback().await.map_err(classify)?;
+                return Ok(Applied::AlreadyProcessed);
+            }
+            // On error the transaction is dropped, i.e. rolled back: no
+            // inbox row, so a retry runs the effects again.
+            effects.call(&mut *tx).await?;
+            tx.commit().await.map_err(classify)?;
+            Ok(Applied::Now)
         }
-        // On error the transaction is dropped, i.e. rolled back: no inbox
-        // row, so a retry runs the effects again.
-        effects(&mut tx).await?;
-        tx.commit().await.map_err(classify)?;
-        Ok(Applied::Now)
     }
 
     /// Whether this group has processed `event_id`.
@@ -122,7 +132,7 @@ impl herald::InboxStore for SqliteInbox {
 
     async fn apply<F>(&self, event_id: Uuid, effects: F) -> Result<Applied, HandlerError>
     where
-        F: for<'c> FnOnce(&'c mut SqliteConnection) -> EffectsFuture<'c> + Send + 'static,
+        F: Effects<SqliteConnection>,
     {
         SqliteInbox::apply(self, event_id, effects).await
     }

@@ -17,19 +17,78 @@
 //! own inherent methods remain the everyday API.
 
 use std::future::Future;
-use std::pin::Pin;
 
 use uuid::Uuid;
 
 use crate::HandlerError;
 
-/// A future borrowing the connection that a handler's effects run on.
-pub type EffectsFuture<'c> = Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send + 'c>>;
+/// A handler's database effects on a store's connection `C`, run inside the
+/// inbox transaction: an async closure that borrows the connection across
+/// its awaits, written at the call site without boxing:
+///
+/// ```
+/// # use herald::{Applied, HandlerError, InboxStore};
+/// # async fn handle<S: InboxStore>(inbox: &S, event_id: uuid::Uuid) -> Result<Applied, HandlerError> {
+/// inbox
+///     .apply(event_id, async move |conn| {
+///         // `conn` is `&mut S::Connection`, e.g. `&mut sqlx::PgConnection`:
+///         // run the effects' statements on it.
+///         let _ = conn;
+///         Ok(())
+///     })
+///     .await
+/// # }
+/// ```
+///
+/// Every such closure implements it (a blanket implementation). It names
+/// two views of one closure because stable Rust has no other way to say
+/// both things a store needs:
+/// - [`AsyncFnOnce`] lets the compiler infer the closure's argument type
+///   (`conn` above needs no annotation);
+/// - [`EffectsOnce`] bounds the future that one call returns, for every
+///   borrow of the connection, as [`Send`]: stores run the effects on a
+///   multi-threaded runtime, and `AsyncFnOnce` cannot require that of its
+///   future on stable Rust.
+pub trait Effects<C>:
+    for<'c> AsyncFnOnce(&'c mut C) -> Result<(), HandlerError>
+    + for<'c> EffectsOnce<'c, C>
+    + Send
+    + 'static
+{
+}
 
-/// A handler's database effects on a store's connection `C`, run inside
-/// the inbox transaction (each store names its own: `herald_postgres::Effects`,
-/// `herald_sqlite::Effects`).
-pub type Effects<C> = Box<dyn for<'c> FnOnce(&'c mut C) -> EffectsFuture<'c> + Send>;
+impl<C, F> Effects<C> for F where
+    F: for<'c> AsyncFnOnce(&'c mut C) -> Result<(), HandlerError>
+        + for<'c> EffectsOnce<'c, C>
+        + Send
+        + 'static
+{
+}
+
+/// One call of [`Effects`] on a connection borrowed for `'c`: names the
+/// future it returns, so that [`Effects`] can require it to be [`Send`].
+/// Implemented for every closure `FnOnce(&'c mut C) -> impl Future + Send`
+/// (async closures are such closures); stores call [`EffectsOnce::call`].
+pub trait EffectsOnce<'c, C: 'c> {
+    /// The future of one call: the effects' outcome, borrowing the
+    /// connection for `'c`.
+    type Future: Future<Output = Result<(), HandlerError>> + Send + 'c;
+
+    /// Runs the effects on `conn`.
+    fn call(self, conn: &'c mut C) -> Self::Future;
+}
+
+impl<'c, C: 'c, F, Fut> EffectsOnce<'c, C> for F
+where
+    F: FnOnce(&'c mut C) -> Fut,
+    Fut: Future<Output = Result<(), HandlerError>> + Send + 'c,
+{
+    type Future = Fut;
+
+    fn call(self, conn: &'c mut C) -> Fut {
+        self(conn)
+    }
+}
 
 /// What happened to an event offered to an inbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,16 +102,19 @@ pub enum Applied {
 /// The inbox of one consumer group in some store.
 pub trait InboxStore: Send + Sync {
     /// The connection the effects run on, inside the inbox transaction (for
-    /// sqlx stores, e.g. `sqlx::PgConnection`).
-    type Connection: Send;
+    /// sqlx stores, e.g. `sqlx::PgConnection`). `'static` because
+    /// [`Effects`] must accept a borrow of it for any lifetime, which a type
+    /// that itself borrows could not outlive.
+    type Connection: Send + 'static;
     /// The store's error for plain reads such as [`InboxStore::contains`].
     type Error: std::error::Error + Send + Sync + 'static;
 
     /// The consumer group this inbox records events for.
     fn group(&self) -> &str;
 
-    /// Runs `effects` for `event_id` exactly once for this group: the effects
-    /// and the inbox row commit in one transaction.
+    /// Runs `effects` (an async closure, see [`Effects`]) for `event_id`
+    /// exactly once for this group: the effects and the inbox row commit in
+    /// one transaction.
     ///
     /// Errors: the effects' own error (nothing is recorded, so a retry runs
     /// them again), or the store's error classified as transient or
@@ -63,7 +125,7 @@ pub trait InboxStore: Send + Sync {
         effects: F,
     ) -> impl Future<Output = Result<Applied, HandlerError>> + Send
     where
-        F: for<'c> FnOnce(&'c mut Self::Connection) -> EffectsFuture<'c> + Send + 'static;
+        F: Effects<Self::Connection>;
 
     /// Whether this group has processed `event_id`.
     fn contains(&self, event_id: Uuid) -> impl Future<Output = Result<bool, Self::Error>> + Send;

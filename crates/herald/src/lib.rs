@@ -67,7 +67,7 @@ pub use herald_derive::{Event, EventPayload};
 // The derives name `::herald`, which must resolve in this crate too.
 extern crate self as herald;
 pub use handler::{panic_text, ErrorClass, HandlerError};
-pub use inbox::{Applied, EffectsFuture, InboxStore};
+pub use inbox::{Applied, Effects, EffectsOnce, InboxStore};
 pub use outbox::{
     AfterPublish, Checkpoint, OutboxBatch, OutboxRecord, OutboxStatus, OutboxStore, PendingRecord,
     SlotLease, SlotStore,

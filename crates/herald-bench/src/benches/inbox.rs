@@ -241,17 +241,15 @@ pub async fn run_side(spec: SideSpec) -> anyhow::Result<SideResult> {
                 match inbox {
                     Some(inbox) => {
                         inbox
-                            .apply(record.envelope.event_id, move |conn| {
-                                Box::pin(async move {
-                                    sqlx::query(EFFECT)
-                                        .bind(event.event_id)
-                                        .bind(&event.key)
-                                        .bind(seq)
-                                        .execute(&mut *conn)
-                                        .await
-                                        .map_err(classify)?;
-                                    Ok(())
-                                })
+                            .apply(record.envelope.event_id, async move |conn| {
+                                sqlx::query(EFFECT)
+                                    .bind(event.event_id)
+                                    .bind(&event.key)
+                                    .bind(seq)
+                                    .execute(&mut *conn)
+                                    .await
+                                    .map_err(classify)?;
+                                Ok(())
                             })
                             .await?;
                     }

@@ -76,21 +76,17 @@ async fn an_inbox_consumer_survives_handler_faults_and_group_churn_exactly_once(
             let (inbox, faults) = (inbox.clone(), faults.clone());
             async move {
                 inbox
-                    .apply(record.envelope.event_id, move |conn| {
-                        Box::pin(async move {
-                            sqlx::query(
-                                "INSERT INTO effects (event_id, key, seq) VALUES ($1, $2, $3)",
-                            )
+                    .apply(record.envelope.event_id, async move |conn| {
+                        sqlx::query("INSERT INTO effects (event_id, key, seq) VALUES ($1, $2, $3)")
                             .bind(step.event_id)
                             .bind(&step.key)
                             .bind(step.seq as i64)
                             .execute(&mut *conn)
                             .await
                             .map_err(herald_postgres::classify)?;
-                            // After the write: a cut-off or failed call must
-                            // leave neither the effect nor the inbox row.
-                            faults.inject(&step.key).await
-                        })
+                        // After the write: a cut-off or failed call must
+                        // leave neither the effect nor the inbox row.
+                        faults.inject(&step.key).await
                     })
                     .await
                     .map(|_| ())

@@ -20,19 +20,17 @@ async fn counter_table(pool: &PgPool) {
 
 async fn apply(inbox: &Inbox, event_id: Uuid, by: &'static str) -> Result<Applied, HandlerError> {
     inbox
-        .apply(event_id, move |conn| {
-            Box::pin(async move {
-                sqlx::query("INSERT INTO effects VALUES ($1, $2)")
-                    .bind(event_id)
-                    .bind(by)
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(herald_postgres::classify)?;
-                // Hold the transaction open a little so that concurrent
-                // deliveries really overlap.
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                Ok(())
-            })
+        .apply(event_id, async move |conn| {
+            sqlx::query("INSERT INTO effects VALUES ($1, $2)")
+                .bind(event_id)
+                .bind(by)
+                .execute(&mut *conn)
+                .await
+                .map_err(herald_postgres::classify)?;
+            // Hold the transaction open a little so that concurrent
+            // deliveries really overlap.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok(())
         })
         .await
 }
@@ -75,9 +73,7 @@ async fn a_redelivered_event_has_one_effect() {
     // A failed effect rolls back the inbox row too: the retry applies it.
     let failing = Uuid::new_v4();
     let err = inbox
-        .apply(failing, |_conn| {
-            Box::pin(async { Err(HandlerError::transient("boom")) })
-        })
+        .apply(failing, async |_conn| Err(HandlerError::transient("boom")))
         .await
         .expect_err("fails");
     assert!(err.is_transient());
@@ -170,15 +166,13 @@ async fn a_panic_in_batched_effects_fails_that_event_and_not_the_batcher() {
         let inbox = Arc::clone(&inbox);
         tokio::spawn(async move {
             inbox
-                .apply(poisoned, move |conn| {
-                    Box::pin(async move {
-                        sqlx::query("INSERT INTO effects VALUES ($1, 'poisoned')")
-                            .bind(poisoned)
-                            .execute(&mut *conn)
-                            .await
-                            .map_err(herald_postgres::classify)?;
-                        panic!("a bug in the effects");
-                    })
+                .apply(poisoned, async move |conn| {
+                    sqlx::query("INSERT INTO effects VALUES ($1, 'poisoned')")
+                        .bind(poisoned)
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(herald_postgres::classify)?;
+                    panic!("a bug in the effects");
                 })
                 .await
         })

@@ -7,8 +7,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use herald::inbox::EffectsFuture;
-use herald::{InboxStore, OutboxStore};
+use herald::{HandlerError, InboxStore, OutboxStore};
 use uuid::Uuid;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -99,7 +98,7 @@ pub trait Harness: Send + Sync + Sized + 'static {
         conn: &'c mut <Self::Inbox as InboxStore>::Connection,
         event_id: Uuid,
         by: &'static str,
-    ) -> EffectsFuture<'c>;
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send + 'c;
     /// Effect rows of `event_id` (all events when `None`).
     fn effects(&self, event_id: Option<Uuid>) -> impl Future<Output = i64> + Send;
 }

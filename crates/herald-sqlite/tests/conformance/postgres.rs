@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use herald::inbox::EffectsFuture;
+use herald::HandlerError;
 use herald_postgres::{AfterPublish, Inbox, OutboxRecord, PgOutbox};
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use uuid::Uuid;
@@ -104,20 +104,18 @@ impl Harness for PgHarness {
             .expect("effects table");
     }
 
-    fn insert_effect<'c>(
-        conn: &'c mut PgConnection,
+    async fn insert_effect(
+        conn: &mut PgConnection,
         event_id: Uuid,
         by: &'static str,
-    ) -> EffectsFuture<'c> {
-        Box::pin(async move {
-            sqlx::query("INSERT INTO effects VALUES ($1, $2)")
-                .bind(event_id)
-                .bind(by)
-                .execute(&mut *conn)
-                .await
-                .map_err(herald_postgres::classify)?;
-            Ok(())
-        })
+    ) -> Result<(), HandlerError> {
+        sqlx::query("INSERT INTO effects VALUES ($1, $2)")
+            .bind(event_id)
+            .bind(by)
+            .execute(&mut *conn)
+            .await
+            .map_err(herald_postgres::classify)?;
+        Ok(())
     }
 
     async fn effects(&self, event_id: Option<Uuid>) -> i64 {

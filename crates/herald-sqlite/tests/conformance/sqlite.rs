@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use herald::inbox::EffectsFuture;
+use herald::HandlerError;
 use herald_sqlite::{AfterPublish, OutboxRecord, SqliteDatabase, SqliteInbox, SqliteOutbox};
 use sqlx::{Sqlite, SqliteConnection, Transaction};
 use uuid::Uuid;
@@ -117,20 +117,18 @@ impl Harness for SqliteHarness {
             .expect("effects table");
     }
 
-    fn insert_effect<'c>(
-        conn: &'c mut SqliteConnection,
+    async fn insert_effect(
+        conn: &mut SqliteConnection,
         event_id: Uuid,
         by: &'static str,
-    ) -> EffectsFuture<'c> {
-        Box::pin(async move {
-            sqlx::query("INSERT INTO effects VALUES (?1, ?2)")
-                .bind(event_id.to_string())
-                .bind(by)
-                .execute(&mut *conn)
-                .await
-                .map_err(herald_sqlite::classify)?;
-            Ok(())
-        })
+    ) -> Result<(), HandlerError> {
+        sqlx::query("INSERT INTO effects VALUES (?1, ?2)")
+            .bind(event_id.to_string())
+            .bind(by)
+            .execute(&mut *conn)
+            .await
+            .map_err(herald_sqlite::classify)?;
+        Ok(())
     }
 
     async fn effects(&self, event_id: Option<Uuid>) -> i64 {

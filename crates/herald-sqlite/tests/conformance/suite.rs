@@ -758,7 +758,9 @@ pub async fn an_inbox_duplicate_has_one_effect<H: Harness>(h: H) {
         by: &'static str,
     ) -> Result<Applied, HandlerError> {
         inbox
-            .apply(event_id, move |conn| H::insert_effect(conn, event_id, by))
+            .apply(event_id, async move |conn| {
+                H::insert_effect(conn, event_id, by).await
+            })
             .await
     }
     assert_eq!(
@@ -812,12 +814,10 @@ pub async fn failed_effects_roll_back_the_inbox_row<H: Harness>(h: H) {
     let inbox = h.inbox("projection");
     let event_id = Uuid::new_v4();
     let error = inbox
-        .apply(event_id, move |conn| {
-            Box::pin(async move {
-                // The effect is written, then the handler fails.
-                H::insert_effect(conn, event_id, "doomed").await?;
-                Err(HandlerError::transient("downstream unavailable"))
-            })
+        .apply(event_id, async move |conn| {
+            // The effect is written, then the handler fails.
+            H::insert_effect(conn, event_id, "doomed").await?;
+            Err(HandlerError::transient("downstream unavailable"))
         })
         .await
         .expect_err("fails");
@@ -835,8 +835,8 @@ pub async fn failed_effects_roll_back_the_inbox_row<H: Harness>(h: H) {
     );
 
     let error = inbox
-        .apply(event_id, |_conn| {
-            Box::pin(async { Err(HandlerError::permanent("bad data")) })
+        .apply(event_id, async |_conn| {
+            Err(HandlerError::permanent("bad data"))
         })
         .await
         .expect_err("fails");
@@ -844,8 +844,8 @@ pub async fn failed_effects_roll_back_the_inbox_row<H: Harness>(h: H) {
     assert!(!inbox.contains(event_id).await.expect("contains"));
 
     let applied = inbox
-        .apply(event_id, move |conn| {
-            H::insert_effect(conn, event_id, "retry")
+        .apply(event_id, async move |conn| {
+            H::insert_effect(conn, event_id, "retry").await
         })
         .await
         .expect("retry");
@@ -869,15 +869,13 @@ pub async fn concurrent_deliveries_have_one_effect<H: Harness>(h: H) {
             tasks.push(tokio::spawn(async move {
                 for _ in 0..100 {
                     let result = inbox
-                        .apply(id, move |conn| {
-                            Box::pin(async move {
-                                H::insert_effect(conn, id, by).await?;
-                                // Keep the transaction open a moment so the
-                                // two deliveries overlap (no assertion
-                                // depends on it).
-                                tokio::task::yield_now().await;
-                                Ok(())
-                            })
+                        .apply(id, async move |conn| {
+                            H::insert_effect(conn, id, by).await?;
+                            // Keep the transaction open a moment so the two
+                            // deliveries overlap (no assertion depends on
+                            // it).
+                            tokio::task::yield_now().await;
+                            Ok(())
                         })
                         .await;
                     match result {

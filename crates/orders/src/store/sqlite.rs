@@ -370,13 +370,9 @@ impl OrderStore for SqliteDatabase {
         event_id: Uuid,
     ) -> Result<(), HandlerError> {
         inbox
-            .apply(event_id, move |conn| {
-                Box::pin(async move {
-                    match effect {
-                        Effect::Projection => project(conn, &event).await,
-                        Effect::Notifications => notify(conn, &event).await,
-                    }
-                })
+            .apply(event_id, async move |conn| match effect {
+                Effect::Projection => project(conn, &event).await,
+                Effect::Notifications => notify(conn, &event).await,
             })
             .await
             .map(|_| ())
