@@ -1,8 +1,8 @@
 //! herald on SQLite, for the embedded development mode: the transactional
 //! outbox and its store for the relay, and the inbox that makes consumers'
 //! effects happen exactly once — the same contract as `herald-postgres`
-//! (DESIGN.md guarantees 1, 2 and 4), proven by one conformance suite run
-//! against both stores (`tests/conformance/`).
+//! (DESIGN.md guarantees 1, 2 and 4), proven by one conformance suite
+//! (`herald-conformance`) that both stores run (here `tests/conformance.rs`).
 //!
 //! ```no_run
 //! # async fn f() -> Result<(), herald_sqlite::StoreError> {

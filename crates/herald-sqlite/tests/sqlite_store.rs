@@ -39,7 +39,7 @@ struct TempDir(std::path::PathBuf);
 
 impl TempDir {
     fn new() -> Self {
-        let dir = std::env::temp_dir().join(herald_test::unique_name("herald-sqlite"));
+        let dir = std::env::temp_dir().join(format!("herald-sqlite-{}", Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         Self(dir)
     }

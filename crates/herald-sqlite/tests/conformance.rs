@@ -1,17 +1,21 @@
-//! The suite against SQLite: a temporary database file per test, opened the
-//! way the embedded mode opens it (WAL, busy timeout, commit wake-ups).
+//! The store contract's conformance suite (`herald-conformance`) against
+//! SQLite: a temporary database file per test, opened the way the embedded
+//! mode opens it (WAL, busy timeout, commit wake-ups), and the relay from
+//! it into real Kafka.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use herald::HandlerError;
-use herald_sqlite::{AfterPublish, OutboxRecord, SqliteDatabase, SqliteInbox, SqliteOutbox};
+use herald_conformance::{BoxError, Harness, Rec};
+use herald_sqlite::{
+    AfterPublish, OutboxRecord, OutboxStatus, SqliteDatabase, SqliteInbox, SqliteOutbox,
+};
 use sqlx::{Sqlite, SqliteConnection, Transaction};
 use uuid::Uuid;
 
-use crate::harness::{BoxError, Harness, Mode, Rec, Status};
-
-pub struct SqliteHarness {
+/// SQLite under test: one fresh file.
+struct SqliteHarness {
     db: SqliteDatabase,
     /// The outbox every relay handle clones: claims are serialized per
     /// outbox, one relay process per file.
@@ -25,8 +29,8 @@ impl Drop for SqliteHarness {
     }
 }
 
-pub async fn harness() -> Option<SqliteHarness> {
-    let dir = std::env::temp_dir().join(herald_test::unique_name("herald-sqlite"));
+async fn harness() -> Option<SqliteHarness> {
+    let dir = std::env::temp_dir().join(format!("herald-sqlite-{}", Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let db = herald_sqlite::SqliteConfig::new(dir.join("herald.db"))
         .busy_timeout(Duration::from_secs(30))
@@ -45,13 +49,9 @@ impl Harness for SqliteHarness {
     const NAME: &'static str = "sqlite";
     const CLAIMS_SERIALIZED: bool = true;
 
-    fn outboxes(&self, n: usize, mode: Mode) -> Vec<SqliteOutbox> {
-        let mode = match mode {
-            Mode::Mark => AfterPublish::MarkPublished,
-            Mode::Delete => AfterPublish::Delete,
-        };
+    fn outboxes(&self, n: usize, after_publish: AfterPublish) -> Vec<SqliteOutbox> {
         (0..n)
-            .map(|_| self.outbox.clone().after_publish(mode))
+            .map(|_| self.outbox.clone().after_publish(after_publish))
             .collect()
     }
 
@@ -60,10 +60,7 @@ impl Harness for SqliteHarness {
     }
 
     async fn enqueue<'a>(tx: &'a mut Self::Tx, records: &'a [Rec]) -> Result<(), BoxError> {
-        let records: Vec<OutboxRecord> = records
-            .iter()
-            .map(|r| OutboxRecord::new(&r.topic, &r.event, "/conformance", None).expect("encode"))
-            .collect();
+        let records: Vec<OutboxRecord> = records.iter().map(Rec::record).collect();
         herald_sqlite::outbox::enqueue_all(tx, &records).await?;
         Ok(())
     }
@@ -76,15 +73,10 @@ impl Harness for SqliteHarness {
         tx.rollback().await.expect("rollback");
     }
 
-    async fn status(&self) -> Status {
-        let s = herald_sqlite::outbox::status(self.db.pool())
+    async fn status(&self) -> OutboxStatus {
+        herald_sqlite::outbox::status(self.db.pool())
             .await
-            .expect("status");
-        Status {
-            backlog: s.backlog,
-            oldest_unpublished_at: s.oldest_unpublished_at,
-            published_retained: s.published_retained,
-        }
+            .expect("status")
     }
 
     async fn outbox_rows(&self) -> i64 {
@@ -140,4 +132,5 @@ impl Harness for SqliteHarness {
     }
 }
 
-crate::conformance_tests!(harness);
+herald_conformance::store_tests!(harness);
+herald_conformance::relay_tests!(harness);

@@ -1,22 +1,24 @@
-//! The suite against real PostgreSQL: a fresh migrated database per test
-//! (skipped loudly when the server is missing, failing under CI).
+//! The store contract's conformance suite (`herald-conformance`) against
+//! real PostgreSQL: a fresh migrated database per test (skipped loudly when
+//! the server is missing, failing under CI), and the relay from it into
+//! real Kafka.
 
 use std::time::Duration;
 
 use herald::HandlerError;
-use herald_postgres::{AfterPublish, Inbox, OutboxRecord, PgOutbox};
+use herald_conformance::{BoxError, Harness, Rec};
+use herald_postgres::{AfterPublish, Inbox, OutboxRecord, OutboxStatus, PgOutbox};
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
-use crate::harness::{BoxError, Harness, Mode, Rec, Status};
-
-pub struct PgHarness {
+/// PostgreSQL under test: one fresh database.
+struct PgHarness {
     pool: PgPool,
     // Dropped last: dropping it drops the database.
     _db: herald_test::TestDatabase,
 }
 
-pub async fn harness() -> Option<PgHarness> {
+async fn harness() -> Option<PgHarness> {
     let postgres = herald_test::postgres()?;
     let db = postgres.database().await;
     let pool = db.pool().await;
@@ -32,13 +34,9 @@ impl Harness for PgHarness {
     const NAME: &'static str = "postgres";
     const CLAIMS_SERIALIZED: bool = false;
 
-    fn outboxes(&self, n: usize, mode: Mode) -> Vec<PgOutbox> {
-        let mode = match mode {
-            Mode::Mark => AfterPublish::MarkPublished,
-            Mode::Delete => AfterPublish::Delete,
-        };
+    fn outboxes(&self, n: usize, after_publish: AfterPublish) -> Vec<PgOutbox> {
         (0..n)
-            .map(|_| PgOutbox::new(self.pool.clone()).after_publish(mode))
+            .map(|_| PgOutbox::new(self.pool.clone()).after_publish(after_publish))
             .collect()
     }
 
@@ -47,10 +45,7 @@ impl Harness for PgHarness {
     }
 
     async fn enqueue<'a>(tx: &'a mut Self::Tx, records: &'a [Rec]) -> Result<(), BoxError> {
-        let records: Vec<OutboxRecord> = records
-            .iter()
-            .map(|r| OutboxRecord::new(&r.topic, &r.event, "/conformance", None).expect("encode"))
-            .collect();
+        let records: Vec<OutboxRecord> = records.iter().map(Rec::record).collect();
         herald_postgres::outbox::enqueue_all(tx, &records).await?;
         Ok(())
     }
@@ -63,15 +58,10 @@ impl Harness for PgHarness {
         tx.rollback().await.expect("rollback");
     }
 
-    async fn status(&self) -> Status {
-        let s = herald_postgres::outbox::status(&self.pool)
+    async fn status(&self) -> OutboxStatus {
+        herald_postgres::outbox::status(&self.pool)
             .await
-            .expect("status");
-        Status {
-            backlog: s.backlog,
-            oldest_unpublished_at: s.oldest_unpublished_at,
-            published_retained: s.published_retained,
-        }
+            .expect("status")
     }
 
     async fn outbox_rows(&self) -> i64 {
@@ -127,4 +117,5 @@ impl Harness for PgHarness {
     }
 }
 
-crate::conformance_tests!(harness);
+herald_conformance::store_tests!(harness);
+herald_conformance::relay_tests!(harness);

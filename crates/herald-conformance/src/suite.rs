@@ -1,23 +1,27 @@
-//! The checks, generic over a store ([`Harness`]). Each takes a fresh store.
+//! The checks of the store contract, generic over a store ([`Harness`]).
+//! Each takes a fresh store.
 //!
 //! Outbox (guarantees 1 and 4): publish iff commit; per-aggregate creation
 //! order of claims, through small batches and partial commits; a second
 //! claimer never gets an aggregate whose earlier row is claimed (skipped by
 //! PostgreSQL, waited for by SQLite's serialized claims); concurrent claimers
-//! and writers; late commits; mark vs delete; status and retention; the real
-//! relay into Kafka. Inbox (guarantee 2): duplicates have one effect, failed
-//! effects leave no inbox row, concurrent deliveries have one effect.
+//! and writers; late commits; mark vs delete; status and retention. Inbox
+//! (guarantee 2): duplicates have one effect, failed effects leave no inbox
+//! row, concurrent deliveries have one effect. The real relay into Kafka is
+//! in `relay` (feature `kafka`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use herald::{Applied, HandlerError, InboxStore, OutboxBatch, OutboxStore, PendingRecord};
+use herald::{
+    AfterPublish, Applied, HandlerError, InboxStore, OutboxBatch, OutboxStore, PendingRecord,
+};
 use rand::Rng;
 use uuid::Uuid;
 
-use crate::harness::{enqueue_committed, Harness, Mode, Rec};
+use crate::harness::{enqueue_committed, Harness, Rec};
 
 const TOPIC: &str = "conformance";
 
@@ -48,7 +52,7 @@ fn sequences<'a>(pairs: impl IntoIterator<Item = &'a (String, u64)>) -> BTreeMap
 
 /// Asserts that every aggregate in `expected` (key → event count) was
 /// published exactly once per event, in creation order.
-fn assert_in_order(name: &str, log: &[(String, u64)], expected: &BTreeMap<String, u64>) {
+pub(crate) fn assert_in_order(name: &str, log: &[(String, u64)], expected: &BTreeMap<String, u64>) {
     let seqs = sequences(log);
     let keys: BTreeSet<&String> = seqs.keys().collect();
     let expected_keys: BTreeSet<&String> = expected.keys().collect();
@@ -111,7 +115,7 @@ pub async fn publish_iff_commit<H: Harness>(h: H) {
     let later = Rec::new("conformance.other", "c", 0);
     enqueue_committed(&h, std::slice::from_ref(&later)).await;
 
-    let published = drain(&h.outbox(Mode::Mark), 100).await;
+    let published = drain(&h.outbox(AfterPublish::MarkPublished), 100).await;
     let ids: BTreeSet<Uuid> = published.iter().map(|r| r.event_id).collect();
     let want: BTreeSet<Uuid> = [
         committed[0].event_id(),
@@ -145,7 +149,9 @@ pub async fn publish_iff_commit<H: Harness>(h: H) {
     assert_eq!(body.event_id, later.event_id());
 
     assert_eq!(h.status().await.backlog, 0, "{}: nothing left", H::NAME);
-    assert!(drain(&h.outbox(Mode::Mark), 100).await.is_empty());
+    assert!(drain(&h.outbox(AfterPublish::MarkPublished), 100)
+        .await
+        .is_empty());
 }
 
 /// The JSON body as a consumer would read it.
@@ -180,7 +186,7 @@ pub async fn claims_keep_aggregate_order<H: Harness>(h: H) {
     let burst: Vec<Rec> = (0..4).map(|seq| Rec::new(TOPIC, "burst", seq)).collect();
     enqueue_committed(&h, &burst).await;
 
-    let published = drain(&h.outbox(Mode::Mark), 3).await;
+    let published = drain(&h.outbox(AfterPublish::MarkPublished), 3).await;
     let log: Vec<(String, u64)> = published.iter().map(key_seq).collect();
     let mut expected: BTreeMap<String, u64> = (0..AGGREGATES)
         .map(|a| (format!("agg-{a}"), EVENTS))
@@ -199,7 +205,7 @@ pub async fn a_partial_commit_releases_the_rest_in_order<H: Harness>(h: H) {
     for seq in 0..3 {
         enqueue_committed(&h, &[Rec::new(TOPIC, "y", seq)]).await;
     }
-    let outbox = h.outbox(Mode::Mark);
+    let outbox = h.outbox(AfterPublish::MarkPublished);
 
     // A dropped batch (a relay that died mid-pass) releases everything.
     let dropped = outbox.claim(100).await.expect("claim");
@@ -270,7 +276,7 @@ pub async fn a_second_claimer_never_gets_a_claimed_aggregate<H: Harness>(h: H) {
     for seq in 0..2 {
         enqueue_committed(&h, &[Rec::new(TOPIC, "agg-y", seq)]).await;
     }
-    let mut outboxes = h.outboxes(2, Mode::Mark);
+    let mut outboxes = h.outboxes(2, AfterPublish::MarkPublished);
     let second = outboxes.pop().expect("second");
     let first = outboxes.pop().expect("first");
 
@@ -375,7 +381,11 @@ pub async fn concurrent_claimers_keep_order_and_disjoint_aggregates<H: Harness>(
     }
 
     let mut claimers = Vec::new();
-    for (c, outbox) in h.outboxes(CLAIMERS, Mode::Mark).into_iter().enumerate() {
+    for (c, outbox) in h
+        .outboxes(CLAIMERS, AfterPublish::MarkPublished)
+        .into_iter()
+        .enumerate()
+    {
         let h = Arc::clone(&h);
         let held = Arc::clone(&held);
         let log = Arc::clone(&log);
@@ -449,7 +459,7 @@ pub async fn concurrent_claimers_keep_order_and_disjoint_aggregates<H: Harness>(
 /// nothing waits on it, and once it commits a later pass finds them in
 /// order. A rolled-back transaction leaves a gap that loses nothing.
 pub async fn a_late_commit_is_found_on_a_later_pass<H: Harness>(h: H) {
-    let outbox = h.outbox(Mode::Mark);
+    let outbox = h.outbox(AfterPublish::MarkPublished);
     enqueue_committed(&h, &[Rec::new(TOPIC, "shared", 0)]).await;
     enqueue_committed(&h, &[Rec::new(TOPIC, "early", 0)]).await;
     let mut log: Vec<(String, u64)> = Vec::new();
@@ -510,7 +520,12 @@ pub async fn a_late_commit_is_found_on_a_later_pass<H: Harness>(h: H) {
 pub async fn mark_published_keeps_rows_delete_removes_them<H: Harness>(h: H) {
     let marked: Vec<Rec> = (0..3).map(|s| Rec::new(TOPIC, "m", s)).collect();
     enqueue_committed(&h, &marked).await;
-    assert_eq!(drain(&h.outbox(Mode::Mark), 100).await.len(), 3);
+    assert_eq!(
+        drain(&h.outbox(AfterPublish::MarkPublished), 100)
+            .await
+            .len(),
+        3
+    );
     assert_eq!(
         h.outbox_rows().await,
         3,
@@ -520,7 +535,7 @@ pub async fn mark_published_keeps_rows_delete_removes_them<H: Harness>(h: H) {
     let status = h.status().await;
     assert_eq!((status.backlog, status.published_retained), (0, 3));
 
-    let deleting = h.outbox(Mode::Delete);
+    let deleting = h.outbox(AfterPublish::Delete);
     let deleted: Vec<Rec> = (0..2).map(|s| Rec::new(TOPIC, "d", s)).collect();
     enqueue_committed(&h, &deleted).await;
     assert_eq!(drain(&deleting, 100).await.len(), 2);
@@ -576,7 +591,7 @@ pub async fn status_backlog_and_retention<H: Harness>(h: H) {
         H::NAME
     );
 
-    let outbox = h.outbox(Mode::Mark);
+    let outbox = h.outbox(AfterPublish::MarkPublished);
     let batch = outbox.claim(100).await.expect("claim");
     let first = batch.records()[0].id;
     batch.commit(&[first]).await.expect("commit");
@@ -612,136 +627,6 @@ pub async fn status_backlog_and_retention<H: Harness>(h: H) {
     assert_eq!(h.purge_published(Duration::ZERO, 3).await, 1);
     assert_eq!(h.status().await.published_retained, 0);
     assert_eq!(h.outbox_rows().await, 0);
-}
-
-/// The relay as it runs in production, from this store to a real Kafka
-/// topic: two relays drain while writers commit; every event reaches Kafka
-/// once, each aggregate on one partition, in creation order.
-pub async fn the_relay_publishes_each_aggregate_in_order_to_kafka<H: Harness>(h: H) {
-    use herald_kafka::{Publisher, PublisherConfig, Relay, RelayConfig};
-    use tokio_util::sync::CancellationToken;
-
-    const WRITERS: usize = 3;
-    const AGGREGATES_PER_WRITER: usize = 4;
-    const EVENTS: u64 = 20;
-    let Some(kafka) = herald_test::kafka() else {
-        return;
-    };
-    let topic = kafka.topic("conformance", 3).await;
-    let h = Arc::new(h);
-
-    let stop = CancellationToken::new();
-    let mut relays = Vec::new();
-    for outbox in h.outboxes(2, Mode::Mark) {
-        let publisher = Publisher::new(&PublisherConfig::new(kafka.brokers(), "/conformance"))
-            .expect("publisher");
-        let relay = Relay::new(
-            outbox,
-            publisher,
-            RelayConfig {
-                batch_size: 50,
-                poll_interval: Duration::from_millis(200),
-                ..RelayConfig::default()
-            },
-        );
-        relays.push(tokio::spawn(relay.run(stop.clone().cancelled_owned())));
-    }
-    let mut writers = Vec::new();
-    for w in 0..WRITERS {
-        let h = Arc::clone(&h);
-        let topic = topic.name().to_owned();
-        writers.push(tokio::spawn(async move {
-            for seq in 0..EVENTS {
-                for a in 0..AGGREGATES_PER_WRITER {
-                    enqueue_committed(&*h, &[Rec::new(&topic, &format!("w{w}-a{a}"), seq)]).await;
-                }
-            }
-        }));
-    }
-    for w in writers {
-        w.await.expect("writer");
-    }
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while h.status().await.backlog > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "{}: the relays did not drain",
-            H::NAME
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    stop.cancel();
-    for r in relays {
-        r.await.expect("relay stopped");
-    }
-
-    let reads = kafka_read::read_to_end(&kafka, topic.name(), 3);
-    let total = WRITERS * AGGREGATES_PER_WRITER * EVENTS as usize;
-    assert_eq!(reads.len(), total, "{}: every event once", H::NAME);
-    let mut partition_of = BTreeMap::new();
-    for (partition, key, _) in &reads {
-        assert_eq!(
-            *partition_of.entry(key.clone()).or_insert(*partition),
-            *partition,
-            "{key} on one partition"
-        );
-    }
-    let log: Vec<(String, u64)> = reads.into_iter().map(|(_, k, s)| (k, s)).collect();
-    let expected: BTreeMap<String, u64> = (0..WRITERS)
-        .flat_map(|w| (0..AGGREGATES_PER_WRITER).map(move |a| (format!("w{w}-a{a}"), EVENTS)))
-        .collect();
-    assert_in_order(H::NAME, &log, &expected);
-}
-
-mod kafka_read {
-    use std::time::{Duration, Instant};
-
-    use rdkafka::consumer::{BaseConsumer, Consumer as _};
-    use rdkafka::{Message, Offset, TopicPartitionList};
-
-    /// Every record of `topic` as (partition, key, seq), per partition in
-    /// offset order.
-    pub fn read_to_end(
-        kafka: &herald_test::Kafka,
-        topic: &str,
-        partitions: i32,
-    ) -> Vec<(i32, String, u64)> {
-        let consumer: BaseConsumer = kafka
-            .config()
-            .set("group.id", herald_test::unique_name("reader"))
-            .set("enable.auto.commit", "false")
-            .create()
-            .expect("reader");
-        let mut tpl = TopicPartitionList::new();
-        let mut remaining = 0;
-        for p in 0..partitions {
-            let (_, high) = consumer
-                .fetch_watermarks(topic, p, Duration::from_secs(10))
-                .expect("watermarks");
-            remaining += high;
-            tpl.add_partition_offset(topic, p, Offset::Beginning)
-                .expect("tpl");
-        }
-        consumer.assign(&tpl).expect("assign");
-        let mut out = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while remaining > 0 {
-            assert!(Instant::now() < deadline, "reading {topic} timed out");
-            let Some(message) = consumer.poll(Duration::from_millis(200)) else {
-                continue;
-            };
-            let message = message.expect("read");
-            remaining -= 1;
-            let body: serde_json::Value =
-                serde_json::from_slice(message.payload().expect("payload")).expect("json");
-            out.push((
-                message.partition(),
-                String::from_utf8(message.key().expect("key").to_vec()).expect("utf-8"),
-                body["seq"].as_u64().expect("seq"),
-            ));
-        }
-        out
-    }
 }
 
 // ----------------------------------------------------------------- inbox --
