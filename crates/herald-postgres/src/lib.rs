@@ -47,6 +47,19 @@ pub static MIGRATOR: Migrator = {
 };
 
 /// Errors of the PostgreSQL store.
+///
+/// Each store has its own error enum (`herald_sqlite::StoreError` is the
+/// other), on purpose:
+/// - code generic over stores already sees one store error through the
+///   contracts (`herald::OutboxStore::Error`, `herald::InboxStore::Error`);
+/// - what the two enums share wraps `sqlx::Error`, and the core crate
+///   `herald` has no SQL dependency to hold it;
+/// - they differ where callers look: [`StoreError::is_transient`] reads
+///   PostgreSQL's SQLSTATE classes, SQLite's reads its result codes, out of
+///   the same `sqlx::Error` type; only this store reports
+///   [`StoreError::NotClaimed`], only SQLite has a file to open and values
+///   it decodes by hand. One shared enum would list variants a store never
+///   returns and need its SQL dialect as a type parameter to classify.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {

@@ -69,6 +69,14 @@ pub static MIGRATOR: Migrator = {
 };
 
 /// Errors of the SQLite store.
+///
+/// Its own enum, not one shared with `herald_postgres::StoreError` (whose
+/// documentation has the whole argument): the core crate cannot hold the
+/// `sqlx::Error` both wrap, [`StoreError::is_transient`] reads SQLite's
+/// result codes where PostgreSQL reads SQLSTATE classes, and the variants
+/// differ ([`StoreError::Open`] and [`StoreError::Decode`] are SQLite's).
+/// Generic code sees either through `herald::OutboxStore::Error` and
+/// `herald::InboxStore::Error`.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
