@@ -930,13 +930,21 @@ pub(crate) async fn run(
     )
     .map_err(ClientError::Thread)?;
     let group = &config.group.group_id;
+    let stop_all = || {
+        stop.store(true, Ordering::SeqCst);
+        // Retries in backoff stop now; running handlers get the shutdown
+        // deadline.
+        stopping.cancel();
+    };
     let ended = thread
-        .supervise(shutdown, || tracing::info!(%group, "consumer stopping"))
+        .supervise(shutdown, || {
+            tracing::info!(%group, "consumer stopping");
+            stop_all();
+        })
         .await;
-    // Whether asked to or not, the thread has ended: retries in backoff stop
-    // now, and running handlers see the shutdown (they had its deadline).
-    stop.store(true, Ordering::SeqCst);
-    stopping.cancel();
+    // A thread that ended by itself (a fatal error) leaves handlers that
+    // may still be retrying: they stop too.
+    stop_all();
     let _ = dlq.flush(Duration::from_secs(5));
     tracing::info!(%group, by_itself = ended.by_itself, "consumer stopped");
     ended.outcome.map_err(ClientError::Thread)?;
