@@ -38,6 +38,14 @@ use rdkafka::error::KafkaError;
 /// refuse records without one.
 pub(crate) const SWEEP_KEY: &str = "herald.sweep";
 
+/// Whether a record with this key and payload is a sweep record. Readers
+/// skip it: under `read_committed` a broker never returns one (its
+/// transaction was aborted), but librdkafka's mock cluster, which reports
+/// no aborted transactions, does.
+pub(crate) fn is_sweep_record(key: Option<&[u8]>, payload: Option<&[u8]>) -> bool {
+    key == Some(SWEEP_KEY.as_bytes()) && payload.is_none_or(<[u8]>::is_empty)
+}
+
 /// The partitions of `topic`; none when it does not exist (nothing can be
 /// open in it).
 pub(crate) fn partitions<C: ClientContext>(

@@ -178,6 +178,17 @@ where
             ));
         }
         match consumer.poll((deadline - now).min(Duration::from_millis(100))) {
+            Some(Ok(message))
+                if crate::sweep::is_sweep_record(message.key(), message.payload()) =>
+            {
+                // herald's, never state (see `is_sweep_record`).
+                if ends
+                    .get(&message.partition())
+                    .is_some_and(|end| message.offset() + 1 >= *end)
+                {
+                    at_end.insert(message.partition());
+                }
+            }
             Some(Ok(message)) => {
                 let record = ChangelogRecord {
                     topic: topic.to_owned(),

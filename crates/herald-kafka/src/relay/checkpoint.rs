@@ -155,6 +155,8 @@ impl CheckpointReader {
                         source,
                     })
                 }
+                Some(Ok(message))
+                    if crate::sweep::is_sweep_record(message.key(), message.payload()) => {}
                 Some(Ok(message)) => {
                     let decoded = message.payload().map(serde_json::from_slice::<Checkpoint>);
                     match decoded {

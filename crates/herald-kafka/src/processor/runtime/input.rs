@@ -84,6 +84,11 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
             outcome = tracing::field::Empty,
         );
         let envelope = envelope_of(message);
+        if envelope.is_err() && crate::sweep::is_sweep_record(message.key(), message.payload()) {
+            // herald's own, never an input (see `is_sweep_record`).
+            self.done(&tp, offset, &input_ref);
+            return;
+        }
         // The input's producer is the OpenTelemetry parent (set before the
         // span is entered): the order's trace runs on through the processor.
         if let Some(trace) = envelope.as_ref().ok().and_then(|e| e.trace.as_ref()) {
