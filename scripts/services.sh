@@ -2,7 +2,8 @@
 # Real Apache Kafka (KRaft, single combined node) and PostgreSQL on 127.0.0.1
 # for herald's tests, benchmarks and CI.
 #
-#   scripts/services.sh up [--secure]  install (first time) and start both; idempotent
+#   scripts/services.sh up [--secure] [--kafka-nodes 1|3]
+#                                      install (first time) and start both; idempotent
 #   scripts/services.sh down           stop what `up` started
 #   scripts/services.sh status         say what runs
 #   scripts/services.sh env            print the environment to use
@@ -14,11 +15,29 @@
 # role that may only connect over TLS. `env` then prints what a client needs.
 # The plaintext endpoints stay as they are, so every other test keeps working.
 #
+# `up --kafka-nodes 3` starts a replicated cluster instead of the single node:
+# three combined broker+controller nodes (node.id 1..3) whose controllers form
+# a three-voter KRaft quorum (formatted with StorageTool's
+# --initial-controllers, the multi-voter form of the single node's
+# --standalone), with broker defaults for replication: replication factor 3,
+# min.insync.replicas 2, and the same for the internal topics. Each node has
+# its own config, data and logs under <cache>/kafka/cluster/node-<n>/ and a
+# 512 MB heap. `env` lists all three brokers in KAFKA_BROKERS. The node count
+# is remembered (<cache>/kafka/nodes): `up` without --kafka-nodes keeps what
+# runs (one node when nothing does), `up --kafka-nodes N` with another N stops
+# what runs and starts N. With --secure every node gets a SASL_SSL listener.
+#
+# Ports: P = HERALD_KAFKA_PORT (default 9092). Node n (the single node is
+# node 1) listens on P+10(n-1) (plaintext), P+10(n-1)+1 (controller) and
+# P+10(n-1)+2 (SASL_SSL, --secure only):
+#   node 1: 9092 9093 9094   node 2: 9102 9103 9104   node 3: 9112 9113 9114
+#
 # Kafka comes from the jars on Maven Central (scripts/kafka/pom.xml, fetched
 # with the machine's Maven) and runs on the machine's Java 17. PostgreSQL comes
 # from Debian's packages. Settings (environment, all optional):
 #   HERALD_CACHE_DIR     where jars, Kafka data and logs live (default: <repo>/.cache)
 #   HERALD_KAFKA_VERSION Kafka release to fetch (default: the pom's)
+#   HERALD_KAFKA_PORT    first Kafka port, P above (default: 9092)
 #   HERALD_PGDATA        PostgreSQL data directory (default: /var/lib/herald/postgresql)
 set -euo pipefail
 
@@ -30,9 +49,18 @@ KAFKA_LIBS=$KAFKA_HOME/libs-$KAFKA_VERSION
 KAFKA_DATA=$KAFKA_HOME/data
 KAFKA_LOGS=$KAFKA_HOME/logs
 KAFKA_PID=$KAFKA_HOME/kafka.pid
-KAFKA_PORT=9092
-KAFKA_CONTROLLER_PORT=9093
+KAFKA_PORT=${HERALD_KAFKA_PORT:-9092}
+if ! [[ "$KAFKA_PORT" =~ ^[0-9]+$ ]] || ((KAFKA_PORT < 1024 || KAFKA_PORT > 65500)); then
+  echo "HERALD_KAFKA_PORT must be a port number from 1024 to 65500 (got '$KAFKA_PORT')" >&2
+  exit 2
+fi
+KAFKA_CONTROLLER_PORT=$((KAFKA_PORT + 1))
 KAFKA_BROKERS=127.0.0.1:$KAFKA_PORT
+# --kafka-nodes: how many nodes `up` was asked for (empty: keep what runs),
+# and how many the last `up` started.
+KAFKA_NODES=
+KAFKA_NODES_FILE=$KAFKA_HOME/nodes
+KAFKA_CLUSTER=$KAFKA_HOME/cluster
 
 PG_PORT=5432
 PG_DATA=${HERALD_PGDATA:-/var/lib/herald/postgresql}
@@ -48,7 +76,7 @@ DATABASE_URL="postgres://$PG_USER:$PG_PASSWORD@127.0.0.1:$PG_PORT/$PG_DB"
 # anywhere else).
 TLS_DIR=$CACHE/tls
 TLS_CA=$TLS_DIR/ca.crt
-KAFKA_SECURE_PORT=9094
+KAFKA_SECURE_PORT=$((KAFKA_PORT + 2))
 KAFKA_SECURE_BROKERS=127.0.0.1:$KAFKA_SECURE_PORT
 KAFKA_SASL_MECHANISM=SCRAM-SHA-512
 KAFKA_SASL_USERNAME=herald
@@ -255,6 +283,266 @@ kafka_down() {
   rm -f "$KAFKA_PID"
 }
 
+# ---------------------------------------------------------------- Kafka, three nodes
+
+CLUSTER_SIZE=3
+
+node_home() { echo "$KAFKA_CLUSTER/node-$1"; }
+node_port() { echo $((KAFKA_PORT + 10 * ($1 - 1))); }
+
+# host:port of every node, `offset` above its plaintext port (0 plaintext,
+# 1 controller, 2 SASL_SSL), comma-separated.
+cluster_list() {
+  local n list=""
+  for n in $(seq 1 "$CLUSTER_SIZE"); do
+    list+="${list:+,}127.0.0.1:$(($(node_port "$n") + $1))"
+  done
+  echo "$list"
+}
+
+# How many nodes the last `up` started (1 when it never said).
+remembered_nodes() {
+  local nodes
+  nodes=$(cat "$KAFKA_NODES_FILE" 2>/dev/null || true)
+  echo "${nodes:-1}"
+}
+
+node_running_pid() {
+  local file pid
+  file=$(node_home "$1")/kafka.pid
+  [[ -f "$file" ]] || return 1
+  pid=$(cat "$file")
+  kill -0 "$pid" 2>/dev/null && echo "$pid"
+}
+
+# True when any node of the cluster runs.
+cluster_running() {
+  local n
+  for n in $(seq 1 "$CLUSTER_SIZE"); do
+    if node_running_pid "$n" >/dev/null; then return 0; fi
+  done
+  return 1
+}
+
+cluster_configure() {
+  local n home port controller quorum
+  quorum=$(cluster_list 1)
+  for n in $(seq 1 "$CLUSTER_SIZE"); do
+    home=$(node_home "$n")
+    port=$(node_port "$n")
+    controller=$((port + 1))
+    mkdir -p "$home/config" "$home/logs" "$home/data"
+    sed "s:@KAFKA_LOGS@:$home/logs:g" "$ROOT/scripts/kafka/log4j2.properties" >"$home/config/log4j2.properties"
+    # The single node's template, then this node's identity and replication
+    # settings (later keys win in a Java properties file).
+    sed -e "s:@KAFKA_DATA@:$home/data:g" \
+        -e "s:@KAFKA_PORT@:$port:g" \
+        -e "s:@KAFKA_CONTROLLER_PORT@:$controller:g" \
+        "$ROOT/scripts/kafka/server.properties" >"$home/config/server.properties"
+    cat >>"$home/config/server.properties" <<PROPERTIES
+
+# --kafka-nodes $CLUSTER_SIZE (scripts/services.sh): node $n of a replicated cluster.
+node.id=$n
+controller.quorum.bootstrap.servers=$quorum
+# Three replicas, and a write acknowledged by all in-sync replicas (acks=all)
+# is on at least two of them: one node may be lost without losing it.
+default.replication.factor=3
+min.insync.replicas=2
+offsets.topic.replication.factor=3
+transaction.state.log.replication.factor=3
+transaction.state.log.min.isr=2
+share.coordinator.state.topic.replication.factor=3
+share.coordinator.state.topic.min.isr=2
+PROPERTIES
+    if ((SECURE)); then
+      cat >>"$home/config/server.properties" <<PROPERTIES
+
+# --secure (scripts/services.sh): a SASL_SSL listener beside the plaintext one.
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$controller,SASL_SSL://127.0.0.1:$((port + 2))
+advertised.listeners=PLAINTEXT://127.0.0.1:$port,SASL_SSL://127.0.0.1:$((port + 2))
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL
+sasl.enabled.mechanisms=$KAFKA_SASL_MECHANISM
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+ssl.keystore.type=PKCS12
+ssl.keystore.location=$TLS_DIR/server.p12
+ssl.keystore.password=herald-keystore
+ssl.key.password=herald-keystore
+PROPERTIES
+    fi
+  done
+}
+
+# Formats all three data directories for one new cluster, unless all three
+# already are: a partly formatted cluster (an interrupted first `up`) would
+# have nodes with different cluster ids, so it starts over.
+cluster_format() {
+  local n formatted=0 home
+  for n in $(seq 1 "$CLUSTER_SIZE"); do
+    [[ -f "$(node_home "$n")/data/meta.properties" ]] && formatted=$((formatted + 1))
+  done
+  ((formatted == CLUSTER_SIZE)) && return 0
+  local format_log=$KAFKA_CLUSTER/format.log cluster_id voters="" dir_id
+  : >"$format_log"
+  cluster_id=$(kafka_tool kafka.tools.StorageTool random-uuid 2>>"$format_log") \
+    || fail "kafka: StorageTool random-uuid" "$format_log"
+  # The initial voters: every controller by id, endpoint and the directory
+  # id its metadata log will have; each node is formatted with the same list.
+  for n in $(seq 1 "$CLUSTER_SIZE"); do
+    dir_id=$(kafka_tool kafka.tools.StorageTool random-uuid 2>>"$format_log") \
+      || fail "kafka: StorageTool random-uuid" "$format_log"
+    voters+="${voters:+,}$n@127.0.0.1:$(($(node_port "$n") + 1)):$dir_id"
+  done
+  for n in $(seq 1 "$CLUSTER_SIZE"); do
+    home=$(node_home "$n")
+    rm -rf "$home/data" && mkdir -p "$home/data"
+    kafka_tool kafka.tools.StorageTool format -t "$cluster_id" --initial-controllers "$voters" \
+      -c "$home/config/server.properties" >>"$format_log" 2>&1 \
+      || fail "kafka: StorageTool format --initial-controllers (node $n)" "$format_log"
+  done
+}
+
+# The quorum's leader id and voter count, e.g. "1 3" ("-1 0" when unknown).
+cluster_quorum() {
+  kafka_tool org.apache.kafka.tools.MetadataQuorumCommand --bootstrap-server "$(cluster_list 0)" \
+    describe --status 2>/dev/null | awk '
+      /^LeaderId:/ { leader = $2 }
+      /^CurrentVoters:/ { voters = gsub(/"id":/, "") }
+      END { print (leader == "" ? -1 : leader), voters + 0 }'
+}
+
+cluster_up() {
+  if cluster_running; then
+    if ((SECURE)) && [[ "$(cat "$KAFKA_MODE" 2>/dev/null)" != secure ]]; then
+      log "kafka: restarting the cluster with the SASL_SSL listeners (--secure)"
+      cluster_down
+    elif [[ "$(cluster_pids | wc -w)" -eq $CLUSTER_SIZE ]]; then
+      log "kafka: cluster already running (pids $(cluster_pids))"
+      return 0
+    elif [[ "$(cat "$KAFKA_MODE" 2>/dev/null)" == secure ]]; then
+      # A node that died (or was killed) comes back into the running
+      # cluster with its data, as its peers run: with their listeners.
+      SECURE=1
+      tls_material
+    fi
+  fi
+  local n port
+  for n in $(seq 1 "$CLUSTER_SIZE"); do
+    node_running_pid "$n" >/dev/null && continue
+    port=$(node_port "$n")
+    for port in "$port" $((port + 1)) $((port + 2)); do
+      port_open "$port" && fail "kafka: port $port (node $n of the cluster) is taken by something this script did not start; stop it, or set HERALD_KAFKA_PORT (the cluster uses $(cluster_list 0))"
+    done
+  done
+  kafka_install
+  cluster_configure
+  if ! cluster_running; then cluster_format; fi
+  log "kafka: starting $KAFKA_VERSION, $CLUSTER_SIZE nodes (KRaft, broker+controller each) on $(cluster_list 0)"
+  local home
+  for n in $(seq 1 "$CLUSTER_SIZE"); do
+    if node_running_pid "$n" >/dev/null; then
+      log "kafka: node $n already running (pid $(node_running_pid "$n"))"
+      continue
+    fi
+    home=$(node_home "$n")
+    # A restarted node's old log would tell the wait below it has started.
+    if [[ -f "$home/logs/server.log" ]]; then mv "$home/logs/server.log" "$home/logs/server.log.previous"; fi
+    : >"$home/logs/stdout.log"
+    # A smaller heap than the single node's: three JVMs share the machine.
+    nohup bash -c 'exec "$@"' _ java -Xms256m -Xmx512m -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+      -Djava.awt.headless=true -Dkafka.logs.dir="$home/logs" \
+      -Dlog4j2.configurationFile="$home/config/log4j2.properties" \
+      -cp "$KAFKA_LIBS/*" kafka.Kafka "$home/config/server.properties" \
+      >"$home/logs/stdout.log" 2>&1 </dev/null &
+    echo $! >"$home/kafka.pid"
+  done
+  # A broker reports started once the quorum has a leader and has let it in.
+  local deadline=$((SECONDS + 180))
+  for n in $(seq 1 "$CLUSTER_SIZE"); do
+    home=$(node_home "$n")
+    until grep -q "Kafka Server started" "$home/logs/server.log" 2>/dev/null; do
+      node_running_pid "$n" >/dev/null || fail "kafka: node $n exited during start-up" "$home/logs/server.log"
+      ((SECONDS < deadline)) || fail "kafka: node $n not started within 180 s" "$home/logs/server.log"
+      sleep 0.5
+    done
+  done
+  local quorum
+  until quorum=$(cluster_quorum) && [[ "${quorum% *}" -ge 1 && "${quorum#* }" -eq $CLUSTER_SIZE ]]; do
+    ((SECONDS < deadline)) || fail "kafka: the controller quorum has no leader with $CLUSTER_SIZE voters within 180 s (leader, voters: $quorum)" "$(node_home 1)/logs/server.log"
+    sleep 1
+  done
+  until KAFKA_BROKERS=$(cluster_list 0) kafka_metadata_ok; do
+    ((SECONDS < deadline)) || fail "kafka: no answer to a metadata request within 180 s" "$(node_home 1)/logs/server.log"
+    sleep 1
+  done
+  if ((SECURE)); then
+    KAFKA_BROKERS=$(cluster_list 0) KAFKA_LOGS=$KAFKA_CLUSTER kafka_scram_user
+    for n in $(seq 1 "$CLUSTER_SIZE"); do
+      until port_open $(($(node_port "$n") + 2)); do
+        ((SECONDS < deadline)) || fail "kafka: SASL_SSL listener of node $n not open within 180 s" "$(node_home "$n")/logs/server.log"
+        sleep 0.5
+      done
+    done
+    echo secure >"$KAFKA_MODE"
+  else
+    echo plain >"$KAFKA_MODE"
+  fi
+  echo "$CLUSTER_SIZE" >"$KAFKA_NODES_FILE"
+  log "kafka: cluster up, quorum leader node ${quorum% *} (logs: $KAFKA_CLUSTER/node-*/logs/server.log)"
+}
+
+cluster_pids() {
+  local n pid pids=""
+  for n in $(seq 1 "$CLUSTER_SIZE"); do
+    pid=$(node_running_pid "$n") && pids+="${pids:+ }$pid"
+  done
+  echo "$pids"
+}
+
+# Stops every node at once: one by one, the last nodes would wait for a
+# quorum that is already gone before they give up their controlled shutdown.
+cluster_down() {
+  local pids pid
+  pids=$(cluster_pids)
+  if [[ -z "$pids" ]]; then
+    log "kafka: cluster not running"
+  else
+    log "kafka: stopping the cluster (pids $pids)"
+    # shellcheck disable=SC2086
+    kill -TERM $pids 2>/dev/null || true
+    for _ in $(seq 1 60); do
+      [[ -z "$(cluster_pids)" ]] && break
+      sleep 0.5
+    done
+    pids=$(cluster_pids)
+    if [[ -n "$pids" ]]; then
+      log "kafka: still running after 30 s, killing $pids"
+      # shellcheck disable=SC2086
+      kill -KILL $pids 2>/dev/null || true
+    fi
+  fi
+  local n
+  for n in $(seq 1 "$CLUSTER_SIZE"); do rm -f "$(node_home "$n")/kafka.pid"; done
+}
+
+# `up`'s Kafka: the node count asked for, else the one that runs, else one
+# node. Another count than what runs stops that first (the single node and
+# node 1 of the cluster share their ports).
+kafka_start() {
+  local running=0 want
+  if cluster_running; then running=$CLUSTER_SIZE; elif kafka_running_pid >/dev/null; then running=1; fi
+  want=${KAFKA_NODES:-$((running > 0 ? running : 1))}
+  if ((running > 0 && running != want)); then
+    log "kafka: $running node(s) running, $want asked for (--kafka-nodes $want): stopping them first"
+    if ((running == 1)); then kafka_down; else cluster_down; fi
+  fi
+  if ((want == 1)); then
+    kafka_up
+    echo 1 >"$KAFKA_NODES_FILE"
+  else
+    cluster_up
+  fi
+}
+
 # ---------------------------------------------------------------- PostgreSQL
 
 pg_ready() { "${1:-pg_isready}" -h 127.0.0.1 -p "$PG_PORT" -q 2>/dev/null; }
@@ -387,13 +675,17 @@ pg_down() {
 # ---------------------------------------------------------------- commands
 
 print_env() {
-  echo "KAFKA_BROKERS=$KAFKA_BROKERS"
+  local brokers=$KAFKA_BROKERS secure_brokers=$KAFKA_SECURE_BROKERS
+  if (($(remembered_nodes) > 1)); then
+    brokers=$(cluster_list 0) secure_brokers=$(cluster_list 2)
+  fi
+  echo "KAFKA_BROKERS=$brokers"
   echo "DATABASE_URL=$DATABASE_URL"
   if [[ "$(cat "$KAFKA_MODE" 2>/dev/null)" == secure ]]; then
     # A client of the secure services passes these librdkafka settings
     # (orders: --kafka-setting key=value, or KAFKA_SETTINGS=k=v,k=v) and
     # DATABASE_URL_TLS as its DATABASE_URL.
-    echo "KAFKA_SECURE_BROKERS=$KAFKA_SECURE_BROKERS"
+    echo "KAFKA_SECURE_BROKERS=$secure_brokers"
     echo "KAFKA_SECURITY_PROTOCOL=SASL_SSL"
     echo "KAFKA_SASL_MECHANISM=$KAFKA_SASL_MECHANISM"
     echo "KAFKA_SASL_USERNAME=$KAFKA_SASL_USERNAME"
@@ -403,9 +695,31 @@ print_env() {
   fi
 }
 
+# The cluster's line for `status`, and whether all its nodes run.
+cluster_status() {
+  local n pid running="" stopped=""
+  for n in $(seq 1 "$CLUSTER_SIZE"); do
+    if pid=$(node_running_pid "$n"); then
+      running+="${running:+, }node $n pid $pid"
+    else
+      stopped+="${stopped:+, }node $n"
+    fi
+  done
+  local secure=""
+  [[ "$(cat "$KAFKA_MODE" 2>/dev/null)" == secure ]] && secure=", SASL_SSL on $(cluster_list 2)"
+  if [[ -z "$stopped" ]]; then
+    echo "kafka:    running, $CLUSTER_SIZE nodes ($running; $(cluster_list 0)$secure, version $KAFKA_VERSION, logs $KAFKA_CLUSTER/node-*/logs/server.log)"
+  else
+    echo "kafka:    degraded, $CLUSTER_SIZE-node cluster with $stopped stopped (${running:-no node running}; logs $KAFKA_CLUSTER/node-*/logs/server.log)"
+    return 1
+  fi
+}
+
 status() {
   local rc=0 pid
-  if pid=$(kafka_running_pid); then
+  if cluster_running; then
+    cluster_status || rc=1
+  elif pid=$(kafka_running_pid); then
     local secure=""
     [[ "$(cat "$KAFKA_MODE" 2>/dev/null)" == secure ]] && secure=", SASL_SSL on $KAFKA_SECURE_BROKERS"
     echo "kafka:    running (pid $pid, $KAFKA_BROKERS$secure, version $KAFKA_VERSION, log $KAFKA_LOGS/server.log)"
@@ -430,26 +744,37 @@ status() {
 
 case "${1:-}" in
   up)
-    case "${2:-}" in
-      "") ;;
-      --secure) SECURE=1 ;;
-      *) echo "usage: $0 up [--secure]" >&2; exit 2 ;;
+    shift
+    while (($#)); do
+      case "$1" in
+        --secure) SECURE=1 ;;
+        --kafka-nodes=*) KAFKA_NODES=${1#*=} ;;
+        --kafka-nodes)
+          (($# > 1)) || { echo "$0 up: --kafka-nodes needs a node count (1 or 3)" >&2; exit 2; }
+          KAFKA_NODES=$2; shift ;;
+        *) echo "usage: $0 up [--secure] [--kafka-nodes 1|3]" >&2; exit 2 ;;
+      esac
+      shift
+    done
+    case "$KAFKA_NODES" in
+      "" | 1 | 3) ;;
+      *) echo "$0 up: --kafka-nodes must be 1 (one combined node) or 3 (a replicated cluster), not '$KAFKA_NODES'" >&2; exit 2 ;;
     esac
     started=$SECONDS
     if ((SECURE)); then tls_material; fi
     pg_up
-    kafka_up
+    kafka_start
     log "ready in $((SECONDS - started)) s; use:"
     print_env
     ;;
   down)
-    kafka_down
+    if cluster_running; then cluster_down; else kafka_down; fi
     pg_down
     ;;
   status) status ;;
   env) print_env ;;
   *)
-    echo "usage: $0 up [--secure]|down|status|env" >&2
+    echo "usage: $0 up [--secure] [--kafka-nodes 1|3]|down|status|env" >&2
     exit 2
     ;;
 esac
