@@ -9,6 +9,7 @@ use std::time::Duration;
 use herald::RetryPolicy;
 use rdkafka::ClientConfig;
 
+use crate::admin::TopicDurability;
 use crate::consumer::CONSUMER_DEFAULTS;
 use crate::error::ClientError;
 use crate::settings::{self, Settings};
@@ -35,12 +36,15 @@ pub(crate) struct GroupConfig {
     /// librdkafka pass-through settings of the producer (dead letters,
     /// outputs).
     pub(crate) producer_settings: Settings,
+    /// Replication of the topics the member creates for itself.
+    pub(crate) topic_durability: TopicDurability,
 }
 
 impl GroupConfig {
     /// A member of `group_id` reading `topics`, with the shared defaults:
     /// [`RetryPolicy::default`], unknown event types skipped, dead letters
-    /// to `<topic>.dlq`, 30 s for shutdown.
+    /// to `<topic>.dlq`, 30 s for shutdown, created topics replicated as the
+    /// cluster's default.
     pub(crate) fn new<T: Into<String>>(
         brokers: impl Into<String>,
         group_id: impl Into<String>,
@@ -56,6 +60,7 @@ impl GroupConfig {
             shutdown_timeout: Duration::from_secs(30),
             settings: Settings::default(),
             producer_settings: Settings::default(),
+            topic_durability: TopicDurability::default(),
         }
     }
 
@@ -94,7 +99,7 @@ impl GroupConfig {
         if self.settings.contains_key("group.id") {
             return bad("settings", "group.id is the group given to `new`");
         }
-        Ok(())
+        self.topic_durability.validate()
     }
 
     /// The consumer's librdkafka configuration: the group, herald's

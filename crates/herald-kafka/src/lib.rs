@@ -37,8 +37,10 @@
 //!   that declares each component's stats value (reading methods and a
 //!   collector for the service's registry) from one list of figures.
 //! - `admin.rs`: the compacted topics herald creates for itself (relay
-//!   checkpoints, processor completed ids), and [`check_record_limits`]
-//!   (a topic's `max.message.bytes` against the producer's batches).
+//!   checkpoints, processor completed ids) with their [`TopicDurability`],
+//!   [`describe_replication`] (how a topic is replicated, to check it), and
+//!   [`check_record_limits`] (a topic's `max.message.bytes` against the
+//!   producer's batches).
 
 mod admin;
 pub mod connect;
@@ -55,7 +57,9 @@ pub mod relay;
 mod settings;
 mod sweep;
 
-pub use admin::check_record_limits;
+pub use admin::{
+    check_record_limits, describe_replication, Shortfall, TopicDurability, TopicReplicas,
+};
 pub use connect::{check_cluster, ConnectError};
 pub use consumer::{
     envelope_of, CircuitBreaker, Consumer, ConsumerConfig, ConsumerStats, DeadLetterMode, Handler,

@@ -47,6 +47,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 
+use crate::admin::TopicDurability;
 use crate::error::ClientError;
 use crate::group::GroupConfig;
 use crate::metrics::{
@@ -194,6 +195,13 @@ impl ConsumerConfig {
     /// start when missing.
     pub fn parked_topic(mut self, topic: impl Into<String>) -> Self {
         self.parked_topic = topic.into();
+        self
+    }
+
+    /// How durable the parked-key table is when the consumer creates it
+    /// (default: as the cluster's default; see [`TopicDurability`]).
+    pub fn topic_durability(mut self, durability: TopicDurability) -> Self {
+        self.group.topic_durability = durability;
         self
     }
 

@@ -838,6 +838,7 @@ pub(crate) async fn run(
                 &client,
                 &config.parked_topic,
                 1,
+                config.group.topic_durability,
                 config.parked_read_timeout,
             )
             .await

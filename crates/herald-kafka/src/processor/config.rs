@@ -7,6 +7,7 @@ use herald::RetryPolicy;
 use rdkafka::ClientConfig;
 
 use super::dedup::Deduplication;
+use crate::admin::TopicDurability;
 use crate::error::ClientError;
 use crate::group::GroupConfig;
 use crate::publisher::PRODUCER_DEFAULTS;
@@ -176,6 +177,13 @@ impl ProcessorConfig {
     /// The dead-letter topic is the input's topic plus this suffix (`.dlq`).
     pub fn dlq_suffix(mut self, suffix: impl Into<String>) -> Self {
         self.group.dlq_suffix = suffix.into();
+        self
+    }
+
+    /// How durable the completed-ids topic is when the processor creates it
+    /// (default: as the cluster's default; see [`TopicDurability`]).
+    pub fn topic_durability(mut self, durability: TopicDurability) -> Self {
+        self.group.topic_durability = durability;
         self
     }
 

@@ -600,6 +600,7 @@ async fn ensure_completed_topic(
             &config.restore_client_config(),
             topic,
             1,
+            config.group.topic_durability,
             config.operation_timeout,
         )
         .await;

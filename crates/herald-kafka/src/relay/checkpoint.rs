@@ -28,10 +28,12 @@ pub(crate) async fn ensure_topic(
     client: &ClientConfig,
     topic: &str,
     slots: u16,
+    durability: crate::admin::TopicDurability,
     timeout: Duration,
 ) -> Result<(), ClientError> {
     let partitions =
-        crate::admin::ensure_compacted_topic(client, topic, i32::from(slots), timeout).await?;
+        crate::admin::ensure_compacted_topic(client, topic, i32::from(slots), durability, timeout)
+            .await?;
     if partitions < usize::from(slots) {
         return Err(ClientError::Setting {
             setting: "checkpoint_topic",

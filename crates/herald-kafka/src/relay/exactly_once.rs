@@ -53,6 +53,7 @@ use super::{
     batch_span, cancelled_by, outgoing, published_by, until_stopped, Pass, RelayConfig, RelayError,
     RelayStats,
 };
+use crate::admin::TopicDurability;
 use crate::error::{is_fenced_code, ClientError};
 use crate::publisher::{BorrowedRecord, Publisher, PublisherConfig, PublisherStats};
 use crate::settings;
@@ -122,6 +123,9 @@ pub struct ExactlyOnceConfig {
     /// least this often on a busy slot; a crash before it costs a
     /// recovery of at most [`RelayConfig::batch_size`] ids.
     pub lease_span: Duration,
+    /// How durable the checkpoint topic is when the relay creates it
+    /// (default: as the cluster's default; see [`TopicDurability`]).
+    pub topic_durability: TopicDurability,
 }
 
 impl Default for ExactlyOnceConfig {
@@ -132,6 +136,7 @@ impl Default for ExactlyOnceConfig {
             transaction_timeout: Duration::from_secs(60),
             operation_timeout: Duration::from_secs(30),
             lease_span: Duration::from_millis(500),
+            topic_durability: TopicDurability::default(),
         }
     }
 }
@@ -241,12 +246,14 @@ impl<S: SlotStore> TransactionalRelay<S> {
             // enqueued at once and goes out in full batches anyway.
             client.set("linger.ms", "0");
         }
+        exactly_once.topic_durability.validate()?;
         let reader_client =
             settings::layered(&producer.brokers, settings::security(&producer.settings));
         checkpoint::ensure_topic(
             &reader_client,
             &exactly_once.checkpoint_topic,
             store.slots(),
+            exactly_once.topic_durability,
             exactly_once.operation_timeout,
         )
         .await?;
