@@ -356,6 +356,18 @@ pub struct SettingsArgs {
     /// Partitions of topics this service creates.
     #[arg(long, env = "ORDERS_TOPIC_PARTITIONS", default_value_t = 6, value_parser = clap::value_parser!(i32).range(1..=1000), global = true)]
     pub topic_partitions: i32,
+    /// Replicas of each partition of the topics this service creates
+    /// (default: the cluster's `default.replication.factor`). At start-up
+    /// every topic of the service, created or existing, must have at least
+    /// this many.
+    #[arg(long, env = "ORDERS_TOPIC_REPLICATION_FACTOR", value_parser = clap::value_parser!(u16).range(1..=64), global = true)]
+    pub topic_replication_factor: Option<u16>,
+    /// `min.insync.replicas` of the topics this service creates (default:
+    /// the cluster's): replicas that must have an event before the relay's
+    /// `acks=all` producer counts it as published. At start-up every topic
+    /// of the service must have at least this.
+    #[arg(long, env = "ORDERS_TOPIC_MIN_INSYNC_REPLICAS", value_parser = clap::value_parser!(u16).range(1..=64), global = true)]
+    pub topic_min_insync_replicas: Option<u16>,
     /// Keys handled in parallel per consumer. (Not `--concurrency`: that is
     /// `orders load`'s requests in flight.)
     #[arg(long = "consumer-concurrency", env = "ORDERS_CONCURRENCY", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=10_000), global = true)]
@@ -482,6 +494,12 @@ mod tests {
         let err =
             Cli::try_parse_from(["orders", "--concurrency", "0"]).expect_err("bad concurrency");
         assert!(err.to_string().contains("--concurrency"), "{err}");
+        let err = Cli::try_parse_from(["orders", "--topic-replication-factor", "0"])
+            .expect_err("bad replication factor");
+        assert!(
+            err.to_string().contains("--topic-replication-factor"),
+            "{err}"
+        );
     }
 
     #[test]

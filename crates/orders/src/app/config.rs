@@ -51,6 +51,9 @@ pub struct Config {
     pub group_prefix: String,
     /// Partitions of created topics.
     pub partitions: i32,
+    /// Replication of created topics, and what every topic of the service
+    /// must have at start-up (default: the cluster's).
+    pub topic_durability: herald_kafka::TopicDurability,
     /// Keys in parallel per consumer.
     pub concurrency: usize,
     /// Consumer retries.
@@ -160,6 +163,10 @@ impl Config {
         if args.retry_initial_ms == 0 {
             bail!("ORDERS_RETRY_INITIAL_MS (--retry-initial-ms) must be at least 1");
         }
+        let topic_durability = topic_durability(
+            args.topic_replication_factor,
+            args.topic_min_insync_replicas,
+        )?;
         Ok(Self {
             brokers,
             database,
@@ -184,6 +191,7 @@ impl Config {
             processor_batch: args.processor_batch as usize,
             group_prefix: args.group_prefix.clone(),
             partitions: args.topic_partitions,
+            topic_durability,
             concurrency: args.consumer_concurrency as usize,
             retry: args.retry(),
             relay_batch: args.relay_batch as usize,
@@ -280,6 +288,7 @@ impl Config {
         ExactlyOnceConfig {
             transactional_id_prefix: format!("{}-relay", self.group_prefix),
             checkpoint_topic: format!("{}-relay-checkpoints", self.group_prefix),
+            topic_durability: self.topic_durability,
             ..ExactlyOnceConfig::default()
         }
     }
@@ -309,7 +318,8 @@ impl Config {
         )
         .concurrency(self.concurrency)
         .max_in_flight(self.concurrency.max(1) * 16)
-        .retry(self.retry.clone());
+        .retry(self.retry.clone())
+        .topic_durability(self.topic_durability);
         for (k, v) in &self.kafka_settings {
             config = config
                 .set(k.clone(), v.clone())
@@ -317,6 +327,31 @@ impl Config {
         }
         Consumer::new(config, router).with_context(|| format!("configuring the {kind} consumer"))
     }
+}
+
+/// The durability of the service's topics from ORDERS_TOPIC_REPLICATION_FACTOR
+/// and ORDERS_TOPIC_MIN_INSYNC_REPLICAS (each `None`: the cluster's).
+pub(super) fn topic_durability(
+    replication_factor: Option<u16>,
+    min_insync_replicas: Option<u16>,
+) -> anyhow::Result<herald_kafka::TopicDurability> {
+    if let (Some(replicas), Some(min_insync)) = (replication_factor, min_insync_replicas) {
+        // Every acks=all write would be refused: the relay could publish nothing.
+        if min_insync > replicas {
+            bail!(
+                "ORDERS_TOPIC_MIN_INSYNC_REPLICAS (--topic-min-insync-replicas) is {min_insync}, \
+                 more than ORDERS_TOPIC_REPLICATION_FACTOR (--topic-replication-factor) {replicas}: \
+                 no write could be acknowledged"
+            );
+        }
+    }
+    let durability = herald_kafka::TopicDurability::cluster_default()
+        .replication_factor(replication_factor)
+        .min_insync_replicas(min_insync_replicas);
+    durability
+        .validate()
+        .context("ORDERS_TOPIC_REPLICATION_FACTOR / ORDERS_TOPIC_MIN_INSYNC_REPLICAS")?;
+    Ok(durability)
 }
 
 impl Config {
@@ -332,7 +367,8 @@ impl Config {
         )
         .source("/orders/fulfillment")
         .batch_size(self.processor_batch)
-        .retry(self.retry.clone());
+        .retry(self.retry.clone())
+        .topic_durability(self.topic_durability);
         for topic in crate::fulfillment::changelog_topics(&self.fulfillment_topic) {
             config = config.changelog(topic);
         }

@@ -489,3 +489,83 @@ async fn a_relay_does_not_start_on_a_topic_that_refuses_its_batches() {
         .delete_topics(&[&config.topics.events], &AdminOptions::new())
         .await;
 }
+
+/// The topics' replication is checked at start-up against
+/// ORDERS_TOPIC_REPLICATION_FACTOR / ORDERS_TOPIC_MIN_INSYNC_REPLICAS: left
+/// to the cluster (the default) anything passes; asked for more than the
+/// one-node test broker has, the start-up fails naming the topic, what it
+/// has, what is required and the setting, whether the topics exist already
+/// or would have to be created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_start_up_checks_the_topics_replication() {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    let (Some(kafka), Some(postgres)) = (herald_test::kafka(), herald_test::postgres()) else {
+        return;
+    };
+    let db = postgres.database().await;
+    let config = config_at(kafka.brokers(), &db);
+    let workers = orders::app::Components {
+        projection: true,
+        ..orders::app::Components::NONE
+    };
+    orders::app::Application::build(config.clone(), workers)
+        .await
+        .expect("the cluster's defaults pass");
+    let events = config.topics.events.clone();
+
+    let start = |durability: herald_kafka::TopicDurability, config: &orders::app::Config| {
+        let config = orders::app::Config {
+            topic_durability: durability,
+            ..config.clone()
+        };
+        async move {
+            let error = orders::app::Application::build(config, workers)
+                .await
+                .err()
+                .expect("no start");
+            format!("{error:#}")
+        }
+    };
+    // The topics exist, with one replica each.
+    let three = herald_kafka::TopicDurability::cluster_default().replication_factor(3);
+    let error = start(three, &config).await;
+    assert!(
+        error.contains(
+            "ORDERS_TOPIC_REPLICATION_FACTOR (--topic-replication-factor) requires replication factor 3"
+        ) && error.contains(&format!("topic {events} has 1,")),
+        "{error}"
+    );
+    let two_in_sync = herald_kafka::TopicDurability::cluster_default().min_insync_replicas(2);
+    let error = start(two_in_sync, &config).await;
+    assert!(
+        error.contains(
+            "ORDERS_TOPIC_MIN_INSYNC_REPLICAS (--topic-min-insync-replicas) requires min.insync.replicas 2"
+        ) && error.contains(&format!("topic {events} has 1,")),
+        "{error}"
+    );
+    // New topics: the broker cannot make three replicas.
+    let fresh = config_at(kafka.brokers(), &db);
+    let error = start(three, &fresh).await;
+    assert!(
+        error.contains("replication factor 3") && error.contains("ORDERS_TOPIC_REPLICATION_FACTOR"),
+        "{error}"
+    );
+
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        kafka.config().create().expect("admin");
+    let names: Vec<String> = [
+        events.clone(),
+        format!("{events}.dlq"),
+        config.fulfillment_topic.clone(),
+    ]
+    .into_iter()
+    .chain(orders::fulfillment::changelog_topics(
+        &config.fulfillment_topic,
+    ))
+    .chain([orders::fulfillment::completed_topic(
+        &config.fulfillment_topic,
+    )])
+    .collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let _ = admin.delete_topics(&names, &AdminOptions::new()).await;
+}

@@ -146,6 +146,7 @@ fn config_for(brokers: &str, db: &herald_test::TestDatabase, topic: &str) -> Con
         processor_batch: 50,
         group_prefix: herald_test::unique_name("orders"),
         partitions: 3,
+        topic_durability: herald_kafka::TopicDurability::cluster_default(),
         concurrency: 16,
         retry: herald::RetryPolicy {
             max_attempts: 3,
