@@ -312,7 +312,8 @@ node_running_pid() {
   file=$(node_home "$1")/kafka.pid
   [[ -f "$file" ]] || return 1
   pid=$(cat "$file")
-  kill -0 "$pid" 2>/dev/null && echo "$pid"
+  # A node just killed may linger a moment as a zombie: not running.
+  kill -0 "$pid" 2>/dev/null && [[ "$(ps -o stat= -p "$pid" 2>/dev/null)" != Z* ]] && echo "$pid"
 }
 
 # True when any node of the cluster runs.
