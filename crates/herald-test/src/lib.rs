@@ -488,12 +488,14 @@ impl Kafka {
     }
 }
 
-/// Creates `name` with `partitions` partitions, replication factor 1.
+/// Creates `name` with `partitions` partitions and the cluster's default
+/// replication (-1): one replica on the one-node broker; on the three-node
+/// cluster three, as its `min.insync.replicas` of 2 needs for `acks=all`.
 pub async fn create_topic(config: &ClientConfig, name: &str, partitions: i32) {
     let admin: AdminClient<DefaultClientContext> = config.create().expect("admin client");
     let results = admin
         .create_topics(
-            &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+            &[NewTopic::new(name, partitions, TopicReplication::Fixed(-1))],
             &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
         )
         .await

@@ -282,12 +282,13 @@ async fn a_dead_letter_the_broker_refuses_keeps_its_record_uncommitted_and_is_co
     };
     let topic = kafka.topic("dlq-refused", 1).await;
     // The DLQ (removed with the topic) refuses anything over 64 bytes: every
-    // dead letter, with its headers, is larger.
+    // dead letter, with its headers, is larger. The cluster's replication
+    // (-1), so that the refusal is the size, on a replicated cluster too.
     let admin: AdminClient<_> = kafka.config().create().expect("admin");
     let dlq = format!("{}.dlq", topic.name());
     let created = admin
         .create_topics(
-            &[NewTopic::new(&dlq, 1, TopicReplication::Fixed(1)).set("max.message.bytes", "64")],
+            &[NewTopic::new(&dlq, 1, TopicReplication::Fixed(-1)).set("max.message.bytes", "64")],
             &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
         )
         .await

@@ -453,7 +453,7 @@ async fn a_relay_does_not_start_on_a_topic_that_refuses_its_batches() {
     let config = config_at(kafka.brokers(), &db);
     let admin: AdminClient<rdkafka::client::DefaultClientContext> =
         kafka.config().create().expect("admin");
-    let topic = NewTopic::new(&config.topics.events, 3, TopicReplication::Fixed(1))
+    let topic = NewTopic::new(&config.topics.events, 3, TopicReplication::Fixed(-1))
         .set("max.message.bytes", "10000");
     for result in admin
         .create_topics([&topic], &AdminOptions::new())
@@ -493,9 +493,10 @@ async fn a_relay_does_not_start_on_a_topic_that_refuses_its_batches() {
 /// The topics' replication is checked at start-up against
 /// ORDERS_TOPIC_REPLICATION_FACTOR / ORDERS_TOPIC_MIN_INSYNC_REPLICAS: left
 /// to the cluster (the default) anything passes; asked for more than the
-/// one-node test broker has, the start-up fails naming the topic, what it
-/// has, what is required and the setting, whether the topics exist already
-/// or would have to be created.
+/// cluster has brokers (one on the test broker, three on
+/// `services.sh up --kafka-nodes 3`), the start-up fails naming the topic,
+/// what it has, what is required and the setting, whether the topics exist
+/// already or would have to be created.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_start_up_checks_the_topics_replication() {
     use rdkafka::admin::{AdminClient, AdminOptions};
@@ -504,6 +505,16 @@ async fn the_start_up_checks_the_topics_replication() {
     };
     let db = postgres.database().await;
     let config = config_at(kafka.brokers(), &db);
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        kafka.config().create().expect("admin");
+    let brokers = admin
+        .inner()
+        .fetch_metadata(None, Duration::from_secs(10))
+        .expect("metadata")
+        .brokers()
+        .len();
+    // More than any topic on this cluster can have.
+    let beyond = u16::try_from(brokers + 1).expect("a few brokers");
     let workers = orders::app::Components {
         projection: true,
         ..orders::app::Components::NONE
@@ -526,33 +537,52 @@ async fn the_start_up_checks_the_topics_replication() {
             format!("{error:#}")
         }
     };
-    // The topics exist, with one replica each.
-    let three = herald_kafka::TopicDurability::cluster_default().replication_factor(3);
-    let error = start(three, &config).await;
+    // Requiring what the topics have passes (on the three-node cluster,
+    // replication factor 3 and min.insync.replicas 2).
+    let found =
+        herald_kafka::describe_replication(&kafka.config(), &[&events], Duration::from_secs(10))
+            .await
+            .expect("describe")[0]
+            .expect("the events topic exists");
+    assert!(found.replication_factor >= 1, "{found:?}");
+    let as_found = herald_kafka::TopicDurability::cluster_default()
+        .replication_factor(u16::try_from(found.replication_factor).expect("a few replicas"))
+        .min_insync_replicas(found.min_insync_replicas.expect("the broker says"));
+    orders::app::Application::build(
+        orders::app::Config {
+            topic_durability: as_found,
+            ..config.clone()
+        },
+        workers,
+    )
+    .await
+    .expect("what the topics have passes");
+    // The topics exist, with the cluster's replication.
+    let more_replicas = herald_kafka::TopicDurability::cluster_default().replication_factor(beyond);
+    let error = start(more_replicas, &config).await;
     assert!(
-        error.contains(
-            "ORDERS_TOPIC_REPLICATION_FACTOR (--topic-replication-factor) requires replication factor 3"
-        ) && error.contains(&format!("topic {events} has 1,")),
+        error.contains(&format!(
+            "ORDERS_TOPIC_REPLICATION_FACTOR (--topic-replication-factor) requires replication factor {beyond}, but topic {events} has "
+        )),
         "{error}"
     );
-    let two_in_sync = herald_kafka::TopicDurability::cluster_default().min_insync_replicas(2);
-    let error = start(two_in_sync, &config).await;
+    let more_in_sync = herald_kafka::TopicDurability::cluster_default().min_insync_replicas(beyond);
+    let error = start(more_in_sync, &config).await;
     assert!(
-        error.contains(
-            "ORDERS_TOPIC_MIN_INSYNC_REPLICAS (--topic-min-insync-replicas) requires min.insync.replicas 2"
-        ) && error.contains(&format!("topic {events} has 1,")),
+        error.contains(&format!(
+            "ORDERS_TOPIC_MIN_INSYNC_REPLICAS (--topic-min-insync-replicas) requires min.insync.replicas {beyond}, but topic {events} has "
+        )),
         "{error}"
     );
-    // New topics: the broker cannot make three replicas.
+    // New topics: the cluster cannot make that many replicas.
     let fresh = config_at(kafka.brokers(), &db);
-    let error = start(three, &fresh).await;
+    let error = start(more_replicas, &fresh).await;
     assert!(
-        error.contains("replication factor 3") && error.contains("ORDERS_TOPIC_REPLICATION_FACTOR"),
+        error.contains(&format!("replication factor {beyond}"))
+            && error.contains("ORDERS_TOPIC_REPLICATION_FACTOR"),
         "{error}"
     );
 
-    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
-        kafka.config().create().expect("admin");
     let names: Vec<String> = [
         events.clone(),
         format!("{events}.dlq"),
