@@ -64,6 +64,14 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// The last `lines` lines of the text file at `path` (empty when it cannot
+/// be read): for a failure to show what a server or service was doing.
+pub fn log_tail(path: &std::path::Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
 /// Asks every child to stop (SIGTERM: the graceful path production runs),
 /// then waits up to `limit` for them all and kills those still running.
 /// Returns how each ended, in order.
@@ -142,11 +150,15 @@ pub fn kafka() -> Option<Kafka> {
 /// not running and `CI` is not set.
 pub fn postgres() -> Option<Postgres> {
     let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned());
-    let options = PgConnectOptions::from_str(&url)
+    let postgres = Postgres::at(&url)
         .unwrap_or_else(|e| panic!("DATABASE_URL={url:?} is not a PostgreSQL URL: {e}"));
-    let address = format!("{}:{}", options.get_host(), options.get_port());
+    let address = format!(
+        "{}:{}",
+        postgres.options.get_host(),
+        postgres.options.get_port()
+    );
     if reachable(&address) {
-        Some(Postgres { options, url })
+        Some(postgres)
     } else {
         unavailable("PostgreSQL", "DATABASE_URL", &url);
         None
@@ -492,19 +504,31 @@ impl Kafka {
 /// replication (-1): one replica on the one-node broker; on the three-node
 /// cluster three, as its `min.insync.replicas` of 2 needs for `acks=all`.
 pub async fn create_topic(config: &ClientConfig, name: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = config.create().expect("admin client");
+    if let Err(error) = try_create_topic(config, name, partitions).await {
+        panic!("cannot create topic {name}: {error}");
+    }
+}
+
+/// [`create_topic`] that returns the error instead of panicking: for
+/// callers that report it (the benchmarks).
+pub async fn try_create_topic(
+    config: &ClientConfig,
+    name: &str,
+    partitions: i32,
+) -> Result<(), rdkafka::error::KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = config.create()?;
     let results = admin
         .create_topics(
             &[NewTopic::new(name, partitions, TopicReplication::Fixed(-1))],
             &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
         )
-        .await
-        .expect("create_topics request");
+        .await?;
     for result in results {
-        if let Err((topic, code)) = result {
-            panic!("cannot create topic {topic}: {code}");
+        if let Err((_, code)) = result {
+            return Err(rdkafka::error::KafkaError::AdminOp(code));
         }
     }
+    Ok(())
 }
 
 /// A topic that exists for one test.
@@ -525,25 +549,30 @@ impl Drop for TestTopic {
     fn drop(&mut self) {
         let config = self.config.clone();
         let names = [self.name.clone(), format!("{}.dlq", self.name)];
-        // Drop may run inside a runtime: do the async clean-up on a thread of its own.
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async move {
-                let Ok(admin) = config.create::<AdminClient<DefaultClientContext>>() else {
-                    return;
-                };
-                let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-                // Bounded: a test whose private broker is already gone must
-                // not wait out librdkafka's default (minutes) to learn it.
-                let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
-                let _ = admin.delete_topics(&refs, &options).await;
-            });
-        })
-        .join();
+        clean_up(async move {
+            let Ok(admin) = config.create::<AdminClient<DefaultClientContext>>() else {
+                return;
+            };
+            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+            // Bounded: a test whose private broker is already gone must
+            // not wait out librdkafka's default (minutes) to learn it.
+            let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+            let _ = admin.delete_topics(&refs, &options).await;
+        });
     }
+}
+
+/// Runs a `Drop`'s async clean-up to its end on a thread and runtime of its
+/// own: the drop may run inside a runtime, which must not block on it.
+fn clean_up(work: impl std::future::Future<Output = ()> + Send + 'static) {
+    let _ = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(work)
+    })
+    .join();
 }
 
 /// Handle on the test PostgreSQL server.
@@ -554,26 +583,38 @@ pub struct Postgres {
 }
 
 impl Postgres {
+    /// The server at the admin URL `url` (databases are created through
+    /// it), whether or not it answers.
+    pub fn at(url: &str) -> Result<Postgres, sqlx::Error> {
+        Ok(Postgres {
+            options: PgConnectOptions::from_str(url)?,
+            url: url.to_owned(),
+        })
+    }
+
     /// Creates an empty database with a random name; it is dropped (with any
     /// connections still open to it) when the returned value is dropped.
     pub async fn database(&self) -> TestDatabase {
         let name = unique_name("herald_test").replace('-', "_");
-        let mut admin = self
-            .options
-            .connect()
+        self.create_database(&name)
             .await
-            .expect("connect to the admin database");
+            .unwrap_or_else(|e| panic!("creating database {name}: {e}"))
+    }
+
+    /// [`Postgres::database`] with the name `name`, returning the error
+    /// instead of panicking: for callers that report it (the benchmarks).
+    pub async fn create_database(&self, name: &str) -> Result<TestDatabase, sqlx::Error> {
+        let mut admin = self.options.connect().await?;
         sqlx::query(&format!("CREATE DATABASE \"{name}\""))
             .execute(&mut admin)
-            .await
-            .expect("CREATE DATABASE");
+            .await?;
         admin.close().await.ok();
-        TestDatabase {
+        Ok(TestDatabase {
             admin: self.options.clone(),
-            options: self.options.clone().database(&name),
-            url: with_database(&self.url, &name),
-            name,
-        }
+            options: self.options.clone().database(name),
+            url: with_database(&self.url, name),
+            name: name.to_owned(),
+        })
     }
 }
 
@@ -587,7 +628,7 @@ pub struct TestDatabase {
 }
 
 /// `url` with its database (the path) replaced by `database`.
-fn with_database(url: &str, database: &str) -> String {
+pub fn with_database(url: &str, database: &str) -> String {
     let (base, query) = match url.split_once('?') {
         Some((base, query)) => (base, Some(query)),
         None => (url, None),
@@ -638,21 +679,13 @@ impl Drop for TestDatabase {
     fn drop(&mut self) {
         let admin = self.admin.clone();
         let name = self.name.clone();
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async move {
-                if let Ok(mut conn) = admin.connect().await {
-                    let _ =
-                        sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-                            .execute(&mut conn)
-                            .await;
-                }
-            });
-        })
-        .join();
+        clean_up(async move {
+            if let Ok(mut conn) = admin.connect().await {
+                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                    .execute(&mut conn)
+                    .await;
+            }
+        });
     }
 }
 

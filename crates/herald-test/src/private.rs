@@ -48,6 +48,39 @@ fn repository() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// The newest complete set of Kafka jars `scripts/services.sh up` fetched
+/// (`.cache/kafka/libs-<version>/`), if any.
+pub fn kafka_libs() -> Option<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(repository().join(".cache/kafka"))
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("libs-"))
+                && p.join(".complete").exists()
+        })
+        .collect();
+    found.sort();
+    found.pop()
+}
+
+/// `java` with `options`, the Kafka tools' quiet logging and the jars in
+/// `libs` on the class path; the main class and its arguments follow.
+pub fn kafka_java(libs: &Path, options: &[&str]) -> Command {
+    let mut java = Command::new("java");
+    java.args(options)
+        .arg(format!(
+            "-Dlog4j2.configurationFile={}",
+            repository()
+                .join("scripts/kafka/tools-log4j2.properties")
+                .display()
+        ))
+        .arg("-cp")
+        .arg(format!("{}/*", libs.display()));
+    java
+}
+
 /// A single-node KRaft Kafka broker of one test's own.
 #[derive(Debug)]
 pub struct PrivateKafka {
@@ -77,22 +110,12 @@ impl PrivateKafka {
     }
 
     fn start_with(proxied: bool) -> PrivateKafka {
-        let cache = repository().join(".cache/kafka");
-        let libs = std::fs::read_dir(&cache)
-            .ok()
-            .and_then(|entries| {
-                entries.filter_map(Result::ok).map(|e| e.path()).find(|p| {
-                    p.file_name()
-                        .is_some_and(|n| n.to_string_lossy().starts_with("libs-"))
-                        && p.join(".complete").exists()
-                })
-            })
-            .unwrap_or_else(|| {
-                panic!(
-                    "no Kafka jars under {}: run scripts/services.sh up",
-                    cache.display()
-                )
-            });
+        let libs = kafka_libs().unwrap_or_else(|| {
+            panic!(
+                "no Kafka jars under {}: run scripts/services.sh up",
+                repository().join(".cache/kafka").display()
+            )
+        });
         let dir = scratch("private-kafka", None);
         let (port, controller) = (free_port(), free_port());
         let proxy =
@@ -194,9 +217,7 @@ impl PrivateKafka {
     /// The last `lines` lines of the broker's log: for a failing test to
     /// print what the broker was doing.
     pub fn log_tail(&self, lines: usize) -> String {
-        let log = std::fs::read_to_string(self.dir.join("server.out")).unwrap_or_default();
-        let all: Vec<&str> = log.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        crate::log_tail(&self.dir.join("server.out"), lines)
     }
 
     /// Pauses the broker (SIGSTOP): its connections stay open and answer
@@ -228,8 +249,7 @@ impl PrivateKafka {
         let log = self.dir.join("server.out");
         let _ = std::fs::remove_file(&log);
         let out = std::fs::File::create(&log).expect("broker log");
-        let process = self
-            .java(&["-Xms256m", "-Xmx512m", "-XX:+UseG1GC"])
+        let process = kafka_java(&self.libs, &["-Xms256m", "-Xmx512m", "-XX:+UseG1GC"])
             .arg("kafka.Kafka")
             .arg(self.dir.join("server.properties"))
             .stdout(out.try_clone().expect("log"))
@@ -258,25 +278,8 @@ impl PrivateKafka {
             .is_ok_and(|m| !m.brokers().is_empty())
     }
 
-    /// `java` with `options`, quiet logging and the Kafka jars on the
-    /// class path; the main class and its arguments follow.
-    fn java(&self, options: &[&str]) -> Command {
-        let mut java = Command::new("java");
-        java.args(options)
-            .arg(format!(
-                "-Dlog4j2.configurationFile={}",
-                repository()
-                    .join("scripts/kafka/tools-log4j2.properties")
-                    .display()
-            ))
-            .arg("-cp")
-            .arg(format!("{}/*", self.libs.display()));
-        java
-    }
-
     fn tool(&self, args: &[&str]) -> String {
-        let output = self
-            .java(&["-Xmx256m"])
+        let output = kafka_java(&self.libs, &["-Xmx256m"])
             .args(args)
             .output()
             .expect("a Kafka tool");
