@@ -33,6 +33,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::process::{Child, Command};
 
+use herald_test::log_tail;
 use orders::api::auth::AuthMode;
 
 use super::SideSpec as AnySide;
@@ -47,7 +48,7 @@ use crate::shared::topics::RunResources;
 #[derive(Debug, Clone, Args)]
 pub struct OrdersArgs {
     /// Kafka bootstrap servers.
-    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    #[arg(long, env = "KAFKA_BROKERS", default_value = herald_test::DEFAULT_KAFKA_BROKERS)]
     pub brokers: String,
     #[command(flatten)]
     #[allow(missing_docs)]
@@ -442,12 +443,6 @@ async fn build_orders() -> anyhow::Result<PathBuf> {
     Ok(profile_dir.join("orders"))
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released).
-fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(listener.local_addr()?.port())
-}
-
 /// `GET path` on 127.0.0.1:`port`; the status code.
 async fn http_status(port: u16, path: &str) -> anyhow::Result<u16> {
     let exchange = async {
@@ -474,12 +469,6 @@ async fn http_status(port: u16, path: &str) -> anyhow::Result<u16> {
         .context("no HTTP status line")
 }
 
-fn log_tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(20)..].join("\n")
-}
-
 /// Starts `orders run`, loads it, stops it.
 async fn run_service(
     args: &OrdersArgs,
@@ -493,7 +482,7 @@ async fn run_service(
     resources.adopt_prefix(&resources.name(&format!("r{round}-")));
     let events = resources.name(&format!("r{round}-order-events"));
     let prefix = resources.name(&format!("r{round}-orders"));
-    let port = free_port()?;
+    let port = herald_test::free_port();
     let log_path = scratch.join(format!("orders-r{round}.log"));
     let log = std::fs::File::create(&log_path)
         .with_context(|| format!("creating {}", log_path.display()))?;
@@ -540,7 +529,7 @@ async fn run_service(
         e.context(format!(
             "service log {}:\n{}",
             log_path.display(),
-            log_tail(&log_path)
+            log_tail(&log_path, 20)
         ))
     })
 }
@@ -551,14 +540,14 @@ async fn wait_ready(service: &mut Child, port: u16, log: &Path) -> anyhow::Resul
         if let Some(status) = service.try_wait()? {
             bail!(
                 "orders run exited ({status}) before it was ready:\n{}",
-                log_tail(log)
+                log_tail(log, 20)
             );
         }
         if let Ok(200) = http_status(port, "/readyz").await {
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("orders run not ready after 120 s:\n{}", log_tail(log));
+            bail!("orders run not ready after 120 s:\n{}", log_tail(log, 20));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -59,7 +59,7 @@ pub const DEDUP_GOAL: f64 = 0.9;
 #[derive(Debug, Clone, Args)]
 pub struct ProcessorArgs {
     /// Kafka bootstrap servers.
-    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    #[arg(long, env = "KAFKA_BROKERS", default_value = herald_test::DEFAULT_KAFKA_BROKERS)]
     pub brokers: String,
     /// Records of the pre-produced input topic (the throughput part).
     #[arg(long, default_value_t = 200_000)]
@@ -462,7 +462,7 @@ async fn measure_latency(
 ) -> anyhow::Result<LatencyPoint> {
     let reader = ArrivalReader::start(
         &args.brokers,
-        &resources.name(&format!("lat-reader-{}", Uuid::new_v4().simple())),
+        &resources.name(&herald_test::unique_name("lat-reader")),
         &spec.output,
         args.partitions,
     )?;

@@ -156,9 +156,9 @@ pub async fn run(args: &PublisherArgs, resources: &RunResources) -> anyhow::Resu
             progress(format!(
                 "publisher round {} kafka ProducerPerformance: {} rec/s",
                 round + 1,
-                per_second(perf.records_per_sec)
+                per_second(perf)
             ));
-            figures.ceiling_rate = Some(perf.records_per_sec);
+            figures.ceiling_rate = Some(perf);
         }
         comparison.rounds.push(figures);
     }

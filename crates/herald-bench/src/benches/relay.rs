@@ -361,10 +361,7 @@ impl SideSpec {
             publish_batch: args.publish_batch,
             mode,
             checkpoint_topic: None,
-            transactional_id_prefix: format!(
-                "herald-bench-relay-{}",
-                uuid::Uuid::new_v4().simple()
-            ),
+            transactional_id_prefix: herald_test::unique_name("herald-bench-relay"),
         }
     }
 }

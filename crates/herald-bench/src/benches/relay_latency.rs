@@ -52,7 +52,7 @@ use crate::shared::workload::{Workload, SOURCE};
 #[derive(Debug, Clone, Args)]
 pub struct RelayLatencyArgs {
     /// Kafka bootstrap servers.
-    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    #[arg(long, env = "KAFKA_BROKERS", default_value = herald_test::DEFAULT_KAFKA_BROKERS)]
     pub brokers: String,
     #[command(flatten)]
     #[allow(missing_docs)]
@@ -440,7 +440,7 @@ async fn measure_mode(
     let topic = topic.as_str();
     let collector = ArrivalReader::start(
         &args.brokers,
-        &resources.name(&format!("lat-reader-{}", Uuid::new_v4().simple())),
+        &resources.name(&herald_test::unique_name("lat-reader")),
         topic,
         args.partitions,
     )?;

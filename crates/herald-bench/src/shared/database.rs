@@ -11,11 +11,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
+use herald_test::{Postgres, TestDatabase};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, PgPool};
-
-/// The admin URL used when neither `--database-url` nor `DATABASE_URL` is set.
-pub const DEFAULT_DATABASE_URL: &str = "postgres://herald:herald@127.0.0.1:5432/herald";
+use sqlx::PgPool;
 
 /// The environment variable a child process reads the benchmark database's
 /// URL from (kept off the command line, which `ps` shows).
@@ -29,7 +27,7 @@ pub struct DbArgs {
     #[arg(
         long = "database-url",
         env = "DATABASE_URL",
-        default_value = DEFAULT_DATABASE_URL,
+        default_value = herald_test::DEFAULT_DATABASE_URL,
         hide_env_values = true
     )]
     pub database_url: String,
@@ -65,53 +63,40 @@ impl Durability {
     }
 }
 
-/// A database that exists for one benchmark run.
+/// A database that exists for one benchmark run: herald-test's fresh
+/// database (dropped, connections and all, with it) and the parent's pool.
 #[derive(Debug)]
 pub struct BenchDatabase {
-    admin: PgConnectOptions,
-    name: String,
-    url: String,
+    // Dropped first: its connections go before the database does.
     pool: PgPool,
+    database: TestDatabase,
 }
 
 impl BenchDatabase {
     /// Creates database `name` through `admin_url`, connects a small pool to
     /// it and, when `migrate`, applies herald's migrations.
     pub async fn create(admin_url: &str, name: &str, migrate: bool) -> anyhow::Result<Self> {
-        let admin = PgConnectOptions::from_str(admin_url)
-            .context("parsing --database-url / DATABASE_URL")?;
-        let mut conn = admin.connect().await.context(
-            "connecting to the admin database (is PostgreSQL up? scripts/services.sh up)",
-        )?;
-        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
-            .execute(&mut conn)
-            .await
-            .with_context(|| format!("creating database {name}"))?;
-        let _ = sqlx::Connection::close(conn).await;
-        let url = with_database(admin_url, name);
-        let pool = pool(&url, 4).await?;
-        let database = Self {
-            admin,
-            name: name.to_owned(),
-            url,
-            pool,
-        };
+        let server = Postgres::at(admin_url).context("parsing --database-url / DATABASE_URL")?;
+        let database = server.create_database(name).await.with_context(|| {
+            format!("creating database {name} (is PostgreSQL up? scripts/services.sh up)")
+        })?;
+        let pool = pool(database.url(), 4).await?;
         if migrate {
-            herald_postgres::migrate(&database.pool)
+            herald_postgres::migrate(&pool)
                 .await
                 .context("applying herald's migrations")?;
         }
-        Ok(database)
+        Ok(Self { pool, database })
     }
 
     /// The database's name.
     pub fn name(&self) -> &str {
-        &self.name
+        self.database.name()
     }
 
     /// A URL for this database (for child processes; it carries the password).
     pub fn url(&self) -> &str {
-        &self.url
+        self.database.url()
     }
 
     /// The parent's pool on this database.
@@ -142,23 +127,10 @@ impl BenchDatabase {
         })
     }
 
-    /// Drops the database (closing every connection to it); a failure is
-    /// reported on stderr, not raised.
+    /// Drops the database, closing every connection to it.
     pub async fn drop_database(self) {
         self.pool.close().await;
-        let dropped = async {
-            let mut conn = self.admin.connect().await?;
-            sqlx::query(&format!(
-                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-                self.name
-            ))
-            .execute(&mut conn)
-            .await?;
-            sqlx::Connection::close(conn).await
-        };
-        if let Err(error) = dropped.await {
-            super::progress(format!("could not drop database {}: {error}", self.name));
-        }
+        drop(self.database);
     }
 }
 
@@ -180,23 +152,6 @@ pub async fn child_pool(max: u32) -> anyhow::Result<PgPool> {
     let url = std::env::var(CHILD_DATABASE_URL)
         .with_context(|| format!("{CHILD_DATABASE_URL} is not set"))?;
     pool(&url, max).await
-}
-
-/// `url` with its database (the path) replaced by `database`.
-pub fn with_database(url: &str, database: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, Some(query)),
-        None => (url, None),
-    };
-    let authority_start = base.find("://").map_or(0, |i| i + 3);
-    let root = match base[authority_start..].find('/') {
-        Some(i) => &base[..authority_start + i],
-        None => base,
-    };
-    match query {
-        Some(query) => format!("{root}/{database}?{query}"),
-        None => format!("{root}/{database}"),
-    }
 }
 
 /// The libpq environment (`PGHOST`, `PGPORT`, `PGUSER`, `PGPASSWORD`,
@@ -270,15 +225,6 @@ fn percent_decode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn replaces_the_database_of_a_url() {
-        assert_eq!(
-            with_database("postgres://u:p@h:5432/herald?sslmode=disable", "t1"),
-            "postgres://u:p@h:5432/t1?sslmode=disable"
-        );
-        assert_eq!(with_database("postgres://h", "t2"), "postgres://h/t2");
-    }
 
     #[test]
     fn splits_a_url_into_the_libpq_environment() {

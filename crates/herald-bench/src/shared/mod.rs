@@ -18,7 +18,7 @@ use clap::Args;
 #[derive(Debug, Clone, Args)]
 pub struct CommonArgs {
     /// Kafka bootstrap servers.
-    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    #[arg(long, env = "KAFKA_BROKERS", default_value = herald_test::DEFAULT_KAFKA_BROKERS)]
     pub brokers: String,
     /// Records per measured side.
     #[arg(long, default_value_t = 1_000_000)]

@@ -6,13 +6,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use rand::Rng;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, TopicResult};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaResult;
 use rdkafka::ClientConfig;
 
 /// The topics and groups of one benchmark run.
 pub struct RunResources {
+    config: ClientConfig,
     admin: AdminClient<DefaultClientContext>,
     metadata: BaseConsumer,
     run_id: String,
@@ -42,6 +44,7 @@ impl RunResources {
         let metadata = config.create().context("creating the metadata client")?;
         let run_id: String = format!("{:08x}", rand::thread_rng().gen::<u32>());
         Ok(Self {
+            config,
             admin,
             metadata,
             run_id,
@@ -74,35 +77,29 @@ impl RunResources {
         if prefixes.is_empty() {
             return (Vec::new(), Vec::new());
         }
-        let matches = |name: &str| prefixes.iter().any(|p| name.starts_with(p.as_str()));
-        let topics = match self.metadata.fetch_metadata(None, Duration::from_secs(10)) {
-            Ok(metadata) => metadata
+        let matching = |listed: KafkaResult<Vec<String>>, what: &str| match listed {
+            Ok(names) => names
+                .into_iter()
+                .filter(|n| prefixes.iter().any(|p| n.starts_with(p.as_str())))
+                .collect(),
+            Err(e) => {
+                super::progress(format!("could not list {what}: {e}"));
+                Vec::new()
+            }
+        };
+        let timeout = Duration::from_secs(10);
+        let topics = self.metadata.fetch_metadata(None, timeout).map(|metadata| {
+            metadata
                 .topics()
                 .iter()
                 .map(|t| t.name().to_owned())
-                .filter(|n| matches(n))
-                .collect(),
-            Err(e) => {
-                super::progress(format!("could not list topics: {e}"));
-                Vec::new()
-            }
-        };
-        let groups = match self
+                .collect()
+        });
+        let groups = self
             .metadata
-            .fetch_group_list(None, Duration::from_secs(10))
-        {
-            Ok(list) => list
-                .groups()
-                .iter()
-                .map(|g| g.name().to_owned())
-                .filter(|n| matches(n))
-                .collect(),
-            Err(e) => {
-                super::progress(format!("could not list groups: {e}"));
-                Vec::new()
-            }
-        };
-        (topics, groups)
+            .fetch_group_list(None, timeout)
+            .map(|list| list.groups().iter().map(|g| g.name().to_owned()).collect());
+        (matching(topics, "topics"), matching(groups, "groups"))
     }
 
     /// A consumer group name, deleted at the end of the run.
@@ -116,19 +113,11 @@ impl RunResources {
     /// (replication 1) and waits until every partition has a leader.
     pub async fn topic(&self, what: &str, partitions: i32) -> anyhow::Result<String> {
         let name = self.name(what);
-        let new = NewTopic::new(&name, partitions, TopicReplication::Fixed(1));
-        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-        let results = self
-            .admin
-            .create_topics([&new], &options)
+        // Deleted at the end even when the request fails half-way.
+        lock(&self.topics).push(name.clone());
+        herald_test::try_create_topic(&self.config, &name, partitions)
             .await
             .with_context(|| format!("creating topic {name}"))?;
-        lock(&self.topics).push(name.clone());
-        for result in results {
-            if let Err((topic, code)) = result {
-                bail!("creating topic {topic}: {code}");
-            }
-        }
         self.wait_for_leaders(&name, partitions)?;
         Ok(name)
     }
@@ -163,39 +152,36 @@ impl RunResources {
     pub async fn cleanup(&self) {
         let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
         let (prefixed_topics, prefixed_groups) = self.prefixed();
-        let mut groups = std::mem::take(&mut *lock(&self.groups));
-        groups.extend(prefixed_groups);
-        groups.sort();
-        groups.dedup();
+        let groups = names(&self.groups, prefixed_groups);
+        let groups: Vec<&str> = groups.iter().map(String::as_str).collect();
         if !groups.is_empty() {
-            let names: Vec<&str> = groups.iter().map(String::as_str).collect();
-            match self.admin.delete_groups(&names, &options).await {
-                Ok(results) => {
-                    for result in results {
-                        if let Err((group, code)) = result {
-                            super::progress(format!("could not delete group {group}: {code}"));
-                        }
-                    }
-                }
-                Err(e) => super::progress(format!("could not delete groups: {e}")),
-            }
+            report_failures("group", self.admin.delete_groups(&groups, &options).await);
         }
-        let mut topics = std::mem::take(&mut *lock(&self.topics));
-        topics.extend(prefixed_topics);
-        topics.sort();
-        topics.dedup();
+        let topics = names(&self.topics, prefixed_topics);
+        let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
         if !topics.is_empty() {
-            let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-            match self.admin.delete_topics(&names, &options).await {
-                Ok(results) => {
-                    for result in results {
-                        if let Err((topic, code)) = result {
-                            super::progress(format!("could not delete topic {topic}: {code}"));
-                        }
-                    }
-                }
-                Err(e) => super::progress(format!("could not delete topics: {e}")),
+            report_failures("topic", self.admin.delete_topics(&topics, &options).await);
+        }
+    }
+}
+
+/// The names taken from `recorded`, with `more`, sorted and without repeats.
+fn names(recorded: &Mutex<Vec<String>>, more: Vec<String>) -> Vec<String> {
+    let mut names = std::mem::take(&mut *lock(recorded));
+    names.extend(more);
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Reports on stderr each `what` (topic, group) a deletion failed for.
+fn report_failures(what: &str, result: KafkaResult<Vec<TopicResult>>) {
+    match result {
+        Ok(results) => {
+            for (name, code) in results.into_iter().filter_map(Result::err) {
+                super::progress(format!("could not delete {what} {name}: {code}"));
             }
         }
+        Err(e) => super::progress(format!("could not delete {what}s: {e}")),
     }
 }
