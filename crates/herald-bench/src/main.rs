@@ -1,67 +1,47 @@
 //! `herald-bench`: herald's benchmark command (DESIGN.md "Performance").
 //!
-//! Every figure is a ratio: herald's component against a bare rdkafka loop,
-//! run side by side in the same run, on the same broker, over the same
-//! records, because the machine is noisy. Nothing is asserted; the goals are
-//! printed next to the measured ratios.
-//!
-//! - `herald-bench publisher`: herald's `Publisher` (typed events →
-//!   envelopes → `publish_batch`) ÷ a bare rdkafka `BaseProducer` loop with
-//!   herald's `PRODUCER_DEFAULTS` and the same keys, bodies and header sizes
-//!   (goal ≥ 0.9); Kafka's own ProducerPerformance on the same broker is
-//!   reported as the ceiling.
-//! - `herald-bench consumer`: herald's consumer runtime with a no-op handler
-//!   and keys in parallel ÷ a bare rdkafka consumer loop that stores each
-//!   offset and auto-commits, over the same pre-produced topic (goal ≥ 0.8).
-//! - `herald-bench relay`: the outbox relay draining a pre-filled outbox
-//!   (fresh PostgreSQL database) into Kafka ÷ the bare
-//!   `Publisher::publish_records` on records of the same shape (goal ≥ 0.5).
-//! - `herald-bench relay-latency`: commit → consumer latency (p50/p99)
-//!   through the relay at a steady rate, with LISTEN/NOTIFY and polling.
-//! - `herald-bench inbox`: the consumer runtime with an inbox-guarded
-//!   insert effect (`Inbox::batched`, and `Inbox::new`) ÷ the same effect
-//!   without an inbox, over one pre-produced topic.
-//! - `herald-bench processor`: the exactly-once `Processor` (Kafka
-//!   transactions) ÷ the same processor at least once (no transactions),
-//!   same records; and its output latency (input produced → output visible
-//!   to a `read_committed` reader) per transaction size at a steady rate.
-//! - `herald-bench orders`: the reference service end to end (`orders run`
-//!   driven by `orders load`) ÷ pgbench's one-insert transactions on the
-//!   same database, with the POST → read-model latencies.
-//!
-//! The PostgreSQL benchmarks create a fresh database per run through the
-//! admin URL (`--database-url`, env `DATABASE_URL`), drop it at the end, keep
-//! the server's durable defaults (nothing sets `synchronous_commit=off`) and
-//! print `synchronous_commit` and `fsync` as the server reports them.
+//! Every figure is a ratio: herald's component against a baseline (a bare
+//! rdkafka loop, the bare publisher, pgbench, ...), run side by side in the
+//! same run, on the same broker, over the same records, because the machine
+//! is noisy. Nothing is asserted; the goals are printed next to the measured
+//! ratios. What each benchmark measures: `README.md`, and the doc of its
+//! module in `benches/`.
 //!
 //! Each side of each round runs in its own child process (this binary
 //! re-executed with a hidden `__side` subcommand), which reports its time and
 //! its peak resident memory (`VmHWM`) as one JSON line. The sides alternate
 //! from round to round (bare first, then herald first, ...) and the summary
 //! is the median of the per-round ratios. Topics (and consumer groups) get
-//! random `herald-bench-<run>-...` names and are deleted at the end.
+//! random `herald-bench-<run>-...` names and are deleted at the end; the
+//! PostgreSQL benchmarks get a fresh database, dropped at the end.
 //!
 //! Run with: `cargo run --release -p herald-bench -- publisher` (or
 //! `-- consumer`; `--records 200000` for a quicker run, `--json` for
 //! machine-readable output, `--help` for every flag).
 //!
 //! # Layout
-//! - `main.rs`: the command line and the run of one comparison (topics
-//!   created, rounds, clean-up, report printed).
+//! - `main.rs`: the command line and the run of one benchmark (topics,
+//!   groups and database made, the benchmark run, all deleted, the report
+//!   printed).
 //! - `benches/`: one module per benchmark — `publisher.rs`, `consumer.rs`,
 //!   `relay.rs`, `relay_latency.rs`, `inbox.rs`, `processor.rs`, `orders.rs`. Each has its
 //!   flags, a `run` driving the rounds from the parent, and (when its sides
 //!   are child processes of this binary) a `SideSpec` a child runs;
 //!   `benches/mod.rs` routes a child's spec. A new benchmark is one more
 //!   module, one more `SideSpec` variant and one more subcommand.
-//! - `shared/`: what every benchmark uses — `stats.rs` (timing, rates,
-//!   ratios, medians, side order, number formatting), `child.rs` (child
-//!   processes, peak RSS, the JSON result line), `report.rs` (table, summary
-//!   line, JSON), `topics.rs` (fresh topics and groups, deleted at the end),
-//!   `database.rs` (a fresh PostgreSQL database per run, dropped at the end;
-//!   the server's durability settings),
-//!   `workload.rs` (the benchmark event family and its byte-identical bare
-//!   records), `kafka_perf.rs` (Kafka's ProducerPerformance ceiling).
+//! - `shared/`: the harness every benchmark uses — `stats.rs` (timing,
+//!   rates, ratios, medians, percentiles, side order, number formatting),
+//!   `child.rs` (child processes, peak RSS, the JSON result line),
+//!   `report.rs` (the rounds of sides, their tables, summary lines and
+//!   JSON), `topics.rs` (fresh topics and groups, deleted at the end),
+//!   `database.rs` (a fresh PostgreSQL database per run; the server's
+//!   durability settings), `workload.rs` (the benchmark event family, its
+//!   byte-identical bare records, and publishing them), `consume.rs` (the
+//!   consumer runtime run until it handled every record), `arrivals.rs`
+//!   (the latency benchmarks' open-loop writer and reader),
+//!   `kafka_perf.rs` (Kafka's ProducerPerformance ceiling). Fresh
+//!   databases, topic creation, the Kafka jars, names and ports come from
+//!   `herald-test`, which the tests use too.
 
 mod benches;
 mod shared;

@@ -8,15 +8,13 @@
 //! ([`CONSUMER_DEFAULTS`]). Each side is timed from its first record to its
 //! last: joining the group is not measured.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context};
+use anyhow::{ensure, Context};
 use clap::Args;
-use futures::StreamExt;
 use herald_kafka::consumer::CONSUMER_DEFAULTS;
-use herald_kafka::{Consumer, ConsumerConfig, Publisher, PublisherConfig, RecordInfo, Router};
+use herald_kafka::{Consumer, ConsumerConfig, RecordInfo, Router};
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
@@ -24,17 +22,18 @@ use serde_json::json;
 
 use super::SideSpec as AnySide;
 use crate::shared::child::{run_side as run_child, SideResult};
-use crate::shared::report::{Comparison, RoundResults};
-use crate::shared::stats::{per_second, rate, round_order, Side, Span};
+use crate::shared::consume::{consume, Probe};
+use crate::shared::report::{Comparison, Round};
+use crate::shared::stats::{Side, Span};
 use crate::shared::topics::RunResources;
-use crate::shared::workload::{BenchEvent, Workload, SOURCE};
+use crate::shared::workload::{filled_topic, BenchEvent};
 use crate::shared::{progress, CommonArgs};
 
 /// The ratio herald's consumer runtime should reach.
 pub const GOAL: f64 = 0.8;
 
 /// Flags of `herald-bench consumer`.
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Args, Serialize, Deserialize)]
 pub struct ConsumerArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
@@ -74,31 +73,24 @@ pub const INSTRUMENTATION_GOAL: f64 = 0.95;
 /// One side of the consumer benchmark, as a child runs it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SideSpec {
+    args: ConsumerArgs,
     side: Side,
-    brokers: String,
     topic: String,
     group: String,
-    records: u64,
-    concurrency: usize,
-    max_in_flight: usize,
+}
+
+impl SideSpec {
     /// `None`: the runtime's defaults, no subscriber (against the bare
     /// loop); `Some(on)`: tracing at info and detailed metrics on or off.
-    instrumented: Option<bool>,
-    /// Whether the bare loop decodes each record (`--baseline bare-decode`).
-    decode: bool,
+    fn instrumented(&self) -> Option<bool> {
+        (self.args.baseline == Baseline::Uninstrumented).then_some(self.side == Side::Herald)
+    }
 }
 
 /// Runs the rounds and returns the comparison.
 pub async fn run(args: &ConsumerArgs, resources: &RunResources) -> anyhow::Result<Comparison> {
     let common = &args.common;
-    common.validate()?;
-    let topic = resources.topic("consume", common.partitions).await?;
-    let produced = pre_produce(common, &topic).await?;
-    progress(format!(
-        "consumer: pre-produced {} records to {topic} at {} rec/s",
-        common.records,
-        per_second(produced)
-    ));
+    let topic = filled_topic("consumer", "consume", common, resources).await?;
     let mut setup = common.setup();
     setup.insert("concurrency".into(), json!(args.concurrency));
     setup.insert("max_in_flight".into(), json!(args.max_in_flight));
@@ -135,103 +127,35 @@ pub async fn run(args: &ConsumerArgs, resources: &RunResources) -> anyhow::Resul
         notes: Vec::new(),
     };
     for round in 0..common.rounds {
-        let order = round_order(round);
-        let mut results = RoundResults::default();
-        for side in order {
+        let round = Round::run("consumer", round, async |side| {
             let spec = SideSpec {
+                args: args.clone(),
                 side,
-                brokers: common.brokers.clone(),
                 topic: topic.clone(),
                 group: resources.group(&format!("r{}-{}", round + 1, side.name())),
-                records: common.records,
-                concurrency: args.concurrency,
-                max_in_flight: args.max_in_flight,
-                instrumented: match args.baseline {
-                    Baseline::Bare | Baseline::BareDecode => None,
-                    Baseline::Uninstrumented => Some(side == Side::Herald),
-                },
-                decode: args.baseline == Baseline::BareDecode,
             };
-            let result = run_child(&AnySide::Consumer(spec), common.side_timeout_secs).await?;
-            results.add("consumer", round, side, result);
-        }
-        comparison.rounds.push(results.finish(round, order)?);
+            run_child(&AnySide::Consumer(spec), common.side_timeout_secs, &[]).await
+        })
+        .await?;
+        comparison.rounds.push(round);
     }
     Ok(comparison)
-}
-
-/// Fills `topic` with the run's records through herald's publisher; returns
-/// the rate it produced at.
-pub(crate) async fn pre_produce(common: &CommonArgs, topic: &str) -> anyhow::Result<f64> {
-    let workload = Workload::new(common.payload_bytes, common.keys, common.records)?;
-    let publisher = Publisher::new(&PublisherConfig::new(&common.brokers, SOURCE))?;
-    let (workload, publisher, records) = (&workload, &publisher, common.records);
-    const BATCH: u64 = 10_000;
-    let start = Instant::now();
-    let mut batches = futures::stream::iter((0..records).step_by(BATCH as usize))
-        .map(|first| async move {
-            let events: Vec<BenchEvent> = (first..(first + BATCH).min(records))
-                .map(|i| workload.event(i))
-                .collect();
-            publisher
-                .publish_batch(topic, &events)
-                .await
-                .into_iter()
-                .find_map(Result::err)
-        })
-        .buffered(4);
-    while let Some(error) = batches.next().await {
-        if let Some(error) = error {
-            bail!("pre-producing failed: {error}");
-        }
-    }
-    Ok(rate(records, start.elapsed().as_secs_f64()))
 }
 
 /// Runs one side in this (child) process.
 pub async fn run_side(spec: SideSpec) -> anyhow::Result<SideResult> {
     match spec.side {
         Side::Herald => herald_side(&spec).await,
-        Side::Bare if spec.instrumented.is_some() => herald_side(&spec).await,
+        Side::Bare if spec.instrumented().is_some() => herald_side(&spec).await,
         Side::Bare => tokio::task::spawn_blocking(move || bare_side(&spec))
             .await
             .context("bare side panicked")?,
     }
 }
 
-/// What a handler sees: when the first and the target-th record came.
-pub(crate) struct Probe {
-    target: u64,
-    handled: AtomicU64,
-    pub(crate) first: OnceLock<Instant>,
-    pub(crate) last: OnceLock<Instant>,
-    pub(crate) done: tokio::sync::Notify,
-}
-
-impl Probe {
-    /// A probe waiting for `target` records.
-    pub(crate) fn new(target: u64) -> Self {
-        Self {
-            target,
-            handled: AtomicU64::new(0),
-            first: OnceLock::new(),
-            last: OnceLock::new(),
-            done: tokio::sync::Notify::new(),
-        }
-    }
-
-    /// Counts one handled record.
-    pub(crate) fn hit(&self) {
-        self.first.get_or_init(Instant::now);
-        if self.handled.fetch_add(1, Ordering::Relaxed) + 1 == self.target {
-            let _ = self.last.set(Instant::now());
-            self.done.notify_one();
-        }
-    }
-}
-
 async fn herald_side(spec: &SideSpec) -> anyhow::Result<SideResult> {
-    let probe = Arc::new(Probe::new(spec.records));
+    let (args, records) = (&spec.args, spec.args.common.records);
+    let probe = Arc::new(Probe::new(records));
     let handler_probe = Arc::clone(&probe);
     let router = Router::new().handle("noop", move |_: BenchEvent, _: RecordInfo| {
         let probe = Arc::clone(&handler_probe);
@@ -240,11 +164,11 @@ async fn herald_side(spec: &SideSpec) -> anyhow::Result<SideResult> {
             Ok(())
         }
     });
-    let mut config = ConsumerConfig::new(&spec.brokers, &spec.group, [&spec.topic])
-        .concurrency(spec.concurrency)
-        .max_in_flight(spec.max_in_flight);
+    let mut config = ConsumerConfig::new(&args.common.brokers, &spec.group, [&spec.topic])
+        .concurrency(args.concurrency)
+        .max_in_flight(args.max_in_flight);
     let mut registry = prometheus_client::registry::Registry::default();
-    match spec.instrumented {
+    match spec.instrumented() {
         None => {}
         Some(true) => {
             // What the service runs with by default: logs at info (written
@@ -263,22 +187,11 @@ async fn herald_side(spec: &SideSpec) -> anyhow::Result<SideResult> {
     }
     let consumer = Consumer::new(config, router)?;
     let stats = consumer.stats();
-    if spec.instrumented == Some(true) {
+    if spec.instrumented() == Some(true) {
         registry.register_collector(Box::new(Arc::clone(&stats)));
     }
-    let started = Instant::now();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(consumer.run(async move {
-        let _ = stop_rx.await;
-    }));
-    probe.done.notified().await;
-    let _ = stop_tx.send(());
-    running.await.context("the consumer task panicked")??;
-    let (Some(first), Some(last)) = (probe.first.get(), probe.last.get()) else {
-        bail!("the handler never saw the last record");
-    };
-    let seconds = last.duration_since(*first).as_secs_f64();
-    if spec.instrumented == Some(true) {
+    let result = consume(consumer, &probe, records).await?;
+    if spec.instrumented() == Some(true) {
         // The registry must render what was collected.
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry)?;
@@ -287,21 +200,17 @@ async fn herald_side(spec: &SideSpec) -> anyhow::Result<SideResult> {
             "no handler histogram in:\n{text}"
         );
     }
-    Ok(SideResult::finish(spec.records, seconds)?
-        .with(
-            "startup_seconds",
-            first.duration_since(started).as_secs_f64(),
-        )
-        .with("consumed", stats.consumed() as f64)
-        .with("handled", stats.handled() as f64)
-        .with("skipped_unknown", stats.skipped_unknown() as f64)
-        .with("dead_lettered", stats.dead_lettered() as f64)
-        .with("commit_failures", stats.commit_failures() as f64))
+    Ok(result.with(
+        "skipped_unknown",
+        stats.skipped_unknown() as f64,
+    ))
 }
 
 fn bare_side(spec: &SideSpec) -> anyhow::Result<SideResult> {
+    let records = spec.args.common.records;
+    let decodes = spec.args.baseline == Baseline::BareDecode;
     let mut config = ClientConfig::new();
-    config.set("bootstrap.servers", &spec.brokers);
+    config.set("bootstrap.servers", &spec.args.common.brokers);
     config.set("group.id", &spec.group);
     for (k, v) in CONSUMER_DEFAULTS {
         config.set(*k, *v);
@@ -317,11 +226,11 @@ fn bare_side(spec: &SideSpec) -> anyhow::Result<SideResult> {
     let started = Instant::now();
     let mut span = Span::default();
     let mut received = 0;
-    while received < spec.records {
+    while received < records {
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(message)) => {
                 span.mark();
-                if spec.decode {
+                if decodes {
                     decode(&message)?;
                 }
                 consumer
@@ -340,14 +249,10 @@ fn bare_side(spec: &SideSpec) -> anyhow::Result<SideResult> {
     let startup = span
         .first()
         .map_or(0.0, |f| f.duration_since(started).as_secs_f64());
-    ensure!(
-        received == spec.records,
-        "received {received} of {}",
-        spec.records
-    );
+    ensure!(received == records, "received {received} of {records}");
     // Dropping the consumer commits the stored offsets and leaves the group.
     drop(consumer);
-    Ok(SideResult::finish(spec.records, seconds)?
+    Ok(SideResult::finish(records, seconds)?
         .with("startup_seconds", startup)
         .with("errors", errors as f64))
 }

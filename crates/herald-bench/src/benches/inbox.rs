@@ -17,33 +17,35 @@
 //! the same state. The sides rotate their order from round to round.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, ensure, Context};
+use anyhow::{ensure, Context};
 use clap::Args;
 use herald::HandlerError;
 use herald_kafka::{Consumer, ConsumerConfig, RecordInfo, Router};
 use herald_postgres::{classify, Inbox};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use sqlx::PgConnection;
 
-use super::consumer::{pre_produce, Probe};
 use super::SideSpec as AnySide;
-use crate::shared::child::{run_side_with_env, SideResult};
+use crate::shared::child::{run_side as run_child, SideResult};
+use crate::shared::consume::{consume, Probe};
 use crate::shared::database::{child_pool, BenchDatabase, DbArgs, CHILD_DATABASE_URL};
-use crate::shared::report::{SideComparison, SideInfo, SidesRound};
-use crate::shared::stats::{per_second, rotation};
+use crate::shared::report::{SideComparison, Sides};
 use crate::shared::topics::RunResources;
-use crate::shared::workload::BenchEvent;
-use crate::shared::{progress, CommonArgs};
+use crate::shared::workload::{filled_topic, BenchEvent, BenchRecord};
+use crate::shared::CommonArgs;
 
 /// Flags of `herald-bench inbox`.
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Args, Serialize, Deserialize)]
 pub struct InboxArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub common: CommonArgs,
+    // Never sent to a child: the admin URL carries a password.
     #[command(flatten)]
+    #[serde(skip)]
     #[allow(missing_docs)]
     pub db: DbArgs,
     /// Keys the runtime handles in parallel (`ConsumerConfig::concurrency`);
@@ -73,8 +75,8 @@ pub enum Mode {
     Plain,
 }
 
-impl Mode {
-    const ALL: [Mode; 3] = [Mode::Batched, Mode::Unbatched, Mode::Plain];
+impl Sides for Mode {
+    const ALL: &'static [Self] = &[Mode::Batched, Mode::Unbatched, Mode::Plain];
 
     fn name(self) -> &'static str {
         match self {
@@ -88,15 +90,10 @@ impl Mode {
 /// One side of the inbox benchmark, as a child runs it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SideSpec {
+    args: InboxArgs,
     mode: Mode,
-    brokers: String,
     topic: String,
     group: String,
-    records: u64,
-    concurrency: usize,
-    max_in_flight: usize,
-    batch_wait_ms: u64,
-    db_pool: u32,
 }
 
 const EFFECT_TABLE: &str = "CREATE TABLE IF NOT EXISTS herald_bench_effects (
@@ -115,30 +112,17 @@ pub async fn run(
     db: &BenchDatabase,
 ) -> anyhow::Result<SideComparison> {
     let common = &args.common;
-    common.validate()?;
     ensure!(args.concurrency > 0, "--concurrency must be at least 1");
     ensure!(args.db_pool > 0, "--db-pool must be at least 1");
-    let durability = db.durability().await?;
-    db.execute(EFFECT_TABLE).await?;
-    let topic = resources.topic("inbox", common.partitions).await?;
-    let produced = pre_produce(common, &topic).await?;
-    progress(format!(
-        "inbox: pre-produced {} records to {topic} at {} rec/s",
-        common.records,
-        per_second(produced)
-    ));
     let mut setup = common.setup();
     setup.insert("concurrency".into(), json!(args.concurrency));
     setup.insert("max_in_flight".into(), json!(args.max_in_flight));
     setup.insert("batch_wait_ms".into(), json!(args.batch_wait_ms));
     setup.insert("db_pool".into(), json!(args.db_pool));
-    setup.insert("database".into(), json!(db.name()));
-    setup.insert(
-        "synchronous_commit".into(),
-        json!(durability.synchronous_commit),
-    );
-    setup.insert("fsync".into(), json!(durability.fsync));
-    let describe = |mode: Mode| {
+    let durability = db.describe(&mut setup).await?;
+    db.execute(EFFECT_TABLE).await?;
+    let topic = filled_topic("inbox", "inbox", common, resources).await?;
+    let describe = |mode| {
         match mode {
         Mode::Batched => format!(
             "herald Consumer + Inbox::batched (≤ {} events per transaction, {} ms wait, a savepoint each): inbox row + 1 INSERT",
@@ -152,48 +136,25 @@ pub async fn run(
         }
     }
     };
-    let mut comparison = SideComparison {
-        bench: "inbox",
-        sides: Mode::ALL
-            .iter()
-            .map(|m| SideInfo {
-                name: m.name().to_owned(),
-                description: describe(*m),
-            })
-            .collect(),
-        baseline: Mode::Plain.name().to_owned(),
-        goal: None,
-        setup,
-        rounds: Vec::new(),
-        notes: vec![
-            format!("PostgreSQL: {}", durability.describe()),
-            format!(
-                "all sides: herald consumer runtime, concurrency {}, max_in_flight {}, CONSUMER_DEFAULTS, {} pooled connections",
-                args.concurrency, args.max_in_flight, args.db_pool
-            ),
-        ],
-    };
-    for round in 0..common.rounds {
-        let order: Vec<Mode> = rotation(Mode::ALL.len(), round)
-            .into_iter()
-            .map(|i| Mode::ALL[i])
-            .collect();
-        let mut this_round = SidesRound::start(round, order.iter().map(|m| m.name()));
-        for mode in &order {
+    let notes = vec![
+        durability,
+        format!(
+            "all sides: herald consumer runtime, concurrency {}, max_in_flight {}, CONSUMER_DEFAULTS, {} pooled connections",
+            args.concurrency, args.max_in_flight, args.db_pool
+        ),
+    ];
+    let mut comparison = SideComparison::new("inbox", Mode::Plain, describe, setup, notes);
+    comparison
+        .run_rounds(common.rounds, async |round, mode: Mode| {
             db.execute("TRUNCATE herald_bench_effects, herald_inbox")
                 .await?;
             let spec = SideSpec {
-                mode: *mode,
-                brokers: common.brokers.clone(),
+                args: args.clone(),
+                mode,
                 topic: topic.clone(),
                 group: resources.group(&format!("inbox-r{}-{}", round + 1, mode.name())),
-                records: common.records,
-                concurrency: args.concurrency,
-                max_in_flight: args.max_in_flight,
-                batch_wait_ms: args.batch_wait_ms,
-                db_pool: args.db_pool,
             };
-            let result = run_side_with_env(
+            let result = run_child(
                 &AnySide::Inbox(spec),
                 common.side_timeout_secs,
                 &[(CHILD_DATABASE_URL, db.url())],
@@ -209,23 +170,23 @@ pub async fn run(
                 mode.name(),
                 common.records
             );
-            this_round.add("inbox", mode.name(), result);
-        }
-        comparison.rounds.push(this_round);
-    }
+            Ok(result)
+        })
+        .await?;
     Ok(comparison)
 }
 
 /// Runs one side in this (child) process.
 pub async fn run_side(spec: SideSpec) -> anyhow::Result<SideResult> {
-    let pool = child_pool(spec.db_pool).await?;
-    let probe = Arc::new(Probe::new(spec.records));
+    let (args, records) = (&spec.args, spec.args.common.records);
+    let pool = child_pool(args.db_pool).await?;
+    let probe = Arc::new(Probe::new(records));
     let inbox = match spec.mode {
         Mode::Batched => Some(Inbox::batched(
             pool.clone(),
             spec.group.clone(),
-            spec.concurrency,
-            Duration::from_millis(spec.batch_wait_ms),
+            args.concurrency,
+            Duration::from_millis(args.batch_wait_ms),
         )),
         Mode::Unbatched => Some(Inbox::new(pool.clone(), spec.group.clone())),
         Mode::Plain => None,
@@ -237,31 +198,17 @@ pub async fn run_side(spec: SideSpec) -> anyhow::Result<SideResult> {
             let (probe, inbox, pool) = (Arc::clone(&handler_probe), inbox.clone(), pool.clone());
             async move {
                 let BenchEvent::BenchRecord(event) = event;
-                let seq = i64::try_from(event.seq).unwrap_or(i64::MAX);
                 match inbox {
                     Some(inbox) => {
                         inbox
-                            .apply(record.envelope.event_id, async move |conn| {
-                                sqlx::query(EFFECT)
-                                    .bind(event.event_id)
-                                    .bind(&event.key)
-                                    .bind(seq)
-                                    .execute(&mut *conn)
-                                    .await
-                                    .map_err(classify)?;
-                                Ok(())
+                            .apply(record.envelope.event_id, move |conn| {
+                                Box::pin(async move { effect(conn, &event).await })
                             })
                             .await?;
                     }
                     None => {
                         let mut tx = pool.begin().await.map_err(classify)?;
-                        sqlx::query(EFFECT)
-                            .bind(event.event_id)
-                            .bind(&event.key)
-                            .bind(seq)
-                            .execute(&mut *tx)
-                            .await
-                            .map_err(classify)?;
+                        effect(&mut tx, &event).await?;
                         tx.commit().await.map_err(classify)?;
                     }
                 }
@@ -270,30 +217,20 @@ pub async fn run_side(spec: SideSpec) -> anyhow::Result<SideResult> {
             }
         },
     );
-    let config = ConsumerConfig::new(&spec.brokers, &spec.group, [&spec.topic])
-        .concurrency(spec.concurrency)
-        .max_in_flight(spec.max_in_flight);
-    let consumer = Consumer::new(config, router)?;
-    let stats = consumer.stats();
-    let started = Instant::now();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(consumer.run(async move {
-        let _ = stop_rx.await;
-    }));
-    probe.done.notified().await;
-    let _ = stop_tx.send(());
-    running.await.context("the consumer task panicked")??;
-    let (Some(first), Some(last)) = (probe.first.get(), probe.last.get()) else {
-        bail!("the handler never saw the last record");
-    };
-    let seconds = last.duration_since(*first).as_secs_f64();
-    Ok(SideResult::finish(spec.records, seconds)?
-        .with(
-            "startup_seconds",
-            first.duration_since(started).as_secs_f64(),
-        )
-        .with("consumed", stats.consumed() as f64)
-        .with("handled", stats.handled() as f64)
-        .with("dead_lettered", stats.dead_lettered() as f64)
-        .with("commit_failures", stats.commit_failures() as f64))
+    let config = ConsumerConfig::new(&args.common.brokers, &spec.group, [&spec.topic])
+        .concurrency(args.concurrency)
+        .max_in_flight(args.max_in_flight);
+    consume(Consumer::new(config, router)?, &probe, records).await
+}
+
+/// The handler's effect: one INSERT.
+async fn effect(conn: &mut PgConnection, event: &BenchRecord) -> Result<(), HandlerError> {
+    sqlx::query(EFFECT)
+        .bind(event.event_id)
+        .bind(&event.key)
+        .bind(i64::try_from(event.seq).unwrap_or(i64::MAX))
+        .execute(conn)
+        .await
+        .map_err(classify)?;
+    Ok(())
 }

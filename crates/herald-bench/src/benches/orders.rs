@@ -37,11 +37,11 @@ use herald_test::log_tail;
 use orders::api::auth::AuthMode;
 
 use super::SideSpec as AnySide;
-use crate::shared::child::{peak_rss_kib_of, run_side_with_env, SideResult};
+use crate::shared::child::{peak_rss_kib_of, run_side as run_child, SideResult};
 use crate::shared::database::{libpq_env, BenchDatabase, DbArgs};
 use crate::shared::progress;
-use crate::shared::report::{setup_line, Report};
-use crate::shared::stats::{median, mib, per_second, ratio, round_order, Side};
+use crate::shared::report::{both_sides, finish_table, rounds, setup_line, Report};
+use crate::shared::stats::{median_by, mib, peak_by, per_second, ratio, round_order, Side};
 use crate::shared::topics::RunResources;
 
 /// Flags of `herald-bench orders`.
@@ -199,23 +199,22 @@ pub struct OrdersReport {
 
 impl OrdersReport {
     fn median_of(&self, f: impl Fn(&OrdersRound) -> f64) -> f64 {
-        median(&self.rounds.iter().map(f).collect::<Vec<_>>()).unwrap_or(f64::NAN)
+        median_by(&self.rounds, f)
     }
 
     /// The final line.
     pub fn summary_line(&self) -> String {
-        let n = self.rounds.len();
         let clients = self.rounds.first().map_or(0, |r| r.pgbench.clients);
         format!(
-            "orders: {} orders/s end to end (POST→read-model p50 {:.0} ms, p95 {:.0} ms, p99 {:.0} ms); pgbench one INSERT per transaction {} TPS ({clients} clients); ratio {:.3} (median of {n} round{}); orders peak RSS {}",
+            "orders: {} orders/s end to end (POST→read-model p50 {:.0} ms, p95 {:.0} ms, p99 {:.0} ms); pgbench one INSERT per transaction {} TPS ({clients} clients); ratio {:.3} (median of {}); orders peak RSS {}",
             per_second(self.median_of(|r| r.orders.rate)),
             self.median_of(|r| r.orders.p50_ms),
             self.median_of(|r| r.orders.p95_ms),
             self.median_of(|r| r.orders.p99_ms),
             per_second(self.median_of(|r| r.pgbench.tps)),
             self.median_of(|r| r.ratio),
-            if n == 1 { "" } else { "s" },
-            mib(self.rounds.iter().map(|r| r.orders.peak_rss_kib).max().unwrap_or(0)),
+            rounds(self.rounds.len()),
+            mib(peak_by(&self.rounds, |r| r.orders.peak_rss_kib)),
         )
     }
 }
@@ -259,11 +258,7 @@ impl Report for OrdersReport {
                 r.round, r.orders.via, r.orders.line
             ));
         }
-        for note in &self.notes {
-            out.push_str(&format!("  {note}\n"));
-        }
-        out.push_str(&self.summary_line());
-        out.push('\n');
+        finish_table(&mut out, &self.notes, &self.summary_line());
         out
     }
 
@@ -295,8 +290,6 @@ pub async fn run(
     resources: &RunResources,
     db: &BenchDatabase,
 ) -> anyhow::Result<OrdersReport> {
-    args.validate()?;
-    let durability = db.durability().await?;
     let binary = match &args.orders_bin {
         Some(path) => path.clone(),
         None => build_orders().await?,
@@ -308,18 +301,17 @@ pub async fn run(
     );
     let scratch = std::env::temp_dir().join(format!("herald-bench-{}", resources.run_id()));
     std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
-    let outcome = rounds(args, resources, db, &binary, &scratch, &durability).await;
+    let outcome = run_rounds(args, resources, db, &binary, &scratch).await;
     let _ = std::fs::remove_dir_all(&scratch);
     outcome
 }
 
-async fn rounds(
+async fn run_rounds(
     args: &OrdersArgs,
     resources: &RunResources,
     db: &BenchDatabase,
     binary: &Path,
     scratch: &Path,
-    durability: &crate::shared::database::Durability,
 ) -> anyhow::Result<OrdersReport> {
     db.execute(CEILING_TABLE).await?;
     let script = scratch.join("one-insert.sql");
@@ -333,7 +325,6 @@ async fn rounds(
     setup.insert("pgbench_secs".into(), json!(args.pgbench_secs));
     setup.insert("partitions".into(), json!(args.partitions));
     setup.insert("brokers".into(), json!(args.brokers));
-    setup.insert("database".into(), json!(db.name()));
     setup.insert("orders_bin".into(), json!(binary.display().to_string()));
     setup.insert(
         "auth".into(),
@@ -342,16 +333,12 @@ async fn rounds(
             AuthMode::None => "none",
         }),
     );
-    setup.insert(
-        "synchronous_commit".into(),
-        json!(durability.synchronous_commit),
-    );
-    setup.insert("fsync".into(), json!(durability.fsync));
+    let durability = db.describe(&mut setup).await?;
     let mut report = OrdersReport {
         setup,
         rounds: Vec::new(),
         notes: vec![
-            format!("PostgreSQL: {}", durability.describe()),
+            durability,
             format!(
                 "orders: `orders run` (every component in one process: API, outbox relay, inbox-guarded consumers, ...), driven by `orders load`; latency = POST sent → read model's projected_at; auth {}",
                 match args.auth {
@@ -367,17 +354,14 @@ async fn rounds(
         ],
     };
     for round in 0..args.rounds {
-        let order = round_order(round);
-        let mut load = None;
-        let mut ceiling = None;
-        for side in order {
-            match side {
+        let sides = both_sides(round, async |side| {
+            Ok(match side {
                 Side::Herald => {
                     let figures = run_service(args, resources, db, binary, scratch, round + 1)
                         .await
                         .with_context(|| format!("round {} orders", round + 1))?;
                     progress(format!("orders round {}: {}", round + 1, figures.line));
-                    load = Some(figures);
+                    (Some(figures), None)
                 }
                 Side::Bare => {
                     let figures = pgbench(args, db, &script).await?;
@@ -387,16 +371,16 @@ async fn rounds(
                         per_second(figures.tps),
                         figures.latency_avg_ms
                     ));
-                    ceiling = Some(figures);
+                    (None, Some(figures))
                 }
-            }
-        }
-        let (Some(orders), Some(pgbench)) = (load, ceiling) else {
+            })
+        });
+        let [(Some(orders), _), (_, Some(pgbench))] = sides.await? else {
             bail!("round {} is missing a side", round + 1);
         };
         report.rounds.push(OrdersRound {
             round: round + 1,
-            order: order
+            order: round_order(round)
                 .iter()
                 .map(|s| match s {
                     Side::Herald => "orders",
@@ -626,7 +610,7 @@ async fn load(
             timeout_secs: args.load_timeout_secs,
         };
         let env: Vec<(&str, &str)> = secret.map(|s| (SECRET_ENV, s)).into_iter().collect();
-        let result = run_side_with_env(
+        let result = run_child(
             &AnySide::OrdersLoad(spec),
             args.load_timeout_secs + 120,
             &env,

@@ -41,14 +41,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use super::consumer::{pre_produce, Probe};
 use super::SideSpec as AnySide;
-use crate::shared::arrivals::{Arrival, ArrivalReader, OpenLoop};
+use crate::shared::arrivals::{millis_between, ArrivalReader, Latencies, Measured, OpenLoop};
 use crate::shared::child::{run_side as run_child, spawn_side, stdin_closed, SideResult};
-use crate::shared::report::{setup_line, Report, SideComparison, SideInfo, SidesRound};
-use crate::shared::stats::{median, mib, per_second, percentile, rate, rotation};
+use crate::shared::consume::Probe;
+use crate::shared::report::{met, rounds, setup_line, Report, SideComparison, Sides};
+use crate::shared::stats::{median, median_by, mib, per_second, rate, rotation};
 use crate::shared::topics::RunResources;
-use crate::shared::workload::{BenchEvent, Workload, SOURCE};
+use crate::shared::workload::{filled_topic, BenchEvent, Workload, SOURCE};
 use crate::shared::{progress, CommonArgs};
 
 /// The throughput the processor with duplicate detection should keep,
@@ -169,8 +169,8 @@ pub enum Mode {
     ExactlyOnceNoDedup,
 }
 
-impl Mode {
-    const ALL: [Mode; 3] = [
+impl Sides for Mode {
+    const ALL: &'static [Self] = &[
         Mode::ExactlyOnce,
         Mode::AtLeastOnce,
         Mode::ExactlyOnceNoDedup,
@@ -183,7 +183,9 @@ impl Mode {
             Mode::ExactlyOnceNoDedup => "eo-no-dedup",
         }
     }
+}
 
+impl Mode {
     fn guarantee(self) -> Guarantee {
         match self {
             Mode::ExactlyOnce | Mode::ExactlyOnceNoDedup => Guarantee::ExactlyOnce,
@@ -214,18 +216,12 @@ pub async fn run(
     args: &ProcessorArgs,
     resources: &RunResources,
 ) -> anyhow::Result<ProcessorReport> {
-    args.validate()?;
-    let mut setup = serde_json::Map::new();
-    setup.insert("records".into(), json!(args.records));
-    setup.insert("payload_bytes".into(), json!(args.payload_bytes));
-    setup.insert("partitions".into(), json!(args.partitions));
-    setup.insert("keys".into(), json!(args.keys));
+    let mut setup = args.common().setup();
     setup.insert("batch_size".into(), json!(args.batch_size));
     setup.insert("batch_time_ms".into(), json!(args.batch_time_ms));
     setup.insert("batch_sizes".into(), json!(args.batch_sizes));
     setup.insert("rate".into(), json!(args.rate));
     setup.insert("seconds".into(), json!(args.seconds));
-    setup.insert("brokers".into(), json!(args.brokers));
     let throughput = if args.runs(Part::Throughput) {
         Some(throughput(args, resources, setup.clone()).await?)
     } else {
@@ -250,14 +246,9 @@ async fn throughput(
     resources: &RunResources,
     setup: serde_json::Map<String, Value>,
 ) -> anyhow::Result<SideComparison> {
-    let input = resources.topic("proc-in", args.partitions).await?;
-    let produced = pre_produce(&args.common(), &input).await?;
-    progress(format!(
-        "processor: pre-produced {} records to {input} at {} rec/s",
-        args.records,
-        per_second(produced)
-    ));
-    let describe = |mode: Mode| {
+    let common = &args.common();
+    let input = filled_topic("processor", "proc-in", common, resources).await?;
+    let describe = |mode| {
         match mode {
         Mode::ExactlyOnce => format!(
             "Processor, Guarantee::ExactlyOnce: one Kafka transaction per {} inputs or {} ms (outputs + send_offsets_to_transaction + commit)",
@@ -270,49 +261,30 @@ async fn throughput(
         Mode::ExactlyOnceNoDedup => "the exactly-once side with ProcessorConfig::deduplication(None): no completed-ids record per input (the exactly-once side has one, its default)".to_owned(),
     }
     };
-    let mut comparison = SideComparison {
-        bench: "processor",
-        sides: Mode::ALL
-            .iter()
-            .map(|m| SideInfo {
-                name: m.name().to_owned(),
-                description: describe(*m),
-            })
-            .collect(),
-        baseline: Mode::AtLeastOnce.name().to_owned(),
-        goal: None,
-        setup,
-        rounds: Vec::new(),
-        notes: vec![
-            "both: one output per input (the input event re-encoded), read_committed input, the same pre-produced topic, fresh group and output topic per side; timed from the first transform call to the last input committed".to_owned(),
-        ],
-    };
-    for round in 0..args.rounds {
-        let order: Vec<Mode> = rotation(Mode::ALL.len(), round)
-            .into_iter()
-            .map(|i| Mode::ALL[i])
-            .collect();
-        let mut this_round = SidesRound::start(round, order.iter().map(|m| m.name()));
-        for mode in &order {
+    let notes = vec![
+        "both: one output per input (the input event re-encoded), read_committed input, the same pre-produced topic, fresh group and output topic per side; timed from the first transform call to the last input committed".to_owned(),
+    ];
+    let mut comparison =
+        SideComparison::new("processor", Mode::AtLeastOnce, describe, setup, notes);
+    comparison
+        .run_rounds(common.rounds, async |round, mode: Mode| {
             let what = format!("r{}-{}", round + 1, mode.name());
             let spec = SideSpec {
-                mode: *mode,
-                brokers: args.brokers.clone(),
+                mode,
+                brokers: common.brokers.clone(),
                 input: input.clone(),
                 output: resources
-                    .topic(&format!("{what}-out"), args.partitions)
+                    .topic(&format!("{what}-out"), common.partitions)
                     .await?,
                 group: resources.group(&what),
                 batch_size: args.batch_size,
                 batch_time_ms: args.batch_time_ms,
-                records: Some(args.records),
-                completed: completed_topic(resources, *mode, &what).await?,
+                records: Some(common.records),
+                completed: completed_topic(resources, mode, &what).await?,
             };
-            let result = run_child(&AnySide::Processor(spec), args.side_timeout_secs).await?;
-            this_round.add("processor", mode.name(), result);
-        }
-        comparison.rounds.push(this_round);
-    }
+            run_child(&AnySide::Processor(spec), common.side_timeout_secs, &[]).await
+        })
+        .await?;
     let dedup: Vec<f64> = comparison
         .rounds
         .iter()
@@ -322,7 +294,7 @@ async fn throughput(
     comparison.notes.push(format!(
         "duplicate detection: exactly-once ÷ {} = {dedup:.2} (median of per-round ratios; goal ≥ {DEDUP_GOAL:.2}: {})",
         Mode::ExactlyOnceNoDedup.name(),
-        if dedup >= DEDUP_GOAL { "met" } else { "NOT met" }
+        met(dedup >= DEDUP_GOAL)
     ));
     Ok(comparison)
 }
@@ -365,14 +337,9 @@ pub struct LatencyPoint {
     /// or arriving at under 90 % of it): its latency is mostly queueing and
     /// grows with the length of the run.
     pub overloaded: bool,
-    /// Input produce → output visible, percentiles (ms).
-    pub p50_ms: f64,
-    /// 90th percentile.
-    pub p90_ms: f64,
-    /// 99th percentile.
-    pub p99_ms: f64,
-    /// The slowest.
-    pub max_ms: f64,
+    /// Input produce → output visible, percentiles.
+    #[serde(flatten)]
+    pub latency: Latencies,
     /// Mean inputs per committed transaction (batch), over the whole run.
     pub inputs_per_commit: f64,
     /// The processor child's peak RSS (KiB).
@@ -395,10 +362,11 @@ async fn latency(
     args: &ProcessorArgs,
     resources: &RunResources,
 ) -> anyhow::Result<Vec<LatencyPoint>> {
+    let common = &args.common();
     let points = latency_points(args);
-    let workload = Workload::new(args.payload_bytes, args.keys, u64::MAX / 2)?;
+    let workload = Workload::new(common.payload_bytes, common.keys, u64::MAX / 2)?;
     let publisher = Arc::new(Publisher::new(&PublisherConfig::new(
-        &args.brokers,
+        &common.brokers,
         SOURCE,
     ))?);
     let mut next_seq = 0u64;
@@ -408,14 +376,14 @@ async fn latency(
             let (mode, batch_size) = points[i];
             let what = format!("lat-r{}-{}-b{batch_size}", round + 1, mode.name());
             let input = resources
-                .topic(&format!("{what}-in"), args.partitions)
+                .topic(&format!("{what}-in"), common.partitions)
                 .await?;
             let output = resources
-                .topic(&format!("{what}-out"), args.partitions)
+                .topic(&format!("{what}-out"), common.partitions)
                 .await?;
             let spec = SideSpec {
                 mode,
-                brokers: args.brokers.clone(),
+                brokers: common.brokers.clone(),
                 input,
                 output,
                 group: resources.group(&what),
@@ -443,14 +411,18 @@ async fn latency(
                 round + 1,
                 mode.name(),
                 point.events,
-                point.p50_ms,
-                point.p99_ms
+                point.latency.p50_ms,
+                point.latency.p99_ms
             ));
             measured.push(point);
         }
     }
     Ok(measured)
 }
+
+/// Per input: its id, when it was handed to the producer, and whether it is
+/// measured.
+type Sent = (Uuid, SystemTime, bool);
 
 async fn measure_latency(
     args: &ProcessorArgs,
@@ -460,81 +432,42 @@ async fn measure_latency(
     spec: SideSpec,
     next_seq: &mut u64,
 ) -> anyhow::Result<LatencyPoint> {
-    let reader = ArrivalReader::start(
-        &args.brokers,
-        &resources.name(&herald_test::unique_name("lat-reader")),
-        &spec.output,
-        args.partitions,
-    )?;
-    let (mode, batch_size) = (spec.mode, spec.batch_size);
+    let common = &args.common();
+    let reader = ArrivalReader::start(&common.brokers, resources, &spec.output, common.partitions)?;
     let processor = spawn_side(
         &AnySide::Processor(spec.clone()),
-        args.side_timeout_secs,
+        common.side_timeout_secs,
         &[],
     )?;
-
-    let mut schedule = OpenLoop::new(
+    let schedule = OpenLoop::new(
         args.rate,
         Duration::from_secs(args.warmup_secs),
         u64::from(args.rate) * args.seconds,
     );
-    let mut written = 0u64;
-    // Per input: when it was handed to the producer, and whether measured.
-    let mut sent: HashMap<Uuid, (SystemTime, bool)> = HashMap::new();
-    let mut tasks = tokio::task::JoinSet::new();
-    while let Some(measured) = schedule.next(written, &reader, "the processor").await? {
-        let event = workload.event(*next_seq);
-        *next_seq += 1;
-        let event_id = herald::Event::event_id(&event);
-        sent.insert(event_id, (SystemTime::now(), measured));
-        let publisher = Arc::clone(publisher);
-        let input = spec.input.clone();
-        tasks.spawn(async move { publisher.publish(&input, &event).await.map(|_| ()) });
-        written += 1;
-        // Reap acknowledged sends as we go (bounded memory, early errors).
-        while let Some(done) = tasks.try_join_next() {
-            done.context("a producer task panicked")?
-                .context("producing an input")?;
-        }
-    }
-    let window = schedule.measured_seconds();
-    while let Some(done) = tasks.join_next().await {
-        done.context("a producer task panicked")?
-            .context("producing an input")?;
-    }
     // Every output of a committed transaction arrives within a batch time
     // plus the commit; give slow machines plenty more.
-    let deadline =
-        Instant::now() + Duration::from_millis(spec.batch_time_ms) + Duration::from_secs(30);
-    while reader.arrived() < written && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let processor = processor.finish().await?;
-    let arrivals = reader.finish().await?;
-    Ok(figures(
-        mode, batch_size, &sent, &arrivals, window, &processor,
-    ))
+    let grace = Duration::from_millis(spec.batch_time_ms);
+    let run = schedule.run(reader, processor, "the processor", grace, |measured| {
+        let event = workload.event(*next_seq);
+        *next_seq += 1;
+        let sent: Sent = (herald::Event::event_id(&event), SystemTime::now(), measured);
+        let (publisher, input) = (Arc::clone(publisher), spec.input.clone());
+        Ok(async move {
+            publisher
+                .publish(&input, &event)
+                .await
+                .context("producing an input")?;
+            anyhow::Ok(sent)
+        })
+    });
+    Ok(figures(spec.mode, spec.batch_size, run.await?))
 }
 
-fn millis_between(from: SystemTime, to: SystemTime) -> f64 {
-    match to.duration_since(from) {
-        Ok(d) => d.as_secs_f64() * 1000.0,
-        Err(e) => -e.duration().as_secs_f64() * 1000.0,
-    }
-}
-
-fn figures(
-    mode: Mode,
-    batch_size: usize,
-    sent: &HashMap<Uuid, (SystemTime, bool)>,
-    arrivals: &[Arrival],
-    window: f64,
-    processor: &SideResult,
-) -> LatencyPoint {
+fn figures(mode: Mode, batch_size: usize, run: Measured<Sent>) -> LatencyPoint {
     // The first arrival of each output counts; later ones are duplicates.
-    let mut first: HashMap<Uuid, SystemTime> = HashMap::with_capacity(arrivals.len());
+    let mut first: HashMap<Uuid, SystemTime> = HashMap::with_capacity(run.arrivals.len());
     let mut duplicates = 0;
-    for arrival in arrivals {
+    for arrival in &run.arrivals {
         if first.insert(arrival.event_id, arrival.received).is_some() {
             duplicates += 1;
         }
@@ -543,10 +476,7 @@ fn figures(
     let mut missing = 0;
     let mut produced = 0;
     let mut received_span: Option<(SystemTime, SystemTime)> = None;
-    for (event_id, (at, measured)) in sent {
-        if !measured {
-            continue;
-        }
+    for (event_id, at, _) in run.writes.iter().filter(|(_, _, measured)| *measured) {
         produced += 1;
         match first.get(event_id) {
             Some(&received) => {
@@ -560,12 +490,11 @@ fn figures(
         }
     }
     latencies.sort_by(f64::total_cmp);
-    let produced_rate = rate(produced, window);
+    let produced_rate = rate(produced, run.window);
     let output_rate = received_span.map_or(0.0, |(a, b)| {
         rate(latencies.len() as u64, millis_between(a, b) / 1000.0)
     });
-    let p = |q: f64| percentile(&latencies, q).unwrap_or(f64::NAN);
-    let extra = |name: &str| processor.extra.get(name).copied().unwrap_or_default();
+    let extra = |name: &str| run.side.extra.get(name).copied().unwrap_or_default();
     LatencyPoint {
         round: 0,
         mode,
@@ -576,12 +505,9 @@ fn figures(
         produced_rate,
         output_rate,
         overloaded: missing > 0 || output_rate < 0.9 * produced_rate,
-        p50_ms: p(50.0),
-        p90_ms: p(90.0),
-        p99_ms: p(99.0),
-        max_ms: p(100.0),
+        latency: Latencies::of(&latencies),
         inputs_per_commit: extra("committed_inputs") / extra("commits").max(1.0),
-        peak_rss_kib: processor.peak_rss_kib,
+        peak_rss_kib: run.side.peak_rss_kib,
     }
 }
 
@@ -689,14 +615,11 @@ impl ProcessorReport {
                     .iter()
                     .filter(|p| p.mode == mode && p.batch_size == size)
                     .collect();
-                let med = |f: fn(&LatencyPoint) -> f64| {
-                    median(&points.iter().map(|p| f(p)).collect::<Vec<_>>()).unwrap_or(f64::NAN)
-                };
                 (
                     mode,
                     size,
-                    med(|p| p.p50_ms),
-                    med(|p| p.p99_ms),
+                    median_by(&points, |p| p.latency.p50_ms),
+                    median_by(&points, |p| p.latency.p99_ms),
                     points.len(),
                     points.iter().any(|p| p.overloaded),
                 )
@@ -707,7 +630,7 @@ impl ProcessorReport {
     /// The latency summary line.
     pub fn latency_line(&self) -> Option<String> {
         let summary = self.latency_summary();
-        let rounds = summary.iter().map(|s| s.4).max()?;
+        let most = summary.iter().map(|s| s.4).max()?;
         let figures: Vec<String> = summary
             .iter()
             .map(|(mode, size, p50, p99, _, overloaded)| {
@@ -721,11 +644,11 @@ impl ProcessorReport {
             })
             .collect();
         Some(format!(
-            "processor latency at {} rec/s (input produced → output visible to read_committed, batch time {} ms): {} (median of {rounds} round{})",
+            "processor latency at {} rec/s (input produced → output visible to read_committed, batch time {} ms): {} (median of {})",
             per_second(f64::from(self.rate)),
             self.batch_time_ms,
             figures.join("; "),
-            if rounds == 1 { "" } else { "s" },
+            rounds(most),
         ))
     }
 }
@@ -768,10 +691,10 @@ impl Report for ProcessorReport {
                 p.duplicates,
                 per_second(p.produced_rate),
                 per_second(p.output_rate),
-                p.p50_ms,
-                p.p90_ms,
-                p.p99_ms,
-                p.max_ms,
+                p.latency.p50_ms,
+                p.latency.p90_ms,
+                p.latency.p99_ms,
+                p.latency.max_ms,
                 p.inputs_per_commit,
                 mib(p.peak_rss_kib),
                 if p.overloaded { "  OVERLOADED" } else { "" },

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 use clap::{ArgAction, Args};
-use futures::StreamExt;
 use herald_kafka::publisher::PRODUCER_DEFAULTS;
 use herald_kafka::{Publisher, PublisherConfig};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -27,17 +26,17 @@ use uuid::Uuid;
 use super::SideSpec as AnySide;
 use crate::shared::child::{run_side as run_child, SideResult};
 use crate::shared::kafka_perf::KafkaTools;
-use crate::shared::report::{Comparison, RoundResults};
-use crate::shared::stats::{per_second, round_order, Side};
-use crate::shared::topics::RunResources;
-use crate::shared::workload::{BenchEvent, Workload, SOURCE};
+use crate::shared::report::{Comparison, Round};
+use crate::shared::stats::{per_second, Side};
+use crate::shared::topics::{learn_topic, RunResources};
+use crate::shared::workload::{publish, Workload, SOURCE};
 use crate::shared::{progress, CommonArgs};
 
 /// The ratio herald's publisher should reach.
 pub const GOAL: f64 = 0.9;
 
 /// Flags of `herald-bench publisher`.
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Args, Serialize, Deserialize)]
 pub struct PublisherArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
@@ -65,21 +64,14 @@ pub struct PublisherArgs {
 /// One side of the publisher benchmark, as a child runs it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SideSpec {
+    args: PublisherArgs,
     side: Side,
-    brokers: String,
     topic: String,
-    records: u64,
-    payload_bytes: usize,
-    keys: u64,
-    batch: usize,
-    batches_in_flight: usize,
-    bare_headers: bool,
 }
 
 /// Runs the rounds and returns the comparison.
 pub async fn run(args: &PublisherArgs, resources: &RunResources) -> anyhow::Result<Comparison> {
     let common = &args.common;
-    common.validate()?;
     ensure!(args.batch > 0, "--batch must be at least 1");
     ensure!(
         args.batches_in_flight > 0,
@@ -117,30 +109,16 @@ pub async fn run(args: &PublisherArgs, resources: &RunResources) -> anyhow::Resu
         notes: Vec::new(),
     };
     for round in 0..common.rounds {
-        let order = round_order(round);
-        let mut results = RoundResults::default();
-        for side in order {
-            let topic = resources
-                .topic(
-                    &format!("pub-r{}-{}", round + 1, side.name()),
-                    common.partitions,
-                )
-                .await?;
+        let mut figures = Round::run("publisher", round, async |side| {
+            let what = format!("pub-r{}-{}", round + 1, side.name());
             let spec = SideSpec {
+                args: args.clone(),
                 side,
-                brokers: common.brokers.clone(),
-                topic,
-                records: common.records,
-                payload_bytes: common.payload_bytes,
-                keys: common.keys,
-                batch: args.batch,
-                batches_in_flight: args.batches_in_flight,
-                bare_headers: args.bare_headers,
+                topic: resources.topic(&what, common.partitions).await?,
             };
-            let result = run_child(&AnySide::Publisher(spec), common.side_timeout_secs).await?;
-            results.add("publisher", round, side, result);
-        }
-        let mut figures = results.finish(round, order)?;
+            run_child(&AnySide::Publisher(spec), common.side_timeout_secs, &[]).await
+        })
+        .await?;
         if let Some(tools) = &tools {
             let topic = resources
                 .topic(&format!("pub-r{}-kafka-perf", round + 1), common.partitions)
@@ -167,7 +145,7 @@ pub async fn run(args: &PublisherArgs, resources: &RunResources) -> anyhow::Resu
 
 /// Runs one side in this (child) process.
 pub async fn run_side(spec: SideSpec) -> anyhow::Result<SideResult> {
-    let workload = Workload::new(spec.payload_bytes, spec.keys, spec.records)?;
+    let workload = spec.args.common.workload()?;
     match spec.side {
         Side::Herald => herald_side(&spec, &workload).await,
         Side::Bare => tokio::task::spawn_blocking(move || bare_side(&spec, &workload))
@@ -177,33 +155,20 @@ pub async fn run_side(spec: SideSpec) -> anyhow::Result<SideResult> {
 }
 
 async fn herald_side(spec: &SideSpec, workload: &Workload) -> anyhow::Result<SideResult> {
-    let publisher = Publisher::new(&PublisherConfig::new(&spec.brokers, SOURCE))?;
-    // Both sides learn the topic's partitions before the clock starts.
-    publisher
-        .producer()
-        .client()
-        .fetch_metadata(Some(&spec.topic), Duration::from_secs(10))
-        .context("fetching the topic's metadata")?;
-    let (publisher, topic, records, batch) =
-        (&publisher, spec.topic.as_str(), spec.records, spec.batch);
+    let (args, records) = (&spec.args, spec.args.common.records);
+    let publisher = Publisher::new(&PublisherConfig::new(&args.common.brokers, SOURCE))?;
+    learn_topic(publisher.producer().client(), &spec.topic)?;
     let start = Instant::now();
-    let mut batches = futures::stream::iter((0..records).step_by(batch))
-        .map(|first| async move {
-            let events: Vec<BenchEvent> = (first..(first + batch as u64).min(records))
-                .map(|i| workload.event(i))
-                .collect();
-            let results = publisher.publish_batch(topic, &events).await;
-            let sent = results.len() as u64;
-            (sent, results.into_iter().find_map(Result::err))
-        })
-        .buffered(spec.batches_in_flight);
-    let mut acknowledged = 0;
-    while let Some((sent, error)) = batches.next().await {
-        if let Some(error) = error {
-            bail!("herald publish failed: {error}");
-        }
-        acknowledged += sent;
-    }
+    let acknowledged = publish(
+        &publisher,
+        workload,
+        &spec.topic,
+        records,
+        args.batch,
+        args.batches_in_flight,
+    )
+    .await
+    .map_err(|error| anyhow::anyhow!("herald publish failed: {error}"))?;
     let seconds = start.elapsed().as_secs_f64();
     ensure!(
         acknowledged == records,
@@ -243,23 +208,21 @@ impl ProducerContext for Deliveries {
 }
 
 fn bare_side(spec: &SideSpec, workload: &Workload) -> anyhow::Result<SideResult> {
+    let records = spec.args.common.records;
     let mut config = ClientConfig::new();
-    config.set("bootstrap.servers", &spec.brokers);
+    config.set("bootstrap.servers", &spec.args.common.brokers);
     for (k, v) in PRODUCER_DEFAULTS {
         config.set(*k, *v);
     }
     let producer: BaseProducer<Deliveries> = config
         .create_with_context(Deliveries::default())
         .context("creating the bare producer")?;
-    producer
-        .client()
-        .fetch_metadata(Some(&spec.topic), Duration::from_secs(10))
-        .context("fetching the topic's metadata")?;
+    learn_topic(producer.client(), &spec.topic)?;
     let mut key = String::new();
     let mut payload = Vec::with_capacity(workload.payload_bytes() + 16);
     let mut id_buf = Uuid::encode_buffer();
     let start = Instant::now();
-    for i in 0..spec.records {
+    for i in 0..records {
         workload.key(i, &mut key);
         let event_id = Uuid::new_v4();
         let event_id = &*event_id.hyphenated().encode_lower(&mut id_buf);
@@ -267,7 +230,7 @@ fn bare_side(spec: &SideSpec, workload: &Workload) -> anyhow::Result<SideResult>
         let mut record = BaseRecord::to(&spec.topic)
             .key(key.as_str())
             .payload(payload.as_slice());
-        if spec.bare_headers {
+        if spec.args.bare_headers {
             record = record.headers(workload.bare_headers(event_id, &key));
         }
         loop {
@@ -302,9 +265,8 @@ fn bare_side(spec: &SideSpec, workload: &Workload) -> anyhow::Result<SideResult>
     }
     let acknowledged = deliveries.acknowledged.load(Ordering::Relaxed);
     ensure!(
-        acknowledged == spec.records,
-        "{acknowledged} of {} acknowledged",
-        spec.records
+        acknowledged == records,
+        "{acknowledged} of {records} acknowledged"
     );
-    SideResult::finish(spec.records, seconds)
+    SideResult::finish(records, seconds)
 }

@@ -26,11 +26,9 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::{bail, ensure, Context};
+use anyhow::{ensure, Context};
 use clap::{Args, ValueEnum};
-use herald_kafka::{
-    ExactlyOnceConfig, Publisher, PublisherConfig, Relay, RelayConfig, TransactionalRelay,
-};
+use herald_kafka::{Publisher, PublisherConfig, RelayConfig};
 use herald_postgres::outbox::enqueue;
 use herald_postgres::{OutboxRecord, PgOutbox, StoreError};
 use rdkafka::producer::Producer as _;
@@ -38,23 +36,28 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+use super::relay::AnyRelay;
 use super::SideSpec as AnySide;
-use crate::shared::arrivals::{Arrival, ArrivalReader, OpenLoop};
+use crate::shared::arrivals::{
+    millis_between, Arrival, ArrivalReader, Latencies, Measured, OpenLoop,
+};
 use crate::shared::child::{spawn_side, stdin_closed, SideResult};
 use crate::shared::database::{self, child_pool, BenchDatabase, DbArgs, CHILD_DATABASE_URL};
 use crate::shared::progress;
-use crate::shared::report::{setup_line, Report};
-use crate::shared::stats::{median, mib, per_second, percentile, rate, round_order, Side};
-use crate::shared::topics::RunResources;
+use crate::shared::report::{both_sides, finish_table, met, rounds, setup_line, Report};
+use crate::shared::stats::{median_by, mib, per_second, rate, round_order, Side};
+use crate::shared::topics::{learn_topic, RunResources};
 use crate::shared::workload::{Workload, SOURCE};
 
 /// Flags of `herald-bench relay-latency`.
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Args, Serialize, Deserialize)]
 pub struct RelayLatencyArgs {
     /// Kafka bootstrap servers.
     #[arg(long, env = "KAFKA_BROKERS", default_value = herald_test::DEFAULT_KAFKA_BROKERS)]
     pub brokers: String,
+    // Never sent to a child: the admin URL carries a password.
     #[command(flatten)]
+    #[serde(skip)]
     #[allow(missing_docs)]
     pub db: DbArgs,
     /// Events committed per second (open loop: event i is due at i / rate).
@@ -103,7 +106,7 @@ pub struct RelayLatencyArgs {
 }
 
 /// The two modes each round runs (`--compare`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LatencyCompare {
     /// The at-least-once relay with LISTEN/NOTIFY, and polling only.
@@ -146,12 +149,9 @@ impl RelayLatencyArgs {
 /// The relay of one mode, as a child runs it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SideSpec {
-    brokers: String,
+    args: RelayLatencyArgs,
     topic: String,
     listen: bool,
-    poll_interval_ms: u64,
-    relay_batch: usize,
-    relay_workers: usize,
     /// The exactly-once relay, with this checkpoint topic (and
     /// `transactional_id_prefix`); `None`: the at-least-once relay.
     checkpoint_topic: Option<String>,
@@ -159,7 +159,7 @@ pub struct SideSpec {
 }
 
 /// One mode's figures in one round.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct ModeFigures {
     /// Events measured (written in the measured window and received).
     pub events: u64,
@@ -167,14 +167,9 @@ pub struct ModeFigures {
     pub missing: u64,
     /// The rate the writers achieved in the measured window (events/s).
     pub written_rate: f64,
-    /// Commit → consumer percentiles (ms).
-    pub p50_ms: f64,
-    /// 90th percentile.
-    pub p90_ms: f64,
-    /// 99th percentile.
-    pub p99_ms: f64,
-    /// The slowest.
-    pub max_ms: f64,
+    /// Commit → consumer percentiles.
+    #[serde(flatten)]
+    pub latency: Latencies,
     /// Commit → the record's Kafka timestamp (producer send), median (ms).
     pub send_p50_ms: f64,
     /// 99th percentile of the same.
@@ -217,35 +212,34 @@ pub struct LatencyReport {
 
 impl LatencyReport {
     fn median_of(&self, f: impl Fn(&LatencyRound) -> f64) -> f64 {
-        median(&self.rounds.iter().map(f).collect::<Vec<_>>()).unwrap_or(f64::NAN)
+        median_by(&self.rounds, f)
     }
 
     /// The final line.
     pub fn summary_line(&self) -> String {
-        let n = self.rounds.len();
-        let rounds = format!("median of {n} round{}", if n == 1 { "" } else { "s" });
+        let rounds = format!("median of {}", rounds(self.rounds.len()));
         match self.compare {
             LatencyCompare::Listen => format!(
                 "relay-latency: commit→consumer p50 {:.1} ms, p99 {:.1} ms with LISTEN/NOTIFY; p50 {:.1} ms, p99 {:.1} ms polling every {} ms (commit→Kafka timestamp p50 {:.1} / {:.1} ms; {rounds})",
-                self.median_of(|r| r.first.p50_ms),
-                self.median_of(|r| r.first.p99_ms),
-                self.median_of(|r| r.second.p50_ms),
-                self.median_of(|r| r.second.p99_ms),
+                self.median_of(|r| r.first.latency.p50_ms),
+                self.median_of(|r| r.first.latency.p99_ms),
+                self.median_of(|r| r.second.latency.p50_ms),
+                self.median_of(|r| r.second.latency.p99_ms),
                 self.poll_interval_ms,
                 self.median_of(|r| r.first.send_p50_ms),
                 self.median_of(|r| r.second.send_p50_ms),
             ),
             LatencyCompare::Delivery => {
                 let (exactly, at_least) = (
-                    self.median_of(|r| r.first.p99_ms),
-                    self.median_of(|r| r.second.p99_ms),
+                    self.median_of(|r| r.first.latency.p99_ms),
+                    self.median_of(|r| r.second.latency.p99_ms),
                 );
                 format!(
                     "relay-latency: commit→read_committed consumer p50 {:.1} ms, p99 {exactly:.1} ms exactly once; p50 {:.1} ms, p99 {at_least:.1} ms at least once; p99 ratio {:.2} (goal ≤ 2.00: {}; {rounds})",
-                    self.median_of(|r| r.first.p50_ms),
-                    self.median_of(|r| r.second.p50_ms),
+                    self.median_of(|r| r.first.latency.p50_ms),
+                    self.median_of(|r| r.second.latency.p50_ms),
                     exactly / at_least,
-                    if exactly <= 2.0 * at_least { "met" } else { "NOT met" },
+                    met(exactly <= 2.0 * at_least),
                 )
             }
         }
@@ -279,10 +273,10 @@ impl Report for LatencyReport {
                     name,
                     f.events,
                     per_second(f.written_rate),
-                    f.p50_ms,
-                    f.p90_ms,
-                    f.p99_ms,
-                    f.max_ms,
+                    f.latency.p50_ms,
+                    f.latency.p90_ms,
+                    f.latency.p99_ms,
+                    f.latency.max_ms,
                     f.send_p50_ms,
                     f.send_p99_ms,
                     f.commit_p50_ms,
@@ -290,11 +284,7 @@ impl Report for LatencyReport {
                 ));
             }
         }
-        for note in &self.notes {
-            out.push_str(&format!("  {note}\n"));
-        }
-        out.push_str(&self.summary_line());
-        out.push('\n');
+        finish_table(&mut out, &self.notes, &self.summary_line());
         out
     }
 
@@ -315,8 +305,6 @@ pub async fn run(
     resources: &RunResources,
     db: &BenchDatabase,
 ) -> anyhow::Result<LatencyReport> {
-    args.validate()?;
-    let durability = db.durability().await?;
     let mut setup = serde_json::Map::new();
     setup.insert("rate".into(), json!(args.rate));
     setup.insert("seconds".into(), json!(args.seconds));
@@ -330,17 +318,12 @@ pub async fn run(
     setup.insert("keys".into(), json!(args.keys));
     setup.insert("brokers".into(), json!(args.brokers));
     setup.insert("compare".into(), json!(args.compare));
-    setup.insert("database".into(), json!(db.name()));
-    setup.insert(
-        "synchronous_commit".into(),
-        json!(durability.synchronous_commit),
-    );
-    setup.insert("fsync".into(), json!(durability.fsync));
+    let durability = db.describe(&mut setup).await?;
     let mut report = LatencyReport {
         setup,
         rounds: Vec::new(),
         notes: vec![
-            format!("PostgreSQL: {}", durability.describe()),
+            durability,
             "latency = consumer receive − writer's commit returned (one wall clock); send = the record's Kafka CreateTime (relay's producer, ms) − commit".to_owned(),
             match args.compare {
                 LatencyCompare::Listen => format!(
@@ -357,9 +340,7 @@ pub async fn run(
     let writers = database::pool(db.url(), args.writers).await?;
     let mut next_seq = 0u64;
     for round in 0..args.rounds {
-        let order = round_order(round);
-        let mut figures: [Option<ModeFigures>; 2] = [None, None];
-        for side in order {
+        let [first, second] = both_sides(round, async |side| {
             let mode = args.compare.mode_name(side);
             db.execute("TRUNCATE herald_outbox, herald_outbox_pending")
                 .await?;
@@ -367,12 +348,9 @@ pub async fn run(
                 .topic(&format!("lat-r{}-{mode}", round + 1), args.partitions)
                 .await?;
             let mut spec = SideSpec {
-                brokers: args.brokers.clone(),
+                args: args.clone(),
                 topic: topic.clone(),
                 listen: args.compare == LatencyCompare::Delivery || side == Side::Herald,
-                poll_interval_ms: args.poll_interval_ms,
-                relay_batch: args.relay_batch,
-                relay_workers: args.relay_workers,
                 checkpoint_topic: None,
                 transactional_id_prefix: resources.name(&format!("lat-r{}-relay", round + 1)),
             };
@@ -400,17 +378,18 @@ pub async fn run(
                 "relay-latency round {} {mode}: {} events, p50 {:.1} ms, p99 {:.1} ms",
                 round + 1,
                 measured.events,
-                measured.p50_ms,
-                measured.p99_ms
+                measured.latency.p50_ms,
+                measured.latency.p99_ms
             ));
-            figures[usize::from(side == Side::Bare)] = Some(measured);
-        }
-        let [Some(first), Some(second)] = figures else {
-            bail!("round {} is missing a mode", round + 1);
-        };
+            Ok(measured)
+        })
+        .await?;
         report.rounds.push(LatencyRound {
             round: round + 1,
-            order: order.iter().map(|s| args.compare.mode_name(*s)).collect(),
+            order: round_order(round)
+                .iter()
+                .map(|s| args.compare.mode_name(*s))
+                .collect(),
             first,
             second,
         });
@@ -437,34 +416,25 @@ async fn measure_mode(
     next_seq: &mut u64,
 ) -> anyhow::Result<ModeFigures> {
     let topic = spec.topic.clone();
-    let topic = topic.as_str();
-    let collector = ArrivalReader::start(
-        &args.brokers,
-        &resources.name(&herald_test::unique_name("lat-reader")),
-        topic,
-        args.partitions,
-    )?;
+    let reader = ArrivalReader::start(&args.brokers, resources, &topic, args.partitions)?;
     let relay = spawn_side(
         &AnySide::RelayLatency(spec),
         args.side_timeout_secs,
         &[(CHILD_DATABASE_URL, db.url())],
     )?;
-
-    let mut schedule = OpenLoop::new(
+    let schedule = OpenLoop::new(
         args.rate,
         Duration::from_secs(args.warmup_secs),
         args.measured(),
     );
-    let mut written = 0u64;
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut commits = Vec::new();
-    while let Some(measured) = schedule.next(written, &collector, "the relay").await? {
-        let seq = *next_seq;
-        *next_seq += 1;
-        let record = OutboxRecord::new(topic, &workload.event(seq), SOURCE, None)
+    // Polling mode needs up to one poll interval after the last commit.
+    let grace = Duration::from_millis(args.poll_interval_ms);
+    let run = schedule.run(reader, relay, "the relay", grace, |measured| {
+        let record = OutboxRecord::new(&topic, &workload.event(*next_seq), SOURCE, None)
             .context("encoding an event")?;
+        *next_seq += 1;
         let pool = writers.clone();
-        tasks.spawn(async move {
+        Ok(async move {
             let began = Instant::now();
             let mut tx = pool
                 .begin()
@@ -481,49 +451,19 @@ async fn measure_mode(
                 committed,
                 transaction: began.elapsed(),
             })
-        });
-        written += 1;
-        // Reap finished writers as we go (bounded memory, early errors).
-        while let Some(done) = tasks.try_join_next() {
-            commits.push(done.context("a writer panicked")??);
-        }
-    }
-    let measured_window = schedule.measured_seconds();
-    while let Some(done) = tasks.join_next().await {
-        commits.push(done.context("a writer panicked")??);
-    }
-    // Wait until the consumer has every event (polling mode needs up to one
-    // poll interval after the last commit).
-    let deadline =
-        Instant::now() + Duration::from_millis(args.poll_interval_ms) + Duration::from_secs(30);
-    while collector.arrived() < written && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let relay = relay.finish().await?;
-    let arrivals = collector.finish().await?;
-    Ok(figures(&commits, &arrivals, measured_window, &relay))
+        })
+    });
+    Ok(figures(run.await?))
 }
 
-fn millis_between(from: SystemTime, to: SystemTime) -> f64 {
-    match to.duration_since(from) {
-        Ok(d) => d.as_secs_f64() * 1000.0,
-        Err(e) => -e.duration().as_secs_f64() * 1000.0,
-    }
-}
-
-fn figures(
-    commits: &[Commit],
-    arrivals: &[Arrival],
-    measured_window: f64,
-    relay: &SideResult,
-) -> ModeFigures {
-    let by_id: HashMap<Uuid, &Arrival> = arrivals.iter().map(|a| (a.event_id, a)).collect();
+fn figures(run: Measured<Commit>) -> ModeFigures {
+    let by_id: HashMap<Uuid, &Arrival> = run.arrivals.iter().map(|a| (a.event_id, a)).collect();
     let mut latencies = Vec::new();
     let mut sends = Vec::new();
     let mut transactions = Vec::new();
     let mut missing = 0;
     let mut measured = 0;
-    for commit in commits.iter().filter(|c| c.measured) {
+    for commit in run.writes.iter().filter(|c| c.measured) {
         measured += 1;
         transactions.push(commit.transaction.as_secs_f64() * 1000.0);
         let Some(arrival) = by_id.get(&commit.event_id) else {
@@ -532,77 +472,52 @@ fn figures(
         };
         latencies.push(millis_between(commit.committed, arrival.received));
         if let Some(created) = arrival.create_time_ms {
-            let committed_ms = commit
-                .committed
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map(|d| d.as_secs_f64() * 1000.0)
-                .unwrap_or_default();
+            let committed_ms = millis_between(SystemTime::UNIX_EPOCH, commit.committed);
             sends.push(created as f64 - committed_ms);
         }
     }
     for values in [&mut latencies, &mut sends, &mut transactions] {
         values.sort_by(f64::total_cmp);
     }
-    let p = |values: &[f64], q: f64| percentile(values, q).unwrap_or(f64::NAN);
+    let sends = Latencies::of(&sends);
     ModeFigures {
         events: latencies.len() as u64,
         missing,
-        written_rate: rate(measured, measured_window),
-        p50_ms: p(&latencies, 50.0),
-        p90_ms: p(&latencies, 90.0),
-        p99_ms: p(&latencies, 99.0),
-        max_ms: p(&latencies, 100.0),
-        send_p50_ms: p(&sends, 50.0),
-        send_p99_ms: p(&sends, 99.0),
-        commit_p50_ms: p(&transactions, 50.0),
-        relay_peak_rss_kib: relay.peak_rss_kib,
-        relay_batches: relay.extra.get("batches").copied().unwrap_or_default(),
+        written_rate: rate(measured, run.window),
+        latency: Latencies::of(&latencies),
+        send_p50_ms: sends.p50_ms,
+        send_p99_ms: sends.p99_ms,
+        commit_p50_ms: Latencies::of(&transactions).p50_ms,
+        relay_peak_rss_kib: run.side.peak_rss_kib,
+        relay_batches: run.side.extra.get("batches").copied().unwrap_or_default(),
     }
 }
 
 /// Runs the relay of one mode in this (child) process until stdin closes.
 pub async fn run_side(spec: SideSpec) -> anyhow::Result<SideResult> {
+    let args = &spec.args;
     // One connection per worker, and the listener's.
-    let pool = child_pool(u32::try_from(spec.relay_workers + 1).unwrap_or(u32::MAX)).await?;
-    let publisher = Publisher::new(&PublisherConfig::new(&spec.brokers, SOURCE))?;
-    publisher
-        .producer()
-        .client()
-        .fetch_metadata(Some(&spec.topic), Duration::from_secs(10))
-        .context("fetching the topic's metadata")?;
-    let store = PgOutbox::new(pool).listen(spec.listen);
+    let pool = child_pool(u32::try_from(args.relay_workers + 1).unwrap_or(u32::MAX)).await?;
+    let publisher = Publisher::new(&PublisherConfig::new(&args.brokers, SOURCE))?;
+    learn_topic(publisher.producer().client(), &spec.topic)?;
     let config = RelayConfig {
-        batch_size: spec.relay_batch,
-        poll_interval: Duration::from_millis(spec.poll_interval_ms),
-        workers: spec.relay_workers,
+        batch_size: args.relay_batch,
+        poll_interval: Duration::from_millis(args.poll_interval_ms),
+        workers: args.relay_workers,
         ..RelayConfig::default()
     };
     let started = Instant::now();
-    let stats = match &spec.checkpoint_topic {
-        Some(checkpoint_topic) => {
-            let relay = TransactionalRelay::new(
-                store,
-                &PublisherConfig::new(&spec.brokers, SOURCE),
-                config,
-                ExactlyOnceConfig {
-                    transactional_id_prefix: spec.transactional_id_prefix.clone(),
-                    checkpoint_topic: checkpoint_topic.clone(),
-                    ..ExactlyOnceConfig::default()
-                },
-            )
-            .await
-            .context("starting the exactly-once relay")?;
-            let stats = relay.stats();
-            relay.run(stdin_closed()).await;
-            stats
-        }
-        None => {
-            let relay = Relay::new(store, publisher, config);
-            let stats = relay.stats();
-            relay.run(stdin_closed()).await;
-            stats
-        }
-    };
+    let relay = AnyRelay::new(
+        PgOutbox::new(pool).listen(spec.listen),
+        publisher.clone(),
+        &args.brokers,
+        config,
+        spec.checkpoint_topic.as_deref(),
+        &spec.transactional_id_prefix,
+    )
+    .await?;
+    let stats = relay.stats();
+    relay.run(stdin_closed()).await;
     let seconds = started.elapsed().as_secs_f64();
     Ok(SideResult::finish(stats.published(), seconds)?
         .with("batches", stats.batches() as f64)

@@ -1,17 +1,24 @@
-//! The latency benchmarks' reader: every partition of a topic from its start
-//! (`read_committed`), on a thread of its own, noting when each event id
-//! arrived.
+//! The latency benchmarks' harness: a reader of every partition of a topic
+//! from its start (`read_committed`), on a thread of its own, noting when
+//! each event id arrived; an open-loop schedule of writes; and
+//! [`OpenLoop::run`], one measurement of a side with both.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::message::Headers;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use serde::Serialize;
 use uuid::Uuid;
+
+use super::child::{RunningSide, SideResult};
+use super::stats::percentile;
+use super::topics::RunResources;
 
 /// What the reader saw of one event.
 pub struct Arrival {
@@ -32,9 +39,15 @@ pub struct ArrivalReader {
 }
 
 impl ArrivalReader {
-    /// Starts reading `topic` (`partitions` of them) in group `group` (only
-    /// for `assign`: nothing is committed).
-    pub fn start(brokers: &str, group: &str, topic: &str, partitions: i32) -> anyhow::Result<Self> {
+    /// Starts reading `topic` (`partitions` of them) in a fresh group of
+    /// the run (only for `assign`: nothing is committed).
+    pub fn start(
+        brokers: &str,
+        resources: &RunResources,
+        topic: &str,
+        partitions: i32,
+    ) -> anyhow::Result<Self> {
+        let group = resources.name(&herald_test::unique_name("lat-reader"));
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", brokers)
             .set("group.id", group)
@@ -115,6 +128,52 @@ impl Drop for ArrivalReader {
     }
 }
 
+/// Milliseconds from `from` to `to` (negative when `to` is earlier).
+pub fn millis_between(from: SystemTime, to: SystemTime) -> f64 {
+    match to.duration_since(from) {
+        Ok(d) => d.as_secs_f64() * 1000.0,
+        Err(e) => -e.duration().as_secs_f64() * 1000.0,
+    }
+}
+
+/// The nearest-rank percentiles of a measurement's latencies (ms).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Latencies {
+    /// Median.
+    pub p50_ms: f64,
+    /// 90th percentile.
+    pub p90_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// The slowest.
+    pub max_ms: f64,
+}
+
+impl Latencies {
+    /// The percentiles of `sorted` (ascending; NaN when empty).
+    pub fn of(sorted: &[f64]) -> Self {
+        let p = |q: f64| percentile(sorted, q).unwrap_or(f64::NAN);
+        Self {
+            p50_ms: p(50.0),
+            p90_ms: p(90.0),
+            p99_ms: p(99.0),
+            max_ms: p(100.0),
+        }
+    }
+}
+
+/// What one open-loop measurement ([`OpenLoop::run`]) saw.
+pub struct Measured<T> {
+    /// What each write returned, in the order they finished.
+    pub writes: Vec<T>,
+    /// Seconds of the measured window.
+    pub window: f64,
+    /// What the reader received.
+    pub arrivals: Vec<Arrival>,
+    /// The side's own result.
+    pub side: SideResult,
+}
+
 /// An open-loop schedule for the latency benchmarks: event `i` is due at
 /// `i / rate`, whatever the system under test does. Nothing is measured
 /// until the first event arrived and a warm-up passed; then `target` events
@@ -170,9 +229,54 @@ impl OpenLoop {
     }
 
     /// Seconds since measuring began (0 if it never did).
-    pub fn measured_seconds(&self) -> f64 {
+    fn measured_seconds(&self) -> f64 {
         self.measured_from
             .map(|(_, at)| at.elapsed().as_secs_f64())
             .unwrap_or_default()
+    }
+
+    /// Measures `side` (a child that runs until its stdin closes, `what`
+    /// in errors): event after event on this schedule, `write(measured)`
+    /// makes the task that writes it, until the target is measured; then
+    /// waits up to `grace` + 30 s for `reader` to have every event, and
+    /// stops the side and the reader.
+    pub async fn run<T, F>(
+        mut self,
+        reader: ArrivalReader,
+        side: RunningSide,
+        what: &str,
+        grace: Duration,
+        mut write: impl FnMut(bool) -> anyhow::Result<F>,
+    ) -> anyhow::Result<Measured<T>>
+    where
+        T: Send + 'static,
+        F: Future<Output = anyhow::Result<T>> + Send + 'static,
+    {
+        let mut written = 0u64;
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut writes = Vec::new();
+        while let Some(measured) = self.next(written, &reader, what).await? {
+            tasks.spawn(write(measured)?);
+            written += 1;
+            // Reap finished writes as we go (bounded memory, early errors).
+            while let Some(done) = tasks.try_join_next() {
+                writes.push(done.context("a writer panicked")??);
+            }
+        }
+        let window = self.measured_seconds();
+        while let Some(done) = tasks.join_next().await {
+            writes.push(done.context("a writer panicked")??);
+        }
+        let deadline = Instant::now() + grace + Duration::from_secs(30);
+        while reader.arrived() < written && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let side = side.finish().await?;
+        Ok(Measured {
+            writes,
+            window,
+            arrivals: reader.finish().await?,
+            side,
+        })
     }
 }

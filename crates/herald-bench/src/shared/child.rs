@@ -54,9 +54,18 @@ impl SideResult {
 
 /// This process's peak resident set size in KiB (`VmHWM` in /proc/self/status).
 pub fn peak_rss_kib() -> anyhow::Result<u64> {
-    let status =
-        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
-    parse_vm_hwm(&status).context("no VmHWM line in /proc/self/status")
+    vm_hwm("/proc/self/status")
+}
+
+/// Peak resident memory (`VmHWM`, KiB) of another process of ours, e.g. a
+/// service the benchmark started.
+pub fn peak_rss_kib_of(pid: u32) -> anyhow::Result<u64> {
+    vm_hwm(&format!("/proc/{pid}/status"))
+}
+
+fn vm_hwm(path: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+    parse_vm_hwm(&status).with_context(|| format!("no VmHWM line in {path}"))
 }
 
 fn parse_vm_hwm(status: &str) -> Option<u64> {
@@ -66,16 +75,12 @@ fn parse_vm_hwm(status: &str) -> Option<u64> {
         .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
-/// Runs one side in a child process and returns what it reported. The
-/// child's stderr goes to ours, so its errors and progress are visible; a
-/// child still running after `timeout_secs` exits with an error.
-pub async fn run_side<S: Serialize>(spec: &S, timeout_secs: u64) -> anyhow::Result<SideResult> {
-    run_side_with_env(spec, timeout_secs, &[]).await
-}
-
-/// [`run_side`] with extra environment variables for the child (e.g. the
-/// benchmark database's URL, kept off the command line).
-pub async fn run_side_with_env<S: Serialize>(
+/// Runs one side in a child process, with extra environment variables `env`
+/// (e.g. the benchmark database's URL, kept off the command line), and
+/// returns what it reported. The child's stderr goes to ours, so its errors
+/// and progress are visible; a child still running after `timeout_secs`
+/// exits with an error.
+pub async fn run_side<S: Serialize>(
     spec: &S,
     timeout_secs: u64,
     env: &[(&str, &str)],
@@ -158,14 +163,6 @@ pub async fn stdin_closed() {
         }
     })
     .await;
-}
-
-/// Peak resident memory (`VmHWM`, KiB) of another process of ours, e.g. a
-/// service the benchmark started.
-pub fn peak_rss_kib_of(pid: u32) -> anyhow::Result<u64> {
-    let path = format!("/proc/{pid}/status");
-    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    parse_vm_hwm(&status).with_context(|| format!("no VmHWM line in {path}"))
 }
 
 /// The child's start: a watchdog that ends this process with an error if

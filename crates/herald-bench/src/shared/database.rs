@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use herald_test::{Postgres, TestDatabase};
+use serde_json::{Map, Value};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
@@ -20,7 +21,7 @@ use sqlx::PgPool;
 pub const CHILD_DATABASE_URL: &str = "HERALD_BENCH_DATABASE_URL";
 
 /// Flags of the benchmarks that use PostgreSQL.
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Default, Args)]
 pub struct DbArgs {
     /// The admin URL: the run creates a fresh database through it and drops
     /// it at the end.
@@ -34,7 +35,7 @@ pub struct DbArgs {
 }
 
 /// What the server runs with, as read on a benchmark connection.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Durability {
     /// `SHOW synchronous_commit`.
     pub synchronous_commit: String,
@@ -114,7 +115,7 @@ impl BenchDatabase {
     }
 
     /// What the server runs with, read on a connection of this database.
-    pub async fn durability(&self) -> anyhow::Result<Durability> {
+    async fn durability(&self) -> anyhow::Result<Durability> {
         let show = |setting: &'static str| async move {
             sqlx::query_scalar::<_, String>(&format!("SHOW {setting}"))
                 .fetch_one(&self.pool)
@@ -125,6 +126,21 @@ impl BenchDatabase {
             synchronous_commit: show("synchronous_commit").await?,
             fsync: show("fsync").await?,
         })
+    }
+
+    /// Adds the database's name and what the server runs with to a
+    /// report's `setup`; returns the report's note that says it.
+    pub async fn describe(&self, setup: &mut Map<String, Value>) -> anyhow::Result<String> {
+        let durability = self.durability().await?;
+        let note = format!("PostgreSQL: {}", durability.describe());
+        setup.insert("database".into(), self.name().into());
+        let Durability {
+            synchronous_commit,
+            fsync,
+        } = durability;
+        setup.insert("synchronous_commit".into(), synchronous_commit.into());
+        setup.insert("fsync".into(), fsync.into());
+        Ok(note)
     }
 
     /// Drops the database, closing every connection to it.

@@ -1,10 +1,12 @@
-//! Plumbing every benchmark shares: the latency benchmarks' arrival reader, the common flags, timing, ratios and
-//! medians, peak RSS, the child processes each side runs in, the report, the
-//! benchmark topics and databases, the record workload and the Kafka tools'
-//! perf test.
+//! The harness every benchmark shares: the common flags, timing, ratios and
+//! medians, peak RSS, the child processes each side runs in, the rounds of
+//! sides and their reports, the benchmark topics and databases, the record
+//! workload, the consumer runtime run to the end of a topic, the latency
+//! benchmarks' open loop, and the Kafka tools' perf test.
 
 pub mod arrivals;
 pub mod child;
+pub mod consume;
 pub mod database;
 pub mod kafka_perf;
 pub mod report;
@@ -14,8 +16,9 @@ pub mod workload;
 
 use clap::Args;
 
-/// Flags every benchmark takes.
-#[derive(Debug, Clone, Args)]
+/// Flags every benchmark takes (but `relay-latency` and `orders`). Child
+/// processes get them in their side's spec.
+#[derive(Debug, Clone, Args, serde::Serialize, serde::Deserialize)]
 pub struct CommonArgs {
     /// Kafka bootstrap servers.
     #[arg(long, env = "KAFKA_BROKERS", default_value = herald_test::DEFAULT_KAFKA_BROKERS)]
@@ -51,8 +54,13 @@ impl CommonArgs {
         anyhow::ensure!(self.partitions > 0, "--partitions must be at least 1");
         anyhow::ensure!(self.rounds > 0, "--rounds must be at least 1");
         anyhow::ensure!(self.keys > 0, "--keys must be at least 1");
-        workload::Workload::new(self.payload_bytes, self.keys, self.records)?;
+        self.workload()?;
         Ok(())
+    }
+
+    /// The run's records.
+    pub fn workload(&self) -> anyhow::Result<workload::Workload> {
+        workload::Workload::new(self.payload_bytes, self.keys, self.records)
     }
 
     /// The report's setup entries these flags make; a benchmark adds its own.

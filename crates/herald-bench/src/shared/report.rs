@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::child::SideResult;
-use super::stats::{median, mib, per_second, ratio, Side};
+use super::stats::{median, mib, peak_by, per_second, ratio, rotation, round_order, Side};
 
 /// What a benchmark hands back to be printed.
 pub trait Report {
@@ -32,6 +32,62 @@ pub fn setup_line(setup: &serde_json::Map<String, Value>) -> String {
     items.join(" ")
 }
 
+/// Ends a table as every report ends it: its notes, indented, then its
+/// summary line.
+pub fn finish_table(out: &mut String, notes: &[String], summary_line: &str) {
+    for note in notes {
+        out.push_str(&format!("  {note}\n"));
+    }
+    out.push_str(summary_line);
+    out.push('\n');
+}
+
+/// `1 round`, `3 rounds`.
+pub fn rounds(n: usize) -> String {
+    format!("{n} round{}", if n == 1 { "" } else { "s" })
+}
+
+/// Whether a goal is met, as the summary lines say it.
+pub fn met(met: bool) -> &'static str {
+    if met {
+        "met"
+    } else {
+        "NOT met"
+    }
+}
+
+/// The sides a benchmark runs each round: a small enum.
+pub trait Sides: Copy + 'static {
+    /// Every side, in report order; [`rotation`] turns it each round.
+    const ALL: &'static [Self];
+    /// The side's name in reports.
+    fn name(self) -> &'static str;
+}
+
+/// Runs round `round` (0-based) of a two-sided benchmark: `run` runs a
+/// side, in [`round_order`]. The results: herald's, then bare's.
+pub async fn both_sides<T>(
+    round: usize,
+    mut run: impl AsyncFnMut(Side) -> anyhow::Result<T>,
+) -> anyhow::Result<[T; 2]> {
+    let [first, second] = round_order(round);
+    let (a, b) = (run(first).await?, run(second).await?);
+    Ok(if first == Side::Herald {
+        [a, b]
+    } else {
+        [b, a]
+    })
+}
+
+/// Reports a side's rate in round `round` (0-based) on stderr.
+fn report_rate(bench: &str, round: usize, side: &str, result: &SideResult) {
+    crate::shared::progress(format!(
+        "{bench} round {} {side}: {} rec/s",
+        round + 1,
+        per_second(result.rate())
+    ));
+}
+
 /// One round: both sides, in the order they ran.
 #[derive(Debug, Clone, Serialize)]
 pub struct Round {
@@ -49,51 +105,38 @@ pub struct Round {
     pub ceiling_rate: Option<f64>,
 }
 
-/// The two sides' results of one round, as its sides finish.
-#[derive(Debug, Default)]
-pub struct RoundResults {
-    herald: Option<SideResult>,
-    bare: Option<SideResult>,
-}
-
-/// Reports a side's rate in round `round` (1-based) on stderr.
-fn report_side(bench: &str, round: usize, side: &str, result: &SideResult) {
-    crate::shared::progress(format!(
-        "{bench} round {round} {side}: {} rec/s",
-        crate::shared::stats::per_second(result.rate())
-    ));
-}
-
-impl RoundResults {
-    /// Keeps `result` as `side`'s and reports its rate on stderr.
-    pub fn add(&mut self, bench: &str, round: usize, side: Side, result: SideResult) {
-        report_side(bench, round + 1, side.name(), &result);
-        match side {
-            Side::Herald => self.herald = Some(result),
-            Side::Bare => self.bare = Some(result),
-        }
-    }
-
-    /// Round `round` (0-based), once both sides ran in `order`.
-    pub fn finish(self, round: usize, order: [Side; 2]) -> anyhow::Result<Round> {
-        let (Some(herald), Some(bare)) = (self.herald, self.bare) else {
-            anyhow::bail!("round {} is missing a side", round + 1);
-        };
-        Ok(Round::new(round + 1, order, herald, bare))
-    }
-}
-
 impl Round {
     /// A round from its two results.
-    pub fn new(round: usize, order: [Side; 2], herald: SideResult, bare: SideResult) -> Self {
+    pub fn new(round: usize, order: Vec<Side>, herald: SideResult, bare: SideResult) -> Self {
         Self {
             round,
-            order: order.to_vec(),
+            order,
             ratio: ratio(herald.rate(), bare.rate()),
             herald,
             bare,
             ceiling_rate: None,
         }
+    }
+
+    /// Runs round `round` (0-based) of a two-sided benchmark ([`both_sides`]),
+    /// reporting each side's rate on stderr as it finishes.
+    pub async fn run(
+        bench: &str,
+        round: usize,
+        mut run: impl AsyncFnMut(Side) -> anyhow::Result<SideResult>,
+    ) -> anyhow::Result<Self> {
+        let [herald, bare] = both_sides(round, async |side| {
+            let result = run(side).await?;
+            report_rate(bench, round, side.name(), &result);
+            Ok(result)
+        })
+        .await?;
+        Ok(Round::new(
+            round + 1,
+            round_order(round).to_vec(),
+            herald,
+            bare,
+        ))
     }
 }
 
@@ -139,16 +182,6 @@ pub struct Comparison {
     pub notes: Vec<String>,
 }
 
-impl Report for Comparison {
-    fn table(&self) -> String {
-        Comparison::table(self)
-    }
-
-    fn json(&self) -> Value {
-        Comparison::json(self)
-    }
-}
-
 impl Comparison {
     /// The medians and peaks over the rounds.
     pub fn summary(&self) -> Summary {
@@ -161,18 +194,8 @@ impl Comparison {
             ratio,
             rounds: self.rounds.len(),
             goal_met: ratio >= self.goal,
-            herald_peak_rss_kib: self
-                .rounds
-                .iter()
-                .map(|r| r.herald.peak_rss_kib)
-                .max()
-                .unwrap_or(0),
-            bare_peak_rss_kib: self
-                .rounds
-                .iter()
-                .map(|r| r.bare.peak_rss_kib)
-                .max()
-                .unwrap_or(0),
+            herald_peak_rss_kib: peak_by(&self.rounds, |r| r.herald.peak_rss_kib),
+            bare_peak_rss_kib: peak_by(&self.rounds, |r| r.bare.peak_rss_kib),
             ceiling_rate: median(&ceilings),
         }
     }
@@ -183,15 +206,14 @@ impl Comparison {
     pub fn summary_line(&self) -> String {
         let s = self.summary();
         let mut line = format!(
-            "{}: herald {} rec/s, bare {} rec/s, ratio {:.2} (median of {} round{}, goal ≥ {:.2}: {}); peak RSS herald {}, bare {}",
+            "{}: herald {} rec/s, bare {} rec/s, ratio {:.2} (median of {}, goal ≥ {:.2}: {}); peak RSS herald {}, bare {}",
             self.bench,
             per_second(s.herald_rate),
             per_second(s.bare_rate),
             s.ratio,
-            s.rounds,
-            if s.rounds == 1 { "" } else { "s" },
+            rounds(s.rounds),
             self.goal,
-            if s.goal_met { "met" } else { "NOT met" },
+            met(s.goal_met),
             mib(s.herald_peak_rss_kib),
             mib(s.bare_peak_rss_kib),
         );
@@ -200,9 +222,11 @@ impl Comparison {
         }
         line
     }
+}
 
+impl Report for Comparison {
     /// The human-readable report: setup, a table of rounds, the summary line.
-    pub fn table(&self) -> String {
+    fn table(&self) -> String {
         let mut out = String::new();
         out.push_str(&format!("{}: {}\n", self.bench, setup_line(&self.setup)));
         out.push_str(&format!(
@@ -239,16 +263,12 @@ impl Comparison {
         if let Some(name) = ceiling {
             out.push_str(&format!("  ceiling: {name}\n"));
         }
-        for note in &self.notes {
-            out.push_str(&format!("  {note}\n"));
-        }
-        out.push_str(&self.summary_line());
-        out.push('\n');
+        finish_table(&mut out, &self.notes, &self.summary_line());
         out
     }
 
     /// The machine-readable report.
-    pub fn json(&self) -> Value {
+    fn json(&self) -> Value {
         serde_json::json!({
             "bench": self.bench,
             "herald_side": self.herald_side,
@@ -285,21 +305,6 @@ pub struct SidesRound {
 }
 
 impl SidesRound {
-    /// Round `round` (0-based), whose sides run in `order`, before any ran.
-    pub fn start<'a>(round: usize, order: impl IntoIterator<Item = &'a str>) -> Self {
-        Self {
-            round: round + 1,
-            order: order.into_iter().map(str::to_owned).collect(),
-            results: BTreeMap::new(),
-        }
-    }
-
-    /// Keeps `result` as side `name`'s and reports its rate on stderr.
-    pub fn add(&mut self, bench: &str, name: &str, result: SideResult) {
-        report_side(bench, self.round, name, &result);
-        self.results.insert(name.to_owned(), result);
-    }
-
     /// `side`'s throughput ÷ the baseline's this round.
     pub fn ratio(&self, side: &str, baseline: &str) -> f64 {
         match (self.results.get(side), self.results.get(baseline)) {
@@ -343,6 +348,59 @@ pub struct SideComparison {
 }
 
 impl SideComparison {
+    /// A comparison of every side of `S` (`describe` says what each runs)
+    /// with `baseline`, before any round ran.
+    pub fn new<S: Sides>(
+        bench: &'static str,
+        baseline: S,
+        describe: impl Fn(S) -> String,
+        setup: serde_json::Map<String, Value>,
+        notes: Vec<String>,
+    ) -> Self {
+        Self {
+            bench,
+            sides: S::ALL
+                .iter()
+                .map(|side| SideInfo {
+                    name: side.name().to_owned(),
+                    description: describe(*side),
+                })
+                .collect(),
+            baseline: baseline.name().to_owned(),
+            goal: None,
+            setup,
+            rounds: Vec::new(),
+            notes,
+        }
+    }
+
+    /// Runs `rounds` rounds, each running every side once (`run(round,
+    /// side)`, round 0-based) in the order [`rotation`] gives, so drift on a
+    /// noisy machine favors none; each side's rate is reported on stderr as
+    /// it finishes.
+    pub async fn run_rounds<S: Sides>(
+        &mut self,
+        rounds: usize,
+        mut run: impl AsyncFnMut(usize, S) -> anyhow::Result<SideResult>,
+    ) -> anyhow::Result<()> {
+        for round in 0..rounds {
+            let order = rotation(S::ALL.len(), round).into_iter().map(|i| S::ALL[i]);
+            let mut this = SidesRound {
+                round: round + 1,
+                order: Vec::new(),
+                results: BTreeMap::new(),
+            };
+            for side in order {
+                let result = run(round, side).await?;
+                report_rate(self.bench, round, side.name(), &result);
+                this.order.push(side.name().to_owned());
+                this.results.insert(side.name().to_owned(), result);
+            }
+            self.rounds.push(this);
+        }
+        Ok(())
+    }
+
     /// Medians and peaks per side, in report order.
     pub fn summary(&self) -> Vec<SideSummary> {
         self.sides
@@ -363,7 +421,7 @@ impl SideComparison {
                     name: side.name.clone(),
                     rate: median(&rates).unwrap_or(0.0),
                     ratio: median(&ratios).unwrap_or(f64::NAN),
-                    peak_rss_kib: results.iter().map(|r| r.peak_rss_kib).max().unwrap_or(0),
+                    peak_rss_kib: peak_by(&results, |r| r.peak_rss_kib),
                 }
             })
             .collect()
@@ -381,10 +439,9 @@ impl SideComparison {
                     format!("{} {} rec/s", s.name, per_second(s.rate))
                 } else {
                     let goal = match &self.goal {
-                        Some((side, goal)) if *side == s.name => format!(
-                            " (goal ≥ {goal:.2}: {})",
-                            if s.ratio >= *goal { "met" } else { "NOT met" }
-                        ),
+                        Some((side, goal)) if *side == s.name => {
+                            format!(" (goal ≥ {goal:.2}: {})", met(s.ratio >= *goal))
+                        }
                         _ => String::new(),
                     };
                     format!(
@@ -401,12 +458,11 @@ impl SideComparison {
             .iter()
             .map(|s| format!("{} {}", s.name, mib(s.peak_rss_kib)))
             .collect();
-        let n = self.rounds.len();
         format!(
-            "{}: {} (medians of {n} round{}); peak RSS {}",
+            "{}: {} (medians of {}); peak RSS {}",
             self.bench,
             figures.join(", "),
-            if n == 1 { "" } else { "s" },
+            rounds(self.rounds.len()),
             rss.join(", ")
         )
     }
@@ -439,11 +495,7 @@ impl Report for SideComparison {
                 ));
             }
         }
-        for note in &self.notes {
-            out.push_str(&format!("  {note}\n"));
-        }
-        out.push_str(&self.summary_line());
-        out.push('\n');
+        finish_table(&mut out, &self.notes, &self.summary_line());
         out
     }
 
@@ -482,19 +534,19 @@ mod tests {
         let mut rounds = vec![
             Round::new(
                 1,
-                [Side::Bare, Side::Herald],
+                vec![Side::Bare, Side::Herald],
                 side(1000, 1.0, 2048),
                 side(1000, 0.5, 1024),
             ),
             Round::new(
                 2,
-                [Side::Herald, Side::Bare],
+                vec![Side::Herald, Side::Bare],
                 side(1000, 0.5, 3072),
                 side(1000, 0.5, 1024),
             ),
             Round::new(
                 3,
-                [Side::Bare, Side::Herald],
+                vec![Side::Bare, Side::Herald],
                 side(1000, 0.625, 2048),
                 side(1000, 0.5, 1024),
             ),

@@ -100,6 +100,16 @@ pub fn median(values: &[f64]) -> Option<f64> {
     }
 }
 
+/// The median of `f` over `items`; NaN for none.
+pub fn median_by<T>(items: &[T], f: impl Fn(&T) -> f64) -> f64 {
+    median(&items.iter().map(f).collect::<Vec<_>>()).unwrap_or(f64::NAN)
+}
+
+/// The highest of `f` over `items`; 0 for none (the peak of peak RSSes).
+pub fn peak_by<T>(items: &[T], f: impl Fn(&T) -> u64) -> u64 {
+    items.iter().map(f).max().unwrap_or(0)
+}
+
 /// The nearest-rank percentile `p` (0–100) of `sorted` (ascending); `None`
 /// for no values.
 pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {

@@ -7,10 +7,19 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use rand::Rng;
 use rdkafka::admin::{AdminClient, AdminOptions, TopicResult};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{Client, ClientContext, DefaultClientContext};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaResult;
 use rdkafka::ClientConfig;
+
+/// Fetches `topic`'s metadata through `client`: a producer that learns its
+/// partitions before the clock starts does not measure the lookup.
+pub fn learn_topic<C: ClientContext>(client: &Client<C>, topic: &str) -> anyhow::Result<()> {
+    client
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .context("fetching the topic's metadata")?;
+    Ok(())
+}
 
 /// The topics and groups of one benchmark run.
 pub struct RunResources {

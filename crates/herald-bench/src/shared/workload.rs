@@ -8,18 +8,26 @@
 //! [`Workload::bare_payload`] writes the byte-identical JSON directly, and
 //! [`Workload::bare_headers`] the same header names with values of the same
 //! lengths, so a bare loop sends records of the same size and shape without
-//! doing herald's work.
+//! doing herald's work. [`publish`] sends the typed events through herald's
+//! publisher; [`filled_topic`] makes the input of the benchmarks that read.
 
 use std::io::Write as _;
+use std::time::Instant;
 
 use anyhow::ensure;
 use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
+use futures::StreamExt as _;
 use herald::headers;
+use herald_kafka::{PublishError, Publisher, PublisherConfig};
 use rand::distributions::Alphanumeric;
 use rand::Rng;
 use rdkafka::message::{Header, OwnedHeaders};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
+
+use super::stats::{per_second, rate};
+use super::topics::RunResources;
+use super::{progress, CommonArgs};
 
 /// The `ce_source` of benchmark events.
 pub const SOURCE: &str = "/herald-bench";
@@ -189,6 +197,62 @@ impl Workload {
             },
         )
     }
+}
+
+/// Publishes records `0..records` of `workload` to `topic`, `batch` events
+/// per `publish_batch` call and `in_flight` calls at once (1: each waits
+/// for the previous one's acknowledgements). Returns how many were
+/// acknowledged, or the first error.
+pub async fn publish(
+    publisher: &Publisher,
+    workload: &Workload,
+    topic: &str,
+    records: u64,
+    batch: usize,
+    in_flight: usize,
+) -> Result<u64, PublishError> {
+    let mut batches = futures::stream::iter((0..records).step_by(batch))
+        .map(|first| async move {
+            let events: Vec<BenchEvent> = (first..(first + batch as u64).min(records))
+                .map(|i| workload.event(i))
+                .collect();
+            let results = publisher.publish_batch(topic, &events).await;
+            let sent = results.len() as u64;
+            (sent, results.into_iter().find_map(Result::err))
+        })
+        .buffered(in_flight);
+    let mut acknowledged = 0;
+    while let Some((sent, error)) = batches.next().await {
+        if let Some(error) = error {
+            return Err(error);
+        }
+        acknowledged += sent;
+    }
+    Ok(acknowledged)
+}
+
+/// A fresh topic `what` filled with the run's records through herald's
+/// publisher (herald envelopes, so readers decode real events): the input
+/// of the benchmarks that read.
+pub async fn filled_topic(
+    bench: &str,
+    what: &str,
+    common: &CommonArgs,
+    resources: &RunResources,
+) -> anyhow::Result<String> {
+    let topic = resources.topic(what, common.partitions).await?;
+    let workload = common.workload()?;
+    let publisher = Publisher::new(&PublisherConfig::new(&common.brokers, SOURCE))?;
+    let start = Instant::now();
+    publish(&publisher, &workload, &topic, common.records, 10_000, 4)
+        .await
+        .map_err(|error| anyhow::anyhow!("pre-producing failed: {error}"))?;
+    progress(format!(
+        "{bench}: pre-produced {} records to {topic} at {} rec/s",
+        common.records,
+        per_second(rate(common.records, start.elapsed().as_secs_f64()))
+    ));
+    Ok(topic)
 }
 
 #[cfg(test)]
