@@ -57,7 +57,6 @@ use crate::benches::publisher::PublisherArgs;
 use crate::benches::relay::RelayArgs;
 use crate::benches::relay_latency::RelayLatencyArgs;
 use crate::shared::child::{report, watchdog, SIDE_SUBCOMMAND};
-use crate::shared::database::{BenchDatabase, DbArgs};
 use crate::shared::report::Report;
 use crate::shared::topics::RunResources;
 
@@ -104,124 +103,80 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    use benches::*;
     match Cli::parse().command {
-        Command::Publisher(args) => execute(Bench::Publisher(&args)).await,
-        Command::Consumer(args) => execute(Bench::Consumer(&args)).await,
-        Command::Relay(args) => execute(Bench::Relay(&args)).await,
-        Command::RelayLatency(args) => execute(Bench::RelayLatency(&args)).await,
-        Command::Inbox(args) => execute(Bench::Inbox(&args)).await,
-        Command::Processor(args) => execute(Bench::Processor(&args)).await,
-        Command::Orders(args) => execute(Bench::Orders(&args)).await,
+        Command::Publisher(a) => {
+            let c = &a.common;
+            execute(&c.brokers, c.json, c.validate(), async |r| {
+                publisher::run(&a, r).await
+            })
+            .await
+        }
+        Command::Consumer(a) => {
+            let c = &a.common;
+            execute(&c.brokers, c.json, c.validate(), async |r| {
+                consumer::run(&a, r).await
+            })
+            .await
+        }
+        Command::Relay(a) => {
+            let c = &a.common;
+            execute(&c.brokers, c.json, c.validate(), async |r| {
+                relay::run(&a, r).await
+            })
+            .await
+        }
+        Command::RelayLatency(a) => {
+            execute(&a.brokers, a.json, a.validate(), async |r| {
+                relay_latency::run(&a, r).await
+            })
+            .await
+        }
+        Command::Inbox(a) => {
+            let c = &a.common;
+            execute(&c.brokers, c.json, c.validate(), async |r| {
+                inbox::run(&a, r).await
+            })
+            .await
+        }
+        Command::Processor(a) => {
+            let c = &a.common;
+            execute(&c.brokers, c.json, a.validate(), async |r| {
+                processor::run(&a, r).await
+            })
+            .await
+        }
+        Command::Orders(a) => {
+            execute(&a.brokers, a.json, a.validate(), async |r| {
+                orders::run(&a, r).await
+            })
+            .await
+        }
         Command::Side { spec, timeout_secs } => {
             watchdog(timeout_secs);
-            let spec: benches::SideSpec =
-                serde_json::from_str(&spec).context("parsing the side spec")?;
+            let spec: SideSpec = serde_json::from_str(&spec).context("parsing the side spec")?;
             report(&spec.run().await?)
         }
     }
 }
 
-enum Bench<'a> {
-    Publisher(&'a PublisherArgs),
-    Consumer(&'a ConsumerArgs),
-    Relay(&'a RelayArgs),
-    RelayLatency(&'a RelayLatencyArgs),
-    Inbox(&'a InboxArgs),
-    Processor(&'a ProcessorArgs),
-    Orders(&'a OrdersArgs),
-}
-
-impl Bench<'_> {
-    fn brokers(&self) -> &str {
-        match self {
-            Bench::Publisher(args) => &args.common.brokers,
-            Bench::Consumer(args) => &args.common.brokers,
-            Bench::Relay(args) => &args.common.brokers,
-            Bench::RelayLatency(args) => &args.brokers,
-            Bench::Inbox(args) => &args.common.brokers,
-            Bench::Processor(args) => &args.brokers,
-            Bench::Orders(args) => &args.brokers,
-        }
-    }
-
-    fn json(&self) -> bool {
-        match self {
-            Bench::Publisher(args) => args.common.json,
-            Bench::Consumer(args) => args.common.json,
-            Bench::Relay(args) => args.common.json,
-            Bench::RelayLatency(args) => args.json,
-            Bench::Inbox(args) => args.common.json,
-            Bench::Processor(args) => args.json,
-            Bench::Orders(args) => args.json,
-        }
-    }
-
-    fn validate(&self) -> anyhow::Result<()> {
-        match self {
-            Bench::Publisher(args) => args.common.validate(),
-            Bench::Consumer(args) => args.common.validate(),
-            Bench::Relay(args) => args.common.validate(),
-            Bench::RelayLatency(args) => args.validate(),
-            Bench::Inbox(args) => args.common.validate(),
-            Bench::Processor(args) => args.validate(),
-            Bench::Orders(args) => args.validate(),
-        }
-    }
-
-    /// The database flags, and whether herald's migrations are applied to
-    /// the fresh database (the orders service applies its own).
-    fn database(&self) -> Option<(&DbArgs, bool)> {
-        match self {
-            Bench::Publisher(_) | Bench::Consumer(_) | Bench::Processor(_) => None,
-            Bench::Relay(args) => Some((&args.db, true)),
-            Bench::RelayLatency(args) => Some((&args.db, true)),
-            Bench::Inbox(args) => Some((&args.db, true)),
-            Bench::Orders(args) => Some((&args.db, false)),
-        }
-    }
-
-    async fn run(
-        &self,
-        resources: &RunResources,
-        db: Option<&BenchDatabase>,
-    ) -> anyhow::Result<Box<dyn Report>> {
-        let db = || db.context("this benchmark needs its database");
-        Ok(match self {
-            Bench::Publisher(args) => Box::new(benches::publisher::run(args, resources).await?),
-            Bench::Consumer(args) => Box::new(benches::consumer::run(args, resources).await?),
-            Bench::Relay(args) => Box::new(benches::relay::run(args, resources, db()?).await?),
-            Bench::RelayLatency(args) => {
-                Box::new(benches::relay_latency::run(args, resources, db()?).await?)
-            }
-            Bench::Inbox(args) => Box::new(benches::inbox::run(args, resources, db()?).await?),
-            Bench::Processor(args) => Box::new(benches::processor::run(args, resources).await?),
-            Bench::Orders(args) => Box::new(benches::orders::run(args, resources, db()?).await?),
-        })
-    }
-}
-
-/// Runs one benchmark, always deleting its topics, groups and database,
-/// and prints the report.
-async fn execute(bench: Bench<'_>) -> anyhow::Result<()> {
-    bench.validate()?;
-    let resources = RunResources::new(bench.brokers())?;
-    let db = match bench.database() {
-        Some((args, migrate)) => {
-            let name = format!("herald_bench_{}", resources.run_id());
-            Some(BenchDatabase::create(&args.database_url, &name, migrate).await?)
-        }
-        None => None,
-    };
+/// Runs one benchmark whose flags are `valid`, always deleting its topics,
+/// groups and database (also on Ctrl-C), and prints the report.
+async fn execute<R: Report>(
+    brokers: &str,
+    json: bool,
+    valid: anyhow::Result<()>,
+    run: impl AsyncFnOnce(&RunResources) -> anyhow::Result<R>,
+) -> anyhow::Result<()> {
+    valid?;
+    let resources = RunResources::new(brokers)?;
     let outcome = tokio::select! {
-        outcome = bench.run(&resources, db.as_ref()) => outcome,
+        outcome = run(&resources) => outcome,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
     };
-    if let Some(db) = db {
-        db.drop_database().await;
-    }
     resources.cleanup().await;
     let report = outcome?;
-    if bench.json() {
+    if json {
         println!("{}", report.json());
     } else {
         print!("{}", report.table());

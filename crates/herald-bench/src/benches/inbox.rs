@@ -106,11 +106,8 @@ const EFFECT: &str =
     "INSERT INTO herald_bench_effects (event_id, record_key, seq) VALUES ($1, $2, $3)";
 
 /// Runs the rounds and returns the comparison.
-pub async fn run(
-    args: &InboxArgs,
-    resources: &RunResources,
-    db: &BenchDatabase,
-) -> anyhow::Result<SideComparison> {
+pub async fn run(args: &InboxArgs, resources: &RunResources) -> anyhow::Result<SideComparison> {
+    let db = &BenchDatabase::create(&args.db, resources, true).await?;
     let common = &args.common;
     ensure!(args.concurrency > 0, "--concurrency must be at least 1");
     ensure!(args.db_pool > 0, "--db-pool must be at least 1");

@@ -285,11 +285,9 @@ INSERT INTO herald_bench_ceiling (k, payload) VALUES (:k, repeat('x', 256));
 ";
 
 /// Runs the rounds and returns the report.
-pub async fn run(
-    args: &OrdersArgs,
-    resources: &RunResources,
-    db: &BenchDatabase,
-) -> anyhow::Result<OrdersReport> {
+pub async fn run(args: &OrdersArgs, resources: &RunResources) -> anyhow::Result<OrdersReport> {
+    // The orders service applies its own migrations.
+    let db = &BenchDatabase::create(&args.db, resources, false).await?;
     let binary = match &args.orders_bin {
         Some(path) => path.clone(),
         None => build_orders().await?,

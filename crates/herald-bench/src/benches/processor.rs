@@ -57,25 +57,15 @@ pub const DEDUP_GOAL: f64 = 0.9;
 
 /// Flags of `herald-bench processor`.
 #[derive(Debug, Clone, Args)]
+#[command(mut_arg("records", |a| a
+    .default_value("200000")
+    .help("Records of the pre-produced input topic (the throughput part)")))]
+#[command(mut_arg("rounds", |a| a
+    .help("Throughput rounds; each runs both guarantees, the order alternating")))]
 pub struct ProcessorArgs {
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "KAFKA_BROKERS", default_value = herald_test::DEFAULT_KAFKA_BROKERS)]
-    pub brokers: String,
-    /// Records of the pre-produced input topic (the throughput part).
-    #[arg(long, default_value_t = 200_000)]
-    pub records: u64,
-    /// Bytes of each record's payload (the JSON body of the event).
-    #[arg(long, default_value_t = 256)]
-    pub payload_bytes: usize,
-    /// Partitions of every benchmark topic.
-    #[arg(long, default_value_t = 12)]
-    pub partitions: i32,
-    /// Distinct record keys (aggregate ids), cycled through in order.
-    #[arg(long, default_value_t = 10_000)]
-    pub keys: u64,
-    /// Throughput rounds; each runs both guarantees, the order alternating.
-    #[arg(long, default_value_t = 3)]
-    pub rounds: usize,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub common: CommonArgs,
     /// Inputs per transaction (per batch at least once) in the throughput
     /// part and in the at-least-once latency reference
     /// (`ProcessorConfig::batch_size`; 500 is its default).
@@ -103,12 +93,6 @@ pub struct ProcessorArgs {
     /// Run only one part.
     #[arg(long, value_enum)]
     pub only: Option<Part>,
-    /// Give up on a side that has not finished after this many seconds.
-    #[arg(long, default_value_t = 900)]
-    pub side_timeout_secs: u64,
-    /// Print one JSON document instead of the table.
-    #[arg(long)]
-    pub json: bool,
 }
 
 /// The two parts of the benchmark.
@@ -123,7 +107,7 @@ pub enum Part {
 impl ProcessorArgs {
     /// Rejects values the benchmark cannot run with.
     pub fn validate(&self) -> anyhow::Result<()> {
-        self.common().validate()?;
+        self.common.validate()?;
         ensure!(self.batch_size > 0, "--batch-size must be at least 1");
         ensure!(self.batch_time_ms > 0, "--batch-time-ms must be at least 1");
         ensure!(
@@ -137,19 +121,6 @@ impl ProcessorArgs {
             "--latency-rounds must be at least 1"
         );
         Ok(())
-    }
-
-    fn common(&self) -> CommonArgs {
-        CommonArgs {
-            brokers: self.brokers.clone(),
-            records: self.records,
-            payload_bytes: self.payload_bytes,
-            partitions: self.partitions,
-            rounds: self.rounds,
-            keys: self.keys,
-            side_timeout_secs: self.side_timeout_secs,
-            json: self.json,
-        }
     }
 
     fn runs(&self, part: Part) -> bool {
@@ -216,7 +187,7 @@ pub async fn run(
     args: &ProcessorArgs,
     resources: &RunResources,
 ) -> anyhow::Result<ProcessorReport> {
-    let mut setup = args.common().setup();
+    let mut setup = args.common.setup();
     setup.insert("batch_size".into(), json!(args.batch_size));
     setup.insert("batch_time_ms".into(), json!(args.batch_time_ms));
     setup.insert("batch_sizes".into(), json!(args.batch_sizes));
@@ -246,7 +217,7 @@ async fn throughput(
     resources: &RunResources,
     setup: serde_json::Map<String, Value>,
 ) -> anyhow::Result<SideComparison> {
-    let common = &args.common();
+    let common = &args.common;
     let input = filled_topic("processor", "proc-in", common, resources).await?;
     let describe = |mode| {
         match mode {
@@ -362,7 +333,7 @@ async fn latency(
     args: &ProcessorArgs,
     resources: &RunResources,
 ) -> anyhow::Result<Vec<LatencyPoint>> {
-    let common = &args.common();
+    let common = &args.common;
     let points = latency_points(args);
     let workload = Workload::new(common.payload_bytes, common.keys, u64::MAX / 2)?;
     let publisher = Arc::new(Publisher::new(&PublisherConfig::new(
@@ -432,7 +403,7 @@ async fn measure_latency(
     spec: SideSpec,
     next_seq: &mut u64,
 ) -> anyhow::Result<LatencyPoint> {
-    let common = &args.common();
+    let common = &args.common;
     let reader = ArrivalReader::start(&common.brokers, resources, &spec.output, common.partitions)?;
     let processor = spawn_side(
         &AnySide::Processor(spec.clone()),

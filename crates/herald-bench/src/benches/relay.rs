@@ -212,11 +212,8 @@ pub struct SideSpec {
 }
 
 /// Runs the rounds and returns the comparison.
-pub async fn run(
-    args: &RelayArgs,
-    resources: &RunResources,
-    db: &BenchDatabase,
-) -> anyhow::Result<Comparison> {
+pub async fn run(args: &RelayArgs, resources: &RunResources) -> anyhow::Result<Comparison> {
+    let db = &BenchDatabase::create(&args.db, resources, true).await?;
     let common = &args.common;
     ensure!(args.relay_batch > 0, "--relay-batch must be at least 1");
     ensure!(args.publish_batch > 0, "--publish-batch must be at least 1");

@@ -303,8 +303,8 @@ impl Report for LatencyReport {
 pub async fn run(
     args: &RelayLatencyArgs,
     resources: &RunResources,
-    db: &BenchDatabase,
 ) -> anyhow::Result<LatencyReport> {
+    let db = &BenchDatabase::create(&args.db, resources, true).await?;
     let mut setup = serde_json::Map::new();
     setup.insert("rate".into(), json!(args.rate));
     setup.insert("seconds".into(), json!(args.seconds));

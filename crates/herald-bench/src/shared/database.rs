@@ -13,6 +13,8 @@ use anyhow::Context;
 use clap::Args;
 use herald_test::{Postgres, TestDatabase};
 use serde_json::{Map, Value};
+
+use super::topics::RunResources;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
@@ -65,7 +67,8 @@ impl Durability {
 }
 
 /// A database that exists for one benchmark run: herald-test's fresh
-/// database (dropped, connections and all, with it) and the parent's pool.
+/// database, dropped (connections and all) with this value, also when an
+/// interrupted run drops it; and the parent's pool on it.
 #[derive(Debug)]
 pub struct BenchDatabase {
     // Dropped first: its connections go before the database does.
@@ -74,11 +77,18 @@ pub struct BenchDatabase {
 }
 
 impl BenchDatabase {
-    /// Creates database `name` through `admin_url`, connects a small pool to
-    /// it and, when `migrate`, applies herald's migrations.
-    pub async fn create(admin_url: &str, name: &str, migrate: bool) -> anyhow::Result<Self> {
-        let server = Postgres::at(admin_url).context("parsing --database-url / DATABASE_URL")?;
-        let database = server.create_database(name).await.with_context(|| {
+    /// Creates database `herald_bench_<run id>` through the admin URL of
+    /// `args`, connects a small pool to it and, when `migrate`, applies
+    /// herald's migrations.
+    pub async fn create(
+        args: &DbArgs,
+        resources: &RunResources,
+        migrate: bool,
+    ) -> anyhow::Result<Self> {
+        let name = format!("herald_bench_{}", resources.run_id());
+        let server =
+            Postgres::at(&args.database_url).context("parsing --database-url / DATABASE_URL")?;
+        let database = server.create_database(&name).await.with_context(|| {
             format!("creating database {name} (is PostgreSQL up? scripts/services.sh up)")
         })?;
         let pool = pool(database.url(), 4).await?;
@@ -141,12 +151,6 @@ impl BenchDatabase {
         setup.insert("synchronous_commit".into(), synchronous_commit.into());
         setup.insert("fsync".into(), fsync.into());
         Ok(note)
-    }
-
-    /// Drops the database, closing every connection to it.
-    pub async fn drop_database(self) {
-        self.pool.close().await;
-        drop(self.database);
     }
 }
 
