@@ -33,9 +33,6 @@ pub enum SideSpec {
     Inbox(inbox::SideSpec),
     /// A processor of `herald-bench processor`.
     Processor(processor::SideSpec),
-    /// The load generator of `herald-bench orders` (when the `orders load`
-    /// command cannot run).
-    OrdersLoad(orders::LoadSpec),
 }
 
 impl SideSpec {
@@ -48,7 +45,6 @@ impl SideSpec {
             SideSpec::RelayLatency(spec) => relay_latency::run_side(spec).await,
             SideSpec::Inbox(spec) => inbox::run_side(spec).await,
             SideSpec::Processor(spec) => processor::run_side(spec).await,
-            SideSpec::OrdersLoad(spec) => orders::run_load_side(spec).await,
         }
     }
 }

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 use clap::Args;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::process::{Child, Command};
@@ -36,8 +36,7 @@ use tokio::process::{Child, Command};
 use herald_test::log_tail;
 use orders::api::auth::AuthMode;
 
-use super::SideSpec as AnySide;
-use crate::shared::child::{peak_rss_kib_of, run_side as run_child, SideResult};
+use crate::shared::child::peak_rss_kib_of;
 use crate::shared::database::{libpq_env, BenchDatabase, DbArgs};
 use crate::shared::progress;
 use crate::shared::report::{both_sides, finish_table, rounds, setup_line, Report};
@@ -552,14 +551,8 @@ async fn stop(service: &mut Child, pid: u32) {
     }
 }
 
-/// The panic of `orders load` when its `--concurrency` clashes with the
-/// global `--concurrency` flag (clap ids of two types).
-const CLAP_CLASH: &str = "Mismatch between definition and access of";
-
-/// Runs the service's load generator: the `orders load` command, or — when
-/// that command cannot start (see [`CLAP_CLASH`]) — the same generator,
-/// `orders::load::run`, in a child process of this binary. With `secret`,
-/// it mints its customers' tokens with it.
+/// Runs the service's load generator, the `orders load` command; with
+/// `secret`, it mints its customers' tokens with it.
 async fn load(
     args: &OrdersArgs,
     binary: &Path,
@@ -590,50 +583,6 @@ async fn load(
     let output = command.output().await.context("running orders load")?;
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    if !output.status.success() && stderr.contains(CLAP_CLASH) {
-        progress(format!(
-            "orders load cannot start ({}): {}; running orders::load::run in a child process instead",
-            output.status,
-            stderr
-                .lines()
-                .find(|l| l.contains(CLAP_CLASH))
-                .unwrap_or_default()
-                .trim()
-        ));
-        let spec = LoadSpec {
-            api,
-            orders: args.orders,
-            rate: args.rate,
-            concurrency: args.concurrency,
-            timeout_secs: args.load_timeout_secs,
-        };
-        let env: Vec<(&str, &str)> = secret.map(|s| (SECRET_ENV, s)).into_iter().collect();
-        let result = run_child(
-            &AnySide::OrdersLoad(spec),
-            args.load_timeout_secs + 120,
-            &env,
-        )
-        .await?;
-        let extra = |k: &str| result.extra.get(k).copied().unwrap_or(f64::NAN);
-        let mut figures = LoadFigures {
-            orders: result.records,
-            seconds: result.seconds,
-            rate: extra("rate"),
-            p50_ms: extra("p50_ms"),
-            p95_ms: extra("p95_ms"),
-            p99_ms: extra("p99_ms"),
-            peak_rss_kib: 0,
-            line: String::new(),
-            via:
-                "orders::load::run (library) in a herald-bench child: `orders load` panics at start"
-                    .to_owned(),
-        };
-        figures.line = format!(
-            "{} orders in {:.1} s: {:.0} orders/s, POST→read-model p50 {:.0} ms, p95 {:.0} ms, p99 {:.0} ms",
-            figures.orders, figures.seconds, figures.rate, figures.p50_ms, figures.p95_ms, figures.p99_ms
-        );
-        return Ok(figures);
-    }
     ensure!(
         output.status.success(),
         "orders load failed ({}): {stdout}{stderr}",
@@ -644,47 +593,6 @@ async fn load(
         .rev()
         .find_map(parse_load_line)
         .with_context(|| format!("orders load printed no summary line: {stdout}"))
-}
-
-/// `orders::load::run` as a child of this binary runs it (the fallback of
-/// [`load`]).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct LoadSpec {
-    api: String,
-    orders: usize,
-    rate: u32,
-    concurrency: usize,
-    timeout_secs: u64,
-}
-
-/// Runs the service's load generator in this (child) process. It prints its
-/// summary line before the result line; the figures go in the result. The
-/// secret to mint tokens with, if any, is in `ORDERS_JWT_SECRET` (kept off
-/// the command line the spec is on).
-pub async fn run_load_side(spec: LoadSpec) -> anyhow::Result<SideResult> {
-    let args = orders::cli::LoadArgs {
-        orders: spec.orders,
-        rate: spec.rate,
-        concurrency: spec.concurrency,
-        api: Some(spec.api.clone()),
-        timeout_secs: spec.timeout_secs,
-        jwt_private_key: None,
-    };
-    let signer = match std::env::var(SECRET_ENV).ok().filter(|s| !s.is_empty()) {
-        Some(secret) => Some(
-            orders::api::auth::TokenSigner::hs256(secret.as_bytes())
-                .context("the benchmark's ORDERS_JWT_SECRET")?,
-        ),
-        None => None,
-    };
-    let report = orders::load::run(&spec.api, &args, signer.as_ref()).await?;
-    Ok(
-        SideResult::finish(report.orders as u64, report.elapsed.as_secs_f64())?
-            .with("rate", report.rate)
-            .with("p50_ms", report.p50_ms)
-            .with("p95_ms", report.p95_ms)
-            .with("p99_ms", report.p99_ms),
-    )
 }
 
 /// Parses `N orders in S s: X orders/s, POST→read-model p50 A ms, p95 B ms,
