@@ -30,7 +30,6 @@ use anyhow::{bail, ensure, Context};
 use clap::Args;
 use serde::Serialize;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::process::{Child, Command};
 
 use herald_test::log_tail;
@@ -424,32 +423,6 @@ async fn build_orders() -> anyhow::Result<PathBuf> {
     Ok(profile_dir.join("orders"))
 }
 
-/// `GET path` on 127.0.0.1:`port`; the status code.
-async fn http_status(port: u16, path: &str) -> anyhow::Result<u16> {
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-        stream
-            .write_all(
-                format!(
-                    "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
-                )
-                .as_bytes(),
-            )
-            .await?;
-        let mut head = Vec::new();
-        stream.read_to_end(&mut head).await?;
-        anyhow::Ok(head)
-    };
-    let head = tokio::time::timeout(Duration::from_secs(5), exchange)
-        .await
-        .context("timed out")??;
-    let line = String::from_utf8_lossy(&head);
-    line.split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .context("no HTTP status line")
-}
-
 /// Starts `orders run`, loads it, stops it.
 async fn run_service(
     args: &OrdersArgs,
@@ -515,8 +488,12 @@ async fn run_service(
     })
 }
 
+/// Waits until the service answers `GET /readyz` with 200 (each try
+/// bounded to 5 s), failing when it exits or after 120 s.
 async fn wait_ready(service: &mut Child, port: u16, log: &Path) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
+    let readyz = format!("http://127.0.0.1:{port}/readyz");
+    let client = reqwest::Client::new();
     loop {
         if let Some(status) = service.try_wait()? {
             bail!(
@@ -524,7 +501,12 @@ async fn wait_ready(service: &mut Child, port: u16, log: &Path) -> anyhow::Resul
                 log_tail(log, 20)
             );
         }
-        if let Ok(200) = http_status(port, "/readyz").await {
+        let answer = client
+            .get(&readyz)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await;
+        if answer.is_ok_and(|r| r.status() == reqwest::StatusCode::OK) {
             return Ok(());
         }
         if Instant::now() > deadline {

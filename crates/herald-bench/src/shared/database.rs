@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use herald_test::{Postgres, TestDatabase};
+use percent_encoding::percent_decode_str;
 use serde_json::{Map, Value};
 
 use super::topics::RunResources;
@@ -178,68 +179,27 @@ pub async fn child_pool(max: u32) -> anyhow::Result<PgPool> {
 /// `PGDATABASE`) for `url`, so tools like `pgbench` connect without the
 /// password on their command line.
 pub fn libpq_env(url: &str) -> anyhow::Result<Vec<(&'static str, String)>> {
-    let rest = url
-        .split_once("://")
-        .map(|(_, rest)| rest)
-        .context("the database URL has no scheme")?;
-    let rest = rest.split_once('?').map_or(rest, |(base, _)| base);
-    let (authority, database) = rest.split_once('/').unwrap_or((rest, ""));
-    let (credentials, host_port) = match authority.rsplit_once('@') {
-        Some((credentials, host_port)) => (Some(credentials), host_port),
-        None => (None, authority),
-    };
-    let (host, port) = match host_port.strip_prefix('[') {
-        // [::1]:5432
-        Some(bracketed) => match bracketed.split_once(']') {
-            Some((host, rest)) => (host, rest.strip_prefix(':')),
-            None => (bracketed, None),
-        },
-        None => match host_port.rsplit_once(':') {
-            Some((host, port)) => (host, Some(port)),
-            None => (host_port, None),
-        },
-    };
-    let mut env = Vec::new();
-    if !host.is_empty() {
-        env.push(("PGHOST", percent_decode(host)));
-    }
-    if let Some(port) = port.filter(|p| !p.is_empty()) {
-        env.push(("PGPORT", port.to_owned()));
-    }
-    if let Some(credentials) = credentials {
-        let (user, password) = credentials.split_once(':').unwrap_or((credentials, ""));
-        if !user.is_empty() {
-            env.push(("PGUSER", percent_decode(user)));
-        }
-        if !password.is_empty() {
-            env.push(("PGPASSWORD", percent_decode(password)));
-        }
-    }
-    if !database.is_empty() {
-        env.push(("PGDATABASE", percent_decode(database)));
-    }
-    Ok(env)
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
-            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
-                let value = hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0);
-                out.push(value as u8);
-                i += 3;
-            }
-            (b, _, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    let url = url::Url::parse(url).context("parsing the database URL")?;
+    let decode = |s: &str| percent_decode_str(s).decode_utf8_lossy().into_owned();
+    let host = url.host().map(|host| match host {
+        // libpq takes the address without its brackets.
+        url::Host::Ipv6(address) => address.to_string(),
+        host => decode(&host.to_string()),
+    });
+    let values = [
+        ("PGHOST", host),
+        ("PGPORT", url.port().map(|port| port.to_string())),
+        ("PGUSER", Some(decode(url.username()))),
+        ("PGPASSWORD", url.password().map(decode)),
+        (
+            "PGDATABASE",
+            Some(decode(url.path().trim_start_matches('/'))),
+        ),
+    ];
+    Ok(values
+        .into_iter()
+        .filter_map(|(name, value)| Some((name, value.filter(|v| !v.is_empty())?)))
+        .collect())
 }
 
 #[cfg(test)]
