@@ -200,10 +200,7 @@ async fn herald_side(spec: &SideSpec) -> anyhow::Result<SideResult> {
             "no handler histogram in:\n{text}"
         );
     }
-    Ok(result.with(
-        "skipped_unknown",
-        stats.skipped_unknown() as f64,
-    ))
+    Ok(result.with("skipped_unknown", stats.skipped_unknown() as f64))
 }
 
 fn bare_side(spec: &SideSpec) -> anyhow::Result<SideResult> {

@@ -198,8 +198,8 @@ pub async fn run_side(spec: SideSpec) -> anyhow::Result<SideResult> {
                 match inbox {
                     Some(inbox) => {
                         inbox
-                            .apply(record.envelope.event_id, move |conn| {
-                                Box::pin(async move { effect(conn, &event).await })
+                            .apply(record.envelope.event_id, async move |conn| {
+                                effect(conn, &event).await
                             })
                             .await?;
                     }

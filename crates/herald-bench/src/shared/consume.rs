@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use herald_kafka::{Consumer, ConsumerStats};
+use herald_kafka::Consumer;
 
 use super::child::SideResult;
 
