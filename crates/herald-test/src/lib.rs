@@ -25,6 +25,9 @@
 //! - [`postgres`] / [`Postgres`]: fresh databases ([`TestDatabase`]).
 //! - [`private`]: a Kafka broker and a PostgreSQL cluster of one test's
 //!   own, to kill, pause and start again.
+//! - [`cluster`]: a three-node replicated Kafka cluster of one test's own,
+//!   whose partition leaders can be killed and whose nodes can be
+//!   restarted one by one.
 //! - [`faults`]: a seeded fault [`faults::Schedule`] (`HERALD_FAULT_SEED`
 //!   replays it) and the [`faults::Timeline`] a failing run prints.
 //! - [`handler_faults`]: panics, hangs and failures injected into your own
@@ -37,6 +40,7 @@
 //!   reset, black-holed or delayed.
 
 pub mod churn;
+pub mod cluster;
 pub mod events;
 pub mod faults;
 pub mod handler_faults;

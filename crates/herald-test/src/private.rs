@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use crate::{free_port, FaultProxy};
 
 /// A fresh temporary folder, owned by `owner` when given.
-fn scratch(prefix: &str, owner: Option<&str>) -> PathBuf {
+pub(crate) fn scratch(prefix: &str, owner: Option<&str>) -> PathBuf {
     let dir = std::env::temp_dir().join(crate::unique_name(prefix));
     std::fs::create_dir_all(&dir).expect("scratch folder");
     if let Some(owner) = owner {
@@ -33,14 +33,6 @@ fn run(command: &mut Command, what: &str) {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
-}
-
-fn wait_for(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ready() {
-        assert!(start.elapsed() < limit, "{what} not ready after {limit:?}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// The repository's root (this crate is `crates/herald-test`).
@@ -81,16 +73,201 @@ pub fn kafka_java(libs: &Path, options: &[&str]) -> Command {
     java
 }
 
+/// One Kafka server process of a test's own: its folder (the
+/// `server.properties` and the data), its plaintext port and the running
+/// JVM. [`PrivateKafka`] is one of these; a
+/// [`PrivateKafkaCluster`](crate::cluster::PrivateKafkaCluster) is three.
+#[derive(Debug)]
+pub(crate) struct KafkaNode {
+    dir: PathBuf,
+    libs: PathBuf,
+    port: u16,
+    process: Option<Child>,
+}
+
+impl KafkaNode {
+    /// A node that will run from `dir` (where its `server.properties` is
+    /// written before it starts) and listen for clients on `port`.
+    pub(crate) fn new(dir: PathBuf, libs: PathBuf, port: u16) -> KafkaNode {
+        KafkaNode {
+            dir,
+            libs,
+            port,
+            process: None,
+        }
+    }
+
+    /// The newest Kafka jars, or a panic telling how to get them.
+    pub(crate) fn libs() -> PathBuf {
+        kafka_libs().unwrap_or_else(|| {
+            panic!(
+                "no Kafka jars under {}: run scripts/services.sh up",
+                repository().join(".cache/kafka").display()
+            )
+        })
+    }
+
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// `127.0.0.1:port` of its plaintext listener.
+    pub(crate) fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub(crate) fn write_properties(&self, properties: &str) {
+        std::fs::write(self.properties(), properties).expect("server.properties");
+    }
+
+    pub(crate) fn properties(&self) -> PathBuf {
+        self.dir.join("server.properties")
+    }
+
+    /// Runs a Kafka tool (a main class and its arguments) and returns what
+    /// it printed; panics with its errors when it fails.
+    pub(crate) fn tool(&self, args: &[&str]) -> String {
+        let output = kafka_java(&self.libs, &["-Xmx256m"])
+            .args(args)
+            .output()
+            .expect("a Kafka tool");
+        assert!(
+            output.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// Starts the JVM (after killing any it has) without waiting.
+    pub(crate) fn spawn(&mut self) {
+        self.kill();
+        let log = self.dir.join("server.out");
+        let _ = std::fs::remove_file(&log);
+        let out = std::fs::File::create(&log).expect("broker log");
+        let process = kafka_java(&self.libs, &["-Xms256m", "-Xmx512m", "-XX:+UseG1GC"])
+            .arg("kafka.Kafka")
+            .arg(self.properties())
+            .stdout(out.try_clone().expect("log"))
+            .stderr(out)
+            .spawn()
+            .expect("java kafka.Kafka");
+        self.process = Some(process);
+    }
+
+    /// Waits until the node answers a metadata request on its own port
+    /// that lists every broker of `expected` (node ids) as registered.
+    pub(crate) fn wait_answering(&mut self, expected: &[i32]) {
+        let address = self.address();
+        let start = Instant::now();
+        let limit = Duration::from_secs(120);
+        loop {
+            if crate::reachable(&address) && {
+                let listed = metadata_brokers(&address);
+                expected.iter().all(|id| listed.contains(id))
+            } {
+                return;
+            }
+            assert!(
+                self.is_running(),
+                "the private Kafka node on {address} exited while starting: {}",
+                self.log_tail(30)
+            );
+            assert!(
+                start.elapsed() < limit,
+                "the private Kafka node on {address} not ready after {limit:?}: {}",
+                self.log_tail(30)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// SIGKILL (no shutdown of any kind); waits for the process to end.
+    pub(crate) fn kill(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            let _ = process.kill();
+            let _ = process.wait();
+        }
+    }
+
+    /// SIGTERM: Kafka's shutdown hook runs a controlled shutdown (the
+    /// controller moves its partitions' leadership away first). Waits up to
+    /// `limit` for the process to end, then kills it; returns whether it
+    /// ended by itself.
+    pub(crate) fn terminate(&mut self, limit: Duration) -> bool {
+        let Some(mut process) = self.process.take() else {
+            return true;
+        };
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(process.id().to_string())
+            .status();
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if matches!(process.try_wait(), Ok(Some(_))) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = process.kill();
+        let _ = process.wait();
+        false
+    }
+
+    pub(crate) fn is_running(&mut self) -> bool {
+        self.process
+            .as_mut()
+            .is_some_and(|process| matches!(process.try_wait(), Ok(None)))
+    }
+
+    pub(crate) fn log_tail(&self, lines: usize) -> String {
+        crate::log_tail(&self.dir.join("server.out"), lines)
+    }
+
+    pub(crate) fn signal(&self, signal: &str) {
+        if let Some(process) = &self.process {
+            let status = Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(process.id().to_string())
+                .status()
+                .expect("kill");
+            assert!(status.success(), "kill -{signal} of the broker");
+        }
+    }
+}
+
+impl Drop for KafkaNode {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The node ids of the brokers the broker at `address` lists in its
+/// metadata (none when it does not answer within two seconds): asked on its
+/// own port, so the check does not depend on a proxy's faults.
+pub(crate) fn metadata_brokers(address: &str) -> Vec<i32> {
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    let Ok(consumer) = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", address)
+        .create::<BaseConsumer>()
+    else {
+        return Vec::new();
+    };
+    consumer
+        .fetch_metadata(None, Duration::from_secs(2))
+        .map_or_else(
+            |_| Vec::new(),
+            |m| m.brokers().iter().map(|b| b.id()).collect(),
+        )
+}
+
 /// A single-node KRaft Kafka broker of one test's own.
 #[derive(Debug)]
 pub struct PrivateKafka {
-    dir: PathBuf,
-    libs: PathBuf,
-    /// The port the broker listens on.
-    port: u16,
+    node: KafkaNode,
     /// The proxy the broker advertises, when started behind one.
     proxy: Option<FaultProxy>,
-    process: Option<Child>,
 }
 
 impl PrivateKafka {
@@ -110,14 +287,8 @@ impl PrivateKafka {
     }
 
     fn start_with(proxied: bool) -> PrivateKafka {
-        let libs = kafka_libs().unwrap_or_else(|| {
-            panic!(
-                "no Kafka jars under {}: run scripts/services.sh up",
-                repository().join(".cache/kafka").display()
-            )
-        });
-        let dir = scratch("private-kafka", None);
         let (port, controller) = (free_port(), free_port());
+        let node = KafkaNode::new(scratch("private-kafka", None), KafkaNode::libs(), port);
         let proxy =
             proxied.then(|| FaultProxy::start_on(free_port(), &format!("127.0.0.1:{port}")));
         let advertised = proxy.as_ref().map_or(port, |p| p.address().port());
@@ -126,7 +297,7 @@ impl PrivateKafka {
         // metadata is loaded, which is when the coordinator completes an
         // abort without some of its markers (see herald-kafka's `sweep`
         // module). The faults tests must meet that case, not miss it.
-        let properties = format!(
+        node.write_properties(&format!(
             "process.roles=broker,controller\n\
              node.id=1\n\
              controller.quorum.bootstrap.servers=127.0.0.1:{controller}\n\
@@ -147,19 +318,11 @@ impl PrivateKafka {
              share.coordinator.state.topic.min.isr=1\n\
              group.initial.rebalance.delay.ms=0\n\
              transaction.abort.timed.out.transaction.cleanup.interval.ms=1000\n",
-            data = dir.join("data").display(),
-        );
-        std::fs::write(dir.join("server.properties"), properties).expect("server.properties");
-        let kafka = PrivateKafka {
-            dir,
-            libs,
-            port,
-            proxy,
-            process: None,
-        };
-        let id = kafka.tool(&["kafka.tools.StorageTool", "random-uuid"]);
-        let config = kafka.dir.join("server.properties");
-        let _ = kafka.tool(&[
+            data = node.dir().join("data").display(),
+        ));
+        let id = node.tool(&["kafka.tools.StorageTool", "random-uuid"]);
+        let config = node.properties();
+        let _ = node.tool(&[
             "kafka.tools.StorageTool",
             "format",
             "--standalone",
@@ -168,7 +331,7 @@ impl PrivateKafka {
             "-c",
             &config.to_string_lossy(),
         ]);
-        let mut kafka = kafka;
+        let mut kafka = PrivateKafka { node, proxy };
         kafka.restart();
         kafka
     }
@@ -178,7 +341,7 @@ impl PrivateKafka {
     pub fn brokers(&self) -> String {
         match &self.proxy {
             Some(proxy) => proxy.address().to_string(),
-            None => format!("127.0.0.1:{}", self.port),
+            None => self.node.address(),
         }
     }
 
@@ -201,101 +364,36 @@ impl PrivateKafka {
 
     /// Kills the broker with SIGKILL (no shutdown of any kind).
     pub fn kill(&mut self) {
-        if let Some(mut process) = self.process.take() {
-            let _ = process.kill();
-            let _ = process.wait();
-        }
+        self.node.kill();
     }
 
     /// Whether the broker's process is alive (started and not exited).
     pub fn is_running(&mut self) -> bool {
-        self.process
-            .as_mut()
-            .is_some_and(|process| matches!(process.try_wait(), Ok(None)))
+        self.node.is_running()
     }
 
     /// The last `lines` lines of the broker's log: for a failing test to
     /// print what the broker was doing.
     pub fn log_tail(&self, lines: usize) -> String {
-        crate::log_tail(&self.dir.join("server.out"), lines)
+        self.node.log_tail(lines)
     }
 
     /// Pauses the broker (SIGSTOP): its connections stay open and answer
     /// nothing, as a stalled host's or a GC pause's would.
     pub fn pause(&self) {
-        self.signal("STOP");
+        self.node.signal("STOP");
     }
 
     /// Resumes a paused broker (SIGCONT).
     pub fn resume(&self) {
-        self.signal("CONT");
-    }
-
-    fn signal(&self, signal: &str) {
-        if let Some(process) = &self.process {
-            let status = Command::new("kill")
-                .arg(format!("-{signal}"))
-                .arg(process.id().to_string())
-                .status()
-                .expect("kill");
-            assert!(status.success(), "kill -{signal} of the broker");
-        }
+        self.node.signal("CONT");
     }
 
     /// Starts the broker (again, after [`PrivateKafka::kill`]) on the same
     /// ports and data, and waits until it has started.
     pub fn restart(&mut self) {
-        self.kill();
-        let log = self.dir.join("server.out");
-        let _ = std::fs::remove_file(&log);
-        let out = std::fs::File::create(&log).expect("broker log");
-        let process = kafka_java(&self.libs, &["-Xms256m", "-Xmx512m", "-XX:+UseG1GC"])
-            .arg("kafka.Kafka")
-            .arg(self.dir.join("server.properties"))
-            .stdout(out.try_clone().expect("log"))
-            .stderr(out)
-            .spawn()
-            .expect("java kafka.Kafka");
-        self.process = Some(process);
-        let address = format!("127.0.0.1:{}", self.port);
-        wait_for("the private Kafka broker", Duration::from_secs(120), || {
-            crate::reachable(&address) && self.metadata_ok(&address)
-        });
-    }
-
-    /// Whether the broker answers a metadata request at `address` (its own
-    /// port: the check must not depend on the proxy's faults).
-    fn metadata_ok(&self, address: &str) -> bool {
-        use rdkafka::consumer::{BaseConsumer, Consumer as _};
-        let Ok(consumer) = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", address)
-            .create::<BaseConsumer>()
-        else {
-            return false;
-        };
-        consumer
-            .fetch_metadata(None, Duration::from_secs(2))
-            .is_ok_and(|m| !m.brokers().is_empty())
-    }
-
-    fn tool(&self, args: &[&str]) -> String {
-        let output = kafka_java(&self.libs, &["-Xmx256m"])
-            .args(args)
-            .output()
-            .expect("a Kafka tool");
-        assert!(
-            output.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
-    }
-}
-
-impl Drop for PrivateKafka {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        self.node.spawn();
+        self.node.wait_answering(&[1]);
     }
 }
 
