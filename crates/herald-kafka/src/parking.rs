@@ -60,6 +60,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
 use crate::error::ClientError;
@@ -213,8 +214,8 @@ pub fn read_parked(
         .set("enable.partition.eof", "false")
         .set("allow.auto.create.topics", "false");
     let reader: BaseConsumer = config.create().map_err(ClientError::Config)?;
-    let metadata = reader
-        .fetch_metadata(Some(table), timeout)
+    let deadline = Instant::now() + timeout;
+    let metadata = until_deadline(deadline, |left| reader.fetch_metadata(Some(table), left))
         .map_err(kafka("reading the parked-key table's metadata"))?;
     let partitions: Vec<i32> = metadata
         .topics()
@@ -232,9 +233,10 @@ pub fn read_parked(
     let mut ends: HashMap<i32, i64> = HashMap::new();
     let mut tpl = TopicPartitionList::new();
     for partition in partitions {
-        let (low, high) = reader
-            .fetch_watermarks(table, partition, timeout)
-            .map_err(kafka("reading the parked-key table's offsets"))?;
+        let (low, high) = until_deadline(deadline, |left| {
+            reader.fetch_watermarks(table, partition, left)
+        })
+        .map_err(kafka("reading the parked-key table's offsets"))?;
         if high > low {
             ends.insert(partition, high);
             tpl.add_partition_offset(table, partition, Offset::Beginning)
@@ -247,7 +249,6 @@ pub fn read_parked(
             .assign(&tpl)
             .map_err(kafka("assigning the parked-key table"))?;
     }
-    let deadline = Instant::now() + timeout;
     while !ends.is_empty() {
         if Instant::now() >= deadline {
             return Err(ClientError::Setting {
@@ -277,6 +278,31 @@ pub fn read_parked(
         .filter_map(|value| serde_json::from_slice::<ParkedKey>(&value).ok())
         .filter(|parked| group.is_none_or(|g| parked.group == g))
         .collect())
+}
+
+/// `call` (given the time left), made again after a failure until it
+/// succeeds or `deadline` passes (then its last error). For reads that may meet a cluster in
+/// flux: a broker that just died or left the metadata fails a request with
+/// a local error (`DestroyBroker`, `AllBrokersDown`, …) that the next one,
+/// sent to another broker, does not meet. A consumer that gave up at the
+/// first one would stop over a read it can simply make again.
+fn until_deadline<T>(
+    deadline: Instant,
+    mut call: impl FnMut(Duration) -> Result<T, KafkaError>,
+) -> Result<T, KafkaError> {
+    loop {
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(100));
+        match call(left) {
+            Ok(value) => return Ok(value),
+            Err(error) if Instant::now() >= deadline => return Err(error),
+            Err(error) => {
+                tracing::debug!(%error, "reading the parked-key table failed; trying again");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
 }
 
 /// Lower-case hex of `bytes`.
