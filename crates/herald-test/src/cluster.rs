@@ -232,6 +232,36 @@ impl PrivateKafkaCluster {
         })
     }
 
+    /// The node that coordinates consumer group `group` now: the leader of
+    /// the `__consumer_offsets` partition the group id hashes to, as the
+    /// broker picks it (the absolute value of Java's `String.hashCode`,
+    /// modulo the partition count). Its death moves the group to another node.
+    /// Panics when the cluster does not say within two minutes.
+    pub fn group_coordinator(&self, group: &str) -> i32 {
+        self.coordinator("__consumer_offsets", group)
+    }
+
+    /// The node that coordinates the transactions of `transactional_id`
+    /// now: the leader of the `__transaction_state` partition the id hashes
+    /// to (picked as [`group_coordinator`](Self::group_coordinator)'s). The
+    /// topic exists once some producer has asked for a transaction
+    /// coordinator. Panics when the cluster does not say within two minutes.
+    pub fn transaction_coordinator(&self, transactional_id: &str) -> i32 {
+        self.coordinator("__transaction_state", transactional_id)
+    }
+
+    /// The leader of the partition of internal `topic` that `id` hashes to.
+    fn coordinator(&self, topic: &str, id: &str) -> i32 {
+        let count = self.wait_for(
+            &format!("the partitions of {topic}"),
+            |cluster| match cluster.partitions(topic)?.len() {
+                0 => Err(format!("{topic} has no partitions yet")),
+                n => Ok(n as i32),
+            },
+        );
+        self.leader(topic, coordinator_partition(id, count))
+    }
+
     /// Waits until no partition of any topic (internal ones included) is
     /// under-replicated or without a leader: what an operator waits for
     /// between two steps of a rolling restart. Panics after two minutes.
@@ -278,6 +308,18 @@ impl Drop for PrivateKafkaCluster {
     }
 }
 
+/// The partition of a coordinator topic (`__consumer_offsets`,
+/// `__transaction_state`) that holds `id`, as the broker computes it:
+/// Java's `String.hashCode` of the id (UTF-16 units, wrapping), made
+/// non-negative by Kafka's `Utils.abs` (the absolute value, and 0 for
+/// `i32::MIN`: not the partitioner's sign-bit mask), modulo `partitions`.
+fn coordinator_partition(id: &str, partitions: i32) -> i32 {
+    let hash = id.encode_utf16().fold(0i32, |h, unit| {
+        h.wrapping_mul(31).wrapping_add(i32::from(unit))
+    });
+    hash.checked_abs().unwrap_or(0) % partitions
+}
+
 /// `server.properties` of node `id`: the one-node broker's settings, made
 /// a member of the quorum, with the three-node cluster's replication.
 fn properties(id: i32, port: u16, controller: u16, quorum: &str, node: &KafkaNode) -> String {
@@ -307,4 +349,25 @@ fn properties(id: i32, port: u16, controller: u16, quorum: &str, node: &KafkaNod
          transaction.abort.timed.out.transaction.cleanup.interval.ms=1000\n",
         data = node.dir().join("data").display(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::coordinator_partition;
+
+    #[test]
+    fn coordinator_partitions_follow_java_string_hash_code() {
+        // "hello".hashCode() == 99162322; "polygenelubricants".hashCode()
+        // == Integer.MIN_VALUE, which Utils.abs makes 0.
+        assert_eq!(coordinator_partition("hello", 50), 99_162_322 % 50);
+        assert_eq!(coordinator_partition("polygenelubricants", 3), 0);
+        // "hellohello".hashCode() == -1538739392: its absolute value
+        // (partition 2 of 3), not its sign bit cleared (608744256,
+        // partition 0), as checked against the broker's own tools.
+        assert_eq!(coordinator_partition("hellohello", 3), 2);
+        // Beyond the BMP a character is two UTF-16 units: "𝄞".hashCode()
+        // == 55348 * 31 + 56606 == 1772394.
+        assert_eq!(coordinator_partition("𝄞", 1000), 1_772_394 % 1000);
+        assert_eq!(coordinator_partition("", 3), 0);
+    }
 }
