@@ -285,6 +285,36 @@ impl PrivateKafkaCluster {
         })
     }
 
+    /// Waits until every partition of every topic (internal ones included)
+    /// has a leader other than node `id`: the failover after
+    /// [`kill`](Self::kill), before a test asks for what only a leader
+    /// answers (end offsets, committed offsets). Returns how long it
+    /// waited. Panics after two minutes.
+    pub fn wait_failover(&self, id: i32) -> Duration {
+        let start = Instant::now();
+        self.wait_for(
+            &format!("every leadership moved off node {id}"),
+            |cluster| {
+                let stranded: Vec<String> = cluster
+                    .metadata(None)?
+                    .iter()
+                    .flat_map(|(topic, partitions)| {
+                        partitions
+                            .iter()
+                            .filter(|(_, p)| p.leader < 1 || p.leader == id)
+                            .map(move |(p, state)| format!("{topic}/{p}: {state:?}"))
+                    })
+                    .collect();
+                if stranded.is_empty() {
+                    Ok(())
+                } else {
+                    Err(stranded.join("; "))
+                }
+            },
+        );
+        start.elapsed()
+    }
+
     fn wait_for<T>(&self, what: &str, mut probe: impl FnMut(&Self) -> Result<T, String>) -> T {
         let limit = Duration::from_secs(120);
         let start = Instant::now();
