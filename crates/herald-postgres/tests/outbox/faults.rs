@@ -123,27 +123,6 @@ async fn relay(brokers: &str, pool: PgPool, checkpoints: &str) -> TransactionalR
     .expect("relay")
 }
 
-/// Waits until the outbox's status satisfies `done` (any server may be
-/// down meanwhile: a failed read is just another look).
-async fn outbox_reaches(
-    pool: &PgPool,
-    what: &str,
-    limit: Duration,
-    done: impl Fn(&herald_postgres::OutboxStatus) -> bool,
-) {
-    herald_test::poll_until(what, limit, async || {
-        let status = herald_postgres::outbox::status(pool)
-            .await
-            .map_err(|e| e.to_string())?;
-        if done(&status) {
-            Ok(())
-        } else {
-            Err(format!("{status:?}"))
-        }
-    })
-    .await;
-}
-
 /// Waits until the relay has published `at_least` rows.
 async fn published_at_least(pool: &PgPool, at_least: i64) {
     outbox_reaches(
@@ -153,11 +132,6 @@ async fn published_at_least(pool: &PgPool, at_least: i64) {
         |s| s.published_retained >= at_least,
     )
     .await;
-}
-
-/// Waits until nothing is left to publish.
-async fn drained(pool: &PgPool, limit: Duration) {
-    outbox_reaches(pool, "the backlog to drain", limit, |s| s.backlog == 0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

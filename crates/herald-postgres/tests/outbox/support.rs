@@ -261,3 +261,29 @@ pub fn assert_exactly_once_in_order(reads: &[Read], committed: &BTreeSet<Uuid>) 
         );
     }
 }
+
+/// Waits until the outbox's status satisfies `done` (any server may be
+/// down meanwhile: a failed read is just another look).
+pub async fn outbox_reaches(
+    pool: &PgPool,
+    what: &str,
+    limit: Duration,
+    done: impl Fn(&herald_postgres::OutboxStatus) -> bool,
+) {
+    herald_test::poll_until(what, limit, async || {
+        let status = herald_postgres::outbox::status(pool)
+            .await
+            .map_err(|e| e.to_string())?;
+        if done(&status) {
+            Ok(())
+        } else {
+            Err(format!("{status:?}"))
+        }
+    })
+    .await;
+}
+
+/// Waits until nothing is left to publish.
+pub async fn drained(pool: &PgPool, limit: Duration) {
+    outbox_reaches(pool, "the backlog to drain", limit, |s| s.backlog == 0).await;
+}
