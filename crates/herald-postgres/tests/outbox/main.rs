@@ -2,6 +2,7 @@
 //! Each test has its own database and topic.
 
 mod claims;
+mod cluster;
 mod connection_loss;
 mod crash;
 mod exactly_once;
