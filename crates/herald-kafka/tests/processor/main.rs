@@ -4,6 +4,7 @@
 //! and instance ids.
 
 mod at_least_once;
+mod cluster;
 mod crash;
 mod duplicates;
 mod fencing;

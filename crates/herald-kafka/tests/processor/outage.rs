@@ -34,14 +34,6 @@ fn phase(from: u64) -> Vec<TestEvent> {
         .collect()
 }
 
-/// One private broker at a time: two JVM brokers and their processors side
-/// by side on a small machine time out sessions and judge the machine, not
-/// the processor.
-async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
-    static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-    SERIAL.lock().await
-}
-
 /// A processor mid-stream on a private broker: the first phase published,
 /// a third of it committed, a transaction open.
 struct MidStream {
