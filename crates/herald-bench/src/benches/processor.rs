@@ -27,6 +27,13 @@
 //! input's). Records are produced as probes until the first output arrives
 //! (the processor joined its group), then `--warmup-secs` of warm-up; only
 //! the `--rate` × `--seconds` records after that are measured.
+//!
+//! **Time per transaction.** Every side of the throughput part also reports
+//! where its time per committed transaction (at least once: per batch)
+//! went — begin, process (polls, transforms, sends), offsets, deliveries,
+//! commit — as mean, p50 and p99 (see [`split`]).
+
+mod split;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -93,6 +100,17 @@ pub struct ProcessorArgs {
     /// Run only one part.
     #[arg(long, value_enum)]
     pub only: Option<Part>,
+    /// A librdkafka setting for every side's producer, `KEY=VALUE`
+    /// (`ProcessorConfig::set_producer`; repeatable), e.g. `linger.ms=1`.
+    #[arg(long = "set-producer", value_name = "KEY=VALUE", value_parser = key_value)]
+    pub producer_settings: Vec<(String, String)>,
+}
+
+fn key_value(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))?;
+    Ok((key.trim().to_owned(), value.trim().to_owned()))
 }
 
 /// The two parts of the benchmark.
@@ -180,6 +198,9 @@ pub struct SideSpec {
     records: Option<u64>,
     /// The completed-ids topic of duplicate detection (exactly once).
     completed: Option<String>,
+    /// `--set-producer` settings.
+    #[serde(default)]
+    producer_settings: Vec<(String, String)>,
 }
 
 /// Runs the parts and returns the report.
@@ -193,6 +214,14 @@ pub async fn run(
     setup.insert("batch_sizes".into(), json!(args.batch_sizes));
     setup.insert("rate".into(), json!(args.rate));
     setup.insert("seconds".into(), json!(args.seconds));
+    if !args.producer_settings.is_empty() {
+        let settings: serde_json::Map<String, Value> = args
+            .producer_settings
+            .iter()
+            .map(|(k, v)| (k.clone(), json!(v)))
+            .collect();
+        setup.insert("producer_settings".into(), Value::Object(settings));
+    }
     let throughput = if args.runs(Part::Throughput) {
         Some(throughput(args, resources, setup.clone()).await?)
     } else {
@@ -203,8 +232,19 @@ pub async fn run(
     } else {
         Vec::new()
     };
+    let transaction_split = throughput.as_ref().map_or_else(Vec::new, |t| {
+        split::summarize(t.sides.iter().map(|side| {
+            let results = t
+                .rounds
+                .iter()
+                .filter_map(|r| r.results.get(&side.name))
+                .collect();
+            (side.name.clone(), results)
+        }))
+    });
     Ok(ProcessorReport {
         setup,
+        transaction_split,
         throughput,
         latency,
         rate: args.rate,
@@ -252,6 +292,7 @@ async fn throughput(
                 batch_time_ms: args.batch_time_ms,
                 records: Some(common.records),
                 completed: completed_topic(resources, mode, &what).await?,
+                producer_settings: args.producer_settings.clone(),
             };
             run_child(&AnySide::Processor(spec), common.side_timeout_secs, &[]).await
         })
@@ -362,6 +403,7 @@ async fn latency(
                 batch_time_ms: args.batch_time_ms,
                 records: None,
                 completed: completed_topic(resources, mode, &what).await?,
+                producer_settings: args.producer_settings.clone(),
             };
             let point =
                 measure_latency(args, resources, &publisher, &workload, spec, &mut next_seq)
@@ -484,6 +526,7 @@ fn figures(mode: Mode, batch_size: usize, run: Measured<Sent>) -> LatencyPoint {
 
 /// Runs one processor in this (child) process.
 pub async fn run_side(spec: SideSpec) -> anyhow::Result<SideResult> {
+    let capture = split::Capture::install()?;
     let probe = Arc::new(Probe::new(spec.records.unwrap_or(u64::MAX)));
     let transform = {
         let probe = Arc::clone(&probe);
@@ -494,7 +537,7 @@ pub async fn run_side(spec: SideSpec) -> anyhow::Result<SideResult> {
             async move { Ok::<_, HandlerError>(vec![record?]) }
         }
     };
-    let config = ProcessorConfig::new(&spec.brokers, &spec.group, [&spec.input], "bench")
+    let mut config = ProcessorConfig::new(&spec.brokers, &spec.group, [&spec.input], "bench")
         .source(SOURCE)
         .guarantee(spec.mode.guarantee())
         .batch_size(spec.batch_size)
@@ -503,6 +546,9 @@ pub async fn run_side(spec: SideSpec) -> anyhow::Result<SideResult> {
             topic: Some(topic.clone()),
             ..Deduplication::default()
         }));
+    for (key, value) in &spec.producer_settings {
+        config = config.set_producer(key, value);
+    }
     let processor = Processor::new(config, transform)?;
     let stats = processor.stats();
     let started = Instant::now();
@@ -545,7 +591,9 @@ pub async fn run_side(spec: SideSpec) -> anyhow::Result<SideResult> {
         .first
         .get()
         .map_or(0.0, |f| f.duration_since(started).as_secs_f64());
-    Ok(SideResult::finish(records, seconds)?
+    let result = SideResult::finish(records, seconds)?;
+    Ok(capture
+        .add_to(result)
         .with("startup_seconds", startup)
         .with("consumed", stats.consumed() as f64)
         .with("processed", stats.processed() as f64)
@@ -565,6 +613,8 @@ pub struct ProcessorReport {
     pub throughput: Option<SideComparison>,
     /// Every latency point of every round (empty with `--only throughput`).
     pub latency: Vec<LatencyPoint>,
+    /// Where each throughput side's time per transaction went.
+    pub transaction_split: Vec<split::SideSplit>,
     rate: u32,
     batch_time_ms: u64,
 }
@@ -629,6 +679,7 @@ impl Report for ProcessorReport {
         let mut out = String::new();
         if let Some(throughput) = &self.throughput {
             out.push_str(&throughput.table());
+            out.push_str(&split::table(&self.transaction_split));
         }
         if self.latency.is_empty() {
             return out;
@@ -688,6 +739,7 @@ impl Report for ProcessorReport {
             "bench": "processor",
             "setup": self.setup,
             "throughput": self.throughput.as_ref().map(Report::json),
+            "transaction_split": self.transaction_split,
             "latency": self.latency,
             "latency_summary_line": self.latency_line(),
         })

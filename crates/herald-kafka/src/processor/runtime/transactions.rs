@@ -88,6 +88,8 @@ impl ProducerContext for TxnProducerContext {
 /// The open transaction.
 pub(super) struct Txn {
     pub(super) started: Instant,
+    /// How long `begin_transaction` took.
+    pub(super) begin: Duration,
     /// Inputs done in it (processed, dead-lettered or skipped).
     pub(super) inputs: usize,
     pub(super) outputs: usize,
@@ -102,6 +104,30 @@ pub(super) struct Txn {
     pub(super) span: tracing::Span,
 }
 
+/// How long the steps of a commit took (reported in the `transaction
+/// committed` debug event).
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Phases {
+    /// `send_offsets_to_transaction` (exactly once).
+    pub(super) offsets: Duration,
+    /// Awaiting the outputs' delivery reports.
+    pub(super) deliveries: Duration,
+    /// `commit_transaction`, or at least once the consumer's offset commit.
+    pub(super) commit: Duration,
+}
+
+/// The time since `clock`, which moves on to now.
+fn lap(clock: &mut Instant) -> Duration {
+    let now = Instant::now();
+    let lap = now.duration_since(*clock);
+    *clock = now;
+    lap
+}
+
+fn micros(duration: Duration) -> u64 {
+    u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
+}
+
 /// How long partitions wait after an abort.
 pub(super) enum Backoff {
     None,
@@ -111,6 +137,7 @@ pub(super) enum Backoff {
 
 impl<E: Event, T: Transform<E>> Engine<E, T> {
     pub(super) fn begin(&mut self, consumer: &BaseConsumer<ProcessorContext<E, T>>) -> bool {
+        let called = Instant::now();
         // At least once, a batch starts with nothing to tell Kafka.
         let began = if self.transactional() {
             self.producer.begin_transaction()
@@ -136,8 +163,10 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
             outputs = tracing::field::Empty,
             outcome = tracing::field::Empty,
         );
+        let started = Instant::now();
         self.txn = Some(Txn {
-            started: Instant::now(),
+            started,
+            begin: started.duration_since(called),
             inputs: 0,
             outputs: 0,
             offsets: HashMap::new(),
@@ -214,8 +243,9 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
         }
         let span = txn.span.clone();
         let _entered = span.enter();
+        let committing = Instant::now();
         match self.commit_txn(consumer, &txn) {
-            Ok(()) => {
+            Ok(phases) => {
                 self.stats.committed.fetch_add(1, Ordering::Relaxed);
                 self.stats
                     .committed_inputs
@@ -233,9 +263,16 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
                 span.record("outcome", "committed");
                 span.record("messaging.batch.message_count", txn.inputs);
                 span.record("outputs", txn.outputs);
+                // The time split of the transaction, in µs (what
+                // `herald-bench processor` reports per phase).
                 tracing::debug!(
                     inputs = txn.inputs,
                     outputs = txn.outputs,
+                    begin_us = micros(txn.begin),
+                    process_us = micros(committing.duration_since(txn.started)),
+                    offsets_us = micros(phases.offsets),
+                    deliveries_us = micros(phases.deliveries),
+                    commit_us = micros(phases.commit),
                     "transaction committed"
                 );
                 true
@@ -253,10 +290,12 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
         &mut self,
         consumer: &BaseConsumer<ProcessorContext<E, T>>,
         txn: &Txn,
-    ) -> Result<(), (&'static str, KafkaError)> {
+    ) -> Result<Phases, (&'static str, KafkaError)> {
         if !self.transactional() {
             return self.commit_batch(consumer, txn);
         }
+        let mut phases = Phases::default();
+        let mut clock = Instant::now();
         if !txn.offsets.is_empty() {
             let Some(metadata) = consumer.group_metadata() else {
                 self.fatal = Some(ProcessorError::Fatal {
@@ -281,13 +320,17 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
                     .send_offsets_to_transaction(&tpl, &metadata, timeout)
             })
             .map_err(|e| ("sending the offsets to the transaction", e))?;
+            phases.offsets = lap(&mut clock);
         }
         // So that commit_transaction's flush finds nothing to do.
         self.await_deliveries()
             .map_err(|e| ("awaiting the outputs' deliveries", e))?;
+        phases.deliveries = lap(&mut clock);
         let timeout = self.operation_timeout;
         retry_retriable(|| self.producer.commit_transaction(timeout))
-            .map_err(|e| ("committing the transaction", e))
+            .map_err(|e| ("committing the transaction", e))?;
+        phases.commit = lap(&mut clock);
+        Ok(phases)
     }
 
     /// At least once: awaits every delivery of the batch, then commits its
@@ -297,14 +340,17 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
         &mut self,
         consumer: &BaseConsumer<ProcessorContext<E, T>>,
         txn: &Txn,
-    ) -> Result<(), (&'static str, KafkaError)> {
+    ) -> Result<Phases, (&'static str, KafkaError)> {
+        let mut phases = Phases::default();
+        let mut clock = Instant::now();
         self.await_deliveries()
             .map_err(|e| ("awaiting the outputs' deliveries", e))?;
+        phases.deliveries = lap(&mut clock);
         if let Some(error) = lock(&self.producer.context().undelivered).take() {
             return Err(("delivering the outputs", error));
         }
         if txn.offsets.is_empty() {
-            return Ok(());
+            return Ok(phases);
         }
         let mut tpl = TopicPartitionList::new();
         for (tp, (_, next)) in &txn.offsets {
@@ -316,7 +362,9 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
         // is refused, and its inputs are redone by their new owner).
         consumer
             .commit(&tpl, CommitMode::Sync)
-            .map_err(|e| ("committing the input offsets", e))
+            .map_err(|e| ("committing the input offsets", e))?;
+        phases.commit = lap(&mut clock);
+        Ok(phases)
     }
 
     /// Waits until every output handed to the producer has been
