@@ -296,6 +296,16 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
         }
         let mut phases = Phases::default();
         let mut clock = Instant::now();
+        // Deliveries first, offsets after: a delivered output means its
+        // partition was added to the transaction, which the coordinator
+        // accepts only once the previous transaction's markers are written.
+        // Sent earlier, AddOffsetsToTxn meets the same CONCURRENT_TRANSACTIONS
+        // and librdkafka retries it only after `retry.backoff.ms` (100 ms):
+        // that wait was most of an exactly-once batch's cost (issue #18).
+        // (commit_transaction would flush them anyway.)
+        self.await_deliveries()
+            .map_err(|e| ("awaiting the outputs' deliveries", e))?;
+        phases.deliveries = lap(&mut clock);
         if !txn.offsets.is_empty() {
             let Some(metadata) = consumer.group_metadata() else {
                 self.fatal = Some(ProcessorError::Fatal {
@@ -322,10 +332,6 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
             .map_err(|e| ("sending the offsets to the transaction", e))?;
             phases.offsets = lap(&mut clock);
         }
-        // So that commit_transaction's flush finds nothing to do.
-        self.await_deliveries()
-            .map_err(|e| ("awaiting the outputs' deliveries", e))?;
-        phases.deliveries = lap(&mut clock);
         let timeout = self.operation_timeout;
         retry_retriable(|| self.producer.commit_transaction(timeout))
             .map_err(|e| ("committing the transaction", e))?;
