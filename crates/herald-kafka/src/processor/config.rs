@@ -354,6 +354,10 @@ impl ProcessorConfig {
                 .chain([
                     ("transaction.timeout.ms", transaction_timeout.as_str()),
                     ("message.timeout.ms", message_timeout.as_str()),
+                    // A transaction's outputs reach the producer all at once
+                    // when it commits (see `Engine::release_held`): waiting
+                    // for more would only delay the commit.
+                    ("linger.ms", "0"),
                 ])
                 .chain(settings::security(&self.group.settings))
                 .chain(settings::pairs(&self.group.producer_settings))

@@ -161,7 +161,7 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
             &OriginalRecord::of(message),
             &failure,
         );
-        match self.send(&record, input_ref) {
+        match self.send(&record, input_ref, true) {
             Ok(()) => {
                 self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                 self.done(tp, input_ref.2, input_ref);

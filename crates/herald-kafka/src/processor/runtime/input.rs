@@ -216,7 +216,7 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
             Some(Ok(Ok(outputs))) => {
                 self.stats.processed.fetch_add(1, Ordering::Relaxed);
                 for (sent, record) in outputs.iter().enumerate() {
-                    if let Err(error) = self.send(record, input_ref) {
+                    if let Err(error) = self.send(record, input_ref, false) {
                         if self.check_fatal("producing an output", &error) {
                             return "fatal";
                         }

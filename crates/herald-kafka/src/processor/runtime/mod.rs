@@ -82,6 +82,10 @@ struct Engine<E, T> {
     /// transactions (see `crate::sweep`).
     swept: HashSet<Arc<str>>,
     txn: Option<Txn>,
+    /// Exactly once: until then, outputs are held back rather than
+    /// produced (right after a commit or abort; see
+    /// `Engine::release_held`).
+    hold_until: Option<Instant>,
     failures: HashMap<InputRef, Attempts>,
     /// Partitions to seek back to these offsets before the next poll.
     rewind: HashMap<Tp, i64>,
@@ -183,6 +187,13 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
         }
         if let Some(at) = self.resume_at {
             timeout = timeout.min(at.saturating_duration_since(Instant::now()));
+        }
+        if let Some(until) = self
+            .hold_until
+            .filter(|_| self.txn.as_ref().is_some_and(|t| !t.held.is_empty()))
+        {
+            // Held outputs go out when the hold ends, inputs or not.
+            timeout = timeout.min(until.saturating_duration_since(Instant::now()));
         }
         timeout
     }
@@ -337,6 +348,7 @@ fn run_engine<E: Event, T: Transform<E>>(
         topics: TopicNames::default(),
         swept,
         txn: None,
+        hold_until: None,
         failures: HashMap::new(),
         rewind: HashMap::new(),
         commit_before: HashSet::new(),
@@ -388,6 +400,8 @@ fn poll_loop<E: Event, T: Transform<E>>(
             }
             if e.txn_due() {
                 e.commit(consumer);
+            } else {
+                e.release_when_due(consumer);
             }
             // After the commit: a commit that ends in an abort schedules
             // rewinds, and the poll below must not hand out an input from
@@ -406,7 +420,11 @@ fn poll_loop<E: Event, T: Transform<E>>(
         };
         // Never hold the lock across poll: rebalance callbacks run inside it.
         match consumer.poll(timeout) {
-            Some(Ok(message)) => lock(engine).handle(consumer, &message),
+            Some(Ok(message)) => {
+                let mut e = lock(engine);
+                e.handle(consumer, &message);
+                e.release_when_due(consumer);
+            }
             Some(Err(error)) => {
                 tracing::warn!(%error, "consumer error");
                 if let Some((code, reason)) = consumer.client().fatal_error() {

@@ -101,8 +101,30 @@ pub(super) struct Txn {
     /// Whether it holds sweep records ([`crate::sweep`]): it is then aborted
     /// where it would be committed, and its inputs are redone.
     pub(super) sweeping: bool,
+    /// Exactly once: its outputs and dead letters, not yet handed to the
+    /// producer (see [`Engine::release_held`]). An abort drops them.
+    pub(super) held: Vec<Held>,
     pub(super) span: tracing::Span,
 }
+
+/// An output of the open transaction that the producer has not seen yet.
+pub(super) struct Held {
+    record: OutgoingRecord,
+    input: InputRef,
+    dead_letter: bool,
+}
+
+/// The most outputs a transaction holds back: past this many they are
+/// produced at once, so a huge transaction does not pile up in memory
+/// (it then risks the coordinator's `CONCURRENT_TRANSACTIONS` wait, which
+/// it can afford).
+pub(super) const HOLD_LIMIT: usize = 10_000;
+
+/// How long after a commit (or abort) outputs are held back: librdkafka's
+/// fixed wait before it adds partitions again after
+/// `CONCURRENT_TRANSACTIONS`. Holding longer gains nothing: a refused
+/// attempt made at once would be repeated by then anyway.
+pub(super) const HOLD_AFTER_COMMIT: Duration = Duration::from_millis(20);
 
 /// How long the steps of a commit took (reported in the `transaction
 /// committed` debug event).
@@ -172,18 +194,116 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
             offsets: HashMap::new(),
             finished_failures: Vec::new(),
             sweeping: false,
+            held: Vec::new(),
             span,
         });
         true
     }
 
-    /// Puts a record on the producer's queue (inside the open transaction),
-    /// waiting while the queue is full.
+    /// Adds an output (or, `dead_letter`, the dead letter of `input_ref`)
+    /// to the open batch. Exactly once it is held back until the commit
+    /// ([`Engine::release_held`]); at least once it goes on the producer's
+    /// queue at once.
     pub(super) fn send(
         &mut self,
         record: &OutgoingRecord,
         input_ref: &InputRef,
+        dead_letter: bool,
     ) -> Result<(), KafkaError> {
+        let holding = self.hold_until.is_some_and(|until| Instant::now() < until);
+        // Behind held outputs, an output waits too: a partition's outputs
+        // keep their order (the poll loop releases them all).
+        if let Some(txn) = self.txn.as_mut().filter(|t| holding || !t.held.is_empty()) {
+            txn.held.push(Held {
+                record: record.clone(),
+                input: input_ref.clone(),
+                dead_letter,
+            });
+            txn.outputs += 1;
+            return Ok(());
+        }
+        self.produce(record, input_ref)?;
+        if let Some(txn) = self.txn.as_mut() {
+            txn.outputs += 1;
+        }
+        Ok(())
+    }
+
+    /// Exactly once: hands the open transaction's held outputs to the
+    /// producer, in order. `false` when one could not be produced: the
+    /// transaction is then aborted and rewound (an output Kafka refuses for
+    /// good makes its input poison: it is dead-lettered when it comes
+    /// again), or the processor stops (fatal error, refused dead letter).
+    ///
+    /// Why outputs wait (issue #18): librdkafka speaks the transaction
+    /// protocol of before KIP-890, in which the producer adds each
+    /// partition to the transaction (AddPartitionsToTxn) when it first
+    /// produces to it. Right after a commit the coordinator is still
+    /// writing that transaction's markers and answers
+    /// `CONCURRENT_TRANSACTIONS`; librdkafka then tries again only after a
+    /// fixed 20 ms, and until then no output of the new transaction can be
+    /// delivered: 20 ms more per transaction, against an at-least-once
+    /// batch of a few ms. So for [`HOLD_AFTER_COMMIT`] after a commit the
+    /// outputs are kept, and produced when that time is over or when the
+    /// transaction is done, whichever comes first: by then the markers
+    /// have had a batch's time to land. Read-committed readers see nothing
+    /// before the commit anyway, so no one waits longer for them.
+    pub(super) fn release_held(&mut self, consumer: &BaseConsumer<ProcessorContext<E, T>>) -> bool {
+        let Some(held) = self.txn.as_mut().map(|t| std::mem::take(&mut t.held)) else {
+            return true;
+        };
+        for Held {
+            record,
+            input,
+            dead_letter,
+        } in held
+        {
+            let Err(error) = self.produce(&record, &input) else {
+                continue;
+            };
+            if self.check_fatal("producing an output", &error) {
+                return false;
+            }
+            if is_retriable(&error) {
+                self.kafka_failure(consumer, "producing an output", error, None);
+            } else if dead_letter {
+                // Losing the input is not an option: stop loudly.
+                tracing::error!(%error, dlq = %record.topic, "the dead letter is refused: the processor stops");
+                self.fatal = Some(ProcessorError::Kafka {
+                    transactional_id: self.transactional_id.clone(),
+                    operation: "dead-lettering an input",
+                    source: error,
+                });
+            } else {
+                // Too big, invalid: no retry helps. Its input is
+                // dead-lettered when the abort sends it round again.
+                lock(&self.producer.context().refused).push((
+                    input,
+                    format!("output to {} refused: {error}", record.topic),
+                ));
+                self.blame_refused_outputs();
+                self.abort(consumer, "an output was refused", None, Backoff::None);
+            }
+            return false;
+        }
+        true
+    }
+
+    /// Exactly once: releases the held outputs once the hold is over
+    /// ([`HOLD_AFTER_COMMIT`]) or when there are too many.
+    pub(super) fn release_when_due(&mut self, consumer: &BaseConsumer<ProcessorContext<E, T>>) {
+        let Some(held) = self.txn.as_ref().map(|t| t.held.len()) else {
+            return;
+        };
+        let over = self.hold_until.is_none_or(|until| Instant::now() >= until);
+        if held > 0 && (over || held >= HOLD_LIMIT) {
+            self.release_held(consumer);
+        }
+    }
+
+    /// Puts a record on the producer's queue (inside the open transaction),
+    /// waiting while the queue is full.
+    fn produce(&mut self, record: &OutgoingRecord, input_ref: &InputRef) -> Result<(), KafkaError> {
         if self.transactional() && !self.swept.contains(record.topic.as_str()) {
             let topic: Arc<str> = Arc::from(record.topic.as_str());
             let partitions = sweep(&self.producer, &[&topic], self.operation_timeout)?;
@@ -210,12 +330,7 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
                 base = base.key(key);
             }
             match self.producer.send(base) {
-                Ok(()) => {
-                    if let Some(txn) = self.txn.as_mut() {
-                        txn.outputs += 1;
-                    }
-                    return Ok(());
-                }
+                Ok(()) => return Ok(()),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                     // Backpressure: deliveries drain the queue while we poll.
                     self.producer.poll(Duration::from_millis(10));
@@ -228,6 +343,9 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
     /// Commits the open transaction with the inputs' offsets. On failure the
     /// transaction is aborted and rewound (see [`Engine::kafka_failure`]).
     pub(super) fn commit(&mut self, consumer: &BaseConsumer<ProcessorContext<E, T>>) -> bool {
+        if !self.release_held(consumer) {
+            return false;
+        }
         let Some(txn) = self.txn.take() else {
             return true;
         };
@@ -246,6 +364,10 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
         let committing = Instant::now();
         match self.commit_txn(consumer, &txn) {
             Ok(phases) => {
+                if self.transactional() {
+                    // The coordinator writes this transaction's markers now.
+                    self.hold_until = Some(Instant::now() + HOLD_AFTER_COMMIT);
+                }
                 self.stats.committed.fetch_add(1, Ordering::Relaxed);
                 self.stats
                     .committed_inputs
@@ -453,6 +575,8 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
                 }
             }
             self.stats.aborted.fetch_add(1, Ordering::Relaxed);
+            // The coordinator writes the abort markers now.
+            self.hold_until = Some(Instant::now() + HOLD_AFTER_COMMIT);
         }
         self.transform.rollback();
         // Outputs refused before the abort were blamed already (or are
