@@ -36,7 +36,7 @@ pub const PHASES: [(&str, &str, &str); 5] = [
     (
         "process_us",
         "process",
-        "from begin to the commit decision: polls, transform calls, sends (producer queue)",
+        "from begin to the commit decision: polls, transform calls, outputs kept (exactly once) or queued (at least once)",
     ),
     (
         "offsets_us",
