@@ -316,6 +316,19 @@ pub enum ProcessorError {
         #[source]
         source: KafkaError,
     },
+    /// A Kafka call did not return within its timeout and a grace period
+    /// (a librdkafka defect: see the `send_offsets` notes in the processor
+    /// runtime). Its producer is abandoned; a restarted processor fences
+    /// it and aborts its transaction.
+    #[error("processor {transactional_id:?}: {operation} did not return within {waited:?}; its producer is abandoned")]
+    Hung {
+        /// The producer's transactional id.
+        transactional_id: String,
+        /// What the processor was doing.
+        operation: &'static str,
+        /// How long the processor waited.
+        waited: std::time::Duration,
+    },
     /// A changelog could not be read to its end at start-up.
     #[error("restoring state from changelog {topic:?} failed: {reason}")]
     Restore {
@@ -360,7 +373,9 @@ impl ProcessorError {
     /// thread (the transform's state is then unknown).
     pub fn is_restartable(&self) -> bool {
         match self {
-            ProcessorError::Fatal { .. } | ProcessorError::Kafka { .. } => true,
+            ProcessorError::Fatal { .. }
+            | ProcessorError::Kafka { .. }
+            | ProcessorError::Hung { .. } => true,
             ProcessorError::Client(ClientError::Kafka { .. }) => true,
             ProcessorError::Restore { source, .. } => source
                 .as_ref()

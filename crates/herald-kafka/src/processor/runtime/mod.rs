@@ -60,8 +60,10 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 struct Engine<E, T> {
     transform: T,
     /// Threaded: its own thread serves delivery reports, which librdkafka
-    /// needs while `abort_transaction` / `commit_transaction` wait.
-    producer: ThreadedProducer<TxnProducerContext>,
+    /// needs while `abort_transaction` / `commit_transaction` wait. Shared
+    /// with the thread that sends the offsets to a transaction (see
+    /// `Engine::send_offsets`), which may outlive the engine.
+    producer: Arc<ThreadedProducer<TxnProducerContext>>,
     tokio: tokio::runtime::Handle,
     stats: Arc<ProcessorStats>,
     stopping: CancellationToken,
@@ -329,7 +331,7 @@ fn run_engine<E: Event, T: Transform<E>>(
 
     let engine = Arc::new(Mutex::new(Engine {
         transform,
-        producer,
+        producer: Arc::new(producer),
         tokio,
         stats,
         stopping,

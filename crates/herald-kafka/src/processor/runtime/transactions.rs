@@ -446,12 +446,8 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
                 tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(*next))
                     .map_err(|e| ("listing the offsets to commit", e))?;
             }
-            let timeout = self.operation_timeout;
-            retry_retriable(|| {
-                self.producer
-                    .send_offsets_to_transaction(&tpl, &metadata, timeout)
-            })
-            .map_err(|e| ("sending the offsets to the transaction", e))?;
+            self.send_offsets(tpl, metadata)
+                .map_err(|e| ("sending the offsets to the transaction", e))?;
             phases.offsets = lap(&mut clock);
         }
         let timeout = self.operation_timeout;
@@ -459,6 +455,64 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
             .map_err(|e| ("committing the transaction", e))?;
         phases.commit = lap(&mut clock);
         Ok(phases)
+    }
+
+    /// `send_offsets_to_transaction`, on a thread of its own that this one
+    /// waits for no longer than the call's timeout and a grace period.
+    ///
+    /// librdkafka does not always honour that timeout: when the consumer
+    /// group's coordinator is a broker that died and left the cluster's
+    /// metadata, the call can wait forever for a coordinator it never looks
+    /// up again (confluentinc/librdkafka#5456 and #5511, open against
+    /// 2.12–2.14). Seen here with two of three brokers killed and one
+    /// brought back: the processor sat in this call for minutes while every
+    /// other client had moved on. A call that does not return in time
+    /// leaves the producer unusable (librdkafka runs one transactional call
+    /// at a time), so the processor stops with [`ProcessorError::Hung`],
+    /// which it may be restarted from: a fresh producer with the same
+    /// transactional id fences this one and aborts its transaction. The
+    /// stuck thread keeps the abandoned producer until the call returns.
+    fn send_offsets(
+        &mut self,
+        offsets: TopicPartitionList,
+        metadata: rdkafka::consumer::ConsumerGroupMetadata,
+    ) -> Result<(), KafkaError> {
+        let timeout = self.operation_timeout;
+        let producer = Arc::clone(&self.producer);
+        let (sent, outcome) = std::sync::mpsc::sync_channel(1);
+        let spawned = std::thread::Builder::new()
+            .name("herald-txn-offsets".to_owned())
+            .spawn(move || {
+                let result = retry_retriable(|| {
+                    producer.send_offsets_to_transaction(&offsets, &metadata, timeout)
+                });
+                let _ = sent.send(result);
+            });
+        if let Err(error) = spawned {
+            self.fatal = Some(ProcessorError::Thread(format!(
+                "cannot start the thread that sends a transaction's offsets: {error}"
+            )));
+            return Err(KafkaError::Canceled);
+        }
+        // retry_retriable makes up to three calls, each bounded (when
+        // librdkafka keeps its word) by the timeout.
+        let waited = timeout * 3 + HUNG_GRACE;
+        match outcome.recv_timeout(waited) {
+            Ok(result) => result,
+            Err(_) => {
+                tracing::error!(
+                    transactional_id = %self.transactional_id, ?waited,
+                    "librdkafka's send_offsets_to_transaction did not return in time \
+                     (confluentinc/librdkafka#5456); the processor stops for a fresh producer"
+                );
+                self.fatal = Some(ProcessorError::Hung {
+                    transactional_id: self.transactional_id.clone(),
+                    operation: "sending the offsets to the transaction",
+                    waited,
+                });
+                Err(KafkaError::Canceled)
+            }
+        }
     }
 
     /// At least once: awaits every delivery of the batch, then commits its
@@ -498,7 +552,7 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
     /// Waits until every output handed to the producer has been
     /// acknowledged or has failed ([`crate::publisher::await_released`]).
     pub(super) fn await_deliveries(&self) -> Result<(), KafkaError> {
-        crate::publisher::await_released(&self.producer, self.operation_timeout)
+        crate::publisher::await_released(&*self.producer, self.operation_timeout)
     }
 
     /// A Kafka error broke the transaction: abort, rewind, back off.
@@ -623,6 +677,10 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
         }
     }
 }
+
+/// How much longer than its own timeout a transactional call may take
+/// before the processor deems it hung.
+const HUNG_GRACE: Duration = Duration::from_secs(5);
 
 pub(super) fn retry_retriable(
     mut call: impl FnMut() -> Result<(), KafkaError>,
