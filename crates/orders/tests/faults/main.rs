@@ -5,6 +5,7 @@
 //! (`support::one_at_a_time`).
 
 mod broker_outage;
+mod cluster;
 mod effectively_once;
 mod network;
 mod outage;

@@ -226,6 +226,9 @@ pub struct OrdersRun {
     pub fulfillment_topic: String,
     /// Where the process logs (removed by [`OrdersRun::clean_up`]).
     pub log_dir: std::path::PathBuf,
+    /// Its `ORDERS_GROUP_PREFIX`: the fulfillment processor's consumer
+    /// group is `<this>-fulfillment`.
+    pub group_prefix: String,
 }
 
 impl OrdersRun {
@@ -237,12 +240,13 @@ impl OrdersRun {
         let log_dir =
             std::env::temp_dir().join(herald_test::unique_name(&format!("orders-{name}")));
         std::fs::create_dir_all(&log_dir).expect("log dir");
+        let group_prefix = herald_test::unique_name(name);
         let env: Vec<(String, String)> = [
             ("KAFKA_BROKERS", brokers.to_owned()),
             ("DATABASE_URL", database_url.to_owned()),
             ("ORDERS_EVENTS_TOPIC", topic.clone()),
             ("ORDERS_FULFILLMENT_TOPIC", fulfillment_topic.clone()),
-            ("ORDERS_GROUP_PREFIX", herald_test::unique_name(name)),
+            ("ORDERS_GROUP_PREFIX", group_prefix.clone()),
             ("ORDERS_TOPIC_PARTITIONS", partitions.to_string()),
             ("RUST_LOG", "warn".to_owned()),
         ]
@@ -267,6 +271,7 @@ impl OrdersRun {
             client,
             fulfillment_topic,
             log_dir,
+            group_prefix,
         }
     }
 
@@ -467,39 +472,85 @@ impl Accepted {
     }
 
     /// Waits until the fleet has worked off everything: a view, the
-    /// notifications and an outcome per order, and an empty outbox.
+    /// notifications and an outcome per order, and an empty outbox. When it
+    /// does not within five minutes, panics with what it saw last and the
+    /// order-events topic judged against the outbox, which tells a relay
+    /// that lost or withheld events from consumers that did not apply them.
     pub async fn wait_caught_up(&self, pool: &sqlx::PgPool) {
+        let limit = Duration::from_secs(300);
+        let start = Instant::now();
+        loop {
+            let seen = match self.caught_up(pool).await {
+                Ok(()) => return,
+                Err(seen) => seen,
+            };
+            if start.elapsed() >= limit {
+                let events = self.events_report(pool).await;
+                panic!(
+                    "the pipeline did not catch up within {limit:?}; last seen: {seen}\n\
+                     order events on the topic, judged against the outbox:\n{events}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// `Ok` once every accepted order has its view, notifications and
+    /// outcome and the outbox is empty; else what is there.
+    async fn caught_up(&self, pool: &sqlx::PgPool) -> Result<(), String> {
         let expected = self.ids.len() as i64;
         let events_expected = expected + self.cancelled.len() as i64;
-        herald_test::poll_until("the pipeline to catch up", Duration::from_secs(300), async || {
-            let (views, notified, pending): (i64, i64, i64) = sqlx::query_as(
-                "SELECT (SELECT count(*) FROM order_views), \
-                        (SELECT count(*) FROM notifications), \
-                        (SELECT count(*) FROM herald_outbox_pending)",
-            )
-            .fetch_one(pool)
-            .await
-            .map_err(|e| e.to_string())?;
-            let cancelled_views: i64 =
-                sqlx::query_scalar("SELECT count(*) FROM order_views WHERE status = 'cancelled'")
-                    .fetch_one(pool)
-                    .await
-                    .map_err(|e| e.to_string())?;
-            let outcomes = self.outcomes().len() as i64;
-            if views >= expected
-                && cancelled_views >= self.cancelled.len() as i64
-                && notified >= events_expected
-                && pending == 0
-                && outcomes >= expected
-            {
-                Ok(())
-            } else {
-                Err(format!(
-                    "views {views}, notified orders {notified}, outbox pending {pending}, outcomes {outcomes}"
-                ))
-            }
+        let (views, notified, pending): (i64, i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM order_views), \
+                    (SELECT count(*) FROM notifications), \
+                    (SELECT count(*) FROM herald_outbox_pending)",
+        )
+        .fetch_one(pool)
+        .await
+        .map_err(|e| e.to_string())?;
+        let cancelled_views: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM order_views WHERE status = 'cancelled'")
+                .fetch_one(pool)
+                .await
+                .map_err(|e| e.to_string())?;
+        let outcomes = tokio::task::block_in_place(|| self.outcomes()).len() as i64;
+        if views >= expected
+            && cancelled_views >= self.cancelled.len() as i64
+            && notified >= events_expected
+            && pending == 0
+            && outcomes >= expected
+        {
+            Ok(())
+        } else {
+            Err(format!(
+                "views {views}, notified orders {notified}, outbox pending {pending}, outcomes {outcomes}"
+            ))
+        }
+    }
+
+    /// The order-events topic (read `read_committed`, with its dead
+    /// letters) judged against every event of the outbox, in id order.
+    pub async fn events_report(&self, pool: &sqlx::PgPool) -> herald_test::invariants::Report {
+        let committed: Vec<(Uuid, String)> =
+            sqlx::query_as("SELECT event_id, aggregate_id FROM herald_outbox ORDER BY id")
+                .fetch_all(pool)
+                .await
+                .expect("the outbox");
+        let topic = self
+            .fulfillment_topic
+            .trim_end_matches("-fulfillment")
+            .to_owned();
+        let kafka = herald_test::Kafka::at(&self.brokers);
+        tokio::task::block_in_place(|| {
+            herald_test::invariants::Check::new()
+                .committed(committed)
+                .read(
+                    &kafka,
+                    &topic,
+                    self.partitions,
+                    Some(&format!("{topic}.dlq")),
+                )
         })
-        .await;
     }
 
     /// Judges what is durable, with nothing running: each accepted order
