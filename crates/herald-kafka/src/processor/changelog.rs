@@ -26,13 +26,24 @@
 //! - Keys are strings, values JSON. A removal writes the JSON value `null`
 //!   (herald's [`OutgoingRecord`] always has a payload), which restoring
 //!   treats like a tombstone.
-//! - State is restored once, at start, after `init_transactions` fenced the
-//!   previous incarnation (so no zombie commits a change behind the restore's
-//!   back). That is exact for a processor whose state only it writes: one
-//!   instance, or state whose keys each belong to one instance for good. When
-//!   several instances share a table and partitions move between them, a
-//!   table is not re-read on assignment: partition the state like the input
-//!   (Kafka Streams' co-partitioning), or run one stateful instance.
+//! - By default state is restored once, at start, after `init_transactions`
+//!   fenced the previous incarnation (so no zombie commits a change behind
+//!   the restore's back). That is exact for a processor whose state only it
+//!   writes: one instance, or state whose keys each belong to one instance
+//!   for good.
+//! - Several instances that share the work of a group partition their
+//!   state like the input (Kafka Streams' co-partitioning):
+//!   [`ProcessorConfig::partitioned_state`](super::ProcessorConfig::partitioned_state).
+//!   Partition *p* of each changelog then holds the state of input
+//!   partition *p*: the processor writes every changelog record to its
+//!   input's partition, restores partition *p* when input partition *p* is
+//!   assigned (once the group's committed offset for it is stable, so the
+//!   previous owner's last transaction is in the changelog or aborted), and
+//!   calls [`Transform::revoked`](super::Transform::revoked) when it is
+//!   taken away. Change such a table with [`ChangelogTable::put_in`] /
+//!   [`ChangelogTable::remove_in`] and forward `revoked` to
+//!   [`ChangelogTable::drop_partitions`]. A transform's state per key must
+//!   then depend on the inputs of that key's partition only.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -78,6 +89,24 @@ pub struct ChangelogRecord {
 pub fn read_to_end<F>(
     client: &ClientConfig,
     topic: &str,
+    timeout: Duration,
+    apply: F,
+) -> Result<u64, ProcessorError>
+where
+    F: FnMut(&ChangelogRecord) -> Result<(), HandlerError>,
+{
+    read_partitions_to_end(client, topic, None, timeout, apply)
+}
+
+/// [`read_to_end`] of some of `topic`'s partitions only (all of them for
+/// `None`): what a processor with partitioned state
+/// ([`ProcessorConfig::partitioned_state`](super::ProcessorConfig::partitioned_state))
+/// restores when input partitions are assigned to it. A partition the topic
+/// does not have is an error.
+pub fn read_partitions_to_end<F>(
+    client: &ClientConfig,
+    topic: &str,
+    only: Option<&[i32]>,
     timeout: Duration,
     mut apply: F,
 ) -> Result<u64, ProcessorError>
@@ -139,6 +168,22 @@ where
             None,
         ));
     }
+    let partitions = match only {
+        None => partitions,
+        Some(only) => {
+            if let Some(missing) = only.iter().find(|p| !partitions.contains(p)) {
+                return Err(failed(
+                    format!(
+                        "it has no partition {missing} ({} partitions): a partitioned state's \
+                         changelog needs as many partitions as its input topics",
+                        partitions.len()
+                    ),
+                    None,
+                ));
+            }
+            only.to_vec()
+        }
+    };
     // With `read_committed` the high watermark librdkafka reports is the
     // last stable offset. An empty partition may never report EOF (there is
     // nothing to fetch): it is at its end already.
@@ -252,6 +297,11 @@ pub struct ChangelogTable<V> {
     committed: HashMap<String, V>,
     /// Changes since the last commit; `None` is a removal.
     pending: HashMap<String, Option<V>>,
+    /// The state partition of each committed key that has one (restored,
+    /// or changed through [`ChangelogTable::put_in`]).
+    partition_of: HashMap<String, i32>,
+    /// The state partitions of the pending changes made with one.
+    pending_partition_of: HashMap<String, i32>,
 }
 
 impl<V: Serialize + DeserializeOwned> ChangelogTable<V> {
@@ -261,6 +311,8 @@ impl<V: Serialize + DeserializeOwned> ChangelogTable<V> {
             topic: topic.into(),
             committed: HashMap::new(),
             pending: HashMap::new(),
+            partition_of: HashMap::new(),
+            pending_partition_of: HashMap::new(),
         }
     }
 
@@ -297,15 +349,61 @@ impl<V: Serialize + DeserializeOwned> ChangelogTable<V> {
         self.record(key, b"null".to_vec())
     }
 
+    /// [`ChangelogTable::put`] for state partitioned like the input
+    /// ([`ProcessorConfig::partitioned_state`](super::ProcessorConfig::partitioned_state)):
+    /// `partition` is the input's ([`Input::partition`](super::Input::partition)),
+    /// which the processor writes the record to, and which
+    /// [`ChangelogTable::drop_partitions`] drops the key with.
+    pub fn put_in(
+        &mut self,
+        partition: i32,
+        key: impl Into<String>,
+        value: V,
+    ) -> Result<OutgoingRecord, HandlerError> {
+        let key = key.into();
+        self.pending_partition_of.insert(key.clone(), partition);
+        self.put(key, value)
+    }
+
+    /// [`ChangelogTable::remove`] for partitioned state (see
+    /// [`ChangelogTable::put_in`]).
+    pub fn remove_in(&mut self, partition: i32, key: &str) -> OutgoingRecord {
+        self.pending_partition_of.insert(key.to_owned(), partition);
+        self.remove(key)
+    }
+
+    /// Forgets the committed entries of state `partitions` (call from
+    /// [`Transform::revoked`](super::Transform::revoked)): their input
+    /// partitions went to another instance, which restores them from the
+    /// changelog. Entries without a partition (changed with
+    /// [`ChangelogTable::put`]) stay.
+    pub fn drop_partitions(&mut self, partitions: &[i32]) {
+        self.partition_of.retain(|key, partition| {
+            let dropped = partitions.contains(partition);
+            if dropped {
+                self.committed.remove(key);
+                self.pending.remove(key);
+            }
+            !dropped
+        });
+        self.pending_partition_of
+            .retain(|_, partition| !partitions.contains(partition));
+    }
+
     /// Makes the uncommitted changes permanent (call from
     /// [`Transform::commit`](super::Transform::commit)).
     pub fn commit(&mut self) {
         for (key, change) in self.pending.drain() {
+            let partition = self.pending_partition_of.remove(&key);
             match change {
                 Some(value) => {
+                    if let Some(partition) = partition {
+                        self.partition_of.insert(key.clone(), partition);
+                    }
                     self.committed.insert(key, value);
                 }
                 None => {
+                    self.partition_of.remove(&key);
                     self.committed.remove(&key);
                 }
             }
@@ -316,6 +414,7 @@ impl<V: Serialize + DeserializeOwned> ChangelogTable<V> {
     /// [`Transform::rollback`](super::Transform::rollback)).
     pub fn rollback(&mut self) {
         self.pending.clear();
+        self.pending_partition_of.clear();
     }
 
     /// Applies one restored record as committed state (call from
@@ -341,9 +440,11 @@ impl<V: Serialize + DeserializeOwned> ChangelogTable<V> {
         };
         match value {
             Some(value) => {
+                self.partition_of.insert(key.clone(), record.partition);
                 self.committed.insert(key, value);
             }
             None => {
+                self.partition_of.remove(&key);
                 self.committed.remove(&key);
             }
         }
@@ -412,6 +513,33 @@ mod tests {
         t.commit();
         let committed: HashMap<_, _> = t.committed().collect();
         assert_eq!(committed.len(), 2);
+    }
+
+    #[test]
+    fn partitioned_entries_are_dropped_with_their_partition() {
+        let mut t: ChangelogTable<i64> = ChangelogTable::new("c");
+        t.put_in(0, "a", 1).expect("put");
+        t.put_in(1, "b", 2).expect("put");
+        t.put("global", 3).expect("put");
+        t.commit();
+        let record = t.put_in(9, "c", 4).expect("record");
+        t.restore(&ChangelogRecord {
+            partition: 2,
+            ..as_restored(&record, 0)
+        })
+        .expect("restore");
+        t.rollback();
+        t.drop_partitions(&[1, 2]);
+        assert_eq!(t.get("a"), Some(&1));
+        assert_eq!(t.get("b"), None, "dropped with partition 1");
+        assert_eq!(
+            t.get("c"),
+            None,
+            "restored into partition 2, dropped with it"
+        );
+        assert_eq!(t.get("global"), Some(&3), "no partition: kept");
+        t.drop_partitions(&[0]);
+        assert_eq!(t.get("a"), None);
     }
 
     #[test]
