@@ -267,6 +267,39 @@ pub async fn describe_replication(
 /// Creates `topic`, compacted, with `partitions` partitions and
 /// `durability`, unless it exists; returns how many partitions it has (an
 /// existing topic keeps its own count and replication).
+/// How many partitions `topic` has (0 when it does not exist), from the
+/// cluster's metadata. Blocks for up to `timeout`.
+pub(crate) fn partition_count(
+    client: &ClientConfig,
+    topic: &str,
+    timeout: Duration,
+) -> Result<usize, ClientError> {
+    let mut client = client.clone();
+    client.set("allow.auto.create.topics", "false");
+    let admin: AdminClient<DefaultClientContext> = client.create().map_err(ClientError::Config)?;
+    partitions_in(&admin, topic, timeout)
+}
+
+/// [`partition_count`] through an admin client the caller has.
+fn partitions_in(
+    admin: &AdminClient<DefaultClientContext>,
+    topic: &str,
+    timeout: Duration,
+) -> Result<usize, ClientError> {
+    let metadata = admin
+        .inner()
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|source| ClientError::Kafka {
+            operation: "reading a topic's metadata",
+            source,
+        })?;
+    Ok(metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none())
+        .map_or(0, |t| t.partitions().len()))
+}
+
 pub(crate) async fn ensure_compacted_topic(
     client: &ClientConfig,
     topic: &str,
@@ -280,17 +313,7 @@ pub(crate) async fn ensure_compacted_topic(
     // create it with its defaults (one partition, not compacted).
     client.set("allow.auto.create.topics", "false");
     let admin: AdminClient<DefaultClientContext> = client.create().map_err(ClientError::Config)?;
-    let partitions_of = |timeout| -> Result<usize, ClientError> {
-        let metadata = admin
-            .inner()
-            .fetch_metadata(Some(topic), timeout)
-            .map_err(failed("reading a herald topic's metadata"))?;
-        Ok(metadata
-            .topics()
-            .iter()
-            .find(|t| t.name() == topic && t.error().is_none())
-            .map_or(0, |t| t.partitions().len()))
-    };
+    let partitions_of = |timeout| partitions_in(&admin, topic, timeout);
     // An existing topic is used as it is (librdkafka's mock cluster, the
     // embedded mode's broker, cannot create topics at all).
     let existing = partitions_of(timeout)?;

@@ -73,6 +73,7 @@ pub struct ProcessorConfig {
     pub(crate) batch_size: usize,
     pub(crate) batch_time: Duration,
     pub(crate) changelogs: Vec<String>,
+    pub(crate) partitioned_state: bool,
     pub(crate) deduplication: Option<Deduplication>,
     pub(crate) transaction_timeout: Duration,
     pub(crate) operation_timeout: Duration,
@@ -107,6 +108,7 @@ impl ProcessorConfig {
             batch_size: 500,
             batch_time: Duration::from_millis(100),
             changelogs: Vec::new(),
+            partitioned_state: false,
             deduplication: Some(Deduplication::default()),
             transaction_timeout: Duration::from_secs(60),
             operation_timeout: Duration::from_secs(30),
@@ -192,6 +194,24 @@ impl ProcessorConfig {
     /// this instance fenced its predecessor and before the first input.
     pub fn changelog(mut self, topic: impl Into<String>) -> Self {
         self.changelogs.push(topic.into());
+        self
+    }
+
+    /// Partitions the state like the input, so several instances (each with
+    /// its own `instance_id`) can share the group's work with their state
+    /// following their partitions (default `false`: state is restored once,
+    /// at start, from every changelog partition). Partition *p* of every
+    /// changelog and of the completed-ids topic holds the state of input
+    /// partition *p*: those topics need exactly the input topics' partition
+    /// count (start-up fails otherwise; the completed-ids topic is created
+    /// with it). The processor writes each changelog record to its input's
+    /// partition, restores a changelog partition when its input partition is
+    /// assigned (after the group's committed offset for it is stable, so the
+    /// previous owner's last transaction is either in the changelog or
+    /// aborted), and calls [`Transform::revoked`](super::Transform::revoked)
+    /// when it goes. See [`super::changelog`].
+    pub fn partitioned_state(mut self, partitioned: bool) -> Self {
+        self.partitioned_state = partitioned;
         self
     }
 

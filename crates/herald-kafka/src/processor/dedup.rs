@@ -28,12 +28,19 @@
 //! than the longest time a duplicate can take to arrive (for an outbox
 //! relay: its longest outage plus a batch).
 //!
-//! Limits, as for every changelog (see [`super::changelog`]): the ids are
-//! restored once, at start. With several instances in one group, an id
-//! another instance completed after this one started is not known here;
-//! a duplicate of it that reaches this instance after a rebalance is
-//! processed again. Poison inputs (dead-lettered) are not recorded as
-//! completed: a copy of one is dead-lettered too.
+//! Limits, as for every changelog (see [`super::changelog`]): by default
+//! the ids are restored once, at start. With several instances in one
+//! group, an id another instance completed after this one started is then
+//! not known here, and a duplicate of it that reaches this instance after a
+//! rebalance is processed again. With
+//! [`ProcessorConfig::partitioned_state`](super::ProcessorConfig::partitioned_state)
+//! the topic has the input's partition count, an id is written to its
+//! input's partition, and a partition's ids move with the input partition
+//! (restored on assignment, dropped on revocation). That is exact when both
+//! copies of an event are in the same input partition, which holds for
+//! copies keyed alike by the same partitioner (an outbox relay's). Poison
+//! inputs (dead-lettered) are not recorded as completed: a copy of one is
+//! dead-lettered too.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -77,7 +84,7 @@ impl Default for Deduplication {
 #[derive(Debug, Clone, Copy)]
 enum Undo {
     Completed(Uuid),
-    Forgot(Uuid, i64),
+    Forgot(Uuid, i64, i32),
 }
 
 /// The completed ids, in completion order, with the changes of the open
@@ -94,6 +101,10 @@ pub(crate) struct CompletedIds {
     order: VecDeque<(Uuid, i64)>,
     sorted: bool,
     undo: Vec<Undo>,
+    /// The state partition of each id in `at` (its input's partition, or
+    /// the partition it was restored from), for
+    /// [`CompletedIds::drop_partitions`].
+    partition_of: HashMap<Uuid, i32>,
 }
 
 impl CompletedIds {
@@ -106,6 +117,7 @@ impl CompletedIds {
             order: VecDeque::new(),
             sorted: true,
             undo: Vec::new(),
+            partition_of: HashMap::new(),
         }
     }
 
@@ -115,7 +127,12 @@ impl CompletedIds {
 
     /// Records `id` as completed at `now_ms`, and forgets what falls out of
     /// the window; returns the records to add to the transaction.
-    pub(crate) fn complete(&mut self, id: Uuid, now_ms: i64) -> Vec<OutgoingRecord> {
+    pub(crate) fn complete(
+        &mut self,
+        id: Uuid,
+        partition: i32,
+        now_ms: i64,
+    ) -> Vec<OutgoingRecord> {
         if !self.sorted {
             let mut order: Vec<(Uuid, i64)> = self.at.iter().map(|(id, at)| (*id, *at)).collect();
             order.sort_unstable_by_key(|(_, at)| *at);
@@ -124,6 +141,7 @@ impl CompletedIds {
         }
         let mut records = vec![self.record(&id, now_ms.to_string().into_bytes())];
         self.at.insert(id, now_ms);
+        self.partition_of.insert(id, partition);
         self.order.push_back((id, now_ms));
         self.undo.push(Undo::Completed(id));
         while let Some(&(oldest, at)) = self.order.front() {
@@ -134,7 +152,8 @@ impl CompletedIds {
             self.order.pop_front();
             if self.at.get(&oldest) == Some(&at) {
                 self.at.remove(&oldest);
-                self.undo.push(Undo::Forgot(oldest, at));
+                let partition = self.partition_of.remove(&oldest).unwrap_or_default();
+                self.undo.push(Undo::Forgot(oldest, at, partition));
                 records.push(self.record(&oldest, b"null".to_vec()));
             }
         }
@@ -152,10 +171,12 @@ impl CompletedIds {
             match undo {
                 Undo::Completed(id) => {
                     self.at.remove(&id);
+                    self.partition_of.remove(&id);
                     self.order.pop_back();
                 }
-                Undo::Forgot(id, at) => {
+                Undo::Forgot(id, at, partition) => {
                     self.at.insert(id, at);
+                    self.partition_of.insert(id, partition);
                     self.order.push_front((id, at));
                 }
             }
@@ -189,13 +210,29 @@ impl CompletedIds {
         match at {
             Some(at) => {
                 self.at.insert(id, at);
+                self.partition_of.insert(id, record.partition);
                 self.sorted = false;
             }
             None => {
                 self.at.remove(&id);
+                self.partition_of.remove(&id);
             }
         }
         Ok(true)
+    }
+
+    /// Forgets the ids of state `partitions` (revoked: their next owner
+    /// restores them). Their entries in the completion order go stale and
+    /// are skipped.
+    pub(crate) fn drop_partitions(&mut self, partitions: &[i32]) {
+        let at = &mut self.at;
+        self.partition_of.retain(|id, partition| {
+            let dropped = partitions.contains(partition);
+            if dropped {
+                at.remove(id);
+            }
+            !dropped
+        });
     }
 
     fn record(&self, id: &Uuid, payload: Vec<u8>) -> OutgoingRecord {
@@ -243,8 +280,12 @@ impl<E: Event, T: Transform<E>> Transform<E> for Deduplicated<T> {
             );
             return Ok(Vec::new());
         }
+        let partition = input.partition;
         let mut outputs = self.inner.process(event, input).await?;
-        outputs.extend(self.ids.complete(id, chrono::Utc::now().timestamp_millis()));
+        outputs.extend(
+            self.ids
+                .complete(id, partition, chrono::Utc::now().timestamp_millis()),
+        );
         Ok(outputs)
     }
 
@@ -268,6 +309,11 @@ impl<E: Event, T: Transform<E>> Transform<E> for Deduplicated<T> {
         self.ids.rollback();
         self.inner.rollback();
     }
+
+    fn revoked(&mut self, partitions: &[i32]) {
+        self.ids.drop_partitions(partitions);
+        self.inner.revoked(partitions);
+    }
 }
 
 #[cfg(test)]
@@ -290,17 +336,17 @@ mod tests {
     fn the_window_forgets_the_oldest_with_a_tombstone_and_an_abort_undoes_it() {
         let mut done = ids(2, Duration::from_secs(3600));
         let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
-        assert_eq!(done.complete(a, 1).len(), 1);
-        assert_eq!(done.complete(b, 2).len(), 1);
+        assert_eq!(done.complete(a, 0, 1).len(), 1);
+        assert_eq!(done.complete(b, 0, 2).len(), 1);
         done.commit();
-        let records = done.complete(c, 3);
+        let records = done.complete(c, 0, 3);
         assert_eq!(records.len(), 2, "c recorded, a forgotten");
         assert_eq!(records[1].payload, b"null");
         assert!(!done.contains(&a) && done.contains(&c));
         done.rollback();
         assert!(done.contains(&a) && done.contains(&b) && !done.contains(&c));
         // After the undo the window still works from the same order.
-        done.complete(c, 3);
+        done.complete(c, 0, 3);
         done.commit();
         assert!(!done.contains(&a) && done.contains(&b) && done.contains(&c));
     }
@@ -309,8 +355,8 @@ mod tests {
     fn ids_older_than_the_window_are_forgotten() {
         let mut done = ids(100, Duration::from_millis(10));
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-        done.complete(a, 0);
-        let records = done.complete(b, 50);
+        done.complete(a, 0, 0);
+        let records = done.complete(b, 0, 50);
         assert_eq!(records.len(), 2);
         assert!(!done.contains(&a) && done.contains(&b));
     }
@@ -320,8 +366,8 @@ mod tests {
         let mut writer = ids(2, Duration::from_secs(3600));
         let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
         let mut log = Vec::new();
-        log.extend(writer.complete(b, 20));
-        log.extend(writer.complete(a, 10));
+        log.extend(writer.complete(b, 0, 20));
+        log.extend(writer.complete(a, 0, 10));
         let mut reader = ids(2, Duration::from_secs(3600));
         for (offset, record) in log.iter().enumerate() {
             assert!(reader
@@ -330,12 +376,27 @@ mod tests {
         }
         assert!(reader.contains(&a) && reader.contains(&b));
         // The oldest by completion time (a, at 10) goes first.
-        let records = reader.complete(c, 30);
+        let records = reader.complete(c, 0, 30);
         assert_eq!(records[1].key.as_deref(), Some(a.to_string().as_bytes()));
         let other = ChangelogRecord {
             topic: "other".to_owned(),
             ..restored(&log[0], 0)
         };
         assert!(!reader.restore(&other).expect("other topic"));
+    }
+
+    #[test]
+    fn ids_are_dropped_with_their_partition() {
+        let mut done = ids(10, Duration::from_secs(3600));
+        let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        done.complete(a, 0, 1);
+        done.complete(b, 1, 2);
+        done.commit();
+        done.drop_partitions(&[1]);
+        assert!(done.contains(&a) && !done.contains(&b));
+        // The stale order entry of b is skipped; the window still works.
+        done.complete(c, 1, 3);
+        done.commit();
+        assert!(done.contains(&a) && done.contains(&c));
     }
 }

@@ -101,6 +101,10 @@
 //! processor calls [`Transform::commit`] / [`Transform::rollback`] after each
 //! transaction so the table follows what Kafka kept. See
 //! [`changelog`] for the limits (state is restored once, at start).
+//! [`ProcessorConfig::partitioned_state`] partitions the state like the
+//! input instead, so several instances can share a group's work: each
+//! changelog partition is restored when its input partition is assigned,
+//! and dropped ([`Transform::revoked`]) when it is revoked.
 //!
 //! # Duplicate inputs
 //!
@@ -225,6 +229,11 @@ pub trait Transform<E: Event>: Send + 'static {
     /// during the restore at start, in offset order per partition. An error
     /// stops the start-up. The default ignores changelogs.
     ///
+    /// With [`ProcessorConfig::partitioned_state`] the restore happens when
+    /// input partitions are assigned, for the same partitions of each
+    /// changelog, before the first input of those partitions; an error then
+    /// stops the processor (restartable).
+    ///
     /// After a restart ([`ProcessorConfig::restart`]) the changelogs are
     /// restored again, after [`Transform::rollback`], over the state the
     /// transform already holds: a restore must set what a record says (as
@@ -241,6 +250,16 @@ pub trait Transform<E: Event>: Send + 'static {
     /// Everything since the last commit was discarded (aborted transaction,
     /// or a failed call): undo in-memory changes; the inputs come again.
     fn rollback(&mut self) {}
+
+    /// With [`ProcessorConfig::partitioned_state`]: the state of these
+    /// partitions is no longer this instance's (their input partitions were
+    /// revoked, after the open transaction was committed or rolled back, or
+    /// the processor restarts): drop it, e.g. with
+    /// [`ChangelogTable::drop_partitions`]. The next owner restores it. The
+    /// default keeps everything.
+    fn revoked(&mut self, partitions: &[i32]) {
+        let _ = partitions;
+    }
 }
 
 impl<E, F, Fut> Transform<E> for F
@@ -631,14 +650,29 @@ async fn ensure_completed_topic(
 ) -> Result<(), ProcessorError> {
     let mut failures: u32 = 0;
     loop {
-        let created = crate::admin::ensure_compacted_topic(
-            &config.restore_client_config(),
-            topic,
-            1,
-            config.group.topic_durability,
-            config.operation_timeout,
-        )
-        .await;
+        let client = config.restore_client_config();
+        // Partitioned state: as many partitions as the input (the start-up
+        // check in the runtime tells a mismatch by name).
+        let partitions = match config.group.topics.first() {
+            Some(input) if config.partitioned_state => {
+                crate::admin::partition_count(&client, input, config.operation_timeout)
+                    .map(|n| i32::try_from(n).unwrap_or(i32::MAX).max(1))
+            }
+            _ => Ok(1),
+        };
+        let created = match partitions {
+            Ok(partitions) => {
+                crate::admin::ensure_compacted_topic(
+                    &client,
+                    topic,
+                    partitions,
+                    config.group.topic_durability,
+                    config.operation_timeout,
+                )
+                .await
+            }
+            Err(error) => Err(error),
+        };
         let error = match created {
             Ok(_) => return Ok(()),
             Err(error) => ProcessorError::from(error),

@@ -47,6 +47,15 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
             // comes again after the seek, in order.
             return;
         }
+        if self
+            .partitioned
+            .as_ref()
+            .is_some_and(|state| state.is_restoring(&tp))
+        {
+            // Fetched before the pause took: not before its state is here.
+            self.rewind_to(&tp, offset);
+            return;
+        }
         let input_ref: InputRef = (Arc::clone(&tp.0), tp.1, offset);
         if self.commit_before.remove(&input_ref)
             && self.txn.as_ref().is_some_and(|t| t.inputs > 0)

@@ -13,9 +13,12 @@
 //! - `transactions`: the producer, and beginning, committing and aborting
 //!   a transaction (or, at least once, a batch).
 //! - `rebalance`: partitions revoked and assigned, rewinds and pauses.
+//! - `partitioned`: state partitioned like the input, restored on
+//!   assignment and dropped on revocation.
 
 mod failures;
 mod input;
+mod partitioned;
 mod rebalance;
 mod transactions;
 
@@ -103,6 +106,8 @@ struct Engine<E, T> {
     fatal: Option<ProcessorError>,
     /// The consumer is closing: rebalance callbacks touch no transaction.
     closing: bool,
+    /// State partitioned like the input, when configured.
+    partitioned: Option<self::partitioned::PartitionedState>,
     _family: PhantomData<fn() -> E>,
 }
 
@@ -316,9 +321,37 @@ fn run_engine<E: Event, T: Transform<E>>(
         swept.extend(changelogs);
     }
 
+    // Partitioned state is restored per partition as the group assigns
+    // them; whatever a previous run of this transform held is not ours
+    // until then.
+    let partitioned = if config.partitioned_state {
+        let changelogs: Vec<Arc<str>> = config
+            .changelogs
+            .iter()
+            .map(|t| Arc::from(t.as_str()))
+            .collect();
+        let partitions = or_return!(
+            self::partitioned::check_partition_counts(
+                &config.restore_client_config(),
+                &config.group.topics,
+                &changelogs,
+                config.operation_timeout,
+            ),
+            transform
+        );
+        let all: Vec<i32> = (0..i32::try_from(partitions).unwrap_or(i32::MAX)).collect();
+        transform.revoked(&all);
+        Some(self::partitioned::PartitionedState::new(
+            changelogs,
+            config.restore_client_config(),
+            config.restore_timeout,
+        ))
+    } else {
+        None
+    };
     // State is restored after the fencing (exactly once), so no zombie can
     // commit a change the restore would miss, and before the first input.
-    for topic in &config.changelogs {
+    for topic in config.changelogs.iter().filter(|_| partitioned.is_none()) {
         let read = read_to_end(
             &config.restore_client_config(),
             topic,
@@ -359,6 +392,7 @@ fn run_engine<E: Event, T: Transform<E>>(
         kafka_failures: 0,
         fatal: None,
         closing: false,
+        partitioned,
         _family: PhantomData,
     }));
     let result = (|| {

@@ -39,6 +39,8 @@ impl<E: Event, T: Transform<E>> ConsumerContext for ProcessorContext<E, T> {
             // A partition paused for a backoff, revoked, then assigned again
             // must not stay paused forever.
             let _ = consumer.resume(tpl);
+            // Partitioned state: paused again until restored.
+            lock(&self.engine).state_assigned(consumer, tpl);
         }
     }
 }
@@ -56,7 +58,8 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
             }
             self.resume_at = None;
         }
-        if self.rewind.is_empty() {
+        self.restore_assigned(consumer);
+        if self.rewind.is_empty() || self.fatal.is_some() {
             return;
         }
         let mut tpl = TopicPartitionList::new();
@@ -126,6 +129,7 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
             .retain(|(topic, partition, _), _| !revoked.contains(&(Arc::clone(topic), *partition)));
         self.commit_before
             .retain(|(topic, partition, _)| !revoked.contains(&(Arc::clone(topic), *partition)));
+        self.state_revoked(&revoked);
         tracing::info!(partitions = revoked.len(), "partitions revoked");
     }
 }

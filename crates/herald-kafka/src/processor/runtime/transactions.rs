@@ -329,6 +329,14 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
             if let Some(key) = &record.key {
                 base = base.key(key);
             }
+            if self
+                .partitioned
+                .as_ref()
+                .is_some_and(|state| state.is_changelog(&record.topic))
+            {
+                // Partitioned state: a change goes to its input's partition.
+                base = base.partition(input_ref.1);
+            }
             match self.producer.send(base) {
                 Ok(()) => return Ok(()),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
