@@ -9,6 +9,7 @@ mod crash;
 mod duplicates;
 mod fencing;
 mod outage;
+mod partitioned;
 mod poison;
 mod rebalance;
 mod state;

@@ -1,0 +1,197 @@
+//! State partitioned like the input (`ProcessorConfig::partitioned_state`):
+//! several instances share a group's work, a count per key follows its
+//! partition from instance to instance (restored on assignment, dropped on
+//! revocation), and duplicates of events completed by another instance are
+//! still recognised.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use herald::HandlerError;
+use herald_kafka::processor::{ChangelogRecord, ChangelogTable, Input, Processor, Transform};
+use herald_kafka::OutgoingRecord;
+use rdkafka::Message as _;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::support::*;
+
+const PARTITIONS: i32 = 4;
+const KEYS: usize = 24;
+const PER_KEY: u64 = 40;
+/// How long the group may take to work off one phase's inputs.
+const PHASE: Duration = Duration::from_secs(120);
+
+/// A count of the inputs per key, kept in a partitioned changelog table;
+/// each output carries the count (as `Done::instance`).
+struct Counter {
+    counts: ChangelogTable<u64>,
+    out: String,
+}
+
+impl Transform<TestEvent> for Counter {
+    async fn process(
+        &mut self,
+        TestEvent::Step(step): TestEvent,
+        input: Input,
+    ) -> Result<Vec<OutgoingRecord>, HandlerError> {
+        let n = self.counts.get(&step.key).copied().unwrap_or(0) + 1;
+        let change = self.counts.put_in(input.partition, step.key.clone(), n)?;
+        Ok(vec![
+            change,
+            done_output(&self.out, &n.to_string(), &step, &input)?,
+        ])
+    }
+
+    fn restore(&mut self, record: &ChangelogRecord) -> Result<(), HandlerError> {
+        self.counts.restore(record)
+    }
+
+    fn commit(&mut self) {
+        self.counts.commit();
+    }
+
+    fn rollback(&mut self) {
+        self.counts.rollback();
+    }
+
+    fn revoked(&mut self, partitions: &[i32]) {
+        self.counts.drop_partitions(partitions);
+    }
+}
+
+/// One running instance.
+struct Instance {
+    stop: CancellationToken,
+    task: JoinHandle<Result<(), herald_kafka::processor::ProcessorError>>,
+}
+
+impl Instance {
+    fn start(
+        kafka: &herald_test::Kafka,
+        group: &str,
+        topics: (&str, &str, &str),
+        id: &str,
+    ) -> Self {
+        let (input, output, changelog) = topics;
+        let config = config(kafka, group, input, id)
+            .changelog(changelog)
+            .partitioned_state(true);
+        let counter = Counter {
+            counts: ChangelogTable::new(changelog),
+            out: output.to_owned(),
+        };
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(
+            Processor::new(config, counter)
+                .expect("processor")
+                .run(stop.clone().cancelled_owned()),
+        );
+        Self { stop, task }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.task
+            .await
+            .expect("task")
+            .expect("processor stops cleanly");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_state_follows_its_partitions_from_instance_to_instance() {
+    let Some(kafka) = herald_test::kafka() else {
+        return;
+    };
+    let input = kafka.topic("proc-part-in", PARTITIONS).await;
+    let output = kafka.topic("proc-part-out", PARTITIONS).await;
+    let changelog = kafka.topic("proc-part-changelog", PARTITIONS).await;
+    let group = herald_test::unique_name("proc-part");
+    let topics = (input.name(), output.name(), changelog.name());
+    let inputs = steps(KEYS, PER_KEY);
+    let phases: Vec<&[TestEvent]> = inputs.chunks(inputs.len() / 4).collect();
+    let publisher = publisher(&kafka);
+    let input_topic = input.name().to_owned();
+    let work_off = |phase: &'static str| {
+        let (kafka, group, input) = (&kafka, &group, &input_topic);
+        async move {
+            if let Err(why) = all_committed_within(kafka, group, input, PARTITIONS, PHASE).await {
+                panic!("{phase}: {why}");
+            }
+        }
+    };
+
+    // One instance holds every partition.
+    let a = Instance::start(&kafka, &group, topics, "a");
+    publish_all(&publisher, input.name(), phases[0]).await;
+    work_off("a alone").await;
+
+    // Three share them: partitions move from a to b and c, whose state
+    // must come from a's changelog records.
+    let b = Instance::start(&kafka, &group, topics, "b");
+    let c = Instance::start(&kafka, &group, topics, "c");
+    publish_all(&publisher, input.name(), phases[1]).await;
+    work_off("a, b and c").await;
+
+    // a leaves; its partitions go to b and c. Copies of events a completed
+    // (same event ids, as an at-least-once relay would publish them again)
+    // reach whoever owns their partition now, and are dropped there.
+    a.stop().await;
+    publish_all(&publisher, input.name(), &phases[0][..KEYS * 2]).await;
+    publish_all(&publisher, input.name(), phases[2]).await;
+    work_off("b and c, with copies of a's inputs").await;
+
+    // b leaves and d comes: b's partitions go to c and d.
+    let d = Instance::start(&kafka, &group, topics, "d");
+    b.stop().await;
+    publish_all(&publisher, input.name(), phases[3]).await;
+    work_off("c and d").await;
+    c.stop().await;
+    d.stop().await;
+
+    let dones: Vec<Done> = read_all(&kafka, output.name(), PARTITIONS, "read_committed")
+        .iter()
+        .map(Collected::done)
+        .collect();
+    assert_exactly_once_in_order(&dones, &inputs);
+    // The count carried by each output is the step's number: the state of
+    // every key followed its partition through three handovers.
+    let wrong: Vec<String> = dones
+        .iter()
+        .filter(|d| d.instance != (d.seq + 1).to_string())
+        .map(|d| format!("{} step {} counted {}", d.key, d.seq, d.instance))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{} outputs with a wrong count, e.g. {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(5)]
+    );
+    // Every change is in its input's partition of the changelog, and the
+    // last one per key is the key's count.
+    let partition_of = |topic: &str| -> BTreeMap<String, i32> {
+        kafka
+            .read_to_end(topic, PARTITIONS, "read_committed")
+            .iter()
+            .filter(|m| m.key() != Some(b"herald.sweep"))
+            .map(|m| {
+                let key = String::from_utf8(m.key().expect("key").to_vec()).expect("utf-8");
+                (key, m.partition())
+            })
+            .collect()
+    };
+    assert_eq!(partition_of(changelog.name()), partition_of(input.name()));
+    let mut latest: BTreeMap<String, u64> = BTreeMap::new();
+    for record in read_all(&kafka, changelog.name(), PARTITIONS, "read_committed") {
+        let key = String::from_utf8(record.key.clone().expect("key")).expect("utf-8");
+        let value: u64 =
+            serde_json::from_slice(record.payload.as_deref().expect("value")).expect("json");
+        latest.insert(key, value);
+    }
+    assert_eq!(latest.len(), KEYS);
+    assert!(
+        latest.values().all(|v| *v == PER_KEY),
+        "final counts: {latest:?}"
+    );
+}
