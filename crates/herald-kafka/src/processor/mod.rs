@@ -251,6 +251,20 @@ pub trait Transform<E: Event>: Send + 'static {
     /// or a failed call): undo in-memory changes; the inputs come again.
     fn rollback(&mut self) {}
 
+    /// Outputs that close the open transaction (at least once: the batch),
+    /// asked for once when it is about to commit, after its last input; not
+    /// when it aborts ([`Transform::rollback`] follows then). `partitions`
+    /// are the input partitions with inputs in it; return each output with
+    /// the one it belongs to (with [`ProcessorConfig::partitioned_state`] a
+    /// changelog record goes to that partition). An error aborts the
+    /// transaction, and its inputs come again. For state cheaper written
+    /// once per transaction than once per input (the duplicate-input filter
+    /// writes its completed ids this way). The default has none.
+    fn closing(&mut self, partitions: &[i32]) -> Result<Vec<(i32, OutgoingRecord)>, HandlerError> {
+        let _ = partitions;
+        Ok(Vec::new())
+    }
+
     /// With [`ProcessorConfig::partitioned_state`]: the state of these
     /// partitions is no longer this instance's (their input partitions were
     /// revoked, after the open transaction was committed or rolled back, or

@@ -3,7 +3,7 @@
 //! deliveries, then commits the offsets through the consumer, and "abort"
 //! rewinds.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -289,6 +289,65 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
         true
     }
 
+    /// Adds the outputs that close the open batch ([`Transform::closing`]),
+    /// each with the last input of its partition in the batch. `false` when
+    /// that failed: the batch is then aborted and rewound, or the processor
+    /// stops.
+    fn close(&mut self, consumer: &BaseConsumer<ProcessorContext<E, T>>) -> bool {
+        let Some(txn) = self.txn.as_ref().filter(|t| t.inputs > 0 && !t.sweeping) else {
+            return true;
+        };
+        let mut last: BTreeMap<i32, InputRef> = BTreeMap::new();
+        for (tp, (_, next)) in &txn.offsets {
+            last.entry(tp.1)
+                .or_insert_with(|| (Arc::clone(&tp.0), tp.1, next - 1));
+        }
+        let partitions: Vec<i32> = last.keys().copied().collect();
+        let closing = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.transform.closing(&partitions)
+        }));
+        let records = match closing {
+            Ok(Ok(records)) => records,
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "the transform could not close the batch: it is aborted and redone");
+                let delay = self.retry.initial_delay;
+                self.abort(consumer, "closing the batch", None, Backoff::All(delay));
+                return false;
+            }
+            Err(panic) => {
+                let what = herald::panic_text(&*panic);
+                tracing::error!(%what, "the transform panicked closing the batch: the processor stops");
+                self.fatal = Some(ProcessorError::Thread(format!(
+                    "the transform panicked closing a batch: {what}"
+                )));
+                return false;
+            }
+        };
+        for (partition, record) in records {
+            // A partition without an input in the batch is the transform's
+            // mistake: the output comes with another input.
+            let Some(input) = last
+                .get(&partition)
+                .or_else(|| last.values().next())
+                .cloned()
+            else {
+                break;
+            };
+            if let Err(error) = self.send(&record, &input, false) {
+                if !self.check_fatal("producing an output", &error) {
+                    self.kafka_failure(
+                        consumer,
+                        "producing an output that closes the batch",
+                        error,
+                        None,
+                    );
+                }
+                return false;
+            }
+        }
+        true
+    }
+
     /// Exactly once: releases the held outputs once the hold is over
     /// ([`HOLD_AFTER_COMMIT`]) or when there are too many.
     pub(super) fn release_when_due(&mut self, consumer: &BaseConsumer<ProcessorContext<E, T>>) {
@@ -351,7 +410,7 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
     /// Commits the open transaction with the inputs' offsets. On failure the
     /// transaction is aborted and rewound (see [`Engine::kafka_failure`]).
     pub(super) fn commit(&mut self, consumer: &BaseConsumer<ProcessorContext<E, T>>) -> bool {
-        if !self.release_held(consumer) {
+        if !self.close(consumer) || !self.release_held(consumer) {
             return false;
         }
         let Some(txn) = self.txn.take() else {
