@@ -139,10 +139,14 @@ pub(crate) struct CompletedIds {
     /// Tombstones written by the open transaction (queued again if it
     /// aborts).
     written: Vec<(i32, String)>,
+    /// Whether the topic is partitioned like the input: a tombstone must
+    /// then go to its batch's partition; otherwise any transaction writes
+    /// it.
+    partitioned: bool,
 }
 
 impl CompletedIds {
-    pub(crate) fn new(topic: String, settings: &Deduplication) -> Self {
+    pub(crate) fn new(topic: String, settings: &Deduplication, partitioned: bool) -> Self {
         Self {
             topic,
             capacity: settings.capacity.max(1),
@@ -154,6 +158,7 @@ impl CompletedIds {
             open: BTreeMap::new(),
             tombstones: BTreeMap::new(),
             written: Vec::new(),
+            partitioned,
         }
     }
 
@@ -209,8 +214,8 @@ impl CompletedIds {
     }
 
     /// The records that close the open transaction: its batches, and
-    /// tombstones of the batches that fell out of the window (of the
-    /// transaction's `partitions` only: with partitioned state a record
+    /// tombstones of the batches that fell out of the window (with
+    /// partitioned state, of the transaction's `partitions` only: a record
     /// goes to the partition of the input it comes with). Each with its
     /// input partition.
     pub(crate) fn closing(
@@ -229,10 +234,15 @@ impl CompletedIds {
             let payload = serde_json::to_vec(&value).expect("ids serialize");
             records.push((batch.partition, self.record(&batch.key, payload)));
         }
-        for partition in partitions {
-            for key in self.tombstones.remove(partition).unwrap_or_default() {
-                records.push((*partition, self.record(&key, b"null".to_vec())));
-                self.written.push((*partition, key));
+        let due: Vec<i32> = if self.partitioned {
+            partitions.to_vec()
+        } else {
+            self.tombstones.keys().copied().collect()
+        };
+        for partition in due {
+            for key in self.tombstones.remove(&partition).unwrap_or_default() {
+                records.push((partition, self.record(&key, b"null".to_vec())));
+                self.written.push((partition, key));
             }
         }
         records
@@ -468,6 +478,7 @@ mod tests {
                 capacity,
                 max_age,
             },
+            true,
         )
     }
 
@@ -545,6 +556,27 @@ mod tests {
         done.commit();
         let reader = read_back(&log, 10);
         assert!(!reader.contains(&a) && !reader.contains(&b) && reader.contains(&c));
+    }
+
+    #[test]
+    fn unpartitioned_any_transaction_writes_a_tombstone() {
+        let mut done = CompletedIds::new(
+            "done".to_owned(),
+            &Deduplication {
+                capacity: 1,
+                ..Deduplication::default()
+            },
+            false,
+        );
+        done.complete(Uuid::new_v4(), 0, 1);
+        done.closing(&[0], 1);
+        done.commit();
+        done.complete(Uuid::new_v4(), 1, 2);
+        let records = done.closing(&[1], 2);
+        assert!(
+            records.iter().any(|(_, r)| r.payload == b"null"),
+            "partition 0's batch forgotten by a transaction of partition 1: {records:?}"
+        );
     }
 
     #[test]

@@ -570,7 +570,7 @@ impl<E: Event, T: Transform<E>> Processor<E, T> {
                 return supervise(config, transform, stats, &stop).await;
             };
             ensure_completed_topic(&config, &topic, &stats, &stop).await?;
-            let ids = dedup::CompletedIds::new(topic.clone(), settings);
+            let ids = dedup::CompletedIds::new(topic.clone(), settings, config.partitioned_state);
             let transform = dedup::Deduplicated::new(transform, ids, Arc::clone(&stats));
             supervise(config.changelog(topic), transform, stats, &stop).await
         };
