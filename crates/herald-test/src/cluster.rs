@@ -108,6 +108,14 @@ impl PrivateKafkaCluster {
         1..=NODES
     }
 
+    /// The lowest node id not among `excluded` (a survivor of a kill, say).
+    /// Panics when every node is excluded.
+    pub fn node_other_than(&self, excluded: &[i32]) -> i32 {
+        self.node_ids()
+            .find(|n| !excluded.contains(n))
+            .expect("a node not excluded")
+    }
+
     /// Every node's `host:port`, comma-separated: bootstrap servers that
     /// reach the cluster whichever nodes are down.
     pub fn brokers(&self) -> String {

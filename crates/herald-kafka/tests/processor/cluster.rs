@@ -113,10 +113,7 @@ async fn a_coordinator_and_leader_killed_mid_run_commits_each_output_once() {
         "[SIGKILL] node {victim} ({why}) with {at_kill} of {total} inputs committed"
     ));
 
-    let survivor = cluster
-        .node_ids()
-        .find(|&n| n != victim)
-        .expect("a survivor");
+    let survivor = cluster.node_other_than(&[victim]);
     let context = || {
         format!(
             "{}\nprocessor: {stats:?}\nprocessor task ended: {}\nthe log of node {survivor} (last lines):\n{}",

@@ -235,10 +235,7 @@ async fn a_partition_leader_killed_mid_load_loses_and_reorders_nothing_in_either
         before[0], before[1]
     ));
 
-    let survivor = cluster
-        .node_ids()
-        .find(|&n| n != victim)
-        .expect("a survivor");
+    let survivor = cluster.node_other_than(&[victim]);
     let context = || {
         format!(
             "{}\nat least once: {alo_stats:?}\nexactly once: {eo_stats:?}\nthe log of node {survivor} (last lines):\n{}",

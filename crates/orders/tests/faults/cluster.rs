@@ -23,12 +23,36 @@ use crate::support::{lasting, soak, Accepted, OrdersRun, PacedLoad, Timeline};
 const PARTITIONS: i32 = 3;
 const CANCEL_EVERY: usize = 5;
 
+/// A scenario's cluster, database and `orders run`, as [`start`] leaves
+/// them.
+struct Started {
+    timeline: Timeline,
+    cluster: PrivateKafkaCluster,
+    brokers: String,
+    db: herald_test::TestDatabase,
+    run: OrdersRun,
+}
+
 /// Starts a cluster of the test's own (off the async threads: it blocks
-/// for a while).
-async fn start_cluster() -> PrivateKafkaCluster {
-    tokio::task::spawn_blocking(PrivateKafkaCluster::start)
+/// for a while), a database and `orders run` on them (topics and groups
+/// named after `name`), noting each on a new timeline.
+async fn start(postgres: &herald_test::Postgres, name: &str) -> Started {
+    let timeline = Timeline::new();
+    let cluster = tokio::task::spawn_blocking(PrivateKafkaCluster::start)
         .await
-        .expect("the cluster")
+        .expect("the cluster");
+    let brokers = cluster.brokers();
+    timeline.note(format!("cluster up: {brokers}"));
+    let db = postgres.database().await;
+    let run = OrdersRun::start(&brokers, db.url(), name, PARTITIONS).await;
+    timeline.note("orders run up");
+    Started {
+        timeline,
+        cluster,
+        brokers,
+        db,
+        run,
+    }
 }
 
 /// Waits until the pipeline has worked off `ids` and judges it, with `run`
@@ -71,13 +95,13 @@ async fn a_rolling_restart_of_the_brokers_loses_and_repeats_nothing() {
         return;
     };
     let _serial = crate::support::one_at_a_time().await;
-    let timeline = Timeline::new();
-    let mut cluster = start_cluster().await;
-    let brokers = cluster.brokers();
-    timeline.note(format!("cluster up: {brokers}"));
-    let db = postgres.database().await;
-    let mut run = OrdersRun::start(&brokers, db.url(), "cluster-rolling", PARTITIONS).await;
-    timeline.note("orders run up");
+    let Started {
+        timeline,
+        mut cluster,
+        brokers,
+        db,
+        mut run,
+    } = start(&postgres, "cluster-rolling").await;
 
     let done = Arc::new(AtomicBool::new(false));
     let load = PacedLoad::start_until(
@@ -139,13 +163,13 @@ async fn with_two_of_three_brokers_down_orders_wait_in_the_outbox() {
         return;
     };
     let _serial = crate::support::one_at_a_time().await;
-    let timeline = Timeline::new();
-    let mut cluster = start_cluster().await;
-    let brokers = cluster.brokers();
-    timeline.note(format!("cluster up: {brokers}"));
-    let db = postgres.database().await;
-    let mut run = OrdersRun::start(&brokers, db.url(), "cluster-two-down", PARTITIONS).await;
-    timeline.note("orders run up");
+    let Started {
+        timeline,
+        mut cluster,
+        brokers,
+        db,
+        mut run,
+    } = start(&postgres, "cluster-two-down").await;
     let pool = db.pool().await;
 
     let orders = OUTAGE_ORDERS * soak();
@@ -164,14 +188,8 @@ async fn with_two_of_three_brokers_down_orders_wait_in_the_outbox() {
     // good there: confluentinc/librdkafka#5456, #5511).
     let group = format!("{}-fulfillment", run.group_prefix);
     let coordinator = tokio::task::block_in_place(|| cluster.group_coordinator(&group));
-    let survivor = cluster
-        .node_ids()
-        .find(|&n| n != coordinator)
-        .expect("a node");
-    let returning = cluster
-        .node_ids()
-        .find(|&n| n != coordinator && n != survivor)
-        .expect("a node");
+    let survivor = cluster.node_other_than(&[coordinator]);
+    let returning = cluster.node_other_than(&[coordinator, survivor]);
     // Two at once: the survivor is alone, a minority of the controller
     // quorum, and no partition can gather two in-sync replicas.
     tokio::task::block_in_place(|| {

@@ -301,13 +301,13 @@ fn run_engine<E: Event, T: Transform<E>>(
     // committed later nor hold back the restore or the consumer (see
     // `sweep_at_start`). Output topics are swept before this instance's
     // first output to them.
+    let changelogs: Vec<Arc<str>> = config
+        .changelogs
+        .iter()
+        .map(|t| Arc::from(t.as_str()))
+        .collect();
     let mut swept = HashSet::new();
     if config.guarantee == Guarantee::ExactlyOnce {
-        let changelogs: Vec<Arc<str>> = config
-            .changelogs
-            .iter()
-            .map(|t| Arc::from(t.as_str()))
-            .collect();
         let partitions = or_return!(
             sweep_at_start(
                 &producer,
@@ -318,21 +318,17 @@ fn run_engine<E: Event, T: Transform<E>>(
             transform
         );
         tracing::info!(%transactional_id, partitions, "changelogs and group offsets swept of earlier instances' open transactions");
-        swept.extend(changelogs);
+        swept.extend(changelogs.iter().cloned());
     }
 
     // Partitioned state is restored per partition as the group assigns
     // them; whatever a previous run of this transform held is not ours
     // until then.
     let partitioned = if config.partitioned_state {
-        let changelogs: Vec<Arc<str>> = config
-            .changelogs
-            .iter()
-            .map(|t| Arc::from(t.as_str()))
-            .collect();
+        let client = config.restore_client_config();
         let partitions = or_return!(
             self::partitioned::check_partition_counts(
-                &config.restore_client_config(),
+                &client,
                 &config.group.topics,
                 &changelogs,
                 config.operation_timeout,
@@ -343,7 +339,7 @@ fn run_engine<E: Event, T: Transform<E>>(
         transform.revoked(&all);
         Some(self::partitioned::PartitionedState::new(
             changelogs,
-            config.restore_client_config(),
+            client,
             config.restore_timeout,
         ))
     } else {
