@@ -24,6 +24,9 @@ const CONSUMER_FIXED: &[(&str, &str)] = &[
     ("enable.auto.offset.store", "false"),
 ];
 
+/// The consumer setting partitioned state needs to be `range`.
+const ASSIGNMENT_STRATEGY: &str = "partition.assignment.strategy";
+
 /// Producer settings the processor owns.
 const PRODUCER_FIXED: &[&str] = &["transactional.id", "enable.idempotence"];
 
@@ -210,6 +213,19 @@ impl ProcessorConfig {
     /// previous owner's last transaction is either in the changelog or
     /// aborted), and calls [`Transform::revoked`](super::Transform::revoked)
     /// when it goes. See [`super::changelog`].
+    ///
+    /// Several input topics are *co-partitioned*: partition *p* of each is
+    /// assigned to the same instance (the consumer uses the `range`
+    /// assignor, eager, instead of the group default `cooperative-sticky`,
+    /// which balances each topic on its own; another
+    /// `partition.assignment.strategy` is refused), so
+    /// records of one key on two topics meet one state when both are keyed
+    /// alike and written with one partitioner (every herald producer uses
+    /// librdkafka's `murmur2_random`, Kafka's Java default). That is how a
+    /// processor joins its own input with the answers of a next step it
+    /// repartitioned to (orders' fulfillment topology does). An eager
+    /// rebalance revokes every partition, so each one drops its state and
+    /// restores it from the changelog when assigned again.
     pub fn partitioned_state(mut self, partitioned: bool) -> Self {
         self.partitioned_state = partitioned;
         self
@@ -333,6 +349,19 @@ impl ProcessorConfig {
         if self.changelogs.iter().any(String::is_empty) {
             return bad("changelog", "topic names must not be empty");
         }
+        if self.partitioned_state
+            && self
+                .group
+                .settings
+                .get(ASSIGNMENT_STRATEGY)
+                .is_some_and(|strategy| strategy.trim() != "range")
+        {
+            return bad(
+                "partition.assignment.strategy",
+                "must be `range` with partitioned_state: partition p of every input topic \
+                 must go to the instance that holds state partition p",
+            );
+        }
         for key in PRODUCER_FIXED {
             if self.group.producer_settings.contains_key(*key) {
                 return bad(
@@ -347,8 +376,16 @@ impl ProcessorConfig {
     pub(crate) fn consumer_client_config(&self) -> ClientConfig {
         // After an abort the consumer seeks back; the new fetch waits for
         // the long poll in flight at the end of the log, so keep it short.
-        self.group
-            .consumer_client_config([("fetch.wait.max.ms", "100")], CONSUMER_FIXED)
+        // Partitioned state: the range assignor gives partition p of every
+        // (co-partitioned) input topic to one member; the group default,
+        // cooperative-sticky, balances each topic on its own.
+        let range = self
+            .partitioned_state
+            .then_some((ASSIGNMENT_STRATEGY, "range"));
+        self.group.consumer_client_config(
+            std::iter::once(("fetch.wait.max.ms", "100")).chain(range),
+            CONSUMER_FIXED,
+        )
     }
 
     pub(crate) fn producer_client_config(&self) -> ClientConfig {
@@ -443,6 +480,25 @@ mod tests {
         let consumer = config().consumer_client_config();
         assert_eq!(consumer.get("isolation.level"), Some("read_committed"));
         assert_eq!(consumer.get("enable.auto.commit"), Some("false"));
+    }
+
+    #[test]
+    fn partitioned_state_co_partitions_its_inputs_with_the_range_assignor() {
+        let consumer = config().partitioned_state(true).consumer_client_config();
+        assert_eq!(consumer.get(ASSIGNMENT_STRATEGY), Some("range"));
+        let sticky = config()
+            .partitioned_state(true)
+            .set(ASSIGNMENT_STRATEGY, "cooperative-sticky");
+        assert!(matches!(
+            sticky.validate(),
+            Err(ClientError::Setting { setting, .. }) if setting == ASSIGNMENT_STRATEGY
+        ));
+        // Without partitioned state the group default (incremental) stays.
+        let consumer = config().consumer_client_config();
+        assert_eq!(
+            consumer.get(ASSIGNMENT_STRATEGY),
+            Some("cooperative-sticky")
+        );
     }
 
     #[test]
