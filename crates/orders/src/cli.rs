@@ -29,7 +29,8 @@ pub enum Command {
     /// Only the outbox relay.
     Relay,
     /// Only the exactly-once fulfillment processor (order-events →
-    /// fulfillment-events in Kafka transactions).
+    /// fulfillment-events in Kafka transactions). Run any number, each with
+    /// its own --instance-id: they share the work.
     Processor,
     /// Only the consumers (projection and notifications).
     Worker {
@@ -335,8 +336,9 @@ pub struct SettingsArgs {
     )]
     pub group_prefix: String,
     /// This fulfillment processor instance's stable id: its Kafka
-    /// transactional id is `<group>-<instance id>`, so a restart under the
-    /// same id fences the previous incarnation.
+    /// transactional ids are `<group>-<instance id>`, so a restart under the
+    /// same id fences the previous incarnation. Instances with distinct ids
+    /// share the work (a second process with the same id stands by).
     #[arg(long, env = "ORDERS_INSTANCE_ID", default_value = "0", global = true)]
     pub instance_id: String,
     /// SKUs the fulfillment processor treats as out of stock (comma list).

@@ -159,9 +159,12 @@ impl Metrics {
             .register_collector(Box::new(stats));
     }
 
-    /// Adds an exactly-once processor's metrics.
-    pub fn register_processor(&self, stats: Arc<ProcessorStats>) {
-        self.registry().register_collector(Box::new(stats));
+    /// Adds an exactly-once processor's metrics under the label
+    /// `step=<name>` (the fulfillment topology has two).
+    pub fn register_processor(&self, name: &str, stats: Arc<ProcessorStats>) {
+        self.registry()
+            .sub_registry_with_label(("step".into(), name.to_owned().into()))
+            .register_collector(Box::new(stats));
     }
 
     /// Records the time from receiving `POST /orders` to its commit.

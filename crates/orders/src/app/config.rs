@@ -17,7 +17,7 @@ use sqlx::PgPool;
 
 use crate::api::auth::AuthConfig;
 use crate::cli::SettingsArgs;
-use crate::domain::{OrderEvent, Topics, SOURCE};
+use crate::domain::{Topics, SOURCE};
 use crate::store::Store;
 
 /// The typed configuration of a process, checked at start-up.
@@ -355,37 +355,69 @@ pub(super) fn topic_durability(
 }
 
 impl Config {
-    /// The exactly-once fulfillment processor of this configuration.
-    pub fn fulfillment_processor(
+    /// The fulfillment topology of this configuration: its two exactly-once
+    /// processors, with state partitioned like their inputs so that any
+    /// number of instances (distinct `--instance-id`s) share the work.
+    pub fn fulfillment_processor(&self) -> anyhow::Result<crate::fulfillment::Topology> {
+        let topics = crate::fulfillment::Topics::of(&self.fulfillment_topic);
+        let orders = self
+            .fulfillment_step(
+                "fulfillment",
+                [self.topics.events.clone(), topics.sku_answers.clone()],
+                &topics.order_state,
+            )
+            // An order event the outbox relay published twice (at least
+            // once, or an older relay) gets one fulfillment outcome.
+            .deduplication(Some(herald_kafka::processor::Deduplication {
+                topic: Some(topics.order_completed.clone()),
+                ..herald_kafka::processor::Deduplication::default()
+            }));
+        // Its inputs come from a transactional producer only: no duplicates.
+        let skus = self
+            .fulfillment_step(
+                "fulfillment-skus",
+                [topics.sku_requests.clone()],
+                &topics.sku_stock,
+            )
+            .deduplication(None);
+        Ok(crate::fulfillment::Topology {
+            orders: herald_kafka::Processor::new(
+                orders,
+                crate::fulfillment::OrderStep::new(&topics),
+            )
+            .context("configuring the fulfillment orders step")?,
+            skus: herald_kafka::Processor::new(
+                skus,
+                crate::fulfillment::SkuStep::new(&topics, self.stock.clone()),
+            )
+            .context("configuring the fulfillment SKUs step")?,
+        })
+    }
+
+    /// The settings both fulfillment steps share.
+    fn fulfillment_step(
         &self,
-    ) -> anyhow::Result<herald_kafka::Processor<OrderEvent, crate::fulfillment::Fulfillment>> {
+        group: &str,
+        inputs: impl IntoIterator<Item = String>,
+        changelog: &str,
+    ) -> herald_kafka::ProcessorConfig {
         let mut config = herald_kafka::ProcessorConfig::new(
             &self.brokers,
-            self.group("fulfillment"),
-            [self.topics.events.clone()],
+            self.group(group),
+            inputs,
             &self.instance_id,
         )
-        .source("/orders/fulfillment")
+        .source(format!("/orders/{group}"))
         .batch_size(self.processor_batch)
         .retry(self.retry.clone())
-        .topic_durability(self.topic_durability);
-        for topic in crate::fulfillment::changelog_topics(&self.fulfillment_topic) {
-            config = config.changelog(topic);
-        }
-        // An order event the outbox relay published twice (at least once,
-        // or an older relay) gets one fulfillment outcome.
-        config = config.deduplication(Some(herald_kafka::processor::Deduplication {
-            topic: Some(crate::fulfillment::completed_topic(&self.fulfillment_topic)),
-            ..herald_kafka::processor::Deduplication::default()
-        }));
+        .topic_durability(self.topic_durability)
+        .changelog(changelog)
+        .partitioned_state(true);
         for (k, v) in &self.kafka_settings {
             config = config
                 .set(k.clone(), v.clone())
                 .set_producer(k.clone(), v.clone());
         }
-        let transform =
-            crate::fulfillment::Fulfillment::new(&self.fulfillment_topic, self.stock.clone());
-        herald_kafka::Processor::new(config, transform)
-            .context("configuring the fulfillment processor")
+        config
     }
 }

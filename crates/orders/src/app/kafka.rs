@@ -11,28 +11,31 @@ use rdkafka::types::RDKafkaErrorCode;
 
 use super::Config;
 
-/// The topics that keep state: the fulfillment processor's two changelogs
-/// and its completed ids, and the consumers' parked-key table. Compacted,
-/// one partition each.
-fn state_topics(config: &Config) -> [String; 4] {
-    let [stock, reservations] = crate::fulfillment::changelog_topics(&config.fulfillment_topic);
-    [
-        stock,
-        reservations,
-        crate::fulfillment::completed_topic(&config.fulfillment_topic),
-        herald_kafka::parking::DEFAULT_PARKED_TOPIC.to_owned(),
-    ]
-}
-
-/// The service's topics with their partitions, the processor's state last.
+/// The service's topics with their partitions. The fulfillment
+/// topology's internal and state topics have the partition count of
+/// `order-events`: its state is partitioned like its inputs.
 pub(super) fn topic_plan(config: &Config) -> Vec<(String, i32)> {
+    let fulfillment = crate::fulfillment::Topics::of(&config.fulfillment_topic);
     let mut plan = vec![
         (config.topics.events.clone(), config.partitions),
         (format!("{}.dlq", config.topics.events), config.partitions),
         (config.fulfillment_topic.clone(), config.partitions),
     ];
-    plan.extend(state_topics(config).map(|topic| (topic, 1)));
+    plan.extend(
+        fulfillment
+            .internal()
+            .map(|topic| (topic.to_owned(), config.partitions)),
+    );
+    // The consumers' parked-key table.
+    plan.push((herald_kafka::parking::DEFAULT_PARKED_TOPIC.to_owned(), 1));
     plan
+}
+
+/// Whether `topic` of the plan keeps state, so is compacted (the latest
+/// value per key stays).
+fn is_compacted(config: &Config, topic: &str) -> bool {
+    topic == herald_kafka::parking::DEFAULT_PARKED_TOPIC
+        || crate::fulfillment::Topics::of(&config.fulfillment_topic).is_compacted(topic)
 }
 
 /// How long the start-up of a process that needs Kafka waits for a broker
@@ -77,7 +80,6 @@ pub async fn ensure_topics(config: &Config) -> anyhow::Result<()> {
         .create()
         .context("creating the Kafka admin client (check --kafka-setting)")?;
     let plan = topic_plan(config);
-    let compacted = state_topics(config);
     let durability = config.topic_durability;
     // -1 asks the broker for its default.replication.factor (KIP-464).
     let replicas = durability
@@ -93,8 +95,7 @@ pub async fn ensure_topics(config: &Config) -> anyhow::Result<()> {
             if let Some(min_insync) = &min_insync {
                 topic = topic.set("min.insync.replicas", min_insync);
             }
-            // State: compacted, so the latest value per key stays.
-            if compacted.contains(name) {
+            if is_compacted(config, name) {
                 topic.set("cleanup.policy", "compact")
             } else {
                 topic

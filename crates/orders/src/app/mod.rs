@@ -363,7 +363,9 @@ impl Application {
             // Made once here, so that bad configuration fails the start-up.
             let first = config.fulfillment_processor()?;
             let stats = first.stats();
-            metrics.register_processor(Arc::clone(&stats));
+            for (step, stats) in ["orders", "skus"].into_iter().zip(&stats) {
+                metrics.register_processor(step, Arc::clone(stats));
+            }
             let (stop, health, config) = (shutdown.clone(), health.clone(), config.clone());
             let pool = store.postgres().cloned();
             let mut first = Some(first);
@@ -374,15 +376,15 @@ impl Application {
                 supervise("fulfillment", health.clone(), stop.clone(), move || {
                     let processor = match first.take() {
                         Some(processor) => processor,
-                        None => config
-                            .fulfillment_processor()?
-                            .with_stats(Arc::clone(&stats)),
+                        None => config.fulfillment_processor()?.with_stats(stats.clone()),
                     };
                     let (stop, health, pool) = (stop.clone(), health.clone(), pool.clone());
                     let lock = format!("orders-fulfillment {}", processor.transactional_id());
                     Ok(async move {
-                        // One active instance per transactional id: a second
-                        // process started against the same database stands by.
+                        // One active process per instance id (its
+                        // transactional ids): a second one started against
+                        // the same database stands by. Distinct ids share
+                        // the work.
                         let _held = match &pool {
                             Some(pool) => {
                                 match single_active(pool, &lock, "fulfillment", &health, &stop)

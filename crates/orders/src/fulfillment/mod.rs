@@ -1,38 +1,86 @@
-//! The fulfillment processor: `order-events` → `fulfillment-events`, exactly
-//! once (herald's [`Processor`], Kafka transactions).
+//! The fulfillment topology: `order-events` → `fulfillment-events`, exactly
+//! once at each hop (herald's [`Processor`](herald_kafka::Processor), Kafka
+//! transactions), with its state partitioned so that any number of
+//! instances share the work.
 //!
-//! - `OrderCreated` → `InventoryReserved` when every SKU has enough stock
-//!   (the stock goes down), else `OrderRejected` (out-of-stock SKUs named).
-//! - `OrderCancelled` → `InventoryReleased` for a reserved order (the stock
-//!   goes back up); nothing for a rejected or unknown one.
+//! What it answers, per order, on `fulfillment-events` (keyed by order):
+//! - `OrderCreated` → exactly one `InventoryReserved` when every SKU had
+//!   enough stock (the stock goes down), else exactly one `OrderRejected`
+//!   (the short SKUs named), followed by an `InventoryReleased` of the
+//!   lines whose SKUs had already been set aside for it, if any.
+//! - `OrderCancelled` of a reserved order → `InventoryReleased` (the stock
+//!   goes back up); nothing for a rejected or unknown one. A cancel that
+//!   arrives while the order is still being reserved is applied when the
+//!   outcome is known: `InventoryReserved` then `InventoryReleased`.
 //! - `OrderShipped` → the reservation is settled (no output).
 //!
-//! # State, and how it survives a restart
+//! # Two steps, two keys
 //!
-//! The stock per SKU and the reservation per order are processor state. Every
-//! change is written to a compacted changelog topic (`<output>.stock`,
-//! `<output>.reservations`) as one more output of the same Kafka transaction
-//! as the events it explains, so state and outputs commit or abort together.
-//! At start the processor first fences its previous incarnation (same
-//! transactional id), then reads both changelogs `read_committed` to their
-//! end: the rebuilt state is exactly what the committed outputs imply, never
-//! what an aborted transaction half did.
+//! Stock is per SKU, orders are keyed by order id: no single partitioning
+//! fits both. So fulfillment is two processors joined by internal topics,
+//! the way Kafka Streams repartitions:
 //!
-//! Stock is global (any order may take any SKU) while inputs are partitioned
-//! by order id, so the state is correct with ONE active fulfillment instance
-//! (a restarted one takes over under the same `--instance-id`). Running
-//! several at once would need the orders re-keyed by SKU first.
+//! ```text
+//! order-events ─┐                                  ┌─> fulfillment-events
+//!               ├─> [orders step]  ── <out>.sku-requests (key: SKU) ──> [SKUs step]
+//! <out>.sku-answers (key: order) <──────────────────────────────────────────┘
+//! ```
+//!
+//! - The **orders step** ([`orders::OrderStep`], group `<prefix>-fulfillment`)
+//!   reads `order-events` and `<out>.sku-answers`, both keyed by order id
+//!   and with one partition count, so an order's events and its answers
+//!   meet in one partition. Its state is the orders in flight and the
+//!   reservations held (`<out>.order-state`). It asks the SKUs step for
+//!   each SKU of a new order (`ReserveSku`, keyed by SKU), collects the
+//!   answers, and emits the outcome; releases go back as `ReleaseSku`.
+//! - The **SKUs step** ([`skus::SkuStep`], group `<prefix>-fulfillment-skus`)
+//!   reads `<out>.sku-requests`, keyed by SKU: each SKU's stock lives in
+//!   exactly one partition (`<out>.sku-stock`), so reservations of one SKU
+//!   are serialized without any global lock. It answers each `ReserveSku`
+//!   with `SkuReserved` or `SkuShort` on `<out>.sku-answers`.
+//!
+//! Every output of a step (its answers, requests, outcomes and state
+//! changes) commits in one transaction with the offsets of the inputs that
+//! caused it, and each step reads `read_committed`: an aborted attempt is
+//! invisible downstream, so each hop is exactly once and the whole is too.
+//! State is partitioned like each step's input
+//! ([`ProcessorConfig::partitioned_state`](herald_kafka::ProcessorConfig::partitioned_state)):
+//! an instance restores a partition's state when the partition is assigned
+//! and drops it when it is revoked, so instances with distinct
+//! `--instance-id`s may come and go freely.
+//!
+//! A partial reservation is visible to other orders until it is released:
+//! two orders competing for the last units of two SKUs can both be
+//! rejected where one-step fulfillment would have reserved one of them.
+//! That is the price of not locking the whole stock per order.
+//!
+//! # Topics
+//!
+//! All the internal and state topics have the partition count of
+//! `order-events` (the processors refuse to start otherwise). They replace
+//! the single-instance topology's `<out>.stock`, `<out>.reservations` and
+//! `<out>.completed`, which are left alone: a deployment moving to this
+//! topology starts its stock from `--initial-stock`, and a cancel of an
+//! order reserved before the move releases nothing.
 
-use std::collections::{BTreeMap, BTreeSet};
+pub mod orders;
+pub mod skus;
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::sync::Arc;
 
 use chrono::Utc;
-use herald::HandlerError;
-use herald_kafka::processor::{ChangelogRecord, ChangelogTable, Input, Transform};
-use herald_kafka::OutgoingRecord;
+use herald_kafka::processor::ProcessorStats;
+use herald_kafka::{Processor, ProcessorError};
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::domain::{OrderEvent, OrderItem};
+use crate::domain::OrderItem;
+
+pub use orders::{OrderStep, OrderStepInput};
+pub use skus::SkuStep;
 
 /// Stock was set aside for an order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, herald::EventPayload)]
@@ -72,7 +120,8 @@ pub struct OrderRejected {
     pub timestamp: chrono::DateTime<Utc>,
 }
 
-/// Reserved stock went back (the order was cancelled).
+/// Reserved stock went back: the order was cancelled, or it was rejected
+/// after some of its SKUs had been set aside.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, herald::EventPayload)]
 pub struct InventoryReleased {
     /// Event id.
@@ -83,7 +132,8 @@ pub struct InventoryReleased {
     pub order_id: Uuid,
     /// What was released.
     pub items: Vec<OrderItem>,
-    /// The input event it answers.
+    /// The input event it answers (the cancel, or the `OrderCreated` of a
+    /// rejected order).
     pub caused_by: Uuid,
     /// When.
     #[event(time)]
@@ -103,16 +153,54 @@ pub enum FulfillmentEvent {
     InventoryReleased(InventoryReleased),
 }
 
-/// The changelog topics of the fulfillment state, for an output topic.
-pub fn changelog_topics(output: &str) -> [String; 2] {
-    [format!("{output}.stock"), format!("{output}.reservations")]
+/// The topology's topics besides `order-events` and the output, for an
+/// output topic (`fulfillment-events`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    /// The outcomes (`fulfillment-events`).
+    pub output: String,
+    /// Orders step → SKUs step, keyed by SKU.
+    pub sku_requests: String,
+    /// SKUs step → orders step, keyed by order.
+    pub sku_answers: String,
+    /// The orders step's changelog: orders in flight and reservations held.
+    pub order_state: String,
+    /// The orders step's completed input ids (its duplicate filter).
+    pub order_completed: String,
+    /// The SKUs step's changelog: stock per SKU.
+    pub sku_stock: String,
 }
 
-/// The topic of the event ids the fulfillment processor completed (its
-/// duplicate-input filter, `herald_kafka::processor::dedup`), for an output
-/// topic.
-pub fn completed_topic(output: &str) -> String {
-    format!("{output}.completed")
+impl Topics {
+    /// The topics of the topology writing to `output`.
+    pub fn of(output: &str) -> Self {
+        Self {
+            output: output.to_owned(),
+            sku_requests: format!("{output}.sku-requests"),
+            sku_answers: format!("{output}.sku-answers"),
+            order_state: format!("{output}.order-state"),
+            order_completed: format!("{output}.order-completed"),
+            sku_stock: format!("{output}.sku-stock"),
+        }
+    }
+
+    /// The internal and state topics, each with the input's partition count.
+    pub fn internal(&self) -> [&str; 5] {
+        [
+            &self.sku_requests,
+            &self.sku_answers,
+            &self.order_state,
+            &self.order_completed,
+            &self.sku_stock,
+        ]
+    }
+
+    /// The compacted ones among [`Topics::internal`].
+    pub fn is_compacted(&self, topic: &str) -> bool {
+        [&self.order_state, &self.order_completed, &self.sku_stock]
+            .iter()
+            .any(|t| t.as_str() == topic)
+    }
 }
 
 /// Fulfillment settings.
@@ -124,145 +212,149 @@ pub struct Stock {
     pub initial: i64,
 }
 
-/// The fulfillment transform and its state.
-#[derive(Debug)]
-pub struct Fulfillment {
-    output: String,
-    settings: Stock,
-    stock: ChangelogTable<i64>,
-    reservations: ChangelogTable<Vec<OrderItem>>,
+/// The two processors of one fulfillment instance, run together.
+pub struct Topology {
+    /// The orders step.
+    pub orders: Processor<OrderStepInput, OrderStep>,
+    /// The SKUs step.
+    pub skus: Processor<SkuRequest, SkuStep>,
 }
 
-impl Fulfillment {
-    /// A transform writing to `output` (`fulfillment-events`).
-    pub fn new(output: impl Into<String>, settings: Stock) -> Self {
-        let output = output.into();
-        let [stock, reservations] = changelog_topics(&output);
-        Self {
-            output,
-            settings,
-            stock: ChangelogTable::new(stock),
-            reservations: ChangelogTable::new(reservations),
-        }
-    }
-
-    fn available(&self, sku: &str) -> i64 {
-        if self.settings.out_of_stock.contains(sku) {
-            return 0;
-        }
-        self.stock
-            .get(sku)
-            .copied()
-            .unwrap_or(self.settings.initial)
-    }
-
-    fn created(
-        &mut self,
-        e: &crate::domain::OrderCreated,
-        input: &Input,
-    ) -> Result<Vec<OutgoingRecord>, HandlerError> {
-        // The same SKU may appear on several lines: check the sum.
-        let mut wanted: BTreeMap<&str, i64> = BTreeMap::new();
-        for item in &e.items {
-            *wanted.entry(item.sku.as_str()).or_default() += i64::from(item.quantity);
-        }
-        let short: Vec<String> = wanted
-            .iter()
-            .filter(|(sku, n)| self.available(sku) < **n)
-            .map(|(sku, _)| (*sku).to_owned())
-            .collect();
-        let now = Utc::now();
-        if !short.is_empty() {
-            let event = FulfillmentEvent::OrderRejected(OrderRejected {
-                event_id: Uuid::new_v4(),
-                order_id: e.order_id,
-                reason: format!("not enough stock of {}", short.join(", ")),
-                out_of_stock: short,
-                caused_by: e.event_id,
-                timestamp: now,
-            });
-            return Ok(vec![input.output(&self.output, &event)?]);
-        }
-        let mut outputs = Vec::with_capacity(wanted.len() + 2);
-        for (sku, n) in wanted {
-            let left = self.available(sku) - n;
-            outputs.push(self.stock.put(sku, left)?);
-        }
-        outputs.push(
-            self.reservations
-                .put(e.order_id.to_string(), e.items.clone())?,
-        );
-        let event = FulfillmentEvent::InventoryReserved(InventoryReserved {
-            event_id: Uuid::new_v4(),
-            order_id: e.order_id,
-            items: e.items.clone(),
-            caused_by: e.event_id,
-            timestamp: now,
-        });
-        outputs.push(input.output(&self.output, &event)?);
-        Ok(outputs)
-    }
-
-    fn cancelled(
-        &mut self,
-        e: &crate::domain::OrderCancelled,
-        input: &Input,
-    ) -> Result<Vec<OutgoingRecord>, HandlerError> {
-        let key = e.order_id.to_string();
-        let Some(items) = self.reservations.get(&key).cloned() else {
-            return Ok(Vec::new());
-        };
-        let mut outputs = Vec::with_capacity(items.len() + 2);
-        for item in &items {
-            let back = self.available(&item.sku) + i64::from(item.quantity);
-            outputs.push(self.stock.put(item.sku.clone(), back)?);
-        }
-        outputs.push(self.reservations.remove(&key));
-        let event = FulfillmentEvent::InventoryReleased(InventoryReleased {
-            event_id: Uuid::new_v4(),
-            order_id: e.order_id,
-            items,
-            caused_by: e.event_id,
-            timestamp: Utc::now(),
-        });
-        outputs.push(input.output(&self.output, &event)?);
-        Ok(outputs)
+impl std::fmt::Debug for Topology {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Topology")
+            .field("orders", &self.orders)
+            .field("skus", &self.skus)
+            .finish()
     }
 }
 
-impl Transform<OrderEvent> for Fulfillment {
-    async fn process(
-        &mut self,
-        event: OrderEvent,
-        input: Input,
-    ) -> Result<Vec<OutgoingRecord>, HandlerError> {
-        match &event {
-            OrderEvent::OrderCreated(e) => self.created(e, &input),
-            OrderEvent::OrderCancelled(e) => self.cancelled(e, &input),
-            OrderEvent::OrderShipped(e) => {
-                // Shipped: the reserved stock is gone for good.
-                let key = e.order_id.to_string();
-                Ok(if self.reservations.get(&key).is_some() {
-                    vec![self.reservations.remove(&key)]
-                } else {
-                    Vec::new()
-                })
+impl Topology {
+    /// The orders step's transactional id, which names the instance.
+    pub fn transactional_id(&self) -> String {
+        self.orders.transactional_id()
+    }
+
+    /// The live counters of both steps (orders, SKUs).
+    pub fn stats(&self) -> [Arc<ProcessorStats>; 2] {
+        [self.orders.stats(), self.skus.stats()]
+    }
+
+    /// Counts into `stats` (from [`Topology::stats`] of an earlier one).
+    pub fn with_stats(mut self, [orders, skus]: [Arc<ProcessorStats>; 2]) -> Self {
+        self.orders = self.orders.with_stats(orders);
+        self.skus = self.skus.with_stats(skus);
+        self
+    }
+
+    /// Runs both steps until `shutdown` completes or one of them stops on
+    /// an error; then the other is stopped too (it commits what it has) and
+    /// the first error is returned.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), ProcessorError> {
+        let stop = CancellationToken::new();
+        let mut orders = std::pin::pin!(self.orders.run(stop.clone().cancelled_owned()));
+        let mut skus = std::pin::pin!(self.skus.run(stop.clone().cancelled_owned()));
+        tokio::select! {
+            () = shutdown => {
+                stop.cancel();
+                let (orders, skus) = tokio::join!(orders, skus);
+                orders.and(skus)
+            }
+            ended = &mut orders => {
+                stop.cancel();
+                ended.and(skus.await)
+            }
+            ended = &mut skus => {
+                stop.cancel();
+                ended.and(orders.await)
             }
         }
     }
+}
 
-    fn restore(&mut self, record: &ChangelogRecord) -> Result<(), HandlerError> {
-        self.stock.restore(record)?;
-        self.reservations.restore(record)
-    }
+/// Asks for, or gives back, units of one SKU (orders step → SKUs step, on
+/// `<out>.sku-requests`, keyed by SKU).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, herald::Event)]
+#[serde(tag = "event_type")]
+#[event(aggregate = "sku")]
+pub enum SkuRequest {
+    /// Take units if there are enough; answered on `<out>.sku-answers`.
+    ReserveSku(SkuChange),
+    /// Put units back (never answered).
+    ReleaseSku(SkuChange),
+}
 
-    fn commit(&mut self) {
-        self.stock.commit();
-        self.reservations.commit();
-    }
+/// The body of a [`SkuRequest`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, herald::EventPayload)]
+pub struct SkuChange {
+    /// Event id.
+    #[event(id)]
+    pub event_id: Uuid,
+    /// The SKU (the key).
+    #[event(key)]
+    pub sku: String,
+    /// Units.
+    pub quantity: i64,
+    /// The order asking.
+    pub order_id: Uuid,
+    /// When.
+    #[event(time)]
+    pub timestamp: chrono::DateTime<Utc>,
+}
 
-    fn rollback(&mut self) {
-        self.stock.rollback();
-        self.reservations.rollback();
-    }
+/// The SKUs step's answer to a `ReserveSku` (on `<out>.sku-answers`, keyed
+/// by order).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, herald::Event)]
+#[serde(tag = "event_type")]
+#[event(aggregate = "order")]
+pub enum SkuAnswer {
+    /// See [`SkuReserved`].
+    SkuReserved(SkuReserved),
+    /// See [`SkuShort`].
+    SkuShort(SkuShort),
+}
+
+/// The units were set aside for the order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, herald::EventPayload)]
+pub struct SkuReserved {
+    /// Event id.
+    #[event(id)]
+    pub event_id: Uuid,
+    /// The order (the key).
+    #[event(key)]
+    pub order_id: Uuid,
+    /// The SKU.
+    pub sku: String,
+    /// Units set aside.
+    pub quantity: i64,
+    /// The `ReserveSku` it answers.
+    pub caused_by: Uuid,
+    /// When.
+    #[event(time)]
+    pub timestamp: chrono::DateTime<Utc>,
+}
+
+/// Not enough units: nothing was set aside.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, herald::EventPayload)]
+pub struct SkuShort {
+    /// Event id.
+    #[event(id)]
+    pub event_id: Uuid,
+    /// The order (the key).
+    #[event(key)]
+    pub order_id: Uuid,
+    /// The SKU.
+    pub sku: String,
+    /// Units asked for.
+    pub wanted: i64,
+    /// Units there were.
+    pub available: i64,
+    /// The `ReserveSku` it answers.
+    pub caused_by: Uuid,
+    /// When.
+    #[event(time)]
+    pub timestamp: chrono::DateTime<Utc>,
 }

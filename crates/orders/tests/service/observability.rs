@@ -257,10 +257,26 @@ async fn metrics_count_what_was_done_and_the_dashboard_uses_only_exported_names(
         groups.len() == 2 && groups.iter().all(|s| s.value == 5.0)
     })
     .await;
-    // The fulfillment processor committed its 4 + 1 inputs.
-    let text = scrape_until(&client, &p.base, "the processor to commit 5 inputs", |t| {
-        sum(t, "herald_processor_inputs_committed_total", &[]) == 5.0
-    })
+    // The fulfillment topology committed every input of both steps: the
+    // SKUs step 4 × 2 reservation requests, the orders step the 4 + 1 order
+    // events and the 8 answers.
+    let text = scrape_until(
+        &client,
+        &p.base,
+        "the processor to commit its inputs",
+        |t| {
+            sum(
+                t,
+                "herald_processor_inputs_committed_total",
+                &[("step", "skus")],
+            ) == 8.0
+                && sum(
+                    t,
+                    "herald_processor_inputs_committed_total",
+                    &[("step", "orders")],
+                ) == 13.0
+        },
+    )
     .await;
     assert!(sum(&text, "herald_processor_transactions_committed_total", &[]) >= 1.0);
     // Lag comes from librdkafka's statistics (every 5 s): every owned

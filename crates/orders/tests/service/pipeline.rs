@@ -589,12 +589,11 @@ async fn the_start_up_checks_the_topics_replication() {
         config.fulfillment_topic.clone(),
     ]
     .into_iter()
-    .chain(orders::fulfillment::changelog_topics(
-        &config.fulfillment_topic,
-    ))
-    .chain([orders::fulfillment::completed_topic(
-        &config.fulfillment_topic,
-    )])
+    .chain(
+        orders::fulfillment::Topics::of(&config.fulfillment_topic)
+            .internal()
+            .map(str::to_owned),
+    )
     .collect();
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let _ = admin.delete_topics(&names, &AdminOptions::new()).await;

@@ -238,15 +238,15 @@ impl Pipeline {
         // Topics are random per test: remove them.
         let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
             self.kafka.config().create().expect("admin");
-        let [stock, reservations] =
-            orders::fulfillment::changelog_topics(&self.config.fulfillment_topic);
-        let names = [
+        let fulfillment = orders::fulfillment::Topics::of(&self.config.fulfillment_topic);
+        let names: Vec<String> = [
             self.config.topics.events.clone(),
             format!("{}.dlq", self.config.topics.events),
             self.config.fulfillment_topic.clone(),
-            stock,
-            reservations,
-        ];
+        ]
+        .into_iter()
+        .chain(fulfillment.internal().map(str::to_owned))
+        .collect();
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         let _ = admin
             .delete_topics(&refs, &rdkafka::admin::AdminOptions::new())
