@@ -145,16 +145,41 @@ pub async fn until_answered(
     }
 }
 
+/// The SKUs the fault scenarios' orders draw from: few enough that orders
+/// compete for them, so the fulfillment stock runs out mid-run.
+const SKUS: u64 = 8;
+/// The fleet's `--initial-stock` (the service's default).
+pub const INITIAL_STOCK: i64 = 1_000;
+
 /// Places an order under `key` until the API accepts it (201): a retry
-/// under the same Idempotency-Key never makes a second order.
+/// under the same Idempotency-Key never makes a second order. Its lines
+/// (1–3 of the [`SKUS`], 1–3 units each) follow from the key, so a retry
+/// sends the same order.
 pub async fn place(client: &reqwest::Client, base: &str, key: &str) -> Uuid {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut hasher);
+    let mut bits = hasher.finish();
+    let mut take = |n: u64| {
+        let value = bits % n;
+        bits /= n;
+        value
+    };
+    let lines = 1 + take(3);
+    let first = take(SKUS);
+    let items: Vec<serde_json::Value> = (0..lines)
+        .map(|line| {
+            serde_json::json!({
+                "sku": format!("SKU-{}", (first + line) % SKUS),
+                "quantity": 1 + take(3),
+                "unit_price": "2.50",
+            })
+        })
+        .collect();
     let order = serde_json::json!({
         "customer_id": Uuid::new_v4(),
         "currency": "EUR",
-        "items": [
-            { "sku": "BOOK-1", "quantity": 1, "unit_price": "12.50" },
-            { "sku": "PEN-2", "quantity": 2, "unit_price": "0.99" }
-        ]
+        "items": items,
     });
     let response = until_answered(&format!("POST /orders (key {key})"), &[201], || {
         client
@@ -513,17 +538,25 @@ impl Accepted {
                 .fetch_one(pool)
                 .await
                 .map_err(|e| e.to_string())?;
-        let outcomes = tokio::task::block_in_place(|| self.outcomes()).len() as i64;
+        // The releases the outcomes imply are applied to the stock after
+        // the outcomes: caught up once the stock accounts for them too.
+        let (outcomes, stock) = tokio::task::block_in_place(|| {
+            let events = self.outcomes();
+            let outcomes = outcomes_per_order(&events).len() as i64;
+            (outcomes, self.stock_problems(&events))
+        });
         if views >= expected
             && cancelled_views >= self.cancelled.len() as i64
             && notified >= events_expected
             && pending == 0
             && outcomes >= expected
+            && stock.is_empty()
         {
             Ok(())
         } else {
             Err(format!(
-                "views {views}, notified orders {notified}, outbox pending {pending}, outcomes {outcomes}"
+                "views {views}, notified orders {notified}, outbox pending {pending}, \
+                 orders with an outcome {outcomes}, stock off for {stock:?}"
             ))
         }
     }
@@ -560,7 +593,7 @@ impl Accepted {
     /// final state; the outbox is empty. Returns how many cancelled orders
     /// kept their reservation (allowed: see the comment below). `report`
     /// goes with every failure.
-    pub async fn assert_effectively_once(&self, pool: &sqlx::PgPool, report: &str) -> usize {
+    pub async fn assert_effectively_once(&self, pool: &sqlx::PgPool, report: &str) {
         let orders: BTreeSet<Uuid> = sqlx::query_scalar("SELECT id FROM orders")
             .fetch_all(pool)
             .await
@@ -572,48 +605,42 @@ impl Accepted {
             "the orders table holds exactly the accepted orders\n{report}"
         );
 
-        let mut outcomes: BTreeMap<Uuid, Vec<&'static str>> = BTreeMap::new();
         let events = self.outcomes();
-        for event in &events {
-            let (kind, order) = match event {
-                FulfillmentEvent::InventoryReserved(e) => ("reserved", e.order_id),
-                FulfillmentEvent::OrderRejected(e) => ("rejected", e.order_id),
-                FulfillmentEvent::InventoryReleased(e) => ("released", e.order_id),
-            };
-            outcomes.entry(order).or_default().push(kind);
-        }
-        // Read per partition in offset order, so per order in its key's order:
-        // exactly one outcome first; for a cancelled order at most one release,
-        // and only after a reservation. (A release can be missing: the two
-        // processors each restore the reservations once, at start, so one that
-        // takes over an order another reserved after it started does not know
-        // the reservation and releases nothing. Partitioned state is issue #18.)
+        let outcomes = outcomes_per_order(&events);
+        // Read per partition in offset order, so per order in its key's
+        // order: exactly one outcome first, then at most one release: of a
+        // reservation when the order was cancelled (always: the topology's
+        // state follows its partitions), or of the SKUs set aside for a
+        // rejected order.
         let wrong: Vec<_> = outcomes
             .iter()
             .filter(|(order, kinds)| {
                 let allowed: &[&[&str]] = if self.cancelled.contains(order) {
-                    &[&["reserved", "released"], &["reserved"], &["rejected"]]
+                    &[
+                        &["reserved", "released"],
+                        &["rejected"],
+                        &["rejected", "released"],
+                    ]
                 } else {
-                    &[&["reserved"], &["rejected"]]
+                    &[&["reserved"], &["rejected"], &["rejected", "released"]]
                 };
                 !allowed.contains(&kinds.as_slice())
             })
             .take(5)
             .collect();
-        let unreleased = outcomes
-            .iter()
-            .filter(|(order, kinds)| {
-                self.cancelled.contains(order) && kinds.as_slice() == ["reserved"]
-            })
-            .count();
         assert!(
             wrong.is_empty(),
-            "orders whose fulfillment is not one outcome (and at most one release after a reservation if cancelled), in order: {wrong:?}\n{report}"
+            "orders whose fulfillment is not one outcome (and a release where one is due), in order: {wrong:?}\n{report}"
         );
         assert_eq!(
             outcomes.keys().copied().collect::<BTreeSet<_>>(),
             self.ids,
             "an outcome for each accepted order and no other\n{report}"
+        );
+        let stock = self.stock_problems(&events);
+        assert!(
+            stock.is_empty(),
+            "the stock per SKU is not the initial stock minus what reserved, uncancelled orders hold: {stock:?}\n{report}"
         );
 
         let notifications: Vec<(Uuid, i64)> =
@@ -668,13 +695,75 @@ impl Accepted {
         assert_eq!(pending, 0, "the outbox is drained\n{report}");
         // The run's figures for a soak's or a closing note's table (shown
         // with --nocapture; every count below was asserted above).
+        let rejected = outcomes.values().filter(|k| k[0] == "rejected").count();
         eprintln!(
-            "judged: {} orders, {} order events, {} fulfillment records read_committed; \
-             lost 0, duplicated 0, misordered 0; cancelled orders whose reservation stayed: {unreleased}",
+            "judged: {} orders ({rejected} rejected, {} cancelled), {} order events, \
+             {} fulfillment records read_committed; lost 0, duplicated 0, misordered 0; \
+             stock per SKU accounted for",
             self.ids.len(),
+            self.cancelled.len(),
             self.ids.len() + self.cancelled.len(),
             events.len(),
         );
-        unreleased
     }
+
+    /// The SKUs whose stock, as the fulfillment topology's SKU changelog
+    /// holds it (`read_committed`, last value per SKU), is not
+    /// [`INITIAL_STOCK`] minus the units of the orders that are reserved and
+    /// not released, with both figures.
+    pub fn stock_problems(&self, events: &[FulfillmentEvent]) -> Vec<String> {
+        // Per order in its key's order: a release ends what a reservation
+        // held (a rejected order's release ends nothing public).
+        let mut held = BTreeMap::new();
+        for event in events {
+            match event {
+                FulfillmentEvent::InventoryReserved(e) => {
+                    held.insert(e.order_id, &e.items);
+                }
+                FulfillmentEvent::InventoryReleased(e) => {
+                    held.remove(&e.order_id);
+                }
+                FulfillmentEvent::OrderRejected(_) => {}
+            }
+        }
+        let mut expected: BTreeMap<String, i64> = BTreeMap::new();
+        for item in held.values().flat_map(|items| items.iter()) {
+            *expected.entry(item.sku.clone()).or_insert(INITIAL_STOCK) -= i64::from(item.quantity);
+        }
+        let topic = orders::fulfillment::Topics::of(&self.fulfillment_topic).sku_stock;
+        let mut found: BTreeMap<String, i64> = BTreeMap::new();
+        for message in herald_test::Kafka::at(&self.brokers).read_to_end(
+            &topic,
+            self.partitions,
+            "read_committed",
+        ) {
+            use rdkafka::Message as _;
+            let sku = String::from_utf8_lossy(message.key().expect("a SKU")).into_owned();
+            let units: i64 =
+                serde_json::from_slice(message.payload().expect("units")).expect("units as JSON");
+            found.insert(sku, units);
+        }
+        let skus: BTreeSet<&String> = expected.keys().chain(found.keys()).collect();
+        skus.into_iter()
+            .filter_map(|sku| {
+                let want = expected.get(sku).copied().unwrap_or(INITIAL_STOCK);
+                let have = found.get(sku).copied().unwrap_or(INITIAL_STOCK);
+                (want != have).then(|| format!("{sku}: {have} in stock, {want} expected"))
+            })
+            .collect()
+    }
+}
+
+/// The kinds of fulfillment records per order, in the order read.
+fn outcomes_per_order(events: &[FulfillmentEvent]) -> BTreeMap<Uuid, Vec<&'static str>> {
+    let mut outcomes: BTreeMap<Uuid, Vec<&'static str>> = BTreeMap::new();
+    for event in events {
+        let (kind, order) = match event {
+            FulfillmentEvent::InventoryReserved(e) => ("reserved", e.order_id),
+            FulfillmentEvent::OrderRejected(e) => ("rejected", e.order_id),
+            FulfillmentEvent::InventoryReleased(e) => ("released", e.order_id),
+        };
+        outcomes.entry(order).or_default().push(kind);
+    }
+    outcomes
 }
