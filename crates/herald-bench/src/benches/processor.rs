@@ -28,6 +28,18 @@
 //! (the processor joined its group), then `--warmup-secs` of warm-up; only
 //! the `--rate` × `--seconds` records after that are measured.
 //!
+//! **Scale.** The same exactly-once processor, now with state partitioned
+//! like its input (`ProcessorConfig::partitioned_state`: a count per key in
+//! a [`ChangelogTable`], one changelog record and one output per input),
+//! runs as one instance and as [`SCALE_INSTANCES`] instances of one group
+//! (distinct instance ids, in one child process, each with its own
+//! consumer, transactional producer and thread), over the same
+//! pre-produced topic; timed from the first transform call of any instance
+//! to every input committed, joining and restoring included after that
+//! first call. The summary is the median of the per-round ratios. The
+//! latency part measures both shapes too (`state-1` and `state-3`), the
+//! several instances after `--group-warmup-secs` (the group forms first).
+//!
 //! **Time per transaction.** Every side of the throughput part also reports
 //! where its time per committed transaction (at least once: per batch)
 //! went — begin, process (polls, transforms, sends), offsets, deliveries,
@@ -42,7 +54,11 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{bail, ensure, Context};
 use clap::{Args, ValueEnum};
 use herald::HandlerError;
-use herald_kafka::processor::{Deduplication, Guarantee, Input, Processor, ProcessorConfig};
+use herald_kafka::processor::{
+    ChangelogRecord, ChangelogTable, Deduplication, Guarantee, Input, Processor, ProcessorConfig,
+    Transform,
+};
+use herald_kafka::OutgoingRecord;
 use herald_kafka::{Publisher, PublisherConfig};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -61,6 +77,9 @@ use crate::shared::{progress, CommonArgs};
 /// The throughput the processor with duplicate detection should keep,
 /// as a fraction of the same processor without it.
 pub const DEDUP_GOAL: f64 = 0.9;
+
+/// The instances of the scale part's larger side.
+pub const SCALE_INSTANCES: usize = 3;
 
 /// Flags of `herald-bench processor`.
 #[derive(Debug, Clone, Args)]
@@ -94,6 +113,12 @@ pub struct ProcessorArgs {
     /// Seconds of unmeasured warm-up after the first output arrived.
     #[arg(long, default_value_t = 2)]
     pub warmup_secs: u64,
+    /// The warm-up of the latency point with several instances: their
+    /// group forms meanwhile (each instance that joins makes an eager
+    /// rebalance, which drops and restores the state), and that is start-up,
+    /// not the steady latency measured.
+    #[arg(long, default_value_t = 10)]
+    pub group_warmup_secs: u64,
     /// Latency rounds; each measures every point, the order rotating.
     #[arg(long, default_value_t = 1)]
     pub latency_rounds: usize,
@@ -120,6 +145,8 @@ pub enum Part {
     Throughput,
     /// Output latency per transaction size.
     Latency,
+    /// One vs three instances with partitioned state.
+    Scale,
 }
 
 impl ProcessorArgs {
@@ -183,6 +210,35 @@ impl Mode {
     }
 }
 
+/// The scale part's sides: how many instances share the group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Instances {
+    /// One instance.
+    One,
+    /// [`SCALE_INSTANCES`] instances.
+    Several,
+}
+
+impl Sides for Instances {
+    const ALL: &'static [Self] = &[Instances::One, Instances::Several];
+
+    fn name(self) -> &'static str {
+        match self {
+            Instances::One => "1-instance",
+            Instances::Several => "3-instances",
+        }
+    }
+}
+
+impl Instances {
+    fn count(self) -> usize {
+        match self {
+            Instances::One => 1,
+            Instances::Several => SCALE_INSTANCES,
+        }
+    }
+}
+
 /// One processor, as a child runs it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SideSpec {
@@ -201,6 +257,13 @@ pub struct SideSpec {
     /// `--set-producer` settings.
     #[serde(default)]
     producer_settings: Vec<(String, String)>,
+    /// The changelog of a count per key, partitioned like the input
+    /// (`None`: no state).
+    #[serde(default)]
+    state: Option<String>,
+    /// Instances in the group (0 and 1 are one).
+    #[serde(default)]
+    instances: usize,
 }
 
 /// Runs the parts and returns the report.
@@ -214,6 +277,7 @@ pub async fn run(
     setup.insert("batch_sizes".into(), json!(args.batch_sizes));
     setup.insert("rate".into(), json!(args.rate));
     setup.insert("seconds".into(), json!(args.seconds));
+    setup.insert("group_warmup_secs".into(), json!(args.group_warmup_secs));
     if !args.producer_settings.is_empty() {
         let settings: serde_json::Map<String, Value> = args
             .producer_settings
@@ -224,6 +288,11 @@ pub async fn run(
     }
     let throughput = if args.runs(Part::Throughput) {
         Some(throughput(args, resources, setup.clone()).await?)
+    } else {
+        None
+    };
+    let scale = if args.runs(Part::Scale) {
+        Some(scale(args, resources, setup.clone()).await?)
     } else {
         None
     };
@@ -246,6 +315,7 @@ pub async fn run(
         setup,
         transaction_split,
         throughput,
+        scale,
         latency,
         rate: args.rate,
         batch_time_ms: args.batch_time_ms,
@@ -291,8 +361,10 @@ async fn throughput(
                 batch_size: args.batch_size,
                 batch_time_ms: args.batch_time_ms,
                 records: Some(common.records),
-                completed: completed_topic(resources, mode, &what).await?,
+                completed: completed_topic(resources, mode, &what, 1).await?,
                 producer_settings: args.producer_settings.clone(),
+                state: None,
+                instances: 1,
             };
             run_child(&AnySide::Processor(spec), common.side_timeout_secs, &[]).await
         })
@@ -311,18 +383,91 @@ async fn throughput(
     Ok(comparison)
 }
 
-/// A fresh completed-ids topic for a side that detects duplicates.
+/// A fresh completed-ids topic with `partitions` for a side that detects
+/// duplicates.
 async fn completed_topic(
     resources: &RunResources,
     mode: Mode,
     what: &str,
+    partitions: i32,
 ) -> anyhow::Result<Option<String>> {
     if mode != Mode::ExactlyOnce {
         return Ok(None);
     }
     Ok(Some(
-        resources.topic(&format!("{what}-completed"), 1).await?,
+        resources
+            .topic(&format!("{what}-completed"), partitions)
+            .await?,
     ))
+}
+
+/// One vs [`SCALE_INSTANCES`] instances of the exactly-once processor with
+/// partitioned state, over one pre-produced topic.
+async fn scale(
+    args: &ProcessorArgs,
+    resources: &RunResources,
+    setup: serde_json::Map<String, Value>,
+) -> anyhow::Result<SideComparison> {
+    let common = &args.common;
+    let input = filled_topic("processor", "scale-in", common, resources).await?;
+    let describe = |instances: Instances| {
+        format!(
+            "Processor, Guarantee::ExactlyOnce, partitioned state (a count per key), {} instance(s) of one group in one process",
+            instances.count()
+        )
+    };
+    let notes = vec![format!(
+        "both: one output and one changelog record per input, duplicate detection on, {} inputs or {} ms per transaction, the same pre-produced topic of {} partitions, fresh group, output, changelog and completed-ids topics per side; timed from the first transform call of any instance to the last input committed",
+        args.batch_size, args.batch_time_ms, common.partitions
+    )];
+    let mut comparison =
+        SideComparison::new("processor-scale", Instances::One, describe, setup, notes);
+    comparison
+        .run_rounds(common.rounds, async |round, instances: Instances| {
+            let what = format!("s{}-{}", round + 1, instances.name());
+            let spec =
+                stateful_spec(args, resources, &what, input.clone(), instances.count()).await?;
+            let spec = SideSpec {
+                records: Some(common.records),
+                ..spec
+            };
+            run_child(&AnySide::Processor(spec), common.side_timeout_secs, &[]).await
+        })
+        .await?;
+    Ok(comparison)
+}
+
+/// An exactly-once side with partitioned state and fresh topics, run by
+/// `instances` instances until stdin closes.
+async fn stateful_spec(
+    args: &ProcessorArgs,
+    resources: &RunResources,
+    what: &str,
+    input: String,
+    instances: usize,
+) -> anyhow::Result<SideSpec> {
+    let common = &args.common;
+    let mode = Mode::ExactlyOnce;
+    Ok(SideSpec {
+        mode,
+        brokers: common.brokers.clone(),
+        input,
+        output: resources
+            .topic(&format!("{what}-out"), common.partitions)
+            .await?,
+        group: resources.group(what),
+        batch_size: args.batch_size,
+        batch_time_ms: args.batch_time_ms,
+        records: None,
+        completed: completed_topic(resources, mode, what, common.partitions).await?,
+        producer_settings: args.producer_settings.clone(),
+        state: Some(
+            resources
+                .topic(&format!("{what}-state"), common.partitions)
+                .await?,
+        ),
+        instances,
+    })
 }
 
 /// One latency point of one round.
@@ -334,6 +479,9 @@ pub struct LatencyPoint {
     pub mode: Mode,
     /// Inputs per transaction (batch).
     pub batch_size: usize,
+    /// With partitioned state: how many instances shared the work
+    /// (`None`: one instance, no state).
+    pub stateful_instances: Option<usize>,
     /// Records measured (produced in the measured window and received).
     pub events: u64,
     /// Measured records whose output never arrived.
@@ -358,16 +506,38 @@ pub struct LatencyPoint {
     pub peak_rss_kib: u64,
 }
 
-/// The latency points: every `--batch-sizes` entry exactly once, then the
-/// at-least-once reference.
-fn latency_points(args: &ProcessorArgs) -> Vec<(Mode, usize)> {
-    let mut points: Vec<(Mode, usize)> = args
+/// What a latency point runs: a guarantee, a batch size and, with
+/// partitioned state, how many instances.
+type PointShape = (Mode, usize, Option<usize>);
+
+/// The latency points: every `--batch-sizes` entry exactly once, the
+/// at-least-once reference, then the scale part's two shapes at
+/// `--batch-size` (with partitioned state, one and [`SCALE_INSTANCES`]
+/// instances).
+fn latency_points(args: &ProcessorArgs) -> Vec<PointShape> {
+    let mut points: Vec<PointShape> = args
         .batch_sizes
         .iter()
-        .map(|&size| (Mode::ExactlyOnce, size))
+        .map(|&size| (Mode::ExactlyOnce, size, None))
         .collect();
-    points.push((Mode::AtLeastOnce, args.batch_size));
+    points.push((Mode::AtLeastOnce, args.batch_size, None));
+    for instances in Instances::ALL {
+        points.push((Mode::ExactlyOnce, args.batch_size, Some(instances.count())));
+    }
     points
+}
+
+/// A latency point's name in reports.
+fn point_name((mode, batch_size, stateful): PointShape) -> String {
+    let base = match mode {
+        Mode::ExactlyOnce => format!("batch {batch_size}"),
+        Mode::AtLeastOnce => format!("at-least-once batch {batch_size}"),
+        Mode::ExactlyOnceNoDedup => format!("no-dedup batch {batch_size}"),
+    };
+    match stateful {
+        None => base,
+        Some(n) => format!("{base}, state, {n} instance(s)"),
+    }
 }
 
 async fn latency(
@@ -385,44 +555,45 @@ async fn latency(
     let mut measured = Vec::new();
     for round in 0..args.latency_rounds {
         for i in rotation(points.len(), round) {
-            let (mode, batch_size) = points[i];
-            let what = format!("lat-r{}-{}-b{batch_size}", round + 1, mode.name());
+            let (mode, batch_size, stateful) = points[i];
+            let what = match stateful {
+                None => format!("lat-r{}-{}-b{batch_size}", round + 1, mode.name()),
+                Some(n) => format!("lat-r{}-state{n}-b{batch_size}", round + 1),
+            };
             let input = resources
                 .topic(&format!("{what}-in"), common.partitions)
                 .await?;
-            let output = resources
-                .topic(&format!("{what}-out"), common.partitions)
-                .await?;
-            let spec = SideSpec {
-                mode,
-                brokers: common.brokers.clone(),
-                input,
-                output,
-                group: resources.group(&what),
-                batch_size,
-                batch_time_ms: args.batch_time_ms,
-                records: None,
-                completed: completed_topic(resources, mode, &what).await?,
-                producer_settings: args.producer_settings.clone(),
+            let spec = match stateful {
+                Some(instances) => stateful_spec(args, resources, &what, input, instances).await?,
+                None => SideSpec {
+                    mode,
+                    brokers: common.brokers.clone(),
+                    input,
+                    output: resources
+                        .topic(&format!("{what}-out"), common.partitions)
+                        .await?,
+                    group: resources.group(&what),
+                    batch_size,
+                    batch_time_ms: args.batch_time_ms,
+                    records: None,
+                    completed: completed_topic(resources, mode, &what, 1).await?,
+                    producer_settings: args.producer_settings.clone(),
+                    state: None,
+                    instances: 1,
+                },
             };
+            let name = point_name(points[i]);
             let point =
                 measure_latency(args, resources, &publisher, &workload, spec, &mut next_seq)
                     .await
-                    .with_context(|| {
-                        format!(
-                            "latency round {} {} batch {batch_size}",
-                            round + 1,
-                            mode.name()
-                        )
-                    })?;
+                    .with_context(|| format!("latency round {} {name}", round + 1))?;
             let point = LatencyPoint {
                 round: round + 1,
                 ..point
             };
             progress(format!(
-                "processor latency round {} {} batch {batch_size}: {} records, p50 {:.1} ms, p99 {:.1} ms",
+                "processor latency round {} {name}: {} records, p50 {:.1} ms, p99 {:.1} ms",
                 round + 1,
-                mode.name(),
                 point.events,
                 point.latency.p50_ms,
                 point.latency.p99_ms
@@ -452,9 +623,14 @@ async fn measure_latency(
         common.side_timeout_secs,
         &[],
     )?;
+    let warmup = if spec.instances > 1 {
+        args.group_warmup_secs
+    } else {
+        args.warmup_secs
+    };
     let schedule = OpenLoop::new(
         args.rate,
-        Duration::from_secs(args.warmup_secs),
+        Duration::from_secs(warmup),
         u64::from(args.rate) * args.seconds,
     );
     // Every output of a committed transaction arrives within a batch time
@@ -473,10 +649,14 @@ async fn measure_latency(
             anyhow::Ok(sent)
         })
     });
-    Ok(figures(spec.mode, spec.batch_size, run.await?))
+    let stateful = spec.state.is_some().then_some(spec.instances.max(1));
+    Ok(figures((spec.mode, spec.batch_size, stateful), run.await?))
 }
 
-fn figures(mode: Mode, batch_size: usize, run: Measured<Sent>) -> LatencyPoint {
+fn figures(
+    (mode, batch_size, stateful_instances): PointShape,
+    run: Measured<Sent>,
+) -> LatencyPoint {
     // The first arrival of each output counts; later ones are duplicates.
     let mut first: HashMap<Uuid, SystemTime> = HashMap::with_capacity(run.arrivals.len());
     let mut duplicates = 0;
@@ -512,6 +692,7 @@ fn figures(mode: Mode, batch_size: usize, run: Measured<Sent>) -> LatencyPoint {
         round: 0,
         mode,
         batch_size,
+        stateful_instances,
         events: latencies.len() as u64,
         missing,
         duplicates,
@@ -524,20 +705,71 @@ fn figures(mode: Mode, batch_size: usize, run: Measured<Sent>) -> LatencyPoint {
     }
 }
 
-/// Runs one processor in this (child) process.
+/// The bench transform: one output per input (the input event
+/// re-encoded); with state, also a count per key, partitioned like the
+/// input, whose change is one more output.
+struct Counting {
+    output: String,
+    probe: Arc<Probe>,
+    counts: Option<ChangelogTable<u64>>,
+}
+
+impl Transform<BenchEvent> for Counting {
+    async fn process(
+        &mut self,
+        event: BenchEvent,
+        input: Input,
+    ) -> Result<Vec<OutgoingRecord>, HandlerError> {
+        self.probe.hit();
+        let output = input.output(&self.output, &event)?;
+        let Some(counts) = self.counts.as_mut() else {
+            return Ok(vec![output]);
+        };
+        let key = &input.envelope.key;
+        let count = counts.get(key).copied().unwrap_or(0) + 1;
+        Ok(vec![
+            counts.put_in(input.partition, key.clone(), count)?,
+            output,
+        ])
+    }
+
+    fn restore(&mut self, record: &ChangelogRecord) -> Result<(), HandlerError> {
+        self.counts.as_mut().map_or(Ok(()), |c| c.restore(record))
+    }
+
+    fn commit(&mut self) {
+        if let Some(counts) = self.counts.as_mut() {
+            counts.commit();
+        }
+    }
+
+    fn rollback(&mut self) {
+        if let Some(counts) = self.counts.as_mut() {
+            counts.rollback();
+        }
+    }
+
+    fn revoked(&mut self, partitions: &[i32]) {
+        if let Some(counts) = self.counts.as_mut() {
+            counts.drop_partitions(partitions);
+        }
+    }
+}
+
+/// Runs the side's processor instances (one group, counting into one set
+/// of statistics) in this (child) process.
 pub async fn run_side(spec: SideSpec) -> anyhow::Result<SideResult> {
     let capture = split::Capture::install()?;
     let probe = Arc::new(Probe::new(spec.records.unwrap_or(u64::MAX)));
-    let transform = {
-        let probe = Arc::clone(&probe);
-        let output = spec.output.clone();
-        move |event: BenchEvent, input: Input| {
-            probe.hit();
-            let record = input.output(&output, &event);
-            async move { Ok::<_, HandlerError>(vec![record?]) }
-        }
-    };
-    let mut config = ProcessorConfig::new(&spec.brokers, &spec.group, [&spec.input], "bench")
+    let stats = Arc::<herald_kafka::processor::ProcessorStats>::default();
+    let mut processors = Vec::new();
+    for instance in 0..spec.instances.max(1) {
+        let mut config = ProcessorConfig::new(
+            &spec.brokers,
+            &spec.group,
+            [&spec.input],
+            format!("bench-{instance}"),
+        )
         .source(SOURCE)
         .guarantee(spec.mode.guarantee())
         .batch_size(spec.batch_size)
@@ -546,41 +778,61 @@ pub async fn run_side(spec: SideSpec) -> anyhow::Result<SideResult> {
             topic: Some(topic.clone()),
             ..Deduplication::default()
         }));
-    for (key, value) in &spec.producer_settings {
-        config = config.set_producer(key, value);
+        if let Some(state) = &spec.state {
+            config = config.changelog(state).partitioned_state(true);
+        }
+        for (key, value) in &spec.producer_settings {
+            config = config.set_producer(key, value);
+        }
+        let transform = Counting {
+            output: spec.output.clone(),
+            probe: Arc::clone(&probe),
+            counts: spec.state.as_ref().map(ChangelogTable::new),
+        };
+        processors.push(Processor::new(config, transform)?.with_stats(Arc::clone(&stats)));
     }
-    let processor = Processor::new(config, transform)?;
-    let stats = processor.stats();
     let started = Instant::now();
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let mut running = tokio::task::JoinSet::new();
+    for processor in processors {
+        let mut stopping = stopping.clone();
+        running.spawn(processor.run(async move {
+            let _ = stopping.wait_for(|stop| *stop).await;
+        }));
+    }
     let (seconds, records) = match spec.records {
         Some(records) => {
-            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-            let running = tokio::spawn(processor.run(async move {
-                let _ = stop_rx.await;
-            }));
             // The clock stops when the last input's offset is committed
             // (with its output, or after it), read every millisecond.
             let finished = loop {
                 if stats.committed_inputs() >= records {
                     break Instant::now();
                 }
-                if running.is_finished() {
-                    running.await.context("the processor task panicked")??;
-                    bail!("the processor stopped before committing every input");
+                if let Some(ended) = running.try_join_next() {
+                    ended.context("a processor task panicked")??;
+                    bail!("a processor stopped before every input was committed");
                 }
                 tokio::time::sleep(Duration::from_millis(1)).await;
             };
-            let _ = stop_tx.send(());
-            running.await.context("the processor task panicked")??;
+            let _ = stop.send(true);
             let Some(first) = probe.first.get() else {
                 bail!("the transform never ran");
             };
             (finished.duration_since(*first).as_secs_f64(), records)
         }
         None => {
-            processor.run(stdin_closed()).await?;
-            (started.elapsed().as_secs_f64(), stats.committed_inputs())
+            stdin_closed().await;
+            let _ = stop.send(true);
+            (started.elapsed().as_secs_f64(), 0)
         }
+    };
+    while let Some(ended) = running.join_next().await {
+        ended.context("a processor task panicked")??;
+    }
+    let records = if spec.records.is_some() {
+        records
+    } else {
+        stats.committed_inputs()
     };
     ensure!(
         stats.dead_lettered() == 0,
@@ -611,6 +863,9 @@ pub struct ProcessorReport {
     pub setup: serde_json::Map<String, Value>,
     /// Exactly-once ÷ at-least-once throughput (unless `--only latency`).
     pub throughput: Option<SideComparison>,
+    /// Three instances ÷ one with partitioned state (unless another part
+    /// was asked for alone).
+    pub scale: Option<SideComparison>,
     /// Every latency point of every round (empty with `--only throughput`).
     pub latency: Vec<LatencyPoint>,
     /// Where each throughput side's time per transaction went.
@@ -621,24 +876,21 @@ pub struct ProcessorReport {
 
 impl ProcessorReport {
     /// The latency points in report order with their medians over the
-    /// rounds: (mode, batch size, p50, p99, rounds, overloaded in any).
-    fn latency_summary(&self) -> Vec<(Mode, usize, f64, f64, usize, bool)> {
-        let mut keys: Vec<(Mode, usize)> = Vec::new();
+    /// rounds: (shape, p50, p99, rounds, overloaded in any).
+    fn latency_summary(&self) -> Vec<(PointShape, f64, f64, usize, bool)> {
+        let shape = |p: &LatencyPoint| (p.mode, p.batch_size, p.stateful_instances);
+        let mut keys: Vec<PointShape> = Vec::new();
         for point in &self.latency {
-            if !keys.contains(&(point.mode, point.batch_size)) {
-                keys.push((point.mode, point.batch_size));
+            if !keys.contains(&shape(point)) {
+                keys.push(shape(point));
             }
         }
         keys.into_iter()
-            .map(|(mode, size)| {
-                let points: Vec<&LatencyPoint> = self
-                    .latency
-                    .iter()
-                    .filter(|p| p.mode == mode && p.batch_size == size)
-                    .collect();
+            .map(|key| {
+                let points: Vec<&LatencyPoint> =
+                    self.latency.iter().filter(|p| shape(p) == key).collect();
                 (
-                    mode,
-                    size,
+                    key,
                     median_by(&points, |p| p.latency.p50_ms),
                     median_by(&points, |p| p.latency.p99_ms),
                     points.len(),
@@ -651,15 +903,11 @@ impl ProcessorReport {
     /// The latency summary line.
     pub fn latency_line(&self) -> Option<String> {
         let summary = self.latency_summary();
-        let most = summary.iter().map(|s| s.4).max()?;
+        let most = summary.iter().map(|s| s.3).max()?;
         let figures: Vec<String> = summary
             .iter()
-            .map(|(mode, size, p50, p99, _, overloaded)| {
-                let name = match mode {
-                    Mode::ExactlyOnce => format!("batch {size}"),
-                    Mode::AtLeastOnce => format!("at-least-once batch {size}"),
-                    Mode::ExactlyOnceNoDedup => format!("no-dedup batch {size}"),
-                };
+            .map(|(shape, p50, p99, _, overloaded)| {
+                let name = point_name(*shape);
                 let overloaded = if *overloaded { " OVERLOADED" } else { "" };
                 format!("{name}: p50 {p50:.1} ms, p99 {p99:.1} ms{overloaded}")
             })
@@ -680,6 +928,9 @@ impl Report for ProcessorReport {
         if let Some(throughput) = &self.throughput {
             out.push_str(&throughput.table());
             out.push_str(&split::table(&self.transaction_split));
+        }
+        if let Some(scale) = &self.scale {
+            out.push_str(&scale.table());
         }
         if self.latency.is_empty() {
             return out;
@@ -706,7 +957,10 @@ impl Report for ProcessorReport {
             out.push_str(&format!(
                 "{:>5}  {:<14} {:>6} {:>7} {:>7} {:>5} {:>8} {:>8} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10.1} {:>9}{}\n",
                 p.round,
-                p.mode.name(),
+                match p.stateful_instances {
+                    None => p.mode.name().to_owned(),
+                    Some(n) => format!("state-{n}"),
+                },
                 p.batch_size,
                 p.events,
                 p.missing,
@@ -739,6 +993,7 @@ impl Report for ProcessorReport {
             "bench": "processor",
             "setup": self.setup,
             "throughput": self.throughput.as_ref().map(Report::json),
+            "scale": self.scale.as_ref().map(Report::json),
             "transaction_split": self.transaction_split,
             "latency": self.latency,
             "latency_summary_line": self.latency_line(),
