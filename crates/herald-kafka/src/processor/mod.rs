@@ -106,6 +106,21 @@
 //! changelog partition is restored when its input partition is assigned,
 //! and dropped ([`Transform::revoked`]) when it is revoked.
 //!
+//! # Repartitioning
+//!
+//! An output's key is its event's aggregate id ([`Input::output`]), so a
+//! transform re-keys by emitting an event of another aggregate: a
+//! "reserve SKU *s*" request keyed by SKU, made from an order keyed by
+//! order id. Written to an internal topic that a next processor consumes,
+//! it moves the work to the partition that owns that key's state, and an
+//! answer keyed by the original id moves it back. Each hop is exactly
+//! once on its own: the outputs commit with the inputs' offsets, and the
+//! next processor reads `read_committed`. To join the answers with the
+//! first processor's own input, subscribe it to both topics with one
+//! partition count and [`ProcessorConfig::partitioned_state`], which
+//! co-partitions them. The `orders` service's fulfillment topology
+//! (`orders/src/fulfillment/`) goes from order to SKU and back this way.
+//!
 //! # Duplicate inputs
 //!
 //! An input whose `event_id` this processor already completed (the same
