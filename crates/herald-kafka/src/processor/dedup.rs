@@ -98,7 +98,7 @@ const IDS_PER_RECORD: usize = 1_000;
 struct Batch {
     /// The record's key: `<partition>-<first id>` (an old per-id record
     /// read back has its id as key).
-    key: String,
+    key: Arc<str>,
     /// The input partition (the state partition with partitioned state).
     partition: i32,
     /// Completion time of the transaction (Unix ms).
@@ -122,7 +122,7 @@ pub(crate) struct CompletedIds {
     max_age_ms: i64,
     /// Every remembered id (committed or in the open transaction) → the key
     /// of its batch.
-    ids: HashMap<Uuid, String>,
+    ids: HashMap<Uuid, Arc<str>>,
     /// Committed batches, oldest first.
     batches: VecDeque<Batch>,
     /// Batches read by a restore, by key (a later record of a key replaces
@@ -177,7 +177,7 @@ impl CompletedIds {
         let removed = std::mem::take(&mut self.removed);
         let ids = &mut self.ids;
         self.batches.retain(|batch| {
-            let replaced = restored.contains_key(&batch.key) || removed.contains(&batch.key);
+            let replaced = restored.contains_key(&*batch.key) || removed.contains(&*batch.key);
             if replaced {
                 for id in &batch.ids {
                     if ids.get(id) == Some(&batch.key) {
@@ -202,7 +202,7 @@ impl CompletedIds {
         let batches = self.open.entry(partition).or_default();
         if batches.last().is_none_or(|b| b.ids.len() >= IDS_PER_RECORD) {
             batches.push(Batch {
-                key: format!("{partition}-{id}"),
+                key: format!("{partition}-{id}").into(),
                 partition,
                 at: now_ms,
                 ids: Vec::new(),
@@ -265,7 +265,7 @@ impl CompletedIds {
             self.tombstones
                 .entry(batch.partition)
                 .or_default()
-                .push(batch.key);
+                .push(batch.key.to_string());
         }
     }
 
@@ -331,14 +331,14 @@ impl CompletedIds {
             serde_json::Value::Number(at) => Batch {
                 ids: vec![key.parse::<Uuid>().map_err(HandlerError::permanent)?],
                 at: at.as_i64().unwrap_or_default(),
-                key,
+                key: key.into(),
                 partition: record.partition,
             },
             value => {
                 let value: BatchValue =
                     serde_json::from_value(value).map_err(HandlerError::permanent)?;
                 Batch {
-                    key,
+                    key: key.into(),
                     partition: record.partition,
                     at: value.at,
                     ids: value.ids,
@@ -348,7 +348,7 @@ impl CompletedIds {
         for id in &batch.ids {
             self.ids.insert(*id, batch.key.clone());
         }
-        self.restored.insert(batch.key.clone(), batch);
+        self.restored.insert(batch.key.to_string(), batch);
         Ok(true)
     }
 
