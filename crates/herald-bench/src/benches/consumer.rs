@@ -51,7 +51,10 @@ pub struct ConsumerArgs {
     /// what is left of the gap is the runtime's own cost), or
     /// `uninstrumented` (the runtime itself with tracing and detailed
     /// metrics off, against it with a subscriber at `info` and metrics on:
-    /// the cost of instrumentation, goal ≥ 0.95).
+    /// the cost of instrumentation, goal ≥ 0.95), or `plain-stream` (the
+    /// loop a user would write by hand instead of herald: an rdkafka
+    /// `StreamConsumer`, serde decoding of the body into the typed event,
+    /// `store_offset` per record and auto commit).
     #[arg(long, value_enum, default_value_t = Baseline::Bare)]
     pub baseline: Baseline,
 }
@@ -65,6 +68,9 @@ pub enum Baseline {
     BareDecode,
     /// herald's runtime without tracing subscriber and detailed metrics.
     Uninstrumented,
+    /// A hand-written async loop: rdkafka `StreamConsumer`, serde decoding
+    /// of the body, offset stored per record, auto commit.
+    PlainStream,
 }
 
 /// The ratio instrumented ÷ uninstrumented should reach.
@@ -110,6 +116,11 @@ pub async fn run(args: &ConsumerArgs, resources: &RunResources) -> anyhow::Resul
             "rdkafka BaseConsumer poll loop + Envelope::from_record and typed decode per record, store_offset per record, auto commit 1 s, CONSUMER_DEFAULTS".to_owned(),
             GOAL,
         ),
+        Baseline::PlainStream => (
+            runtime,
+            "rdkafka StreamConsumer recv loop + serde_json decode of the body into the typed event, store_offset per record, auto commit 1 s, CONSUMER_DEFAULTS".to_owned(),
+            1.0,
+        ),
         Baseline::Uninstrumented => (
             format!("{runtime}; tracing-subscriber fmt at info + detailed metrics in a Prometheus registry"),
             format!("{runtime}; no subscriber, detailed metrics off"),
@@ -147,6 +158,7 @@ pub async fn run_side(spec: SideSpec) -> anyhow::Result<SideResult> {
     match spec.side {
         Side::Herald => herald_side(&spec).await,
         Side::Bare if spec.instrumented().is_some() => herald_side(&spec).await,
+        Side::Bare if spec.args.baseline == Baseline::PlainStream => plain_stream_side(&spec).await,
         Side::Bare => tokio::task::spawn_blocking(move || bare_side(&spec))
             .await
             .context("bare side panicked")?,
@@ -203,9 +215,10 @@ async fn herald_side(spec: &SideSpec) -> anyhow::Result<SideResult> {
     Ok(result.with("skipped_unknown", stats.skipped_unknown() as f64))
 }
 
-fn bare_side(spec: &SideSpec) -> anyhow::Result<SideResult> {
-    let records = spec.args.common.records;
-    let decodes = spec.args.baseline == Baseline::BareDecode;
+/// The librdkafka settings of the hand-written baselines: herald's
+/// consumer defaults, offsets stored by the loop and committed every second
+/// (the runtime's commit interval).
+fn baseline_config(spec: &SideSpec) -> ClientConfig {
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", &spec.args.common.brokers);
     config.set("group.id", &spec.group);
@@ -215,7 +228,48 @@ fn bare_side(spec: &SideSpec) -> anyhow::Result<SideResult> {
     config.set("enable.auto.commit", "true");
     config.set("enable.auto.offset.store", "false");
     config.set("auto.commit.interval.ms", "1000");
-    let consumer: BaseConsumer = config.create().context("creating the bare consumer")?;
+    config
+}
+
+/// The hand-written async loop a user would compare herald with.
+async fn plain_stream_side(spec: &SideSpec) -> anyhow::Result<SideResult> {
+    use rdkafka::consumer::StreamConsumer;
+    use rdkafka::Message as _;
+    let records = spec.args.common.records;
+    let consumer: StreamConsumer = baseline_config(spec)
+        .create()
+        .context("creating the stream consumer")?;
+    consumer
+        .subscribe(&[&spec.topic])
+        .context("subscribing the stream consumer")?;
+    let started = Instant::now();
+    let mut span = Span::default();
+    let mut received = 0;
+    while received < records {
+        let message = consumer.recv().await.context("receiving a record")?;
+        span.mark();
+        let event: BenchEvent = serde_json::from_slice(message.payload().unwrap_or_default())
+            .context("decoding a record's body")?;
+        std::hint::black_box(event);
+        consumer
+            .store_offset_from_message(&message)
+            .context("storing an offset")?;
+        received += 1;
+    }
+    let seconds = span.seconds();
+    let startup = span
+        .first()
+        .map_or(0.0, |f| f.duration_since(started).as_secs_f64());
+    drop(consumer);
+    Ok(SideResult::finish(records, seconds)?.with("startup_seconds", startup))
+}
+
+fn bare_side(spec: &SideSpec) -> anyhow::Result<SideResult> {
+    let records = spec.args.common.records;
+    let decodes = spec.args.baseline == Baseline::BareDecode;
+    let consumer: BaseConsumer = baseline_config(spec)
+        .create()
+        .context("creating the bare consumer")?;
     consumer
         .subscribe(&[&spec.topic])
         .context("subscribing the bare consumer")?;
