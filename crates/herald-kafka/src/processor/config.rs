@@ -224,8 +224,9 @@ impl ProcessorConfig {
     /// librdkafka's `murmur2_random`, Kafka's Java default). That is how a
     /// processor joins its own input with the answers of a next step it
     /// repartitioned to (orders' fulfillment topology does). An eager
-    /// rebalance revokes every partition, so each one drops its state and
-    /// restores it from the changelog when assigned again.
+    /// rebalance revokes every partition; the state of those assigned
+    /// back to the same instance is kept, and only partitions that move
+    /// are restored by their new owner.
     pub fn partitioned_state(mut self, partitioned: bool) -> Self {
         self.partitioned_state = partitioned;
         self

@@ -14,6 +14,17 @@
 //! transaction is committed or aborted; a restore after it sees every change
 //! the committed offset accounts for. The input partitions stay paused
 //! until their state is restored.
+//!
+//! Why state survives a rebalance that gives its partitions back: the
+//! consumer rebalances eagerly (the `range` assignor co-partitions the
+//! inputs), so every rebalance revokes every partition, and most come
+//! back to the same instance. Their state is still exact: the instance
+//! finished its transaction in the revoke callback, and in an eager
+//! rebalance no other member can own a partition between this member's
+//! revoke and its next assignment. So a revoked partition's state is kept
+//! (parked) until that assignment, and only dropped if it does not come
+//! back. A *lost* assignment (this member was evicted from the group, and
+//! another may have processed its partitions meanwhile) drops at once.
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
@@ -44,6 +55,9 @@ pub(super) struct PartitionedState {
     restoring: HashSet<Tp>,
     /// The state partitions this instance holds (restored).
     held: BTreeSet<i32>,
+    /// State partitions revoked by a rebalance that did not lose them,
+    /// kept until the next assignment says whether they come back.
+    parked: BTreeSet<i32>,
 }
 
 impl PartitionedState {
@@ -55,6 +69,7 @@ impl PartitionedState {
             assigned: HashSet::new(),
             restoring: HashSet::new(),
             held: BTreeSet::new(),
+            parked: BTreeSet::new(),
         }
     }
 
@@ -116,6 +131,20 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
         let Some(state) = self.partitioned.as_mut() else {
             return;
         };
+        // Parked state partitions that came back are held again, exact as
+        // they were; the others go now.
+        let assigned: BTreeSet<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+        let parked = std::mem::take(&mut state.parked);
+        let (back, gone): (Vec<i32>, Vec<i32>) =
+            parked.into_iter().partition(|p| assigned.contains(p));
+        state.held.extend(back.iter().copied());
+        if !back.is_empty() {
+            tracing::info!(partitions = ?back, "state kept across the rebalance");
+        }
+        if !gone.is_empty() {
+            self.transform.revoked(&gone);
+            tracing::info!(partitions = ?gone, "state of partitions not assigned again dropped");
+        }
         let mut pause = TopicPartitionList::new();
         for element in tpl.elements() {
             let tp: Tp = (self.topics.intern(element.topic()), element.partition());
@@ -138,8 +167,9 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
 
     /// Input partitions were revoked (after the open transaction was
     /// finished): state partitions no input partition of this instance
-    /// needs any more are dropped.
-    pub(super) fn state_revoked(&mut self, revoked: &HashSet<Tp>) {
+    /// needs any more are parked until the next assignment, or dropped at
+    /// once when the assignment was `lost` (see the module documentation).
+    pub(super) fn state_revoked(&mut self, revoked: &HashSet<Tp>, lost: bool) {
         let Some(state) = self.partitioned.as_mut() else {
             return;
         };
@@ -152,14 +182,22 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
             .copied()
             .filter(|p| !still.contains(p))
             .collect();
-        if gone.is_empty() {
-            return;
-        }
         for p in &gone {
             state.held.remove(p);
         }
+        if !lost {
+            state.parked.extend(gone);
+            return;
+        }
+        let gone: Vec<i32> = gone
+            .into_iter()
+            .chain(std::mem::take(&mut state.parked))
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
         self.transform.revoked(&gone);
-        tracing::info!(partitions = ?gone, "state of revoked partitions dropped");
+        tracing::info!(partitions = ?gone, "state of lost partitions dropped");
     }
 
     /// Restores the state of the assigned input partitions that wait for

@@ -115,8 +115,9 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
             .iter()
             .map(|e| (self.topics.intern(e.topic()), e.partition()))
             .collect();
+        let lost = consumer.assignment_lost();
         if self.txn.is_some() && self.fatal.is_none() && !self.closing {
-            if consumer.assignment_lost() {
+            if lost {
                 tracing::warn!("assignment lost: aborting the open transaction");
                 self.abort(consumer, "assignment lost", None, Backoff::None);
             } else if self.commit(consumer) {
@@ -129,7 +130,7 @@ impl<E: Event, T: Transform<E>> Engine<E, T> {
             .retain(|(topic, partition, _), _| !revoked.contains(&(Arc::clone(topic), *partition)));
         self.commit_before
             .retain(|(topic, partition, _)| !revoked.contains(&(Arc::clone(topic), *partition)));
-        self.state_revoked(&revoked);
+        self.state_revoked(&revoked, lost);
         tracing::info!(partitions = revoked.len(), "partitions revoked");
     }
 }
