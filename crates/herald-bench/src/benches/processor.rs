@@ -350,21 +350,11 @@ async fn throughput(
     comparison
         .run_rounds(common.rounds, async |round, mode: Mode| {
             let what = format!("r{}-{}", round + 1, mode.name());
+            let shape = (mode, args.batch_size, None);
+            let spec = side_spec(args, resources, &what, shape, input.clone()).await?;
             let spec = SideSpec {
-                mode,
-                brokers: common.brokers.clone(),
-                input: input.clone(),
-                output: resources
-                    .topic(&format!("{what}-out"), common.partitions)
-                    .await?,
-                group: resources.group(&what),
-                batch_size: args.batch_size,
-                batch_time_ms: args.batch_time_ms,
                 records: Some(common.records),
-                completed: completed_topic(resources, mode, &what, 1).await?,
-                producer_settings: args.producer_settings.clone(),
-                state: None,
-                instances: 1,
+                ..spec
             };
             run_child(&AnySide::Processor(spec), common.side_timeout_secs, &[]).await
         })
@@ -425,8 +415,8 @@ async fn scale(
     comparison
         .run_rounds(common.rounds, async |round, instances: Instances| {
             let what = format!("s{}-{}", round + 1, instances.name());
-            let spec =
-                stateful_spec(args, resources, &what, input.clone(), instances.count()).await?;
+            let shape = (Mode::ExactlyOnce, args.batch_size, Some(instances.count()));
+            let spec = side_spec(args, resources, &what, shape, input.clone()).await?;
             let spec = SideSpec {
                 records: Some(common.records),
                 ..spec
@@ -437,17 +427,30 @@ async fn scale(
     Ok(comparison)
 }
 
-/// An exactly-once side with partitioned state and fresh topics, run by
-/// `instances` instances until stdin closes.
-async fn stateful_spec(
+/// A side of `shape` reading `input`, with fresh output, group and (as
+/// the shape asks) completed-ids and changelog topics, run until stdin
+/// closes. With partitioned state every topic has the input's partitions.
+async fn side_spec(
     args: &ProcessorArgs,
     resources: &RunResources,
     what: &str,
+    (mode, batch_size, stateful): PointShape,
     input: String,
-    instances: usize,
 ) -> anyhow::Result<SideSpec> {
     let common = &args.common;
-    let mode = Mode::ExactlyOnce;
+    let state = match stateful {
+        Some(_) => Some(
+            resources
+                .topic(&format!("{what}-state"), common.partitions)
+                .await?,
+        ),
+        None => None,
+    };
+    let completed_partitions = if stateful.is_some() {
+        common.partitions
+    } else {
+        1
+    };
     Ok(SideSpec {
         mode,
         brokers: common.brokers.clone(),
@@ -456,17 +459,13 @@ async fn stateful_spec(
             .topic(&format!("{what}-out"), common.partitions)
             .await?,
         group: resources.group(what),
-        batch_size: args.batch_size,
+        batch_size,
         batch_time_ms: args.batch_time_ms,
         records: None,
-        completed: completed_topic(resources, mode, what, common.partitions).await?,
+        completed: completed_topic(resources, mode, what, completed_partitions).await?,
         producer_settings: args.producer_settings.clone(),
-        state: Some(
-            resources
-                .topic(&format!("{what}-state"), common.partitions)
-                .await?,
-        ),
-        instances,
+        state,
+        instances: stateful.unwrap_or(1),
     })
 }
 
@@ -563,25 +562,7 @@ async fn latency(
             let input = resources
                 .topic(&format!("{what}-in"), common.partitions)
                 .await?;
-            let spec = match stateful {
-                Some(instances) => stateful_spec(args, resources, &what, input, instances).await?,
-                None => SideSpec {
-                    mode,
-                    brokers: common.brokers.clone(),
-                    input,
-                    output: resources
-                        .topic(&format!("{what}-out"), common.partitions)
-                        .await?,
-                    group: resources.group(&what),
-                    batch_size,
-                    batch_time_ms: args.batch_time_ms,
-                    records: None,
-                    completed: completed_topic(resources, mode, &what, 1).await?,
-                    producer_settings: args.producer_settings.clone(),
-                    state: None,
-                    instances: 1,
-                },
-            };
+            let spec = side_spec(args, resources, &what, points[i], input).await?;
             let name = point_name(points[i]);
             let point =
                 measure_latency(args, resources, &publisher, &workload, spec, &mut next_seq)
@@ -800,7 +781,7 @@ pub async fn run_side(spec: SideSpec) -> anyhow::Result<SideResult> {
             let _ = stopping.wait_for(|stop| *stop).await;
         }));
     }
-    let (seconds, records) = match spec.records {
+    let seconds = match spec.records {
         Some(records) => {
             // The clock stops when the last input's offset is committed
             // (with its output, or after it), read every millisecond.
@@ -818,22 +799,19 @@ pub async fn run_side(spec: SideSpec) -> anyhow::Result<SideResult> {
             let Some(first) = probe.first.get() else {
                 bail!("the transform never ran");
             };
-            (finished.duration_since(*first).as_secs_f64(), records)
+            finished.duration_since(*first).as_secs_f64()
         }
         None => {
             stdin_closed().await;
             let _ = stop.send(true);
-            (started.elapsed().as_secs_f64(), 0)
+            started.elapsed().as_secs_f64()
         }
     };
     while let Some(ended) = running.join_next().await {
         ended.context("a processor task panicked")??;
     }
-    let records = if spec.records.is_some() {
-        records
-    } else {
-        stats.committed_inputs()
-    };
+    // Throughput: the inputs it waited for; latency: what it committed.
+    let records = spec.records.unwrap_or_else(|| stats.committed_inputs());
     ensure!(
         stats.dead_lettered() == 0,
         "{} inputs were dead-lettered",
