@@ -104,24 +104,16 @@ pub trait Event: Serialize + DeserializeOwned + Send + Sync + 'static {
 }
 
 /// The fast path of [`Event::decode_variant`] for one variant: `payload`
-/// decoded as the variant's struct `T`, when its `event_type` field is
-/// `event_type`. Anything unusual (another tag, a missing one, a struct that
-/// refuses the tag field as unknown, invalid JSON) is `None`, so that the
-/// enum's own decoding decides, exactly as without this path.
+/// decoded as the variant's struct `T`, in one pass that also checks that
+/// its `event_type` field is `event_type` (and hides that field from `T`,
+/// as the enum's own decoding does). Anything unusual (another tag, a
+/// missing one, invalid JSON, a body `T` refuses) is `None`, so that the
+/// enum's own decoding decides and reports the error.
 #[doc(hidden)]
 pub fn decode_variant<T: DeserializeOwned, E>(
     payload: &[u8],
     event_type: &str,
     wrap: fn(T) -> E,
 ) -> Option<E> {
-    #[derive(serde::Deserialize)]
-    struct Tag<'a> {
-        #[serde(borrow)]
-        event_type: std::borrow::Cow<'a, str>,
-    }
-    let tag: Tag<'_> = serde_json::from_slice(payload).ok()?;
-    if tag.event_type != event_type {
-        return None;
-    }
-    serde_json::from_slice(payload).ok().map(wrap)
+    crate::tagged::decode_tagged(payload, event_type).map(wrap)
 }

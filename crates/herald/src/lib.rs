@@ -56,6 +56,7 @@ pub mod handler;
 pub mod inbox;
 pub mod outbox;
 pub mod retry;
+mod tagged;
 pub mod trace;
 
 pub use envelope::{headers, DecodeError, EncodeError, Envelope};
