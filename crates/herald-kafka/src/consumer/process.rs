@@ -167,7 +167,14 @@ pub(crate) async fn run_planned(
                 "key parked: its later records wait behind this dead letter until it is \
                  redriven or discarded"
             );
-            set_parked(&shared, &place, list, &owned, Outcome::DeadLettered).await
+            Box::pin(set_parked(
+                &shared,
+                &place,
+                list,
+                &owned,
+                Outcome::DeadLettered,
+            ))
+            .await
         }
         Plan::Park(mut list) => {
             let head = list.offsets.first().copied().unwrap_or(offset);
@@ -187,15 +194,21 @@ pub(crate) async fn run_planned(
                 .map(String::from_utf8_lossy)
                 .unwrap_or_default()
                 .into_owned();
-            let written =
-                write_dead_letter(&shared, &message, &owned, &event_type, failure, Some(head))
-                    .await;
+            let written = Box::pin(write_dead_letter(
+                &shared,
+                &message,
+                &owned,
+                &event_type,
+                failure,
+                Some(head),
+            ))
+            .await;
             if written != Outcome::DeadLettered {
                 return written.into();
             }
             list.offsets.push(offset);
             shared.stats.parked.fetch_add(1, Ordering::Relaxed);
-            set_parked(&shared, &place, list, &owned, Outcome::Parked).await
+            Box::pin(set_parked(&shared, &place, list, &owned, Outcome::Parked)).await
         }
         Plan::Redrive(mut list) => {
             let outcome = process(Arc::clone(&shared), message, Arc::clone(&owned)).await;
@@ -206,11 +219,11 @@ pub(crate) async fn run_planned(
             }
             shared.stats.redriven.fetch_add(1, Ordering::Relaxed);
             list.offsets.remove(0);
-            set_parked(&shared, &place, list, &owned, Outcome::Handled).await
+            Box::pin(set_parked(&shared, &place, list, &owned, Outcome::Handled)).await
         }
         Plan::Discard(list) => {
             shared.stats.discarded.fetch_add(1, Ordering::Relaxed);
-            set_parked(&shared, &place, list, &owned, Outcome::Skipped).await
+            Box::pin(set_parked(&shared, &place, list, &owned, Outcome::Skipped)).await
         }
     }
 }
@@ -219,7 +232,8 @@ pub(crate) async fn run_planned(
 struct Place {
     topic: Arc<str>,
     partition: i32,
-    key: Vec<u8>,
+    /// Shared with the record's buffer: most records never need it.
+    key: Option<bytes::Bytes>,
 }
 
 impl Place {
@@ -227,7 +241,7 @@ impl Place {
         Self {
             topic: Arc::clone(&message.topic),
             partition: message.partition,
-            key: message.key().unwrap_or_default().to_vec(),
+            key: message.shared_key(),
         }
     }
 }
@@ -251,11 +265,20 @@ async fn set_parked(
         &shared.group_id,
         &place.topic,
         place.partition,
-        &place.key,
+        place.key.as_deref().unwrap_or_default(),
         &list.offsets,
         list.since,
     );
-    if !publish_acknowledged(shared, &record, owned, "parked-key table").await {
+    // Boxed, here and below: a rare path's future would otherwise be
+    // inlined in every record's future, which is moved several times.
+    if !Box::pin(publish_acknowledged(
+        shared,
+        &record,
+        owned,
+        "parked-key table",
+    ))
+    .await
+    {
         return Outcome::Abandoned.into();
     }
     if list.offsets.is_empty() {
@@ -347,7 +370,15 @@ async fn process_in_span(
                 first_failed_at: now,
                 last_failed_at: now,
             };
-            return write_dead_letter(shared, message, owned, "undecodable", failure, None).await;
+            return Box::pin(write_dead_letter(
+                shared,
+                message,
+                owned,
+                "undecodable",
+                failure,
+                None,
+            ))
+            .await;
         }
     };
 
@@ -367,7 +398,10 @@ async fn process_in_span(
                 first_failed_at: now,
                 last_failed_at: now,
             };
-            return write_dead_letter(shared, message, owned, "other", failure, None).await;
+            return Box::pin(write_dead_letter(
+                shared, message, owned, "other", failure, None,
+            ))
+            .await;
         }
         tracing::debug!(event_type = %envelope.event_type, "skipping unknown event type");
         shared.stats.skipped_unknown.fetch_add(1, Ordering::Relaxed);
@@ -452,7 +486,7 @@ async fn process_in_span(
                         event_id = %envelope.event_id,
                         "transient failure while the circuit breaker is open; waiting"
                     );
-                    match breaker.wait_turn(owned).await {
+                    match Box::pin(breaker.wait_turn(owned)).await {
                         Turn::Stopping => return Outcome::Abandoned,
                         Turn::Closed => {}
                         Turn::Probe(guard) => probe = Some(guard),
@@ -509,14 +543,14 @@ async fn process_in_span(
                         first_failed_at: first_at,
                         last_failed_at: now,
                     };
-                    return write_dead_letter(
+                    return Box::pin(write_dead_letter(
                         shared,
                         message,
                         owned,
                         &envelope.event_type,
                         failure,
                         None,
-                    )
+                    ))
                     .await;
                 }
             }
@@ -578,9 +612,14 @@ async fn write_dead_letter(
         messaging.destination.name = %dlq_topic,
         error.type = %failure.class,
     );
-    if !publish_acknowledged(shared, &record, owned, "dead-letter topic")
-        .instrument(span)
-        .await
+    if !Box::pin(publish_acknowledged(
+        shared,
+        &record,
+        owned,
+        "dead-letter topic",
+    ))
+    .instrument(span)
+    .await
     {
         return Outcome::Abandoned;
     }

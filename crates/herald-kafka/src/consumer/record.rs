@@ -6,8 +6,9 @@
 //! headers, so that copy cost more than the rest of a no-op record's
 //! handling (`herald-bench consumer`). [`Record`] copies key, payload and
 //! header values into one [`Bytes`] buffer and the header names into one
-//! string, and keeps ranges into them; its key is a cheap slice of the
-//! buffer, so scheduling by key allocates nothing more.
+//! string (names herald writes are not copied: they are its constants), and
+//! keeps ranges into them; its key is a cheap slice of the buffer, so
+//! scheduling by key allocates nothing more.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -21,13 +22,44 @@ use crate::dlq::OriginalRecord;
 /// A byte range in [`Record::buffer`]; `u32` keeps the header index small.
 type Span = Range<u32>;
 
-/// One header: its name (a range of [`Record::names`]) and value (a range
-/// of [`Record::buffer`]).
+/// One header: its name and value (a range of [`Record::buffer`]).
 #[derive(Debug, Clone)]
 struct HeaderSpan {
-    name: Span,
+    name: HeaderName,
     value: Option<Span>,
 }
+
+/// A header's name: one herald writes (kept as its constant, so a herald
+/// record's names cost no copy), or another (a range of [`Record::names`]).
+#[derive(Debug, Clone)]
+enum HeaderName {
+    Known(&'static str),
+    Other(Span),
+}
+
+/// The names herald writes: the envelope's and the parking redrives'.
+const KNOWN_NAMES: [&str; 16] = {
+    use crate::parking::headers as parking;
+    use herald::headers as envelope;
+    [
+        envelope::EVENT_TYPE,
+        envelope::EVENT_ID,
+        envelope::PRODUCED_AT,
+        envelope::CONTENT_TYPE,
+        envelope::CE_SPECVERSION,
+        envelope::CE_ID,
+        envelope::CE_TYPE,
+        envelope::CE_SOURCE,
+        envelope::CE_TIME,
+        envelope::CE_SUBJECT,
+        envelope::TRACEPARENT,
+        envelope::TRACESTATE,
+        parking::REDRIVE_GROUP,
+        parking::REDRIVE_OF,
+        parking::REDRIVE_ACTION,
+        parking::REDRIVE_PARKED,
+    ]
+};
 
 /// A record the consumer runtime owns, detached from librdkafka.
 #[derive(Debug, Clone)]
@@ -47,25 +79,28 @@ impl Record {
     /// Copies `message` (read from `topic`, the runtime's shared name).
     pub fn copy(message: &BorrowedMessage<'_>, topic: Arc<str>) -> Self {
         let headers = message.headers();
-        let (name_bytes, value_bytes) = headers.map_or((0, 0), |hs| {
-            hs.iter().fold((0, 0), |(n, v), h| {
-                (n + h.key.len(), v + h.value.map_or(0, <[u8]>::len))
-            })
+        let value_bytes = headers.map_or(0, |hs| {
+            hs.iter().map(|h| h.value.map_or(0, <[u8]>::len)).sum()
         });
         let key = message.key();
         let payload = message.payload();
         let mut buffer = Vec::with_capacity(
             key.map_or(0, <[u8]>::len) + payload.map_or(0, <[u8]>::len) + value_bytes,
         );
-        let mut names = String::with_capacity(name_bytes);
+        let mut names = String::new();
         let key = key.map(|k| append(&mut buffer, k));
         let payload = payload.map(|p| append(&mut buffer, p));
         let headers = headers.map_or_else(Vec::new, |hs| {
             let mut spans = Vec::with_capacity(hs.count());
             for h in hs.iter() {
-                let start = names.len();
-                names.push_str(h.key);
-                let name = to_u32(start)..to_u32(names.len());
+                let name = match KNOWN_NAMES.iter().find(|known| **known == h.key) {
+                    Some(known) => HeaderName::Known(known),
+                    None => {
+                        let start = names.len();
+                        names.push_str(h.key);
+                        HeaderName::Other(to_u32(start)..to_u32(names.len()))
+                    }
+                };
                 let value = h.value.map(|v| append(&mut buffer, v));
                 spans.push(HeaderSpan { name, value });
             }
@@ -107,10 +142,13 @@ impl Record {
     /// The headers in record order.
     pub fn headers(&self) -> impl Iterator<Item = (&str, Option<&[u8]>)> + '_ {
         self.headers.iter().map(|h| {
-            let name = self
-                .names
-                .get(h.name.start as usize..h.name.end as usize)
-                .unwrap_or_default();
+            let name = match &h.name {
+                HeaderName::Known(name) => name,
+                HeaderName::Other(span) => self
+                    .names
+                    .get(span.start as usize..span.end as usize)
+                    .unwrap_or_default(),
+            };
             (name, h.value.as_ref().map(|v| self.slice(v)))
         })
     }

@@ -97,12 +97,39 @@ struct ParkedTable {
 }
 
 /// A key with records to handle.
-#[derive(Default)]
 struct ActiveKey {
     /// Whether one of its records is running (else the key is in `ready`).
     running: bool,
-    /// Its records behind the running one, in offset order.
+    /// Its next record. Kept apart from `queue` because most keys have one
+    /// record at a time, and a queue of one would cost an allocation per
+    /// record.
+    next: Option<Record>,
+    /// Its records after `next`, in offset order.
     queue: VecDeque<Record>,
+}
+
+impl ActiveKey {
+    fn push(&mut self, record: Record) {
+        if self.next.is_none() && self.queue.is_empty() {
+            self.next = Some(record);
+        } else {
+            self.queue.push_back(record);
+        }
+    }
+
+    fn pop(&mut self) -> Option<Record> {
+        self.next.take().or_else(|| self.queue.pop_front())
+    }
+
+    /// Records waiting behind the running one.
+    fn queued(&self) -> usize {
+        usize::from(self.next.is_some()) + self.queue.len()
+    }
+
+    fn clear(&mut self) {
+        self.next = None;
+        self.queue.clear();
+    }
 }
 
 /// Everything the poll loop and the rebalance callback both touch. They run
@@ -188,14 +215,14 @@ impl Dispatch {
         let message = Record::copy(message, Arc::clone(&tp.0));
         let slot: KeySlot = (tp, message.shared_key());
         match self.keys.get_mut(&slot) {
-            Some(key) => key.queue.push_back(message),
+            Some(key) => key.push(message),
             None => {
-                let queue = VecDeque::from([message]);
                 self.keys.insert(
                     slot.clone(),
                     ActiveKey {
                         running: false,
-                        queue,
+                        next: Some(message),
+                        queue: VecDeque::new(),
                     },
                 );
                 self.ready.push_back(slot);
@@ -217,7 +244,7 @@ impl Dispatch {
             let Some(key) = self.keys.get_mut(&slot) else {
                 continue;
             };
-            let Some(message) = key.queue.pop_front() else {
+            let Some(message) = key.pop() else {
                 self.keys.remove(&slot);
                 continue;
             };
@@ -403,7 +430,7 @@ impl Dispatch {
         let queued = match self.keys.get_mut(&slot) {
             Some(key) => {
                 key.running = false;
-                key.queue.len()
+                key.queued()
             }
             None => 0,
         };
@@ -598,8 +625,8 @@ impl Dispatch {
             if !revoked.contains(&slot.0) {
                 return true;
             }
-            dropped += key.queue.len();
-            key.queue.clear();
+            dropped += key.queued();
+            key.clear();
             // Keep the entry while this key's record runs, so that a
             // re-assigned partition's records of the key still queue behind
             // it (its completion starts them). A key that was only waiting
@@ -1043,7 +1070,7 @@ fn drain_and_close(
             let _ = consumer.pause(&assignment);
         }
         // Queued records never started: they stay uncommitted.
-        let queued: usize = d.keys.values().map(|key| key.queue.len()).sum();
+        let queued: usize = d.keys.values().map(ActiveKey::queued).sum();
         d.buffered -= queued;
         d.keys.clear();
         d.ready.clear();
