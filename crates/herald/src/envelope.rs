@@ -232,19 +232,25 @@ impl Envelope {
             *slot = Some(value.unwrap_or_default());
         }
 
-        let event_type = found
-            .text(headers::EVENT_TYPE, found.event_type)?
-            .or(found.text(headers::CE_TYPE, found.ce_type)?)
-            .ok_or(DecodeError::MissingHeader {
-                name: headers::EVENT_TYPE,
-            })?
+        // The CloudEvents copy is read only when herald's own is absent.
+        let event_type =
+            match found.text(headers::EVENT_TYPE, found.event_type)? {
+                Some(text) => text,
+                None => found.text(headers::CE_TYPE, found.ce_type)?.ok_or(
+                    DecodeError::MissingHeader {
+                        name: headers::EVENT_TYPE,
+                    },
+                )?,
+            }
             .to_owned();
-        let event_id_text = found
-            .text(headers::EVENT_ID, found.event_id)?
-            .or(found.text(headers::CE_ID, found.ce_id)?)
-            .ok_or(DecodeError::MissingHeader {
-                name: headers::EVENT_ID,
-            })?;
+        let event_id_text = match found.text(headers::EVENT_ID, found.event_id)? {
+            Some(text) => text,
+            None => found
+                .text(headers::CE_ID, found.ce_id)?
+                .ok_or(DecodeError::MissingHeader {
+                    name: headers::EVENT_ID,
+                })?,
+        };
         let event_id = Uuid::parse_str(event_id_text).map_err(|e| DecodeError::InvalidHeader {
             name: headers::EVENT_ID,
             reason: e.to_string(),

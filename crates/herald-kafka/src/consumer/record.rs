@@ -78,10 +78,21 @@ pub(crate) struct Record {
 impl Record {
     /// Copies `message` (read from `topic`, the runtime's shared name).
     pub fn copy(message: &BorrowedMessage<'_>, topic: Arc<str>) -> Self {
-        let headers = message.headers();
-        let value_bytes = headers.map_or(0, |hs| {
-            hs.iter().map(|h| h.value.map_or(0, <[u8]>::len)).sum()
-        });
+        // Each header read is a call into librdkafka plus a UTF-8 check of
+        // its name, so each is read once: the first `SEEN` into this array
+        // (enough for a herald record), any others read again below.
+        const SEEN: usize = 16;
+        let mut seen: [(&str, Option<&[u8]>); SEEN] = [("", None); SEEN];
+        let (mut count, mut value_bytes) = (0, 0);
+        if let Some(hs) = message.headers() {
+            for h in hs.iter() {
+                if let Some(slot) = seen.get_mut(count) {
+                    *slot = (h.key, h.value);
+                }
+                value_bytes += h.value.map_or(0, <[u8]>::len);
+                count += 1;
+            }
+        }
         let key = message.key();
         let payload = message.payload();
         let mut buffer = Vec::with_capacity(
@@ -90,22 +101,23 @@ impl Record {
         let mut names = String::new();
         let key = key.map(|k| append(&mut buffer, k));
         let payload = payload.map(|p| append(&mut buffer, p));
-        let headers = headers.map_or_else(Vec::new, |hs| {
-            let mut spans = Vec::with_capacity(hs.count());
-            for h in hs.iter() {
-                let name = match KNOWN_NAMES.iter().find(|known| **known == h.key) {
-                    Some(known) => HeaderName::Known(known),
-                    None => {
-                        let start = names.len();
-                        names.push_str(h.key);
-                        HeaderName::Other(to_u32(start)..to_u32(names.len()))
-                    }
-                };
-                let value = h.value.map(|v| append(&mut buffer, v));
-                spans.push(HeaderSpan { name, value });
-            }
-            spans
-        });
+        let mut headers = Vec::with_capacity(count);
+        let rest = message
+            .headers()
+            .into_iter()
+            .flat_map(|hs| hs.iter().skip(SEEN).map(|h| (h.key, h.value)));
+        for (name, value) in seen.into_iter().take(count).chain(rest) {
+            let name = match KNOWN_NAMES.iter().find(|known| **known == name) {
+                Some(known) => HeaderName::Known(known),
+                None => {
+                    let start = names.len();
+                    names.push_str(name);
+                    HeaderName::Other(to_u32(start)..to_u32(names.len()))
+                }
+            };
+            let value = value.map(|v| append(&mut buffer, v));
+            headers.push(HeaderSpan { name, value });
+        }
         Self {
             topic,
             partition: message.partition(),
