@@ -433,15 +433,20 @@ async fn process_in_span(
                 attempt,
             );
             let started = shared.detailed_metrics.then(Instant::now);
-            let call = AssertUnwindSafe(handler.call(info)).catch_unwind();
+            let mut call = std::pin::pin!(AssertUnwindSafe(handler.call(info))
+                .catch_unwind()
+                .instrument(span));
             // `None`: cut off after the handler timeout (the call's future
-            // is dropped, so whatever it held is released).
+            // is dropped, so whatever it held is released). The timer starts
+            // when the call first waits: a call that finishes in its first
+            // poll (an in-memory update) costs no clock read and no timer,
+            // and a timer could not cut off that poll's computing anyway.
             let result = match shared.handler_timeout {
-                Some(limit) => tokio::time::timeout(limit, call)
-                    .instrument(span)
-                    .await
-                    .ok(),
-                None => Some(call.instrument(span).await),
+                Some(limit) => match futures::poll!(call.as_mut()) {
+                    std::task::Poll::Ready(result) => Some(result),
+                    std::task::Poll::Pending => tokio::time::timeout(limit, call).await.ok(),
+                },
+                None => Some(call.await),
             };
             if let Some(started) = started {
                 shared
