@@ -11,10 +11,20 @@
 //! --api URL`) and parses its final line (`N orders in S s: X orders/s,
 //! POST→read-model p50 A ms, p95 B ms, p99 C ms`); reads the service's peak
 //! RSS and stops it with SIGTERM. In the same round, with the service
-//! stopped, `pgbench -n -f script.sql -c C -T S` runs a one-INSERT-per-
-//! transaction script on the same database: the rate at which this server
-//! commits single durable inserts, the ceiling. The two alternate from round
+//! stopped, `pgbench -n -f script.sql -c C -T S` (8 clients unless
+//! `--pgbench-clients`) inserts one order row and its outbox row per
+//! transaction on the same database: the rate at which this server commits
+//! the least a durable order with a transactional outbox needs, the
+//! ceiling. The two alternate from round
 //! to round; the ratio is orders/s ÷ pgbench TPS.
+//!
+//! Per load, the report also has where the work went (issue #15): CPU ms
+//! per order of the service, of PostgreSQL and of the broker (from
+//! `/proc`, [`CpuSnapshot`]), and PostgreSQL commits and rows written per
+//! order (`pg_stat_database`, read after the service's backends ended).
+//! After the saturated load, each `--paced-rates` rate (default 50 orders/s
+//! and half the round's saturated rate) runs on a fresh service for
+//! `--paced-secs`, for the latency at those rates.
 //!
 //! Authentication is on as in production (`--auth jwt`, the default): each
 //! round generates a random HS256 secret and gives it to the service and to
@@ -36,6 +46,7 @@ use herald_test::log_tail;
 use orders::api::auth::AuthMode;
 
 use crate::shared::child::peak_rss_kib_of;
+use crate::shared::cpu::CpuSnapshot;
 use crate::shared::database::{libpq_env, BenchDatabase, DbArgs};
 use crate::shared::progress;
 use crate::shared::report::{both_sides, finish_table, rounds, setup_line, Report};
@@ -54,16 +65,15 @@ pub struct OrdersArgs {
     /// Orders `orders load` posts per round.
     #[arg(long, default_value_t = 10_000)]
     pub orders: usize,
-    /// Requests in flight (`orders load --concurrency`); also pgbench's
-    /// clients unless `--pgbench-clients` is given.
+    /// Requests in flight (`orders load --concurrency`).
     #[arg(long, default_value_t = 32)]
     pub concurrency: usize,
     /// Target orders per second (`orders load --rate`; 0: as fast as possible).
     #[arg(long, default_value_t = 0)]
     pub rate: u32,
-    /// pgbench clients (default: `--concurrency`).
-    #[arg(long)]
-    pub pgbench_clients: Option<usize>,
+    /// pgbench clients.
+    #[arg(long, default_value_t = 8)]
+    pub pgbench_clients: usize,
     /// Seconds pgbench runs.
     #[arg(long, default_value_t = 20)]
     pub pgbench_secs: u64,
@@ -85,9 +95,53 @@ pub struct OrdersArgs {
     /// round, tokens minted by `orders load`) or `none`.
     #[arg(long, value_enum, default_value_t = AuthMode::Jwt)]
     pub auth: AuthMode,
+    /// Paced runs after the saturated one, each on a fresh service:
+    /// orders per second, or `half` (half the round's saturated rate).
+    /// Empty (`--paced-rates ''`) for none.
+    #[arg(long, value_delimiter = ',', default_value = "50,half")]
+    pub paced_rates: Vec<PacedRate>,
+    /// Seconds each paced run lasts (its orders = rate × seconds).
+    #[arg(long, default_value_t = 10)]
+    pub paced_secs: u64,
     /// Print one JSON document instead of the table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// The rate of a paced run.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub enum PacedRate {
+    /// Orders per second.
+    Fixed(u32),
+    /// Half the round's saturated rate.
+    HalfOfSaturated,
+}
+
+impl std::str::FromStr for PacedRate {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text.trim() {
+            "half" => Ok(Self::HalfOfSaturated),
+            number => match number.parse::<u32>() {
+                Ok(rate) if rate > 0 => Ok(Self::Fixed(rate)),
+                _ => Err(format!(
+                    "{text:?} is not a paced rate: orders per second (at least 1) or `half`"
+                )),
+            },
+        }
+    }
+}
+
+impl PacedRate {
+    /// Orders per second, given the round's saturated rate.
+    fn resolve(self, saturated: f64) -> u32 {
+        match self {
+            Self::Fixed(rate) => rate,
+            // At least 1 order per second, so a run always has orders.
+            Self::HalfOfSaturated => ((saturated / 2.0).round() as u32).max(1),
+        }
+    }
 }
 
 /// A random HS256 secret: 32 bytes as 64 hex digits.
@@ -119,14 +173,18 @@ impl OrdersArgs {
         ensure!(self.pgbench_secs > 0, "--pgbench-secs must be at least 1");
         ensure!(self.rounds > 0, "--rounds must be at least 1");
         ensure!(
-            self.pgbench_clients != Some(0),
+            self.paced_rates.is_empty() || self.paced_secs > 0,
+            "--paced-secs must be at least 1"
+        );
+        ensure!(
+            self.pgbench_clients > 0,
             "--pgbench-clients must be at least 1"
         );
         Ok(())
     }
 
     fn clients(&self) -> usize {
-        self.pgbench_clients.unwrap_or(self.concurrency)
+        self.pgbench_clients
     }
 }
 
@@ -148,6 +206,17 @@ pub struct LoadFigures {
     /// The service's peak RSS (KiB), read before it was stopped.
     #[serde(default)]
     pub peak_rss_kib: u64,
+    /// CPU ms per order over the load, per process group (`service`,
+    /// `postgres`, `broker`).
+    #[serde(default)]
+    pub cpu_ms_per_order: std::collections::BTreeMap<&'static str, f64>,
+    /// PostgreSQL commits per order in the benchmark's database, from the
+    /// load's start to the service's stop.
+    #[serde(default)]
+    pub commits_per_order: f64,
+    /// Rows inserted, updated or deleted per order, over the same span.
+    #[serde(default)]
+    pub rows_per_order: f64,
     /// The line as printed.
     pub line: String,
     /// How the load generator ran.
@@ -176,8 +245,10 @@ pub struct OrdersRound {
     pub round: usize,
     /// `orders` and `pgbench` in the order they ran.
     pub order: Vec<&'static str>,
-    /// The service.
+    /// The service, saturated.
     pub orders: LoadFigures,
+    /// The paced runs: target rate and figures.
+    pub paced: Vec<(u32, LoadFigures)>,
     /// The ceiling.
     pub pgbench: PgbenchFigures,
     /// orders/s ÷ pgbench TPS.
@@ -203,12 +274,33 @@ impl OrdersReport {
     /// The final line.
     pub fn summary_line(&self) -> String {
         let clients = self.rounds.first().map_or(0, |r| r.pgbench.clients);
+        let cpu = |group: &str| {
+            self.median_of(|r| r.orders.cpu_ms_per_order.get(group).copied().unwrap_or(0.0))
+        };
+        // Paced runs by their place in --paced-rates (their rates may differ
+        // per round: `half`).
+        let paced_runs = self.rounds.first().map_or(0, |r| r.paced.len());
+        let paced: String = (0..paced_runs)
+            .map(|i| {
+                let at = |r: &OrdersRound| r.paced.get(i).map_or(0.0, |(rate, _)| f64::from(*rate));
+                format!(
+                    "; paced at {:.0}/s p50 {:.1} ms, p99 {:.1} ms",
+                    self.median_of(at),
+                    self.median_of(|r| r.paced.get(i).map_or(0.0, |(_, p)| p.p50_ms)),
+                    self.median_of(|r| r.paced.get(i).map_or(0.0, |(_, p)| p.p99_ms)),
+                )
+            })
+            .collect();
         format!(
-            "orders: {} orders/s end to end (POST→read-model p50 {:.0} ms, p95 {:.0} ms, p99 {:.0} ms); pgbench one INSERT per transaction {} TPS ({clients} clients); ratio {:.3} (median of {}); orders peak RSS {}",
+            "orders: {} orders/s end to end (POST→read-model p50 {:.0} ms, p95 {:.0} ms, p99 {:.0} ms{paced}); CPU ms per order: orders {:.2}, postgres {:.2}, broker {:.2}; commits per order {:.2}; pgbench one order + outbox INSERT per transaction {} TPS ({clients} clients); ratio {:.3} (median of {}); orders peak RSS {}",
             per_second(self.median_of(|r| r.orders.rate)),
             self.median_of(|r| r.orders.p50_ms),
             self.median_of(|r| r.orders.p95_ms),
             self.median_of(|r| r.orders.p99_ms),
+            cpu("service"),
+            cpu("postgres"),
+            cpu("broker"),
+            self.median_of(|r| r.orders.commits_per_order),
             per_second(self.median_of(|r| r.pgbench.tps)),
             self.median_of(|r| r.ratio),
             rounds(self.rounds.len()),
@@ -255,6 +347,21 @@ impl Report for OrdersReport {
                 "  round {} load ({}): {}\n",
                 r.round, r.orders.via, r.orders.line
             ));
+            out.push_str(&format!(
+                "  round {} saturated, per order: {}\n",
+                r.round,
+                per_order(&r.orders)
+            ));
+            for (rate, paced) in &r.paced {
+                out.push_str(&format!(
+                    "  round {} paced at {rate}/s: p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms; per order: {}\n",
+                    r.round,
+                    paced.p50_ms,
+                    paced.p95_ms,
+                    paced.p99_ms,
+                    per_order(paced)
+                ));
+            }
         }
         finish_table(&mut out, &self.notes, &self.summary_line());
         out
@@ -271,15 +378,47 @@ impl Report for OrdersReport {
     }
 }
 
-const CEILING_TABLE: &str = "CREATE TABLE herald_bench_ceiling (
+/// A load's CPU per process group and database writes, per order.
+fn per_order(figures: &LoadFigures) -> String {
+    let cpu = |group: &str| figures.cpu_ms_per_order.get(group).copied().unwrap_or(0.0);
+    format!(
+        "CPU ms orders {:.2}, postgres {:.2}, broker {:.2}; commits {:.2}, rows written {:.2}",
+        cpu("service"),
+        cpu("postgres"),
+        cpu("broker"),
+        figures.commits_per_order,
+        figures.rows_per_order
+    )
+}
+
+/// The ceiling's tables: an order row and an outbox row of about the
+/// service's sizes (its own tables may not exist yet when pgbench runs
+/// first).
+const CEILING_TABLES: [&str; 2] = [
+    "CREATE TABLE herald_bench_ceiling_orders (
+    id UUID PRIMARY KEY,
+    customer_id UUID NOT NULL,
+    status TEXT NOT NULL,
+    total_cents BIGINT NOT NULL,
+    items JSONB NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now()
+)",
+    "CREATE TABLE herald_bench_ceiling_outbox (
     id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    k BIGINT NOT NULL,
+    aggregate_id TEXT NOT NULL,
+    event_type TEXT NOT NULL,
     payload TEXT NOT NULL,
     created_at TIMESTAMPTZ NOT NULL DEFAULT now()
-)";
+)",
+];
 
+/// One order and its outbox row per transaction: the least a durable
+/// order write with a transactional outbox commits (issue #15's ceiling).
 const CEILING_SCRIPT: &str = "\\set k random(1, 1000000000)
-INSERT INTO herald_bench_ceiling (k, payload) VALUES (:k, repeat('x', 256));
+BEGIN;
+INSERT INTO herald_bench_ceiling_orders (id, customer_id, status, total_cents, items) VALUES (gen_random_uuid(), gen_random_uuid(), 'placed', :k, '[{\"sku\":\"sku-1\",\"quantity\":2,\"unit_cents\":1250}]');
+INSERT INTO herald_bench_ceiling_outbox (aggregate_id, event_type, payload) VALUES (:k::text, 'OrderPlaced', repeat('x', 256));
+COMMIT;
 ";
 
 /// Runs the rounds and returns the report.
@@ -309,8 +448,10 @@ async fn run_rounds(
     binary: &Path,
     scratch: &Path,
 ) -> anyhow::Result<OrdersReport> {
-    db.execute(CEILING_TABLE).await?;
-    let script = scratch.join("one-insert.sql");
+    for table in CEILING_TABLES {
+        db.execute(table).await?;
+    }
+    let script = scratch.join("order-and-outbox.sql");
     std::fs::write(&script, CEILING_SCRIPT)
         .with_context(|| format!("writing {}", script.display()))?;
     let mut setup = serde_json::Map::new();
@@ -343,17 +484,23 @@ async fn run_rounds(
                 }
             ),
             format!(
-                "ceiling: pgbench -n -f one-insert.sql -c {} -T {} on the same database, one INSERT (256-byte text) per transaction, the service stopped",
+                "ceiling: pgbench -n -f order-and-outbox.sql -c {} -T {} on the same database, one order row and one outbox row (256-byte payload) per transaction, the service stopped",
                 args.clients(),
                 args.pgbench_secs
             ),
+            "each service first carries 20 orders at 20/s end to end (warm-up, not measured); per order: CPU from /proc over the load (orders = the service's pid, postgres = every `postgres` process, broker = every `java` process), ÷ orders; commits and rows written from pg_stat_database, from the load's start to the service's stop (its backends ended)".to_owned(),
         ],
     };
     for round in 0..args.rounds {
         let sides = both_sides(round, async |side| {
             Ok(match side {
                 Side::Herald => {
-                    let figures = run_service(args, resources, db, binary, scratch, round + 1)
+                    let load = Load {
+                        name: format!("r{}", round + 1),
+                        orders: args.orders,
+                        rate: args.rate,
+                    };
+                    let figures = run_service(args, resources, db, binary, scratch, &load)
                         .await
                         .with_context(|| format!("round {} orders", round + 1))?;
                     progress(format!("orders round {}: {}", round + 1, figures.line));
@@ -374,6 +521,24 @@ async fn run_rounds(
         let [(Some(orders), _), (_, Some(pgbench))] = sides.await? else {
             bail!("round {} is missing a side", round + 1);
         };
+        let mut paced = Vec::new();
+        for rate in &args.paced_rates {
+            let rate = rate.resolve(orders.rate);
+            let load = Load {
+                name: format!("r{}-p{rate}", round + 1),
+                orders: usize::try_from(u64::from(rate) * args.paced_secs).unwrap_or(usize::MAX),
+                rate,
+            };
+            let figures = run_service(args, resources, db, binary, scratch, &load)
+                .await
+                .with_context(|| format!("round {} paced at {rate} orders/s", round + 1))?;
+            progress(format!(
+                "orders round {} paced at {rate}/s: {}",
+                round + 1,
+                figures.line
+            ));
+            paced.push((rate, figures));
+        }
         report.rounds.push(OrdersRound {
             round: round + 1,
             order: round_order(round)
@@ -385,6 +550,7 @@ async fn run_rounds(
                 .collect(),
             ratio: ratio(orders.rate, pgbench.tps),
             orders,
+            paced,
             pgbench,
         });
     }
@@ -423,21 +589,39 @@ async fn build_orders() -> anyhow::Result<PathBuf> {
     Ok(profile_dir.join("orders"))
 }
 
-/// Starts `orders run`, loads it, stops it.
+/// One load of the service: `orders` orders at `rate` per second (0: as
+/// fast as it goes), on a service whose topics and groups are named after
+/// `name`.
+struct Load {
+    name: String,
+    orders: usize,
+    rate: u32,
+}
+
+/// The load each service gets before the measured one.
+const WARM_UP: Load = Load {
+    name: String::new(),
+    orders: 20,
+    rate: 20,
+};
+
+/// Starts `orders run`, loads it, stops it; with the CPU each process
+/// group used per order and the database's commits per order.
 async fn run_service(
     args: &OrdersArgs,
     resources: &RunResources,
     db: &BenchDatabase,
     binary: &Path,
     scratch: &Path,
-    round: usize,
+    run: &Load,
 ) -> anyhow::Result<LoadFigures> {
+    let name = &run.name;
     // Every topic and group the service makes carries this prefix.
-    resources.adopt_prefix(&resources.name(&format!("r{round}-")));
-    let events = resources.name(&format!("r{round}-order-events"));
-    let prefix = resources.name(&format!("r{round}-orders"));
+    resources.adopt_prefix(&resources.name(&format!("{name}-")));
+    let events = resources.name(&format!("{name}-order-events"));
+    let prefix = resources.name(&format!("{name}-orders"));
     let port = herald_test::free_port();
-    let log_path = scratch.join(format!("orders-r{round}.log"));
+    let log_path = scratch.join(format!("orders-{name}.log"));
     let log = std::fs::File::create(&log_path)
         .with_context(|| format!("creating {}", log_path.display()))?;
     let secret = (args.auth == AuthMode::Jwt).then(random_secret);
@@ -457,7 +641,7 @@ async fn run_service(
         .env("ORDERS_EVENTS_TOPIC", &events)
         .env(
             "ORDERS_FULFILLMENT_TOPIC",
-            resources.name(&format!("r{round}-fulfillment-events")),
+            resources.name(&format!("{name}-fulfillment-events")),
         )
         .env("ORDERS_GROUP_PREFIX", &prefix)
         .env("ORDERS_TOPIC_PARTITIONS", args.partitions.to_string())
@@ -473,19 +657,56 @@ async fn run_service(
     let pid = service.id().context("the service exited at once")?;
     let outcome = async {
         wait_ready(&mut service, port, &log_path).await?;
-        let mut figures = load(args, binary, port, secret.as_deref()).await?;
+        // Ready answers before every consumer group has its partitions: a
+        // few orders carried end to end first keep the joins out of the
+        // figures (of the paced runs above all, which are short).
+        load(args, &WARM_UP, binary, port, secret.as_deref())
+            .await
+            .context("warming the service up")?;
+        let writes_before = DatabaseWrites::read(db).await?;
+        let cpu_before = CpuSnapshot::take(pid);
+        let mut figures = load(args, run, binary, port, secret.as_deref()).await?;
+        figures.cpu_ms_per_order = CpuSnapshot::take(pid).per(&cpu_before, figures.orders);
         figures.peak_rss_kib = peak_rss_kib_of(pid).unwrap_or(0);
-        anyhow::Ok(figures)
+        anyhow::Ok((figures, writes_before))
     }
     .await;
     stop(&mut service, pid).await;
-    outcome.map_err(|e| {
+    let (mut figures, writes_before) = outcome.map_err(|e| {
         e.context(format!(
             "service log {}:\n{}",
             log_path.display(),
             log_tail(&log_path, 20)
         ))
-    })
+    })?;
+    // A backend flushes its statistics when it ends: wait for the
+    // service's to end before reading them.
+    db.wait_for_other_sessions_to_end(Duration::from_secs(30))
+        .await?;
+    let writes = DatabaseWrites::read(db).await?;
+    let orders = figures.orders.max(1) as f64;
+    figures.commits_per_order = (writes.commits - writes_before.commits) as f64 / orders;
+    figures.rows_per_order = (writes.rows - writes_before.rows) as f64 / orders;
+    Ok(figures)
+}
+
+/// The database's commits and written rows so far (`pg_stat_database`).
+struct DatabaseWrites {
+    commits: i64,
+    rows: i64,
+}
+
+impl DatabaseWrites {
+    async fn read(db: &BenchDatabase) -> anyhow::Result<Self> {
+        let (commits, rows): (i64, i64) = sqlx::query_as(
+            "SELECT xact_commit, tup_inserted + tup_updated + tup_deleted \
+             FROM pg_stat_database WHERE datname = current_database()",
+        )
+        .fetch_one(db.pool())
+        .await
+        .context("reading pg_stat_database")?;
+        Ok(Self { commits, rows })
+    }
 }
 
 /// Waits until the service answers `GET /readyz` with 200 (each try
@@ -537,6 +758,7 @@ async fn stop(service: &mut Child, pid: u32) {
 /// `secret`, it mints its customers' tokens with it.
 async fn load(
     args: &OrdersArgs,
+    run: &Load,
     binary: &Path,
     port: u16,
     secret: Option<&str>,
@@ -551,7 +773,7 @@ async fn load(
     }
     command
         .arg("load")
-        .args(["--orders", &args.orders.to_string()])
+        .args(["--orders", &run.orders.to_string()])
         .args(["--concurrency", &args.concurrency.to_string()])
         .args(["--api", &api])
         .args(["--timeout-secs", &args.load_timeout_secs.to_string()])
@@ -559,8 +781,8 @@ async fn load(
         .env("RUST_BACKTRACE", "0")
         .stdin(Stdio::null())
         .kill_on_drop(true);
-    if args.rate > 0 {
-        command.args(["--rate", &args.rate.to_string()]);
+    if run.rate > 0 {
+        command.args(["--rate", &run.rate.to_string()]);
     }
     let output = command.output().await.context("running orders load")?;
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -596,6 +818,9 @@ pub fn parse_load_line(line: &str) -> Option<LoadFigures> {
         p95_ms: after("p95 ")?,
         p99_ms: after("p99 ")?,
         peak_rss_kib: 0,
+        cpu_ms_per_order: std::collections::BTreeMap::new(),
+        commits_per_order: 0.0,
+        rows_per_order: 0.0,
         line: line.to_owned(),
         via: "orders load (command)".to_owned(),
     })
@@ -617,7 +842,7 @@ async fn pgbench(
         .args(["-c", &clients.to_string()])
         .args(["-j", &threads.to_string()])
         .args(["-T", &args.pgbench_secs.to_string()])
-        .env("PGAPPNAME", "herald-bench")
+        .env("PGAPPNAME", crate::shared::database::APPLICATION_NAME)
         .stdin(Stdio::null())
         .kill_on_drop(true);
     for (key, value) in libpq_env(db.url())? {
@@ -677,6 +902,17 @@ mod tests {
             (12.0, 30.0, 41.0)
         );
         assert!(parse_load_line("posting [====]").is_none());
+    }
+
+    #[test]
+    fn parses_paced_rates() {
+        let rate = |text: &str| text.parse::<PacedRate>();
+        assert_eq!(rate("50"), Ok(PacedRate::Fixed(50)));
+        assert_eq!(rate("half"), Ok(PacedRate::HalfOfSaturated));
+        assert!(rate("0").is_err() && rate("fast").is_err());
+        assert_eq!(PacedRate::HalfOfSaturated.resolve(431.0), 216);
+        assert_eq!(PacedRate::HalfOfSaturated.resolve(0.4), 1);
+        assert_eq!(PacedRate::Fixed(50).resolve(431.0), 50);
     }
 
     #[test]

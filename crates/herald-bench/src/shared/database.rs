@@ -116,6 +116,32 @@ impl BenchDatabase {
         &self.pool
     }
 
+    /// Waits until no session but the benchmark's own is connected to this
+    /// database (a driven service's backends have ended, and so flushed
+    /// their statistics), failing after `timeout`.
+    pub async fn wait_for_other_sessions_to_end(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let others: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND application_name <> $1",
+            )
+            .bind(APPLICATION_NAME)
+            .fetch_one(&self.pool)
+            .await
+            .context("reading pg_stat_activity")?;
+            if others == 0 {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "{others} sessions of other programs are still connected to {} after {timeout:?}",
+                self.name()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Runs one statement (set-up between rounds: truncate, vacuum...).
     pub async fn execute(&self, sql: &str) -> anyhow::Result<()> {
         sqlx::query(sql)
@@ -155,10 +181,16 @@ impl BenchDatabase {
     }
 }
 
+/// The `application_name` of the benchmark's own sessions (its pools and
+/// pgbench), which tells them from those of the processes it drives.
+pub const APPLICATION_NAME: &str = "herald-bench";
+
 /// A pool of at most `max` connections on `url`, with the server's own
 /// (durable) settings.
 pub async fn pool(url: &str, max: u32) -> anyhow::Result<PgPool> {
-    let options = PgConnectOptions::from_str(url).context("parsing the database URL")?;
+    let options = PgConnectOptions::from_str(url)
+        .context("parsing the database URL")?
+        .application_name(APPLICATION_NAME);
     PgPoolOptions::new()
         .max_connections(max)
         .acquire_timeout(Duration::from_secs(60))

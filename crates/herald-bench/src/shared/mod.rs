@@ -7,6 +7,7 @@
 pub mod arrivals;
 pub mod child;
 pub mod consume;
+pub mod cpu;
 pub mod database;
 pub mod kafka_perf;
 pub mod report;
