@@ -95,11 +95,11 @@ pub struct OrdersArgs {
     /// round, tokens minted by `orders load`) or `none`.
     #[arg(long, value_enum, default_value_t = AuthMode::Jwt)]
     pub auth: AuthMode,
-    /// Paced runs after the saturated one, each on a fresh service:
-    /// orders per second, or `half` (half the round's saturated rate).
-    /// Empty (`--paced-rates ''`) for none.
-    #[arg(long, value_delimiter = ',', default_value = "50,half")]
-    pub paced_rates: Vec<PacedRate>,
+    /// Paced runs after the saturated one, each on a fresh service, comma
+    /// separated: orders per second, or `half` (half the round's saturated
+    /// rate). `none` (or empty) for none.
+    #[arg(long, default_value = "50,half")]
+    pub paced_rates: PacedRates,
     /// Seconds each paced run lasts (its orders = rate × seconds).
     #[arg(long, default_value_t = 10)]
     pub paced_secs: u64,
@@ -129,6 +129,25 @@ impl std::str::FromStr for PacedRate {
                     "{text:?} is not a paced rate: orders per second (at least 1) or `half`"
                 )),
             },
+        }
+    }
+}
+
+/// The `--paced-rates` list.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct PacedRates(pub Vec<PacedRate>);
+
+impl std::str::FromStr for PacedRates {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text.trim() {
+            "" | "none" => Ok(Self::default()),
+            list => list
+                .split(',')
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+                .map(Self),
         }
     }
 }
@@ -173,7 +192,7 @@ impl OrdersArgs {
         ensure!(self.pgbench_secs > 0, "--pgbench-secs must be at least 1");
         ensure!(self.rounds > 0, "--rounds must be at least 1");
         ensure!(
-            self.paced_rates.is_empty() || self.paced_secs > 0,
+            self.paced_rates.0.is_empty() || self.paced_secs > 0,
             "--paced-secs must be at least 1"
         );
         ensure!(
@@ -522,7 +541,7 @@ async fn run_rounds(
             bail!("round {} is missing a side", round + 1);
         };
         let mut paced = Vec::new();
-        for rate in &args.paced_rates {
+        for rate in &args.paced_rates.0 {
             let rate = rate.resolve(orders.rate);
             let load = Load {
                 name: format!("r{}-p{rate}", round + 1),
@@ -913,6 +932,14 @@ mod tests {
         assert_eq!(PacedRate::HalfOfSaturated.resolve(431.0), 216);
         assert_eq!(PacedRate::HalfOfSaturated.resolve(0.4), 1);
         assert_eq!(PacedRate::Fixed(50).resolve(431.0), 50);
+        let rates = |text: &str| text.parse::<PacedRates>().map(|r| r.0);
+        assert_eq!(
+            rates("50,half"),
+            Ok(vec![PacedRate::Fixed(50), PacedRate::HalfOfSaturated])
+        );
+        assert_eq!(rates(""), Ok(vec![]));
+        assert_eq!(rates("none"), Ok(vec![]));
+        assert!(rates("50,,half").is_err());
     }
 
     #[test]
