@@ -8,6 +8,7 @@
 //! ([`CONSUMER_DEFAULTS`]). Each side is timed from its first record to its
 //! last: joining the group is not measured.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::SideSpec as AnySide;
+use crate::shared::build;
 use crate::shared::child::{run_side as run_child, SideResult};
 use crate::shared::consume::{consume, Probe};
 use crate::shared::report::{Comparison, Round};
@@ -54,7 +56,11 @@ pub struct ConsumerArgs {
     /// the cost of instrumentation, goal ≥ 0.95), or `plain-stream` (the
     /// loop a user would write by hand instead of herald: an rdkafka
     /// `StreamConsumer`, serde decoding of the body into the typed event,
-    /// `store_offset` per record and auto commit).
+    /// `store_offset` per record and auto commit), or `ruststream` (the
+    /// nearest Rust peer, RustStream 0.7.7 with ruststream-rdkafka 0.7.1: a
+    /// typed serde handler, `Commit::Tracked`, 64 lanes by record key, and
+    /// herald's librdkafka consumer defaults; built from
+    /// `peers/ruststream-consumer` on first use).
     #[arg(long, value_enum, default_value_t = Baseline::Bare)]
     pub baseline: Baseline,
 }
@@ -71,6 +77,10 @@ pub enum Baseline {
     /// A hand-written async loop: rdkafka `StreamConsumer`, serde decoding
     /// of the body, offset stored per record, auto commit.
     PlainStream,
+    /// RustStream, the nearest Rust peer (`peers/ruststream-consumer`).
+    #[value(name = "ruststream")]
+    #[serde(rename = "ruststream")]
+    RustStream,
 }
 
 /// The ratio instrumented ÷ uninstrumented should reach.
@@ -83,6 +93,8 @@ pub struct SideSpec {
     side: Side,
     topic: String,
     group: String,
+    /// The peer's binary, when the baseline is one.
+    peer: Option<PathBuf>,
 }
 
 impl SideSpec {
@@ -121,11 +133,20 @@ pub async fn run(args: &ConsumerArgs, resources: &RunResources) -> anyhow::Resul
             "rdkafka StreamConsumer recv loop + serde_json decode of the body into the typed event, store_offset per record, auto commit 1 s, CONSUMER_DEFAULTS".to_owned(),
             1.0,
         ),
+        Baseline::RustStream => (
+            runtime,
+            "RustStream 0.7.7 (ruststream-rdkafka 0.7.1): typed serde handler, Commit::Tracked, workers(64, by_key), CONSUMER_DEFAULTS".to_owned(),
+            1.0,
+        ),
         Baseline::Uninstrumented => (
             format!("{runtime}; tracing-subscriber fmt at info + detailed metrics in a Prometheus registry"),
             format!("{runtime}; no subscriber, detailed metrics off"),
             INSTRUMENTATION_GOAL,
         ),
+    };
+    let peer = match args.baseline {
+        Baseline::RustStream => Some(build::peer_binary("ruststream-consumer").await?),
+        _ => None,
     };
     let mut comparison = Comparison {
         bench: "consumer",
@@ -144,6 +165,7 @@ pub async fn run(args: &ConsumerArgs, resources: &RunResources) -> anyhow::Resul
                 side,
                 topic: topic.clone(),
                 group: resources.group(&format!("r{}-{}", round + 1, side.name())),
+                peer: peer.clone(),
             };
             run_child(&AnySide::Consumer(spec), common.side_timeout_secs, &[]).await
         })
@@ -159,6 +181,7 @@ pub async fn run_side(spec: SideSpec) -> anyhow::Result<SideResult> {
         Side::Herald => herald_side(&spec).await,
         Side::Bare if spec.instrumented().is_some() => herald_side(&spec).await,
         Side::Bare if spec.args.baseline == Baseline::PlainStream => plain_stream_side(&spec).await,
+        Side::Bare if spec.args.baseline == Baseline::RustStream => ruststream_side(&spec).await,
         Side::Bare => tokio::task::spawn_blocking(move || bare_side(&spec))
             .await
             .context("bare side panicked")?,
@@ -262,6 +285,65 @@ async fn plain_stream_side(spec: &SideSpec) -> anyhow::Result<SideResult> {
         .map_or(0.0, |f| f.duration_since(started).as_secs_f64());
     drop(consumer);
     Ok(SideResult::finish(records, seconds)?.with("startup_seconds", startup))
+}
+
+/// RustStream in its own process (`peers/ruststream-consumer`), given
+/// herald's librdkafka consumer defaults; it reports records, seconds from
+/// its first record to its last, and its peak RSS as one JSON line.
+async fn ruststream_side(spec: &SideSpec) -> anyhow::Result<SideResult> {
+    let binary = spec
+        .peer
+        .as_ref()
+        .context("no RustStream binary in the spec")?;
+    let records = spec.args.common.records;
+    let mut command = tokio::process::Command::new(binary);
+    command.args([
+        spec.args.common.brokers.as_str(),
+        &spec.topic,
+        &spec.group,
+        &records.to_string(),
+    ]);
+    for (key, value) in CONSUMER_DEFAULTS {
+        command.arg("--set").arg(format!("{key}={value}"));
+    }
+    let output = command
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .with_context(|| format!("running {}", binary.display()))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    ensure!(
+        output.status.success(),
+        "RustStream failed ({}): {stdout}",
+        output.status
+    );
+    let line = stdout
+        .lines()
+        .last()
+        .context("RustStream printed nothing")?;
+    let peer: PeerReport =
+        serde_json::from_str(line).with_context(|| format!("reading RustStream's {line:?}"))?;
+    ensure!(
+        peer.records >= records,
+        "RustStream handled {} of {records}",
+        peer.records
+    );
+    Ok(SideResult {
+        records,
+        seconds: peer.seconds,
+        peak_rss_kib: peer.peak_rss_kib,
+        extra: Default::default(),
+    })
+}
+
+/// The line a peer process prints when it is done.
+#[derive(Debug, Deserialize)]
+struct PeerReport {
+    records: u64,
+    seconds: f64,
+    peak_rss_kib: u64,
 }
 
 fn bare_side(spec: &SideSpec) -> anyhow::Result<SideResult> {

@@ -45,6 +45,7 @@ use tokio::process::{Child, Command};
 use herald_test::log_tail;
 use orders::api::auth::AuthMode;
 
+use crate::shared::build;
 use crate::shared::child::peak_rss_kib_of;
 use crate::shared::cpu::CpuSnapshot;
 use crate::shared::database::{libpq_env, BenchDatabase, DbArgs};
@@ -446,7 +447,9 @@ pub async fn run(args: &OrdersArgs, resources: &RunResources) -> anyhow::Result<
     let db = &BenchDatabase::create(&args.db, resources, false).await?;
     let binary = match &args.orders_bin {
         Some(path) => path.clone(),
-        None => build_orders().await?,
+        None => build::workspace_binary("orders")
+            .await
+            .context("building orders (or pass --orders-bin)")?,
     };
     ensure!(
         binary.is_file(),
@@ -574,38 +577,6 @@ async fn run_rounds(
         });
     }
     Ok(report)
-}
-
-/// Builds `orders` with cargo into this binary's target directory and
-/// profile; returns the binary's path.
-async fn build_orders() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe().context("locating the herald-bench binary")?;
-    let profile_dir = exe.parent().context("the binary has no directory")?;
-    let target_dir = profile_dir
-        .parent()
-        .context("the binary's directory has no parent")?;
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    command
-        .current_dir(&workspace)
-        .env("CARGO_TARGET_DIR", target_dir)
-        .args(["build", "-p", "orders"]);
-    if profile_dir.file_name().is_some_and(|n| n != "debug") {
-        command.arg("--release");
-    }
-    progress(format!(
-        "orders: building the service (cargo build --release -p orders, target {})",
-        target_dir.display()
-    ));
-    let status = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .status()
-        .await
-        .context("running cargo (or pass --orders-bin)")?;
-    ensure!(status.success(), "building orders failed ({status})");
-    Ok(profile_dir.join("orders"))
 }
 
 /// One load of the service: `orders` orders at `rate` per second (0: as

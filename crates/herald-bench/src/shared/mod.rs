@@ -2,9 +2,11 @@
 //! medians, peak RSS, the child processes each side runs in, the rounds of
 //! sides and their reports, the benchmark topics and databases, the record
 //! workload, the consumer runtime run to the end of a topic, the latency
-//! benchmarks' open loop, and the Kafka tools' perf test.
+//! benchmarks' open loop, the Kafka tools' perf test, and the binaries built
+//! beside the sides (the service, the peers).
 
 pub mod arrivals;
+pub mod build;
 pub mod child;
 pub mod consume;
 pub mod cpu;
