@@ -27,6 +27,7 @@
 //! Effects that panic fail their own event (a permanent error, its savepoint
 //! rolled back); the batch and the batcher go on.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -35,7 +36,7 @@ use std::time::Duration;
 use futures::FutureExt;
 use herald::inbox::Effects;
 use herald::HandlerError;
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::{PgConnection, PgPool};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
@@ -119,9 +120,12 @@ impl Inbox {
         }
     }
 
-    /// An inbox that commits up to `max_events` concurrent events together,
-    /// waiting at most `max_wait` for a batch to fill. Spawns its batching
-    /// task on the current tokio runtime; it ends when the last clone drops.
+    /// An inbox that commits up to `max_events` (at most 64) concurrent
+    /// events together, waiting at most `max_wait` for a batch to fill.
+    /// Up to four batches run at once, each on a connection of its own;
+    /// events that arrive meanwhile make the next batch, so batches grow
+    /// with the load. Spawns its batching task on the current tokio
+    /// runtime; it ends when the last clone drops.
     pub fn batched(
         pool: PgPool,
         group: impl Into<String>,
@@ -270,6 +274,18 @@ pub async fn purge_processed(
     Ok(done.rows_affected())
 }
 
+/// Batches one batched inbox runs at once, each on its own connection:
+/// while one waits for its commit (the WAL flush), the next runs its
+/// statements. Concurrent events queue meanwhile, so batches grow with the
+/// load and stay small (no added latency) when it is light.
+const BATCHES_IN_FLIGHT: usize = 4;
+
+/// The most events in one transaction. Each event's savepoint is a
+/// subtransaction, and PostgreSQL caches at most 64 of them per
+/// transaction (`PGPROC_MAX_CACHED_SUBXIDS`); past that, every other
+/// session's snapshots get slower until the transaction ends.
+const MAX_BATCH: usize = 64;
+
 async fn run_batches(
     pool: PgPool,
     group: Arc<str>,
@@ -277,6 +293,8 @@ async fn run_batches(
     max_events: usize,
     max_wait: Duration,
 ) {
+    let max_events = max_events.clamp(1, MAX_BATCH);
+    let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
     while let Some(first) = jobs.recv().await {
         let mut batch = vec![first];
         let deadline = tokio::time::Instant::now() + max_wait;
@@ -286,89 +304,177 @@ async fn run_batches(
                 Ok(None) | Err(_) => break,
             }
         }
-        run_batch(&pool, &group, batch).await;
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            return;
+        };
+        // What arrived while every batch was running joins this one.
+        while batch.len() < max_events {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let (pool, group) = (pool.clone(), Arc::clone(&group));
+        tokio::spawn(async move {
+            run_batch(&pool, &group, batch).await;
+            drop(slot);
+        });
     }
 }
 
+/// Runs `batch` in one transaction: the inbox rows of all its events are
+/// claimed with one statement, then each claimed event's effects run in a
+/// savepoint of their own, so that one event's failure rolls back that
+/// event alone (its effects and its claim) and the others commit.
 async fn run_batch(pool: &PgPool, group: &str, batch: Vec<Job>) {
     let mut tx = match pool.begin().await {
         Ok(tx) => tx,
-        Err(e) => {
-            let error = classify(e);
-            for job in batch {
-                let _ = job
-                    .reply
-                    .send(Err(HandlerError::transient(error.to_string())));
-            }
-            return;
-        }
+        Err(e) => return fail_all(batch, &classify(e).to_string()),
+    };
+    // Sorted, so that two transactions claiming the same events (two
+    // instances of a group during a rebalance) lock them in one order.
+    let mut ids: Vec<Uuid> = batch.iter().map(|job| job.event_id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let claimed = sqlx::query_scalar::<_, Uuid>(CLAIM)
+        .bind(group)
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await;
+    let mut claimed: HashSet<Uuid> = match claimed {
+        Ok(claimed) => claimed.into_iter().collect(),
+        Err(e) => return fail_all(batch, &classify(e).to_string()),
     };
     let mut results = Vec::with_capacity(batch.len());
     let mut replies = Vec::with_capacity(batch.len());
-    for job in batch {
+    // One event to apply needs no savepoint: its failure rolls back the
+    // transaction, which holds nothing else (as `Inbox::new` does).
+    let mut savepoint = (claimed.len() > 1).then_some(SAVEPOINT);
+    let mut seen = HashSet::with_capacity(batch.len());
+    let mut jobs = batch.into_iter();
+    for job in jobs.by_ref() {
         replies.push(job.reply);
-        results.push(apply_in_savepoint(&mut tx, group, job.event_id, job.effects).await);
-    }
-    if let Err(e) = tx.commit().await {
-        let error = classify(e);
-        for (result, reply) in results.into_iter().zip(replies) {
-            let outcome = match result {
-                Ok(_) => Err(HandlerError::transient(format!(
-                    "inbox batch commit failed: {error}"
-                ))),
-                other => other,
-            };
-            let _ = reply.send(outcome);
+        if !seen.insert(job.event_id) {
+            // The same event twice in one batch (delivered on two keys):
+            // whether it is applied is known only once the batch commits,
+            // so this copy comes back later and finds out.
+            results.push(Err(HandlerError::transient(
+                "the same event is being applied in this batch",
+            )));
+            continue;
         }
-        return;
+        if !claimed.remove(&job.event_id) {
+            // Claimed by a committed transaction before this one.
+            results.push(Ok(Applied::AlreadyProcessed));
+            continue;
+        }
+        match apply_in_savepoint(&mut tx, savepoint, group, job.event_id, job.effects).await {
+            Ok(result) => results.push(result),
+            Err(Broken(error)) => {
+                // The transaction is lost: nothing of the batch commits.
+                results.push(Err(error));
+                drop(tx);
+                fail_all(jobs, "an earlier event of its batch broke the transaction");
+                return reply_all(results, replies, "an event's rollback failed");
+            }
+        }
+        savepoint = savepoint.and(Some(NEXT_SAVEPOINT));
     }
-    for (result, reply) in results.into_iter().zip(replies) {
-        let _ = reply.send(result);
+    match tx.commit().await {
+        Ok(()) => reply_all(results, replies, ""),
+        Err(e) => reply_all(
+            results,
+            replies,
+            &format!("inbox batch commit failed: {}", classify(e)),
+        ),
     }
 }
 
+/// Claims the inbox rows of a batch's events; returns those that were new.
+const CLAIM: &str = "INSERT INTO herald_inbox (consumer_group, event_id)
+     SELECT $1, id FROM unnest($2::uuid[]) AS id
+     ON CONFLICT DO NOTHING RETURNING event_id";
+
+/// Opens the first event's savepoint.
+const SAVEPOINT: &str = "SAVEPOINT herald_event";
+/// Keeps the previous event's effects and opens the next one's savepoint,
+/// in one round trip (the simple protocol runs both).
+const NEXT_SAVEPOINT: &str = "RELEASE SAVEPOINT herald_event; SAVEPOINT herald_event";
+
+/// An error after which the batch's transaction cannot go on.
+struct Broken(HandlerError);
+
+/// Runs one claimed event's effects after `savepoint` (the statement that
+/// opens its savepoint). Their failure rolls back to the savepoint and
+/// gives the event's claim back: `Ok(Err(..))`, the batch goes on.
+/// `Err(Broken)`: a savepoint statement failed, or the effects failed with
+/// no savepoint to go back to; the transaction is lost.
 async fn apply_in_savepoint(
     conn: &mut PgConnection,
+    savepoint: Option<&str>,
     group: &str,
     event_id: Uuid,
     effects: BoxedEffects,
-) -> Result<Applied, HandlerError> {
-    let mut savepoint = conn.begin().await.map_err(classify)?;
-    let inserted = sqlx::query(INSERT)
-        .bind(group)
-        .bind(event_id)
-        .execute(&mut *savepoint)
-        .await;
-    match inserted {
-        Ok(done) if done.rows_affected() == 0 => {
-            savepoint.rollback().await.map_err(classify)?;
-            return Ok(Applied::AlreadyProcessed);
-        }
-        Ok(_) => {}
-        Err(e) => {
-            let _ = savepoint.rollback().await;
-            return Err(classify(e));
-        }
+) -> Result<Result<Applied, HandlerError>, Broken> {
+    if let Some(savepoint) = savepoint {
+        // A `&str` with no arguments goes by the simple protocol, which
+        // runs the two statements of `NEXT_SAVEPOINT` in one round trip.
+        sqlx::Executor::execute(&mut *conn, savepoint)
+            .await
+            .map_err(|e| Broken(classify(e)))?;
     }
     // A panic here would end the batcher task and, with it, every later
     // event of the group ("inbox batcher stopped", forever): it fails this
     // event alone, as the consumer runtime fails a panicking handler.
-    let outcome = AssertUnwindSafe(async { effects(&mut savepoint).await })
+    let outcome = AssertUnwindSafe(async { effects(&mut *conn).await })
         .catch_unwind()
         .await
         .unwrap_or_else(|panic| {
             let what = herald::panic_text(&*panic);
             Err(HandlerError::permanent(format!("effects panicked: {what}")))
         });
-    match outcome {
-        Ok(()) => {
-            savepoint.commit().await.map_err(classify)?;
-            Ok(Applied::Now)
-        }
-        Err(e) => {
-            savepoint.rollback().await.map_err(classify)?;
-            Err(e)
-        }
+    let Err(error) = outcome else {
+        return Ok(Ok(Applied::Now));
+    };
+    if savepoint.is_none() {
+        return Err(Broken(error));
+    }
+    sqlx::Executor::execute(&mut *conn, "ROLLBACK TO SAVEPOINT herald_event")
+        .await
+        .map_err(|e| Broken(classify(e)))?;
+    // The claim was made before the savepoint: give it back, so that the
+    // event is not taken as processed when the batch commits.
+    sqlx::query("DELETE FROM herald_inbox WHERE consumer_group = $1 AND event_id = $2")
+        .bind(group)
+        .bind(event_id)
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| Broken(classify(e)))?;
+    Ok(Err(error))
+}
+
+/// Sends each of `jobs` the same transient error.
+fn fail_all(jobs: impl IntoIterator<Item = Job>, error: &str) {
+    for job in jobs {
+        let _ = job
+            .reply
+            .send(Err(HandlerError::transient(error.to_owned())));
+    }
+}
+
+/// Sends each job its result; with `failed` (the batch did not commit),
+/// what would have been applied is a transient error instead.
+fn reply_all(
+    results: Vec<Result<Applied, HandlerError>>,
+    replies: Vec<oneshot::Sender<Result<Applied, HandlerError>>>,
+    failed: &str,
+) {
+    for (result, reply) in results.into_iter().zip(replies) {
+        let outcome = match result {
+            Ok(Applied::Now) if !failed.is_empty() => Err(HandlerError::transient(failed)),
+            other => other,
+        };
+        let _ = reply.send(outcome);
     }
 }
 

@@ -205,3 +205,77 @@ async fn a_panic_in_batched_effects_fails_that_event_and_not_the_batcher() {
         assert_eq!(effects_of(&env.pool, id).await, 1);
     }
 }
+
+/// A batched inbox's batch holding an event whose effects fail and the same
+/// event twice: the failing event's effects and claim roll back (savepoint),
+/// the duplicate copy is told to come back (transient) and then finds the
+/// event applied, the rest commits. A failing event alone in its batch
+/// (no savepoint) rolls back the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_keeps_its_good_events_and_rolls_back_a_failing_one() {
+    let Some(env) = env(1).await else {
+        return;
+    };
+    counter_table(&env.pool).await;
+    // A long wait so that the concurrent calls share one batch.
+    let inbox = Arc::new(Inbox::batched(
+        env.pool.clone(),
+        "projection",
+        16,
+        Duration::from_millis(200),
+    ));
+    let (good, twice, failing) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let fail = |inbox: Arc<Inbox>| async move {
+        inbox
+            .apply(failing, async move |conn| {
+                sqlx::query("INSERT INTO effects VALUES ($1, 'failing')")
+                    .bind(failing)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(herald_postgres::classify)?;
+                Err(HandlerError::permanent("the effect is refused"))
+            })
+            .await
+    };
+    let (good_result, first, second, failed) = tokio::join!(
+        apply(&inbox, good, "good"),
+        apply(&inbox, twice, "first copy"),
+        apply(&inbox, twice, "second copy"),
+        fail(Arc::clone(&inbox)),
+    );
+    assert_eq!(good_result.expect("good event"), Applied::Now);
+    let copies = [first, second];
+    assert_eq!(
+        copies.iter().filter(|r| matches!(r, Ok(Applied::Now))).count(),
+        1,
+        "one copy applied: {copies:?}"
+    );
+    let other = copies
+        .iter()
+        .find_map(|r| r.as_ref().err())
+        .expect("the other copy is told to come back");
+    assert!(other.is_transient(), "{other}");
+    assert_eq!(
+        apply(&inbox, twice, "again").await.expect("retried copy"),
+        Applied::AlreadyProcessed
+    );
+    let error = failed.expect_err("the failing event fails");
+    assert!(error.to_string().contains("the effect is refused"), "{error}");
+    assert!(!error.is_transient());
+    assert_eq!(effects_of(&env.pool, failing).await, 0, "rolled back");
+    assert!(!inbox.contains(failing).await.expect("contains"));
+    for id in [good, twice] {
+        assert_eq!(effects_of(&env.pool, id).await, 1);
+        assert!(inbox.contains(id).await.expect("contains"));
+    }
+
+    // Alone in its batch: no savepoint, the transaction rolls back.
+    fail(Arc::clone(&inbox)).await.expect_err("fails again");
+    assert_eq!(effects_of(&env.pool, failing).await, 0, "rolled back");
+    assert!(!inbox.contains(failing).await.expect("contains"));
+    assert_eq!(
+        apply(&inbox, failing, "fixed").await.expect("applied at last"),
+        Applied::Now
+    );
+    assert_eq!(effects_of(&env.pool, failing).await, 1);
+}
