@@ -2,6 +2,8 @@
 //! outbox events in one transaction), idempotency keys, the read model and
 //! the notification log; [`OrderStore`] for a [`PgPool`].
 
+use std::time::Duration;
+
 use chrono::Utc;
 use herald::{HandlerError, OutboxStatus, TraceContext};
 use herald_postgres::{outbox, Inbox, OutboxRecord, StoreError};
@@ -188,6 +190,9 @@ async fn transition(
     Ok(TransitionOutcome::Done(Box::new(view)))
 }
 
+/// The most events a consumer's inbox transaction takes (herald's cap).
+const INBOX_BATCH: usize = 64;
+
 const VIEW_COLUMNS: &str =
     "order_id, customer_id, currency, total, items, status, version, cancel_reason,
      last_event_id, last_event_type, created_at, updated_at, projected_at";
@@ -329,10 +334,12 @@ impl OrderStore for PgPool {
     }
 
     fn inbox(&self, group: String) -> Inbox {
-        // One transaction per event: herald-bench inbox measured the
-        // batched inbox slower here (its savepoint round trips run in
-        // sequence on one connection), see crates/herald-bench/README.md.
-        Inbox::new(self.clone(), group)
+        // Concurrent events (different orders) share a transaction and its
+        // commit: herald-bench inbox measured that at 1.38 times the
+        // throughput of a transaction per event (crates/herald-bench/README.md).
+        // No wait for a batch to fill: batches form from what queues while
+        // the previous ones run, so a lone event goes at once.
+        Inbox::batched(self.clone(), group, INBOX_BATCH, Duration::ZERO)
     }
 
     async fn apply_once(
