@@ -237,6 +237,11 @@ pub struct LoadFigures {
     /// Rows inserted, updated or deleted per order, over the same span.
     #[serde(default)]
     pub rows_per_order: f64,
+    /// Kafka transactions committed per order over the load: the
+    /// exactly-once relay's batches plus the fulfillment processor's
+    /// transactions, from the service's own `/metrics`.
+    #[serde(default)]
+    pub kafka_transactions_per_order: f64,
     /// The line as printed.
     pub line: String,
     /// How the load generator ran.
@@ -312,7 +317,7 @@ impl OrdersReport {
             })
             .collect();
         format!(
-            "orders: {} orders/s end to end (POST→read-model p50 {:.0} ms, p95 {:.0} ms, p99 {:.0} ms{paced}); CPU ms per order: orders {:.2}, postgres {:.2}, broker {:.2}; commits per order {:.2}; pgbench one order + outbox INSERT per transaction {} TPS ({clients} clients); ratio {:.3} (median of {}); orders peak RSS {}",
+            "orders: {} orders/s end to end (POST→read-model p50 {:.0} ms, p95 {:.0} ms, p99 {:.0} ms{paced}); CPU ms per order: orders {:.2}, postgres {:.2}, broker {:.2}; commits per order {:.2}; Kafka transactions per order {:.2}; pgbench one order + outbox INSERT per transaction {} TPS ({clients} clients); ratio {:.3} (median of {}); orders peak RSS {}",
             per_second(self.median_of(|r| r.orders.rate)),
             self.median_of(|r| r.orders.p50_ms),
             self.median_of(|r| r.orders.p95_ms),
@@ -321,6 +326,7 @@ impl OrdersReport {
             cpu("postgres"),
             cpu("broker"),
             self.median_of(|r| r.orders.commits_per_order),
+            self.median_of(|r| r.orders.kafka_transactions_per_order),
             per_second(self.median_of(|r| r.pgbench.tps)),
             self.median_of(|r| r.ratio),
             rounds(self.rounds.len()),
@@ -402,12 +408,13 @@ impl Report for OrdersReport {
 fn per_order(figures: &LoadFigures) -> String {
     let cpu = |group: &str| figures.cpu_ms_per_order.get(group).copied().unwrap_or(0.0);
     format!(
-        "CPU ms orders {:.2}, postgres {:.2}, broker {:.2}; commits {:.2}, rows written {:.2}",
+        "CPU ms orders {:.2}, postgres {:.2}, broker {:.2}; commits {:.2}, rows written {:.2}, Kafka transactions {:.2}",
         cpu("service"),
         cpu("postgres"),
         cpu("broker"),
         figures.commits_per_order,
-        figures.rows_per_order
+        figures.rows_per_order,
+        figures.kafka_transactions_per_order
     )
 }
 
@@ -654,9 +661,12 @@ async fn run_service(
             .await
             .context("warming the service up")?;
         let writes_before = DatabaseWrites::read(db).await?;
+        let transactions_before = kafka_transactions(port).await?;
         let cpu_before = CpuSnapshot::take(pid);
         let mut figures = load(args, run, binary, port, secret.as_deref()).await?;
         figures.cpu_ms_per_order = CpuSnapshot::take(pid).per(&cpu_before, figures.orders);
+        figures.kafka_transactions_per_order =
+            (kafka_transactions(port).await? - transactions_before) / figures.orders.max(1) as f64;
         figures.peak_rss_kib = peak_rss_kib_of(pid).unwrap_or(0);
         anyhow::Ok((figures, writes_before))
     }
@@ -678,6 +688,34 @@ async fn run_service(
     figures.commits_per_order = (writes.commits - writes_before.commits) as f64 / orders;
     figures.rows_per_order = (writes.rows - writes_before.rows) as f64 / orders;
     Ok(figures)
+}
+
+/// The Kafka transactions the service has committed so far: its relay's
+/// batches and its fulfillment processor's transactions (`/metrics`).
+async fn kafka_transactions(port: u16) -> anyhow::Result<f64> {
+    let text = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .and_then(reqwest::Response::error_for_status)
+        .context("scraping the service's /metrics")?
+        .text()
+        .await
+        .context("reading the service's /metrics")?;
+    Ok(counter_sum(&text, "herald_relay_batches_total")
+        + counter_sum(&text, "herald_processor_transactions_committed_total"))
+}
+
+/// The sum of every sample of metric `name` in a Prometheus text exposition.
+fn counter_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with([' ', '{']))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// The database's commits and written rows so far (`pg_stat_database`).
@@ -811,6 +849,7 @@ pub fn parse_load_line(line: &str) -> Option<LoadFigures> {
         cpu_ms_per_order: std::collections::BTreeMap::new(),
         commits_per_order: 0.0,
         rows_per_order: 0.0,
+        kafka_transactions_per_order: 0.0,
         line: line.to_owned(),
         via: "orders load (command)".to_owned(),
     })
@@ -892,6 +931,23 @@ mod tests {
             (12.0, 30.0, 41.0)
         );
         assert!(parse_load_line("posting [====]").is_none());
+    }
+
+    #[test]
+    fn sums_a_counter_over_its_labels() {
+        let text = "# HELP herald_relay_batches Relay batches.
+# TYPE herald_relay_batches counter
+herald_relay_batches_total{worker=\"0\"} 3
+herald_relay_batches_total{worker=\"1\"} 4.5
+herald_relay_batches_total_other 100
+herald_processor_transactions_committed_total 2
+";
+        assert_eq!(counter_sum(text, "herald_relay_batches_total"), 7.5);
+        assert_eq!(
+            counter_sum(text, "herald_processor_transactions_committed_total"),
+            2.0
+        );
+        assert_eq!(counter_sum(text, "missing_total"), 0.0);
     }
 
     #[test]
