@@ -246,7 +246,10 @@ async fn a_batch_keeps_its_good_events_and_rolls_back_a_failing_one() {
     assert_eq!(good_result.expect("good event"), Applied::Now);
     let copies = [first, second];
     assert_eq!(
-        copies.iter().filter(|r| matches!(r, Ok(Applied::Now))).count(),
+        copies
+            .iter()
+            .filter(|r| matches!(r, Ok(Applied::Now)))
+            .count(),
         1,
         "one copy applied: {copies:?}"
     );
@@ -260,7 +263,10 @@ async fn a_batch_keeps_its_good_events_and_rolls_back_a_failing_one() {
         Applied::AlreadyProcessed
     );
     let error = failed.expect_err("the failing event fails");
-    assert!(error.to_string().contains("the effect is refused"), "{error}");
+    assert!(
+        error.to_string().contains("the effect is refused"),
+        "{error}"
+    );
     assert!(!error.is_transient());
     assert_eq!(effects_of(&env.pool, failing).await, 0, "rolled back");
     assert!(!inbox.contains(failing).await.expect("contains"));
@@ -274,7 +280,9 @@ async fn a_batch_keeps_its_good_events_and_rolls_back_a_failing_one() {
     assert_eq!(effects_of(&env.pool, failing).await, 0, "rolled back");
     assert!(!inbox.contains(failing).await.expect("contains"));
     assert_eq!(
-        apply(&inbox, failing, "fixed").await.expect("applied at last"),
+        apply(&inbox, failing, "fixed")
+            .await
+            .expect("applied at last"),
         Applied::Now
     );
     assert_eq!(effects_of(&env.pool, failing).await, 1);
