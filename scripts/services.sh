@@ -581,7 +581,7 @@ pg_start_own() {
   # Durable defaults (fsync, synchronous_commit on): tests relax durability
   # per session themselves; benchmarks never do.
   as_postgres "$bin/pg_ctl" -D "$PG_DATA" -l "$PG_LOG" -w -t 60 start \
-    -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -c unix_socket_directories=$PG_SOCKET_DIR -c max_connections=400 -c shared_buffers=256MB" \
+    -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -c unix_socket_directories=$PG_SOCKET_DIR -c max_connections=400 -c shared_buffers=256MB -c shared_preload_libraries=pg_stat_statements" \
     >/dev/null 2>&1 || fail "postgres: pg_ctl start" "$PG_LOG"
   mkdir -p "$CACHE"
   echo "$PG_DATA" >"$PG_MARKER"
@@ -610,6 +610,16 @@ pg_provision() {
   fi
   PGPASSWORD=$PG_PASSWORD psql "$DATABASE_URL" -Atqc 'select 1' >/dev/null 2>&1 \
     || fail "postgres: cannot connect as $DATABASE_URL" "$PG_LOG"
+}
+
+# pg_stat_statements in template1, so that every database created from it
+# (herald-bench's, one per run) counts its statements: `herald-bench
+# orders` reports statements per order from it. Our own server preloads the
+# library; another server may not, and then the benchmark reports none.
+pg_statements() {
+  as_postgres psql -h "$PG_SOCKET_DIR" -p "$PG_PORT" -d template1 -v ON_ERROR_STOP=1 -Atqc \
+    'CREATE EXTENSION IF NOT EXISTS pg_stat_statements' >"$CACHE/postgres-statements.log" 2>&1 \
+    || log "postgres: no pg_stat_statements (see $CACHE/postgres-statements.log); herald-bench orders reports no statements"
 }
 
 # ssl = on with the throwaway certificate (a reload applies it), and a role
@@ -656,6 +666,7 @@ pg_up() {
     sleep 0.5
   done
   pg_provision
+  pg_statements
   if ((SECURE)); then pg_secure; fi
   log "postgres: up (log: $PG_LOG)"
 }

@@ -32,6 +32,7 @@
 //! mints one token per synthetic customer. `--auth none` runs without, for
 //! comparison.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -242,10 +243,36 @@ pub struct LoadFigures {
     /// transactions, from the service's own `/metrics`.
     #[serde(default)]
     pub kafka_transactions_per_order: f64,
+    /// Statements PostgreSQL ran in the benchmark's database per order
+    /// (`pg_stat_statements`), and the costliest of them; empty when the
+    /// server does not count statements.
+    #[serde(default)]
+    pub statements: Option<StatementFigures>,
     /// The line as printed.
     pub line: String,
     /// How the load generator ran.
     pub via: String,
+}
+
+/// Statements per order over a load, from `pg_stat_statements`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StatementFigures {
+    /// Statements executed per order (every kind: the service's, the
+    /// load generator's reads, BEGIN and COMMIT).
+    pub per_order: f64,
+    /// The statements that took the most server time, most first.
+    pub top: Vec<StatementCost>,
+}
+
+/// One statement's share of a load.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StatementCost {
+    /// Executions per order.
+    pub calls_per_order: f64,
+    /// Planning and execution time per order (ms).
+    pub ms_per_order: f64,
+    /// The statement's normalized text, shortened.
+    pub query: String,
 }
 
 /// What pgbench reported.
@@ -317,7 +344,7 @@ impl OrdersReport {
             })
             .collect();
         format!(
-            "orders: {} orders/s end to end (POST→read-model p50 {:.0} ms, p95 {:.0} ms, p99 {:.0} ms{paced}); CPU ms per order: orders {:.2}, postgres {:.2}, broker {:.2}; commits per order {:.2}; Kafka transactions per order {:.2}; pgbench one order + outbox INSERT per transaction {} TPS ({clients} clients); ratio {:.3} (median of {}); orders peak RSS {}",
+            "orders: {} orders/s end to end (POST→read-model p50 {:.0} ms, p95 {:.0} ms, p99 {:.0} ms{paced}); CPU ms per order: orders {:.2}, postgres {:.2}, broker {:.2}; commits per order {:.2}; statements per order {:.1}; Kafka transactions per order {:.2}; pgbench one order + outbox INSERT per transaction {} TPS ({clients} clients); ratio {:.3} (median of {}); orders peak RSS {}",
             per_second(self.median_of(|r| r.orders.rate)),
             self.median_of(|r| r.orders.p50_ms),
             self.median_of(|r| r.orders.p95_ms),
@@ -326,6 +353,7 @@ impl OrdersReport {
             cpu("postgres"),
             cpu("broker"),
             self.median_of(|r| r.orders.commits_per_order),
+            self.median_of(|r| r.orders.statements.as_ref().map_or(0.0, |s| s.per_order)),
             self.median_of(|r| r.orders.kafka_transactions_per_order),
             per_second(self.median_of(|r| r.pgbench.tps)),
             self.median_of(|r| r.ratio),
@@ -378,6 +406,14 @@ impl Report for OrdersReport {
                 r.round,
                 per_order(&r.orders)
             ));
+            if let Some(statements) = &r.orders.statements {
+                for cost in &statements.top {
+                    out.push_str(&format!(
+                        "  round {} saturated, costliest statements per order: {:.2} calls, {:.3} ms: {}\n",
+                        r.round, cost.calls_per_order, cost.ms_per_order, cost.query
+                    ));
+                }
+            }
             for (rate, paced) in &r.paced {
                 out.push_str(&format!(
                     "  round {} paced at {rate}/s: p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms; per order: {}\n",
@@ -415,7 +451,10 @@ fn per_order(figures: &LoadFigures) -> String {
         figures.commits_per_order,
         figures.rows_per_order,
         figures.kafka_transactions_per_order
-    )
+    ) + &figures
+        .statements
+        .as_ref()
+        .map_or_else(String::new, |s| format!(", statements {:.1}", s.per_order))
 }
 
 /// The ceiling's tables: an order row and an outbox row of about the
@@ -661,6 +700,7 @@ async fn run_service(
             .await
             .context("warming the service up")?;
         let writes_before = DatabaseWrites::read(db).await?;
+        let statements_before = StatementCounts::read(db).await;
         let transactions_before = kafka_transactions(port).await?;
         let cpu_before = CpuSnapshot::take(pid);
         let mut figures = load(args, run, binary, port, secret.as_deref()).await?;
@@ -668,11 +708,11 @@ async fn run_service(
         figures.kafka_transactions_per_order =
             (kafka_transactions(port).await? - transactions_before) / figures.orders.max(1) as f64;
         figures.peak_rss_kib = peak_rss_kib_of(pid).unwrap_or(0);
-        anyhow::Ok((figures, writes_before))
+        anyhow::Ok((figures, writes_before, statements_before))
     }
     .await;
     stop(&mut service, pid).await;
-    let (mut figures, writes_before) = outcome.map_err(|e| {
+    let (mut figures, writes_before, statements_before) = outcome.map_err(|e| {
         e.context(format!(
             "service log {}:\n{}",
             log_path.display(),
@@ -687,6 +727,9 @@ async fn run_service(
     let orders = figures.orders.max(1) as f64;
     figures.commits_per_order = (writes.commits - writes_before.commits) as f64 / orders;
     figures.rows_per_order = (writes.rows - writes_before.rows) as f64 / orders;
+    if let (Some(before), Some(after)) = (statements_before, StatementCounts::read(db).await) {
+        figures.statements = Some(after.since(&before, orders));
+    }
     Ok(figures)
 }
 
@@ -716,6 +759,67 @@ fn counter_sum(text: &str, name: &str) -> f64 {
         })
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// Statements run in the benchmark's database so far, by `queryid`
+/// (`pg_stat_statements`): executions, server time (ms) and text.
+struct StatementCounts(HashMap<i64, (i64, f64, String)>);
+
+/// Statements listed in the report.
+const TOP_STATEMENTS: usize = 8;
+
+impl StatementCounts {
+    /// `None` when the server does not count statements (the extension or
+    /// its preloaded library missing: a server not started by
+    /// `scripts/services.sh`).
+    async fn read(db: &BenchDatabase) -> Option<Self> {
+        let rows: Vec<(Option<i64>, i64, f64, String)> = sqlx::query_as(
+            "SELECT queryid, calls, total_plan_time + total_exec_time, query FROM pg_stat_statements \
+             WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .fetch_all(db.pool())
+        .await
+        .map_err(|e| progress(format!("orders: no statement counts ({e})")))
+        .ok()?;
+        Some(Self(
+            rows.into_iter()
+                .filter_map(|(id, calls, ms, query)| Some((id?, (calls, ms, query))))
+                .collect(),
+        ))
+    }
+
+    /// What ran between `before` and this reading, per order.
+    fn since(&self, before: &Self, orders: f64) -> StatementFigures {
+        let mut costs: Vec<StatementCost> = self
+            .0
+            .iter()
+            .filter_map(|(id, (calls, ms, query))| {
+                let (calls_before, ms_before) = before.0.get(id).map_or((0, 0.0), |b| (b.0, b.1));
+                let calls = calls - calls_before;
+                (calls > 0).then(|| StatementCost {
+                    calls_per_order: calls as f64 / orders,
+                    ms_per_order: (ms - ms_before) / orders,
+                    query: shorten(query),
+                })
+            })
+            .collect();
+        let per_order = costs.iter().map(|c| c.calls_per_order).sum();
+        costs.sort_by(|a, b| b.ms_per_order.total_cmp(&a.ms_per_order));
+        costs.truncate(TOP_STATEMENTS);
+        StatementFigures {
+            per_order,
+            top: costs,
+        }
+    }
+}
+
+/// A statement's text on one line, at most 100 characters.
+fn shorten(query: &str) -> String {
+    let line = query.split_whitespace().collect::<Vec<_>>().join(" ");
+    match line.char_indices().nth(100) {
+        Some((end, _)) => format!("{}…", &line[..end]),
+        None => line,
+    }
 }
 
 /// The database's commits and written rows so far (`pg_stat_database`).
@@ -850,6 +954,7 @@ pub fn parse_load_line(line: &str) -> Option<LoadFigures> {
         commits_per_order: 0.0,
         rows_per_order: 0.0,
         kafka_transactions_per_order: 0.0,
+        statements: None,
         line: line.to_owned(),
         via: "orders load (command)".to_owned(),
     })
@@ -931,6 +1036,13 @@ mod tests {
             (12.0, 30.0, 41.0)
         );
         assert!(parse_load_line("posting [====]").is_none());
+    }
+
+    #[test]
+    fn shortens_statements_to_one_line() {
+        assert_eq!(shorten("SELECT 1\n  FROM t\tWHERE x = $1"), "SELECT 1 FROM t WHERE x = $1");
+        let long = "x".repeat(150);
+        assert_eq!(shorten(&long).chars().count(), 101);
     }
 
     #[test]
