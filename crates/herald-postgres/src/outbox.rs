@@ -110,6 +110,7 @@ pub async fn enqueue_all(
             .bind(&payloads)
             .bind(&headers)
             .bind(&occurred)
+            .bind(NOTIFY_CHANNEL)
             .execute(&mut **tx)
             .await
             .map_err(|source| {
@@ -126,11 +127,6 @@ pub async fn enqueue_all(
                     }
                 }
             })?;
-        sqlx::query("SELECT pg_notify($1, '')")
-            .bind(NOTIFY_CHANNEL)
-            .execute(&mut **tx)
-            .await
-            .map_err(StoreError::db("notifying the relay"))?;
         Ok(())
     }
     .instrument(span)

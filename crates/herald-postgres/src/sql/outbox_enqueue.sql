@@ -2,7 +2,9 @@
 -- row takes the next sequence number of its aggregate (the highest visible
 -- one, plus its rank among this call's rows of that aggregate).
 -- Each event's pending row (its place in the relay's queue) is written in
--- the same statement, so the two exist together or not at all.
+-- the same statement, so the two exist together or not at all. The relay's
+-- wake-up (NOTIFY on channel $9, delivered at commit; repeats within one
+-- transaction fold into one) rides along, saving the POST a round trip.
 WITH inserted AS (
     INSERT INTO herald_outbox
         (event_id, aggregate_type, aggregate_id, aggregate_seq, event_type, topic, record_key,
@@ -18,5 +20,5 @@ WITH inserted AS (
     RETURNING id, aggregate_type, aggregate_id
 )
 INSERT INTO herald_outbox_pending (shard, id)
-SELECT herald_outbox_shard(aggregate_type, aggregate_id), id
-FROM inserted
+SELECT herald_outbox_shard(inserted.aggregate_type, inserted.aggregate_id), inserted.id
+FROM inserted CROSS JOIN (SELECT pg_notify($9, '')) AS notified

@@ -70,16 +70,21 @@ async fn create_order(
     trace: Option<TraceContext>,
 ) -> Result<CreateOutcome, DbError> {
     let fingerprint = fingerprint(order);
+    // The order and its answer are known before anything is written, so
+    // the key's claim stores the answer at once (one statement, not a
+    // claim and a later update): the transaction makes them one.
+    let (view, event) = new_order(order, Utc::now());
     let mut tx = pool.begin().await.map_err(query("begin"))?;
     if let Some(key) = idempotency_key {
         // Claim the key first: a concurrent request with the same key waits
         // here until this one commits, then sees its answer.
         let claimed = sqlx::query(
             "INSERT INTO idempotency_keys (key, request, response_status, response_body)
-             VALUES ($1, $2, 0, 'null') ON CONFLICT (key) DO NOTHING",
+             VALUES ($1, $2, 201, $3) ON CONFLICT (key) DO NOTHING",
         )
         .bind(key)
         .bind(&fingerprint)
+        .bind(sqlx::types::Json(&view))
         .execute(&mut *tx)
         .await
         .map_err(query("claiming the idempotency key"))?;
@@ -103,7 +108,6 @@ async fn create_order(
         }
     }
 
-    let (view, event) = new_order(order, Utc::now());
     sqlx::query(
         "INSERT INTO orders (id, customer_id, currency, total, items, status, version, created_at, updated_at)
          VALUES ($1, $2, $3, $4, $5, 'created', 1, $6, $6)",
@@ -122,16 +126,6 @@ async fn create_order(
         &OutboxRecord::new(&topics.events, &event, SOURCE, trace)?,
     )
     .await?;
-    if let Some(key) = idempotency_key {
-        sqlx::query(
-            "UPDATE idempotency_keys SET response_status = 201, response_body = $2 WHERE key = $1",
-        )
-        .bind(key)
-        .bind(sqlx::types::Json(&view))
-        .execute(&mut *tx)
-        .await
-        .map_err(query("storing the idempotent answer"))?;
-    }
     tx.commit().await.map_err(query("commit"))?;
     Ok(CreateOutcome::Created(Box::new(view)))
 }
