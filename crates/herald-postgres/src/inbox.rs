@@ -352,9 +352,9 @@ async fn run_batch(pool: &PgPool, group: &str, batch: Vec<Job>) {
     let mut savepoint = (claimed.len() > 1).then_some(SAVEPOINT);
     let mut seen = HashSet::with_capacity(batch.len());
     let mut jobs = batch.into_iter();
-    for job in jobs.by_ref() {
-        replies.push(job.reply);
+    for mut job in jobs.by_ref() {
         if !seen.insert(job.event_id) {
+            replies.push(job.reply);
             // The same event twice in one batch (delivered on two keys):
             // whether it is applied is known only once the batch commits,
             // so this copy comes back later and finds out.
@@ -365,10 +365,21 @@ async fn run_batch(pool: &PgPool, group: &str, batch: Vec<Job>) {
         }
         if !claimed.remove(&job.event_id) {
             // Claimed by a committed transaction before this one.
+            replies.push(job.reply);
             results.push(Ok(Applied::AlreadyProcessed));
             continue;
         }
-        match apply_in_savepoint(&mut tx, savepoint, group, job.event_id, job.effects).await {
+        let applied = apply_in_savepoint(
+            &mut tx,
+            savepoint,
+            group,
+            job.event_id,
+            job.effects,
+            &mut job.reply,
+        )
+        .await;
+        replies.push(job.reply);
+        match applied {
             Ok(result) => results.push(result),
             Err(Broken(error)) => {
                 // The transaction is lost: nothing of the batch commits.
@@ -409,12 +420,19 @@ struct Broken(HandlerError);
 /// gives the event's claim back: `Ok(Err(..))`, the batch goes on.
 /// `Err(Broken)`: a savepoint statement failed, or the effects failed with
 /// no savepoint to go back to; the transaction is lost.
+///
+/// The effects run only while their caller waits for `reply`: a caller
+/// that gives up (the consumer runtime's handler timeout drops its call)
+/// abandons them, as dropping an unbatched transaction would. Without
+/// that, effects that hang would hold their batch, and with it every
+/// event batched with them, for as long as they hang.
 async fn apply_in_savepoint(
     conn: &mut PgConnection,
     savepoint: Option<&str>,
     group: &str,
     event_id: Uuid,
     effects: BoxedEffects,
+    reply: &mut oneshot::Sender<Result<Applied, HandlerError>>,
 ) -> Result<Result<Applied, HandlerError>, Broken> {
     if let Some(savepoint) = savepoint {
         // A `&str` with no arguments goes by the simple protocol, which
@@ -426,13 +444,14 @@ async fn apply_in_savepoint(
     // A panic here would end the batcher task and, with it, every later
     // event of the group ("inbox batcher stopped", forever): it fails this
     // event alone, as the consumer runtime fails a panicking handler.
-    let outcome = AssertUnwindSafe(async { effects(&mut *conn).await })
-        .catch_unwind()
-        .await
-        .unwrap_or_else(|panic| {
+    let run = AssertUnwindSafe(async { effects(&mut *conn).await }).catch_unwind();
+    let outcome = tokio::select! {
+        outcome = run => outcome.unwrap_or_else(|panic| {
             let what = herald::panic_text(&*panic);
             Err(HandlerError::permanent(format!("effects panicked: {what}")))
-        });
+        }),
+        () = reply.closed() => Err(HandlerError::transient("the caller stopped waiting for the effects")),
+    };
     let Err(error) = outcome else {
         return Ok(Ok(Applied::Now));
     };
