@@ -1040,7 +1040,10 @@ mod tests {
 
     #[test]
     fn shortens_statements_to_one_line() {
-        assert_eq!(shorten("SELECT 1\n  FROM t\tWHERE x = $1"), "SELECT 1 FROM t WHERE x = $1");
+        assert_eq!(
+            shorten("SELECT 1\n  FROM t\tWHERE x = $1"),
+            "SELECT 1 FROM t WHERE x = $1"
+        );
         let long = "x".repeat(150);
         assert_eq!(shorten(&long).chars().count(), 101);
     }
