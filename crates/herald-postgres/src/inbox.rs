@@ -133,12 +133,13 @@ impl Inbox {
         max_wait: Duration,
     ) -> Self {
         let group: Arc<str> = Arc::from(group.into());
-        let (tx, rx) = mpsc::channel(max_events.max(1) * 4);
+        let max_events = max_events.clamp(1, MAX_BATCH);
+        let (tx, rx) = mpsc::channel(max_events * 4);
         tokio::spawn(run_batches(
             pool.clone(),
             Arc::clone(&group),
             rx,
-            max_events.max(1),
+            max_events,
             max_wait,
         ));
         Self {
@@ -286,6 +287,8 @@ const BATCHES_IN_FLIGHT: usize = 4;
 /// session's snapshots get slower until the transaction ends.
 const MAX_BATCH: usize = 64;
 
+/// Forms batches of at most `max_events` (already within 1..=[`MAX_BATCH`])
+/// from `jobs` and runs them, [`BATCHES_IN_FLIGHT`] at a time.
 async fn run_batches(
     pool: PgPool,
     group: Arc<str>,
@@ -293,7 +296,6 @@ async fn run_batches(
     max_events: usize,
     max_wait: Duration,
 ) {
-    let max_events = max_events.clamp(1, MAX_BATCH);
     let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
     while let Some(first) = jobs.recv().await {
         let mut batch = vec![first];
