@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use herald::HandlerError;
 use herald_postgres::{Applied, Inbox};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::support::*;
@@ -18,15 +18,36 @@ async fn counter_table(pool: &PgPool) {
         .expect("effects table");
 }
 
+/// Writes `event_id`'s effect row, applied by `by`.
+async fn write_effect(
+    conn: &mut PgConnection,
+    event_id: Uuid,
+    by: &str,
+) -> Result<(), HandlerError> {
+    sqlx::query("INSERT INTO effects VALUES ($1, $2)")
+        .bind(event_id)
+        .bind(by)
+        .execute(conn)
+        .await
+        .map_err(herald_postgres::classify)?;
+    Ok(())
+}
+
+/// A batched inbox that waits long enough for concurrent calls to share
+/// one batch.
+fn one_batch_inbox(pool: &PgPool) -> Arc<Inbox> {
+    Arc::new(Inbox::batched(
+        pool.clone(),
+        "projection",
+        16,
+        Duration::from_millis(200),
+    ))
+}
+
 async fn apply(inbox: &Inbox, event_id: Uuid, by: &'static str) -> Result<Applied, HandlerError> {
     inbox
         .apply(event_id, async move |conn| {
-            sqlx::query("INSERT INTO effects VALUES ($1, $2)")
-                .bind(event_id)
-                .bind(by)
-                .execute(&mut *conn)
-                .await
-                .map_err(herald_postgres::classify)?;
+            write_effect(conn, event_id, by).await?;
             // Hold the transaction open a little so that concurrent
             // deliveries really overlap.
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -154,24 +175,14 @@ async fn a_panic_in_batched_effects_fails_that_event_and_not_the_batcher() {
         return;
     };
     counter_table(&env.pool).await;
-    // A long wait so that the three concurrent calls share one batch.
-    let inbox = Arc::new(Inbox::batched(
-        env.pool.clone(),
-        "projection",
-        16,
-        Duration::from_millis(200),
-    ));
+    let inbox = one_batch_inbox(&env.pool);
     let (before, poisoned, after) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
     let panicking = {
         let inbox = Arc::clone(&inbox);
         tokio::spawn(async move {
             inbox
                 .apply(poisoned, async move |conn| {
-                    sqlx::query("INSERT INTO effects VALUES ($1, 'poisoned')")
-                        .bind(poisoned)
-                        .execute(&mut *conn)
-                        .await
-                        .map_err(herald_postgres::classify)?;
+                    write_effect(conn, poisoned, "poisoned").await?;
                     panic!("a bug in the effects");
                 })
                 .await
@@ -217,22 +228,12 @@ async fn a_batch_keeps_its_good_events_and_rolls_back_a_failing_one() {
         return;
     };
     counter_table(&env.pool).await;
-    // A long wait so that the concurrent calls share one batch.
-    let inbox = Arc::new(Inbox::batched(
-        env.pool.clone(),
-        "projection",
-        16,
-        Duration::from_millis(200),
-    ));
+    let inbox = one_batch_inbox(&env.pool);
     let (good, twice, failing) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
     let fail = |inbox: Arc<Inbox>| async move {
         inbox
             .apply(failing, async move |conn| {
-                sqlx::query("INSERT INTO effects VALUES ($1, 'failing')")
-                    .bind(failing)
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(herald_postgres::classify)?;
+                write_effect(conn, failing, "failing").await?;
                 Err(HandlerError::permanent("the effect is refused"))
             })
             .await
