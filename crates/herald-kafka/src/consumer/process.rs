@@ -433,20 +433,27 @@ async fn process_in_span(
                 attempt,
             );
             let started = shared.detailed_metrics.then(Instant::now);
-            let mut call = std::pin::pin!(AssertUnwindSafe(handler.call(info))
-                .catch_unwind()
-                .instrument(span));
-            // `None`: cut off after the handler timeout (the call's future
-            // is dropped, so whatever it held is released). The timer starts
+            // `None`: cut off after the handler timeout. The timer starts
             // when the call first waits: a call that finishes in its first
             // poll (an in-memory update) costs no clock read and no timer,
             // and a timer could not cut off that poll's computing anyway.
-            let result = match shared.handler_timeout {
-                Some(limit) => match futures::poll!(call.as_mut()) {
-                    std::task::Poll::Ready(result) => Some(result),
-                    std::task::Poll::Pending => tokio::time::timeout(limit, call).await.ok(),
-                },
-                None => Some(call.await),
+            //
+            // The call's future lives in this block only: a call cut off
+            // is dropped here, so whatever it held (a transaction and its
+            // row locks, a place in an inbox batch) is released before the
+            // retry's backoff, the breaker's wait or the dead letter, which
+            // can take long and whose next attempt may need what it held.
+            let result = {
+                let mut call = std::pin::pin!(AssertUnwindSafe(handler.call(info))
+                    .catch_unwind()
+                    .instrument(span));
+                match shared.handler_timeout {
+                    Some(limit) => match futures::poll!(call.as_mut()) {
+                        std::task::Poll::Ready(result) => Some(result),
+                        std::task::Poll::Pending => tokio::time::timeout(limit, call).await.ok(),
+                    },
+                    None => Some(call.await),
+                }
             };
             if let Some(started) = started {
                 shared

@@ -244,3 +244,63 @@ async fn records_that_finish_at_once_and_records_that_wait_keep_key_order() {
         );
     }
 }
+
+/// A handler call cut off by the handler timeout is dropped at once, not
+/// when its retry comes: whatever it held (a transaction with row locks, a
+/// place in an inbox batch that other events wait on) is released while
+/// the record waits out its backoff, however long that is. The call here
+/// holds a channel's sender and hangs; the retry is an hour away, so only
+/// a drop at the timeout closes the channel within the test's limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_call_cut_off_by_its_timeout_is_dropped_before_the_retry_waits() {
+    let Some(kafka) = herald_test::kafka() else {
+        return;
+    };
+    let topic = kafka.topic("cut-off", 1).await;
+    publish_all(&publisher(&kafka), topic.name(), &steps(1, 1)).await;
+
+    let (held, released) = tokio::sync::oneshot::channel::<()>();
+    let held = Arc::new(Mutex::new(Some(held)));
+    let router = Router::new().handle("hangs", {
+        move |_: TestEvent, _: RecordInfo| {
+            let held = held.lock().expect("lock").take();
+            async move {
+                // The first call keeps the sender until it is dropped.
+                let _held = held;
+                std::future::pending::<()>().await;
+                Ok(())
+            }
+        }
+    });
+    let config = ConsumerConfig::new(
+        kafka.brokers(),
+        herald_test::unique_name("cut-off"),
+        [topic.name()],
+    )
+    .handler_timeout(Duration::from_millis(300))
+    .retry(RetryPolicy {
+        max_attempts: 2,
+        initial_delay: Duration::from_secs(3600),
+        max_delay: Duration::from_secs(3600),
+        multiplier: 2.0,
+        deadline: None,
+    });
+    let consumer = Consumer::new(config, router).expect("consumer");
+    let stats = consumer.stats();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(consumer.run(stop.clone().cancelled_owned()));
+
+    let dropped = tokio::time::timeout(Duration::from_secs(60), released).await;
+    assert!(
+        matches!(dropped, Ok(Err(_))),
+        "the call cut off at its timeout was dropped, not kept until its retry"
+    );
+    wait_until(
+        "the record waiting for its retry",
+        Duration::from_secs(30),
+        || stats.retried() == 1,
+    )
+    .await;
+    stop.cancel();
+    task.await.expect("task").expect("consumer stopped");
+}
