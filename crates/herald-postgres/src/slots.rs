@@ -35,6 +35,10 @@
 //!   same window, the next checkpoint still covers the earlier one; and
 //!   since a lease's checkpoints list all its batches, the latest one
 //!   alone covers every batch the lost lease published.
+//! - **A batch that fails.** Kafka aborted it (a timeout, a refused
+//!   record, a fence); the lease commits what [`herald::SlotLease::published`]
+//!   marked, the batches before it, and the failed batch's rows stay
+//!   pending for the slot's next lease, in order.
 //! - **Zombies.** A relay that stalls (paused, partitioned, its host
 //!   frozen) keeps its lease only while PostgreSQL keeps its session: the
 //!   lease sets `idle_in_transaction_session_timeout`
@@ -308,7 +312,9 @@ impl herald::SlotLease for PgSlotLease {
     }
 
     async fn commit(mut self, sequence: i64) -> Result<(), StoreError> {
-        self.mark_unmarked().await?;
+        // Only what `published` marked: records claimed after it belong to
+        // a batch Kafka did not commit, and stay pending (their row locks
+        // go with the transaction).
         sqlx::query(
             "INSERT INTO herald_relay_slots (slot, sequence) VALUES ($1, $2)
              ON CONFLICT (slot) DO UPDATE

@@ -255,8 +255,11 @@ pub trait SlotLease: Send {
     /// Ends the lease with nothing marked, releasing the slot at once.
     fn release(self) -> impl Future<Output = Result<(), Self::Error>> + Send;
 
-    /// Marks every claimed record published (those [`SlotLease::published`]
-    /// marked and the rest), records `sequence` as the slot's checkpoint,
-    /// and releases the slot, atomically and durably.
+    /// Makes durable what [`SlotLease::published`] and
+    /// [`SlotLease::recover`] marked, records `sequence` as the slot's
+    /// checkpoint, and releases the slot, atomically. Records claimed since
+    /// the last [`SlotLease::published`] stay pending: their batch did not
+    /// commit in Kafka (a lease whose later batch failed commits the
+    /// earlier ones), and marking them would lose them.
     fn commit(self, sequence: i64) -> impl Future<Output = Result<(), Self::Error>> + Send;
 }
