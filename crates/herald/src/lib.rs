@@ -49,11 +49,14 @@
 //!   exactly-once relay needs of a store on top of it.
 //! - [`inbox`]: the [`InboxStore`] contract of an inbox: effects and the
 //!   inbox row in one transaction, [`Applied`] once per group.
+//! - [`offsets`]: [`OffsetStore`], consumer offsets kept in the store and
+//!   moved in the handler's transaction.
 
 pub mod envelope;
 pub mod event;
 pub mod handler;
 pub mod inbox;
+pub mod offsets;
 pub mod outbox;
 pub mod retry;
 mod tagged;
@@ -69,6 +72,7 @@ pub use herald_derive::{Event, EventPayload};
 extern crate self as herald;
 pub use handler::{panic_text, ErrorClass, HandlerError};
 pub use inbox::{Applied, Effects, EffectsOnce, InboxStore};
+pub use offsets::{OffsetStore, Position};
 pub use outbox::{
     AfterPublish, Checkpoint, OutboxBatch, OutboxRecord, OutboxStatus, OutboxStore, PendingRecord,
     SlotLease, SlotStore,

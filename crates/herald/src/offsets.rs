@@ -1,0 +1,55 @@
+//! Consumer offsets kept in the store, in the handler's transaction.
+//!
+//! A consumer normally commits its offsets to Kafka after its handlers'
+//! effects committed in the database: a crash between the two commits
+//! replays records whose effects are already there, which the inbox's
+//! per-event rows then skip. With offsets in the store, the handler's
+//! transaction also moves its partition's next offset (one row per
+//! partition), and the consumer starts each assigned partition there:
+//! effects and position commit together, and the Kafka commit only serves
+//! lag monitoring.
+//!
+//! What this needs of the two sides:
+//! - the **consumer runtime** runs each partition's records one at a time,
+//!   in offset order (a record's transaction moves the partition past
+//!   every earlier record), and starts an assigned partition at the later
+//!   of its stored offset and its Kafka commit;
+//! - the **store** moves a partition only forwards, in the effects'
+//!   transaction, and answers a record at or behind the stored offset as
+//!   already processed without running its effects.
+//!
+//! Offsets replace the per-event inbox row only when every event is in the
+//! log once: the input of an exactly-once producer (herald's
+//! `TransactionalRelay`, read `read_committed`). An at-least-once relay can
+//! publish an event twice, at two offsets; there the event-id inbox stays,
+//! beside the offsets.
+
+use std::future::Future;
+use std::sync::Arc;
+
+/// Where a record was read: a store records `offset + 1` as its
+/// partition's next offset.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Position {
+    /// The topic.
+    pub topic: Arc<str>,
+    /// The partition.
+    pub partition: i32,
+    /// The record's offset.
+    pub offset: i64,
+}
+
+/// A store that keeps consumer offsets: what the consumer runtime reads
+/// when partitions are assigned (see the module documentation).
+pub trait OffsetStore: Send + Sync + 'static {
+    /// The store's error.
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// The stored next offset of each of `partitions` of `topic`, for
+    /// those that have one (any order).
+    fn next_offsets(
+        &self,
+        topic: &str,
+        partitions: &[i32],
+    ) -> impl Future<Output = Result<Vec<(i32, i64)>, Self::Error>> + Send;
+}
