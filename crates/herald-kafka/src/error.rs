@@ -169,6 +169,15 @@ pub enum ClientError {
     /// The thread that polls Kafka could not start, or panicked.
     #[error("the poll thread: {0}")]
     Thread(String),
+    /// A store the consumer reads from failed (its stored offsets,
+    /// [`crate::ConsumerConfig::offsets_in`]).
+    #[error("{operation} failed: {reason}")]
+    Store {
+        /// What herald was doing.
+        operation: &'static str,
+        /// The store's error, as text.
+        reason: String,
+    },
 }
 
 #[cfg(test)]

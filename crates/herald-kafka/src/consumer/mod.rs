@@ -31,6 +31,7 @@ mod process;
 mod record;
 pub mod router;
 mod runtime;
+mod stored;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -115,6 +116,7 @@ pub struct ConsumerConfig {
     pub(crate) dead_letter_mode: DeadLetterMode,
     pub(crate) parked_topic: String,
     pub(crate) parked_read_timeout: Duration,
+    pub(crate) stored_offsets: Option<stored::StoredOffsets>,
 }
 
 impl ConsumerConfig {
@@ -140,7 +142,24 @@ impl ConsumerConfig {
             dead_letter_mode: DeadLetterMode::default(),
             parked_topic: crate::parking::DEFAULT_PARKED_TOPIC.to_owned(),
             parked_read_timeout: Duration::from_secs(30),
+            stored_offsets: None,
         }
+    }
+
+    /// Keeps the consumer's offsets in `store` ([`herald::offsets`]): the
+    /// handlers move each record's partition in their own transaction
+    /// (e.g. `herald_postgres::Inbox::apply_at`), and each assigned
+    /// partition starts at the later of its stored offset and its Kafka
+    /// commit, which then only serves lag monitoring.
+    ///
+    /// Records of a partition then run one at a time, in offset order (a
+    /// record's transaction moves its partition past every earlier one), so
+    /// `concurrency` counts partitions rather than keys. Parking still
+    /// holds a poisoned key's later records back; the partition's other
+    /// keys go on.
+    pub fn offsets_in(mut self, store: impl herald::OffsetStore) -> Self {
+        self.stored_offsets = Some(stored::StoredOffsets::new(store));
+        self
     }
 
     /// How many keys are handled at the same time (records of one key always

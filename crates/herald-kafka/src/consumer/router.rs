@@ -24,6 +24,18 @@ pub struct RecordInfo {
     pub attempt: u32,
 }
 
+impl RecordInfo {
+    /// Where the record was read: what an inbox that keeps offsets records
+    /// (`herald_postgres::Inbox::apply_at`).
+    pub fn position(&self) -> herald::Position {
+        herald::Position {
+            topic: Arc::clone(&self.topic),
+            partition: self.partition,
+            offset: self.offset,
+        }
+    }
+}
+
 /// Handles one family of events. Implemented for every
 /// `Fn(E, RecordInfo) -> impl Future<Output = Result<(), HandlerError>>`.
 pub trait Handler<E: Event>: Send + Sync + 'static {

@@ -12,8 +12,12 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance, RebalanceProtocol,
+};
+use rdkafka::error::KafkaError;
 use rdkafka::message::BorrowedMessage;
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
@@ -22,6 +26,7 @@ use super::offsets::PartitionOffsets;
 use super::process::{run_planned, Finished, Outcome, ParkedList, Plan, Shared};
 use super::record::Record;
 use super::router::Router;
+use super::stored::StoredOffsets;
 use super::{ConsumerConfig, ConsumerStats};
 use crate::error::ClientError;
 use crate::metrics::PartitionLabels;
@@ -85,6 +90,9 @@ type Handling = Pin<Box<dyn Future<Output = Finished> + Send>>;
 /// A record task's report to the poll thread.
 struct Completion {
     slot: KeySlot,
+    /// The record's key, when lanes are partitions (`slot` has none):
+    /// where its parked list goes.
+    key: Option<Bytes>,
     offset: i64,
     finished: Finished,
 }
@@ -157,6 +165,12 @@ struct Dispatch {
     running_by_partition: FastMap<Tp, usize>,
     /// Records to start, by [`Dispatch::flush_starts`].
     starting: Vec<(KeySlot, Record, Plan)>,
+    /// Lanes are partitions, not keys: a partition's records run one at a
+    /// time, in offset order (offsets kept in a store need it). Slots then
+    /// carry no key; parking still goes by the record's key.
+    partition_lanes: bool,
+    /// Where assigned partitions start ([`super::ConsumerConfig::offsets_in`]).
+    stored_offsets: Option<StoredOffsets>,
     /// Parked keys of the owned partitions ([`crate::parking`]).
     parked: FastMap<KeySlot, ParkedList>,
     /// The parked-key table, while keys are parked.
@@ -213,7 +227,12 @@ impl Dispatch {
         self.buffered += 1;
         self.set_in_flight();
         let message = Record::copy(message, Arc::clone(&tp.0));
-        let slot: KeySlot = (tp, message.shared_key());
+        let lane = if self.partition_lanes {
+            None
+        } else {
+            message.shared_key()
+        };
+        let slot: KeySlot = (tp, lane);
         match self.keys.get_mut(&slot) {
             Some(key) => key.push(message),
             None => {
@@ -260,6 +279,13 @@ impl Dispatch {
     /// of its key has finished (see [`crate::parking`]).
     fn plan(&self, slot: &KeySlot, message: &Record) -> Plan {
         use crate::parking::headers::{REDRIVE_ACTION, REDRIVE_GROUP, REDRIVE_OF, REDRIVE_PARKED};
+        let by_key;
+        let slot = if self.partition_lanes {
+            by_key = (slot.0.clone(), message.shared_key());
+            &by_key
+        } else {
+            slot
+        };
         let parking = self.parked_table.is_some() && slot.1.is_some();
         let parked = self.parked.get(slot);
         let Some(group) = message.header(REDRIVE_GROUP) else {
@@ -339,11 +365,16 @@ impl Dispatch {
     /// first wait delays polling by that long; such handlers belong on
     /// `spawn_blocking`, or turn `inline_start` off.
     fn flush_starts(&mut self) {
-        let mut waiting: Vec<(KeySlot, i64, Handling)> = Vec::new();
+        let mut waiting: Vec<(KeySlot, Option<Bytes>, i64, Handling)> = Vec::new();
         let mut context = Context::from_waker(Waker::noop());
         while !self.starting.is_empty() {
             for (slot, message, plan) in std::mem::take(&mut self.starting) {
                 let offset = message.offset;
+                let key = if self.partition_lanes {
+                    message.shared_key()
+                } else {
+                    None
+                };
                 let owned = self
                     .owned
                     .get(&slot.0)
@@ -351,7 +382,7 @@ impl Dispatch {
                 let mut handling: Handling =
                     Box::pin(run_planned(Arc::clone(&self.shared), message, owned, plan));
                 if !self.inline_start {
-                    waiting.push((slot, offset, handling));
+                    waiting.push((slot, key, offset, handling));
                     continue;
                 }
                 // The runtime catches handler panics; this one only guards the
@@ -363,7 +394,7 @@ impl Dispatch {
                     Ok(Poll::Pending) => {
                         // Polled again by its task, with a real waker, before
                         // anything can depend on the no-op one used here.
-                        waiting.push((slot, offset, handling));
+                        waiting.push((slot, key, offset, handling));
                         continue;
                     }
                     Ok(Poll::Ready(finished)) => finished,
@@ -374,6 +405,7 @@ impl Dispatch {
                 };
                 self.complete(Completion {
                     slot,
+                    key,
                     offset,
                     finished,
                 });
@@ -386,9 +418,10 @@ impl Dispatch {
         self.tokio.spawn(async move {
             let mut running: futures::stream::FuturesUnordered<_> = waiting
                 .into_iter()
-                .map(|(slot, offset, handling)| async move {
+                .map(|(slot, key, offset, handling)| async move {
                     Completion {
                         slot,
+                        key,
                         offset,
                         finished: handling.await,
                     }
@@ -404,6 +437,7 @@ impl Dispatch {
     fn complete(&mut self, completion: Completion) {
         let Completion {
             slot,
+            key,
             offset,
             finished: Finished { outcome, parked },
         } = completion;
@@ -420,10 +454,15 @@ impl Dispatch {
         // Only for a partition still owned: a revoked one's list is the next
         // owner's to read from the table.
         if let (Some(list), true) = (parked, is_owned) {
-            if list.offsets.is_empty() {
-                self.parked.remove(&slot);
+            let parked_slot = if self.partition_lanes {
+                (slot.0.clone(), key)
             } else {
-                self.parked.insert(slot.clone(), list);
+                slot.clone()
+            };
+            if list.offsets.is_empty() {
+                self.parked.remove(&parked_slot);
+            } else {
+                self.parked.insert(parked_slot, list);
             }
             self.count_parked();
         }
@@ -668,6 +707,29 @@ impl Dispatch {
             .store(self.partitions.len() as u64, Ordering::Relaxed);
     }
 
+    /// Sets the partitions of `tpl`, about to be assigned, to start at
+    /// their stored offsets (when the consumer keeps them in a store). A
+    /// store that cannot be read stops the consumer: starting from Kafka's
+    /// commit alone could apply again what the store already has.
+    fn start_at_stored_offsets(
+        &mut self,
+        consumer: &BaseConsumer<RuntimeContext>,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let Some(stored) = &self.stored_offsets else {
+            return;
+        };
+        if tpl.count() == 0 || self.fatal.is_some() {
+            return;
+        }
+        if let Err(error) =
+            stored.start_assigned(&self.tokio, consumer, tpl, STORED_OFFSETS_TIMEOUT)
+        {
+            tracing::error!(%error, "the consumer stops: assigned partitions have no known start");
+            self.fatal = Some(error);
+        }
+    }
+
     fn assign(&mut self, tpl: &TopicPartitionList) {
         if let Err(error) = self.read_parked(tpl) {
             tracing::error!(
@@ -826,6 +888,40 @@ impl ConsumerContext for RuntimeContext {
         }
     }
 
+    /// rdkafka's default rebalance (which an override cannot call), with
+    /// assigned partitions first set to start at their stored offsets when
+    /// the consumer keeps them in a store.
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        if err == RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS {
+            self.lock().start_at_stored_offsets(consumer, tpl);
+        }
+        let rebalance = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => Rebalance::Assign(tpl),
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => Rebalance::Revoke(tpl),
+            _ => Rebalance::Error(KafkaError::Rebalance(err.into())),
+        };
+        self.pre_rebalance(consumer, &rebalance);
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        let done = match (&rebalance, cooperative) {
+            (Rebalance::Assign(tpl), true) => consumer.incremental_assign(tpl),
+            (Rebalance::Assign(tpl), false) => consumer.assign(tpl),
+            (_, true) => consumer.incremental_unassign(tpl),
+            (_, false) => consumer.unassign(),
+        };
+        if let Err(error) = done {
+            tracing::error!(%error, "applying a rebalance failed");
+        }
+        self.post_rebalance(consumer, &rebalance);
+    }
+
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(tpl) => self.lock().revoke(consumer, tpl),
@@ -919,6 +1015,8 @@ pub(crate) async fn run(
         running: 0,
         running_by_partition: FastMap::default(),
         starting: Vec::new(),
+        partition_lanes: config.stored_offsets.is_some(),
+        stored_offsets: config.stored_offsets.clone(),
         parked: FastMap::default(),
         parked_table,
         fatal: None,
@@ -982,6 +1080,10 @@ pub(crate) async fn run(
         None => Ok(()),
     }
 }
+
+/// The longest wait for the Kafka commits of assigned partitions, read
+/// beside their stored offsets.
+const STORED_OFFSETS_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Records taken from librdkafka per lock of the dispatch state.
 const POLL_BATCH: usize = 512;
