@@ -26,6 +26,20 @@
 //! only after the call for the previous one returned, i.e. after its commit.
 //! Effects that panic fail their own event (a permanent error, its savepoint
 //! rolled back); the batch and the batcher go on.
+//!
+//! With [`Inbox::dedupe`] the inbox also keeps the consumer's offsets
+//! ([`herald::offsets`]): [`Inbox::apply_at`] moves the record's partition
+//! in `herald_consumer_offsets` in the effects' transaction, and the
+//! consumer ([`herald_kafka::ConsumerConfig::offsets_in`] with this inbox)
+//! starts each assigned partition there. Which rows say "applied":
+//!
+//! | [`Dedupe`] | input | rows |
+//! |---|---|---|
+//! | `EventIds` (default) | any producer | one per event |
+//! | `Offsets` | an exactly-once producer (each event once in the log) | one per partition |
+//! | `EventIdsAndOffsets` | an at-least-once producer (an event may be in the log twice) | both |
+//!
+//! [`herald_kafka::ConsumerConfig::offsets_in`]: https://docs.rs/herald-kafka
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -35,7 +49,7 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use herald::inbox::Effects;
-use herald::HandlerError;
+use herald::{HandlerError, Position};
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
@@ -57,8 +71,45 @@ pub use herald::inbox::Applied;
 
 struct Job {
     event_id: Uuid,
+    /// The record's position, when the inbox keeps offsets.
+    position: Option<Position>,
+    /// Whether an inbox row says the event was applied ([`Dedupe`]).
+    by_event_id: bool,
     effects: BoxedEffects,
     reply: oneshot::Sender<Result<Applied, HandlerError>>,
+}
+
+/// What an inbox records to know that an event was applied (see the module
+/// documentation for which input each is right for).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Dedupe {
+    /// A row per event id (`herald_inbox`): right whatever produced the
+    /// input, as an event published twice has one id.
+    #[default]
+    EventIds,
+    /// The record's partition offset only (`herald_consumer_offsets`, a row
+    /// per partition): a record at or behind its partition's stored offset
+    /// is applied. Only for input in which each event is once (an
+    /// exactly-once producer, read `read_committed`), consumed with
+    /// `ConsumerConfig::offsets_in` (a partition's records in offset
+    /// order); every call must give the record's position
+    /// ([`Inbox::apply_at`]).
+    Offsets,
+    /// Both rows: the event ids catch an at-least-once producer's
+    /// duplicates, the offsets let the consumer start where the effects
+    /// are. Every call must give the record's position.
+    EventIdsAndOffsets,
+}
+
+impl Dedupe {
+    fn event_ids(self) -> bool {
+        matches!(self, Self::EventIds | Self::EventIdsAndOffsets)
+    }
+
+    fn offsets(self) -> bool {
+        matches!(self, Self::Offsets | Self::EventIdsAndOffsets)
+    }
 }
 
 /// The inbox of one consumer group: a handler's effects and the event's
@@ -95,6 +146,7 @@ struct Job {
 pub struct Inbox {
     pool: PgPool,
     group: Arc<str>,
+    dedupe: Dedupe,
     batcher: Option<mpsc::Sender<Job>>,
 }
 
@@ -102,6 +154,7 @@ impl std::fmt::Debug for Inbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Inbox")
             .field("group", &self.group)
+            .field("dedupe", &self.dedupe)
             .field("batched", &self.batcher.is_some())
             .finish_non_exhaustive()
     }
@@ -116,6 +169,7 @@ impl Inbox {
         Self {
             pool,
             group: Arc::from(group.into()),
+            dedupe: Dedupe::default(),
             batcher: None,
         }
     }
@@ -145,8 +199,18 @@ impl Inbox {
         Self {
             pool,
             group,
+            dedupe: Dedupe::default(),
             batcher: Some(tx),
         }
+    }
+
+    /// What the inbox records to know an event was applied (default
+    /// [`Dedupe::EventIds`]). With offsets, give each call the record's
+    /// position ([`Inbox::apply_at`]) and consume with
+    /// `ConsumerConfig::offsets_in(inbox.clone())`.
+    pub fn dedupe(mut self, dedupe: Dedupe) -> Self {
+        self.dedupe = dedupe;
+        self
     }
 
     /// The consumer group.
@@ -167,7 +231,6 @@ impl Inbox {
     // prove it from the closure's own future type, which the compiler
     // cannot always do when a caller's future borrows across the call
     // ("implementation of `Send` is not general enough").
-    #[allow(clippy::manual_async_fn)]
     pub fn apply<F>(
         &self,
         event_id: Uuid,
@@ -176,9 +239,49 @@ impl Inbox {
     where
         F: Effects<PgConnection>,
     {
+        self.apply_to(event_id, None, effects)
+    }
+
+    /// [`Inbox::apply`] for the record read at `position`: with offsets
+    /// kept ([`Inbox::dedupe`]), the effects' transaction also moves the
+    /// record's partition past it, and a record at or behind its
+    /// partition's stored offset is already processed.
+    pub fn apply_at<F>(
+        &self,
+        event_id: Uuid,
+        position: Position,
+        effects: F,
+    ) -> impl Future<Output = Result<Applied, HandlerError>> + Send + '_
+    where
+        F: Effects<PgConnection>,
+    {
+        self.apply_to(event_id, Some(position), effects)
+    }
+
+    #[allow(clippy::manual_async_fn)]
+    fn apply_to<F>(
+        &self,
+        event_id: Uuid,
+        position: Option<Position>,
+        effects: F,
+    ) -> impl Future<Output = Result<Applied, HandlerError>> + Send + '_
+    where
+        F: Effects<PgConnection>,
+    {
         async move {
+            let position = match (self.dedupe.offsets(), position) {
+                (true, None) => {
+                    return Err(HandlerError::permanent(format!(
+                        "the inbox of {} keeps offsets ({:?}): apply each event with its \
+                         record's position (Inbox::apply_at)",
+                        self.group, self.dedupe
+                    )))
+                }
+                (true, position) => position,
+                (false, _) => None,
+            };
             match &self.batcher {
-                None => self.apply_alone(event_id, effects).await,
+                None => self.apply_alone(event_id, position, effects).await,
                 Some(batcher) => {
                     // Boxed only here: the batcher's queue holds effects of
                     // any closure type.
@@ -187,6 +290,8 @@ impl Inbox {
                     batcher
                         .send(Job {
                             event_id,
+                            position,
+                            by_event_id: self.dedupe.event_ids(),
                             effects,
                             reply,
                         })
@@ -200,20 +305,42 @@ impl Inbox {
         }
     }
 
-    async fn apply_alone<F>(&self, event_id: Uuid, effects: F) -> Result<Applied, HandlerError>
+    async fn apply_alone<F>(
+        &self,
+        event_id: Uuid,
+        position: Option<Position>,
+        effects: F,
+    ) -> Result<Applied, HandlerError>
     where
         F: Effects<PgConnection>,
     {
         let mut tx = self.pool.begin().await.map_err(classify)?;
-        let inserted = sqlx::query(INSERT)
-            .bind(&*self.group)
-            .bind(event_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?;
-        if inserted.rows_affected() == 0 {
-            tx.rollback().await.map_err(classify)?;
-            return Ok(Applied::AlreadyProcessed);
+        if let Some(position) = &position {
+            let moved = claim_positions(&mut tx, &self.group, std::slice::from_ref(position))
+                .await
+                .map_err(classify)?;
+            if moved.is_empty() {
+                tx.rollback().await.map_err(classify)?;
+                return Ok(Applied::AlreadyProcessed);
+            }
+        }
+        if self.dedupe.event_ids() {
+            let inserted = sqlx::query(INSERT)
+                .bind(&*self.group)
+                .bind(event_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?;
+            if inserted.rows_affected() == 0 {
+                if position.is_some() {
+                    // Applied before, at another offset (an at-least-once
+                    // producer's duplicate): the partition moves past it.
+                    tx.commit().await.map_err(classify)?;
+                } else {
+                    tx.rollback().await.map_err(classify)?;
+                }
+                return Ok(Applied::AlreadyProcessed);
+            }
         }
         effects.call(&mut *tx).await?;
         tx.commit().await.map_err(classify)?;
@@ -252,6 +379,31 @@ impl herald::InboxStore for Inbox {
 
     async fn contains(&self, event_id: Uuid) -> Result<bool, StoreError> {
         Inbox::contains(self, event_id).await
+    }
+}
+
+/// The consumer offsets this inbox keeps ([`Dedupe::Offsets`],
+/// [`Dedupe::EventIdsAndOffsets`]): give the inbox to
+/// `ConsumerConfig::offsets_in` and each assigned partition starts at its
+/// stored offset.
+impl herald::OffsetStore for Inbox {
+    type Error = StoreError;
+
+    async fn next_offsets(
+        &self,
+        topic: &str,
+        partitions: &[i32],
+    ) -> Result<Vec<(i32, i64)>, StoreError> {
+        sqlx::query_as(
+            "SELECT partition, next_offset FROM herald_consumer_offsets
+             WHERE consumer_group = $1 AND topic = $2 AND partition = ANY($3)",
+        )
+        .bind(&*self.group)
+        .bind(topic)
+        .bind(partitions)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::db("reading consumer offsets"))
     }
 }
 
@@ -324,10 +476,11 @@ async fn run_batches(
     }
 }
 
-/// Runs `batch` in one transaction: the inbox rows of all its events are
-/// claimed with one statement, then each claimed event's effects run in a
-/// savepoint of their own, so that one event's failure rolls back that
-/// event alone (its effects and its claim) and the others commit.
+/// Runs `batch` in one transaction: the inbox rows of all its events (and,
+/// with offsets kept, their partitions' offsets) are claimed with one
+/// statement each, then each claimed event's effects run in a savepoint of
+/// their own, so that one event's failure rolls back that event alone (its
+/// effects and its claims) and the others commit.
 async fn run_batch(pool: &PgPool, group: &str, batch: Vec<Job>) {
     let mut tx = match pool.begin().await {
         Ok(tx) => tx,
@@ -335,47 +488,100 @@ async fn run_batch(pool: &PgPool, group: &str, batch: Vec<Job>) {
     };
     // Sorted, so that two transactions claiming the same events (two
     // instances of a group during a rebalance) lock them in one order.
-    let mut ids: Vec<Uuid> = batch.iter().map(|job| job.event_id).collect();
+    let mut ids: Vec<Uuid> = batch
+        .iter()
+        .filter(|job| job.by_event_id)
+        .map(|job| job.event_id)
+        .collect();
     ids.sort_unstable();
     ids.dedup();
-    let claimed = sqlx::query_scalar::<_, Uuid>(CLAIM)
-        .bind(group)
-        .bind(&ids)
-        .fetch_all(&mut *tx)
-        .await;
-    let mut claimed: HashSet<Uuid> = match claimed {
-        Ok(claimed) => claimed.into_iter().collect(),
-        Err(e) => return fail_all(batch, &classify(e).to_string()),
+    let mut claimed: HashSet<Uuid> = if ids.is_empty() {
+        HashSet::new()
+    } else {
+        match sqlx::query_scalar::<_, Uuid>(CLAIM)
+            .bind(group)
+            .bind(&ids)
+            .fetch_all(&mut *tx)
+            .await
+        {
+            Ok(claimed) => claimed.into_iter().collect(),
+            Err(e) => return fail_all(batch, &classify(e).to_string()),
+        }
     };
+    // One record per partition: a partition's records run one at a time,
+    // so a second one here is the same partition delivered twice (it
+    // comes back once this batch is settled).
+    let mut positions: Vec<Position> = Vec::new();
+    for position in batch.iter().filter_map(|job| job.position.as_ref()) {
+        if !positions.iter().any(|p| same_partition(p, position)) {
+            positions.push(position.clone());
+        }
+    }
+    positions.sort_unstable_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+    let moved: Vec<Position> = if positions.is_empty() {
+        Vec::new()
+    } else {
+        match claim_positions(&mut tx, group, &positions).await {
+            Ok(moved) => moved,
+            Err(e) => return fail_all(batch, &classify(e).to_string()),
+        }
+    };
+    // Which events run their effects: every claim they need was made.
+    let runs = |job: &Job, claimed: &HashSet<Uuid>| {
+        let id = !job.by_event_id || claimed.contains(&job.event_id);
+        let offset = job.position.as_ref().is_none_or(|p| moved.contains(p));
+        id && offset
+    };
+    let to_run = batch.iter().filter(|job| runs(job, &claimed)).count();
     let mut results = Vec::with_capacity(batch.len());
     let mut replies = Vec::with_capacity(batch.len());
     // One event to apply needs no savepoint: its failure rolls back the
     // transaction, which holds nothing else (as `Inbox::new` does).
-    let mut savepoint = (claimed.len() > 1).then_some(SAVEPOINT);
+    let mut savepoint = (to_run > 1).then_some(SAVEPOINT);
     let mut seen = HashSet::with_capacity(batch.len());
+    let mut seen_partitions = HashSet::new();
     let mut jobs = batch.into_iter();
-    for mut job in jobs.by_ref() {
-        if !seen.insert(job.event_id) {
+    while let Some(mut job) = jobs.next() {
+        let twice = !seen.insert(job.event_id)
+            || job
+                .position
+                .as_ref()
+                .is_some_and(|p| !seen_partitions.insert((Arc::clone(&p.topic), p.partition)));
+        if twice {
             replies.push(job.reply);
-            // The same event twice in one batch (delivered on two keys):
-            // whether it is applied is known only once the batch commits,
-            // so this copy comes back later and finds out.
+            // The same event (delivered on two keys) or partition twice in
+            // one batch: whether it is applied is known only once the
+            // batch commits, so this copy comes back later and finds out.
             results.push(Err(HandlerError::transient(
-                "the same event is being applied in this batch",
+                "the same event or partition is being applied in this batch",
             )));
             continue;
         }
-        if !claimed.remove(&job.event_id) {
-            // Claimed by a committed transaction before this one.
+        if !runs(&job, &claimed) {
+            // Applied before: by a committed transaction's inbox row, or
+            // its partition's stored offset is past it. An event-id claim
+            // made here all the same goes back (its record's offset says
+            // it was applied); a partition moved here stays moved (the
+            // event was applied at another offset).
+            if claimed.remove(&job.event_id) {
+                if let Err(e) = give_back(&mut tx, group, Some(job.event_id), None).await {
+                    replies.push(job.reply);
+                    results.push(Err(e));
+                    drop(tx);
+                    fail_all(jobs, "an earlier event of its batch broke the transaction");
+                    return reply_all(results, replies, "giving a claim back failed");
+                }
+            }
             replies.push(job.reply);
             results.push(Ok(Applied::AlreadyProcessed));
             continue;
         }
+        let id_claim = claimed.remove(&job.event_id).then_some(job.event_id);
         let applied = apply_in_savepoint(
             &mut tx,
             savepoint,
             group,
-            job.event_id,
+            (id_claim, job.position.as_ref()),
             job.effects,
             &mut job.reply,
         )
@@ -403,10 +609,88 @@ async fn run_batch(pool: &PgPool, group: &str, batch: Vec<Job>) {
     }
 }
 
+fn same_partition(a: &Position, b: &Position) -> bool {
+    a.partition == b.partition && a.topic == b.topic
+}
+
 /// Claims the inbox rows of a batch's events; returns those that were new.
 const CLAIM: &str = "INSERT INTO herald_inbox (consumer_group, event_id)
      SELECT $1, id FROM unnest($2::uuid[]) AS id
      ON CONFLICT DO NOTHING RETURNING event_id";
+
+/// Moves each record's partition past it, where the stored offset is at or
+/// behind the record (its row locked either way, so a second instance
+/// applying the same record waits, then finds it moved); returns the
+/// positions moved.
+const MOVE_OFFSETS: &str = "INSERT INTO herald_consumer_offsets AS c
+         (consumer_group, topic, partition, next_offset)
+     SELECT $1, r.topic, r.partition, r.record_offset + 1
+     FROM unnest($2::text[], $3::int[], $4::bigint[]) AS r(topic, partition, record_offset)
+     ON CONFLICT (consumer_group, topic, partition) DO UPDATE
+         SET next_offset = excluded.next_offset, updated_at = now()
+         WHERE c.next_offset < excluded.next_offset
+     RETURNING topic, partition, next_offset - 1";
+
+/// Claims `positions` (one per partition, sorted) with [`MOVE_OFFSETS`].
+async fn claim_positions(
+    conn: &mut PgConnection,
+    group: &str,
+    positions: &[Position],
+) -> Result<Vec<Position>, sqlx::Error> {
+    let topics: Vec<&str> = positions.iter().map(|p| &*p.topic).collect();
+    let partitions: Vec<i32> = positions.iter().map(|p| p.partition).collect();
+    let offsets: Vec<i64> = positions.iter().map(|p| p.offset).collect();
+    let rows: Vec<(String, i32, i64)> = sqlx::query_as(MOVE_OFFSETS)
+        .bind(group)
+        .bind(&topics)
+        .bind(&partitions)
+        .bind(&offsets)
+        .fetch_all(&mut *conn)
+        .await?;
+    Ok(positions
+        .iter()
+        .filter(|p| {
+            rows.iter().any(|(t, partition, offset)| {
+                **t == *p.topic && *partition == p.partition && *offset == p.offset
+            })
+        })
+        .cloned()
+        .collect())
+}
+
+/// Gives back an event's claims in its transaction, so that the event is
+/// not taken as processed when the transaction commits: its inbox row, and
+/// its partition's offset (back to the record: everything before it is
+/// applied, as a partition's records run in order).
+async fn give_back(
+    conn: &mut PgConnection,
+    group: &str,
+    event_id: Option<Uuid>,
+    position: Option<&Position>,
+) -> Result<(), HandlerError> {
+    if let Some(event_id) = event_id {
+        sqlx::query("DELETE FROM herald_inbox WHERE consumer_group = $1 AND event_id = $2")
+            .bind(group)
+            .bind(event_id)
+            .execute(&mut *conn)
+            .await
+            .map_err(classify)?;
+    }
+    if let Some(position) = position {
+        sqlx::query(
+            "UPDATE herald_consumer_offsets SET next_offset = $4
+             WHERE consumer_group = $1 AND topic = $2 AND partition = $3 AND next_offset = $4 + 1",
+        )
+        .bind(group)
+        .bind(&*position.topic)
+        .bind(position.partition)
+        .bind(position.offset)
+        .execute(&mut *conn)
+        .await
+        .map_err(classify)?;
+    }
+    Ok(())
+}
 
 /// Opens the first event's savepoint.
 const SAVEPOINT: &str = "SAVEPOINT herald_event";
@@ -419,9 +703,10 @@ struct Broken(HandlerError);
 
 /// Runs one claimed event's effects after `savepoint` (the statement that
 /// opens its savepoint). Their failure rolls back to the savepoint and
-/// gives the event's claim back: `Ok(Err(..))`, the batch goes on.
-/// `Err(Broken)`: a savepoint statement failed, or the effects failed with
-/// no savepoint to go back to; the transaction is lost.
+/// gives the event's `claims` back (its inbox row, its partition's
+/// offset): `Ok(Err(..))`, the batch goes on. `Err(Broken)`: a savepoint
+/// statement failed, or the effects failed with no savepoint to go back
+/// to; the transaction is lost.
 ///
 /// The effects run only while their caller waits for `reply`: a caller
 /// that gives up (the consumer runtime's handler timeout drops its call)
@@ -432,7 +717,7 @@ async fn apply_in_savepoint(
     conn: &mut PgConnection,
     savepoint: Option<&str>,
     group: &str,
-    event_id: Uuid,
+    claims: (Option<Uuid>, Option<&Position>),
     effects: BoxedEffects,
     reply: &mut oneshot::Sender<Result<Applied, HandlerError>>,
 ) -> Result<Result<Applied, HandlerError>, Broken> {
@@ -463,14 +748,10 @@ async fn apply_in_savepoint(
     sqlx::Executor::execute(&mut *conn, "ROLLBACK TO SAVEPOINT herald_event")
         .await
         .map_err(|e| Broken(classify(e)))?;
-    // The claim was made before the savepoint: give it back, so that the
-    // event is not taken as processed when the batch commits.
-    sqlx::query("DELETE FROM herald_inbox WHERE consumer_group = $1 AND event_id = $2")
-        .bind(group)
-        .bind(event_id)
-        .execute(&mut *conn)
+    // The claims were made before the savepoint.
+    give_back(conn, group, claims.0, claims.1)
         .await
-        .map_err(|e| Broken(classify(e)))?;
+        .map_err(Broken)?;
     Ok(Err(error))
 }
 

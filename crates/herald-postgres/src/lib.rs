@@ -6,7 +6,8 @@
 //! ignores the other's applied versions).
 //!
 //! # Layout
-//! - `migrations/`: the outbox and inbox tables, timestamped.
+//! - `migrations/`: the outbox, inbox and consumer-offset tables,
+//!   timestamped.
 //! - [`outbox`]: [`enqueue`](outbox::enqueue) in the caller's transaction,
 //!   [`PgOutbox`] (the relay's store: a claim owns shards of aggregates
 //!   through advisory locks and locks their rows `FOR UPDATE`; mark or
@@ -20,7 +21,8 @@
 //! - `sql`: the claim's statements, assembled once from `src/sql/` around
 //!   the one rule for parked aggregates (`src/sql/not_held_back.sql`).
 //! - [`inbox`]: [`Inbox`] — effects and the inbox row in one transaction,
-//!   one per event or batched with savepoints; retention.
+//!   one per event or batched with savepoints; retention; consumer offsets
+//!   kept beside the effects ([`Dedupe`], [`herald::OffsetStore`]).
 //! - [`classify`]: database errors as transient or permanent handler errors.
 
 pub mod inbox;
@@ -34,7 +36,7 @@ use herald::HandlerError;
 use sqlx::migrate::Migrator;
 use sqlx::PgPool;
 
-pub use inbox::{Applied, Inbox};
+pub use inbox::{Applied, Dedupe, Inbox};
 pub use outbox::{AfterPublish, OutboxRecord, OutboxStatus, PgOutbox};
 pub use slots::{PgSlotLease, RELAY_SLOTS};
 

@@ -11,6 +11,7 @@ mod handler_faults;
 mod inbox;
 mod late_commit;
 mod notify;
+mod offsets;
 mod ordering;
 mod publish_iff_commit;
 mod refused;

@@ -1,0 +1,518 @@
+//! Consumer offsets kept in PostgreSQL, in the handler's transaction
+//! (issue #15): the inbox moves a record's partition beside its effects,
+//! and the consumer starts each assigned partition at its stored offset.
+//! A consumer SIGKILLed between its effects' commit and its Kafka commit
+//! resumes exactly where its effects are (nothing applied twice, nothing
+//! handled again), and partitions handed back and forth between members
+//! keep every effect once, with no event-id inbox row at all.
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use herald::{Applied, HandlerError, OffsetStore, Position};
+use herald_kafka::{Consumer, ConsumerConfig, RecordInfo, Router};
+use herald_postgres::{Dedupe, Inbox};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::support::*;
+
+const EFFECTS: &str = "CREATE TABLE effects (id BIGSERIAL PRIMARY KEY, event_id UUID NOT NULL, \
+                       key TEXT NOT NULL, seq BIGINT NOT NULL)";
+
+fn at(topic: &str, partition: i32, offset: i64) -> Position {
+    Position {
+        topic: Arc::from(topic),
+        partition,
+        offset,
+    }
+}
+
+/// Effects that write one row, or fail after writing it.
+async fn write(
+    conn: &mut sqlx::PgConnection,
+    event_id: Uuid,
+    fail: bool,
+) -> Result<(), HandlerError> {
+    sqlx::query("INSERT INTO effects (event_id, key, seq) VALUES ($1, 'k', 0)")
+        .bind(event_id)
+        .execute(&mut *conn)
+        .await
+        .map_err(herald_postgres::classify)?;
+    if fail {
+        return Err(HandlerError::transient("injected"));
+    }
+    Ok(())
+}
+
+async fn count(pool: &PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.expect(sql)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inbox_that_keeps_offsets_applies_each_position_once() {
+    let Some(env) = env(1).await else {
+        return;
+    };
+    sqlx::query(EFFECTS)
+        .execute(&env.pool)
+        .await
+        .expect("effects");
+    let t = "orders";
+    for (name, batched) in [("alone", false), ("batched", true)] {
+        let inbox = if batched {
+            Inbox::batched(env.pool.clone(), name, 64, Duration::from_millis(20))
+        } else {
+            Inbox::new(env.pool.clone(), name)
+        }
+        .dedupe(Dedupe::Offsets);
+        let apply = async |id: Uuid, position: Position, fail: bool| {
+            inbox
+                .apply_at(id, position, async move |conn| write(conn, id, fail).await)
+                .await
+        };
+        assert_eq!(
+            apply(Uuid::new_v4(), at(t, 0, 5), false)
+                .await
+                .expect("applied"),
+            Applied::Now
+        );
+        // The same offset again (another instance of the group), and an
+        // earlier one: applied already, effects not run.
+        assert_eq!(
+            apply(Uuid::new_v4(), at(t, 0, 5), false)
+                .await
+                .expect("applied"),
+            Applied::AlreadyProcessed
+        );
+        assert_eq!(
+            apply(Uuid::new_v4(), at(t, 0, 3), false)
+                .await
+                .expect("applied"),
+            Applied::AlreadyProcessed
+        );
+        // Failed effects leave the partition where it was.
+        assert!(apply(Uuid::new_v4(), at(t, 0, 6), true).await.is_err());
+        assert_eq!(
+            inbox
+                .next_offsets(t, &[0, 1])
+                .await
+                .expect("stored offsets"),
+            [(0, 6)]
+        );
+        assert_eq!(
+            apply(Uuid::new_v4(), at(t, 0, 6), false)
+                .await
+                .expect("applied"),
+            Applied::Now
+        );
+        assert_eq!(
+            apply(Uuid::new_v4(), at(t, 1, 0), false)
+                .await
+                .expect("applied"),
+            Applied::Now
+        );
+        let mut stored = inbox
+            .next_offsets(t, &[0, 1])
+            .await
+            .expect("stored offsets");
+        stored.sort_unstable();
+        assert_eq!(stored, [(0, 7), (1, 1)], "{name}");
+        // Without the record's position the inbox cannot say: refused.
+        let refused = inbox
+            .apply(Uuid::new_v4(), async |_conn| Ok(()))
+            .await
+            .expect_err("no position");
+        assert!(refused.to_string().contains("apply_at"), "{refused}");
+    }
+    assert_eq!(
+        count(&env.pool, "SELECT count(*) FROM effects").await,
+        6,
+        "three applied per inbox"
+    );
+    assert_eq!(
+        count(&env.pool, "SELECT count(*) FROM herald_inbox").await,
+        0,
+        "no event-id rows"
+    );
+
+    // Both: an event published twice (at two offsets) is applied once, and
+    // its second record still moves the partition.
+    let inbox = Inbox::batched(env.pool.clone(), "both", 64, Duration::from_millis(20))
+        .dedupe(Dedupe::EventIdsAndOffsets);
+    let id = Uuid::new_v4();
+    let first = inbox.apply_at(id, at(t, 0, 10), async move |conn| {
+        write(conn, id, false).await
+    });
+    assert_eq!(first.await.expect("applied"), Applied::Now);
+    let again = inbox.apply_at(id, at(t, 0, 11), async move |conn| {
+        write(conn, id, false).await
+    });
+    assert_eq!(again.await.expect("applied"), Applied::AlreadyProcessed);
+    assert_eq!(
+        inbox.next_offsets(t, &[0]).await.expect("stored offsets"),
+        [(0, 12)]
+    );
+    // In one batch: a failing event gives both its claims back, the others
+    // commit.
+    let (good, bad) = (Uuid::new_v4(), Uuid::new_v4());
+    let (a, b) = tokio::join!(
+        inbox.apply_at(good, at(t, 1, 0), async move |conn| write(
+            conn, good, false
+        )
+        .await),
+        inbox.apply_at(bad, at(t, 2, 0), async move |conn| write(conn, bad, true)
+            .await),
+    );
+    assert_eq!(a.expect("applied"), Applied::Now);
+    assert!(b.is_err());
+    let mut stored = inbox
+        .next_offsets(t, &[0, 1, 2])
+        .await
+        .expect("stored offsets");
+    stored.sort_unstable();
+    assert_eq!(
+        stored,
+        [(0, 12), (1, 1), (2, 0)],
+        "the failed event's partition is back at its record"
+    );
+    assert!(
+        !inbox.contains(bad).await.expect("inbox"),
+        "nor is it in the inbox"
+    );
+    assert_eq!(count(&env.pool, "SELECT count(*) FROM effects").await, 8);
+}
+
+/// The key whose first event is poison in the hand-over test: dead-lettered,
+/// and its later events parked behind it, in partitions whose other keys
+/// go on.
+const POISONED: &str = "key-7";
+
+/// A consumer that keeps its offsets in the inbox: each event's effect is
+/// one row of `effects`; `handled` counts the handler's calls. With
+/// `poison`, the first event of [`POISONED`] fails for good.
+fn consumer(
+    env_topic: &str,
+    brokers: &str,
+    pool: &PgPool,
+    group: &str,
+    handled: Arc<AtomicU64>,
+    poison: bool,
+) -> Consumer {
+    let inbox = Inbox::batched(pool.clone(), group, 64, Duration::ZERO).dedupe(Dedupe::Offsets);
+    let router = Router::new().handle("kept", {
+        let inbox = inbox.clone();
+        move |TestEvent::Step(step): TestEvent, record: RecordInfo| {
+            let (inbox, handled) = (inbox.clone(), Arc::clone(&handled));
+            async move {
+                handled.fetch_add(1, Ordering::SeqCst);
+                if poison && step.key == POISONED && step.seq == 0 {
+                    return Err(HandlerError::permanent("poison"));
+                }
+                inbox
+                    .apply_at(step.event_id, record.position(), async move |conn| {
+                        sqlx::query("INSERT INTO effects (event_id, key, seq) VALUES ($1, $2, $3)")
+                            .bind(step.event_id)
+                            .bind(&step.key)
+                            .bind(step.seq as i64)
+                            .execute(&mut *conn)
+                            .await
+                            .map_err(herald_postgres::classify)?;
+                        Ok(())
+                    })
+                    .await
+                    .map(|_| ())
+            }
+        }
+    });
+    let config = ConsumerConfig::new(brokers, group, [env_topic])
+        .offsets_in(inbox)
+        .concurrency(16)
+        // The Kafka commit waits an hour: what the store has is all
+        // there is until the consumer stops.
+        .commit_interval(Duration::from_secs(3600));
+    Consumer::new(config, router).expect("consumer")
+}
+
+/// Every event's effect is there once, and each key's in order; with
+/// `poison`, none of [`POISONED`]'s (its first failed, the rest were
+/// parked behind it).
+async fn assert_each_effect_once_in_order(pool: &PgPool, events: &[TestEvent], poison: bool) {
+    let rows: Vec<(Uuid, String, i64)> =
+        sqlx::query_as("SELECT event_id, key, seq FROM effects ORDER BY id")
+            .fetch_all(pool)
+            .await
+            .expect("effects");
+    let mut per_event: BTreeMap<Uuid, usize> = BTreeMap::new();
+    let mut per_key: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for (id, key, seq) in rows {
+        *per_event.entry(id).or_default() += 1;
+        per_key.entry(key).or_default().push(seq);
+    }
+    let twice = per_event.values().filter(|n| **n > 1).count();
+    assert_eq!(twice, 0, "{twice} events were applied more than once");
+    let missing = events
+        .iter()
+        .filter(|TestEvent::Step(s)| !(poison && s.key == POISONED))
+        .filter(|TestEvent::Step(s)| !per_event.contains_key(&s.event_id))
+        .count();
+    assert_eq!(missing, 0, "{missing} events were never applied");
+    assert!(
+        !poison || !per_key.contains_key(POISONED),
+        "the poisoned key's later events were parked, not applied"
+    );
+    for (key, seqs) in per_key {
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "{key} out of order: {seqs:?}"
+        );
+    }
+}
+
+const ENV_URL: &str = "HERALD_OFFSETS_CHILD_DATABASE_URL";
+const ENV_TOPIC: &str = "HERALD_OFFSETS_CHILD_TOPIC";
+const ENV_GROUP: &str = "HERALD_OFFSETS_CHILD_GROUP";
+
+/// The child process: the consumer, until the test kills it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a child process of offsets::a_consumer_killed_between_its_effects_and_its_kafka_commit_resumes_at_its_stored_offsets"]
+async fn offsets_consumer_child() {
+    let Ok(url) = std::env::var(ENV_URL) else {
+        return;
+    };
+    let kafka = herald_test::kafka().expect("kafka");
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect(&url)
+        .await
+        .expect("pool");
+    let topic = std::env::var(ENV_TOPIC).expect("topic");
+    let group = std::env::var(ENV_GROUP).expect("group");
+    let consumer = consumer(
+        &topic,
+        kafka.brokers(),
+        &pool,
+        &group,
+        Arc::default(),
+        false,
+    );
+    consumer
+        .run(std::future::pending())
+        .await
+        .expect("consumer");
+}
+
+fn spawn_child(env: &Env, group: &str) -> Child {
+    Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "offsets::offsets_consumer_child",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env(ENV_URL, env.db.url())
+        .env(ENV_TOPIC, env.topic.name())
+        .env(ENV_GROUP, group)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn consumer child")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_killed_between_its_effects_and_its_kafka_commit_resumes_at_its_stored_offsets()
+{
+    let Some(env) = env(3).await else {
+        return;
+    };
+    sqlx::query(EFFECTS)
+        .execute(&env.pool)
+        .await
+        .expect("effects");
+    let events = steps(40, 25);
+    for result in publisher(&env.kafka)
+        .publish_batch(env.topic.name(), &events)
+        .await
+    {
+        result.expect("published");
+    }
+    let group = herald_test::unique_name("offsets-kill");
+
+    // The child applies a share, then dies by SIGKILL mid-stream.
+    let mut child = spawn_child(&env, &group);
+    herald_test::poll_until(
+        "the child to apply a share",
+        Duration::from_secs(120),
+        async || {
+            let n = count(&env.pool, "SELECT count(*) FROM effects").await;
+            if n >= 300 {
+                Ok(())
+            } else {
+                Err(format!("{n} applied"))
+            }
+        },
+    )
+    .await;
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reaped");
+    let applied = count(&env.pool, "SELECT count(*) FROM effects").await;
+    let committed = env
+        .kafka
+        .try_committed(&group, env.topic.name(), 3)
+        .unwrap_or_default();
+    assert!(
+        committed.values().all(|o| *o <= 0),
+        "the child committed nothing to Kafka: {committed:?}"
+    );
+
+    // The next member starts at the stored offsets: it handles exactly the
+    // records whose effects are not there, none twice.
+    let handled = Arc::new(AtomicU64::new(0));
+    let next = consumer(
+        env.topic.name(),
+        env.kafka.brokers(),
+        &env.pool,
+        &group,
+        Arc::clone(&handled),
+        false,
+    );
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(next.run(stop.clone().cancelled_owned()));
+    let total = events.len() as i64;
+    herald_test::poll_until("every effect", Duration::from_secs(120), async || {
+        let n = count(&env.pool, "SELECT count(*) FROM effects").await;
+        if n >= total {
+            Ok(())
+        } else {
+            Err(format!("{n} of {total} applied"))
+        }
+    })
+    .await;
+    stop.cancel();
+    task.await.expect("join").expect("consumer");
+    assert_each_effect_once_in_order(&env.pool, &events, false).await;
+    assert_eq!(
+        handled.load(Ordering::SeqCst),
+        (total - applied) as u64,
+        "the second member handled only what the first had not applied \
+         ({applied} applied before the kill)"
+    );
+    assert_eq!(
+        count(&env.pool, "SELECT count(*) FROM herald_inbox").await,
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_handed_back_and_forth_keep_each_effect_once_from_stored_offsets() {
+    let Some(env) = env(6).await else {
+        return;
+    };
+    sqlx::query(EFFECTS)
+        .execute(&env.pool)
+        .await
+        .expect("effects");
+    let events = steps(60, 40);
+    let publisher = publisher(&env.kafka);
+    let waves: Vec<&[TestEvent]> = events.chunks(events.len() / 4).collect();
+    let group = herald_test::unique_name("offsets-churn");
+    let total = events
+        .iter()
+        .filter(|TestEvent::Step(s)| s.key != POISONED)
+        .count() as i64;
+
+    let stop = CancellationToken::new();
+    let first = consumer(
+        env.topic.name(),
+        env.kafka.brokers(),
+        &env.pool,
+        &group,
+        Arc::default(),
+        true,
+    );
+    let stats = first.stats();
+    let first = tokio::spawn(first.run(stop.clone().cancelled_owned()));
+    for result in publisher.publish_batch(env.topic.name(), waves[0]).await {
+        result.expect("published");
+    }
+    // A second member joins and leaves three times, each time while a wave
+    // is being applied: partitions go to it and come back.
+    for wave in &waves[1..] {
+        let leave = CancellationToken::new();
+        let second = consumer(
+            env.topic.name(),
+            env.kafka.brokers(),
+            &env.pool,
+            &group,
+            Arc::default(),
+            true,
+        );
+        let second_stats = second.stats();
+        let second = tokio::spawn(second.run(leave.clone().cancelled_owned()));
+        herald_test::wait_until(
+            "the second member to get partitions",
+            Duration::from_secs(60),
+            || second_stats.assigned_partitions() > 0,
+        )
+        .await;
+        for result in publisher.publish_batch(env.topic.name(), wave).await {
+            result.expect("published");
+        }
+        herald_test::poll_until(
+            "the second member to apply some",
+            Duration::from_secs(60),
+            async || {
+                let handled = second_stats.handled();
+                if handled > 0 {
+                    Ok(())
+                } else {
+                    Err("none yet".to_owned())
+                }
+            },
+        )
+        .await;
+        leave.cancel();
+        second.await.expect("join").expect("second member");
+        herald_test::wait_until("the partitions given back", Duration::from_secs(60), || {
+            stats.assigned_partitions() == 6
+        })
+        .await;
+    }
+    herald_test::poll_until("every effect", Duration::from_secs(120), async || {
+        let n = count(&env.pool, "SELECT count(*) FROM effects").await;
+        if n >= total {
+            Ok(())
+        } else {
+            Err(format!("{n} of {total} applied"))
+        }
+    })
+    .await;
+    stop.cancel();
+    first.await.expect("join").expect("first member");
+    assert_each_effect_once_in_order(&env.pool, &events, true).await;
+    assert_eq!(
+        count(&env.pool, "SELECT count(*) FROM herald_inbox").await,
+        0
+    );
+    // The store has each partition up to its last applied record (the
+    // poisoned key's, dead-lettered and parked, wrote nothing); Kafka, at
+    // the members' last commit, has every partition to its end.
+    let stored: Vec<(i32, i64)> =
+        sqlx::query_as("SELECT partition, next_offset FROM herald_consumer_offsets")
+            .fetch_all(&env.pool)
+            .await
+            .expect("stored offsets");
+    let end = env.kafka.end_offsets(env.topic.name(), 6);
+    assert_eq!(stored.len(), 6, "a row per partition: {stored:?}");
+    for (partition, next) in &stored {
+        assert!(
+            next <= &end[partition],
+            "partition {partition}: {next} past the end"
+        );
+    }
+    assert_eq!(env.kafka.committed(&group, env.topic.name(), 6), end);
+}
