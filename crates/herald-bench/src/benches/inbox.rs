@@ -8,6 +8,10 @@
 //!   savepoint each), as the `orders` service runs its consumers;
 //! - `inbox-unbatched`: the same through [`Inbox::new`] (one transaction per
 //!   event: inbox row + effect);
+//! - `offsets-batched`: [`Inbox::batched`] keeping the consumer's offsets
+//!   instead of a row per event ([`Dedupe::Offsets`], the consumer started
+//!   from them: `ConsumerConfig::offsets_in`), so a partition's records run
+//!   one at a time;
 //! - `no-inbox`: the baseline, the effect alone in its own transaction, no
 //!   inbox row (at-least-once).
 //!
@@ -23,7 +27,7 @@ use anyhow::{ensure, Context};
 use clap::Args;
 use herald::HandlerError;
 use herald_kafka::{Consumer, ConsumerConfig, RecordInfo, Router};
-use herald_postgres::{classify, Inbox};
+use herald_postgres::{classify, Dedupe, Inbox};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sqlx::PgConnection;
@@ -71,17 +75,20 @@ pub enum Mode {
     Batched,
     /// `Inbox::new`.
     Unbatched,
+    /// `Inbox::batched` with `Dedupe::Offsets`.
+    Offsets,
     /// The effect in its own transaction, no inbox.
     Plain,
 }
 
 impl Sides for Mode {
-    const ALL: &'static [Self] = &[Mode::Batched, Mode::Unbatched, Mode::Plain];
+    const ALL: &'static [Self] = &[Mode::Batched, Mode::Unbatched, Mode::Offsets, Mode::Plain];
 
     fn name(self) -> &'static str {
         match self {
             Mode::Batched => "inbox-batched",
             Mode::Unbatched => "inbox-unbatched",
+            Mode::Offsets => "offsets-batched",
             Mode::Plain => "no-inbox",
         }
     }
@@ -128,6 +135,10 @@ pub async fn run(args: &InboxArgs, resources: &RunResources) -> anyhow::Result<S
         Mode::Unbatched => {
             "herald Consumer + Inbox::new (one transaction per event): inbox row + 1 INSERT".to_owned()
         }
+        Mode::Offsets => format!(
+            "herald Consumer::offsets_in + Inbox::batched(Dedupe::Offsets) (≤ {} events per transaction, {} ms wait; a partition's records one at a time): partition row + 1 INSERT",
+            args.concurrency, args.batch_wait_ms
+        ),
         Mode::Plain => {
             "herald Consumer, the same INSERT in its own transaction, no inbox row (baseline)".to_owned()
         }
@@ -143,7 +154,7 @@ pub async fn run(args: &InboxArgs, resources: &RunResources) -> anyhow::Result<S
     let mut comparison = SideComparison::new("inbox", Mode::Plain, describe, setup, notes);
     comparison
         .run_rounds(common.rounds, async |round, mode: Mode| {
-            db.execute("TRUNCATE herald_bench_effects, herald_inbox")
+            db.execute("TRUNCATE herald_bench_effects, herald_inbox, herald_consumer_offsets")
                 .await?;
             let spec = SideSpec {
                 args: args.clone(),
@@ -178,16 +189,21 @@ pub async fn run_side(spec: SideSpec) -> anyhow::Result<SideResult> {
     let (args, records) = (&spec.args, spec.args.common.records);
     let pool = child_pool(args.db_pool).await?;
     let probe = Arc::new(Probe::new(records));
-    let inbox = match spec.mode {
-        Mode::Batched => Some(Inbox::batched(
+    let batched = || {
+        Inbox::batched(
             pool.clone(),
             spec.group.clone(),
             args.concurrency,
             Duration::from_millis(args.batch_wait_ms),
-        )),
+        )
+    };
+    let inbox = match spec.mode {
+        Mode::Batched => Some(batched()),
+        Mode::Offsets => Some(batched().dedupe(Dedupe::Offsets)),
         Mode::Unbatched => Some(Inbox::new(pool.clone(), spec.group.clone())),
         Mode::Plain => None,
     };
+    let offsets = inbox.clone().filter(|_| spec.mode == Mode::Offsets);
     let handler_probe = Arc::clone(&probe);
     let router = Router::new().handle(
         spec.mode.name(),
@@ -198,9 +214,11 @@ pub async fn run_side(spec: SideSpec) -> anyhow::Result<SideResult> {
                 match inbox {
                     Some(inbox) => {
                         inbox
-                            .apply(record.envelope.event_id, async move |conn| {
-                                effect(conn, &event).await
-                            })
+                            .apply_at(
+                                record.envelope.event_id,
+                                record.position(),
+                                async move |conn| effect(conn, &event).await,
+                            )
                             .await?;
                     }
                     None => {
@@ -214,9 +232,12 @@ pub async fn run_side(spec: SideSpec) -> anyhow::Result<SideResult> {
             }
         },
     );
-    let config = ConsumerConfig::new(&args.common.brokers, &spec.group, [&spec.topic])
+    let mut config = ConsumerConfig::new(&args.common.brokers, &spec.group, [&spec.topic])
         .concurrency(args.concurrency)
         .max_in_flight(args.max_in_flight);
+    if let Some(offsets) = offsets {
+        config = config.offsets_in(offsets);
+    }
     consume(Consumer::new(config, router)?, &probe, records).await
 }
 

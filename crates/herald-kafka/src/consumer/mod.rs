@@ -154,9 +154,17 @@ impl ConsumerConfig {
     ///
     /// Records of a partition then run one at a time, in offset order (a
     /// record's transaction moves its partition past every earlier one), so
-    /// `concurrency` counts partitions rather than keys. Parking still
-    /// holds a poisoned key's later records back; the partition's other
-    /// keys go on.
+    /// `concurrency` counts partitions rather than keys, and a partition
+    /// may buffer its share of `max_in_flight` before it is paused. Parking
+    /// still holds a poisoned key's later records back; the partition's
+    /// other keys go on.
+    ///
+    /// The price is parallelism: as many records in flight as partitions.
+    /// `herald-bench inbox --records 30000 --batch-wait-ms 0` (12
+    /// partitions): 2,715 rec/s with offsets against 7,272 with an inbox
+    /// row per event, both batched. Choose it for what it saves (no row
+    /// per event to write and purge; a restart resumes exactly where the
+    /// effects are), with enough partitions.
     pub fn offsets_in(mut self, store: impl herald::OffsetStore) -> Self {
         self.stored_offsets = Some(stored::StoredOffsets::new(store));
         self

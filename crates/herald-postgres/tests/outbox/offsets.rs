@@ -232,6 +232,9 @@ fn consumer(
     let config = ConsumerConfig::new(brokers, group, [env_topic])
         .offsets_in(inbox)
         .concurrency(16)
+        // Small, so that partitions are paused and resumed as their lanes
+        // fill and drain (each partition's share of it).
+        .max_in_flight(32)
         // The Kafka commit waits an hour: what the store has is all
         // there is until the consumer stops.
         .commit_interval(Duration::from_secs(3600));
