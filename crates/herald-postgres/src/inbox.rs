@@ -41,7 +41,7 @@
 //!
 //! [`herald_kafka::ConsumerConfig::offsets_in`]: https://docs.rs/herald-kafka
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -315,11 +315,12 @@ impl Inbox {
         F: Effects<PgConnection>,
     {
         let mut tx = self.pool.begin().await.map_err(classify)?;
-        if let Some(position) = &position {
-            let moved = claim_positions(&mut tx, &self.group, std::slice::from_ref(position))
+        let positions: &[Position] = position.as_slice();
+        if !positions.is_empty() {
+            let stored = read_positions(&mut tx, &self.group, positions)
                 .await
                 .map_err(classify)?;
-            if moved.is_empty() {
+            if stored.applied(&positions[0]) {
                 tx.rollback().await.map_err(classify)?;
                 return Ok(Applied::AlreadyProcessed);
             }
@@ -332,9 +333,13 @@ impl Inbox {
                 .await
                 .map_err(classify)?;
             if inserted.rows_affected() == 0 {
-                if position.is_some() {
+                if !positions.is_empty() {
                     // Applied before, at another offset (an at-least-once
-                    // producer's duplicate): the partition moves past it.
+                    // producer's duplicate): this record is done all the
+                    // same.
+                    record_positions(&mut tx, &self.group, positions, &[true])
+                        .await
+                        .map_err(classify)?;
                     tx.commit().await.map_err(classify)?;
                 } else {
                     tx.rollback().await.map_err(classify)?;
@@ -343,6 +348,16 @@ impl Inbox {
             }
         }
         effects.call(&mut *tx).await?;
+        if !positions.is_empty()
+            && !record_positions(&mut tx, &self.group, positions, &[true])
+                .await
+                .map_err(classify)?
+        {
+            // Another member applied the record meanwhile (a rebalance):
+            // these effects go.
+            tx.rollback().await.map_err(classify)?;
+            return Ok(Applied::AlreadyProcessed);
+        }
         tx.commit().await.map_err(classify)?;
         Ok(Applied::Now)
     }
@@ -508,28 +523,22 @@ async fn run_batch(pool: &PgPool, group: &str, batch: Vec<Job>) {
             Err(e) => return fail_all(batch, &classify(e).to_string()),
         }
     };
-    // One record per partition: a partition's records run one at a time,
-    // so a second one here is the same partition delivered twice (it
-    // comes back once this batch is settled).
-    let mut positions: Vec<Position> = Vec::new();
-    for position in batch.iter().filter_map(|job| job.position.as_ref()) {
-        if !positions.iter().any(|p| same_partition(p, position)) {
-            positions.push(position.clone());
-        }
-    }
-    positions.sort_unstable_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
-    let moved: Vec<Position> = if positions.is_empty() {
-        Vec::new()
+    // What the store has of the batch's partitions (read unlocked: what a
+    // committed transaction recorded stays recorded; one applying the same
+    // record meanwhile is caught when the batch records its own).
+    let positions: Vec<Position> = batch.iter().filter_map(|j| j.position.clone()).collect();
+    let stored = if positions.is_empty() {
+        StoredPositions::default()
     } else {
-        match claim_positions(&mut tx, group, &positions).await {
-            Ok(moved) => moved,
+        match read_positions(&mut tx, group, &positions).await {
+            Ok(stored) => stored,
             Err(e) => return fail_all(batch, &classify(e).to_string()),
         }
     };
-    // Which events run their effects: every claim they need was made.
+    // Which events run their effects: not applied before by either record.
     let runs = |job: &Job, claimed: &HashSet<Uuid>| {
         let id = !job.by_event_id || claimed.contains(&job.event_id);
-        let offset = job.position.as_ref().is_none_or(|p| moved.contains(p));
+        let offset = job.position.as_ref().is_none_or(|p| !stored.applied(p));
         id && offset
     };
     let to_run = batch.iter().filter(|job| runs(job, &claimed)).count();
@@ -539,32 +548,33 @@ async fn run_batch(pool: &PgPool, group: &str, batch: Vec<Job>) {
     // transaction, which holds nothing else (as `Inbox::new` does).
     let mut savepoint = (to_run > 1).then_some(SAVEPOINT);
     let mut seen = HashSet::with_capacity(batch.len());
-    let mut seen_partitions = HashSet::new();
+    // The batch's positions and whether each record is done here (applied,
+    // or applied before under its event id): what the batch records.
+    let mut done: Vec<(Position, bool)> = Vec::new();
     let mut jobs = batch.into_iter();
     while let Some(mut job) = jobs.next() {
-        let twice = !seen.insert(job.event_id)
-            || job
-                .position
-                .as_ref()
-                .is_some_and(|p| !seen_partitions.insert((Arc::clone(&p.topic), p.partition)));
-        if twice {
+        if !seen.insert(job.event_id) {
             replies.push(job.reply);
-            // The same event (delivered on two keys) or partition twice in
-            // one batch: whether it is applied is known only once the
-            // batch commits, so this copy comes back later and finds out.
+            // The same event twice in one batch (delivered on two keys):
+            // whether it is applied is known only once the batch commits,
+            // so this copy comes back later and finds out.
             results.push(Err(HandlerError::transient(
-                "the same event or partition is being applied in this batch",
+                "the same event is being applied in this batch",
             )));
             continue;
         }
         if !runs(&job, &claimed) {
             // Applied before: by a committed transaction's inbox row, or
-            // its partition's stored offset is past it. An event-id claim
-            // made here all the same goes back (its record's offset says
-            // it was applied); a partition moved here stays moved (the
-            // event was applied at another offset).
+            // its record is among its partition's done offsets. An
+            // event-id claim made here all the same goes back (its record
+            // says it was applied); a record whose event was applied at
+            // another offset is done (recorded with the batch).
+            if let Some(position) = job.position.take() {
+                let applied_elsewhere = !stored.applied(&position);
+                done.push((position, applied_elsewhere));
+            }
             if claimed.remove(&job.event_id) {
-                if let Err(e) = give_back(&mut tx, group, Some(job.event_id), None).await {
+                if let Err(e) = give_back(&mut tx, group, job.event_id).await {
                     replies.push(job.reply);
                     results.push(Err(e));
                     drop(tx);
@@ -581,14 +591,19 @@ async fn run_batch(pool: &PgPool, group: &str, batch: Vec<Job>) {
             &mut tx,
             savepoint,
             group,
-            (id_claim, job.position.as_ref()),
+            id_claim,
             job.effects,
             &mut job.reply,
         )
         .await;
         replies.push(job.reply);
         match applied {
-            Ok(result) => results.push(result),
+            Ok(result) => {
+                if let Some(position) = job.position.take() {
+                    done.push((position, result.is_ok()));
+                }
+                results.push(result);
+            }
             Err(Broken(error)) => {
                 // The transaction is lost: nothing of the batch commits.
                 results.push(Err(error));
@@ -598,6 +613,31 @@ async fn run_batch(pool: &PgPool, group: &str, batch: Vec<Job>) {
             }
         }
         savepoint = savepoint.and(Some(NEXT_SAVEPOINT));
+    }
+    if !done.is_empty() {
+        let (positions, applied): (Vec<Position>, Vec<bool>) = done.into_iter().unzip();
+        match record_positions(&mut tx, group, &positions, &applied).await {
+            Ok(true) => {}
+            Ok(false) => {
+                // Another member applied one of these records meanwhile (a
+                // rebalance): nothing of the batch commits, and its events
+                // come back to find out which.
+                drop(tx);
+                return reply_all(
+                    results,
+                    replies,
+                    "another member of the group applied a record of this batch meanwhile",
+                );
+            }
+            Err(e) => {
+                drop(tx);
+                return reply_all(
+                    results,
+                    replies,
+                    &format!("recording the batch's offsets failed: {}", classify(e)),
+                );
+            }
+        }
     }
     match tx.commit().await {
         Ok(()) => reply_all(results, replies, ""),
@@ -609,86 +649,125 @@ async fn run_batch(pool: &PgPool, group: &str, batch: Vec<Job>) {
     }
 }
 
-fn same_partition(a: &Position, b: &Position) -> bool {
-    a.partition == b.partition && a.topic == b.topic
-}
-
 /// Claims the inbox rows of a batch's events; returns those that were new.
 const CLAIM: &str = "INSERT INTO herald_inbox (consumer_group, event_id)
      SELECT $1, id FROM unnest($2::uuid[]) AS id
      ON CONFLICT DO NOTHING RETURNING event_id";
 
-/// Moves each record's partition past it, where the stored offset is at or
-/// behind the record (its row locked either way, so a second instance
-/// applying the same record waits, then finds it moved); returns the
-/// positions moved.
-const MOVE_OFFSETS: &str = "INSERT INTO herald_consumer_offsets AS c
-         (consumer_group, topic, partition, next_offset)
-     SELECT $1, r.topic, r.partition, r.record_offset + 1
-     FROM unnest($2::text[], $3::int[], $4::bigint[]) AS r(topic, partition, record_offset)
-     ON CONFLICT (consumer_group, topic, partition) DO UPDATE
-         SET next_offset = excluded.next_offset, updated_at = now()
-         WHERE c.next_offset < excluded.next_offset
-     RETURNING topic, partition, next_offset - 1";
+/// What the store has of some partitions: per partition, the offset below
+/// which every record is done and the offsets applied above it.
+#[derive(Default)]
+struct StoredPositions(HashMap<(Arc<str>, i32), (i64, HashSet<i64>)>);
 
-/// Claims `positions` (one per partition, sorted) with [`MOVE_OFFSETS`].
-async fn claim_positions(
+impl StoredPositions {
+    /// Whether the record at `position` was applied.
+    fn applied(&self, position: &Position) -> bool {
+        self.0
+            .get(&(Arc::clone(&position.topic), position.partition))
+            .is_some_and(|(below, done)| {
+                position.offset < *below || done.contains(&position.offset)
+            })
+    }
+}
+
+/// Reads the stored state of the partitions of `positions`.
+async fn read_positions(
     conn: &mut PgConnection,
     group: &str,
     positions: &[Position],
-) -> Result<Vec<Position>, sqlx::Error> {
+) -> Result<StoredPositions, sqlx::Error> {
+    let topics: Vec<&str> = positions.iter().map(|p| &*p.topic).collect();
+    let partitions: Vec<i32> = positions.iter().map(|p| p.partition).collect();
+    let rows: Vec<(String, i32, i64, Vec<i64>)> = sqlx::query_as(
+        "SELECT c.topic, c.partition, c.next_offset, c.done
+         FROM herald_consumer_offsets c
+         JOIN (SELECT DISTINCT * FROM unnest($2::text[], $3::int[])) AS p(topic, partition)
+           ON p.topic = c.topic AND p.partition = c.partition
+         WHERE c.consumer_group = $1",
+    )
+    .bind(group)
+    .bind(&topics)
+    .bind(&partitions)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut stored = StoredPositions::default();
+    for (topic, partition, below, done) in rows {
+        let topic = positions
+            .iter()
+            .find(|p| *p.topic == topic)
+            .map_or_else(|| Arc::from(topic.as_str()), |p| Arc::clone(&p.topic));
+        stored
+            .0
+            .insert((topic, partition), (below, done.into_iter().collect()));
+    }
+    Ok(stored)
+}
+
+/// Records a batch's records as done in their partitions (`applied`: the
+/// ones whose effects this transaction holds, or that count as applied),
+/// and moves each partition's done offset to the highest `done_below` of
+/// its records; returns false when another transaction recorded one of the
+/// applied records first (its partition's row is left as it was). The
+/// rows are locked in (topic, partition) order until the commit.
+const RECORD_POSITIONS: &str = "INSERT INTO herald_consumer_offsets AS c
+         (consumer_group, topic, partition, next_offset, done)
+     SELECT $1, r.topic, r.partition, COALESCE(max(r.below), 0),
+            COALESCE(array_agg(r.record_offset ORDER BY r.record_offset)
+                     FILTER (WHERE r.applied), '{}')
+     FROM unnest($2::text[], $3::int[], $4::bigint[], $5::bigint[], $6::bool[])
+          AS r(topic, partition, record_offset, below, applied)
+     GROUP BY r.topic, r.partition
+     ORDER BY r.topic, r.partition
+     ON CONFLICT (consumer_group, topic, partition) DO UPDATE
+         SET next_offset = GREATEST(c.next_offset, excluded.next_offset),
+             done = ARRAY(SELECT DISTINCT x FROM unnest(c.done || excluded.done) AS x
+                          WHERE x >= GREATEST(c.next_offset, excluded.next_offset)
+                          ORDER BY x),
+             updated_at = now()
+         WHERE NOT (c.done && excluded.done)
+           AND c.next_offset <= COALESCE(
+               (SELECT min(x) FROM unnest(excluded.done) AS x), c.next_offset)
+     RETURNING topic, partition";
+
+/// Runs [`RECORD_POSITIONS`] for `positions` (`applied[i]` for the i-th).
+async fn record_positions(
+    conn: &mut PgConnection,
+    group: &str,
+    positions: &[Position],
+    applied: &[bool],
+) -> Result<bool, sqlx::Error> {
     let topics: Vec<&str> = positions.iter().map(|p| &*p.topic).collect();
     let partitions: Vec<i32> = positions.iter().map(|p| p.partition).collect();
     let offsets: Vec<i64> = positions.iter().map(|p| p.offset).collect();
-    let rows: Vec<(String, i32, i64)> = sqlx::query_as(MOVE_OFFSETS)
+    let below: Vec<Option<i64>> = positions.iter().map(|p| p.done_below).collect();
+    let recorded: Vec<(String, i32)> = sqlx::query_as(RECORD_POSITIONS)
         .bind(group)
         .bind(&topics)
         .bind(&partitions)
         .bind(&offsets)
+        .bind(&below)
+        .bind(applied)
         .fetch_all(&mut *conn)
         .await?;
-    Ok(positions
-        .iter()
-        .filter(|p| {
-            rows.iter().any(|(t, partition, offset)| {
-                **t == *p.topic && *partition == p.partition && *offset == p.offset
-            })
-        })
-        .cloned()
-        .collect())
+    let mut partitions: Vec<(&str, i32)> = topics.into_iter().zip(partitions).collect();
+    partitions.sort_unstable();
+    partitions.dedup();
+    Ok(recorded.len() == partitions.len())
 }
 
-/// Gives back an event's claims in its transaction, so that the event is
-/// not taken as processed when the transaction commits: its inbox row, and
-/// its partition's offset (back to the record: everything before it is
-/// applied, as a partition's records run in order).
+/// Gives back an event's inbox row in its transaction, so that the event
+/// is not taken as processed when the transaction commits.
 async fn give_back(
     conn: &mut PgConnection,
     group: &str,
-    event_id: Option<Uuid>,
-    position: Option<&Position>,
+    event_id: Uuid,
 ) -> Result<(), HandlerError> {
-    if let Some(event_id) = event_id {
-        sqlx::query("DELETE FROM herald_inbox WHERE consumer_group = $1 AND event_id = $2")
-            .bind(group)
-            .bind(event_id)
-            .execute(&mut *conn)
-            .await
-            .map_err(classify)?;
-    }
-    if let Some(position) = position {
-        sqlx::query(
-            "UPDATE herald_consumer_offsets SET next_offset = $4
-             WHERE consumer_group = $1 AND topic = $2 AND partition = $3 AND next_offset = $4 + 1",
-        )
+    sqlx::query("DELETE FROM herald_inbox WHERE consumer_group = $1 AND event_id = $2")
         .bind(group)
-        .bind(&*position.topic)
-        .bind(position.partition)
-        .bind(position.offset)
+        .bind(event_id)
         .execute(&mut *conn)
         .await
         .map_err(classify)?;
-    }
     Ok(())
 }
 
@@ -703,8 +782,8 @@ struct Broken(HandlerError);
 
 /// Runs one claimed event's effects after `savepoint` (the statement that
 /// opens its savepoint). Their failure rolls back to the savepoint and
-/// gives the event's `claims` back (its inbox row, its partition's
-/// offset): `Ok(Err(..))`, the batch goes on. `Err(Broken)`: a savepoint
+/// gives the event's inbox-row `claim` back: `Ok(Err(..))`, the batch goes
+/// on. `Err(Broken)`: a savepoint
 /// statement failed, or the effects failed with no savepoint to go back
 /// to; the transaction is lost.
 ///
@@ -717,7 +796,7 @@ async fn apply_in_savepoint(
     conn: &mut PgConnection,
     savepoint: Option<&str>,
     group: &str,
-    claims: (Option<Uuid>, Option<&Position>),
+    claim: Option<Uuid>,
     effects: BoxedEffects,
     reply: &mut oneshot::Sender<Result<Applied, HandlerError>>,
 ) -> Result<Result<Applied, HandlerError>, Broken> {
@@ -748,10 +827,10 @@ async fn apply_in_savepoint(
     sqlx::Executor::execute(&mut *conn, "ROLLBACK TO SAVEPOINT herald_event")
         .await
         .map_err(|e| Broken(classify(e)))?;
-    // The claims were made before the savepoint.
-    give_back(conn, group, claims.0, claims.1)
-        .await
-        .map_err(Broken)?;
+    // The claim was made before the savepoint.
+    if let Some(event_id) = claim {
+        give_back(conn, group, event_id).await.map_err(Broken)?;
+    }
     Ok(Err(error))
 }
 

@@ -10,13 +10,15 @@
 //! lag monitoring.
 //!
 //! What this needs of the two sides:
-//! - the **consumer runtime** runs each partition's records one at a time,
-//!   in offset order (a record's transaction moves the partition past
-//!   every earlier record), and starts an assigned partition at the later
-//!   of its stored offset and its Kafka commit;
-//! - the **store** moves a partition only forwards, in the effects'
-//!   transaction, and answers a record at or behind the stored offset as
-//!   already processed without running its effects.
+//! - the **consumer runtime** tells each record's handler how far its
+//!   partition is done ([`Position::done_below`]: every earlier record was
+//!   handled, dead-lettered or skipped), and starts an assigned partition
+//!   at the later of its stored offset and its Kafka commit;
+//! - the **store** keeps, per partition, that done offset and the offsets
+//!   applied above it (records of different keys finish out of order),
+//!   both moved in the effects' transaction; a record below the done
+//!   offset or among those applied is already processed, and its effects
+//!   do not run.
 //!
 //! Offsets replace the per-event inbox row only when every event is in the
 //! log once: the input of an exactly-once producer (herald's
@@ -37,6 +39,11 @@ pub struct Position {
     pub partition: i32,
     /// The record's offset.
     pub offset: i64,
+    /// Every record of the partition before this offset was done when the
+    /// consumer started this one (handled, dead-lettered or skipped; its
+    /// contiguous offset, `None` when unknown): a store may record it as
+    /// the partition's next offset.
+    pub done_below: Option<i64>,
 }
 
 /// A store that keeps consumer offsets: what the consumer runtime reads

@@ -10,8 +10,7 @@
 //!   event: inbox row + effect);
 //! - `offsets-batched`: [`Inbox::batched`] keeping the consumer's offsets
 //!   instead of a row per event ([`Dedupe::Offsets`], the consumer started
-//!   from them: `ConsumerConfig::offsets_in`), so a partition's records run
-//!   one at a time;
+//!   from them: `ConsumerConfig::offsets_in`);
 //! - `no-inbox`: the baseline, the effect alone in its own transaction, no
 //!   inbox row (at-least-once).
 //!
@@ -136,7 +135,7 @@ pub async fn run(args: &InboxArgs, resources: &RunResources) -> anyhow::Result<S
             "herald Consumer + Inbox::new (one transaction per event): inbox row + 1 INSERT".to_owned()
         }
         Mode::Offsets => format!(
-            "herald Consumer::offsets_in + Inbox::batched(Dedupe::Offsets) (≤ {} events per transaction, {} ms wait; a partition's records one at a time): partition row + 1 INSERT",
+            "herald Consumer::offsets_in + Inbox::batched(Dedupe::Offsets) (≤ {} events per transaction, {} ms wait): a row per partition + 1 INSERT",
             args.concurrency, args.batch_wait_ms
         ),
         Mode::Plain => {

@@ -425,6 +425,7 @@ async fn process_in_span(
                 group_id: Arc::clone(&shared.group_id),
                 envelope: Arc::clone(&envelope),
                 attempt,
+                done_below: message.done_below,
             };
             let span = tracing::debug_span!(
                 "handle",

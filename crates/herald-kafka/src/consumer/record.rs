@@ -67,6 +67,9 @@ pub(crate) struct Record {
     pub topic: Arc<str>,
     pub partition: i32,
     pub offset: i64,
+    /// Every earlier record of the partition was done when this one
+    /// started ([`crate::RecordInfo::done_below`]).
+    pub done_below: Option<i64>,
     buffer: Bytes,
     /// Header names, kept as text so that reading them needs no UTF-8 check.
     names: String,
@@ -122,6 +125,7 @@ impl Record {
             topic,
             partition: message.partition(),
             offset: message.offset(),
+            done_below: None,
             buffer: Bytes::from(buffer),
             names,
             key,

@@ -22,6 +22,10 @@ pub struct RecordInfo {
     pub envelope: Arc<Envelope>,
     /// 1 on the first try, 2 on the first retry, and so on.
     pub attempt: u32,
+    /// Every record of the partition before this offset was done (handled,
+    /// dead-lettered or skipped) when this one started: what a store that
+    /// keeps offsets may record as the partition's next offset.
+    pub done_below: Option<i64>,
 }
 
 impl RecordInfo {
@@ -32,6 +36,7 @@ impl RecordInfo {
             topic: Arc::clone(&self.topic),
             partition: self.partition,
             offset: self.offset,
+            done_below: self.done_below,
         }
     }
 }

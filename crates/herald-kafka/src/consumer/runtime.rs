@@ -90,9 +90,6 @@ type Handling = Pin<Box<dyn Future<Output = Finished> + Send>>;
 /// A record task's report to the poll thread.
 struct Completion {
     slot: KeySlot,
-    /// The record's key, when lanes are partitions (`slot` has none):
-    /// where its parked list goes.
-    key: Option<Bytes>,
     offset: i64,
     finished: Finished,
 }
@@ -165,15 +162,8 @@ struct Dispatch {
     running_by_partition: FastMap<Tp, usize>,
     /// Records to start, by [`Dispatch::flush_starts`].
     starting: Vec<(KeySlot, Record, Plan)>,
-    /// Lanes are partitions, not keys: a partition's records run one at a
-    /// time, in offset order (offsets kept in a store need it). Slots then
-    /// carry no key; parking still goes by the record's key.
-    partition_lanes: bool,
     /// Where assigned partitions start ([`super::ConsumerConfig::offsets_in`]).
     stored_offsets: Option<StoredOffsets>,
-    /// Partitions paused because their lane holds its share of
-    /// `max_in_flight` (partition lanes only, see [`Dispatch::pace_lanes`]).
-    lanes_paused: HashSet<Tp>,
     /// Parked keys of the owned partitions ([`crate::parking`]).
     parked: FastMap<KeySlot, ParkedList>,
     /// The parked-key table, while keys are parked.
@@ -230,12 +220,7 @@ impl Dispatch {
         self.buffered += 1;
         self.set_in_flight();
         let message = Record::copy(message, Arc::clone(&tp.0));
-        let lane = if self.partition_lanes {
-            None
-        } else {
-            message.shared_key()
-        };
-        let slot: KeySlot = (tp, lane);
+        let slot: KeySlot = (tp, message.shared_key());
         match self.keys.get_mut(&slot) {
             Some(key) => key.push(message),
             None => {
@@ -282,13 +267,6 @@ impl Dispatch {
     /// of its key has finished (see [`crate::parking`]).
     fn plan(&self, slot: &KeySlot, message: &Record) -> Plan {
         use crate::parking::headers::{REDRIVE_ACTION, REDRIVE_GROUP, REDRIVE_OF, REDRIVE_PARKED};
-        let by_key;
-        let slot = if self.partition_lanes {
-            by_key = (slot.0.clone(), message.shared_key());
-            &by_key
-        } else {
-            slot
-        };
         let parking = self.parked_table.is_some() && slot.1.is_some();
         let parked = self.parked.get(slot);
         let Some(group) = message.header(REDRIVE_GROUP) else {
@@ -368,16 +346,17 @@ impl Dispatch {
     /// first wait delays polling by that long; such handlers belong on
     /// `spawn_blocking`, or turn `inline_start` off.
     fn flush_starts(&mut self) {
-        let mut waiting: Vec<(KeySlot, Option<Bytes>, i64, Handling)> = Vec::new();
+        let mut waiting: Vec<(KeySlot, i64, Handling)> = Vec::new();
         let mut context = Context::from_waker(Waker::noop());
         while !self.starting.is_empty() {
-            for (slot, message, plan) in std::mem::take(&mut self.starting) {
+            for (slot, mut message, plan) in std::mem::take(&mut self.starting) {
                 let offset = message.offset;
-                let key = if self.partition_lanes {
-                    message.shared_key()
-                } else {
-                    None
-                };
+                // Every earlier record of the partition is done (this one
+                // is pending, so this is at most its offset).
+                message.done_below = self
+                    .partitions
+                    .get(&slot.0)
+                    .and_then(PartitionOffsets::committable);
                 let owned = self
                     .owned
                     .get(&slot.0)
@@ -385,7 +364,7 @@ impl Dispatch {
                 let mut handling: Handling =
                     Box::pin(run_planned(Arc::clone(&self.shared), message, owned, plan));
                 if !self.inline_start {
-                    waiting.push((slot, key, offset, handling));
+                    waiting.push((slot, offset, handling));
                     continue;
                 }
                 // The runtime catches handler panics; this one only guards the
@@ -397,7 +376,7 @@ impl Dispatch {
                     Ok(Poll::Pending) => {
                         // Polled again by its task, with a real waker, before
                         // anything can depend on the no-op one used here.
-                        waiting.push((slot, key, offset, handling));
+                        waiting.push((slot, offset, handling));
                         continue;
                     }
                     Ok(Poll::Ready(finished)) => finished,
@@ -408,7 +387,6 @@ impl Dispatch {
                 };
                 self.complete(Completion {
                     slot,
-                    key,
                     offset,
                     finished,
                 });
@@ -421,10 +399,9 @@ impl Dispatch {
         self.tokio.spawn(async move {
             let mut running: futures::stream::FuturesUnordered<_> = waiting
                 .into_iter()
-                .map(|(slot, key, offset, handling)| async move {
+                .map(|(slot, offset, handling)| async move {
                     Completion {
                         slot,
-                        key,
                         offset,
                         finished: handling.await,
                     }
@@ -440,7 +417,6 @@ impl Dispatch {
     fn complete(&mut self, completion: Completion) {
         let Completion {
             slot,
-            key,
             offset,
             finished: Finished { outcome, parked },
         } = completion;
@@ -457,15 +433,10 @@ impl Dispatch {
         // Only for a partition still owned: a revoked one's list is the next
         // owner's to read from the table.
         if let (Some(list), true) = (parked, is_owned) {
-            let parked_slot = if self.partition_lanes {
-                (slot.0.clone(), key)
-            } else {
-                slot.clone()
-            };
             if list.offsets.is_empty() {
-                self.parked.remove(&parked_slot);
+                self.parked.remove(&slot);
             } else {
-                self.parked.insert(parked_slot, list);
+                self.parked.insert(slot.clone(), list);
             }
             self.count_parked();
         }
@@ -584,7 +555,6 @@ impl Dispatch {
     /// the limit. Pausing is the expensive path: librdkafka drops what it
     /// prefetched for a paused partition and fetches it again on resume.
     fn apply_backpressure(&mut self, consumer: &BaseConsumer<RuntimeContext>) -> bool {
-        self.pace_lanes(consumer);
         let full = self.buffered >= self.max_in_flight;
         if self.paused {
             if self.buffered <= self.max_in_flight / 2 {
@@ -602,49 +572,6 @@ impl Dispatch {
             return false;
         }
         true
-    }
-
-    /// With partition lanes, keeps each partition to its share of
-    /// `max_in_flight`: a partition whose lane holds its share is paused
-    /// until the lane is down to half of it. librdkafka hands out a fetch
-    /// partition by partition, so without this the buffer fills with one
-    /// or two partitions' records and only their lanes run (measured:
-    /// `herald-bench inbox`, offsets-batched, 392 rec/s with 12 partitions).
-    fn pace_lanes(&mut self, consumer: &BaseConsumer<RuntimeContext>) {
-        if !self.partition_lanes || self.partitions.is_empty() {
-            return;
-        }
-        let share = (self.max_in_flight / self.partitions.len()).max(1);
-        let mut pause = TopicPartitionList::new();
-        let mut resume = TopicPartitionList::new();
-        for (slot, lane) in &self.keys {
-            let queued = lane.queued();
-            if queued >= share && self.lanes_paused.insert(slot.0.clone()) {
-                pause.add_partition(&slot.0 .0, slot.0 .1);
-            } else if queued <= share / 2 && self.lanes_paused.remove(&slot.0) {
-                resume.add_partition(&slot.0 .0, slot.0 .1);
-            }
-        }
-        // A lane that emptied is gone from `keys`.
-        let keys = &self.keys;
-        self.lanes_paused.retain(|tp| {
-            let lane = keys.contains_key(&(tp.clone(), None));
-            if !lane {
-                resume.add_partition(&tp.0, tp.1);
-            }
-            lane
-        });
-        if pause.count() > 0 {
-            if let Err(error) = consumer.pause(&pause) {
-                tracing::warn!(%error, "pausing a full partition lane failed");
-            }
-        }
-        // While the whole assignment is paused, its resume resumes these.
-        if resume.count() > 0 && !self.fetch_paused {
-            if let Err(error) = consumer.resume(&resume) {
-                tracing::warn!(%error, "resuming a partition lane failed");
-            }
-        }
     }
 
     fn set_paused(&mut self, consumer: &BaseConsumer<RuntimeContext>, paused: bool) {
@@ -686,16 +613,6 @@ impl Dispatch {
             Ok(()) => self.fetch_paused = want,
             Err(error) => tracing::warn!(%error, paused = want, "pause/resume failed"),
         }
-        if !want && !self.lanes_paused.is_empty() {
-            // The whole assignment resumed: full lanes stay paused.
-            let mut full = TopicPartitionList::new();
-            for tp in &self.lanes_paused {
-                full.add_partition(&tp.0, tp.1);
-            }
-            if let Err(error) = consumer.pause(&full) {
-                tracing::warn!(%error, "pausing full partition lanes failed");
-            }
-        }
     }
 
     /// The revoked partitions stop here: queued records are dropped (not
@@ -731,7 +648,6 @@ impl Dispatch {
             key.running
         });
         self.ready.retain(|slot| !revoked.contains(&slot.0));
-        self.lanes_paused.retain(|tp| !revoked.contains(tp));
         self.parked.retain(|slot, _| !revoked.contains(&slot.0));
         self.count_parked();
         self.buffered -= dropped;
@@ -1073,9 +989,7 @@ pub(crate) async fn run(
         running: 0,
         running_by_partition: FastMap::default(),
         starting: Vec::new(),
-        partition_lanes: config.stored_offsets.is_some(),
         stored_offsets: config.stored_offsets.clone(),
-        lanes_paused: HashSet::new(),
         parked: FastMap::default(),
         parked_table,
         fatal: None,
