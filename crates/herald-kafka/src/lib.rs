@@ -8,7 +8,8 @@
 //! - [`consumer`]: [`Consumer`], [`ConsumerConfig`], the [`Router`] of typed
 //!   handlers; `consumer/runtime.rs` is the poll loop, `offsets.rs` the
 //!   commit tracker, `record.rs` a consumed record copied into one buffer,
-//!   `process.rs` one record's retries and dead letter.
+//!   `process.rs` one record's retries and dead letter, `stored.rs` where
+//!   assigned partitions start when offsets are kept in a store.
 //! - [`dlq`]: the dead-letter record format (`dlq.*` headers), reading
 //!   dead letters back and redriving them.
 //! - [`parking`]: per-key parking behind a dead letter: the parked-key
