@@ -89,12 +89,16 @@ pub enum Dedupe {
     #[default]
     EventIds,
     /// The record's partition offset only (`herald_consumer_offsets`, a row
-    /// per partition): a record at or behind its partition's stored offset
-    /// is applied. Only for input in which each event is once (an
-    /// exactly-once producer, read `read_committed`), consumed with
-    /// `ConsumerConfig::offsets_in` (a partition's records in offset
-    /// order); every call must give the record's position
-    /// ([`Inbox::apply_at`]).
+    /// per partition: the offset below which every record is done, and the
+    /// offsets applied above it): a record among them is applied. Only for
+    /// input in which each event is once (an exactly-once producer, read
+    /// `read_committed`), consumed with `ConsumerConfig::offsets_in`; every
+    /// call must give the record's position ([`Inbox::apply_at`]).
+    ///
+    /// The offsets applied above the done offset live in the row: a record
+    /// retried for long (its retry policy, a hung handler cut off and
+    /// tried again) holds the done offset back, and the row grows by what
+    /// its partition applies meanwhile.
     Offsets,
     /// Both rows: the event ids catch an at-least-once producer's
     /// duplicates, the offsets let the consumer start where the effects
