@@ -247,9 +247,10 @@ impl Inbox {
     }
 
     /// [`Inbox::apply`] for the record read at `position`: with offsets
-    /// kept ([`Inbox::dedupe`]), the effects' transaction also moves the
-    /// record's partition past it, and a record at or behind its
-    /// partition's stored offset is already processed.
+    /// kept ([`Inbox::dedupe`]), the effects' transaction also records it
+    /// as done in its partition's row (and moves the partition's done
+    /// offset to `position.done_below`), and a record below the done
+    /// offset or recorded above it is already processed.
     pub fn apply_at<F>(
         &self,
         event_id: Uuid,
@@ -495,11 +496,13 @@ async fn run_batches(
     }
 }
 
-/// Runs `batch` in one transaction: the inbox rows of all its events (and,
-/// with offsets kept, their partitions' offsets) are claimed with one
-/// statement each, then each claimed event's effects run in a savepoint of
-/// their own, so that one event's failure rolls back that event alone (its
-/// effects and its claims) and the others commit.
+/// Runs `batch` in one transaction: the inbox rows of all its events are
+/// claimed with one statement (and, with offsets kept, their partitions'
+/// rows read with another), then each event to apply runs its effects in a
+/// savepoint of its own, so that one event's failure rolls back that event
+/// alone (its effects and its claim) and the others commit; with offsets
+/// kept, one statement at the end records the batch's records in their
+/// partitions.
 async fn run_batch(pool: &PgPool, group: &str, batch: Vec<Job>) {
     let mut tx = match pool.begin().await {
         Ok(tx) => tx,
@@ -581,9 +584,7 @@ async fn run_batch(pool: &PgPool, group: &str, batch: Vec<Job>) {
                 if let Err(e) = give_back(&mut tx, group, job.event_id).await {
                     replies.push(job.reply);
                     results.push(Err(e));
-                    drop(tx);
-                    fail_all(jobs, "an earlier event of its batch broke the transaction");
-                    return reply_all(results, replies, "giving a claim back failed");
+                    return abandon(tx, results, replies, jobs, "giving a claim back failed");
                 }
             }
             replies.push(job.reply);
@@ -609,11 +610,8 @@ async fn run_batch(pool: &PgPool, group: &str, batch: Vec<Job>) {
                 results.push(result);
             }
             Err(Broken(error)) => {
-                // The transaction is lost: nothing of the batch commits.
                 results.push(Err(error));
-                drop(tx);
-                fail_all(jobs, "an earlier event of its batch broke the transaction");
-                return reply_all(results, replies, "an event's rollback failed");
+                return abandon(tx, results, replies, jobs, "an event's rollback failed");
             }
         }
         savepoint = savepoint.and(Some(NEXT_SAVEPOINT));
@@ -624,22 +622,18 @@ async fn run_batch(pool: &PgPool, group: &str, batch: Vec<Job>) {
             Ok(true) => {}
             Ok(false) => {
                 // Another member applied one of these records meanwhile (a
-                // rebalance): nothing of the batch commits, and its events
-                // come back to find out which.
-                drop(tx);
-                return reply_all(
+                // rebalance): its events come back to find out which.
+                return abandon(
+                    tx,
                     results,
                     replies,
+                    [],
                     "another member of the group applied a record of this batch meanwhile",
                 );
             }
             Err(e) => {
-                drop(tx);
-                return reply_all(
-                    results,
-                    replies,
-                    &format!("recording the batch's offsets failed: {}", classify(e)),
-                );
+                let why = format!("recording the batch's offsets failed: {}", classify(e));
+                return abandon(tx, results, replies, [], &why);
             }
         }
     }
@@ -836,6 +830,22 @@ async fn apply_in_savepoint(
         give_back(conn, group, event_id).await.map_err(Broken)?;
     }
     Ok(Err(error))
+}
+
+/// Ends a batch whose transaction is lost or must not commit: nothing of
+/// it commits. The events done so far get their `results` (an applied one
+/// a transient `why` instead), those not reached (`rest`) a transient
+/// error.
+fn abandon(
+    tx: sqlx::Transaction<'_, sqlx::Postgres>,
+    results: Vec<Result<Applied, HandlerError>>,
+    replies: Vec<oneshot::Sender<Result<Applied, HandlerError>>>,
+    rest: impl IntoIterator<Item = Job>,
+    why: &str,
+) {
+    drop(tx);
+    fail_all(rest, "an earlier event of its batch broke the transaction");
+    reply_all(results, replies, why);
 }
 
 /// Sends each of `jobs` the same transient error.

@@ -29,8 +29,8 @@
 use std::future::Future;
 use std::sync::Arc;
 
-/// Where a record was read: a store records `offset + 1` as its
-/// partition's next offset.
+/// Where a record was read, and how far its partition was done: what a
+/// store records in the handler's transaction.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Position {
     /// The topic.
