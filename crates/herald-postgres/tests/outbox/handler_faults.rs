@@ -42,13 +42,7 @@ async fn an_inbox_consumer_survives_handler_faults_and_group_churn_exactly_once(
     let Some(env) = env(PARTITIONS).await else {
         return;
     };
-    sqlx::query(
-        "CREATE TABLE effects (id BIGSERIAL PRIMARY KEY, event_id UUID NOT NULL, \
-         key TEXT NOT NULL, seq BIGINT NOT NULL)",
-    )
-    .execute(&env.pool)
-    .await
-    .expect("effects table");
+    create_step_effects(&env.pool).await;
     let events = steps(KEYS, PER_KEY);
     let publisher = publisher(&env.kafka);
     // Four waves, each every key's next steps (so each key stays in order):
@@ -78,13 +72,7 @@ async fn an_inbox_consumer_survives_handler_faults_and_group_churn_exactly_once(
             async move {
                 inbox
                     .apply(record.envelope.event_id, async move |conn| {
-                        sqlx::query("INSERT INTO effects (event_id, key, seq) VALUES ($1, $2, $3)")
-                            .bind(step.event_id)
-                            .bind(&step.key)
-                            .bind(step.seq as i64)
-                            .execute(&mut *conn)
-                            .await
-                            .map_err(herald_postgres::classify)?;
+                        write_step(conn, &step).await?;
                         // After the write: a cut-off or failed call must
                         // leave neither the effect nor the inbox row.
                         faults.inject(&step.key).await

@@ -21,9 +21,6 @@ use uuid::Uuid;
 
 use crate::support::*;
 
-const EFFECTS: &str = "CREATE TABLE effects (id BIGSERIAL PRIMARY KEY, event_id UUID NOT NULL, \
-                       key TEXT NOT NULL, seq BIGINT NOT NULL)";
-
 /// The record at `offset`, started when every record before `done_below`
 /// was done.
 fn at(topic: &str, partition: i32, offset: i64, done_below: i64) -> Position {
@@ -61,10 +58,7 @@ async fn an_inbox_that_keeps_offsets_applies_each_position_once() {
     let Some(env) = env(1).await else {
         return;
     };
-    sqlx::query(EFFECTS)
-        .execute(&env.pool)
-        .await
-        .expect("effects");
+    create_step_effects(&env.pool).await;
     let t = "orders";
     for (name, batched) in [("alone", false), ("batched", true)] {
         let inbox = if batched {
@@ -87,65 +81,51 @@ async fn an_inbox_that_keeps_offsets_applies_each_position_once() {
             stored.sort_unstable();
             stored
         };
-        assert_eq!(
-            apply(at(t, 0, 5, 5), false).await.expect("applied"),
-            Applied::Now
-        );
+        // Each record in turn: (partition, offset, done below, answer).
+        let expect = async |records: &[(i32, i64, i64, Applied)]| {
+            for &(partition, offset, below, answer) in records {
+                assert_eq!(
+                    apply(at(t, partition, offset, below), false)
+                        .await
+                        .expect("applied"),
+                    answer,
+                    "{name}: partition {partition}, offset {offset}"
+                );
+            }
+        };
+        use Applied::{AlreadyProcessed, Now};
         // The same record again (another member of the group), and one
         // before the done offset: applied already, effects not run.
-        assert_eq!(
-            apply(at(t, 0, 5, 5), false).await.expect("applied"),
-            Applied::AlreadyProcessed
-        );
-        assert_eq!(
-            apply(at(t, 0, 3, 3), false).await.expect("applied"),
-            Applied::AlreadyProcessed
-        );
+        expect(&[
+            (0, 5, 5, Now),
+            (0, 5, 5, AlreadyProcessed),
+            (0, 3, 3, AlreadyProcessed),
+        ])
+        .await;
         // Failed effects record nothing of their record.
         assert!(apply(at(t, 0, 6, 5), true).await.is_err());
         assert_eq!(stored().await, [(0, 5)], "{name}");
-        assert_eq!(
-            apply(at(t, 0, 6, 5), false).await.expect("applied"),
-            Applied::Now
-        );
         // Keys finish out of order: 9 before 8, while 7 is still running
         // (the done offset stays at 7).
-        assert_eq!(
-            apply(at(t, 0, 9, 7), false).await.expect("applied"),
-            Applied::Now
-        );
-        assert_eq!(
-            apply(at(t, 0, 8, 7), false).await.expect("applied"),
-            Applied::Now
-        );
-        assert_eq!(
-            apply(at(t, 0, 9, 7), false).await.expect("applied"),
-            Applied::AlreadyProcessed
-        );
-        assert_eq!(
-            apply(at(t, 0, 7, 7), false).await.expect("applied"),
-            Applied::Now
-        );
-        assert_eq!(
-            apply(at(t, 1, 0, 0), false).await.expect("applied"),
-            Applied::Now
-        );
+        expect(&[
+            (0, 6, 5, Now),
+            (0, 9, 7, Now),
+            (0, 8, 7, Now),
+            (0, 9, 7, AlreadyProcessed),
+            (0, 7, 7, Now),
+            (1, 0, 0, Now),
+        ])
+        .await;
         assert_eq!(stored().await, [(0, 7), (1, 0)], "{name}");
         // A later record moves the done offset past what it says is done.
-        assert_eq!(
-            apply(at(t, 0, 10, 10), false).await.expect("applied"),
-            Applied::Now
-        );
+        expect(&[(0, 10, 10, Now)]).await;
         assert_eq!(stored().await, [(0, 10), (1, 0)], "{name}");
-        for (offset, below) in [(8, 10), (9, 10), (7, 7)] {
-            assert_eq!(
-                apply(at(t, 0, offset, below), false)
-                    .await
-                    .expect("applied"),
-                Applied::AlreadyProcessed,
-                "{name}: offset {offset}"
-            );
-        }
+        expect(&[
+            (0, 8, 10, AlreadyProcessed),
+            (0, 9, 10, AlreadyProcessed),
+            (0, 7, 7, AlreadyProcessed),
+        ])
+        .await;
         // Without the record's position the inbox cannot say: refused.
         let refused = inbox
             .apply(Uuid::new_v4(), async |_conn| Ok(()))
@@ -221,10 +201,7 @@ async fn a_record_applied_by_two_members_at_once_has_one_effect() {
     let Some(env) = env(1).await else {
         return;
     };
-    sqlx::query(EFFECTS)
-        .execute(&env.pool)
-        .await
-        .expect("effects");
+    create_step_effects(&env.pool).await;
     for batched in [false, true] {
         let group = format!("race-{batched}");
         let inbox = |_| {
@@ -297,14 +274,7 @@ fn consumer(
                 }
                 inbox
                     .apply_at(step.event_id, record.position(), async move |conn| {
-                        sqlx::query("INSERT INTO effects (event_id, key, seq) VALUES ($1, $2, $3)")
-                            .bind(step.event_id)
-                            .bind(&step.key)
-                            .bind(step.seq as i64)
-                            .execute(&mut *conn)
-                            .await
-                            .map_err(herald_postgres::classify)?;
-                        Ok(())
+                        write_step(conn, &step).await
                     })
                     .await
                     .map(|_| ())
@@ -412,10 +382,7 @@ async fn a_consumer_killed_between_its_effects_and_its_kafka_commit_resumes_at_i
     let Some(env) = env(3).await else {
         return;
     };
-    sqlx::query(EFFECTS)
-        .execute(&env.pool)
-        .await
-        .expect("effects");
+    create_step_effects(&env.pool).await;
     let events = steps(40, 25);
     for result in publisher(&env.kafka)
         .publish_batch(env.topic.name(), &events)
@@ -501,10 +468,7 @@ async fn partitions_handed_back_and_forth_keep_each_effect_once_from_stored_offs
     let Some(env) = env(6).await else {
         return;
     };
-    sqlx::query(EFFECTS)
-        .execute(&env.pool)
-        .await
-        .expect("effects");
+    create_step_effects(&env.pool).await;
     let events = steps(60, 40);
     let publisher = publisher(&env.kafka);
     let waves: Vec<&[TestEvent]> = events.chunks(events.len() / 4).collect();

@@ -287,3 +287,30 @@ pub async fn outbox_reaches(
 pub async fn drained(pool: &PgPool, limit: Duration) {
     outbox_reaches(pool, "the backlog to drain", limit, |s| s.backlog == 0).await;
 }
+
+/// Creates `effects`, the consumer tests' effect table: one row per
+/// applied step, in the order applied.
+pub async fn create_step_effects(pool: &PgPool) {
+    sqlx::query(
+        "CREATE TABLE effects (id BIGSERIAL PRIMARY KEY, event_id UUID NOT NULL, \
+         key TEXT NOT NULL, seq BIGINT NOT NULL)",
+    )
+    .execute(pool)
+    .await
+    .expect("effects table");
+}
+
+/// A step's effect: its row in `effects`.
+pub async fn write_step(
+    conn: &mut sqlx::PgConnection,
+    step: &herald_test::events::Step,
+) -> Result<(), herald::HandlerError> {
+    sqlx::query("INSERT INTO effects (event_id, key, seq) VALUES ($1, $2, $3)")
+        .bind(step.event_id)
+        .bind(&step.key)
+        .bind(step.seq as i64)
+        .execute(&mut *conn)
+        .await
+        .map_err(herald_postgres::classify)?;
+    Ok(())
+}
