@@ -3,7 +3,7 @@
 //! Kafka, and a re-published one carries the same event id.
 
 use std::collections::BTreeSet;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::Duration;
 
 use herald::Event;
@@ -46,13 +46,7 @@ async fn relay_child() {
 }
 
 fn spawn_child(url: &str) -> Child {
-    Command::new(std::env::current_exe().expect("test binary"))
-        .args(["crash::relay_child", "--exact", "--ignored", "--nocapture"])
-        .env(ENV_URL, url)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn relay child")
+    spawn_child_test("crash::relay_child", &[(ENV_URL, url)])
 }
 
 async fn published(pool: &sqlx::PgPool) -> i64 {

@@ -3,7 +3,7 @@
 //! `read_committed` reader see an event twice, and loses none.
 
 use std::collections::BTreeSet;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -469,21 +469,15 @@ async fn exactly_once_relay_child() {
 }
 
 fn spawn_child(env: &Env, exactly: &Exactly, point: RelayPoint, nth: u32) -> Child {
-    Command::new(std::env::current_exe().expect("test binary"))
-        .args([
-            "exactly_once::exactly_once_relay_child",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-        ])
-        .env(ENV_URL, env.db.url())
-        .env(ENV_CRASH, format!("{}:{nth}", point.as_str()))
-        .env(ENV_PREFIX, &exactly.prefix)
-        .env(ENV_CHECKPOINTS, exactly.checkpoints.name())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn relay child")
+    spawn_child_test(
+        "exactly_once::exactly_once_relay_child",
+        &[
+            (ENV_URL, env.db.url()),
+            (ENV_CRASH, &format!("{}:{nth}", point.as_str())),
+            (ENV_PREFIX, &exactly.prefix),
+            (ENV_CHECKPOINTS, exactly.checkpoints.name()),
+        ],
+    )
 }
 
 /// Killed by its own abort (at its fault point), not by us.

@@ -7,7 +7,7 @@
 //! keep every effect once, with no event-id inbox row at all.
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -360,20 +360,14 @@ async fn offsets_consumer_child() {
 }
 
 fn spawn_child(env: &Env, group: &str) -> Child {
-    Command::new(std::env::current_exe().expect("test binary"))
-        .args([
-            "offsets::offsets_consumer_child",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-        ])
-        .env(ENV_URL, env.db.url())
-        .env(ENV_TOPIC, env.topic.name())
-        .env(ENV_GROUP, group)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn consumer child")
+    spawn_child_test(
+        "offsets::offsets_consumer_child",
+        &[
+            (ENV_URL, env.db.url()),
+            (ENV_TOPIC, env.topic.name()),
+            (ENV_GROUP, group),
+        ],
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -314,3 +314,17 @@ pub async fn write_step(
         .map_err(herald_postgres::classify)?;
     Ok(())
 }
+
+/// Runs the ignored test `test` (its full path, e.g. `crash::relay_child`)
+/// of this binary as a child process with `vars` set, output discarded:
+/// the process a crash test kills.
+pub fn spawn_child_test(test: &str, vars: &[(&str, &str)]) -> std::process::Child {
+    use std::process::{Command, Stdio};
+    Command::new(std::env::current_exe().expect("test binary"))
+        .args([test, "--exact", "--ignored", "--nocapture"])
+        .envs(vars.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {test}: {e}"))
+}
