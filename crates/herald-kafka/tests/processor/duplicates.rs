@@ -87,10 +87,8 @@ async fn an_event_delivered_twice_is_processed_once_across_a_restart() {
         "copies dropped after the restart"
     );
 
-    let dones: Vec<Done> = read_all(&kafka, output.name(), PARTITIONS, "read_committed")
-        .iter()
-        .map(Collected::done)
-        .collect();
+    let dones: Vec<Done> =
+        committed_dones(&kafka, output.name(), PARTITIONS, &inputs, VISIBLE).await;
     assert_exactly_once_in_order(&dones, &inputs);
 
     // The same input, without deduplication: every copy makes an output.

@@ -100,10 +100,8 @@ async fn a_second_instance_fences_a_hung_zombie() {
     b_stop.cancel();
     b.await.expect("B's task").expect("B stops cleanly");
 
-    let committed: Vec<Done> = read_all(&kafka, output.name(), PARTITIONS, "read_committed")
-        .iter()
-        .map(Collected::done)
-        .collect();
+    let committed: Vec<Done> =
+        committed_dones(&kafka, output.name(), PARTITIONS, &inputs, VISIBLE).await;
     assert_exactly_once_in_order(&committed, &inputs);
     assert!(
         committed.iter().all(|d| d.instance == "B"),

@@ -93,10 +93,8 @@ async fn two_then_three_then_one_instance_commit_each_output_once() {
     stats.push(leave(last).await);
     drop(progress);
 
-    let committed: Vec<Done> = read_all(&kafka, output.name(), PARTITIONS, "read_committed")
-        .iter()
-        .map(Collected::done)
-        .collect();
+    let committed: Vec<Done> =
+        committed_dones(&kafka, output.name(), PARTITIONS, &inputs, VISIBLE).await;
     assert_exactly_once_in_order(&committed, &inputs);
     for (i, s) in stats.iter().enumerate() {
         eprintln!(

@@ -118,10 +118,7 @@ async fn state_is_restored_from_its_changelog_after_a_restart() {
     )
     .await;
 
-    let dones: Vec<Done> = read_all(&kafka, output.name(), 1, "read_committed")
-        .iter()
-        .map(Collected::done)
-        .collect();
+    let dones: Vec<Done> = committed_dones(&kafka, output.name(), 1, &inputs, VISIBLE).await;
     assert_exactly_once_in_order(&dones, &inputs);
     for d in &dones {
         assert_eq!(
