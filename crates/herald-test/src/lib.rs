@@ -320,6 +320,10 @@ pub async fn poll_until<T>(
     }
 }
 
+/// How long [`Kafka::read_to_end`] waits, at most, for a `read_committed`
+/// read's partitions to have no undecided transaction.
+pub const STABLE_WAIT: Duration = Duration::from_secs(10);
+
 /// Handle on the test Kafka cluster.
 #[derive(Debug, Clone)]
 pub struct Kafka {
@@ -424,6 +428,18 @@ impl Kafka {
     /// The end is fixed at the start: a topic someone keeps writing to
     /// would otherwise never end (librdkafka's partition EOF needs a fetch
     /// that comes back empty).
+    ///
+    /// With `read_committed`, the read first waits (up to
+    /// [`STABLE_WAIT`]) until every transaction that had written to a
+    /// partition is decided, i.e. its last stable offset has reached the
+    /// high watermark it had: the transaction coordinator answers a
+    /// producer's commit before it writes the commit markers, and the
+    /// group coordinator applies a transaction's offsets apart from its
+    /// other partitions' markers, so a transaction its producer (or its
+    /// committed offsets) reports as committed can still be invisible to a
+    /// `read_committed` reader for a moment. After the wait (a transaction
+    /// still open: a producer at work, or one killed mid-transaction that
+    /// no successor fenced yet), the end is the last stable offset then.
     pub fn read_to_end(
         &self,
         topic: &str,
@@ -444,10 +460,21 @@ impl Kafka {
         let mut ends = std::collections::BTreeMap::new();
         let mut done = std::collections::BTreeSet::new();
         let mut tpl = rdkafka::TopicPartitionList::new();
+        let stable_by = std::time::Instant::now() + STABLE_WAIT;
+        let uncommitted: Option<BaseConsumer> = (isolation == "read_committed").then(|| {
+            self.config()
+                .set("isolation.level", "read_uncommitted")
+                .create()
+                .expect("watermark client")
+        });
         for p in 0..partitions {
-            let (low, high) = consumer
-                .fetch_watermarks(topic, p, Duration::from_secs(30))
-                .expect("watermarks");
+            let (low, high) = if let Some(uncommitted) = &uncommitted {
+                stable_watermarks(&consumer, uncommitted, topic, p, stable_by)
+            } else {
+                consumer
+                    .fetch_watermarks(topic, p, Duration::from_secs(30))
+                    .expect("watermarks")
+            };
             if high <= low {
                 // An empty partition never reports its end.
                 done.insert(p);
@@ -501,6 +528,39 @@ impl Kafka {
             name,
             config: self.config(),
         }
+    }
+}
+
+/// The low watermark and the last stable offset of `topic`'s partition
+/// `p` (`reader` reads `read_committed`, `uncommitted` does not), once
+/// that has reached the high watermark the partition had when asked, or
+/// at `by`, whichever comes first (see [`Kafka::read_to_end`]).
+fn stable_watermarks(
+    reader: &rdkafka::consumer::BaseConsumer,
+    uncommitted: &rdkafka::consumer::BaseConsumer,
+    topic: &str,
+    p: i32,
+    by: std::time::Instant,
+) -> (i64, i64) {
+    use rdkafka::consumer::Consumer;
+    let (_, high) = uncommitted
+        .fetch_watermarks(topic, p, Duration::from_secs(30))
+        .expect("high watermark");
+    loop {
+        let (low, stable) = reader
+            .fetch_watermarks(topic, p, Duration::from_secs(30))
+            .expect("last stable offset");
+        if stable >= high {
+            return (low, stable);
+        }
+        if std::time::Instant::now() >= by {
+            eprintln!(
+                "{topic}[{p}]: a transaction is still open after {STABLE_WAIT:?} \
+                 (last stable offset {stable}, high watermark {high}); reading to {stable}"
+            );
+            return (low, stable);
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
