@@ -55,15 +55,26 @@ async fn drive<F>(what: &str, mut pass: impl AsyncFnMut() -> Result<usize, Strin
 where
     F: AsyncFnMut() -> bool,
 {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let start = std::time::Instant::now();
+    let (mut passes, mut failed, mut last_error) = (0, 0, None);
     loop {
+        passes += 1;
+        let pass_started = std::time::Instant::now();
         if let Err(error) = pass().await {
-            eprintln!("relay pass failed (expected while refused): {error}");
+            failed += 1;
+            eprintln!(
+                "relay pass failed after {:?} (expected while refused): {error}",
+                pass_started.elapsed()
+            );
+            last_error = Some(error);
         }
         if done().await {
             return;
         }
-        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "timed out: {what} ({passes} passes, {failed} failed, the last failure: {last_error:?})"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
