@@ -148,8 +148,7 @@ async fn a_coordinator_and_leader_killed_mid_run_commits_each_output_once() {
         context()
     );
 
-    let dones: Vec<Done> =
-        committed_dones(&kafka, output.name(), PARTITIONS, &inputs, VISIBLE).await;
+    let dones: Vec<Done> = committed_dones(&kafka, output.name(), PARTITIONS);
     eprintln!("{} committed outputs for {total} inputs", dones.len());
     assert_exactly_once_in_order(&dones, &inputs);
     stop.cancel();

@@ -113,7 +113,7 @@ async fn processor_killed_mid_transaction_commits_each_output_once() {
     child.wait().expect("reaped");
     drop(uncommitted);
 
-    let committed = committed_dones(&kafka, output.name(), PARTITIONS, &inputs, VISIBLE).await;
+    let committed = committed_dones(&kafka, output.name(), PARTITIONS);
     let everything: Vec<Done> = read_all(&kafka, output.name(), PARTITIONS, "read_uncommitted")
         .iter()
         .map(Collected::done)

@@ -87,8 +87,7 @@ async fn an_event_delivered_twice_is_processed_once_across_a_restart() {
         "copies dropped after the restart"
     );
 
-    let dones: Vec<Done> =
-        committed_dones(&kafka, output.name(), PARTITIONS, &inputs, VISIBLE).await;
+    let dones: Vec<Done> = committed_dones(&kafka, output.name(), PARTITIONS);
     assert_exactly_once_in_order(&dones, &inputs);
 
     // The same input, without deduplication: every copy makes an output.

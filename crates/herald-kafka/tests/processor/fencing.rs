@@ -100,8 +100,7 @@ async fn a_second_instance_fences_a_hung_zombie() {
     b_stop.cancel();
     b.await.expect("B's task").expect("B stops cleanly");
 
-    let committed: Vec<Done> =
-        committed_dones(&kafka, output.name(), PARTITIONS, &inputs, VISIBLE).await;
+    let committed: Vec<Done> = committed_dones(&kafka, output.name(), PARTITIONS);
     assert_exactly_once_in_order(&committed, &inputs);
     assert!(
         committed.iter().all(|d| d.instance == "B"),

@@ -155,18 +155,11 @@ impl MidStream {
             self.replaced.load(Ordering::Relaxed)
         );
         let inputs: Vec<TestEvent> = self.first.into_iter().chain(second).collect();
-        let dones = committed_dones(
-            &self.kafka,
-            self.output.name(),
-            PARTITIONS,
-            &inputs,
-            VISIBLE,
-        )
-        .await;
+        let dones = committed_dones(&self.kafka, self.output.name(), PARTITIONS);
+        // `duplicates` may be above zero: a processor restarted after the
+        // outage can read inputs again that a transaction it saw fail had
+        // committed, and its deduplication filter drops them.
         eprintln!("processor after the outage: {stats:?}");
-        // No input is a copy of another: an input the deduplication filter
-        // dropped would be one whose first copy's output was lost.
-        assert_eq!(stats.duplicates(), 0, "inputs taken for duplicates");
         assert_exactly_once_in_order(&dones, &inputs);
         self.stop.cancel();
         self.task

@@ -168,8 +168,7 @@ async fn partitioned_state_follows_its_partitions_from_instance_to_instance() {
     c.stop().await;
     d.stop().await;
 
-    let dones: Vec<Done> =
-        committed_dones(&kafka, output.name(), PARTITIONS, &inputs, VISIBLE).await;
+    let dones: Vec<Done> = committed_dones(&kafka, output.name(), PARTITIONS);
     assert_exactly_once_in_order(&dones, &inputs);
     assert_counts_are_step_numbers(&dones);
     // Every change is in its input's partition of the changelog, and the
@@ -348,7 +347,7 @@ async fn instances_killed_mid_transaction_hand_their_state_over() {
         panic!("{why}");
     }
 
-    let committed = committed_dones(&kafka, output.name(), KILL_PARTITIONS, &inputs, VISIBLE).await;
+    let committed = committed_dones(&kafka, output.name(), KILL_PARTITIONS);
     let written = read_all(&kafka, output.name(), KILL_PARTITIONS, "read_uncommitted").len();
     eprintln!(
         "{total} inputs, {} committed outputs, {written} outputs written in all",

@@ -93,8 +93,7 @@ async fn two_then_three_then_one_instance_commit_each_output_once() {
     stats.push(leave(last).await);
     drop(progress);
 
-    let committed: Vec<Done> =
-        committed_dones(&kafka, output.name(), PARTITIONS, &inputs, VISIBLE).await;
+    let committed: Vec<Done> = committed_dones(&kafka, output.name(), PARTITIONS);
     assert_exactly_once_in_order(&committed, &inputs);
     for (i, s) in stats.iter().enumerate() {
         eprintln!(

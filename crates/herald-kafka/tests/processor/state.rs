@@ -118,7 +118,7 @@ async fn state_is_restored_from_its_changelog_after_a_restart() {
     )
     .await;
 
-    let dones: Vec<Done> = committed_dones(&kafka, output.name(), 1, &inputs, VISIBLE).await;
+    let dones: Vec<Done> = committed_dones(&kafka, output.name(), 1);
     assert_exactly_once_in_order(&dones, &inputs);
     for d in &dones {
         assert_eq!(

@@ -2,7 +2,7 @@
 //! processor tests. (Small helpers are copied from `tests/runtime/support.rs`
 //! so the two test binaries stay independent.)
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -272,57 +272,15 @@ pub fn assert_exactly_once_in_order(dones: &[Done], inputs: &[TestEvent]) {
     }
 }
 
-/// How long [`committed_dones`] waits for the outputs of transactions
-/// whose offsets are committed: the coordinator retries a commit marker it
-/// could not write every few hundred milliseconds.
-pub const VISIBLE: Duration = Duration::from_secs(60);
-
-/// The committed outputs (`read_committed`) of `topic`, read once every
-/// one of `inputs` has one there, or when `limit` has passed (the caller's
-/// assertions then say what is missing).
-///
-/// A group's committed offsets can be visible before its transaction's
-/// outputs are: the coordinator writes the commit markers partition by
-/// partition (the offsets' one among them), and after a broker restart it
-/// retries the ones it could not write. A read made the moment the offsets
-/// are seen may end before the outputs of the transaction that committed
-/// them.
-pub async fn committed_dones(
-    kafka: &herald_test::Kafka,
-    topic: &str,
-    partitions: i32,
-    inputs: &[TestEvent],
-    limit: Duration,
-) -> Vec<Done> {
-    let start = Instant::now();
-    let mut reads = 0;
-    loop {
-        reads += 1;
-        let dones: Vec<Done> = read_all(kafka, topic, partitions, "read_committed")
-            .iter()
-            .map(Collected::done)
-            .collect();
-        let seen: HashSet<Uuid> = dones.iter().map(|d| d.input_id).collect();
-        let missing = inputs
-            .iter()
-            .filter(|e| !seen.contains(&e.event_id()))
-            .count();
-        if missing == 0 || start.elapsed() >= limit {
-            if missing == 0 && reads > 1 {
-                eprintln!(
-                    "{topic}: every input's output visible {:?} after its offsets (read {reads} times)",
-                    start.elapsed()
-                );
-            }
-            return dones;
-        }
-        if reads == 1 {
-            eprintln!(
-                "{topic}: {missing} inputs committed without a visible output yet; reading again"
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+/// Every committed output (`read_committed`) of `topic`, as `Done`s.
+/// [`herald_test::Kafka::read_to_end`] waits for the transactions written
+/// to the topic to be decided first: a processor's committed offsets can
+/// be visible a moment before its transaction's outputs are.
+pub fn committed_dones(kafka: &herald_test::Kafka, topic: &str, partitions: i32) -> Vec<Done> {
+    read_all(kafka, topic, partitions, "read_committed")
+        .iter()
+        .map(Collected::done)
+        .collect()
 }
 
 /// Everything in `topic` right now, read with `isolation` to the end of every
