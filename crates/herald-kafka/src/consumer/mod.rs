@@ -31,6 +31,7 @@ mod process;
 mod record;
 pub mod router;
 mod runtime;
+mod scheduler;
 mod stored;
 
 use std::future::Future;

@@ -1,14 +1,16 @@
-//! A consumed record, copied out of librdkafka into one buffer.
+//! A consumed record, copied out of librdkafka into a buffer it shares with
+//! the records polled with it.
 //!
 //! rdkafka's `detach` copies a record into an `OwnedMessage` whose headers are
 //! a librdkafka header list: one allocation per header name and value, and a
 //! linear lookup per header on the way out. A herald record has a dozen
 //! headers, so that copy cost more than the rest of a no-op record's
-//! handling (`herald-bench consumer`). [`Record`] copies key, payload and
-//! header values into one [`Bytes`] buffer and the header names into one
-//! string (names herald writes are not copied: they are its constants), and
-//! keeps ranges into them; its key is a cheap slice of the buffer, so
-//! scheduling by key allocates nothing more.
+//! handling (`herald-bench consumer`). A [`Batch`] copies the keys, payloads
+//! and header values of the records polled together into one [`Bytes`]
+//! buffer and their header names into one string (names herald writes are
+//! not copied: they are its constants); each [`Record`] keeps ranges into
+//! them. A record's key is a cheap slice of the buffer, so scheduling by
+//! key allocates nothing more.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -61,6 +63,15 @@ const KNOWN_NAMES: [&str; 16] = {
     ]
 };
 
+/// Records copied together: their bytes, header names and headers.
+#[derive(Debug)]
+struct Chunk {
+    buffer: Bytes,
+    /// Header names, kept as text so that reading them needs no UTF-8 check.
+    names: String,
+    headers: Vec<HeaderSpan>,
+}
+
 /// A record the consumer runtime owns, detached from librdkafka.
 #[derive(Debug, Clone)]
 pub(crate) struct Record {
@@ -70,41 +81,94 @@ pub(crate) struct Record {
     /// Every earlier record of the partition was done when this one
     /// started ([`crate::RecordInfo::done_below`]).
     pub done_below: Option<i64>,
-    buffer: Bytes,
-    /// Header names, kept as text so that reading them needs no UTF-8 check.
-    names: String,
+    chunk: Arc<Chunk>,
     key: Option<Span>,
     payload: Option<Span>,
-    headers: Vec<HeaderSpan>,
+    /// Its headers in [`Chunk::headers`].
+    headers: Span,
 }
 
-impl Record {
+/// A record copied into a [`Batch`], not yet sealed.
+struct Copied {
+    topic: Arc<str>,
+    partition: i32,
+    offset: i64,
+    key: Option<Span>,
+    payload: Option<Span>,
+    headers: Span,
+}
+
+/// Copies polled records into shared chunks.
+///
+/// The poll thread copies records and the scheduler's task drops them: an
+/// allocation per record made on one thread and freed on another is what
+/// glibc's allocator handles worst (each free takes the other thread's
+/// arena lock, and the allocating thread's cache never refills); measured,
+/// it cost the poll thread more than a third of its time. A batch copies
+/// its records into a few chunks instead, each one allocation for up to
+/// [`CHUNK_BYTES`], shared by its records.
+#[derive(Default)]
+pub(crate) struct Batch {
+    buffer: Vec<u8>,
+    names: String,
+    headers: Vec<HeaderSpan>,
+    copied: Vec<Copied>,
+    sealed: Vec<Record>,
+    /// Records still expected in this batch ([`Batch::expect`]).
+    expected: usize,
+    /// Bytes and headers per record in the last chunk, to size the next.
+    bytes_per_record: usize,
+    headers_per_record: usize,
+}
+
+/// The size at which a chunk is sealed and the next one begins. A chunk
+/// lives as long as its longest-lived record (one waiting out a retry's
+/// backoff holds its whole chunk), so it is kept small; and below glibc's
+/// `FASTBIN_CONSOLIDATION_THRESHOLD` (64 KiB), as freeing a larger block
+/// makes glibc consolidate the arena's free lists, each time.
+const CHUNK_BYTES: usize = 32 * 1024;
+
+impl Batch {
+    /// About `records` records are to be pushed: chunks are sized for them
+    /// at once instead of growing record by record.
+    pub fn expect(&mut self, records: usize) {
+        self.expected = records;
+    }
+
+    /// Sizes a new chunk's buffers for the records expected.
+    fn start_chunk(&mut self) {
+        let records = self.expected.max(1);
+        let bytes = (records * self.bytes_per_record).min(CHUNK_BYTES) + self.bytes_per_record;
+        self.buffer.reserve(bytes);
+        let records = bytes / self.bytes_per_record.max(1);
+        self.headers.reserve(records * self.headers_per_record);
+        self.copied.reserve(records);
+    }
+
     /// Copies `message` (read from `topic`, the runtime's shared name).
-    pub fn copy(message: &BorrowedMessage<'_>, topic: Arc<str>) -> Self {
+    pub fn push(&mut self, message: &BorrowedMessage<'_>, topic: Arc<str>) {
+        if self.copied.is_empty() {
+            self.start_chunk();
+        }
+        self.expected = self.expected.saturating_sub(1);
         // Each header read is a call into librdkafka plus a UTF-8 check of
         // its name, so each is read once: the first `SEEN` into this array
         // (enough for a herald record), any others read again below.
         const SEEN: usize = 16;
         let mut seen: [(&str, Option<&[u8]>); SEEN] = [("", None); SEEN];
-        let (mut count, mut value_bytes) = (0, 0);
+        let mut count = 0;
         if let Some(hs) = message.headers() {
             for h in hs.iter() {
                 if let Some(slot) = seen.get_mut(count) {
                     *slot = (h.key, h.value);
                 }
-                value_bytes += h.value.map_or(0, <[u8]>::len);
                 count += 1;
             }
         }
-        let key = message.key();
-        let payload = message.payload();
-        let mut buffer = Vec::with_capacity(
-            key.map_or(0, <[u8]>::len) + payload.map_or(0, <[u8]>::len) + value_bytes,
-        );
-        let mut names = String::new();
-        let key = key.map(|k| append(&mut buffer, k));
-        let payload = payload.map(|p| append(&mut buffer, p));
-        let mut headers = Vec::with_capacity(count);
+        let buffer = &mut self.buffer;
+        let key = message.key().map(|k| append(buffer, k));
+        let payload = message.payload().map(|p| append(buffer, p));
+        let first_header = self.headers.len();
         let rest = message
             .headers()
             .into_iter()
@@ -113,29 +177,61 @@ impl Record {
             let name = match KNOWN_NAMES.iter().find(|known| **known == name) {
                 Some(known) => HeaderName::Known(known),
                 None => {
-                    let start = names.len();
-                    names.push_str(name);
-                    HeaderName::Other(to_u32(start)..to_u32(names.len()))
+                    let start = self.names.len();
+                    self.names.push_str(name);
+                    HeaderName::Other(to_u32(start)..to_u32(self.names.len()))
                 }
             };
-            let value = value.map(|v| append(&mut buffer, v));
-            headers.push(HeaderSpan { name, value });
+            let value = value.map(|v| append(buffer, v));
+            self.headers.push(HeaderSpan { name, value });
         }
-        Self {
+        self.copied.push(Copied {
             topic,
             partition: message.partition(),
             offset: message.offset(),
-            done_below: None,
-            buffer: Bytes::from(buffer),
-            names,
             key,
             payload,
-            headers,
+            headers: to_u32(first_header)..to_u32(self.headers.len()),
+        });
+        if self.buffer.len() >= CHUNK_BYTES {
+            self.seal();
         }
     }
 
+    /// The records copied so far, in the order they were pushed.
+    pub fn take(&mut self) -> Vec<Record> {
+        self.seal();
+        std::mem::take(&mut self.sealed)
+    }
+
+    /// Makes a chunk of what was copied since the last seal.
+    fn seal(&mut self) {
+        if self.copied.is_empty() {
+            return;
+        }
+        self.bytes_per_record = self.buffer.len() / self.copied.len();
+        self.headers_per_record = self.headers.len().div_ceil(self.copied.len());
+        let chunk = Arc::new(Chunk {
+            buffer: Bytes::from(std::mem::take(&mut self.buffer)),
+            names: std::mem::take(&mut self.names),
+            headers: std::mem::take(&mut self.headers),
+        });
+        self.sealed.extend(self.copied.drain(..).map(|c| Record {
+            topic: c.topic,
+            partition: c.partition,
+            offset: c.offset,
+            done_below: None,
+            chunk: Arc::clone(&chunk),
+            key: c.key,
+            payload: c.payload,
+            headers: c.headers,
+        }));
+    }
+}
+
+impl Record {
     fn slice(&self, span: &Span) -> &[u8] {
-        &self.buffer[span.start as usize..span.end as usize]
+        &self.chunk.buffer[span.start as usize..span.end as usize]
     }
 
     /// The key bytes.
@@ -147,7 +243,7 @@ impl Record {
     pub fn shared_key(&self) -> Option<Bytes> {
         self.key
             .as_ref()
-            .map(|s| self.buffer.slice(s.start as usize..s.end as usize))
+            .map(|s| self.chunk.buffer.slice(s.start as usize..s.end as usize))
     }
 
     /// The payload bytes.
@@ -157,10 +253,12 @@ impl Record {
 
     /// The headers in record order.
     pub fn headers(&self) -> impl Iterator<Item = (&str, Option<&[u8]>)> + '_ {
-        self.headers.iter().map(|h| {
+        let headers = &self.chunk.headers[self.headers.start as usize..self.headers.end as usize];
+        headers.iter().map(|h| {
             let name = match &h.name {
                 HeaderName::Known(name) => name,
                 HeaderName::Other(span) => self
+                    .chunk
                     .names
                     .get(span.start as usize..span.end as usize)
                     .unwrap_or_default(),

@@ -1,14 +1,12 @@
-//! The poll thread: owns the librdkafka consumer, schedules records per key,
-//! tracks offsets, commits, pauses for backpressure and handles rebalances.
+//! The poll thread: owns the librdkafka consumer, hands records to the
+//! [scheduler](super::scheduler), tracks offsets, commits, pauses for
+//! backpressure and handles rebalances.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashSet;
 use std::future::Future;
-use std::panic::AssertUnwindSafe;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -19,80 +17,21 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::BorrowedMessage;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 
 use super::breaker::Breaker;
 use super::offsets::PartitionOffsets;
-use super::process::{run_planned, Finished, Outcome, ParkedList, Plan, Shared};
-use super::record::Record;
+use super::process::{ParkedList, Shared};
+use super::record::Batch;
 use super::router::Router;
+use super::scheduler::{FastMap, KeySlot, Lease, Order, Report, Scheduler, Tp};
 use super::stored::StoredOffsets;
 use super::{ConsumerConfig, ConsumerStats};
 use crate::error::ClientError;
 use crate::metrics::PartitionLabels;
 use crate::poll_thread::{self, PollThread, TopicNames};
 use crate::publisher::Publisher;
-
-/// A topic-partition.
-type Tp = (Arc<str>, i32);
-
-/// A multiply-rotate hash over 8-byte words (the scheme of rustc's FxHash):
-/// the maps below are hashed several times per record, and their keys are
-/// not attacker-chosen in a way that matters (a consumer reads its own
-/// topics), so SipHash's cost buys nothing.
-#[derive(Default)]
-struct WordHash(u64);
-
-impl WordHash {
-    fn add(&mut self, word: u64) {
-        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-}
-
-impl std::hash::Hasher for WordHash {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        let mut words = bytes.chunks_exact(8);
-        for word in &mut words {
-            let mut w = [0; 8];
-            w.copy_from_slice(word);
-            self.add(u64::from_le_bytes(w));
-        }
-        let mut tail = [0; 8];
-        tail[..words.remainder().len()].copy_from_slice(words.remainder());
-        self.add(u64::from_le_bytes(tail));
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.add(n);
-    }
-
-    fn write_usize(&mut self, n: usize) {
-        self.add(n as u64);
-    }
-
-    fn write_i32(&mut self, n: i32) {
-        self.add(u64::from(n as u32));
-    }
-}
-
-type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<WordHash>>;
-/// Records of one key run in sequence; `None` keys are sequenced per partition.
-type KeySlot = (Tp, Option<Bytes>);
-
-/// A record's handling, boxed so that it can move to a tokio task after its
-/// first poll.
-type Handling = Pin<Box<dyn Future<Output = Finished> + Send>>;
-
-/// A record task's report to the poll thread.
-struct Completion {
-    slot: KeySlot,
-    offset: i64,
-    finished: Finished,
-}
 
 /// Where the parked keys are read from when partitions are assigned.
 struct ParkedTable {
@@ -101,40 +40,11 @@ struct ParkedTable {
     timeout: Duration,
 }
 
-/// A key with records to handle.
-struct ActiveKey {
-    /// Whether one of its records is running (else the key is in `ready`).
-    running: bool,
-    /// Its next record. Kept apart from `queue` because most keys have one
-    /// record at a time, and a queue of one would cost an allocation per
-    /// record.
-    next: Option<Record>,
-    /// Its records after `next`, in offset order.
-    queue: VecDeque<Record>,
-}
-
-impl ActiveKey {
-    fn push(&mut self, record: Record) {
-        if self.next.is_none() && self.queue.is_empty() {
-            self.next = Some(record);
-        } else {
-            self.queue.push_back(record);
-        }
-    }
-
-    fn pop(&mut self) -> Option<Record> {
-        self.next.take().or_else(|| self.queue.pop_front())
-    }
-
-    /// Records waiting behind the running one.
-    fn queued(&self) -> usize {
-        usize::from(self.next.is_some()) + self.queue.len()
-    }
-
-    fn clear(&mut self) {
-        self.next = None;
-        self.queue.clear();
-    }
+/// An assigned partition, as the poll thread keeps it.
+struct Assigned {
+    offsets: PartitionOffsets,
+    /// What the scheduler's records of it share.
+    lease: Arc<Lease>,
 }
 
 /// Everything the poll loop and the rebalance callback both touch. They run
@@ -142,39 +52,27 @@ impl ActiveKey {
 struct Dispatch {
     shared: Arc<Shared>,
     tokio: tokio::runtime::Handle,
-    done_tx: Sender<Completion>,
-    done_rx: Receiver<Completion>,
+    /// To the scheduler, which handles the records.
+    orders: UnboundedSender<Order>,
+    /// From the scheduler: what finished.
+    reports: Receiver<Report>,
     topics: TopicNames,
-    /// Owned partitions and their offsets.
-    partitions: FastMap<Tp, PartitionOffsets>,
-    /// Per owned partition, cancelled when it is revoked: its records stop
-    /// waiting (see [`process`]). Children of `stopping`; shared through an
-    /// `Arc`, as every record takes one (a token's own clone locks).
-    owned: FastMap<Tp, Arc<CancellationToken>>,
+    /// Assigned partitions.
+    partitions: FastMap<Tp, Assigned>,
     /// Fires at shutdown.
     stopping: CancellationToken,
-    /// Active keys: each has a running record or waits in `ready`, with
-    /// its later records queued.
-    keys: FastMap<KeySlot, ActiveKey>,
-    /// Keys waiting for a concurrency slot.
-    ready: VecDeque<KeySlot>,
-    running: usize,
-    running_by_partition: FastMap<Tp, usize>,
-    /// Records to start, by [`Dispatch::flush_starts`].
-    starting: Vec<(KeySlot, Record, Plan)>,
+    /// Records accepted in this poll pass, sent to the scheduler at its end.
+    accepted: Batch,
+    /// The last revoke's number ([`Order::Revoke`]).
+    revokes: u64,
     /// Where assigned partitions start ([`super::ConsumerConfig::offsets_in`]).
     stored_offsets: Option<StoredOffsets>,
-    /// Parked keys of the owned partitions ([`crate::parking`]).
-    parked: FastMap<KeySlot, ParkedList>,
     /// The parked-key table, while keys are parked.
     parked_table: Option<ParkedTable>,
     /// Why the consumer must stop (the parked keys of an assigned partition
     /// could not be read): the poll loop ends, and `run` returns it.
     fatal: Option<ClientError>,
-    /// Whether a record's first poll runs on the poll thread
-    /// (`ConsumerConfig::inline_start`).
-    inline_start: bool,
-    /// Records received and not finished (queued + running).
+    /// Records accepted and not finished (queued + running).
     buffered: usize,
     /// Paused for backpressure.
     paused: bool,
@@ -184,7 +82,6 @@ struct Dispatch {
     fetch_paused: bool,
     /// Since when the in-flight limit has been reached (not paused yet).
     full_since: Option<Instant>,
-    concurrency: usize,
     max_in_flight: usize,
     revoke_timeout: Duration,
     /// Set by the commit callback when the broker rejected an asynchronous
@@ -211,271 +108,70 @@ impl Dispatch {
         }
         self.shared.stats.consumed.fetch_add(1, Ordering::Relaxed);
         let tp: Tp = (self.topics.intern(message.topic()), message.partition());
-        let Some(offsets) = self.partitions.get_mut(&tp) else {
+        let Some(assigned) = self.partitions.get_mut(&tp) else {
             // Polled just before its partition was revoked: not ours any
             // more, so neither handled nor committed here.
             return;
         };
-        offsets.received(message.offset());
+        assigned.offsets.received(message.offset());
         self.buffered += 1;
+        self.accepted.push(message, tp.0);
+    }
+
+    /// Hands the records accepted since the last call to the scheduler.
+    fn send_accepted(&mut self) {
         self.set_in_flight();
-        let message = Record::copy(message, Arc::clone(&tp.0));
-        let slot: KeySlot = (tp, message.shared_key());
-        match self.keys.get_mut(&slot) {
-            Some(key) => key.push(message),
-            None => {
-                self.keys.insert(
-                    slot.clone(),
-                    ActiveKey {
-                        running: false,
-                        next: Some(message),
-                        queue: VecDeque::new(),
-                    },
-                );
-                self.ready.push_back(slot);
-                self.start_ready();
-            }
+        let records = self.accepted.take();
+        if !records.is_empty() {
+            self.order(Order::Records(records));
         }
     }
 
-    /// Starts queued keys while concurrency slots are free (none while the
-    /// circuit breaker is open: they would only fail too).
-    fn start_ready(&mut self) {
-        if self.halted {
-            return;
-        }
-        while self.running < self.concurrency {
-            let Some(slot) = self.ready.pop_front() else {
-                return;
-            };
-            let Some(key) = self.keys.get_mut(&slot) else {
-                continue;
-            };
-            let Some(message) = key.pop() else {
-                self.keys.remove(&slot);
-                continue;
-            };
-            key.running = true;
-            self.running += 1;
-            *self.running_by_partition.entry(slot.0.clone()).or_default() += 1;
-            let plan = self.plan(&slot, &message);
-            self.starting.push((slot, message, plan));
+    fn order(&self, order: Order) {
+        // The scheduler ends only after the poll thread (it stops when this
+        // channel closes), unless the runtime it runs on shut down first.
+        if self.orders.send(order).is_err() {
+            tracing::warn!("the consumer's scheduler is gone; records are left unhandled");
         }
     }
 
-    /// What to do with `message` of `slot`, now that every earlier record
-    /// of its key has finished (see [`crate::parking`]).
-    fn plan(&self, slot: &KeySlot, message: &Record) -> Plan {
-        use crate::parking::headers::{REDRIVE_ACTION, REDRIVE_GROUP, REDRIVE_OF, REDRIVE_PARKED};
-        let parking = self.parked_table.is_some() && slot.1.is_some();
-        let parked = self.parked.get(slot);
-        let Some(group) = message.header(REDRIVE_GROUP) else {
-            return match parked {
-                // Delivered again after a restart: already parked.
-                Some(list)
-                    if list
-                        .offsets
-                        .last()
-                        .is_some_and(|last| message.offset <= *last) =>
-                {
-                    Plan::Skip
+    /// Applies what the scheduler reported; returns a revoke's number when
+    /// the report says its partitions are drained.
+    fn apply(&mut self, report: Report) -> Option<u64> {
+        match report {
+            Report::Finished { done, left } => {
+                self.buffered -= left;
+                for (tp, offset) in done {
+                    if let Some(assigned) = self.partitions.get_mut(&tp) {
+                        assigned.offsets.done(offset);
+                        assigned
+                            .lease
+                            .set_done_below(assigned.offsets.committable());
+                    }
                 }
-                Some(list) => Plan::Park(list.clone()),
-                None => Plan::Handle { park: parking },
-            };
-        };
-        if group != self.shared.group_id.as_bytes() {
-            // Another group's redrive: that group handles it, no one else.
-            return Plan::Skip;
-        }
-        let of = message
-            .header(REDRIVE_OF)
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .and_then(|v| v.parse::<i64>().ok());
-        let discard = message.header(REDRIVE_ACTION) == Some(b"discard".as_slice());
-        match (parked, of) {
-            (Some(list), Some(of)) if discard && list.offsets.contains(&of) => {
-                let mut rest = list.clone();
-                rest.offsets.retain(|o| *o != of);
-                Plan::Discard(rest)
+                self.set_in_flight();
+                None
             }
-            (Some(list), Some(of)) if !discard && list.offsets.first() == Some(&of) => {
-                Plan::Redrive(list.clone())
-            }
-            // Not its turn (an earlier record of the key failed again) or
-            // already done (a redrive sent twice): it stays where it is.
-            (Some(_), _) => Plan::Skip,
-            // A key that is not parked: a letter that parked its key (or was
-            // parked) was resolved already; any other (keyless, or of a
-            // consumer that continued) is handled.
-            (None, _) if discard || message.header(REDRIVE_PARKED).is_some() => Plan::Skip,
-            (None, _) => Plan::Handle { park: parking },
+            Report::Drained(id) => Some(id),
         }
     }
 
-    /// Sets the parked-key gauges from the parked lists.
-    fn count_parked(&self) {
-        let stats = &self.shared.stats;
-        stats
-            .parked_keys
-            .store(self.parked.len() as u64, Ordering::Relaxed);
-        stats.parked_records.store(
-            self.parked.values().map(|l| l.offsets.len() as u64).sum(),
-            Ordering::Relaxed,
-        );
-        let oldest = self
-            .parked
-            .values()
-            .map(|l| l.since.timestamp_millis())
-            .min()
-            .map_or(0, |ms| u64::try_from(ms).unwrap_or(0));
-        stats
-            .parked_oldest_since_ms
-            .store(oldest, Ordering::Relaxed);
-    }
-
-    /// Starts the records queued by [`Dispatch::start_ready`].
-    ///
-    /// With `inline_start`, each record's handling is first polled here, on
-    /// the poll thread: a record whose handlers finish without waiting (a
-    /// cache update, a counter, a no-op) completes at once, with no hand-off
-    /// to another thread and back, and the next record of its key starts in
-    /// the same pass. Only handling that waits moves on: the records still
-    /// pending are spawned together as one tokio task, which reports each
-    /// completion as it comes. A handler that computes for long before its
-    /// first wait delays polling by that long; such handlers belong on
-    /// `spawn_blocking`, or turn `inline_start` off.
-    fn flush_starts(&mut self) {
-        let mut waiting: Vec<(KeySlot, i64, Handling)> = Vec::new();
-        let mut context = Context::from_waker(Waker::noop());
-        while !self.starting.is_empty() {
-            for (slot, mut message, plan) in std::mem::take(&mut self.starting) {
-                let offset = message.offset;
-                // Every earlier record of the partition is done (this one
-                // is pending, so this is at most its offset).
-                message.done_below = self
-                    .partitions
-                    .get(&slot.0)
-                    .and_then(PartitionOffsets::committable);
-                let owned = self
-                    .owned
-                    .get(&slot.0)
-                    .map_or_else(|| Arc::new(self.stopping.child_token()), Arc::clone);
-                let mut handling: Handling =
-                    Box::pin(run_planned(Arc::clone(&self.shared), message, owned, plan));
-                if !self.inline_start {
-                    waiting.push((slot, offset, handling));
-                    continue;
-                }
-                // The runtime catches handler panics; this one only guards the
-                // poll thread against a defect in the runtime's own code.
-                let polled = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    handling.as_mut().poll(&mut context)
-                }));
-                let finished = match polled {
-                    Ok(Poll::Pending) => {
-                        // Polled again by its task, with a real waker, before
-                        // anything can depend on the no-op one used here.
-                        waiting.push((slot, offset, handling));
-                        continue;
-                    }
-                    Ok(Poll::Ready(finished)) => finished,
-                    Err(_) => {
-                        tracing::error!(offset, "record handling panicked; left uncommitted");
-                        Outcome::Abandoned.into()
-                    }
-                };
-                self.complete(Completion {
-                    slot,
-                    offset,
-                    finished,
-                });
-            }
-        }
-        if waiting.is_empty() {
-            return;
-        }
-        let done = self.done_tx.clone();
-        self.tokio.spawn(async move {
-            let mut running: futures::stream::FuturesUnordered<_> = waiting
-                .into_iter()
-                .map(|(slot, offset, handling)| async move {
-                    Completion {
-                        slot,
-                        offset,
-                        finished: handling.await,
-                    }
-                })
-                .collect();
-            while let Some(completion) = futures::StreamExt::next(&mut running).await {
-                // The poll thread may be gone at the very end of shutdown.
-                let _ = done.send(completion);
-            }
-        });
-    }
-
-    fn complete(&mut self, completion: Completion) {
-        let Completion {
-            slot,
-            offset,
-            finished: Finished { outcome, parked },
-        } = completion;
-        self.running -= 1;
-        if let Some(n) = self.running_by_partition.get_mut(&slot.0) {
-            *n -= 1;
-        }
-        self.buffered -= 1;
-        let owned = self.partitions.get_mut(&slot.0);
-        let is_owned = owned.is_some();
-        if let (true, Some(offsets)) = (outcome.is_done(), owned) {
-            offsets.done(offset);
-        }
-        // Only for a partition still owned: a revoked one's list is the next
-        // owner's to read from the table.
-        if let (Some(list), true) = (parked, is_owned) {
-            if list.offsets.is_empty() {
-                self.parked.remove(&slot);
-            } else {
-                self.parked.insert(slot.clone(), list);
-            }
-            self.count_parked();
-        }
-        let queued = match self.keys.get_mut(&slot) {
-            Some(key) => {
-                key.running = false;
-                key.queued()
-            }
-            None => 0,
-        };
-        if !outcome.is_done() && queued > 0 {
-            // Later records of this key must not overtake the abandoned one;
-            // they stay uncommitted and come back after a restart.
-            self.buffered -= queued;
-            self.keys.remove(&slot);
-        } else if queued > 0 {
-            self.ready.push_back(slot);
-        } else {
-            self.keys.remove(&slot);
-        }
-        self.set_in_flight();
-        self.start_ready();
-    }
-
-    /// Applies completions, waiting up to `timeout` for the first one.
+    /// Applies reports, waiting up to `timeout` for the first one.
     fn wait_completions(&mut self, timeout: Duration) {
-        match self.done_rx.recv_timeout(timeout) {
-            Ok(c) => self.complete(c),
+        match self.reports.recv_timeout(timeout) {
+            Ok(report) => {
+                self.apply(report);
+            }
             Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return,
         }
         self.drain_completions();
     }
 
-    /// Applies every completion already reported and starts what they freed.
+    /// Applies every report already sent.
     fn drain_completions(&mut self) {
-        while let Ok(c) = self.done_rx.try_recv() {
-            self.complete(c);
+        while let Ok(report) = self.reports.try_recv() {
+            self.apply(report);
         }
-        self.flush_starts();
     }
 
     /// Commits the finished offsets of `which` partitions (all when `None`).
@@ -501,22 +197,22 @@ impl Dispatch {
                         continue;
                     };
                     let tp: Tp = (Arc::from(element.topic()), element.partition());
-                    if let Some(offsets) = self.partitions.get_mut(&tp) {
-                        offsets.passed(position);
+                    if let Some(assigned) = self.partitions.get_mut(&tp) {
+                        assigned.offsets.passed(position);
                     }
                 }
             }
         }
         let mut tpl = TopicPartitionList::new();
         let mut included = Vec::new();
-        for (tp, offsets) in &mut self.partitions {
+        for (tp, assigned) in &mut self.partitions {
             if which.is_some_and(|w| !w.contains(tp)) {
                 continue;
             }
             if force {
-                offsets.commit_failed();
+                assigned.offsets.commit_failed();
             }
-            if let Some(offset) = offsets.take_commit() {
+            if let Some(offset) = assigned.offsets.take_commit() {
                 if tpl
                     .add_partition_offset(&tp.0, tp.1, Offset::Offset(offset))
                     .is_ok()
@@ -536,8 +232,8 @@ impl Dispatch {
                 .commit_failures
                 .fetch_add(1, Ordering::Relaxed);
             for tp in included {
-                if let Some(offsets) = self.partitions.get_mut(&tp) {
-                    offsets.commit_failed();
+                if let Some(assigned) = self.partitions.get_mut(&tp) {
+                    assigned.offsets.commit_failed();
                 }
             }
         }
@@ -581,7 +277,7 @@ impl Dispatch {
     }
 
     /// Follows the circuit breaker: pauses fetching while it is open, and
-    /// starts the queued keys again when it closes.
+    /// has the scheduler start nothing until it closes.
     fn follow_breaker(&mut self, consumer: &BaseConsumer<RuntimeContext>) {
         let open = self.shared.breaker.as_ref().is_some_and(|b| b.is_open());
         if open == self.halted {
@@ -589,10 +285,7 @@ impl Dispatch {
         }
         self.halted = open;
         self.apply_pause(consumer);
-        if !open {
-            self.start_ready();
-            self.flush_starts();
-        }
+        self.order(Order::Halt(open));
     }
 
     /// Pauses or resumes the whole assignment to match `paused || halted`.
@@ -615,10 +308,10 @@ impl Dispatch {
         }
     }
 
-    /// The revoked partitions stop here: queued records are dropped (not
-    /// committed, so the next owner gets them), running ones get
-    /// `revoke_timeout` to finish, finished offsets are committed while the
-    /// partitions are still ours, and then they are forgotten.
+    /// The revoked partitions stop here: the scheduler drops their queued
+    /// records (not committed, so the next owner gets them), running ones
+    /// get `revoke_timeout` to finish, finished offsets are committed while
+    /// the partitions are still ours, and then they are forgotten.
     fn revoke(&mut self, consumer: &BaseConsumer<RuntimeContext>, tpl: &TopicPartitionList) {
         let revoked: HashSet<Tp> = tpl
             .elements()
@@ -629,47 +322,35 @@ impl Dispatch {
         // Records of these partitions that wait (backoff, breaker, a dead
         // letter's retry) give up now; running handlers get the timeout.
         for tp in &revoked {
-            if let Some(owned) = self.owned.remove(tp) {
-                owned.cancel();
+            if let Some(assigned) = self.partitions.get(tp) {
+                assigned.lease.token.cancel();
             }
         }
-        let mut dropped = 0;
-        self.keys.retain(|slot, key| {
-            if !revoked.contains(&slot.0) {
-                return true;
-            }
-            dropped += key.queued();
-            key.clear();
-            // Keep the entry while this key's record runs, so that a
-            // re-assigned partition's records of the key still queue behind
-            // it (its completion starts them). A key that was only waiting
-            // goes: kept, it would catch the returned records in a queue
-            // that no completion and no `ready` entry ever starts.
-            key.running
+        // Records accepted before the revoke go first, so that the
+        // scheduler drops those of the revoked partitions too.
+        self.send_accepted();
+        self.revokes += 1;
+        let id = self.revokes;
+        self.order(Order::Revoke {
+            id,
+            partitions: revoked.clone(),
         });
-        self.ready.retain(|slot| !revoked.contains(&slot.0));
-        self.parked.retain(|slot, _| !revoked.contains(&slot.0));
-        self.count_parked();
-        self.buffered -= dropped;
-        self.set_in_flight();
-
         let deadline = Instant::now() + self.revoke_timeout;
         loop {
-            let running: usize = revoked
-                .iter()
-                .map(|tp| self.running_by_partition.get(tp).copied().unwrap_or(0))
-                .sum();
             let now = Instant::now();
-            if running == 0 || now >= deadline {
-                if running > 0 {
-                    tracing::warn!(
-                        running,
-                        "revoke timeout: leaving running records uncommitted"
-                    );
-                }
+            if now >= deadline {
+                tracing::warn!("revoke timeout: leaving running records uncommitted");
                 break;
             }
-            self.wait_completions((deadline - now).min(Duration::from_millis(50)));
+            match self.reports.recv_timeout(deadline - now) {
+                Ok(report) => {
+                    if self.apply(report) == Some(id) {
+                        break;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
         }
         self.commit(consumer, Some(&revoked), CommitMode::Sync, true, false);
         for tp in &revoked {
@@ -705,20 +386,38 @@ impl Dispatch {
     }
 
     fn assign(&mut self, tpl: &TopicPartitionList) {
-        if let Err(error) = self.read_parked(tpl) {
-            tracing::error!(
-                %error,
-                "cannot read the parked keys of the assigned partitions; the consumer stops \
-                 rather than handle a key it may not know is parked"
-            );
-            self.fatal = Some(error);
-        }
+        let parked = match self.read_parked(tpl) {
+            Ok(parked) => parked,
+            Err(error) => {
+                tracing::error!(
+                    %error,
+                    "cannot read the parked keys of the assigned partitions; the consumer stops \
+                     rather than handle a key it may not know is parked"
+                );
+                self.fatal = Some(error);
+                Vec::new()
+            }
+        };
+        let mut leases = Vec::new();
         for e in tpl.elements() {
             let tp = (self.topics.intern(e.topic()), e.partition());
-            self.partitions.entry(tp.clone()).or_default();
-            let stopping = Arc::new(self.stopping.child_token());
-            self.owned.entry(tp).or_insert(stopping);
+            if self.partitions.contains_key(&tp) {
+                continue;
+            }
+            let lease = Arc::new(Lease::new(self.stopping.child_token()));
+            leases.push((tp.clone(), Arc::clone(&lease)));
+            self.partitions.insert(
+                tp,
+                Assigned {
+                    offsets: PartitionOffsets::default(),
+                    lease,
+                },
+            );
         }
+        self.order(Order::Assign {
+            partitions: leases,
+            parked,
+        });
         let stats = &self.shared.stats;
         stats
             .assigned_partitions
@@ -729,18 +428,19 @@ impl Dispatch {
         stats.rebalances.fetch_add(1, Ordering::Relaxed);
         tracing::info!(partitions = tpl.count(), "partitions assigned");
     }
-}
 
-impl Dispatch {
     /// Reads the parked keys of the partitions in `tpl` from the table
     /// (blocking the poll thread, inside the assignment: no record of theirs
     /// is handled before).
-    fn read_parked(&mut self, tpl: &TopicPartitionList) -> Result<(), ClientError> {
+    fn read_parked(
+        &mut self,
+        tpl: &TopicPartitionList,
+    ) -> Result<Vec<(KeySlot, ParkedList)>, ClientError> {
         let Some(table) = &self.parked_table else {
-            return Ok(());
+            return Ok(Vec::new());
         };
         if tpl.count() == 0 {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let assigned: HashSet<(String, i32)> = tpl
             .elements()
@@ -753,7 +453,7 @@ impl Dispatch {
             Some(&self.shared.group_id),
             table.timeout,
         )?;
-        let mut restored = 0;
+        let mut parked = Vec::new();
         for key in keys {
             if !assigned.contains(&(key.topic.clone(), key.partition)) {
                 continue;
@@ -762,20 +462,21 @@ impl Dispatch {
                 (self.topics.intern(&key.topic), key.partition),
                 Some(Bytes::from(key.key_bytes())),
             );
-            self.parked.insert(
+            parked.push((
                 slot,
                 ParkedList {
                     offsets: key.offsets,
                     since: key.since,
                 },
+            ));
+        }
+        if !parked.is_empty() {
+            tracing::warn!(
+                keys = parked.len(),
+                "parked keys in the assigned partitions"
             );
-            restored += 1;
         }
-        if restored > 0 {
-            tracing::warn!(keys = restored, "parked keys in the assigned partitions");
-        }
-        self.count_parked();
-        Ok(())
+        Ok(parked)
     }
 }
 
@@ -973,33 +674,36 @@ pub(crate) async fn run(
         parked_topic: parked_table.as_ref().map(|t| t.topic.clone()),
         handler_timers: (0..handler_count).map(|_| RwLock::default()).collect(),
     });
-    let (done_tx, done_rx) = channel();
+    let (orders, scheduler_orders) = tokio::sync::mpsc::unbounded_channel();
+    let (report, reports) = channel();
+    let tokio = tokio::runtime::Handle::current();
+    Scheduler::spawn(
+        &tokio,
+        Arc::clone(&shared),
+        &config,
+        parked_table.is_some(),
+        scheduler_orders,
+        report,
+    );
     let commit_rejected = Arc::new(AtomicBool::new(false));
     let dispatch = Arc::new(Mutex::new(Dispatch {
         shared,
-        tokio: tokio::runtime::Handle::current(),
-        done_tx,
-        done_rx,
+        tokio,
+        orders,
+        reports,
         topics: TopicNames::default(),
         partitions: FastMap::default(),
-        owned: FastMap::default(),
         stopping: stopping.clone(),
-        keys: FastMap::default(),
-        ready: VecDeque::new(),
-        running: 0,
-        running_by_partition: FastMap::default(),
-        starting: Vec::new(),
+        accepted: Batch::default(),
+        revokes: 0,
         stored_offsets: config.stored_offsets.clone(),
-        parked: FastMap::default(),
         parked_table,
         fatal: None,
-        inline_start: config.inline_start,
         buffered: 0,
         paused: false,
         halted: false,
         fetch_paused: false,
         full_since: None,
-        concurrency: config.concurrency,
         max_in_flight: config.max_in_flight,
         revoke_timeout: config.revoke_timeout,
         commit_rejected: Arc::clone(&commit_rejected),
@@ -1098,7 +802,7 @@ fn poll_loop(
                 .max_in_flight
                 .saturating_sub(d.buffered)
                 .clamp(1, POLL_BATCH);
-            (d.running > 0, room)
+            (d.buffered > 0 && !d.halted, room)
         };
         // Never hold the lock across poll: rebalance callbacks run inside it.
         let timeout = if busy {
@@ -1125,10 +829,11 @@ fn poll_loop(
             }
             continue;
         }
+        d.accepted.expect(polled.len());
         for message in &polled {
             d.accept(message);
         }
-        d.flush_starts();
+        d.send_accepted();
     }
 }
 
@@ -1145,17 +850,14 @@ fn drain_and_close(
             let _ = consumer.pause(&assignment);
         }
         // Queued records never started: they stay uncommitted.
-        let queued: usize = d.keys.values().map(ActiveKey::queued).sum();
-        d.buffered -= queued;
-        d.keys.clear();
-        d.ready.clear();
+        d.order(Order::Drain);
         let deadline = Instant::now() + timeout;
-        while d.running > 0 && Instant::now() < deadline {
+        while d.buffered > 0 && Instant::now() < deadline {
             d.wait_completions(Duration::from_millis(50));
         }
-        if d.running > 0 {
+        if d.buffered > 0 {
             tracing::warn!(
-                running = d.running,
+                running = d.buffered,
                 "shutdown deadline passed; unfinished records stay uncommitted"
             );
         }
