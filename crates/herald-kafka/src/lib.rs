@@ -6,8 +6,9 @@
 //! - [`publisher`]: [`Publisher`] and [`PublisherConfig`] (production defaults,
 //!   Java-compatible partitioning, batched publishing), [`OutgoingRecord`].
 //! - [`consumer`]: [`Consumer`], [`ConsumerConfig`], the [`Router`] of typed
-//!   handlers; `consumer/runtime.rs` is the poll loop, `offsets.rs` the
-//!   commit tracker, `record.rs` a consumed record copied into one buffer,
+//!   handlers; `consumer/runtime.rs` is the poll loop, `scheduler.rs` the
+//!   task that queues records per key and starts them, `offsets.rs` the
+//!   commit tracker, `record.rs` consumed records copied into shared chunks,
 //!   `process.rs` one record's retries and dead letter, `stored.rs` where
 //!   assigned partitions start when offsets are kept in a store.
 //! - [`dlq`]: the dead-letter record format (`dlq.*` headers), reading

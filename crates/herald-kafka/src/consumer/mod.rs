@@ -12,18 +12,28 @@
 //! # }
 //! ```
 //!
-//! How it works: one dedicated thread owns the librdkafka consumer. It polls,
-//! queues each record behind the earlier records of its key, and starts at
-//! most `concurrency` keys at a time: it polls each record's handling once
-//! itself, and what then still waits continues as tokio tasks
-//! ([`ConsumerConfig::inline_start`]). It collects their completions. Per
-//! partition it commits the lowest offset not yet done.
+//! How it works: one dedicated thread owns the librdkafka consumer. It
+//! polls, copies each polled batch into a few shared buffers, and hands the
+//! records to the scheduler, a tokio task that queues each record behind
+//! the earlier records of its key and starts at most `concurrency` keys at
+//! a time: it polls each record's handling once itself, and what then still
+//! waits continues as tokio tasks ([`ConsumerConfig::inline_start`]). The
+//! scheduler reports finished records back in batches; per partition, the
+//! poll thread commits the lowest offset not yet done. Decoding and
+//! handling thus run beside the polling, on another core.
 //! When `max_in_flight` records are buffered it pauses fetching (memory stays
-//! bounded) and resumes as records finish. On revoke it drops the revoked
-//! partitions' queued records, waits (bounded) for their running ones,
-//! commits them, and forgets them: nothing is ever committed for a partition
-//! this instance no longer owns. On shutdown it stops fetching, waits for the
-//! running records within a deadline, commits, and closes (leaving the group).
+//! bounded) and resumes as records finish. On revoke the scheduler drops the
+//! revoked partitions' queued records; the poll thread waits (bounded) for
+//! their running ones, commits them, and forgets them: nothing is ever
+//! committed for a partition this instance no longer owns. On shutdown it
+//! stops fetching, waits for the running records within a deadline,
+//! commits, and closes (leaving the group).
+//!
+//! Layout: `runtime` (the poll thread: offsets, commits, pausing,
+//! rebalances), `scheduler` (per-key queues and concurrency), `process`
+//! (one record: decode, handlers, retries, dead letters), `record` (the
+//! copied records), `offsets` (what is safe to commit), `breaker`, `stored`
+//! (offsets kept in a store), `router` (typed handlers).
 
 mod breaker;
 mod offsets;
@@ -280,16 +290,18 @@ impl ConsumerConfig {
         self
     }
 
-    /// Whether a record's handling starts on the poll thread (on by default).
+    /// Whether a record's handling starts in the scheduler's task (on by
+    /// default).
     ///
-    /// On: the runtime polls each record's handlers once where it polled the
-    /// record. Handling that finishes without waiting never leaves that
-    /// thread; handling that waits (a database call, a retry's backoff)
-    /// continues on a tokio task from its first wait on. This saves two
-    /// thread hand-offs per record, which for quick handlers cost more than
-    /// the handling. Off: every record is handled on a tokio task, which
-    /// spreads handlers that compute for long before their first wait over
-    /// the runtime's worker threads instead of delaying the poll thread.
+    /// On: the scheduler polls each record's handlers once where it
+    /// dequeued the record. Handling that finishes without waiting never
+    /// leaves that task; handling that waits (a database call, a retry's
+    /// backoff) continues on a tokio task from its first wait on. This saves
+    /// two task hand-offs per record, which for quick handlers cost more
+    /// than the handling. Off: every record is handled on a tokio task of
+    /// its batch, which spreads handlers that compute for long before their
+    /// first wait over the runtime's worker threads instead of delaying the
+    /// start of other keys' records.
     pub fn inline_start(mut self, enabled: bool) -> Self {
         self.inline_start = enabled;
         self

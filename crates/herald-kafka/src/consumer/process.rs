@@ -1,8 +1,9 @@
 //! Handling one record: decode, route to handlers, retry transient failures
 //! with backoff, dead-letter what cannot be handled.
 
-use std::collections::HashMap;
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
@@ -17,6 +18,7 @@ use tracing::Instrument;
 use super::breaker::{Breaker, ProbeGuard, Turn};
 use super::record::Record;
 use super::router::{RecordInfo, RouteFailure, Router};
+use super::scheduler::FastMap;
 use super::ConsumerStats;
 use crate::dlq::{dead_letter, Failure};
 use crate::metrics::{DeadLetterLabels, HandlerLabels};
@@ -42,19 +44,21 @@ pub(crate) struct Shared {
     pub parked_topic: Option<String>,
     /// Per handler (by registration index): its duration histogram per event
     /// type, so that timing a record does not build a label set.
-    pub handler_timers: Vec<RwLock<HashMap<String, Histogram>>>,
+    pub handler_timers: Vec<RwLock<FastMap<String, Histogram>>>,
 }
 
 impl Shared {
-    /// The duration histogram of handler `index` for `event_type`.
-    fn handler_timer(&self, index: usize, event_type: &str) -> Histogram {
+    /// Records `seconds` in the duration histogram of handler `index` for
+    /// `event_type` (once per record: found under a read lock, not cloned).
+    fn time_handler(&self, index: usize, event_type: &str, seconds: f64) {
         let timers = &self.handler_timers[index];
         if let Some(timer) = timers
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .get(event_type)
         {
-            return timer.clone();
+            timer.observe(seconds);
+            return;
         }
         // First record of this type for this handler: the set of types is
         // the handler family's, so the map stays small.
@@ -66,11 +70,11 @@ impl Shared {
                 event_type: event_type.to_owned(),
             })
             .clone();
+        timer.observe(seconds);
         timers
             .write()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(event_type.to_owned(), timer.clone());
-        timer
+            .insert(event_type.to_owned(), timer);
     }
 }
 
@@ -106,7 +110,7 @@ pub(crate) struct ParkedList {
     pub since: chrono::DateTime<Utc>,
 }
 
-/// What the poll thread decided for a record when it started it, from its
+/// What the scheduler decided for a record when it started it, from its
 /// key's parked list as the key's earlier records left it.
 #[derive(Debug)]
 pub(crate) enum Plan {
@@ -140,33 +144,43 @@ impl From<Outcome> for Finished {
     }
 }
 
+/// A record's handling from its plan to its end.
+pub(crate) type Handling = Pin<Box<dyn Future<Output = Finished> + Send>>;
+
 /// Runs `plan` for `message` to its end (see [`crate::parking`]).
-pub(crate) async fn run_planned(
+///
+/// One future per plan, each boxed on its own: a single `async fn` over
+/// every plan is as large as the largest plan's state plus everything the
+/// others keep, and every record allocates it. The common one, `Handle`,
+/// stays within glibc's per-thread cache (tcache: up to 1,032 bytes);
+/// larger blocks take the arena's slow path, which consolidates its free
+/// lists first.
+pub(crate) fn run_planned(
     shared: Arc<Shared>,
     message: Record,
     owned: Arc<CancellationToken>,
     plan: Plan,
-) -> Finished {
-    let offset = message.offset;
-    let place = Place::of(&message);
+) -> Handling {
     match plan {
-        Plan::Skip => Outcome::Skipped.into(),
-        Plan::Handle { park } => {
-            let outcome = process(Arc::clone(&shared), message, Arc::clone(&owned)).await;
+        Plan::Skip => Box::pin(std::future::ready(Outcome::Skipped.into())),
+        Plan::Handle { park } => Box::pin(async move {
+            let outcome = process(&shared, &message, &owned).await;
             if !(park && outcome == Outcome::DeadLettered) {
                 return outcome.into();
             }
+            let offset = message.offset;
             let list = ParkedList {
                 offsets: vec![offset],
                 since: Utc::now(),
             };
             tracing::warn!(
-                topic = %place.topic,
-                partition = place.partition,
+                topic = %message.topic,
+                partition = message.partition,
                 offset,
                 "key parked: its later records wait behind this dead letter until it is \
                  redriven or discarded"
             );
+            let place = Place::of(&message);
             Box::pin(set_parked(
                 &shared,
                 &place,
@@ -175,43 +189,10 @@ pub(crate) async fn run_planned(
                 Outcome::DeadLettered,
             ))
             .await
-        }
-        Plan::Park(mut list) => {
-            let head = list.offsets.first().copied().unwrap_or(offset);
-            let now = Utc::now();
-            let failure = Failure {
-                error: format!(
-                    "parked: an earlier record of its key (offset {head}) was dead-lettered"
-                ),
-                class: ErrorClass::Parked,
-                handler: None,
-                attempts: 0,
-                first_failed_at: now,
-                last_failed_at: now,
-            };
-            let event_type = message
-                .header(herald::headers::EVENT_TYPE)
-                .map(String::from_utf8_lossy)
-                .unwrap_or_default()
-                .into_owned();
-            let written = Box::pin(write_dead_letter(
-                &shared,
-                &message,
-                &owned,
-                &event_type,
-                failure,
-                Some(head),
-            ))
-            .await;
-            if written != Outcome::DeadLettered {
-                return written.into();
-            }
-            list.offsets.push(offset);
-            shared.stats.parked.fetch_add(1, Ordering::Relaxed);
-            Box::pin(set_parked(&shared, &place, list, &owned, Outcome::Parked)).await
-        }
-        Plan::Redrive(mut list) => {
-            let outcome = process(Arc::clone(&shared), message, Arc::clone(&owned)).await;
+        }),
+        Plan::Park(list) => Box::pin(park(shared, message, owned, list)),
+        Plan::Redrive(mut list) => Box::pin(async move {
+            let outcome = process(&shared, &message, &owned).await;
             if outcome != Outcome::Handled {
                 // Failed again (a new dead letter of the same original
                 // offset), or abandoned: the key stays parked as it was.
@@ -219,13 +200,57 @@ pub(crate) async fn run_planned(
             }
             shared.stats.redriven.fetch_add(1, Ordering::Relaxed);
             list.offsets.remove(0);
+            let place = Place::of(&message);
             Box::pin(set_parked(&shared, &place, list, &owned, Outcome::Handled)).await
-        }
-        Plan::Discard(list) => {
+        }),
+        Plan::Discard(list) => Box::pin(async move {
             shared.stats.discarded.fetch_add(1, Ordering::Relaxed);
+            let place = Place::of(&message);
             Box::pin(set_parked(&shared, &place, list, &owned, Outcome::Skipped)).await
-        }
+        }),
     }
+}
+
+/// [`Plan::Park`]: writes the record to the dead-letter topic behind its
+/// key's parked `list`, then adds it to the list.
+async fn park(
+    shared: Arc<Shared>,
+    message: Record,
+    owned: Arc<CancellationToken>,
+    mut list: ParkedList,
+) -> Finished {
+    let offset = message.offset;
+    let head = list.offsets.first().copied().unwrap_or(offset);
+    let now = Utc::now();
+    let failure = Failure {
+        error: format!("parked: an earlier record of its key (offset {head}) was dead-lettered"),
+        class: ErrorClass::Parked,
+        handler: None,
+        attempts: 0,
+        first_failed_at: now,
+        last_failed_at: now,
+    };
+    let event_type = message
+        .header(herald::headers::EVENT_TYPE)
+        .map(String::from_utf8_lossy)
+        .unwrap_or_default()
+        .into_owned();
+    let written = Box::pin(write_dead_letter(
+        &shared,
+        &message,
+        &owned,
+        &event_type,
+        failure,
+        Some(head),
+    ))
+    .await;
+    if written != Outcome::DeadLettered {
+        return written.into();
+    }
+    list.offsets.push(offset);
+    shared.stats.parked.fetch_add(1, Ordering::Relaxed);
+    let place = Place::of(&message);
+    Box::pin(set_parked(&shared, &place, list, &owned, Outcome::Parked)).await
 }
 
 /// A record's topic, partition and key: where its parked-list entry is.
@@ -300,9 +325,9 @@ async fn set_parked(
 /// gives up at once instead of applying its effects for a partition that
 /// another member now owns.
 pub(crate) async fn process(
-    shared: Arc<Shared>,
-    message: Record,
-    owned: Arc<CancellationToken>,
+    shared: &Shared,
+    message: &Record,
+    owned: &CancellationToken,
 ) -> Outcome {
     let envelope =
         Envelope::from_record(message.key(), message.payload(), message.headers()).map(Arc::new);
@@ -338,7 +363,7 @@ pub(crate) async fn process(
             trace.adopt_as_parent(&span);
         }
     }
-    let outcome = process_in_span(&shared, &message, envelope, &owned)
+    let outcome = process_in_span(shared, message, envelope, owned)
         .instrument(span.clone())
         .await;
     span.record("outcome", tracing::field::debug(outcome));
@@ -451,15 +476,20 @@ async fn process_in_span(
                 match shared.handler_timeout {
                     Some(limit) => match futures::poll!(call.as_mut()) {
                         std::task::Poll::Ready(result) => Some(result),
-                        std::task::Poll::Pending => tokio::time::timeout(limit, call).await.ok(),
+                        // Boxed, as is the backoff below: paths that wait
+                        // keep their timers out of every record's future,
+                        // which stays small enough for the allocator's
+                        // per-thread cache (glibc's tcache: up to 1,032
+                        // bytes).
+                        std::task::Poll::Pending => {
+                            Box::pin(tokio::time::timeout(limit, call)).await.ok()
+                        }
                     },
                     None => Some(call.await),
                 }
             };
             if let Some(started) = started {
-                shared
-                    .handler_timer(index, &envelope.event_type)
-                    .observe(started.elapsed().as_secs_f64());
+                shared.time_handler(index, &envelope.event_type, started.elapsed().as_secs_f64());
             }
             let (error, class) = match result {
                 Some(Ok(Ok(()))) => {
@@ -532,9 +562,14 @@ async fn process_in_span(
                         "transient failure, retrying"
                     );
                     shared.stats.retried.fetch_add(1, Ordering::Relaxed);
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = owned.cancelled() => return Outcome::Abandoned,
+                    let backoff = Box::pin(async {
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => true,
+                            _ = owned.cancelled() => false,
+                        }
+                    });
+                    if !backoff.await {
+                        return Outcome::Abandoned;
                     }
                     attempt += 1;
                 }

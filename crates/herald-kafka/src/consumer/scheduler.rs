@@ -16,10 +16,9 @@
 //! record finished, with no round trip to the poll thread, which would
 //! bound throughput by `concurrency` ÷ the round trip's latency.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
@@ -29,7 +28,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio_util::sync::CancellationToken;
 
-use super::process::{run_planned, Finished, Outcome, ParkedList, Plan, Shared};
+use super::process::{run_planned, Finished, Handling, Outcome, ParkedList, Plan, Shared};
 use super::record::Record;
 
 /// A topic-partition.
@@ -152,10 +151,6 @@ pub(super) enum Report {
     Drained(u64),
 }
 
-/// A record's handling, boxed so that it can move to a tokio task after its
-/// first poll.
-type Handling = Pin<Box<dyn Future<Output = Finished> + Send>>;
-
 /// A handling's end.
 struct Completion {
     slot: KeySlot,
@@ -210,7 +205,6 @@ pub(super) struct Scheduler {
     /// Keys waiting for a concurrency slot.
     ready: VecDeque<KeySlot>,
     running: usize,
-    running_by_partition: FastMap<Tp, usize>,
     /// Records to start, by [`Scheduler::flush_starts`].
     starting: Vec<(KeySlot, Record, Plan)>,
     /// Parked keys of the assigned partitions ([`crate::parking`]).
@@ -248,7 +242,6 @@ impl Scheduler {
             keys: FastMap::default(),
             ready: VecDeque::new(),
             running: 0,
-            running_by_partition: FastMap::default(),
             starting: Vec::new(),
             parked: FastMap::default(),
             parking,
@@ -326,18 +319,15 @@ impl Scheduler {
             (Arc::clone(&record.topic), record.partition),
             record.shared_key(),
         );
-        match self.keys.get_mut(&slot) {
-            Some(key) => key.push(record),
-            None => {
-                self.keys.insert(
-                    slot.clone(),
-                    ActiveKey {
-                        running: false,
-                        next: Some(record),
-                        queue: VecDeque::new(),
-                    },
-                );
-                self.ready.push_back(slot);
+        match self.keys.entry(slot) {
+            Entry::Occupied(mut key) => key.get_mut().push(record),
+            Entry::Vacant(vacant) => {
+                self.ready.push_back(vacant.key().clone());
+                vacant.insert(ActiveKey {
+                    running: false,
+                    next: Some(record),
+                    queue: VecDeque::new(),
+                });
                 self.start_ready();
             }
         }
@@ -362,7 +352,6 @@ impl Scheduler {
             };
             key.running = true;
             self.running += 1;
-            *self.running_by_partition.entry(slot.0.clone()).or_default() += 1;
             let plan = self.plan(&slot, &record);
             self.starting.push((slot, record, plan));
         }
@@ -466,8 +455,7 @@ impl Scheduler {
                     // drops them); this only guards against a defect.
                     None => Arc::new(CancellationToken::new()),
                 };
-                let mut handling: Handling =
-                    Box::pin(run_planned(Arc::clone(&self.shared), record, token, plan));
+                let mut handling = run_planned(Arc::clone(&self.shared), record, token, plan);
                 if !self.inline_start {
                     waiting.push((slot, offset, handling));
                     continue;
@@ -526,9 +514,6 @@ impl Scheduler {
             finished: Finished { outcome, parked },
         } = completion;
         self.running -= 1;
-        if let Some(n) = self.running_by_partition.get_mut(&slot.0) {
-            *n -= 1;
-        }
         self.left += 1;
         if outcome.is_done() {
             self.done.push((slot.0.clone(), offset));
@@ -595,19 +580,28 @@ impl Scheduler {
     /// whose partitions have nothing running.
     fn send_report(&mut self) {
         if self.left > 0 {
+            // The next report's list is sized like this one at once: grown
+            // record by record it would take several large allocations per
+            // report, each of which has glibc consolidate its free lists.
+            let capacity = self.done.len();
             let report = Report::Finished {
-                done: std::mem::take(&mut self.done),
+                done: std::mem::replace(&mut self.done, Vec::with_capacity(capacity)),
                 left: std::mem::take(&mut self.left),
             };
             // The poll thread is gone only once the consumer has stopped.
             let _ = self.report.send(report);
         }
-        let running = &self.running_by_partition;
+        if self.drains.is_empty() {
+            return;
+        }
+        // A running record's key is marked running (a scan, but only while a
+        // revoke waits: no per-record count to keep for it).
+        let keys = &self.keys;
         let report = &self.report;
         self.drains.retain(|(id, partitions)| {
-            let busy = partitions
+            let busy = keys
                 .iter()
-                .any(|tp| running.get(tp).is_some_and(|n| *n > 0));
+                .any(|(slot, key)| key.running && partitions.contains(&slot.0));
             if !busy {
                 let _ = report.send(Report::Drained(*id));
             }
