@@ -169,6 +169,10 @@ pub enum ClientError {
     /// The thread that polls Kafka could not start, or panicked.
     #[error("the poll thread: {0}")]
     Thread(String),
+    /// The consumer's scheduler (the task that runs its records) ended
+    /// before the consumer did: its tokio runtime shut down under it.
+    #[error("the consumer's scheduler stopped: {0}")]
+    Scheduler(String),
     /// A store the consumer reads from failed (its stored offsets,
     /// [`crate::ConsumerConfig::offsets_in`]).
     #[error("{operation} failed: {reason}")]

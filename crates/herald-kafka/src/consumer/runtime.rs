@@ -127,11 +127,21 @@ impl Dispatch {
         }
     }
 
-    fn order(&self, order: Order) {
+    fn order(&mut self, order: Order) {
         // The scheduler ends only after the poll thread (it stops when this
-        // channel closes), unless the runtime it runs on shut down first.
+        // channel closes), unless the runtime it runs on shut down first:
+        // then nothing more can be handled, and the consumer stops.
         if self.orders.send(order).is_err() {
-            tracing::warn!("the consumer's scheduler is gone; records are left unhandled");
+            self.scheduler_gone();
+        }
+    }
+
+    fn scheduler_gone(&mut self) {
+        if self.fatal.is_none() {
+            tracing::error!("the consumer's scheduler is gone; the consumer stops");
+            self.fatal = Some(ClientError::Scheduler(
+                "its tokio runtime shut down while the consumer ran".to_owned(),
+            ));
         }
     }
 
@@ -156,15 +166,21 @@ impl Dispatch {
         }
     }
 
-    /// Applies reports, waiting up to `timeout` for the first one.
-    fn wait_completions(&mut self, timeout: Duration) {
+    /// Applies reports, waiting up to `timeout` for the first one. Returns
+    /// false when the scheduler is gone (nothing more will finish).
+    fn wait_completions(&mut self, timeout: Duration) -> bool {
         match self.reports.recv_timeout(timeout) {
             Ok(report) => {
                 self.apply(report);
             }
-            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return,
+            Err(RecvTimeoutError::Timeout) => return true,
+            Err(RecvTimeoutError::Disconnected) => {
+                self.scheduler_gone();
+                return false;
+            }
         }
         self.drain_completions();
+        true
     }
 
     /// Applies every report already sent.
@@ -349,7 +365,10 @@ impl Dispatch {
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.scheduler_gone();
+                    break;
+                }
             }
         }
         self.commit(consumer, Some(&revoked), CommitMode::Sync, true, false);
@@ -853,7 +872,9 @@ fn drain_and_close(
         d.order(Order::Drain);
         let deadline = Instant::now() + timeout;
         while d.buffered > 0 && Instant::now() < deadline {
-            d.wait_completions(Duration::from_millis(50));
+            if !d.wait_completions(Duration::from_millis(50)) {
+                break;
+            }
         }
         if d.buffered > 0 {
             tracing::warn!(
