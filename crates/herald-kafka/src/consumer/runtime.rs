@@ -63,6 +63,8 @@ struct Dispatch {
     stopping: CancellationToken,
     /// Records accepted in this poll pass, sent to the scheduler at its end.
     accepted: Batch,
+    /// Records received in this poll pass ([`ConsumerStats`]' `consumed`).
+    consumed: usize,
     /// The last revoke's number ([`Order::Revoke`]).
     revokes: u64,
     /// Where assigned partitions start ([`super::ConsumerConfig::offsets_in`]).
@@ -106,7 +108,10 @@ impl Dispatch {
             // Stopping: nothing more is handled, nothing more committed.
             return;
         }
-        self.shared.stats.consumed.fetch_add(1, Ordering::Relaxed);
+        // Counted per batch: the scheduler's thread bumps a counter beside
+        // this one for every record, and one shared cache line written by
+        // both threads per record would bounce between their cores.
+        self.consumed += 1;
         let tp: Tp = (self.topics.intern(message.topic()), message.partition());
         let Some(assigned) = self.partitions.get_mut(&tp) else {
             // Polled just before its partition was revoked: not ours any
@@ -120,6 +125,11 @@ impl Dispatch {
 
     /// Hands the records accepted since the last call to the scheduler.
     fn send_accepted(&mut self) {
+        let consumed = std::mem::take(&mut self.consumed);
+        self.shared
+            .stats
+            .consumed
+            .fetch_add(consumed as u64, Ordering::Relaxed);
         self.set_in_flight();
         let records = self.accepted.take();
         if !records.is_empty() {
@@ -714,6 +724,7 @@ pub(crate) async fn run(
         partitions: FastMap::default(),
         stopping: stopping.clone(),
         accepted: Batch::default(),
+        consumed: 0,
         revokes: 0,
         stored_offsets: config.stored_offsets.clone(),
         parked_table,
