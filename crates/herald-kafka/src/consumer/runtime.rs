@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
@@ -195,8 +195,17 @@ impl Dispatch {
 
     /// Applies every report already sent.
     fn drain_completions(&mut self) {
-        while let Ok(report) = self.reports.try_recv() {
-            self.apply(report);
+        loop {
+            match self.reports.try_recv() {
+                Ok(report) => {
+                    self.apply(report);
+                }
+                Err(TryRecvError::Empty) => return,
+                Err(TryRecvError::Disconnected) => {
+                    self.scheduler_gone();
+                    return;
+                }
+            }
         }
     }
 

@@ -71,3 +71,87 @@ async fn in_flight_handlers_complete_and_are_committed_before_exit() {
         );
     }
 }
+
+/// A consumer whose tokio runtime shuts down under it (taking the task
+/// that runs its records) stops and leaves its group, instead of holding
+/// its partitions while nothing handles their records: the other member
+/// then gets every partition and handles what came after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_whose_runtime_shuts_down_leaves_its_partitions_to_the_group() {
+    let Some(kafka) = herald_test::kafka() else {
+        return;
+    };
+    let topic = kafka.topic("runtime-gone", 2).await;
+    let publisher = publisher(&kafka);
+    publish_all(&publisher, topic.name(), &steps(8, 5)).await;
+    let group = herald_test::unique_name("runtime-gone");
+    let config = ConsumerConfig::new(kafka.brokers(), &group, [topic.name()]);
+
+    let handled_first = Arc::new(AtomicUsize::new(0));
+    let first = Consumer::new(
+        config.clone(),
+        Router::new().handle("first", {
+            let handled = handled_first.clone();
+            move |_: TestEvent, _: RecordInfo| {
+                let handled = handled.clone();
+                async move {
+                    handled.fetch_add(1, Ordering::SeqCst);
+                    Ok(())
+                }
+            }
+        }),
+    )
+    .expect("first consumer");
+    let first_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    first_runtime.spawn(first.run(std::future::pending()));
+    wait_until(
+        "the first member handled its first records",
+        Duration::from_secs(60),
+        || handled_first.load(Ordering::SeqCst) > 0,
+    )
+    .await;
+    first_runtime.shutdown_background();
+
+    // Records that only the second member can handle.
+    let later: Vec<TestEvent> = (0..8)
+        .map(|k| herald_test::events::step(&format!("key-{k}"), 5))
+        .collect();
+    publish_all(&publisher, topic.name(), &later).await;
+    let seen = Seen::default();
+    let second = Consumer::new(
+        config,
+        Router::new().handle("second", {
+            let seen = seen.clone();
+            move |TestEvent::Step(step): TestEvent, record: RecordInfo| {
+                let seen = seen.clone();
+                async move {
+                    seen.record(&step, record.partition, record.offset);
+                    Ok(())
+                }
+            }
+        }),
+    )
+    .expect("second consumer");
+    let stats = second.stats();
+    run_until(
+        second,
+        "the second member owning both partitions and handling the later records",
+        Duration::from_secs(60),
+        || {
+            let later_keys: BTreeSet<String> = seen
+                .0
+                .lock()
+                .expect("lock")
+                .iter()
+                .filter(|(_, seq, _, _)| *seq == 5)
+                .map(|(key, _, _, _)| key.clone())
+                .collect();
+            stats.assigned_partitions() == 2 && later_keys.len() == 8
+        },
+    )
+    .await;
+}
