@@ -446,14 +446,29 @@ impl Scheduler {
         while !self.starting.is_empty() {
             for (slot, mut record, plan) in std::mem::take(&mut self.starting) {
                 let offset = record.offset;
+                // A lease is cancelled by the poll thread when its partition
+                // is revoked (or the consumer stops), before the order to
+                // drop its records reaches this task. A record of it is not
+                // started then: its handler would run (and spend what it
+                // spends, a fault, a side effect outside the transaction)
+                // while a failure could no longer be dead-lettered, as that
+                // waits on the lease; left unhandled and uncommitted, it goes
+                // to the partition's next owner whole. (A partition not
+                // assigned here is one a revoke dropped; it does not happen,
+                // and is treated the same.)
                 let token = match self.partitions.get(&slot.0) {
-                    Some(lease) => {
+                    Some(lease) if !lease.token.is_cancelled() => {
                         record.done_below = lease.done_below();
                         Arc::clone(&lease.token)
                     }
-                    // Every queued record's partition is assigned (a revoke
-                    // drops them); this only guards against a defect.
-                    None => Arc::new(CancellationToken::new()),
+                    _ => {
+                        self.complete(Completion {
+                            slot,
+                            offset,
+                            finished: Outcome::Abandoned.into(),
+                        });
+                        continue;
+                    }
                 };
                 let mut handling = run_planned(Arc::clone(&self.shared), record, token, plan);
                 if !self.inline_start {
