@@ -809,12 +809,17 @@ async fn apply_in_savepoint(
     // event of the group ("inbox batcher stopped", forever): it fails this
     // event alone, as the consumer runtime fails a panicking handler.
     let run = AssertUnwindSafe(async { effects(&mut *conn).await }).catch_unwind();
+    // The caller's side first: effects whose caller gave up while they
+    // waited for the batch never start (an unbiased select could poll them
+    // first and run them up to their first wait, spending whatever they do
+    // outside the transaction for a result no one reads).
     let outcome = tokio::select! {
+        biased;
+        () = reply.closed() => Err(HandlerError::transient("the caller stopped waiting for the effects")),
         outcome = run => outcome.unwrap_or_else(|panic| {
             let what = herald::panic_text(&*panic);
             Err(HandlerError::permanent(format!("effects panicked: {what}")))
         }),
-        () = reply.closed() => Err(HandlerError::transient("the caller stopped waiting for the effects")),
     };
     let Err(error) = outcome else {
         return Ok(Ok(Applied::Now));
