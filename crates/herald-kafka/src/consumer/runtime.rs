@@ -164,10 +164,14 @@ impl Dispatch {
                 for (tp, offset) in done {
                     if let Some(assigned) = self.partitions.get_mut(&tp) {
                         assigned.offsets.done(offset);
-                        assigned
-                            .lease
-                            .set_done_below(assigned.offsets.committable());
                     }
+                }
+                // Once per report, not per record: the scheduler reads it
+                // only when it starts a record.
+                for assigned in self.partitions.values() {
+                    assigned
+                        .lease
+                        .set_done_below(assigned.offsets.committable());
                 }
                 self.set_in_flight();
                 None

@@ -301,15 +301,7 @@ impl Scheduler {
                 self.halted = halted;
                 self.start_ready();
             }
-            Order::Drain => {
-                let queued: usize = self.keys.values().map(ActiveKey::queued).sum();
-                self.left += queued;
-                self.keys.retain(|_, key| {
-                    key.clear();
-                    key.running
-                });
-                self.ready.clear();
-            }
+            Order::Drain => self.drop_queued(|_| true),
         }
     }
 
@@ -570,9 +562,18 @@ impl Scheduler {
         for tp in &revoked {
             self.partitions.remove(tp);
         }
+        self.drop_queued(|tp| revoked.contains(tp));
+        self.parked.retain(|slot, _| !revoked.contains(&slot.0));
+        self.count_parked();
+        self.drains.push((id, revoked));
+    }
+
+    /// Drops the queued records of the partitions `which` selects (they
+    /// leave unhandled and uncommitted); their running records go on.
+    fn drop_queued(&mut self, which: impl Fn(&Tp) -> bool) {
         let mut dropped = 0;
         self.keys.retain(|slot, key| {
-            if !revoked.contains(&slot.0) {
+            if !which(&slot.0) {
                 return true;
             }
             dropped += key.queued();
@@ -584,11 +585,8 @@ impl Scheduler {
             // that no completion and no `ready` entry ever starts.
             key.running
         });
-        self.ready.retain(|slot| !revoked.contains(&slot.0));
-        self.parked.retain(|slot, _| !revoked.contains(&slot.0));
-        self.count_parked();
+        self.ready.retain(|slot| !which(&slot.0));
         self.left += dropped;
-        self.drains.push((id, revoked));
     }
 
     /// Sends what finished since the last report, then answers the revokes
